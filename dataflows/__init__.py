@@ -1,0 +1,1 @@
+"""Bytewax dataflows that keep per-project insight state in Redis."""

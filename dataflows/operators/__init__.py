@@ -1,0 +1,1 @@
+"""Pure operators: input to output and state, no I/O."""

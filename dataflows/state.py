@@ -1,0 +1,226 @@
+"""Applying planned events to Redis: the only place the dataflow writes project state.
+
+One Lua call applies a batch of one project's events atomically. Each event is guarded by its uuid
+(HSETNX in a dedupe bucket), so a replay after a crash, an SDK resend or an overlapping backfill
+never applies an event twice: counts may use HINCRBY because the guard and the increment commit
+together (ARCHITECTURE rule 2). Every other write is order-insensitive: set membership, minimum
+first-seen time, and person properties ordered by event time rather than arrival.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+import orjson
+import redis
+
+from dataflows.operators.persons import person_update
+from dataflows.operators.trends import trend_buckets
+from schemas import keys
+from schemas.events import TopicEvent
+
+FIELDS_PER_EVENT = 12
+
+APPLY_EVENTS = r"""
+local P = ARGV[1]
+local n = tonumber(ARGV[2])
+local F = tonumber(ARGV[3])
+local applied = 0
+
+local function new_person(did)
+  local p = redis.call('INCR', P .. 'pseq')
+  redis.call('HSET', P .. 'pdi', did, p)
+  redis.call('SADD', P .. 'pd:' .. p, did)
+  return tostring(p)
+end
+
+local function attach(p, did)
+  redis.call('HSET', P .. 'pdi', did, p)
+  redis.call('SADD', P .. 'pd:' .. p, did)
+end
+
+local function merge_into(target, source)
+  for _, d in ipairs(redis.call('SMEMBERS', P .. 'pd:' .. source)) do attach(target, d) end
+  local props = redis.call('HGETALL', P .. 'pp:' .. source)
+  for i = 1, #props, 2 do redis.call('HSETNX', P .. 'pp:' .. target, props[i], props[i + 1]) end
+  local times = redis.call('HGETALL', P .. 'pt:' .. source)
+  for i = 1, #times, 2 do redis.call('HSETNX', P .. 'pt:' .. target, times[i], times[i + 1]) end
+  if redis.call('SREM', P .. 'identified', source) == 1 then redis.call('SADD', P .. 'identified', target) end
+  redis.call('DEL', P .. 'pd:' .. source, P .. 'pp:' .. source, P .. 'pt:' .. source)
+  redis.call('HSET', P .. 'pmerged', source, target)
+end
+
+local function resolve(did, kind, other)
+  local a = redis.call('HGET', P .. 'pdi', did)
+  if kind == '' then
+    if a then return a end
+    return new_person(did)
+  end
+  local b = redis.call('HGET', P .. 'pdi', other)
+  local p
+  if a and b then
+    p = a
+    if a ~= b and (kind == 'merge' or redis.call('SISMEMBER', P .. 'identified', b) == 0) then
+      merge_into(a, b)
+    end
+  elseif a then p = a; attach(a, other)
+  elseif b then p = b; attach(b, did)
+  else p = new_person(did); attach(p, other)
+  end
+  if kind == 'identify' then redis.call('SADD', P .. 'identified', p) end
+  return p
+end
+
+-- Person property times: '<ts>' set by $set, 'o<ts>' by $set_once, 'u<ts>' unset.
+local function stamp_of(cur)
+  if not cur then return nil, nil end
+  local c = string.sub(cur, 1, 1)
+  if c == 'o' or c == 'u' then return c, tonumber(string.sub(cur, 2)) end
+  return 's', tonumber(cur)
+end
+
+local function apply_props(p, setj, oncej, unsetj, ts)
+  local pp, pt = P .. 'pp:' .. p, P .. 'pt:' .. p
+  if setj ~= '' then
+    for k, v in pairs(cjson.decode(setj)) do
+      local kind, t = stamp_of(redis.call('HGET', pt, k))
+      if not kind or kind == 'o' or t <= ts then
+        redis.call('HSET', pp, k, v); redis.call('HSET', pt, k, ts)
+      end
+    end
+  end
+  if oncej ~= '' then
+    for k, v in pairs(cjson.decode(oncej)) do
+      local kind, t = stamp_of(redis.call('HGET', pt, k))
+      if not kind or (kind == 'o' and ts < t) or (kind == 'u' and ts > t) then
+        redis.call('HSET', pp, k, v); redis.call('HSET', pt, k, 'o' .. ts)
+      end
+    end
+  end
+  if unsetj ~= '' then
+    for _, k in ipairs(cjson.decode(unsetj)) do
+      local kind, t = stamp_of(redis.call('HGET', pt, k))
+      if not kind or kind == 'o' or t <= ts then
+        redis.call('HDEL', pp, k); redis.call('HSET', pt, k, 'u' .. ts)
+      end
+    end
+  end
+end
+
+for i = 0, n - 1 do
+  local b = 4 + i * F
+  if redis.call('HSETNX', P .. 'seen:' .. ARGV[b], ARGV[b + 1], 1) == 1 then
+    applied = applied + 1
+    local ev, hour, day, ts = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], tonumber(ARGV[b + 6])
+    local p = resolve(ARGV[b + 2], ARGV[b + 7], ARGV[b + 8])
+    apply_props(p, ARGV[b + 9], ARGV[b + 10], ARGV[b + 11], ts)
+    redis.call('SADD', P .. 'events', ev)
+    redis.call('HINCRBY', P .. 'ch:' .. ev, hour, 1)
+    redis.call('HINCRBY', P .. 'cd:' .. ev, day, 1)
+    redis.call('SADD', P .. 'ud:' .. ev .. ':' .. day, p)
+    redis.call('SADD', P .. 'uh:' .. ev .. ':' .. hour, p)
+    local first = redis.call('HGET', P .. 'fs:' .. ev, p)
+    if not first or ts < tonumber(first) then redis.call('HSET', P .. 'fs:' .. ev, p, ts) end
+    local earliest = redis.call('HGET', P .. 'meta', 'earliest_ms')
+    if not earliest or ts < tonumber(earliest) then redis.call('HSET', P .. 'meta', 'earliest_ms', ts) end
+  end
+end
+return applied
+"""
+
+# Raise a stored number only (offsets, end offsets): safe to repeat, safe out of order.
+RAISE_FIELDS = r"""
+for i = 1, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if not cur or tonumber(ARGV[i + 1]) > tonumber(cur) then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+# Count a dead-lettered record once, however often it is replayed.
+COUNT_DLQ = r"""
+local added = 0
+for i = 1, #ARGV do added = added + redis.call('HSETNX', KEYS[1], ARGV[i], 1) end
+if added > 0 then redis.call('HINCRBY', KEYS[2], 'dlq_events', added) end
+return added
+"""
+
+
+def _json_values(values: dict[str, object]) -> str:
+    """Encode each value once, here, so Lua stores PostHog's JSON text untouched."""
+    if not values:
+        return ""
+    return orjson.dumps({str(k): orjson.dumps(v).decode() for k, v in values.items()}).decode()
+
+
+def event_args(event: TopicEvent, tz: ZoneInfo) -> list[str | int]:
+    """The fixed-width argument block of one event for APPLY_EVENTS."""
+    buckets = trend_buckets(event, tz)
+    person = person_update(event)
+    return [
+        keys.seen_bucket(event.uuid), event.uuid, event.distinct_id, event.event,
+        buckets.hour, buckets.day, event.ts_ms,
+        person.link_kind or "", person.other_distinct_id or "",
+        _json_values(person.set), _json_values(person.set_once),
+        orjson.dumps(person.unset).decode() if person.unset else "",
+    ]
+
+
+@dataclass
+class ProjectBatch:
+    project_id: int
+    tz: ZoneInfo
+    events: list[TopicEvent]
+
+
+class StateStore:
+    """Redis-backed insight state for the dataflow."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._apply = client.register_script(APPLY_EVENTS)
+        self._raise = client.register_script(RAISE_FIELDS)
+        self._count_dlq = client.register_script(COUNT_DLQ)
+
+    def apply(self, batches: Iterable[ProjectBatch], chunk: int = 500) -> int:
+        """Apply each project's events; returns how many were new (not duplicates)."""
+        applied = 0
+        pipe = self.redis.pipeline(transaction=False)
+        calls = 0
+        for batch in batches:
+            prefix = keys.project_prefix(batch.project_id)
+            for start in range(0, len(batch.events), chunk):
+                part = batch.events[start:start + chunk]
+                args: list[str | int] = [prefix, len(part), FIELDS_PER_EVENT]
+                for event in part:
+                    args.extend(event_args(event, batch.tz))
+                self._apply(keys=[keys.distinct_ids(batch.project_id)], args=args, client=pipe)
+                calls += 1
+        if calls:
+            applied = sum(int(x) for x in pipe.execute())
+        return applied
+
+    def record_offsets(self, topic: str, applied: dict[int, int], ends: dict[int, int]) -> None:
+        args: list[str | int] = []
+        for partition, offset in applied.items():
+            args += [f"applied:{partition}", offset]
+        for partition, offset in ends.items():
+            args += [f"end:{partition}", offset]
+        if args:
+            self._raise(keys=[keys.stream(topic)], args=args)
+
+    def count_dead_letters(self, topic: str, record_ids: Sequence[str]) -> int:
+        if not record_ids:
+            return 0
+        return int(self._count_dlq(keys=[keys.dlq_seen(topic), keys.stream(topic)], args=list(record_ids)))
+
+    def reset_stream(self, topic: str, topic_id: str) -> None:
+        """The topic was recreated (Tansu restart, or by hand): its offsets mean something new."""
+        current = self.redis.hget(keys.stream(topic), "topic_id")
+        if current is None or current.decode() != topic_id:
+            pipe = self.redis.pipeline()
+            pipe.delete(keys.stream(topic), keys.dlq_seen(topic))
+            pipe.hset(keys.stream(topic), "topic_id", topic_id)
+            pipe.execute()

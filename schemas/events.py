@@ -1,0 +1,190 @@
+"""The event as captured and the normalised event on the topic.
+
+Capture turns what an SDK sent into a `TopicEvent` (PostHog's timestamp rule applied, a uuid
+assigned, top-level `$set`/`$set_once` folded into properties). The dataflow parses topic records
+back with `parse_topic_event`, which also accepts raw PostHog-shaped events that other producers put
+straight onto the topic. Both sides validate with the same rules.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+MAX_EVENT_BYTES = 1024 * 1024
+MAX_NAME_LENGTH = 200
+_FUTURE_TOLERANCE = timedelta(hours=23)
+
+
+class InvalidEvent(ValueError):
+    """An event that cannot be used; the message is the reason given back or sent to the DLQ."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicEvent:
+    """A validated event, as it travels on the `events` topic."""
+
+    uuid: str
+    event: str
+    distinct_id: str
+    ts_ms: int
+    properties: dict[str, Any]
+    project_id: int | None = None
+    token: str | None = None
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {
+            "uuid": self.uuid,
+            "event": self.event,
+            "distinct_id": self.distinct_id,
+            "timestamp": iso_ms(self.ts_ms),
+            "properties": self.properties,
+        }
+        if self.project_id is not None:
+            body["project_id"] = self.project_id
+        if self.token is not None:
+            body["token"] = self.token
+        return orjson.dumps(body)
+
+    @property
+    def key(self) -> bytes:
+        return f"{self.project_id}:{self.distinct_id}".encode()
+
+
+def iso_ms(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_instant(value: Any, field: str) -> datetime:
+    """An ISO-8601 instant (naive means UTC) or epoch milliseconds."""
+    if isinstance(value, bool):
+        raise InvalidEvent(f"'{field}' must be an ISO-8601 timestamp")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value / 1000, UTC)
+    if not isinstance(value, str) or not value:
+        raise InvalidEvent(f"'{field}' must be an ISO-8601 timestamp")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
+    except ValueError as exc:
+        raise InvalidEvent(f"'{field}' is not a valid ISO-8601 timestamp: {value[:64]!r}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def event_time(raw: dict[str, Any], now: datetime, sent_at: Any = None) -> datetime:
+    """PostHog's timestamp rule: `offset`, else `timestamp` corrected by the `sent_at` clock skew."""
+    properties = raw.get("properties") or {}
+    offset = raw.get("offset")
+    if offset is not None and not isinstance(offset, bool) and isinstance(offset, int | float):
+        return now - timedelta(milliseconds=offset)
+    stamp = raw.get("timestamp")
+    if stamp is None:
+        return now
+    moment = parse_instant(stamp, "timestamp")
+    sent = raw.get("sent_at", sent_at)
+    if sent is not None and not properties.get("$ignore_sent_at"):
+        moment = now + (moment - parse_instant(sent, "sent_at"))
+    if moment - now > _FUTURE_TOLERANCE:
+        return now
+    return moment
+
+
+def _name(raw: dict[str, Any], field: str) -> str:
+    value = raw.get(field)
+    if isinstance(value, bool) or value is None:
+        raise InvalidEvent(f"'{field}' is required")
+    if isinstance(value, int | float):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InvalidEvent(f"'{field}' must be a string")
+    if not value.strip():
+        raise InvalidEvent(f"'{field}' must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidEvent(f"'{field}' is longer than {MAX_NAME_LENGTH} characters")
+    return value
+
+
+def _uuid(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidEvent("'uuid' must be a string")
+    try:
+        return str(uuidlib.UUID(value))
+    except ValueError as exc:
+        raise InvalidEvent(f"'uuid' is not a valid UUID: {value[:64]!r}") from exc
+
+
+def _properties(raw: dict[str, Any]) -> dict[str, Any]:
+    properties = raw.get("properties")
+    if properties is None:
+        properties = {}
+    if not isinstance(properties, dict):
+        raise InvalidEvent("'properties' must be an object")
+    properties = dict(properties)
+    for field in ("$set", "$set_once"):
+        if field in raw and field not in properties:
+            properties[field] = raw[field]
+    for field in ("$set", "$set_once"):
+        if field in properties and not isinstance(properties[field], dict):
+            raise InvalidEvent(f"'{field}' must be an object")
+    if "$unset" in properties and not isinstance(properties["$unset"], list | dict):
+        raise InvalidEvent("'$unset' must be a list of property names")
+    return properties
+
+
+def from_capture(raw: Any, *, project_id: int, now: datetime, sent_at: Any = None) -> TopicEvent:
+    """Validate one event of a capture request and normalise it for the topic."""
+    if not isinstance(raw, dict):
+        raise InvalidEvent("each event must be a JSON object")
+    event = _name(raw, "event")
+    distinct_id = _distinct_id(raw)
+    properties = _properties(raw)
+    moment = event_time(raw, now, sent_at)
+    event_uuid = _uuid(raw.get("uuid")) or str(uuidlib.uuid4())
+    return TopicEvent(event_uuid, event, distinct_id, int(moment.timestamp() * 1000), properties, project_id)
+
+
+def _distinct_id(raw: dict[str, Any]) -> str:
+    if raw.get("distinct_id") is None and isinstance(raw.get("properties"), dict):
+        nested = raw["properties"].get("distinct_id")
+        if nested is not None:
+            return _name({"distinct_id": nested}, "distinct_id")
+    return _name(raw, "distinct_id")
+
+
+def parse_topic_event(value: bytes, fallback_ts_ms: int | None = None) -> TopicEvent:
+    """Parse a record of the `events` topic (ours, or a raw PostHog-shaped event)."""
+    if len(value) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event larger than {MAX_EVENT_BYTES} bytes")
+    try:
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidEvent("an event must be a JSON object")
+    event = _name(raw, "event")
+    distinct_id = _distinct_id(raw)
+    properties = _properties(raw)
+    project_id = raw.get("project_id", raw.get("team_id"))
+    if project_id is not None and (isinstance(project_id, bool) or not isinstance(project_id, int)):
+        raise InvalidEvent("'project_id' must be an integer")
+    token = raw.get("token") or raw.get("api_key")
+    if project_id is None and not isinstance(token, str):
+        raise InvalidEvent("the event names no project: 'project_id' or 'token' is required")
+    stamp = raw.get("timestamp")
+    if stamp is not None:
+        ts_ms = int(parse_instant(stamp, "timestamp").timestamp() * 1000)
+    elif fallback_ts_ms is not None:
+        ts_ms = fallback_ts_ms
+    else:
+        raise InvalidEvent("'timestamp' is required")
+    event_uuid = _uuid(raw.get("uuid"))
+    if event_uuid is None:
+        # Deterministic, so a replayed copy of the same record deduplicates.
+        event_uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_OID, value.decode("utf-8", "replace")))
+    return TopicEvent(event_uuid, event, distinct_id, ts_ms, properties, project_id,
+                      token if isinstance(token, str) else None)

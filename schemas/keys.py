@@ -1,0 +1,73 @@
+"""Every Redis key the project uses, in one place.
+
+Keys of a project carry the hash tag `{p<id>}` so a Redis Cluster keeps a project on one shard, and
+the state-layout version, so a layout change starts fresh instead of mixing meanings.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+LAYOUT = "v1"
+SEEN_BUCKETS = 1 << 16
+
+# Global registry keys (not project state).
+PROJECTS = "insightflow:projects"          # hash id -> project JSON
+TOKENS = "insightflow:tokens"              # hash token -> id
+API_KEYS = "insightflow:apikeys"           # hash sha256(key) -> key JSON
+
+
+def stream(topic: str) -> str:
+    """Per topic: applied offsets, known end offsets, topic id, DLQ count (for /readyz lag)."""
+    return f"insightflow:stream:{{{topic}}}"
+
+
+def dlq_seen(topic: str) -> str:
+    return f"insightflow:dlqseen:{{{topic}}}"
+
+
+def project_prefix(project_id: int) -> str:
+    return f"{{p{project_id}}}:{LAYOUT}:"
+
+
+def seen_bucket(uuid: str) -> str:
+    """Dedupe bucket of an event uuid: small hashes stay listpack-encoded (MEASURED.md)."""
+    return format(zlib.crc32(uuid.encode()) % SEEN_BUCKETS, "04x")
+
+
+def event_names(pid: int) -> str:
+    return project_prefix(pid) + "events"
+
+
+def hour_counts(pid: int, event: str) -> str:
+    """Hash: project-zone hour start (epoch s) -> events."""
+    return f"{project_prefix(pid)}ch:{event}"
+
+
+def day_counts(pid: int, event: str) -> str:
+    """Hash: project-zone date YYYYMMDD -> events."""
+    return f"{project_prefix(pid)}cd:{event}"
+
+
+def day_persons(pid: int, event: str, day: str) -> str:
+    """Set of person ids with the event on that project-zone day."""
+    return f"{project_prefix(pid)}ud:{event}:{day}"
+
+
+def hour_persons(pid: int, event: str, hour: int) -> str:
+    """Set of person ids with the event in that project-zone hour."""
+    return f"{project_prefix(pid)}uh:{event}:{hour}"
+
+
+def first_seen(pid: int, event: str) -> str:
+    """Hash: person id -> first timestamp (ms) of the event for that person."""
+    return f"{project_prefix(pid)}fs:{event}"
+
+
+def distinct_ids(pid: int) -> str:
+    """Hash: distinct_id -> person id."""
+    return project_prefix(pid) + "pdi"
+
+
+def person_properties(pid: int, person: int | str) -> str:
+    return f"{project_prefix(pid)}pp:{person}"

@@ -1,0 +1,172 @@
+"""Projects and personal API keys, as stored in Redis and read by the API, the CLI and the dataflow."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+import redis
+
+from schemas import keys
+from schemas.dates import DateParseError, zone
+
+VALID_SCOPES = {"insight:read", "insight:write", "access_control:read", "access_control:write",
+                "activity_log:read", "*"}
+
+
+class RegistryError(ValueError):
+    """A project or key that cannot be created as asked."""
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    name: str
+    token: str
+    timezone: str = "UTC"
+    week_start_day: int = 0
+    test_account_filters: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Project:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    value_hash: str
+    projects: list[int]
+    scopes: list[str]
+    label: str = ""
+
+    def allows(self, scope: str) -> bool:
+        if "*" in self.scopes or scope in self.scopes:
+            return True
+        obj, _, action = scope.partition(":")
+        return action == "read" and f"{obj}:write" in self.scopes
+
+
+def hash_key(value: str) -> str:
+    return "sha256$" + hashlib.sha256(value.encode()).hexdigest()
+
+
+class Registry:
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    # --- projects -------------------------------------------------------------------------
+    def get_project(self, project_id: int) -> Project | None:
+        raw = self.redis.hget(keys.PROJECTS, str(project_id))
+        return Project.from_json(raw) if raw else None
+
+    def projects(self) -> dict[int, Project]:
+        return {int(k): Project.from_json(v) for k, v in self.redis.hgetall(keys.PROJECTS).items()}
+
+    def tokens(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(keys.TOKENS).items()}
+
+    def project_for_token(self, token: str) -> Project | None:
+        project_id = self.redis.hget(keys.TOKENS, token)
+        return self.get_project(int(project_id)) if project_id else None
+
+    def save_project(self, project_id: int, *, name: str | None = None, token: str | None = None,
+                     timezone: str | None = None, week_start_day: int | None = None,
+                     test_account_filters: list[dict[str, Any]] | None = None) -> Project:
+        """Create or update a project; unspecified fields keep their value (or the default)."""
+        if project_id <= 0:
+            raise RegistryError("project id must be a positive integer")
+        existing = self.get_project(project_id)
+        if timezone is not None:
+            try:
+                zone(timezone)
+            except DateParseError as exc:
+                raise RegistryError(str(exc)) from exc
+        if week_start_day is not None and week_start_day not in (0, 1):
+            raise RegistryError("week start must be 0 (Sunday) or 1 (Monday)")
+        if test_account_filters is not None and not isinstance(test_account_filters, list):
+            raise RegistryError("test account filters must be a JSON list of property filters")
+        new_token = token or (existing.token if existing else "phc_" + secrets.token_urlsafe(24))
+        owner = self.redis.hget(keys.TOKENS, new_token)
+        if owner is not None and int(owner) != project_id:
+            raise RegistryError(f"token already belongs to project {int(owner)}")
+        project = Project(
+            id=project_id,
+            name=name if name is not None else (existing.name if existing else f"Project {project_id}"),
+            token=new_token,
+            timezone=timezone or (existing.timezone if existing else "UTC"),
+            week_start_day=week_start_day if week_start_day is not None else
+            (existing.week_start_day if existing else 0),
+            test_account_filters=test_account_filters if test_account_filters is not None else
+            (existing.test_account_filters if existing else []),
+        )
+        pipe = self.redis.pipeline()
+        if existing and existing.token != new_token:
+            pipe.hdel(keys.TOKENS, existing.token)
+        pipe.hset(keys.PROJECTS, str(project_id), project.to_json())
+        pipe.hset(keys.TOKENS, new_token, project_id)
+        pipe.execute()
+        return project
+
+    # --- personal API keys ----------------------------------------------------------------
+    def create_key(self, projects: list[int], scopes: list[str], value: str | None = None,
+                   label: str = "") -> tuple[str, ApiKey]:
+        unknown = [s for s in scopes if s not in VALID_SCOPES]
+        if unknown or not scopes:
+            raise RegistryError(f"unknown scope(s): {', '.join(unknown) or '(none given)'}; "
+                                f"valid: {', '.join(sorted(VALID_SCOPES))}")
+        for project_id in projects:
+            if self.get_project(project_id) is None:
+                raise RegistryError(f"project {project_id} does not exist")
+        value = value or "phx_" + secrets.token_urlsafe(32)
+        if value.startswith("pha_"):
+            raise RegistryError("keys starting with pha_ are OAuth tokens, not personal API keys")
+        key = ApiKey(hash_key(value), projects, scopes, label)
+        self.redis.hset(keys.API_KEYS, key.value_hash, orjson.dumps(asdict(key)))
+        return value, key
+
+    def find_key(self, value: str) -> ApiKey | None:
+        raw = self.redis.hget(keys.API_KEYS, hash_key(value))
+        return ApiKey(**orjson.loads(raw)) if raw else None
+
+
+class ProjectCache:
+    """Projects by id and token for the hot path; refreshed at most every `ttl` seconds."""
+
+    def __init__(self, registry: Registry, ttl: float = 2.0) -> None:
+        self.registry = registry
+        self.ttl = ttl
+        self._by_id: dict[int, Project] = {}
+        self._by_token: dict[str, int] = {}
+        self._loaded = 0.0
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._loaded > self.ttl:
+            self._by_id = self.registry.projects()
+            self._by_token = {p.token: p.id for p in self._by_id.values()}
+            self._loaded = time.monotonic()
+
+    def by_id(self, project_id: int) -> Project | None:
+        self._refresh()
+        project = self._by_id.get(project_id)
+        if project is None:  # created since the last refresh: ask Redis directly
+            project = self.registry.get_project(project_id)
+            if project is not None:
+                self._by_id[project.id], self._by_token[project.token] = project, project.id
+        return project
+
+    def by_token(self, token: str) -> Project | None:
+        self._refresh()
+        project_id = self._by_token.get(token)
+        if project_id is not None:
+            return self._by_id.get(project_id)
+        project = self.registry.project_for_token(token)
+        if project is not None:
+            self._by_id[project.id], self._by_token[project.token] = project, project.id
+        return project

@@ -1,0 +1,40 @@
+"""Runtime settings, read from the environment (CONTRACT.md lists the variables)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# Environment variable -> Settings field. docker-compose.yml and the CLI use exactly these names.
+ENV_VARS = {
+    "INSIGHTFLOW_REDIS_URL": "redis_url",
+    "INSIGHTFLOW_KAFKA_BOOTSTRAP": "kafka_bootstrap",
+    "INSIGHTFLOW_TOPIC": "topic",
+    "INSIGHTFLOW_DLQ_TOPIC": "dlq_topic",
+    "INSIGHTFLOW_PARTITIONS": "partitions",
+    "INSIGHTFLOW_TEST_CLOCK": "test_clock",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic: str = "events"
+    dlq_topic: str = "events_dlq"
+    partitions: int = 8
+    test_clock: bool = False
+    api_port: int = 8000
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        topic = env.get("INSIGHTFLOW_TOPIC", cls.topic)
+        return cls(
+            redis_url=env.get("INSIGHTFLOW_REDIS_URL", cls.redis_url),
+            kafka_bootstrap=env.get("INSIGHTFLOW_KAFKA_BOOTSTRAP", cls.kafka_bootstrap),
+            topic=topic,
+            dlq_topic=env.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq"),
+            partitions=int(env.get("INSIGHTFLOW_PARTITIONS", cls.partitions)),
+            test_clock=env.get("INSIGHTFLOW_TEST_CLOCK") == "1",
+        )

@@ -1,0 +1,202 @@
+"""The trend request (legacy filter, spec §4 and §6.2): parsed and validated once, with PostHog's defaults.
+
+Anything the state cannot answer exactly yet is refused with a 400 that says so, rather than
+answered approximately (ARCHITECTURE: exactness first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+SUPPORTED_MATHS = ("total", "dau")
+KNOWN_MATHS = (
+    "total", "dau", "weekly_active", "monthly_active", "unique_group", "unique_session",
+    "first_time_for_user", "first_matching_event_for_user", "sum", "avg", "min", "max", "median",
+    "p75", "p90", "p95", "p99", "avg_count_per_actor", "min_count_per_actor", "max_count_per_actor",
+    "median_count_per_actor", "p75_count_per_actor", "p90_count_per_actor", "p95_count_per_actor",
+    "p99_count_per_actor", "hogql",
+)
+TIME_SERIES_DISPLAYS = ("ActionsLineGraph", "ActionsBar", "ActionsStackedBar", "ActionsUnstackedBar",
+                        "ActionsAreaGraph", "ActionsLineGraphCumulative")
+TOTAL_VALUE_DISPLAYS = ("BoldNumber", "ActionsPie", "ActionsBarValue", "ActionsTable", "WorldMap")
+_TRUE = {"true", "1", "yes", "y", "t", "on"}
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered; `attr` names the field as PostHog does (`events__0__math`)."""
+
+    def __init__(self, detail: str, attr: str | None = None, code: str = "invalid_input") -> None:
+        super().__init__(detail)
+        self.detail, self.attr, self.code = detail, attr, code
+
+
+def to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    return str(value).strip().lower() in _TRUE
+
+
+def decode_json_field(data: dict[str, Any], name: str, default: Any) -> Any:
+    """Structured fields arrive as JSON strings in GET and may in POST (§4.2)."""
+    value = data.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, str):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            if name == "properties":
+                raise RequestError("Properties are unparsable!", name) from exc
+            raise RequestError(f"'{name}' is not valid JSON: {exc}", name, "parse_error") from exc
+    return value
+
+
+@dataclass(frozen=True)
+class Entity:
+    id: str | None
+    type: str
+    index: int
+    order: int | None
+    name: str
+    custom_name: str | None
+    math: str
+    math_property: str | None
+    properties: list[Any]
+    raw_math: str | None
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def action_dict(self, days: list[str]) -> dict[str, Any]:
+        return {
+            "days": days, "id": self.id, "type": self.type, "order": self.order, "name": self.name,
+            "custom_name": self.custom_name, "math": self.raw_math, "math_property": self.math_property,
+            "math_hogql": None, "math_group_type_index": None,
+            "properties": {} if not self.properties else self.properties,
+        }
+
+
+@dataclass(frozen=True)
+class TrendsRequest:
+    entities: list[Entity]
+    interval: str
+    date_from: str | None
+    date_to: str | None
+    explicit_date: bool
+    display: str
+    compare: bool
+    properties: Any
+    filter_test_accounts: bool
+    breakdown: Any
+    formula: str | None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_value(self) -> bool:
+        return self.display in TOTAL_VALUE_DISPLAYS
+
+    def filter_dict(self) -> dict[str, Any]:
+        """The request re-expressed as a legacy filter (informational `filter` field)."""
+        out: dict[str, Any] = {
+            "insight": "TRENDS", "interval": self.interval, "display": self.display,
+            "date_from": self.date_from or "-7d", "date_to": self.date_to,
+            "events": [{"id": e.id, "type": e.type, "order": e.order, "name": e.name,
+                        "custom_name": e.custom_name, "math": e.raw_math, "math_property": e.math_property}
+                       for e in self.entities],
+            "properties": [] if not self.properties else self.properties,
+            "filter_test_accounts": self.filter_test_accounts,
+        }
+        if self.compare:
+            out["compare"] = True
+        if self.formula:
+            out["formula"] = self.formula
+        return out
+
+
+def _entities(data: dict[str, Any]) -> list[Entity]:
+    collected: list[tuple[str, int, dict[str, Any]]] = []
+    for kind in ("events", "actions", "data_warehouse"):
+        items = decode_json_field(data, kind, [])
+        if not isinstance(items, list):
+            raise RequestError(f"'{kind}' must be a list of entities", kind)
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise RequestError(f"each of '{kind}' must be an object", f"{kind}__{i}")
+            collected.append((kind, i, item))
+    if not collected:
+        raise RequestError("At least one of 'events' or 'actions' is required.", "events")
+
+    def sort_key(entry: tuple[str, int, dict[str, Any]]) -> int:
+        order = entry[2].get("order")
+        try:
+            return int(order) if order not in (None, "") else -1
+        except (TypeError, ValueError):
+            return -1
+
+    out = []
+    for index, (kind, i, item) in enumerate(sorted(collected, key=sort_key)):
+        attr = f"{kind}__{i}"
+        if kind != "events":
+            raise RequestError(f"'{kind}' series are not supported yet; use 'events'.", attr, "unsupported")
+        event_id = item.get("id")
+        if event_id is not None and not isinstance(event_id, str):
+            event_id = str(event_id)
+        raw_math = item.get("math") or None
+        math = raw_math or "total"
+        if math not in KNOWN_MATHS:
+            raise RequestError(f"Unknown math '{math}'.", f"{attr}__math", "invalid_choice")
+        if math not in SUPPORTED_MATHS:
+            raise RequestError(f"Math '{math}' is not supported yet; supported: {', '.join(SUPPORTED_MATHS)}.",
+                               f"{attr}__math", "unsupported")
+        props = item.get("properties") or []
+        if props:
+            raise RequestError("Series property filters are not supported yet.", f"{attr}__properties",
+                               "unsupported")
+        custom = item.get("custom_name")
+        custom = custom.strip() or None if isinstance(custom, str) else None
+        order = item.get("order")
+        name = item.get("name") or (event_id if event_id is not None else "All events")
+        out.append(Entity(event_id, "events", index, int(order) if isinstance(order, int) else order,
+                          str(name), custom, math, item.get("math_property"), props, raw_math))
+    return out
+
+
+def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
+    interval = str(data.get("interval") or "day").lower()
+    if interval == "minute":
+        interval = "hour"
+    if interval not in ("hour", "day", "week", "month"):
+        raise RequestError(f"Unknown interval '{interval}'; use hour, day, week or month.", "interval",
+                           "invalid_choice")
+    entities = _entities(data)
+    properties = decode_json_field(data, "properties", [])
+    if properties:
+        raise RequestError("Global property filters are not supported yet.", "properties", "unsupported")
+    filter_test_accounts = to_bool(data.get("filter_test_accounts"))
+    breakdown = decode_json_field(data, "breakdowns", None) or (data.get("breakdown") or None)
+    if breakdown:
+        raise RequestError("Breakdowns are not supported yet.", "breakdown", "unsupported")
+    formula = data.get("formula") or None
+    if formula:
+        raise RequestError("Formulas are not supported yet.", "formula", "unsupported")
+    display = data.get("display") or "ActionsLineGraph"
+    if display not in TIME_SERIES_DISPLAYS + TOTAL_VALUE_DISPLAYS:
+        display = "ActionsLineGraph"
+    compare = to_bool(data.get("compare"))
+    if compare:
+        raise RequestError("Compare is not supported yet.", "compare", "unsupported")
+    for name in ("date_from", "date_to"):
+        if data.get(name) is not None and not isinstance(data.get(name), str):
+            raise RequestError(f"'{name}' must be a string", name)
+    return TrendsRequest(
+        entities=entities, interval=interval, date_from=data.get("date_from") or None,
+        date_to=data.get("date_to") or None, explicit_date=to_bool(data.get("explicit_date")),
+        display=display, compare=compare, properties=properties,
+        filter_test_accounts=filter_test_accounts, breakdown=breakdown, formula=formula, raw=data,
+    )

@@ -1,0 +1,1 @@
+"""The HTTP service (capture and insights) and the `insightflow` command line."""

@@ -1,0 +1,57 @@
+"""The FastAPI application: capture, insights, health. `uvicorn serving.app:create_app --factory`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from confluent_kafka import Consumer
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dataflows.state import StateStore
+from schemas.registry import ProjectCache, Registry
+from schemas.settings import Settings
+from serving import capture, health, insights
+from serving.errors import (
+    JSON,
+    ApiError,
+    api_error_handler,
+    http_error_handler,
+    request_validation_handler,
+    server_error_handler,
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis.Redis.from_url(settings.redis_url)
+        app.state.settings = settings
+        app.state.redis = client
+        app.state.registry = Registry(client)
+        app.state.projects = ProjectCache(app.state.registry)
+        app.state.store = StateStore(client)
+        app.state.producer = capture.EventProducer(settings.kafka_bootstrap, settings.topic)
+        app.state.watermarks = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                                         "group.id": "insightflow-readyz", "enable.auto.commit": False})
+        yield
+        app.state.watermarks.close()
+        app.state.producer.close()
+        client.close()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = FastAPI(title="Insightflow", version="0.1.0", lifespan=lifespan, default_response_class=JSON)
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_exception_handler(Exception, server_error_handler)
+    app.include_router(capture.router)
+    app.include_router(insights.router)
+    app.include_router(health.router)
+    return app

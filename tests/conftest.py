@@ -1,0 +1,148 @@
+"""Test harness: a real Redis and a real Tansu broker on free ports, the dataflow and the API.
+
+The stack is started once per session with the same `serving.stack` functions `insightflow up`
+uses. Tests isolate themselves by project id, not by restarting services.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from schemas.registry import Project, Registry
+from serving import stack
+
+_project_ids = itertools.count(1000)
+
+
+@dataclass
+class Services:
+    redis_url: str
+    bootstrap: str
+    redis_proc: stack.Managed
+    broker_proc: stack.Managed
+    workdir: Path
+
+
+@dataclass
+class Stack:
+    services: Services
+    api_url: str
+    env: dict[str, str]
+    dataflow: stack.Managed
+    api: stack.Managed
+    recovery_dir: Path
+    logs: Path
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.services.redis_url)
+
+    def restart_dataflow(self, kill9: bool = True) -> None:
+        if kill9:
+            self.dataflow.kill9()
+        else:
+            self.dataflow.stop()
+        self.dataflow = stack.start_dataflow(self.recovery_dir, self.logs, self.env)
+
+    def readyz(self) -> dict[str, Any]:
+        return httpx.get(f"{self.api_url}/readyz", timeout=5).json()
+
+    def wait_applied(self, timeout: float = 60.0) -> None:
+        """Until every event accepted so far is reflected in served state (lag_events == 0)."""
+        deadline = time.monotonic() + timeout
+        body: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            body = self.readyz()
+            if body.get("lag_events") == 0:
+                return
+            if not self.dataflow.alive():
+                raise AssertionError(f"dataflow died; log tail:\n{_tail(self.dataflow.log_path)}")
+            time.sleep(0.05)
+        raise AssertionError(f"events not applied within {timeout}s: {body}\n{_tail(self.dataflow.log_path)}")
+
+
+def _tail(path: Path | None, lines: int = 40) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    workdir = tmp_path_factory.mktemp("services")
+    redis_proc, redis_url = stack.start_redis(workdir / "redis", workdir / "logs")
+    broker_proc, bootstrap = stack.start_tansu(workdir / "logs")
+    yield Services(redis_url, bootstrap, redis_proc, broker_proc, workdir)
+    broker_proc.stop()
+    redis_proc.stop()
+
+
+@pytest.fixture(scope="session")
+def running(services: Services) -> Iterator[Stack]:
+    from dataflows.kafka import ensure_topics
+
+    env = {"INSIGHTFLOW_REDIS_URL": services.redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": services.bootstrap,
+           "INSIGHTFLOW_TOPIC": "events", "INSIGHTFLOW_TEST_CLOCK": "1", "INSIGHTFLOW_PARTITIONS": "4"}
+    ensure_topics(services.bootstrap, ["events", "events_dlq"], 4)
+    logs = services.workdir / "logs"
+    recovery = services.workdir / "recovery"
+    dataflow = stack.start_dataflow(recovery, logs, env)
+    port = stack.free_port()
+    api = stack.start_api(port, logs, env)
+    running = Stack(services, f"http://127.0.0.1:{port}", env, dataflow, api, recovery, logs)
+    yield running
+    running.api.stop()
+    running.dataflow.stop()
+
+
+@dataclass
+class ProjectHandle:
+    project: Project
+    key: str
+    stack: Stack
+
+    @property
+    def id(self) -> int:
+        return self.project.id
+
+    @property
+    def token(self) -> str:
+        return self.project.token
+
+    def capture(self, events: list[dict[str, Any]], path: str = "/batch/", **envelope: Any) -> httpx.Response:
+        return httpx.post(f"{self.stack.api_url}{path}",
+                          json={"api_key": self.token, "batch": events, **envelope}, timeout=30)
+
+    def trend(self, query: dict[str, Any], now: str | None = None, method: str = "POST",
+              prefix: str = "environments", key: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key or self.key}"}
+        if now:
+            headers["X-Insightflow-Now"] = now
+        url = f"{self.stack.api_url}/api/{prefix}/{self.id}/insights/trend/"
+        if method == "GET":
+            import orjson
+
+            params = {k: (v if isinstance(v, str) else orjson.dumps(v).decode()) for k, v in query.items()}
+            return httpx.get(url, params=params, headers=headers, timeout=30)
+        return httpx.post(url, json=query, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def project(running: Stack) -> ProjectHandle:
+    return make_project(running)
+
+
+def make_project(running: Stack, timezone: str = "UTC", **settings: Any) -> ProjectHandle:
+    registry = Registry(running.redis)
+    project = registry.save_project(next(_project_ids), timezone=timezone, **settings)
+    key, _ = registry.create_key([project.id], ["insight:read"])
+    return ProjectHandle(project, key, running)

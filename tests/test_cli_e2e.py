@@ -1,0 +1,116 @@
+"""`insightflow up` as a user runs it: its own Redis and Tansu, demo data, supervision, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from serving import stack
+from serving.demo import DEMO_KEY, demo_events
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _lines(proc: subprocess.Popen) -> queue.Queue:
+    out: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return out
+
+
+def _wait_for(lines: queue.Queue, prefix: str, timeout: float, seen: list[str]) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting {prefix!r} within {timeout}s; output so far: {seen}")
+
+
+def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSIGHTFLOW_")}
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args, "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+
+
+def test_up_with_demo_supervises_and_stops(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = stack.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSIGHTFLOW_")}
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", "--api-port", str(port), "--data-dir",
+                             str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=ROOT, start_new_session=True)
+    seen: list[str] = []
+    try:
+        lines = _lines(proc)
+        ready = _wait_for(lines, "ready: ", 180, seen)
+        assert ready == f"ready: http://127.0.0.1:{port}"
+        pids = {p.stem: int(p.read_text()) for p in (data_dir / "pids").glob("*.pid")}
+        assert set(pids) == {"redis", "broker", "dataflow", "api"}
+
+        expected = Counter(e["timestamp"][:10] for e in demo_events() if e["event"] == "$pageview")
+        first, last = min(expected), max(expected)
+        query = {"events": [{"id": "$pageview"}], "date_from": first, "date_to": last}
+        headers = {"Authorization": f"Bearer {DEMO_KEY}"}
+        url = f"http://127.0.0.1:{port}/api/environments/1/insights/trend/"
+        body = httpx.post(url, json=query, headers=headers, timeout=30).json()["result"][0]
+        assert dict(zip(body["days"], body["data"], strict=True)) == {
+            d: expected.get(d, 0) for d in body["days"]}
+        assert sum(body["data"]) == sum(expected.values())
+
+        # kill -9 the dataflow: up restarts it and says so; numbers stay exact.
+        os.kill(pids["dataflow"], signal.SIGKILL)
+        restarted = _wait_for(lines, "restarted dataflow", 20, seen)
+        assert "pid" in restarted
+        new_pid = int((data_dir / "pids" / "dataflow.pid").read_text())
+        assert new_pid != pids["dataflow"]
+        time.sleep(2)
+        again = httpx.post(url, json=query, headers=headers, timeout=30).json()["result"][0]
+        assert again["data"] == body["data"]
+
+        # project and key commands reach the running stack through --data-dir.
+        created = _cli("project", "create", "--id", "7", "--name", "Shop", "--timezone", "Europe/Berlin",
+                       "--week-start", "1", data_dir=data_dir)
+        assert created.returncode == 0, created.stderr
+        project = json.loads(created.stdout)
+        assert project["id"] == 7 and project["timezone"] == "Europe/Berlin" and project["token"].startswith("phc_")
+        key = _cli("key", "create", "--project", "7", "--scopes", "insight:read", data_dir=data_dir)
+        assert key.returncode == 0, key.stderr
+        value = json.loads(key.stdout)["value"]
+        reply = httpx.post(f"http://127.0.0.1:{port}/api/environments/7/insights/trend/", json=query,
+                           headers={"Authorization": f"Bearer {value}"}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["timezone"] == "Europe/Berlin"
+        bad = _cli("project", "create", "--id", "8", "--timezone", "Mars/Base", data_dir=data_dir)
+        assert bad.returncode != 0 and "Unknown time zone" in bad.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, seen
+    alive = []
+    for pid in pids.values():
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert alive == [], f"processes left running: {alive}"
+    assert not list((data_dir / "pids").glob("*.pid"))

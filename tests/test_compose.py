@@ -1,0 +1,55 @@
+"""docker-compose.yml agrees with the settings code (no Docker engine runs here, so it is parsed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from schemas.settings import ENV_VARS, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services_and_dependencies() -> None:
+    services = COMPOSE["services"]
+    assert set(services) == {"kafka", "redis", "topics", "dataflow", "api"}
+    for name in ("dataflow", "api"):
+        deps = services[name]["depends_on"]
+        assert deps["redis"]["condition"] == "service_healthy"
+        assert deps["kafka"]["condition"] == "service_healthy"
+        assert deps["topics"]["condition"] == "service_completed_successfully"
+    for name in ("kafka", "redis", "api"):
+        assert services[name]["healthcheck"]["test"]
+
+
+def test_kafka_is_single_node_kraft() -> None:
+    env = COMPOSE["services"]["kafka"]["environment"]
+    assert COMPOSE["services"]["kafka"]["image"].startswith("apache/kafka:")
+    assert "controller" in env["KAFKA_PROCESS_ROLES"] and env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+
+
+def test_redis_persists_with_aof_on_a_volume() -> None:
+    redis = COMPOSE["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") and v.split(":")[0] in COMPOSE["volumes"] for v in redis["volumes"])
+
+
+def test_environment_matches_settings() -> None:
+    defaults = Settings()
+    topics_cmd = " ".join(COMPOSE["services"]["topics"]["command"])
+    for topic in (defaults.topic, defaults.dlq_topic):
+        assert f"--topic {topic} --partitions {defaults.partitions}" in topics_cmd
+    redis_port = COMPOSE["services"]["redis"]["ports"][0].split(":")[1]
+    kafka_port = COMPOSE["services"]["kafka"]["ports"][0].split(":")[1]
+    for name in ("dataflow", "api"):
+        env = COMPOSE["services"][name]["environment"]
+        assert set(env) <= set(ENV_VARS), set(env) - set(ENV_VARS)
+        assert env["INSIGHTFLOW_REDIS_URL"] == f"redis://redis:{redis_port}/0"
+        assert env["INSIGHTFLOW_KAFKA_BOOTSTRAP"] == f"kafka:{kafka_port}"
+        assert env["INSIGHTFLOW_TOPIC"] == defaults.topic and env["INSIGHTFLOW_DLQ_TOPIC"] == defaults.dlq_topic
+    api = COMPOSE["services"]["api"]
+    assert api["ports"] == [f"{defaults.api_port}:{defaults.api_port}"]
+    assert api["command"][-1] == str(defaults.api_port)

@@ -28,6 +28,8 @@ local P = ARGV[1]
 local n = tonumber(ARGV[2])
 local F = tonumber(ARGV[3])
 local applied = 0
+local names = {}
+local earliest_ts = nil
 
 local function new_person(did)
   local p = redis.call('INCR', P .. 'pseq')
@@ -109,6 +111,19 @@ local function apply_props(p, setj, oncej, unsetj, ts)
   end
 end
 
+-- Contributions are gathered per key and written once per key at the end of the call.
+local counts, members, firsts = {}, {}, {}
+local function count(key, field)
+  local t = counts[key]
+  if not t then t = {}; counts[key] = t end
+  t[field] = (t[field] or 0) + 1
+end
+local function member(key, p)
+  local t = members[key]
+  if not t then t = {}; members[key] = t end
+  t[p] = true
+end
+
 for i = 0, n - 1 do
   local b = 4 + i * F
   if redis.call('HSETNX', P .. 'seen:' .. ARGV[b], ARGV[b + 1], 1) == 1 then
@@ -116,16 +131,36 @@ for i = 0, n - 1 do
     local ev, hour, day, ts = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], tonumber(ARGV[b + 6])
     local p = resolve(ARGV[b + 2], ARGV[b + 7], ARGV[b + 8])
     apply_props(p, ARGV[b + 9], ARGV[b + 10], ARGV[b + 11], ts)
-    redis.call('SADD', P .. 'events', ev)
-    redis.call('HINCRBY', P .. 'ch:' .. ev, hour, 1)
-    redis.call('HINCRBY', P .. 'cd:' .. ev, day, 1)
-    redis.call('SADD', P .. 'ud:' .. ev .. ':' .. day, p)
-    redis.call('SADD', P .. 'uh:' .. ev .. ':' .. hour, p)
-    local first = redis.call('HGET', P .. 'fs:' .. ev, p)
-    if not first or ts < tonumber(first) then redis.call('HSET', P .. 'fs:' .. ev, p, ts) end
-    local earliest = redis.call('HGET', P .. 'meta', 'earliest_ms')
-    if not earliest or ts < tonumber(earliest) then redis.call('HSET', P .. 'meta', 'earliest_ms', ts) end
+    names[ev] = true
+    if not earliest_ts or ts < earliest_ts then earliest_ts = ts end
+    count(P .. 'ch:' .. ev, hour)
+    count(P .. 'cd:' .. ev, day)
+    member(P .. 'ud:' .. ev .. ':' .. day, p)
+    member(P .. 'uh:' .. ev .. ':' .. hour, p)
+    local fkey = P .. 'fs:' .. ev
+    local f = firsts[fkey]
+    if not f then f = {}; firsts[fkey] = f end
+    if not f[p] or ts < f[p] then f[p] = ts end
   end
+end
+for key, fields in pairs(counts) do
+  for field, c in pairs(fields) do redis.call('HINCRBY', key, field, c) end
+end
+for key, set in pairs(members) do
+  local list = {}
+  for p, _ in pairs(set) do list[#list + 1] = p end
+  redis.call('SADD', key, unpack(list))
+end
+for key, f in pairs(firsts) do
+  for p, ts in pairs(f) do
+    local first = redis.call('HGET', key, p)
+    if not first or ts < tonumber(first) then redis.call('HSET', key, p, ts) end
+  end
+end
+for ev, _ in pairs(names) do redis.call('SADD', P .. 'events', ev) end
+if earliest_ts then
+  local earliest = redis.call('HGET', P .. 'meta', 'earliest_ms')
+  if not earliest or earliest_ts < tonumber(earliest) then redis.call('HSET', P .. 'meta', 'earliest_ms', earliest_ts) end
 end
 return applied
 """
@@ -184,7 +219,7 @@ class StateStore:
         self._raise = client.register_script(RAISE_FIELDS)
         self._count_dlq = client.register_script(COUNT_DLQ)
 
-    def apply(self, batches: Iterable[ProjectBatch], chunk: int = 500) -> int:
+    def apply(self, batches: Iterable[ProjectBatch], chunk: int = 2000) -> int:
         """Apply each project's events; returns how many were new (not duplicates)."""
         applied = 0
         pipe = self.redis.pipeline(transaction=False)

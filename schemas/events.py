@@ -8,6 +8,7 @@ straight onto the topic. Both sides validate with the same rules.
 
 from __future__ import annotations
 
+import re
 import uuid as uuidlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ import orjson
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_NAME_LENGTH = 200
 _FUTURE_TOLERANCE = timedelta(hours=23)
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class InvalidEvent(ValueError):
@@ -112,6 +114,8 @@ def _uuid(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidEvent("'uuid' must be a string")
+    if _CANONICAL_UUID.fullmatch(value):
+        return value
     try:
         return str(uuidlib.UUID(value))
     except ValueError as exc:

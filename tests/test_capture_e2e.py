@@ -209,3 +209,14 @@ def test_dead_letter_topic(project: ProjectHandle, running: Stack) -> None:
     data = project.trend({"events": [{"id": "direct"}], "date_from": "2024-03-05", "date_to": "2024-03-05"},
                          now=NOW).json()["result"][0]["data"]
     assert data == [1]
+
+
+def test_health_and_metrics(project: ProjectHandle, running: Stack) -> None:
+    assert httpx.get(f"{running.api_url}/healthz").json() == {"status": "ok"}
+    assert project.capture(_pageviews(3, "m", "2024-03-05")).status_code == 200
+    metrics = httpx.get(f"{running.api_url}/metrics").text
+    captured = [line for line in metrics.splitlines() if line.startswith("insightflow_captured_events_total ")]
+    assert captured and float(captured[0].split()[1]) >= 3
+    running.wait_applied()
+    ready = running.readyz()
+    assert ready["redis"] is True and ready["kafka"] is True and ready["lag_events"] == 0

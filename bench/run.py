@@ -1,0 +1,233 @@
+"""Benchmarks, separate from the tests: `make bench ARGS="--events 1000000"`.
+
+Everything is measured in one run on one machine and reported as ratios (these machines are noisy):
+
+- dataflow throughput: a backlog of synthetic events on the topic, read and applied to Redis
+  (events/s), against a raw confluent-kafka consumer reading the same backlog;
+- capture -> queryable latency (p50, p99) under background capture load;
+- trend query latency (30-day daily total and DAU, through HTTP and in-process) against chdb
+  (embedded ClickHouse, PostHog's engine) answering the same question on the same events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from dataflows.kafka import ensure_topics
+from schemas import keys
+from schemas.registry import Registry
+from schemas.trends import parse_trends_request
+from serving import stack
+from serving.trends import TrendQuery
+
+PROJECT = 1
+EVENTS = ("$pageview", "$pageview", "$pageview", "click", "signed up", "purchase")
+BROWSERS = ("Chrome", "Firefox", "Safari", "Edge")
+END = datetime(2024, 6, 30, tzinfo=UTC)
+
+
+def synthetic(n: int, persons: int, days: int = 30, seed: int = 1) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    start = END - timedelta(days=days)
+    span = days * 86400
+    out = []
+    for i in range(n):
+        ts = start + timedelta(seconds=rng.randrange(span))
+        out.append({"uuid": str(uuid.UUID(int=rng.getrandbits(128), version=4)), "event": rng.choice(EVENTS),
+                    "distinct_id": f"p{rng.randrange(persons)}", "project_id": PROJECT,
+                    "timestamp": ts.isoformat().replace("+00:00", "Z"),
+                    "properties": {"$browser": rng.choice(BROWSERS), "amount": rng.randrange(1, 500), "i": i}})
+    return out
+
+
+def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> float:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 100, "batch.num.messages": 10_000,
+                         "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000})
+    started = time.perf_counter()
+    for event in events:
+        value = orjson.dumps(event)
+        while True:
+            try:
+                producer.produce(topic, key=f"{PROJECT}:{event['distinct_id']}".encode(), value=value)
+                break
+            except BufferError:
+                producer.poll(0.01)
+    producer.flush(120)
+    return time.perf_counter() - started
+
+
+def raw_consume(bootstrap: str, topic: str, partitions: int, total: int) -> float:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-raw", "enable.auto.commit": False,
+                         "queued.min.messages": 1_000_000})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    seen = 0
+    started = time.perf_counter()
+    while seen < total and time.perf_counter() - started < 300:
+        for message in consumer.consume(10_000, timeout=0.5):
+            if not message.error():
+                orjson.loads(message.value())
+                seen += 1
+    consumer.close()
+    return time.perf_counter() - started
+
+
+def applied(client: redis.Redis, topic: str) -> int:
+    state = client.hgetall(keys.stream(topic))
+    return sum(int(v) for k, v in state.items() if k.startswith(b"applied:"))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def median_ms(fn: Any, repeat: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
+def chdb_session(events: list[dict[str, Any]], workdir: Path) -> Any:
+    from chdb import session
+
+    path = workdir / "events.ndjson"
+    with path.open("wb") as out:
+        for e in events:
+            out.write(orjson.dumps({"uuid": e["uuid"], "event": e["event"], "distinct_id": e["distinct_id"],
+                                    "person_id": e["distinct_id"], "timestamp": e["timestamp"][:-1],
+                                    "properties": orjson.dumps(e["properties"]).decode()}) + b"\n")
+    sess = session.Session(str(workdir / "chdb"))
+    sess.query("CREATE TABLE events (uuid UUID, event String, distinct_id String, person_id String, "
+               "timestamp DateTime64(6, 'UTC'), properties String) ENGINE = MergeTree "
+               "ORDER BY (event, toDate(timestamp), distinct_id)")
+    sess.query(f"INSERT INTO events SELECT * FROM file('{path}', JSONEachRow)")
+    return sess
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--persons", type=int, default=50_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--load", type=int, default=1000, help="background capture events/s during probes")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="insightflow-bench-"))
+    logs = workdir / "logs"
+    redis_proc, redis_url = stack.start_redis(workdir / "redis", logs)
+    broker_proc, bootstrap = stack.start_tansu(logs)
+    procs = [broker_proc, redis_proc]
+    topic = "events"
+    env = {"INSIGHTFLOW_REDIS_URL": redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap, "INSIGHTFLOW_TOPIC": topic,
+           "INSIGHTFLOW_TEST_CLOCK": "1"}
+    report: dict[str, Any] = {"events": args.events, "persons": args.persons, "partitions": args.partitions}
+    try:
+        client = redis.Redis.from_url(redis_url)
+        registry = Registry(client)
+        project = registry.save_project(PROJECT, token="phc_bench")
+        key, _ = registry.create_key([PROJECT], ["insight:read"], "phx_bench")
+        ensure_topics(bootstrap, [topic, f"{topic}_dlq"], args.partitions)
+        events = synthetic(args.events, args.persons)
+        produce_s = produce(bootstrap, topic, events)
+        report["produce_events_per_s"] = round(args.events / produce_s)
+        raw_s = raw_consume(bootstrap, topic, args.partitions, args.events)
+        report["raw_consumer_events_per_s"] = round(args.events / raw_s)
+
+        # Dataflow throughput on the backlog.
+        dataflow = stack.start_dataflow(workdir / "recovery", logs, env)
+        procs.insert(0, dataflow)
+        while applied(client, topic) == 0:
+            time.sleep(0.01)
+        first_at, first = time.perf_counter(), applied(client, topic)
+        while applied(client, topic) < args.events:
+            if not dataflow.alive():
+                raise RuntimeError(f"dataflow died; see {dataflow.log_path}")
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - first_at
+        report["dataflow_events_per_s"] = round((args.events - first) / elapsed)
+        report["dataflow_vs_raw_consumer"] = round(report["dataflow_events_per_s"] / report["raw_consumer_events_per_s"], 3)
+
+        # Query latency: ours (HTTP and in-process) against chdb, same events, same question.
+        port = stack.free_port()
+        api = stack.start_api(port, logs, env)
+        procs.insert(0, api)
+        url = f"http://127.0.0.1:{port}/api/environments/{PROJECT}/insights/trend/"
+        headers = {"Authorization": f"Bearer {key}", "X-Insightflow-Now": END.isoformat()}
+        date_from = (END - timedelta(days=30)).date().isoformat()
+        date_to = (END - timedelta(days=1)).date().isoformat()
+        chdb = chdb_session(events, workdir)
+        http = httpx.Client(timeout=30)
+        for math, agg in (("total", "count()"), ("dau", "uniqExact(person_id)")):
+            query = {"events": [{"id": "$pageview", "math": math}], "date_from": date_from, "date_to": date_to}
+            ours = http.post(url, json=query, headers=headers).json()["result"][0]["data"]
+            sql = (f"SELECT toDate(timestamp) AS d, {agg} FROM events WHERE event = '$pageview' "
+                   f"AND timestamp >= '{date_from} 00:00:00' AND timestamp < toDateTime64('{date_to} 00:00:00', 6) "
+                   f"+ INTERVAL 1 DAY GROUP BY d ORDER BY d")
+            theirs = [int(line.split(",")[1]) for line in str(chdb.query(sql, "CSV")).strip().splitlines()]
+            assert ours == theirs, (math, ours[:5], theirs[:5])
+            parsed = parse_trends_request(query)
+            http_ms = median_ms(lambda q=query: http.post(url, json=q, headers=headers).raise_for_status(), 30)
+            inproc_ms = median_ms(lambda p=parsed: TrendQuery(client, project, p, END).run(), 30)
+            chdb_ms = median_ms(lambda s=sql: chdb.query(s, "CSV"), 30)
+            report[f"query_{math}_30d"] = {"insightflow_http_ms": round(http_ms, 2),
+                                           "insightflow_inprocess_ms": round(inproc_ms, 2),
+                                           "chdb_ms": round(chdb_ms, 2),
+                                           "chdb_over_insightflow_http": round(chdb_ms / http_ms, 2),
+                                           "same_numbers": True}
+
+        # Capture -> queryable latency under background load.
+        stop = threading.Event()
+
+        def load() -> None:
+            batch = max(1, args.load // 20)
+            with httpx.Client(timeout=30) as c:
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    c.post(f"http://127.0.0.1:{port}/batch/", json={"api_key": "phc_bench", "batch": [
+                        {"event": "load", "distinct_id": f"l{random.randrange(1000)}"} for _ in range(batch)]})
+                    time.sleep(max(0.0, 0.05 - (time.perf_counter() - t)))
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        today = datetime.now(UTC).date().isoformat()
+        latencies = []
+        for i in range(args.probes):
+            name = f"probe-{i}"
+            query = {"events": [{"id": name}], "date_from": today, "date_to": today}
+            started = time.perf_counter()
+            http.post(f"http://127.0.0.1:{port}/capture/", json={"api_key": "phc_bench", "event": name,
+                                                                 "distinct_id": "prober"}).raise_for_status()
+            while http.post(url, json=query, headers={"Authorization": f"Bearer {key}"}).json()["result"][0]["data"] != [1]:
+                time.sleep(0.002)
+            latencies.append((time.perf_counter() - started) * 1000)
+        stop.set()
+        loader.join(5)
+        report["capture_to_queryable_ms"] = {"p50": round(percentile(latencies, 0.5), 1),
+                                             "p99": round(percentile(latencies, 0.99), 1),
+                                             "background_events_per_s": args.load, "probes": args.probes}
+    finally:
+        for managed in procs:
+            managed.stop()
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()

@@ -92,7 +92,7 @@ def applied(client: redis.Redis, topic: str) -> int:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def median_ms(fn: Any, repeat: int) -> float:
@@ -163,7 +163,8 @@ def main() -> None:
             time.sleep(0.05)
         elapsed = time.perf_counter() - first_at
         report["dataflow_events_per_s"] = round((args.events - first) / elapsed)
-        report["dataflow_vs_raw_consumer"] = round(report["dataflow_events_per_s"] / report["raw_consumer_events_per_s"], 3)
+        report["dataflow_vs_raw_consumer"] = round(
+            report["dataflow_events_per_s"] / report["raw_consumer_events_per_s"], 3)
 
         # Query latency: ours (HTTP and in-process) against chdb, same events, same question.
         port = stack.free_port()
@@ -215,7 +216,8 @@ def main() -> None:
             started = time.perf_counter()
             http.post(f"http://127.0.0.1:{port}/capture/", json={"api_key": "phc_bench", "event": name,
                                                                  "distinct_id": "prober"}).raise_for_status()
-            while http.post(url, json=query, headers={"Authorization": f"Bearer {key}"}).json()["result"][0]["data"] != [1]:
+            auth = {"Authorization": f"Bearer {key}"}
+            while http.post(url, json=query, headers=auth).json()["result"][0]["data"] != [1]:
                 time.sleep(0.002)
             latencies.append((time.perf_counter() - started) * 1000)
         stop.set()

@@ -160,7 +160,9 @@ end
 for ev, _ in pairs(names) do redis.call('SADD', P .. 'events', ev) end
 if earliest_ts then
   local earliest = redis.call('HGET', P .. 'meta', 'earliest_ms')
-  if not earliest or earliest_ts < tonumber(earliest) then redis.call('HSET', P .. 'meta', 'earliest_ms', earliest_ts) end
+  if not earliest or earliest_ts < tonumber(earliest) then
+    redis.call('HSET', P .. 'meta', 'earliest_ms', earliest_ts)
+  end
 end
 return applied
 """

@@ -137,10 +137,9 @@ for i = 0, n - 1 do
     count(P .. 'cd:' .. ev, day)
     member(P .. 'ud:' .. ev .. ':' .. day, p)
     member(P .. 'uh:' .. ev .. ':' .. hour, p)
-    local fkey = P .. 'fs:' .. ev
-    local f = firsts[fkey]
-    if not f then f = {}; firsts[fkey] = f end
-    if not f[p] or ts < f[p] then f[p] = ts end
+    local f = firsts[ev]
+    if not f then f = {}; firsts[ev] = f end
+    if not f[p] or ts < f[p][1] then f[p] = {ts, hour, day} end
   end
 end
 for key, fields in pairs(counts) do
@@ -151,10 +150,26 @@ for key, set in pairs(members) do
   for p, _ in pairs(set) do list[#list + 1] = p end
   redis.call('SADD', key, unpack(list))
 end
-for key, f in pairs(firsts) do
-  for p, ts in pairs(f) do
-    local first = redis.call('HGET', key, p)
-    if not first or ts < tonumber(first) then redis.call('HSET', key, p, ts) end
+-- First time per person and event, stored as 'ts:hour:day' so a late, earlier event can move the
+-- person's first-time count from the old buckets to the new ones.
+for ev, f in pairs(firsts) do
+  local fkey = P .. 'fs:' .. ev
+  for p, v in pairs(f) do
+    local cur = redis.call('HGET', fkey, p)
+    local old_ts, old_hour, old_day
+    if cur then
+      old_ts, old_hour, old_day = string.match(cur, '^(-?%d+):(-?%d+):(%d+)$')
+      old_ts = tonumber(old_ts)
+    end
+    if not cur or v[1] < old_ts then
+      if cur then
+        redis.call('HINCRBY', P .. 'fh:' .. ev, old_hour, -1)
+        redis.call('HINCRBY', P .. 'fd:' .. ev, old_day, -1)
+      end
+      redis.call('HINCRBY', P .. 'fh:' .. ev, v[2], 1)
+      redis.call('HINCRBY', P .. 'fd:' .. ev, v[3], 1)
+      redis.call('HSET', fkey, p, v[1] .. ':' .. v[2] .. ':' .. v[3])
+    end
   end
 end
 for ev, _ in pairs(names) do redis.call('SADD', P .. 'events', ev) end

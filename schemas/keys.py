@@ -60,8 +60,18 @@ def hour_persons(pid: int, event: str, hour: int) -> str:
 
 
 def first_seen(pid: int, event: str) -> str:
-    """Hash: person id -> first timestamp (ms) of the event for that person."""
+    """Hash: person id -> 'ts_ms:hour:day' of the person's first event of that name."""
     return f"{project_prefix(pid)}fs:{event}"
+
+
+def first_time_hour_counts(pid: int, event: str) -> str:
+    """Hash: project-zone hour start -> persons whose first event of that name is in the hour."""
+    return f"{project_prefix(pid)}fh:{event}"
+
+
+def first_time_day_counts(pid: int, event: str) -> str:
+    """Hash: project-zone date YYYYMMDD -> persons whose first event of that name is on the day."""
+    return f"{project_prefix(pid)}fd:{event}"
 
 
 def distinct_ids(pid: int) -> str:

@@ -11,7 +11,10 @@ from typing import Any
 
 import orjson
 
-SUPPORTED_MATHS = ("total", "dau")
+from schemas.formula import Formula, FormulaError
+
+SUPPORTED_MATHS = ("total", "dau", "weekly_active", "monthly_active", "first_time_for_user")
+ACTOR_MATHS = ("dau", "weekly_active", "monthly_active")
 KNOWN_MATHS = (
     "total", "dau", "weekly_active", "monthly_active", "unique_group", "unique_session",
     "first_time_for_user", "first_matching_event_for_user", "sum", "avg", "min", "max", "median",
@@ -183,14 +186,15 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
     if breakdown:
         raise RequestError("Breakdowns are not supported yet.", "breakdown", "unsupported")
     formula = data.get("formula") or None
-    if formula:
-        raise RequestError("Formulas are not supported yet.", "formula", "unsupported")
+    if formula is not None:
+        try:
+            Formula(str(formula), len(entities))
+        except FormulaError as exc:
+            raise RequestError(str(exc), "formula") from exc
     display = data.get("display") or "ActionsLineGraph"
     if display not in TIME_SERIES_DISPLAYS + TOTAL_VALUE_DISPLAYS:
         display = "ActionsLineGraph"
     compare = to_bool(data.get("compare"))
-    if compare:
-        raise RequestError("Compare is not supported yet.", "compare", "unsupported")
     for name in ("date_from", "date_to"):
         if data.get(name) is not None and not isinstance(data.get(name), str):
             raise RequestError(f"'{name}' must be a string", name)

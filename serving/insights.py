@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from prometheus_client import Histogram
 
 from schemas.dates import DateParseError, iso_instant
@@ -45,7 +48,31 @@ def _now(request: Request) -> datetime:
         raise validation(f"Invalid X-Insightflow-Now header: {exc}") from exc
 
 
-async def _trend(request: Request, project_id: str) -> JSON:
+def trend_csv(result: list[dict[str, Any]], request: Request, date_range: tuple[str | None, str]) -> Response:
+    """CSV as PostHog renders it (§6.13): a `series` column, then one column per bucket label."""
+    rows = []
+    for item in result:
+        row = {"series": (item.get("action") or {}).get("custom_name") or item.get("label")}
+        row.update({label: value for label, value in zip(item.get("labels", []), item.get("data", []), strict=False)})
+        rows.append(row)
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), extrasaction="ignore", lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    body = out.getvalue()
+    insight_id = request.query_params.get("export_insight_id")
+    if insight_id:
+        body = f"{str(request.base_url).rstrip('/')}/insights/{insight_id}/\n" + body
+    name = re.sub(r"[^\w\s-]", "", request.query_params.get("export_name") or "export").strip().lower()
+    name = re.sub(r"[-\s]+", "-", name) or "export"
+    start, end = date_range
+    span = f"{start} -" if start else "up until"
+    return Response(body.encode(), media_type="text/csv; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="{name} ({span} {end}) from PostHog.csv"'})
+
+
+async def _trend(request: Request, project_id: str) -> Response:
     data, body = await request_data(request)
     state = request.app.state
     key = authenticate(request, state.registry, body)
@@ -54,12 +81,17 @@ async def _trend(request: Request, project_id: str) -> JSON:
     now = _now(request)
     try:
         parsed = parse_trends_request(data)
-        result = TrendQuery(state.redis, project, parsed, now).run()
+        query = TrendQuery(state.redis, project, parsed, now)
+        result = query.run()
     except RequestError as exc:
         raise validation(exc.detail, exc.attr, exc.code) from exc
     except DateParseError as exc:
         raise validation(str(exc), "date_from") from exc
     QUERY_SECONDS.labels("trend").observe(time.perf_counter() - started)
+    if request.url.path.endswith(".csv") or data.get("format") == "csv":
+        first = query.periods[0].range
+        start = None if parsed.date_from == "all" else first.date_from.date().isoformat()
+        return trend_csv(result, request, (start, first.date_to.date().isoformat()))
     return JSON({
         "result": result, "timezone": project.timezone, "is_cached": False,
         "last_refresh": iso_instant(datetime.now(UTC)), "timings": [], "next": None,
@@ -67,6 +99,7 @@ async def _trend(request: Request, project_id: str) -> JSON:
 
 
 for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{project_id}/insights"):
-    for suffix in ("/trend/", "/trend"):
-        router.add_api_route(prefix + suffix, _trend, methods=["GET", "POST"], include_in_schema=suffix.endswith("/"),
-                             operation_id=f"trend_{prefix.split('/')[2]}{'_slash' if suffix.endswith('/') else ''}")
+    for suffix in ("/trend/", "/trend", "/trend.csv"):
+        kind = {"/trend/": "", "/trend": "_noslash", "/trend.csv": "_csv"}[suffix]
+        router.add_api_route(prefix + suffix, _trend, methods=["GET", "POST"], include_in_schema=suffix != "/trend",
+                             operation_id=f"trend_{prefix.split('/')[2]}{kind}")

@@ -19,6 +19,11 @@ SUPPORTED = {
     "trends-week-interval-rounding",
     "trends-weekly-dst-us-pacific",
     "trends-bold-number",
+    "trends-compare-relative-7d",
+    "trends-wau-daily",
+    "trends-wau-hourly",
+    "trends-wau-aggregate-wide-range",
+    "trends-formula-a-plus-2b",
 }
 CASES = load_cases("trends")
 

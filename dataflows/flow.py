@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import bytewax.operators as op
 import redis
@@ -18,11 +19,12 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
 
+from dataflows.definitions import BackfillSink, BackfillSource, DefinitionCache, contributions
 from dataflows.kafka import EventsSource, ensure_topics, topic_id
 from dataflows.operators.validate import Parsed, parse_record
-from dataflows.state import ProjectBatch, StateStore
+from dataflows.state import Located, ProjectBatch, StaleDefinitions, StateStore
 from schemas.dates import zone
-from schemas.registry import ProjectCache, Registry
+from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
 
 log = logging.getLogger("insightflow.dataflow")
@@ -31,9 +33,10 @@ log = logging.getLogger("insightflow.dataflow")
 class _StatePartition(StatelessSinkPartition[Parsed]):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        client = redis.Redis.from_url(settings.redis_url)
+        self.client = client = redis.Redis.from_url(settings.redis_url)
         self.store = StateStore(client)
         self.projects = ProjectCache(Registry(client))
+        self.definitions = DefinitionCache(DefinitionRegistry(client))
         self.store.reset_stream(settings.topic, topic_id(settings.kafka_bootstrap, settings.topic))
         self.dlq = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20,
                              "compression.type": "lz4"})
@@ -60,10 +63,22 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 continue
             if event.project_id is None:
                 event = replace(event, project_id=project.id)
-            by_project[project.id].append(event)
-        batches = [ProjectBatch(pid, zone(self.projects.by_id(pid).timezone), evs)  # type: ignore[union-attr]
-                   for pid, evs in by_project.items()]
-        self.store.apply(batches)
+            by_project[project.id].append(Located(event, rec.partition, rec.offset))
+        for attempt in range(20):
+            now = datetime.now(UTC)
+            batches = []
+            for pid, (generation, definitions) in self.definitions.current(list(by_project)).items():
+                located = by_project[pid]
+                flags = contributions(self.client, pid, definitions, located, now)
+                tz = zone(self.projects.by_id(pid).timezone)  # type: ignore[union-attr]
+                batches.append(ProjectBatch(pid, tz, located, flags, generation))
+            try:
+                self.store.apply(batches)
+                break
+            except StaleDefinitions as exc:  # a registration raced this batch: plan it again
+                log.info("%s (attempt %d)", exc, attempt + 1)
+        else:
+            raise RuntimeError("definitions kept changing while applying a batch")
         if dead:
             self._dead_letter(dead)
         self.store.record_offsets(self.settings.topic, applied, ends)
@@ -106,6 +121,8 @@ def build_flow(settings: Settings) -> Dataflow:
     records = op.input("events", flow, EventsSource(settings.kafka_bootstrap, settings.topic))
     parsed = op.map("parse", records, parse_record)
     op.output("state", parsed, StateSink(settings))
+    history = op.input("backfill", flow, BackfillSource(settings))
+    op.output("backfill_state", history, BackfillSink(settings))
     return flow
 
 

@@ -19,17 +19,96 @@ import redis
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from schemas import keys
+from schemas.definitions import Definition
 from schemas.events import TopicEvent
 
-FIELDS_PER_EVENT = 12
+FIELDS_PER_EVENT = 15
 
-APPLY_EVENTS = r"""
+# Helpers shared by the live apply and the backfill: contributions are gathered per key during the
+# call and written once per key at its end.
+_PRELUDE = r"""
 local P = ARGV[1]
+local counts, members, values, lists, firsts = {}, {}, {}, {}, {}
+local function count(key, field, by)
+  local t = counts[key]
+  if not t then t = {}; counts[key] = t end
+  t[field] = (t[field] or 0) + (by or 1)
+end
+local function member(key, m)
+  local t = members[key]
+  if not t then t = {}; members[key] = t end
+  t[m] = true
+end
+local function add_value(key, field, v)
+  local t = values[key]
+  if not t then t = {}; values[key] = t end
+  local a = t[field]
+  if not a then t[field] = {v, 1, v, v}
+  else a[1] = a[1] + v; a[2] = a[2] + 1; if v < a[3] then a[3] = v end; if v > a[4] then a[4] = v end end
+end
+local function push(key, v)
+  local t = lists[key]
+  if not t then t = {}; lists[key] = t end
+  t[#t + 1] = v
+end
+
+-- One event's contribution to a definition's state (breakdown value bv, optional numeric v).
+local function apply_definition(h, flags, bv, v, p, hour, day)
+  local D = P .. 'd:' .. h .. ':'
+  count(D .. 'ch:' .. bv, hour)
+  count(D .. 'cd:' .. bv, day)
+  member(D .. 'ud:' .. bv .. ':' .. day, p)
+  member(D .. 'uh:' .. bv .. ':' .. hour, p)
+  member(D .. 'bv', bv)
+  if type(v) == 'number' then
+    add_value(D .. 'vs:' .. bv, 'h' .. hour, v)
+    add_value(D .. 'vs:' .. bv, 'd' .. day, v)
+    if string.find(flags, 'l', 1, true) then
+      push(D .. 'vl:' .. bv .. ':' .. day, v)
+      push(D .. 'vlh:' .. bv .. ':' .. hour, v)
+    end
+  end
+  if string.find(flags, 'a', 1, true) then
+    count(D .. 'pa:' .. bv .. ':' .. day, p)
+    count(D .. 'pah:' .. bv .. ':' .. hour, p)
+  end
+end
+
+local function flush()
+  for key, fields in pairs(counts) do
+    for field, c in pairs(fields) do redis.call('HINCRBY', key, field, c) end
+  end
+  for key, set in pairs(members) do
+    local list = {}
+    for m, _ in pairs(set) do list[#list + 1] = m end
+    redis.call('SADD', key, unpack(list))
+  end
+  for key, fields in pairs(values) do
+    for field, a in pairs(fields) do
+      redis.call('HINCRBYFLOAT', key, field .. ':s', a[1])
+      redis.call('HINCRBY', key, field .. ':n', a[2])
+      local mn = redis.call('HGET', key, field .. ':min')
+      if not mn or a[3] < tonumber(mn) then redis.call('HSET', key, field .. ':min', a[3]) end
+      local mx = redis.call('HGET', key, field .. ':max')
+      if not mx or a[4] > tonumber(mx) then redis.call('HSET', key, field .. ':max', a[4]) end
+    end
+  end
+  for key, list in pairs(lists) do redis.call('RPUSH', key, unpack(list)) end
+end
+"""
+
+APPLY_EVENTS = _PRELUDE + r"""
+-- A batch planned with an outdated list of definitions is refused (-1): the caller reloads and
+-- retries, so every event applied after a registration carries that definition.
+if (redis.call('GET', P .. 'defgen') or '0') ~= ARGV[5] then return -1 end
 local n = tonumber(ARGV[2])
 local F = tonumber(ARGV[3])
+local defs = cjson.decode(ARGV[4])
 local applied = 0
+local reached = {}
 local names = {}
 local earliest_ts = nil
+local handed = {}
 
 local function new_person(did)
   local p = redis.call('INCR', P .. 'pseq')
@@ -111,22 +190,12 @@ local function apply_props(p, setj, oncej, unsetj, ts)
   end
 end
 
--- Contributions are gathered per key and written once per key at the end of the call.
-local counts, members, firsts = {}, {}, {}
-local function count(key, field)
-  local t = counts[key]
-  if not t then t = {}; counts[key] = t end
-  t[field] = (t[field] or 0) + 1
-end
-local function member(key, p)
-  local t = members[key]
-  if not t then t = {}; members[key] = t end
-  t[p] = true
-end
-
 for i = 0, n - 1 do
-  local b = 4 + i * F
-  if redis.call('HSETNX', P .. 'seen:' .. ARGV[b], ARGV[b + 1], 1) == 1 then
+  local b = 6 + i * F
+  local part, off = ARGV[b + 12], tonumber(ARGV[b + 13])
+  if not reached[part] or off + 1 > reached[part] then reached[part] = off + 1 end
+  -- The guard stores which copy (partition:offset) was applied, so a backfill can tell it apart.
+  if redis.call('HSETNX', P .. 'seen:' .. ARGV[b], ARGV[b + 1], ARGV[b + 12] .. ':' .. ARGV[b + 13]) == 1 then
     applied = applied + 1
     local ev, hour, day, ts = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], tonumber(ARGV[b + 6])
     local p = resolve(ARGV[b + 2], ARGV[b + 7], ARGV[b + 8])
@@ -140,15 +209,24 @@ for i = 0, n - 1 do
     local f = firsts[ev]
     if not f then f = {}; firsts[ev] = f end
     if not f[p] or ts < f[p][1] then f[p] = {ts, hour, day} end
+    if ARGV[b + 14] ~= '' then
+      for _, c in ipairs(cjson.decode(ARGV[b + 14])) do
+        local h = c[1]
+        -- Handover: the first offset of each partition this definition was applied live.
+        if not handed[h .. ':' .. part] then
+          handed[h .. ':' .. part] = true
+          redis.call('HSETNX', P .. 'd:' .. h .. ':ho', part, off)
+        end
+        apply_definition(h, defs[h] or '', c[2], c[3], p, hour, day)
+      end
+    end
   end
 end
-for key, fields in pairs(counts) do
-  for field, c in pairs(fields) do redis.call('HINCRBY', key, field, c) end
-end
-for key, set in pairs(members) do
-  local list = {}
-  for p, _ in pairs(set) do list[#list + 1] = p end
-  redis.call('SADD', key, unpack(list))
+flush()
+-- Offsets of this project applied, per partition, committed with the state (backfill bounds).
+for part, next_offset in pairs(reached) do
+  local cur = redis.call('HGET', P .. 'applied', part)
+  if not cur or next_offset > tonumber(cur) then redis.call('HSET', P .. 'applied', part, next_offset) end
 end
 -- First time per person and event, stored as 'ts:hour:day' so a late, earlier event can move the
 -- person's first-time count from the old buckets to the new ones.
@@ -182,6 +260,38 @@ end
 return applied
 """
 
+
+# A definition's backfill over one partition's history: applies only the copy of each event the live
+# state counted (its guard holds this partition:offset), only below the live handover offset, and
+# advances the backfill fence in the same call, so a restarted backfill never applies twice.
+BACKFILL_EVENTS = _PRELUDE + r"""
+local h, flags, part = ARGV[2], ARGV[3], ARGV[4]
+local n = tonumber(ARGV[5])
+local D = P .. 'd:' .. h .. ':'
+local fence = tonumber(redis.call('HGET', D .. 'bf', part) or '-1')
+local ho = redis.call('HGET', D .. 'ho', part)
+ho = ho and tonumber(ho) or nil
+local applied, last = 0, fence
+for i = 0, n - 1 do
+  local b = 6 + i * 8
+  local off = tonumber(ARGV[b + 2])
+  if off > fence and (not ho or off < ho) then
+    if ARGV[b + 7] ~= '' and redis.call('HGET', P .. 'seen:' .. ARGV[b], ARGV[b + 1]) == part .. ':' .. ARGV[b + 2] then
+      local p = redis.call('HGET', P .. 'pdi', ARGV[b + 3])
+      if p then
+        local c = cjson.decode(ARGV[b + 7])
+        apply_definition(h, flags, c[1], c[2], p, ARGV[b + 4], ARGV[b + 5])
+        applied = applied + 1
+      end
+    end
+  end
+  if off > last then last = off end
+end
+flush()
+if last > fence then redis.call('HSET', D .. 'bf', part, last) end
+return applied
+"""
+
 # Raise a stored number only (offsets, end offsets): safe to repeat, safe out of order.
 RAISE_FIELDS = r"""
 for i = 1, #ARGV, 2 do
@@ -207,7 +317,18 @@ def _json_values(values: dict[str, object]) -> str:
     return orjson.dumps({str(k): orjson.dumps(v).decode() for k, v in values.items()}).decode()
 
 
-def event_args(event: TopicEvent, tz: ZoneInfo) -> list[str | int]:
+def definition_flags(definition: Definition) -> str:
+    return ("l" if definition.keep_values else "") + ("a" if definition.per_actor else "")
+
+
+def _contributions(contributions: list[tuple[str, str, float | None]] | None) -> str:
+    if not contributions:
+        return ""
+    return orjson.dumps([[h, bv, v] if v is not None else [h, bv] for h, bv, v in contributions]).decode()
+
+
+def event_args(event: TopicEvent, tz: ZoneInfo, partition: int = 0, offset: int = 0,
+               contributions: list[tuple[str, str, float | None]] | None = None) -> list[str | int]:
     """The fixed-width argument block of one event for APPLY_EVENTS."""
     buckets = trend_buckets(event, tz)
     person = person_update(event)
@@ -217,14 +338,35 @@ def event_args(event: TopicEvent, tz: ZoneInfo) -> list[str | int]:
         person.link_kind or "", person.other_distinct_id or "",
         _json_values(person.set), _json_values(person.set_once),
         orjson.dumps(person.unset).decode() if person.unset else "",
+        partition, offset, _contributions(contributions),
     ]
+
+
+@dataclass
+class Located:
+    """An event with where it sits on the topic and what it contributes to registered definitions."""
+
+    event: TopicEvent
+    partition: int = 0
+    offset: int = 0
+    contributions: list[tuple[str, str, float | None]] | None = None
 
 
 @dataclass
 class ProjectBatch:
     project_id: int
     tz: ZoneInfo
-    events: list[TopicEvent]
+    events: list[Located]
+    flags: dict[str, str] | None = None  # definition hash -> flags, for definitions in this batch
+    generation: int = 0  # the project's definitions generation the contributions were planned with
+
+
+class StaleDefinitions(Exception):
+    """A project registered a definition after this batch was planned: plan again."""
+
+    def __init__(self, project_ids: set[int]) -> None:
+        super().__init__(f"definitions changed for projects {sorted(project_ids)}")
+        self.project_ids = project_ids
 
 
 class StateStore:
@@ -235,24 +377,47 @@ class StateStore:
         self._apply = client.register_script(APPLY_EVENTS)
         self._raise = client.register_script(RAISE_FIELDS)
         self._count_dlq = client.register_script(COUNT_DLQ)
+        self._backfill = client.register_script(BACKFILL_EVENTS)
 
     def apply(self, batches: Iterable[ProjectBatch], chunk: int = 2000) -> int:
         """Apply each project's events; returns how many were new (not duplicates)."""
         applied = 0
         pipe = self.redis.pipeline(transaction=False)
-        calls = 0
+        owners: list[int] = []
         for batch in batches:
             prefix = keys.project_prefix(batch.project_id)
+            flags = orjson.dumps(batch.flags or {}).decode()
             for start in range(0, len(batch.events), chunk):
                 part = batch.events[start:start + chunk]
-                args: list[str | int] = [prefix, len(part), FIELDS_PER_EVENT]
-                for event in part:
-                    args.extend(event_args(event, batch.tz))
+                args: list[str | int] = [prefix, len(part), FIELDS_PER_EVENT, flags, batch.generation]
+                for item in part:
+                    args.extend(event_args(item.event, batch.tz, item.partition, item.offset, item.contributions))
                 self._apply(keys=[keys.distinct_ids(batch.project_id)], args=args, client=pipe)
-                calls += 1
-        if calls:
-            applied = sum(int(x) for x in pipe.execute())
+                owners.append(batch.project_id)
+        stale: set[int] = set()
+        for owner, result in zip(owners, pipe.execute() if owners else [], strict=True):
+            if int(result) < 0:
+                stale.add(owner)
+            else:
+                applied += int(result)
+        if stale:
+            raise StaleDefinitions(stale)
         return applied
+
+    def backfill(self, definition: Definition, partition: int, items: list[tuple[int, TopicEvent | None,
+                                                                               tuple[str, float | None] | None]],
+                 tz: ZoneInfo) -> int:
+        """Apply one partition's history to a definition: (offset, event or None, contribution or None)."""
+        args: list[str | int] = [keys.project_prefix(definition.project_id), definition.hash,
+                                 definition_flags(definition), partition, len(items)]
+        for offset, event, contribution in items:
+            if event is None or contribution is None:
+                args += ["", "", offset, "", 0, "", 0, ""]
+                continue
+            buckets = trend_buckets(event, tz)
+            args += [keys.seen_bucket(event.uuid), event.uuid, offset, event.distinct_id, buckets.hour, buckets.day,
+                     event.ts_ms, orjson.dumps(list(contribution)).decode()]
+        return int(self._backfill(keys=[keys.distinct_ids(definition.project_id)], args=args))
 
     def record_offsets(self, topic: str, applied: dict[int, int], ends: dict[int, int]) -> None:
         args: list[str | int] = []

@@ -81,3 +81,21 @@ def distinct_ids(pid: int) -> str:
 
 def person_properties(pid: int, person: int | str) -> str:
     return f"{project_prefix(pid)}pp:{person}"
+
+
+def definitions_generation(pid: int) -> str:
+    """Counter raised by every registration; the apply script refuses batches planned before it."""
+    return project_prefix(pid) + "defgen"
+
+
+def project_applied(pid: int) -> str:
+    """Hash: partition -> next offset whose events of this project are applied (atomic with state)."""
+    return project_prefix(pid) + "applied"
+
+
+def definition_prefix(pid: int, h: str) -> str:
+    """State of a registered definition (hash h); suffixes as written by dataflows/state.py:
+    `ch:<bv>`/`cd:<bv>` counts, `uh:<bv>:<hour>`/`ud:<bv>:<day>` persons, `bv` breakdown values,
+    `vs:<bv>` property sums/counts/min/max (fields `h<hour>:s` …, `d<day>:s` …), `vl:<bv>:<day>` and
+    `vlh:<bv>:<hour>` property values, `pa:<bv>:<day>` and `pah:<bv>:<hour>` events per person."""
+    return f"{project_prefix(pid)}d:{h}:"

@@ -170,3 +170,101 @@ class ProjectCache:
         if project is not None:
             self._by_id[project.id], self._by_token[project.token] = project, project.id
         return project
+
+
+class DefinitionRegistry:
+    """Registered insight definitions and the state of their backfills.
+
+    Per definition (hash h) under the project's tag: `defs` (h -> definition JSON), and `d:h:meta`
+    (status, registered_at, acks of the live workers), `d:h:ho` (live handover offset per partition),
+    `d:h:bf` (backfill fence per partition), `d:h:bound` (where the backfill stops per partition),
+    `d:h:done` (partitions finished). `insightflow:backfills` lists definitions still building.
+    """
+
+    PENDING = "insightflow:backfills"
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    @staticmethod
+    def _d(project_id: int, h: str) -> str:
+        return f"{keys.project_prefix(project_id)}d:{h}:"
+
+    @staticmethod
+    def defs_key(project_id: int) -> str:
+        return keys.project_prefix(project_id) + "defs"
+
+    def register(self, definition: Any) -> bool:
+        """Idempotent; True when this call registered it (and queued its backfill)."""
+        h = definition.hash
+        if not self.redis.hsetnx(self.defs_key(definition.project_id), h, definition.to_json()):
+            return False
+        pipe = self.redis.pipeline()
+        pipe.hset(self._d(definition.project_id, h) + "meta", mapping={"status": "backfilling",
+                                                                      "registered_at": int(time.time() * 1000)})
+        pipe.incr(keys.definitions_generation(definition.project_id))
+        pipe.sadd(self.PENDING, f"{definition.project_id}:{h}")
+        pipe.execute()
+        return True
+
+    def generations(self, project_ids: list[int]) -> dict[int, int]:
+        values = self.redis.mget([keys.definitions_generation(p) for p in project_ids])
+        return {p: int(v or 0) for p, v in zip(project_ids, values, strict=True)}
+
+    def for_project(self, project_id: int) -> dict[str, bytes]:
+        return {k.decode(): v for k, v in self.redis.hgetall(self.defs_key(project_id)).items()}
+
+    def get(self, project_id: int, h: str) -> bytes | None:
+        return self.redis.hget(self.defs_key(project_id), h)
+
+    def pending(self) -> list[tuple[int, str]]:
+        out = []
+        for member in sorted(self.redis.smembers(self.PENDING)):
+            project_id, _, h = member.decode().partition(":")
+            out.append((int(project_id), h))
+        return out
+
+    def fence(self, project_id: int, h: str, partition: int) -> int:
+        raw = self.redis.hget(self._d(project_id, h) + "bf", str(partition))
+        return int(raw) if raw is not None else -1
+
+    def bound(self, project_id: int, h: str, partition: int) -> int:
+        """Where this partition's backfill stops, fixed the first time it is asked: the project's
+        applied offset then. Everything below was applied before (with or without the definition);
+        everything from there on is applied live with it."""
+        key = self._d(project_id, h) + "bound"
+        applied = int(self.redis.hget(keys.project_applied(project_id), str(partition)) or 0)
+        self.redis.hsetnx(key, str(partition), applied)
+        return int(self.redis.hget(key, str(partition)) or 0)
+
+    def handover(self, project_id: int, h: str, partition: int) -> int | None:
+        raw = self.redis.hget(self._d(project_id, h) + "ho", str(partition))
+        return int(raw) if raw is not None else None
+
+    def partition_done(self, project_id: int, h: str, partition: int, partitions: int) -> bool:
+        """Mark a partition finished; when all are, the definition is ready. True if now ready."""
+        d = self._d(project_id, h)
+        self.redis.sadd(d + "done", partition)
+        if self.redis.scard(d + "done") >= partitions:
+            pipe = self.redis.pipeline()
+            pipe.hset(d + "meta", "status", "ready")
+            pipe.srem(self.PENDING, f"{project_id}:{h}")
+            pipe.execute()
+            return True
+        return False
+
+    def status(self, project_id: int, h: str) -> tuple[str | None, float]:
+        """(status, progress 0..1) of a definition; status None when never registered."""
+        d = self._d(project_id, h)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(d + "meta", "status")
+        pipe.hgetall(d + "bound")
+        pipe.hgetall(d + "bf")
+        status, bounds, fences = pipe.execute()
+        if status is None:
+            return None, 0.0
+        if status == b"ready":
+            return "ready", 1.0
+        total = sum(int(v) for v in bounds.values())
+        done = sum(min(int(fences.get(k, -1)) + 1, int(v)) for k, v in bounds.items())
+        return status.decode(), (done / total if total else 0.0)

@@ -13,6 +13,7 @@ ENV_VARS = {
     "INSIGHTFLOW_DLQ_TOPIC": "dlq_topic",
     "INSIGHTFLOW_PARTITIONS": "partitions",
     "INSIGHTFLOW_TEST_CLOCK": "test_clock",
+    "INSIGHTFLOW_BLOCKING_TIMEOUT": "blocking_timeout_s",
 }
 
 
@@ -25,6 +26,7 @@ class Settings:
     partitions: int = 8
     test_clock: bool = False
     api_port: int = 8000
+    blocking_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -37,4 +39,5 @@ class Settings:
             dlq_topic=env.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq"),
             partitions=int(env.get("INSIGHTFLOW_PARTITIONS", cls.partitions)),
             test_clock=env.get("INSIGHTFLOW_TEST_CLOCK") == "1",
+            blocking_timeout_s=float(env.get("INSIGHTFLOW_BLOCKING_TIMEOUT", cls.blocking_timeout_s)),
         )

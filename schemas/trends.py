@@ -11,10 +11,17 @@ from typing import Any
 
 import orjson
 
+from schemas.definitions import Breakdown, Definition
+from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
 from schemas.formula import Formula, FormulaError
 
-SUPPORTED_MATHS = ("total", "dau", "weekly_active", "monthly_active", "first_time_for_user")
 ACTOR_MATHS = ("dau", "weekly_active", "monthly_active")
+PROPERTY_MATHS = ("sum", "avg", "min", "max", "median", "p75", "p90", "p95", "p99")
+QUANTILES = {"median": 0.5, "p75": 0.75, "p90": 0.9, "p95": 0.95, "p99": 0.99}
+PER_ACTOR_MATHS = ("avg_count_per_actor", "min_count_per_actor", "max_count_per_actor", "median_count_per_actor",
+                   "p75_count_per_actor", "p90_count_per_actor", "p95_count_per_actor", "p99_count_per_actor")
+SUPPORTED_MATHS = ("total", "first_time_for_user", *ACTOR_MATHS, *PROPERTY_MATHS, *PER_ACTOR_MATHS)
+DEFAULT_BREAKDOWN_LIMIT = 25
 KNOWN_MATHS = (
     "total", "dau", "weekly_active", "monthly_active", "unique_group", "unique_session",
     "first_time_for_user", "first_matching_event_for_user", "sum", "avg", "min", "max", "median",
@@ -71,6 +78,8 @@ class Entity:
     math_property: str | None
     properties: list[Any]
     raw_math: str | None
+    filters: FilterGroup = NO_FILTERS
+    math_property_type: str = "event"
 
     @property
     def label(self) -> str:
@@ -96,9 +105,13 @@ class TrendsRequest:
     compare: bool
     properties: Any
     filter_test_accounts: bool
-    breakdown: Any
+    breakdown: Breakdown | None
     formula: str | None
     raw: dict[str, Any] = field(default_factory=dict)
+    filters: FilterGroup = NO_FILTERS
+    breakdown_limit: int = DEFAULT_BREAKDOWN_LIMIT
+    hide_other: bool = False
+    refresh: str = ""
 
     @property
     def total_value(self) -> bool:
@@ -158,15 +171,27 @@ def _entities(data: dict[str, Any]) -> list[Entity]:
             raise RequestError(f"Math '{math}' is not supported yet; supported: {', '.join(SUPPORTED_MATHS)}.",
                                f"{attr}__math", "unsupported")
         props = item.get("properties") or []
-        if props:
-            raise RequestError("Series property filters are not supported yet.", f"{attr}__properties",
-                               "unsupported")
+        try:
+            filters = parse_filters(props, f"{attr}__properties")
+        except FilterError as exc:
+            raise RequestError(exc.detail, exc.attr, exc.code) from exc
+        math_property = item.get("math_property") or None
+        if math in PROPERTY_MATHS and not math_property:
+            raise RequestError(f"Math '{math}' needs a math_property.", f"{attr}__math_property")
+        property_type = {"event_properties": "event", "person_properties": "person", None: "event",
+                         "": "event"}.get(item.get("math_property_type"))
+        if property_type is None:
+            raise RequestError(f"math_property_type '{item.get('math_property_type')}' is not supported yet; use "
+                               "event_properties or person_properties.", f"{attr}__math_property_type", "unsupported")
+        if math == "first_time_for_user" and not filters.empty:
+            raise RequestError("first_time_for_user with property filters is not supported yet.",
+                               f"{attr}__properties", "unsupported")
         custom = item.get("custom_name")
         custom = custom.strip() or None if isinstance(custom, str) else None
         order = item.get("order")
         name = item.get("name") or (event_id if event_id is not None else "All events")
         out.append(Entity(event_id, "events", index, int(order) if isinstance(order, int) else order,
-                          str(name), custom, math, item.get("math_property"), props, raw_math))
+                          str(name), custom, math, math_property, props, raw_math, filters, property_type))
     return out
 
 
@@ -179,12 +204,18 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
                            "invalid_choice")
     entities = _entities(data)
     properties = decode_json_field(data, "properties", [])
-    if properties:
-        raise RequestError("Global property filters are not supported yet.", "properties", "unsupported")
+    try:
+        filters = parse_filters(properties, "properties")
+    except FilterError as exc:
+        raise RequestError(exc.detail, exc.attr, exc.code) from exc
     filter_test_accounts = to_bool(data.get("filter_test_accounts"))
-    breakdown = decode_json_field(data, "breakdowns", None) or (data.get("breakdown") or None)
-    if breakdown:
-        raise RequestError("Breakdowns are not supported yet.", "breakdown", "unsupported")
+    breakdown = _breakdown(data)
+    try:
+        limit = int(data.get("breakdown_limit") or DEFAULT_BREAKDOWN_LIMIT)
+    except (TypeError, ValueError) as exc:
+        raise RequestError("'breakdown_limit' must be an integer", "breakdown_limit") from exc
+    if limit < 1:
+        raise RequestError("'breakdown_limit' must be at least 1", "breakdown_limit")
     formula = data.get("formula") or None
     if formula is not None:
         try:
@@ -203,4 +234,73 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
         date_to=data.get("date_to") or None, explicit_date=to_bool(data.get("explicit_date")),
         display=display, compare=compare, properties=properties,
         filter_test_accounts=filter_test_accounts, breakdown=breakdown, formula=formula, raw=data,
+        filters=filters, breakdown_limit=limit, hide_other=to_bool(data.get("breakdown_hide_other_aggregation")),
+        refresh=str(data.get("refresh") or "").lower(),
+    )
+
+
+def _breakdown(data: dict[str, Any]) -> Breakdown | None:
+    """`breakdowns` (list of {property, type}) or `breakdown` + `breakdown_type` (§4.7)."""
+    normalize = to_bool(data.get("breakdown_normalize_url"))
+    if data.get("breakdown_histogram_bin_count") not in (None, ""):
+        raise RequestError("Histogram breakdowns are not supported yet.", "breakdown_histogram_bin_count",
+                           "unsupported")
+    listed = decode_json_field(data, "breakdowns", None)
+    if listed:
+        if not isinstance(listed, list) or not all(isinstance(b, dict) and b.get("property") for b in listed):
+            raise RequestError("breakdowns must be a list of items, each with property and type", "breakdowns")
+        if len(listed) > 3:
+            raise RequestError("At most 3 breakdowns are allowed.", "breakdowns")
+        props = []
+        for i, item in enumerate(listed):
+            kind = _breakdown_type(item.get("type"), f"breakdowns__{i}__type")
+            props.append((kind, str(item["property"])))
+            normalize = normalize or to_bool(item.get("normalize_url"))
+            if item.get("histogram_bin_count") not in (None, ""):
+                raise RequestError("Histogram breakdowns are not supported yet.", f"breakdowns__{i}", "unsupported")
+        return Breakdown(tuple(props), normalize, as_list=True)
+    raw = data.get("breakdown")
+    if raw in (None, "", []):
+        return None
+    kind = _breakdown_type(data.get("breakdown_type"), "breakdown_type")
+    if isinstance(raw, str) and raw.startswith("["):
+        try:
+            raw = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    if isinstance(raw, list):
+        if not raw or len(raw) > 3:
+            raise RequestError("'breakdown' lists hold 1 to 3 properties.", "breakdown")
+        return Breakdown(tuple((kind, str(p)) for p in raw), normalize)
+    return Breakdown(((kind, str(raw)),), normalize)
+
+
+def _breakdown_type(value: Any, attr: str) -> str:
+    kind = str(value or "event")
+    kind = "event" if kind == "events" else kind
+    if kind not in ("event", "person"):
+        raise RequestError(f"Breakdowns of type '{kind}' are not supported yet; use event or person.", attr,
+                           "unsupported")
+    return kind
+
+
+def definition_for(entity: Entity, request: TrendsRequest, project_id: int, timezone: str,
+                   test_account_filters: list[Any]) -> Definition | None:
+    """The materialization a series needs, or None when the always-on state answers it."""
+    extra = NO_FILTERS
+    if request.filter_test_accounts and test_account_filters:
+        try:
+            extra = parse_filters(test_account_filters, "filter_test_accounts")
+        except FilterError as exc:
+            raise RequestError(f"The project's test account filters are invalid: {exc.detail}",
+                               "filter_test_accounts") from exc
+    filters = all_of(request.filters, entity.filters, extra)
+    needs_values = entity.math in PROPERTY_MATHS
+    per_actor = entity.math in PER_ACTOR_MATHS
+    if filters.empty and request.breakdown is None and not needs_values and not per_actor:
+        return None
+    return Definition(
+        project_id=project_id, event=entity.id, filters=filters, breakdown=request.breakdown,
+        value_property=(entity.math_property_type, str(entity.math_property)) if needs_values else None,
+        keep_values=entity.math in QUANTILES, per_actor=per_actor, timezone=timezone,
     )

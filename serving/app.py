@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dataflows.state import StateStore
-from schemas.registry import ProjectCache, Registry
+from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
 from serving import capture, health, insights
 from serving.errors import (
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.redis = client
         app.state.registry = Registry(client)
+        app.state.definitions = DefinitionRegistry(client)
         app.state.projects = ProjectCache(app.state.registry)
         app.state.store = StateStore(client)
         app.state.producer = capture.EventProducer(settings.kafka_bootstrap, settings.topic)

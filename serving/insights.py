@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
@@ -14,6 +15,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import Histogram
 
 from schemas.dates import DateParseError, iso_instant
+from schemas.definitions import Definition
+from schemas.registry import DefinitionRegistry
 from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, validation
@@ -38,6 +41,29 @@ async def request_data(request: Request) -> tuple[dict[str, Any], dict[str, Any]
                 raise ApiError(400, "invalid_request", "parse_error", "The request body must be a JSON object.")
             data.update(parsed)
     return data, parsed
+
+
+BLOCKING = {"blocking", "force_blocking", "true", "1"}
+
+
+async def materialized(registry: DefinitionRegistry, definitions: list[Definition], refresh: str,
+                       timeout: float) -> float | None:
+    """Register what the request needs; None once all is built, else the progress (0..1) so far.
+
+    With `refresh=blocking` the request waits for the backfill (up to `timeout` seconds).
+    """
+    if not definitions:
+        return None
+    for definition in definitions:
+        registry.register(definition)
+    deadline = time.monotonic() + (timeout if refresh in BLOCKING else 0)
+    while True:
+        states = [registry.status(d.project_id, d.hash) for d in definitions]
+        if all(status == "ready" for status, _ in states):
+            return None
+        if time.monotonic() >= deadline:
+            return min(progress for _, progress in states)
+        await asyncio.sleep(0.05)
 
 
 def _now(request: Request) -> datetime:
@@ -82,6 +108,10 @@ async def _trend(request: Request, project_id: str) -> Response:
     try:
         parsed = parse_trends_request(data)
         query = TrendQuery(state.redis, project, parsed, now)
+        pending = await materialized(state.definitions, query.definitions(), parsed.refresh,
+                                     state.settings.blocking_timeout_s)
+        if pending is not None:
+            return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
         result = query.run()
     except RequestError as exc:
         raise validation(exc.detail, exc.attr, exc.code) from exc

@@ -7,10 +7,12 @@ are unions of the day and hour sets they cover, so every number is exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import redis
 
 from schemas import keys
@@ -25,12 +27,45 @@ from schemas.dates import (
     start_of_interval,
     zone,
 )
+from schemas.definitions import BREAKDOWN_NULL, BREAKDOWN_OTHER, NO_BREAKDOWN, Definition
 from schemas.formula import Formula
 from schemas.registry import Project
-from schemas.trends import ACTOR_MATHS, Entity, RequestError, TrendsRequest
+from schemas.trends import (
+    ACTOR_MATHS,
+    PER_ACTOR_MATHS,
+    PROPERTY_MATHS,
+    QUANTILES,
+    Entity,
+    RequestError,
+    TrendsRequest,
+    definition_for,
+)
 
 _WINDOW_DAYS = {"weekly_active": 7, "monthly_active": 30}
 _RELATIVE_WEEKS = ("d", "w")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a series' buckets live: the always-on state (names = event names) or a definition's
+    state (names = breakdown values)."""
+
+    hour_counts: Callable[[str], str]
+    day_counts: Callable[[str], str]
+    hour_persons: Callable[[str, int], str]
+    day_persons: Callable[[str, str], str]
+    prefix: str = ""
+
+    @classmethod
+    def always_on(cls, pid: int) -> Source:
+        return cls(lambda n: keys.hour_counts(pid, n), lambda n: keys.day_counts(pid, n),
+                   lambda n, h: keys.hour_persons(pid, n, h), lambda n, d: keys.day_persons(pid, n, d))
+
+    @classmethod
+    def definition(cls, pid: int, h: str) -> Source:
+        p = keys.definition_prefix(pid, h)
+        return cls(lambda n: f"{p}ch:{n}", lambda n: f"{p}cd:{n}", lambda n, hr: f"{p}uh:{n}:{hr}",
+                   lambda n, d: f"{p}ud:{n}:{d}", p)
 
 
 @dataclass(frozen=True)
@@ -55,8 +90,6 @@ class TrendQuery:
         self.redis, self.project, self.request, self.now = client, project, request, now
         self.tz = zone(project.timezone)
         self.interval = request.interval
-        if request.filter_test_accounts and project.test_account_filters:
-            raise RequestError("Test-account filters are not supported yet.", "filter_test_accounts", "unsupported")
         for entity in request.entities:
             if entity.math == "first_time_for_user" and entity.id is None:
                 raise RequestError("first_time_for_user needs a named event.", f"events__{entity.index}__math",
@@ -77,6 +110,8 @@ class TrendQuery:
         self.periods = [first] + ([self._previous(first)] if request.compare else [])
         self.formula = Formula(request.formula, len(request.entities)) if request.formula else None
         self._names: list[str] | None = None
+        self._definitions = {e.index: definition_for(e, request, project.id, project.timezone,
+                                                     project.test_account_filters) for e in request.entities}
 
     # --- periods ---------------------------------------------------------------------------------
     def _period(self, date_range: QueryDateRange, label: str | None, count: int | None = None) -> Period:
@@ -126,17 +161,22 @@ class TrendQuery:
             self._names = sorted(m.decode() for m in self.redis.smembers(keys.event_names(self.project.id)))
         return self._names
 
+    def definitions(self) -> list[Definition]:
+        """The materializations this request reads (registered and built before it can answer)."""
+        unique = {d.hash: d for d in self._definitions.values() if d is not None}
+        return list(unique.values())
+
     # --- counting maths --------------------------------------------------------------------------
-    def _counts(self, period: Period, events: list[str], hour_key: Any, day_key: Any) -> list[int]:
-        pid = self.project.id
+    def _counts(self, period: Period, names: list[str], hour_key: Callable[[str], str],
+                day_key: Callable[[str], str]) -> list[int]:
         out = [0] * len(period.buckets)
-        if not events:
+        if not names:
             return out
         pipe = self.redis.pipeline(transaction=False)
         if self.interval == "hour":
             fields = [int(b.timestamp()) for b in period.buckets]
-            for event in events:
-                pipe.hmget(hour_key(pid, event), fields)
+            for name in names:
+                pipe.hmget(hour_key(name), fields)
             for values in pipe.execute():
                 for i, v in enumerate(values):
                     out[i] += int(v or 0)
@@ -145,8 +185,8 @@ class TrendQuery:
         flat = [d for g in groups for d in g]
         if not flat:
             return out
-        for event in events:
-            pipe.hmget(day_key(pid, event), flat)
+        for name in names:
+            pipe.hmget(day_key(name), flat)
         for values in pipe.execute():
             by_day = dict(zip(flat, values, strict=True))
             for i, group in enumerate(groups):
@@ -154,26 +194,25 @@ class TrendQuery:
         return out
 
     # --- actor maths: which person sets make up each bucket --------------------------------------
-    def _actor_keys(self, entity: Entity, period: Period, events: list[str]) -> list[list[str]]:
-        pid = self.project.id
+    def _actor_keys(self, entity: Entity, period: Period, source: Source, names: list[str]) -> list[list[str]]:
         window = _WINDOW_DAYS.get(entity.math)
         degrade = window is None or self.interval == "month" or (window == 7 and self.interval == "week")
         if degrade:
             if self.interval == "hour":
-                return [[keys.hour_persons(pid, e, int(b.timestamp())) for e in events] for b in period.buckets]
-            return [[keys.day_persons(pid, e, d) for e in events for d in group] for group in self._day_groups(period)]
+                return [[source.hour_persons(n, int(b.timestamp())) for n in names] for b in period.buckets]
+            return [[source.day_persons(n, d) for n in names for d in group] for group in self._day_groups(period)]
+        assert window is not None
         if self.interval == "hour":
-            return [self._hour_window(events, int(b.timestamp()), window) for b in period.buckets]
+            return [self._hour_window(source, names, int(b.timestamp()), window) for b in period.buckets]
         out = []
         for start in period.buckets:
             last = start.date()
             days = [(last - timedelta(days=i)).strftime("%Y%m%d") for i in range(window)]
-            out.append([keys.day_persons(pid, e, d) for e in events for d in days])
+            out.append([source.day_persons(n, d) for n in names for d in days])
         return out
 
-    def _hour_window(self, events: list[str], hour: int, days: int) -> list[str]:
+    def _hour_window(self, source: Source, names: list[str], hour: int, days: int) -> list[str]:
         """Trailing window of `days` ending with this hour (§19.11): whole days as day sets."""
-        pid = self.project.id
         hours = [hour - 3600 * i for i in range(days * 24)]
         by_day: dict[str, list[int]] = {}
         for h in hours:
@@ -183,9 +222,9 @@ class TrendQuery:
             first_of_day = datetime.strptime(day, "%Y%m%d").replace(tzinfo=self.tz)
             whole = len(members) == round((next_bucket(first_of_day, "day") - first_of_day).total_seconds() / 3600)
             if whole:
-                out += [keys.day_persons(pid, e, day) for e in events]
+                out += [source.day_persons(n, day) for n in names]
             else:
-                out += [keys.hour_persons(pid, e, h) for e in events for h in members]
+                out += [source.hour_persons(n, h) for n in names for h in members]
         return out
 
     def _distinct_per_bucket(self, key_lists: list[list[str]]) -> list[int]:
@@ -215,39 +254,140 @@ class TrendQuery:
             out.append(len(seen))
         return out
 
-    # --- one series in one period ----------------------------------------------------------------
-    def _values(self, entity: Entity, period: Period) -> tuple[list[int], list[int] | None, int | None]:
-        """(per-bucket values, cumulative values if asked, aggregated value if a total display)."""
-        events = self._event_names(entity)
-        cumulative = self.request.display == "ActionsLineGraphCumulative"
-        if entity.math in ACTOR_MATHS:
-            key_lists = self._actor_keys(entity, period, events)
-            if self.request.total_value:
-                return [], None, self._distinct_total(entity, period, events)
-            data = self._distinct_per_bucket(key_lists)
-            return data, self._cumulative_distinct(key_lists) if cumulative else None, None
-        if entity.math == "first_time_for_user":
-            data = self._counts(period, events, keys.first_time_hour_counts, keys.first_time_day_counts)
-        else:
-            data = self._counts(period, events, keys.hour_counts, keys.day_counts)
-        if self.request.total_value:
-            return [], None, sum(data)
-        return data, _running(data) if cumulative else None, None
-
-    def _distinct_total(self, entity: Entity, period: Period, events: list[str]) -> int:
+    def _distinct_total(self, entity: Entity, period: Period, source: Source, names: list[str]) -> int:
         """Distinct actors over the whole range; weekly/monthly: the window ending at date_to (§6.6)."""
-        pid = self.project.id
         window = _WINDOW_DAYS.get(entity.math)
         if window is None:
             if self.interval == "hour":
-                members = [keys.hour_persons(pid, e, int(b.timestamp())) for e in events for b in period.buckets]
+                members = [source.hour_persons(n, int(b.timestamp())) for n in names for b in period.buckets]
             else:
-                members = [keys.day_persons(pid, e, d) for e in events for g in self._day_groups(period) for d in g]
+                members = [source.day_persons(n, d) for n in names for g in self._day_groups(period) for d in g]
         else:
             last = period.range.date_to.date()
-            members = [keys.day_persons(pid, e, (last - timedelta(days=i)).strftime("%Y%m%d"))
-                       for e in events for i in range(window)]
+            members = [source.day_persons(n, (last - timedelta(days=i)).strftime("%Y%m%d"))
+                       for n in names for i in range(window)]
         return len(self.redis.sunion(members)) if members else 0
+
+    # --- property maths and per-actor maths (definition state only) -----------------------------------
+    def _bucket_fields(self, period: Period) -> list[list[str]]:
+        """Per result bucket, the stored bucket ids it combines (`h<hour>` or `d<day>`)."""
+        if self.interval == "hour":
+            return [[f"h{int(b.timestamp())}"] for b in period.buckets]
+        return [[f"d{d}" for d in group] for group in self._day_groups(period)]
+
+    def _property_math(self, entity: Entity, period: Period, source: Source, names: list[str],
+                       whole_range: bool) -> list[float]:
+        groups = self._bucket_fields(period)
+        if whole_range:
+            groups = [[f for g in groups for f in g]]
+        if entity.math in QUANTILES:
+            return self._quantiles(QUANTILES[entity.math], groups, source, names)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            for group in groups:
+                pipe.hmget(f"{source.prefix}vs:{name}", [f"{f}:{x}" for f in group for x in ("s", "n", "min", "max")])
+        replies = iter(pipe.execute())
+        totals = [[0.0, 0, None, None] for _ in groups]
+        for _name in names:
+            for i, _group in enumerate(groups):
+                reply = next(replies)
+                acc = totals[i]
+                for j in range(0, len(reply), 4):
+                    s_, n_, mn, mx = reply[j:j + 4]
+                    if n_ is None:
+                        continue
+                    acc[0] += float(s_)
+                    acc[1] += int(n_)
+                    acc[2] = float(mn) if acc[2] is None else min(acc[2], float(mn))
+                    acc[3] = float(mx) if acc[3] is None else max(acc[3], float(mx))
+        math = entity.math
+        out = []
+        for total, count, low, high in totals:
+            if math == "sum":
+                out.append(total)
+            elif math == "avg":
+                out.append(total / count if count else 0.0)
+            elif math == "min":
+                out.append(low if low is not None else 0.0)
+            else:
+                out.append(high if high is not None else 0.0)
+        return out
+
+    def _quantiles(self, q: float, groups: list[list[str]], source: Source, names: list[str]) -> list[float]:
+        pipe = self.redis.pipeline(transaction=False)
+        for group in groups:
+            for name in names:
+                for field in group:
+                    kind, bucket = field[0], field[1:]
+                    pipe.lrange(f"{source.prefix}{'vlh' if kind == 'h' else 'vl'}:{name}:{bucket}", 0, -1)
+        replies = iter(pipe.execute())
+        out = []
+        for group in groups:
+            values: list[float] = []
+            for _ in range(len(names) * len(group)):
+                values += [float(v) for v in next(replies)]
+            out.append(quantile(values, q))
+        return out
+
+    def _per_actor_math(self, entity: Entity, period: Period, source: Source, names: list[str],
+                        whole_range: bool) -> list[float]:
+        groups = self._bucket_fields(period)
+        if whole_range:
+            groups = [[f for g in groups for f in g]]
+        pipe = self.redis.pipeline(transaction=False)
+        for group in groups:
+            for name in names:
+                for field in group:
+                    kind, bucket = field[0], field[1:]
+                    pipe.hgetall(f"{source.prefix}{'pah' if kind == 'h' else 'pa'}:{name}:{bucket}")
+        replies = iter(pipe.execute())
+        how = entity.math.removesuffix("_count_per_actor")
+        out = []
+        for group in groups:
+            per_actor: dict[bytes, int] = {}
+            for _ in range(len(names) * len(group)):
+                for person, count in next(replies).items():
+                    per_actor[person] = per_actor.get(person, 0) + int(count)
+            counts = [float(c) for c in per_actor.values()]
+            if not counts:
+                out.append(0.0)
+            elif how == "avg":
+                out.append(sum(counts) / len(counts))
+            elif how == "min":
+                out.append(min(counts))
+            elif how == "max":
+                out.append(max(counts))
+            else:
+                out.append(quantile(counts, QUANTILES[how]))
+        return out
+
+    # --- one series (or one breakdown value of it) in one period ---------------------------------
+    def _values(self, entity: Entity, period: Period, source: Source, names: list[str]
+                ) -> tuple[list, list | None, float | None]:
+        """(per-bucket values, cumulative values if asked, aggregated value if a total display)."""
+        cumulative = self.request.display == "ActionsLineGraphCumulative"
+        total_value = self.request.total_value
+        if entity.math in ACTOR_MATHS:
+            if total_value:
+                return [], None, self._distinct_total(entity, period, source, names)
+            key_lists = self._actor_keys(entity, period, source, names)
+            data = self._distinct_per_bucket(key_lists)
+            return data, self._cumulative_distinct(key_lists) if cumulative else None, None
+        if entity.math in PROPERTY_MATHS or entity.math in PER_ACTOR_MATHS:
+            compute = self._property_math if entity.math in PROPERTY_MATHS else self._per_actor_math
+            if total_value:
+                return [], None, compute(entity, period, source, names, whole_range=True)[0]
+            data = compute(entity, period, source, names, whole_range=False)
+            return data, _running(data) if cumulative else None, None
+        if entity.math == "first_time_for_user":
+            pid = self.project.id
+            data = self._counts(period, names, lambda n: keys.first_time_hour_counts(pid, n),
+                                lambda n: keys.first_time_day_counts(pid, n))
+        else:
+            data = self._counts(period, names, source.hour_counts, source.day_counts)
+        if total_value:
+            return [], None, sum(data)
+        return data, _running(data) if cumulative else None, None
 
     def _object(self, period: Period, label: str, action: dict[str, Any] | None, order: int | None,
                 data: list, cumulative: list | None, aggregated: float | None) -> dict[str, Any]:
@@ -272,9 +412,61 @@ class TrendQuery:
     def filter(self) -> dict[str, Any]:
         return self.request.filter_dict()
 
+    # --- breakdowns ------------------------------------------------------------------------------
+    def _breakdown_values(self, definition: Definition) -> list[str]:
+        prefix = keys.definition_prefix(self.project.id, definition.hash)
+        return sorted(m.decode() for m in self.redis.smembers(f"{prefix}bv"))
+
+    def _present(self, period: Period, source: Source, names: list[str]) -> bool:
+        return sum(self._counts(period, names, source.hour_counts, source.day_counts)) > 0
+
+    def _series_breakdown(self, entity: Entity, period: Period, definition: Definition
+                          ) -> list[tuple[Any, tuple[list, list | None, float | None]]]:
+        """[(breakdown value, values)] in PostHog's order: top values by total, null, then other."""
+        source = Source.definition(self.project.id, definition.hash)
+        breakdown = definition.breakdown
+        assert breakdown is not None
+        values = [bv for bv in self._breakdown_values(definition) if self._present(period, source, [bv])]
+        computed = {bv: self._values(entity, period, source, [bv]) for bv in values}
+
+        def total(bv: str) -> float:
+            data, _, aggregated = computed[bv]
+            return float(aggregated or 0) if self.request.total_value else float(sum(data))
+
+        null = BREAKDOWN_NULL if not breakdown.multiple else None
+        ranked = sorted((bv for bv in values if bv != null), key=lambda bv: (-total(bv), bv))
+        kept, rest = ranked[: self.request.breakdown_limit], ranked[self.request.breakdown_limit:]
+        out = [(bv, computed[bv]) for bv in kept]
+        if null is not None and null in computed:
+            out.append((null, computed[null]))
+        if rest and not self.request.hide_other:
+            other = orjson.dumps([BREAKDOWN_OTHER] * len(breakdown.properties)).decode() if breakdown.multiple \
+                else BREAKDOWN_OTHER
+            out.append((other, self._values(entity, period, source, rest)))
+        return out
+
+    def _breakdown_object(self, entity: Entity, period: Period, bv: str, definition: Definition,
+                          computed: tuple[list, list | None, float | None], label_prefix: str | None
+                          ) -> dict[str, Any]:
+        assert definition.breakdown is not None
+        value: Any = orjson.loads(bv) if definition.breakdown.multiple else bv
+        shown = "::".join(value) if isinstance(value, list) else value
+        label = f"{label_prefix} - {shown}" if label_prefix else shown
+        action = entity.action_dict([iso_instant(b) for b in period.buckets])
+        data, cumulative, aggregated = computed
+        result = self._object(period, label, action, entity.index, data, cumulative, aggregated)
+        result["breakdown_value"] = value
+        return result
+
+    # --- the whole request -----------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        computed = {(e.index, i): self._values(e, p) for e in self.request.entities
-                    for i, p in enumerate(self.periods)}
+        if self.request.breakdown is not None:
+            return self._run_breakdown()
+        computed = {}
+        for entity in self.request.entities:
+            source, names = self._source(entity)
+            for i, period in enumerate(self.periods):
+                computed[(entity.index, i)] = self._values(entity, period, source, names)
         if self.formula is not None:
             return [self._formula_object(i, p, computed) for i, p in enumerate(self.periods)]
         out = []
@@ -283,6 +475,59 @@ class TrendQuery:
                 data, cumulative, aggregated = computed[(entity.index, i)]
                 action = entity.action_dict([iso_instant(b) for b in period.buckets])
                 out.append(self._object(period, entity.label, action, entity.index, data, cumulative, aggregated))
+        return out
+
+    def _source(self, entity: Entity) -> tuple[Source, list[str]]:
+        definition = self._definitions[entity.index]
+        if definition is None:
+            return Source.always_on(self.project.id), self._event_names(entity)
+        return Source.definition(self.project.id, definition.hash), [NO_BREAKDOWN]
+
+    def _run_breakdown(self) -> list[dict[str, Any]]:
+        several = len(self.request.entities) > 1
+        if self.formula is not None:
+            return [obj for i, p in enumerate(self.periods) for obj in self._formula_breakdown(i, p)]
+        out = []
+        for entity in self.request.entities:
+            definition = self._definitions[entity.index]
+            assert definition is not None
+            for period in self.periods:
+                for bv, computed in self._series_breakdown(entity, period, definition):
+                    out.append(self._breakdown_object(entity, period, bv, definition, computed,
+                                                      entity.label if several else None))
+        return out
+
+    def _formula_breakdown(self, i: int, period: Period) -> list[dict[str, Any]]:
+        """One formula result per breakdown value found in any series; a missing side is 0 (§19.6)."""
+        assert self.formula is not None
+        per_series: list[dict[str, tuple[list, list | None, float | None]]] = []
+        multiple = False
+        for entity in self.request.entities:
+            definition = self._definitions[entity.index]
+            assert definition is not None and definition.breakdown is not None
+            multiple = definition.breakdown.multiple
+            source = Source.definition(self.project.id, definition.hash)
+            values = [bv for bv in self._breakdown_values(definition) if self._present(period, source, [bv])]
+            per_series.append({bv: self._values(entity, period, source, [bv]) for bv in values})
+        every = sorted({bv for series in per_series for bv in series})
+        zeros = ([0] * len(period.buckets), None, 0)
+        results = []
+        for bv in every:
+            rows = [series.get(bv, zeros) for series in per_series]
+            if self.request.total_value:
+                value = self.formula.evaluate([r[2] or 0 for r in rows])
+                results.append((bv, [], None, value, value))
+            else:
+                data = self.formula.pointwise([r[0] for r in rows])
+                cumulative = _running(data) if self.request.display == "ActionsLineGraphCumulative" else None
+                results.append((bv, data, cumulative, None, sum(data)))
+        null = None if multiple else BREAKDOWN_NULL
+        results.sort(key=lambda r: (r[0] == null, -r[4], r[0]))
+        out = []
+        for bv, data, cumulative, aggregated, _ in results:
+            obj = self._object(period, f"Formula ({self.formula.text})", None, None, data, cumulative, aggregated)
+            obj["breakdown_value"] = orjson.loads(bv) if multiple else bv
+            out.append(obj)
         return out
 
     def _formula_object(self, i: int, period: Period, computed: dict) -> dict[str, Any]:
@@ -295,6 +540,17 @@ class TrendQuery:
         data = self.formula.pointwise([s[0] for s in series])
         cumulative = _running(data) if self.request.display == "ActionsLineGraphCumulative" else None
         return self._object(period, label, None, None, data, cumulative, None)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Exact quantile with linear interpolation (PostHog's ClickHouse `quantile` is an estimate)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _running(values: list) -> list:

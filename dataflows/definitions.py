@@ -1,0 +1,271 @@
+"""Registered definitions in the dataflow: contributions on the live path, and backfills from history.
+
+Live: the sink asks which definitions a project has (refreshed each second), acknowledges the ones
+it has not seen, and from then on adds each event's contribution to the same atomic apply call.
+Backfill: a second input reads each partition from its start up to the offset live had applied
+when every live worker had acknowledged the definition; the apply script's fences make sure each
+offset is counted by exactly one of the two (see `dataflows/state.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import redis
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import Consumer, TopicPartition
+
+from dataflows.kafka import Record, partition_count
+from dataflows.state import Located, StateStore
+from schemas import keys
+from schemas.dates import zone
+from schemas.definitions import Definition
+from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
+from schemas.registry import DefinitionRegistry, ProjectCache, Registry
+from schemas.settings import Settings
+
+log = logging.getLogger("insightflow.definitions")
+
+
+class DefinitionCache:
+    """Each project's definitions, reloaded when its definitions generation moves.
+
+    The generation is read once per batch; the apply script re-checks it atomically, so a batch
+    planned just before a registration is refused and planned again (`StaleDefinitions`).
+    """
+
+    def __init__(self, registry: DefinitionRegistry) -> None:
+        self.registry = registry
+        self._defs: dict[int, tuple[int, dict[str, Definition]]] = {}
+
+    def current(self, project_ids: list[int]) -> dict[int, tuple[int, dict[str, Definition]]]:
+        out = {}
+        for project_id, generation in self.registry.generations(project_ids).items():
+            cached = self._defs.get(project_id)
+            if cached is None or cached[0] != generation:
+                known = cached[1] if cached else {}
+                fresh = {h: known.get(h) or Definition.from_json(raw)
+                         for h, raw in self.registry.for_project(project_id).items()}
+                cached = (generation, fresh)
+                self._defs[project_id] = cached
+            out[project_id] = cached
+        return out
+
+
+def person_snapshot(client: redis.Redis, project_id: int, distinct_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Current person properties by distinct_id (person properties as of processing time)."""
+    ids = list(dict.fromkeys(distinct_ids))
+    if not ids:
+        return {}
+    persons = client.hmget(keys.distinct_ids(project_id), ids)
+    pipe = client.pipeline(transaction=False)
+    found = [(d, p) for d, p in zip(ids, persons, strict=True) if p is not None]
+    for _, person in found:
+        pipe.hgetall(keys.person_properties(project_id, person.decode()))
+    out: dict[str, dict[str, Any]] = {d: {} for d in ids}
+    for (distinct_id, _), props in zip(found, pipe.execute(), strict=True):
+        out[distinct_id] = {k.decode(): orjson.loads(v) for k, v in props.items()}
+    return out
+
+
+def _apply_person_update(props: dict[str, Any], event: TopicEvent) -> None:
+    """The event's own $set/$set_once/$unset, so it is matched with the person as it leaves it."""
+    raw = event.properties
+    if isinstance(raw.get("$set"), dict):
+        props.update(raw["$set"])
+    if isinstance(raw.get("$set_once"), dict):
+        for k, v in raw["$set_once"].items():
+            props.setdefault(k, v)
+    unset = raw.get("$unset")
+    for k in (unset.keys() if isinstance(unset, dict) else unset or []):
+        props.pop(str(k), None)
+
+
+def contributions(client: redis.Redis, project_id: int, definitions: dict[str, Definition],
+                  items: list[Located], now: datetime) -> dict[str, str]:
+    """Fill each item's contributions; returns the flags of the definitions involved."""
+    if not definitions:
+        return {}
+    snapshot: dict[str, dict[str, Any]] = {}
+    if any(d.uses_person for d in definitions.values()):
+        snapshot = person_snapshot(client, project_id, (i.event.distinct_id for i in items))
+    for item in items:
+        event = item.event
+        person = snapshot.setdefault(event.distinct_id, {})
+        _apply_person_update(person, event)
+        found = []
+        for h, definition in definitions.items():
+            hit = definition.contribution(event.event, event.properties, person, now)
+            if hit is not None:
+                found.append((h, hit[0], hit[1]))
+        item.contributions = found or None
+    from dataflows.state import definition_flags
+
+    return {h: definition_flags(d) for h, d in definitions.items()}
+
+
+# --- backfill --------------------------------------------------------------------------------------
+
+@dataclass
+class BackfillItem:
+    project_id: int
+    h: str
+    record: Record
+    event: TopicEvent | None
+
+
+@dataclass
+class _Task:
+    project_id: int
+    h: str
+    partition: int
+    bound: int
+    consumer: Consumer | None
+    last_emitted: int
+
+
+class _BackfillPartition(StatelessSourcePartition[BackfillItem]):
+    def __init__(self, settings: Settings, worker: int, workers: int) -> None:
+        self.settings, self.worker, self.workers = settings, worker, workers
+        self.client = redis.Redis.from_url(settings.redis_url)
+        self.registry = DefinitionRegistry(self.client)
+        self.partitions = partition_count(settings.kafka_bootstrap, settings.topic)
+        self.task: _Task | None = None
+        self._awake: datetime | None = None
+
+    def _sleep(self, seconds: float) -> list[BackfillItem]:
+        self._awake = datetime.now(UTC) + timedelta(seconds=seconds)
+        return []
+
+    def _pick(self) -> _Task | None:
+        mine = [p for p in range(self.partitions) if p % self.workers == self.worker]
+        for project_id, h in self.registry.pending():
+            done = {int(m) for m in self.client.smembers(f"{keys.project_prefix(project_id)}d:{h}:done")}
+            for partition in mine:
+                if partition in done:
+                    continue
+                bound = self.registry.bound(project_id, h, partition)
+                start = self.registry.fence(project_id, h, partition) + 1
+                consumer = None
+                if start < bound:
+                    consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
+                                         "group.id": "insightflow-backfill", "enable.auto.commit": False,
+                                         "queued.min.messages": 100_000})
+                    consumer.assign([TopicPartition(self.settings.topic, partition, start)])
+                log.info("backfill of %s for project %s: partition %s from %s to %s", h, project_id, partition,
+                         start, bound)
+                return _Task(project_id, h, partition, bound, consumer, start - 1)
+        return None
+
+    def next_batch(self) -> list[BackfillItem]:
+        self._awake = None
+        if self.task is None:
+            self.task = self._pick()
+            if self.task is None:
+                return self._sleep(0.5)
+        task = self.task
+        if task.consumer is not None and task.last_emitted < task.bound - 1:
+            out = []
+            for message in task.consumer.consume(2000, timeout=0.05):
+                if message.error():
+                    continue
+                offset = message.offset()
+                if offset >= task.bound:
+                    break
+                kind, ts = message.timestamp()
+                record = Record(task.partition, offset, task.bound, message.value() or b"", ts if kind else None)
+                try:
+                    event = parse_topic_event(record.value, record.timestamp_ms)
+                except InvalidEvent:
+                    event = None
+                except Exception:
+                    event = None
+                out.append(BackfillItem(task.project_id, task.h, record, event))
+                task.last_emitted = offset
+            return out
+        # Everything below the bound was emitted: finished once the sink's fence has caught up.
+        if task.bound == 0 or self.registry.fence(task.project_id, task.h, task.partition) >= task.last_emitted:
+            if task.consumer is not None:
+                task.consumer.close()
+            ready = self.registry.partition_done(task.project_id, task.h, task.partition, self.partitions)
+            if ready:
+                log.info("definition %s of project %s is ready", task.h, task.project_id)
+            self.task = None
+            return []
+        return self._sleep(0.05)
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def close(self) -> None:
+        if self.task is not None and self.task.consumer is not None:
+            self.task.consumer.close()
+
+
+class BackfillSource(DynamicSource[BackfillItem]):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _BackfillPartition:
+        return _BackfillPartition(self.settings, worker_index, worker_count)
+
+
+class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem]):
+    def __init__(self, settings: Settings) -> None:
+        self.client = redis.Redis.from_url(settings.redis_url)
+        self.store = StateStore(self.client)
+        self.registry = DefinitionRegistry(self.client)
+        self.projects = ProjectCache(Registry(self.client))
+        self._definitions: dict[tuple[int, str], Definition] = {}
+
+    def _definition(self, project_id: int, h: str) -> Definition | None:
+        key = (project_id, h)
+        if key not in self._definitions:
+            raw = self.registry.get(project_id, h)
+            if raw is None:
+                return None
+            self._definitions[key] = Definition.from_json(raw)
+        return self._definitions[key]
+
+    def write_batch(self, items: list[BackfillItem]) -> None:
+        groups: dict[tuple[int, str, int], list[BackfillItem]] = {}
+        for item in items:
+            groups.setdefault((item.project_id, item.h, item.record.partition), []).append(item)
+        now = datetime.now(UTC)
+        for (project_id, h, partition), group in groups.items():
+            definition = self._definition(project_id, h)
+            if definition is None:
+                continue
+            ours = [i for i in group if i.event is not None and self._belongs(i.event, project_id)]
+            snapshot: dict[str, dict[str, Any]] = {}
+            if definition.uses_person and ours:
+                snapshot = person_snapshot(self.client, project_id, (i.event.distinct_id for i in ours if i.event))
+            rows: list[tuple[int, TopicEvent | None, tuple[str, float | None] | None]] = []
+            for item in group:
+                event = item.event
+                if event is None or not self._belongs(event, project_id):
+                    rows.append((item.record.offset, None, None))
+                    continue
+                hit = definition.contribution(event.event, event.properties, snapshot.get(event.distinct_id, {}), now)
+                rows.append((item.record.offset, event, hit))
+            self.store.backfill(definition, partition, rows, zone(definition.timezone))
+
+    def _belongs(self, event: TopicEvent, project_id: int) -> bool:
+        if event.project_id is not None:
+            return event.project_id == project_id
+        project = self.projects.by_token(event.token or "")
+        return project is not None and project.id == project_id
+
+
+class BackfillSink(DynamicSink[BackfillItem]):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _BackfillSinkPartition:
+        return _BackfillSinkPartition(self.settings)

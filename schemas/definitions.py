@@ -1,0 +1,112 @@
+"""Insight definitions: the state a request needs beyond the always-on buckets (ARCHITECTURE).
+
+A definition names an event, the property filters its events must pass, an optional breakdown, and
+what else to keep (a property's values, per-actor counts). Its hash keys its state, so a different
+definition never mixes with this one. `contribution` is the pure rule the live dataflow and the
+backfill both apply to each event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from schemas.filters import FilterGroup, as_number, as_text, parse_filters
+
+BREAKDOWN_NULL = "$$_posthog_breakdown_null_$$"
+BREAKDOWN_OTHER = "$$_posthog_breakdown_other_$$"
+NO_BREAKDOWN = ""
+DEFINITION_VERSION = 1
+_URL_TAIL = re.compile(r"/?\??#?$")
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    properties: tuple[tuple[str, str], ...]  # (type, key): type is "event" or "person"
+    normalize_url: bool = False
+    as_list: bool = False  # the `breakdowns` form: values are lists even for one property
+
+    @property
+    def multiple(self) -> bool:
+        return self.as_list or len(self.properties) > 1
+
+    def value(self, event_props: dict[str, Any], person_props: dict[str, Any]) -> str:
+        parts = []
+        for kind, key in self.properties:
+            raw = (event_props if kind == "event" else person_props).get(key)
+            if raw is None or raw == "":
+                parts.append(BREAKDOWN_NULL)
+                continue
+            text = as_text(raw)
+            if self.normalize_url:
+                text = _URL_TAIL.sub("", text) or "/"
+            parts.append(text)
+        return orjson.dumps(parts).decode() if self.multiple else parts[0]
+
+
+@dataclass(frozen=True)
+class Definition:
+    project_id: int
+    event: str | None
+    filters: FilterGroup
+    breakdown: Breakdown | None = None
+    value_property: tuple[str, str] | None = None  # (type, key) of a property to aggregate
+    keep_values: bool = False  # quantile maths need every value
+    per_actor: bool = False    # count-per-actor maths need counts per person
+    timezone: str = "UTC"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def canonical(self) -> dict[str, Any]:
+        return {
+            "v": DEFINITION_VERSION, "event": self.event, "filters": self.filters.canonical(),
+            "breakdown": ([list(p) for p in self.breakdown.properties], self.breakdown.normalize_url,
+                          self.breakdown.multiple) if self.breakdown else None,
+            "value_property": list(self.value_property) if self.value_property else None,
+            "keep_values": self.keep_values, "per_actor": self.per_actor, "timezone": self.timezone,
+        }
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+    @property
+    def uses_person(self) -> bool:
+        person_breakdown = bool(self.breakdown and any(k == "person" for k, _ in self.breakdown.properties))
+        person_value = bool(self.value_property and self.value_property[0] == "person")
+        return self.filters.uses_person() or person_breakdown or person_value
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"project_id": self.project_id, "raw": {**self.raw, "filters": self.filters.to_raw()},
+                             **self.canonical()})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Definition:
+        body = orjson.loads(data)
+        breakdown = None
+        if body["breakdown"]:
+            props, normalize, as_list = body["breakdown"]
+            breakdown = Breakdown(tuple((k, p) for k, p in props), normalize, as_list)
+        return cls(
+            project_id=body["project_id"], event=body["event"], filters=parse_filters(body["raw"].get("filters")),
+            breakdown=breakdown, value_property=tuple(body["value_property"]) if body["value_property"] else None,
+            keep_values=body["keep_values"], per_actor=body["per_actor"], timezone=body["timezone"], raw=body["raw"],
+        )
+
+    def contribution(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],
+                     now: datetime) -> tuple[str, float | None] | None:
+        """(breakdown value, property value) if the event counts for this definition, else None."""
+        if self.event is not None and event_name != self.event:
+            return None
+        if not self.filters.matches(event_props, person_props, now):
+            return None
+        value = None
+        if self.value_property is not None:
+            kind, key = self.value_property
+            value = as_number((event_props if kind == "event" else person_props).get(key))
+        bv = self.breakdown.value(event_props, person_props) if self.breakdown else NO_BREAKDOWN
+        return bv, value

@@ -28,7 +28,7 @@ FIELDS_PER_EVENT = 15
 # call and written once per key at its end.
 _PRELUDE = r"""
 local P = ARGV[1]
-local counts, members, values, lists, firsts = {}, {}, {}, {}, {}
+local counts, members, bits, values, lists, firsts = {}, {}, {}, {}, {}, {}
 local function count(key, field, by)
   local t = counts[key]
   if not t then t = {}; counts[key] = t end
@@ -38,6 +38,12 @@ local function member(key, m)
   local t = members[key]
   if not t then t = {}; members[key] = t end
   t[m] = true
+end
+-- Person sets are bitmaps indexed by the person's integer id (ids are dense: INCR).
+local function mark(key, p)
+  local t = bits[key]
+  if not t then t = {}; bits[key] = t end
+  t[p] = true
 end
 local function add_value(key, field, v)
   local t = values[key]
@@ -57,8 +63,8 @@ local function apply_definition(h, flags, bv, v, p, hour, day)
   local D = P .. 'd:' .. h .. ':'
   count(D .. 'ch:' .. bv, hour)
   count(D .. 'cd:' .. bv, day)
-  member(D .. 'ud:' .. bv .. ':' .. day, p)
-  member(D .. 'uh:' .. bv .. ':' .. hour, p)
+  mark(D .. 'ud:' .. bv .. ':' .. day, p)
+  mark(D .. 'uh:' .. bv .. ':' .. hour, p)
   member(D .. 'bv', bv)
   if type(v) == 'number' then
     add_value(D .. 'vs:' .. bv, 'h' .. hour, v)
@@ -82,6 +88,9 @@ local function flush()
     local list = {}
     for m, _ in pairs(set) do list[#list + 1] = m end
     redis.call('SADD', key, unpack(list))
+  end
+  for key, set in pairs(bits) do
+    for p, _ in pairs(set) do redis.call('SETBIT', key, p, 1) end
   end
   for key, fields in pairs(values) do
     for field, a in pairs(fields) do
@@ -204,8 +213,8 @@ for i = 0, n - 1 do
     if not earliest_ts or ts < earliest_ts then earliest_ts = ts end
     count(P .. 'ch:' .. ev, hour)
     count(P .. 'cd:' .. ev, day)
-    member(P .. 'ud:' .. ev .. ':' .. day, p)
-    member(P .. 'uh:' .. ev .. ':' .. hour, p)
+    mark(P .. 'ud:' .. ev .. ':' .. day, p)
+    mark(P .. 'uh:' .. ev .. ':' .. hour, p)
     local f = firsts[ev]
     if not f then f = {}; firsts[ev] = f end
     if not f[p] or ts < f[p][1] then f[p] = {ts, hour, day} end

@@ -50,12 +50,12 @@ def day_counts(pid: int, event: str) -> str:
 
 
 def day_persons(pid: int, event: str, day: str) -> str:
-    """Set of person ids with the event on that project-zone day."""
+    """Bitmap of person ids (bit i = person i) with the event on that project-zone day."""
     return f"{project_prefix(pid)}ud:{event}:{day}"
 
 
 def hour_persons(pid: int, event: str, hour: int) -> str:
-    """Set of person ids with the event in that project-zone hour."""
+    """Bitmap of person ids with the event in that project-zone hour."""
     return f"{project_prefix(pid)}uh:{event}:{hour}"
 
 

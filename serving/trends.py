@@ -228,30 +228,37 @@ class TrendQuery:
         return out
 
     def _distinct_per_bucket(self, key_lists: list[list[str]]) -> list[int]:
+        """Distinct actors per bucket. A single bitmap is counted in Redis (BITCOUNT); unions
+        (sliding windows, week buckets) fetch each bitmap once and OR them here."""
+        if all(len(members) <= 1 for members in key_lists):
+            pipe = self.redis.pipeline(transaction=False)
+            for members in key_lists:
+                if members:
+                    pipe.bitcount(members[0])
+                else:
+                    pipe.echo("0")
+            return [int(v) for v in pipe.execute()]
+        bitmaps = self._fetch_bitmaps(key_lists)
+        return [_union(bitmaps, members).bit_count() for members in key_lists]
+
+    def _fetch_bitmaps(self, key_lists: list[list[str]]) -> dict[str, int]:
+        """Each bitmap once, as an integer aligned to the longest one (bit i = person i)."""
+        unique = list(dict.fromkeys(k for members in key_lists for k in members))
         pipe = self.redis.pipeline(transaction=False)
-        for members in key_lists:
-            if len(members) == 1:
-                pipe.scard(members[0])
-            elif members:
-                pipe.sunion(members)
-            else:
-                pipe.echo("0")
-        return [int(v) if isinstance(v, int | bytes) else len(v) for v in pipe.execute()]
+        for key in unique:
+            pipe.get(key)
+        raw = [v or b"" for v in pipe.execute()]
+        width = max((len(v) for v in raw), default=0)
+        return {k: int.from_bytes(v.ljust(width, b"\0"), "big") for k, v in zip(unique, raw, strict=True)}
 
     def _cumulative_distinct(self, key_lists: list[list[str]]) -> list[int]:
         """Each actor counts once, in the first bucket it appears (E3 cumulative for actor maths)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for members in key_lists:
-            if members:
-                pipe.sunion(members)
-            else:
-                pipe.echo("")
-        seen: set[bytes] = set()
+        bitmaps = self._fetch_bitmaps(key_lists)
+        seen = 0
         out = []
-        for value in pipe.execute():
-            if isinstance(value, set):
-                seen |= value
-            out.append(len(seen))
+        for members in key_lists:
+            seen |= _union(bitmaps, members)
+            out.append(seen.bit_count())
         return out
 
     def _distinct_total(self, entity: Entity, period: Period, source: Source, names: list[str]) -> int:
@@ -266,7 +273,7 @@ class TrendQuery:
             last = period.range.date_to.date()
             members = [source.day_persons(n, (last - timedelta(days=i)).strftime("%Y%m%d"))
                        for n in names for i in range(window)]
-        return len(self.redis.sunion(members)) if members else 0
+        return _union(self._fetch_bitmaps([members]), members).bit_count() if members else 0
 
     # --- property maths and per-actor maths (definition state only) -----------------------------------
     def _bucket_fields(self, period: Period) -> list[list[str]]:
@@ -540,6 +547,13 @@ class TrendQuery:
         data = self.formula.pointwise([s[0] for s in series])
         cumulative = _running(data) if self.request.display == "ActionsLineGraphCumulative" else None
         return self._object(period, label, None, None, data, cumulative, None)
+
+
+def _union(bitmaps: dict[str, int], members: list[str]) -> int:
+    out = 0
+    for key in members:
+        out |= bitmaps[key]
+    return out
 
 
 def quantile(values: list[float], q: float) -> float:

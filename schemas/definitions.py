@@ -50,6 +50,18 @@ class Breakdown:
 
 
 @dataclass(frozen=True)
+class ActionStep:
+    """One matcher of an action: an event name (None = any) and the filters its events must pass."""
+
+    event: str | None
+    filters: FilterGroup
+
+    def matches(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],
+                now: datetime) -> bool:
+        return (self.event is None or self.event == event_name) and self.filters.matches(event_props, person_props, now)
+
+
+@dataclass(frozen=True)
 class Definition:
     project_id: int
     event: str | None
@@ -59,6 +71,7 @@ class Definition:
     keep_values: bool = False  # quantile maths need every value
     per_actor: bool = False    # count-per-actor maths need counts per person
     timezone: str = "UTC"
+    steps: tuple[ActionStep, ...] = ()  # an action: the event matches any step (then `event` is None)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def canonical(self) -> dict[str, Any]:
@@ -68,6 +81,7 @@ class Definition:
                           self.breakdown.multiple) if self.breakdown else None,
             "value_property": list(self.value_property) if self.value_property else None,
             "keep_values": self.keep_values, "per_actor": self.per_actor, "timezone": self.timezone,
+            **({"steps": [[s.event, s.filters.canonical()] for s in self.steps]} if self.steps else {}),
         }
 
     @property
@@ -78,11 +92,13 @@ class Definition:
     def uses_person(self) -> bool:
         person_breakdown = bool(self.breakdown and any(k == "person" for k, _ in self.breakdown.properties))
         person_value = bool(self.value_property and self.value_property[0] == "person")
-        return self.filters.uses_person() or person_breakdown or person_value
+        return (self.filters.uses_person() or person_breakdown or person_value
+                or any(s.filters.uses_person() for s in self.steps))
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"project_id": self.project_id, "raw": {**self.raw, "filters": self.filters.to_raw()},
-                             **self.canonical()})
+        raw = {**self.raw, "filters": self.filters.to_raw(),
+               "steps": [[s.event, s.filters.to_raw()] for s in self.steps]}
+        return orjson.dumps({"project_id": self.project_id, "raw": raw, **self.canonical()})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Definition:
@@ -95,12 +111,15 @@ class Definition:
             project_id=body["project_id"], event=body["event"], filters=parse_filters(body["raw"].get("filters")),
             breakdown=breakdown, value_property=tuple(body["value_property"]) if body["value_property"] else None,
             keep_values=body["keep_values"], per_actor=body["per_actor"], timezone=body["timezone"], raw=body["raw"],
+            steps=tuple(ActionStep(e, parse_filters(f)) for e, f in body["raw"].get("steps", [])),
         )
 
     def contribution(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],
                      now: datetime) -> tuple[str, float | None] | None:
         """(breakdown value, property value) if the event counts for this definition, else None."""
         if self.event is not None and event_name != self.event:
+            return None
+        if self.steps and not any(s.matches(event_name, event_props, person_props, now) for s in self.steps):
             return None
         if not self.filters.matches(event_props, person_props, now):
             return None

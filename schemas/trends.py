@@ -6,12 +6,13 @@ answered approximately (ARCHITECTURE: exactness first).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from schemas.definitions import Breakdown, Definition
+from schemas.definitions import ActionStep, Breakdown, Definition
 from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
 from schemas.formula import Formula, FormulaError
 
@@ -22,6 +23,7 @@ PER_ACTOR_MATHS = ("avg_count_per_actor", "min_count_per_actor", "max_count_per_
                    "p75_count_per_actor", "p90_count_per_actor", "p95_count_per_actor", "p99_count_per_actor")
 SUPPORTED_MATHS = ("total", "first_time_for_user", *ACTOR_MATHS, *PROPERTY_MATHS, *PER_ACTOR_MATHS)
 DEFAULT_BREAKDOWN_LIMIT = 25
+WORLD_MAP_BREAKDOWN_LIMIT = 250
 KNOWN_MATHS = (
     "total", "dau", "weekly_active", "monthly_active", "unique_group", "unique_session",
     "first_time_for_user", "first_matching_event_for_user", "sum", "avg", "min", "max", "median",
@@ -80,6 +82,7 @@ class Entity:
     raw_math: str | None
     filters: FilterGroup = NO_FILTERS
     math_property_type: str = "event"
+    steps: tuple[ActionStep, ...] = ()
 
     @property
     def label(self) -> str:
@@ -112,6 +115,8 @@ class TrendsRequest:
     breakdown_limit: int = DEFAULT_BREAKDOWN_LIMIT
     hide_other: bool = False
     refresh: str = ""
+    smoothing: int = 1
+    histogram_bins: int | None = None
 
     @property
     def total_value(self) -> bool:
@@ -158,8 +163,9 @@ def _entities(data: dict[str, Any]) -> list[Entity]:
     out = []
     for index, (kind, i, item) in enumerate(sorted(collected, key=sort_key)):
         attr = f"{kind}__{i}"
-        if kind != "events":
-            raise RequestError(f"'{kind}' series are not supported yet; use 'events'.", attr, "unsupported")
+        if kind == "data_warehouse":
+            raise RequestError("Data warehouse series are not supported.", attr, "unsupported")
+        steps = _action_steps(item, attr) if kind == "actions" else ()
         event_id = item.get("id")
         if event_id is not None and not isinstance(event_id, str):
             event_id = str(event_id)
@@ -183,16 +189,53 @@ def _entities(data: dict[str, Any]) -> list[Entity]:
         if property_type is None:
             raise RequestError(f"math_property_type '{item.get('math_property_type')}' is not supported yet; use "
                                "event_properties or person_properties.", f"{attr}__math_property_type", "unsupported")
-        if math == "first_time_for_user" and not filters.empty:
+        if math == "first_time_for_user" and (not filters.empty or steps):
             raise RequestError("first_time_for_user with property filters is not supported yet.",
                                f"{attr}__properties", "unsupported")
         custom = item.get("custom_name")
         custom = custom.strip() or None if isinstance(custom, str) else None
         order = item.get("order")
         name = item.get("name") or (event_id if event_id is not None else "All events")
-        out.append(Entity(event_id, "events", index, int(order) if isinstance(order, int) else order,
-                          str(name), custom, math, math_property, props, raw_math, filters, property_type))
+        if kind == "actions":
+            name = item.get("name") or f"Action {event_id}"
+        out.append(Entity(event_id, kind, index, int(order) if isinstance(order, int) else order,
+                          str(name), custom, math, math_property, props, raw_math, filters, property_type, steps))
     return out
+
+
+_URL_MATCHING = {"contains": "regex", "exact": "exact", "regex": "regex"}
+
+
+def _action_steps(item: dict[str, Any], attr: str) -> tuple[ActionStep, ...]:
+    """An inline action: `steps` of {event, properties, url, url_matching}; any step matches."""
+    raw_steps = item.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise RequestError(f"Action {item.get('id')!r} is not defined here: pass it inline with its 'steps' "
+                           "(a list of {event, properties, url, url_matching}).", attr, "unsupported")
+    steps = []
+    for j, step in enumerate(raw_steps):
+        where = f"{attr}__steps__{j}"
+        if not isinstance(step, dict):
+            raise RequestError("each action step must be an object", where)
+        for element in ("selector", "tag_name", "text", "href"):
+            if step.get(element):
+                raise RequestError(f"Action steps matching elements ('{element}') are not supported yet.",
+                                   f"{where}__{element}", "unsupported")
+        try:
+            filters = parse_filters(step.get("properties") or [], f"{where}__properties")
+        except FilterError as exc:
+            raise RequestError(exc.detail, exc.attr, exc.code) from exc
+        if step.get("url"):
+            matching = str(step.get("url_matching") or "contains")
+            if matching not in _URL_MATCHING:
+                raise RequestError(f"Unknown url_matching '{matching}'.", f"{where}__url_matching", "invalid_choice")
+            url = str(step["url"])
+            value = re.escape(url) if matching == "contains" else url
+            url_filter = parse_filters([{"key": "$current_url", "operator": _URL_MATCHING[matching], "value": value}])
+            filters = all_of(filters, url_filter)
+        event = step.get("event")
+        steps.append(ActionStep(str(event) if event else None, filters))
+    return tuple(steps)
 
 
 def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
@@ -209,9 +252,24 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
     except FilterError as exc:
         raise RequestError(exc.detail, exc.attr, exc.code) from exc
     filter_test_accounts = to_bool(data.get("filter_test_accounts"))
+    display = data.get("display") or "ActionsLineGraph"
+    if display == "WorldMap" and not data.get("breakdown") and not data.get("breakdowns"):
+        data = {**data, "breakdown": "$geoip_country_code", "breakdown_type": "event"}
     breakdown = _breakdown(data)
+    histogram = _histogram_bins(data)
+    if histogram is not None and (breakdown is None or len(breakdown.properties) != 1):
+        raise RequestError("Histogram breakdowns need exactly one breakdown property.", "breakdown_histogram_bin_count")
+    if histogram is not None:
+        breakdown = Breakdown(breakdown.properties, breakdown.normalize_url)  # type: ignore[union-attr]
+    default_limit = WORLD_MAP_BREAKDOWN_LIMIT if display == "WorldMap" else DEFAULT_BREAKDOWN_LIMIT
     try:
-        limit = int(data.get("breakdown_limit") or DEFAULT_BREAKDOWN_LIMIT)
+        smoothing = int(data.get("smoothing_intervals") or 1)
+    except (TypeError, ValueError) as exc:
+        raise RequestError("'smoothing_intervals' must be a positive integer", "smoothing_intervals") from exc
+    if smoothing < 1:
+        raise RequestError("'smoothing_intervals' must be a positive integer", "smoothing_intervals")
+    try:
+        limit = int(data.get("breakdown_limit") or default_limit)
     except (TypeError, ValueError) as exc:
         raise RequestError("'breakdown_limit' must be an integer", "breakdown_limit") from exc
     if limit < 1:
@@ -222,7 +280,6 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
             Formula(str(formula), len(entities))
         except FormulaError as exc:
             raise RequestError(str(exc), "formula") from exc
-    display = data.get("display") or "ActionsLineGraph"
     if display not in TIME_SERIES_DISPLAYS + TOTAL_VALUE_DISPLAYS:
         display = "ActionsLineGraph"
     compare = to_bool(data.get("compare"))
@@ -235,16 +292,30 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
         display=display, compare=compare, properties=properties,
         filter_test_accounts=filter_test_accounts, breakdown=breakdown, formula=formula, raw=data,
         filters=filters, breakdown_limit=limit, hide_other=to_bool(data.get("breakdown_hide_other_aggregation")),
-        refresh=str(data.get("refresh") or "").lower(),
+        refresh=str(data.get("refresh") or "").lower(), smoothing=smoothing, histogram_bins=histogram,
     )
+
+
+def _histogram_bins(data: dict[str, Any]) -> int | None:
+    raw = data.get("breakdown_histogram_bin_count")
+    listed = decode_json_field(data, "breakdowns", None)
+    if raw in (None, "") and isinstance(listed, list) and listed and isinstance(listed[0], dict):
+        raw = listed[0].get("histogram_bin_count")
+    if raw in (None, ""):
+        return None
+    try:
+        bins = int(raw)
+    except (TypeError, ValueError) as exc:
+        raise RequestError("'breakdown_histogram_bin_count' must be an integer",
+                           "breakdown_histogram_bin_count") from exc
+    if bins < 1:
+        raise RequestError("'breakdown_histogram_bin_count' must be at least 1", "breakdown_histogram_bin_count")
+    return bins
 
 
 def _breakdown(data: dict[str, Any]) -> Breakdown | None:
     """`breakdowns` (list of {property, type}) or `breakdown` + `breakdown_type` (§4.7)."""
     normalize = to_bool(data.get("breakdown_normalize_url"))
-    if data.get("breakdown_histogram_bin_count") not in (None, ""):
-        raise RequestError("Histogram breakdowns are not supported yet.", "breakdown_histogram_bin_count",
-                           "unsupported")
     listed = decode_json_field(data, "breakdowns", None)
     if listed:
         if not isinstance(listed, list) or not all(isinstance(b, dict) and b.get("property") for b in listed):
@@ -256,8 +327,6 @@ def _breakdown(data: dict[str, Any]) -> Breakdown | None:
             kind = _breakdown_type(item.get("type"), f"breakdowns__{i}__type")
             props.append((kind, str(item["property"])))
             normalize = normalize or to_bool(item.get("normalize_url"))
-            if item.get("histogram_bin_count") not in (None, ""):
-                raise RequestError("Histogram breakdowns are not supported yet.", f"breakdowns__{i}", "unsupported")
         return Breakdown(tuple(props), normalize, as_list=True)
     raw = data.get("breakdown")
     if raw in (None, "", []):
@@ -297,10 +366,11 @@ def definition_for(entity: Entity, request: TrendsRequest, project_id: int, time
     filters = all_of(request.filters, entity.filters, extra)
     needs_values = entity.math in PROPERTY_MATHS
     per_actor = entity.math in PER_ACTOR_MATHS
-    if filters.empty and request.breakdown is None and not needs_values and not per_actor:
+    if filters.empty and request.breakdown is None and not needs_values and not per_actor and not entity.steps:
         return None
     return Definition(
-        project_id=project_id, event=entity.id, filters=filters, breakdown=request.breakdown,
+        project_id=project_id, event=None if entity.steps else entity.id, filters=filters, breakdown=request.breakdown,
+        steps=entity.steps,
         value_property=(entity.math_property_type, str(entity.math_property)) if needs_values else None,
         keep_values=entity.math in QUANTILES, per_actor=per_actor, timezone=timezone,
     )

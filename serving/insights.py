@@ -124,8 +124,26 @@ async def _trend(request: Request, project_id: str) -> Response:
         return trend_csv(result, request, (start, first.date_to.date().isoformat()))
     return JSON({
         "result": result, "timezone": project.timezone, "is_cached": False,
-        "last_refresh": iso_instant(datetime.now(UTC)), "timings": [], "next": None,
+        "last_refresh": iso_instant(datetime.now(UTC)), "timings": [], "next": next_link(request, len(result)),
     })
+
+
+def next_link(request: Request, results: int) -> str | None:
+    """The breakdown pagination link exactly as PostHog builds it (§6.12), quirks included."""
+    raw_limit = request.query_params.get("breakdown_limit")
+    try:
+        limit = int(raw_limit) if raw_limit else 25
+    except ValueError:
+        limit = 25
+    if results < limit:
+        return None
+    full_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if "offset" in full_path:
+        current = request.query_params.get("offset", "0")
+        advanced = int(current) + limit if current.isdigit() else limit
+        return full_path.replace(f"offset={current}", f"offset={advanced}").lstrip("/")
+    separator = "&" if request.url.query else "?"
+    return f"{request.url}{separator}offset={limit}"
 
 
 for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{project_id}/insights"):

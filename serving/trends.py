@@ -7,6 +7,7 @@ are unions of the day and hour sets they cover, so every number is exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -399,8 +400,11 @@ class TrendQuery:
     def _object(self, period: Period, label: str, action: dict[str, Any] | None, order: int | None,
                 data: list, cumulative: list | None, aggregated: float | None) -> dict[str, Any]:
         total_value = self.request.total_value
+        shown = cumulative if cumulative is not None else data
+        if self.request.smoothing > 1 and not total_value:
+            shown = _smooth(shown, self.request.smoothing)
         result: dict[str, Any] = {
-            "data": [] if total_value else (cumulative if cumulative is not None else data),
+            "data": [] if total_value else shown,
             "labels": [] if total_value else [bucket_label(b, self.interval, period.range) for b in period.buckets],
             "days": [] if total_value else [day_string(b, self.interval) for b in period.buckets],
             "count": 0 if total_value else float(sum(data)),
@@ -434,6 +438,9 @@ class TrendQuery:
         breakdown = definition.breakdown
         assert breakdown is not None
         values = [bv for bv in self._breakdown_values(definition) if self._present(period, source, [bv])]
+        if self.request.histogram_bins:
+            return [(label, self._values(entity, period, source, names))
+                    for label, names in histogram_bins(values, self.request.histogram_bins)]
         computed = {bv: self._values(entity, period, source, [bv]) for bv in values}
 
         def total(bv: str) -> float:
@@ -547,6 +554,43 @@ class TrendQuery:
         data = self.formula.pointwise([s[0] for s in series])
         cumulative = _running(data) if self.request.display == "ActionsLineGraphCumulative" else None
         return self._object(period, label, None, None, data, cumulative, None)
+
+
+def histogram_bins(values: list[str], bins: int) -> list[tuple[str, list[str]]]:
+    """Equal-width bins between the smallest and largest numeric value (§6.9, §19.18): the last
+    upper edge is max + 0.01; labels `[lo,hi]` in shortest numeric form; empty bins are left out."""
+    numbers = {bv: float(bv) for bv in values if _is_number(bv)}
+    if not numbers:
+        return []
+    low, high = min(numbers.values()), max(numbers.values())
+    width = (high - low) / bins
+    edges = [round(low + i * width, 2) for i in range(bins)] + [round(high + 0.01, 2)]
+    out = []
+    for i in range(bins):
+        inside = [bv for bv, v in numbers.items() if edges[i] <= v < edges[i + 1] or (i == bins - 1 and v >= edges[i])]
+        if inside:
+            out.append((f"[{_shortest(edges[i])},{_shortest(edges[i + 1])}]", sorted(inside)))
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _shortest(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _smooth(values: list, window: int) -> list[int]:
+    """Moving average over the last `window` points that exist, floored (§6.6)."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1): i + 1]
+        out.append(math.floor(sum(part) / len(part)))
+    return out
 
 
 def _union(bitmaps: dict[str, int], members: list[str]) -> int:

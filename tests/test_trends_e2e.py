@@ -75,3 +75,62 @@ def test_formula_errors(project: ProjectHandle) -> None:
     assert reply.status_code == 400 and reply.json()["attr"] == "formula"
     assert "series C" in reply.json()["detail"]
     assert project.trend({"events": [{"id": "a"}], "formula": "A +"}).status_code == 400
+
+
+def test_next_link_smoothing_world_map_and_unsupported(project: ProjectHandle, running: Stack) -> None:
+    events = [{**_event("visit", f"w{i}", f"2024-03-0{1 + i % 4}T10:00:00Z"),
+               "properties": {"$geoip_country_code": ["US", "DE", "FR"][i % 3], "$browser": f"b{i % 4}"}}
+              for i in range(12)]
+    assert project.capture(events).status_code == 200
+    running.wait_applied()
+    url = f"{running.api_url}/api/environments/{project.id}/insights/trend/"
+    headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
+    params = {"events": '[{"id": "visit"}]', "breakdown": "$browser", "breakdown_limit": "2",
+              "date_from": "2024-03-01", "date_to": "2024-03-04", "refresh": "blocking"}
+    first = httpx.get(url, params=params, headers=headers).json()
+    assert len(first["result"]) == 3  # two kept values and the other bucket
+    assert first["next"] == str(httpx.URL(url, params=params)) + "&offset=2"
+    paged = httpx.get(url, params={**params, "offset": "2"}, headers=headers).json()
+    assert paged["next"].startswith("api/environments/") and "offset=4" in paged["next"]
+    few = httpx.get(url, params={**params, "breakdown_limit": "10"}, headers=headers).json()
+    assert few["next"] is None
+
+    smooth = project.trend({"events": [{"id": "visit"}], "date_from": "2024-03-01", "date_to": "2024-03-04",
+                            "smoothing_intervals": 2}, now=NOW).json()["result"][0]
+    assert smooth["data"] == [3, 3, 3, 3]  # floor of the mean of the last two days
+
+    world = project.trend({"events": [{"id": "visit", "math": "dau"}], "display": "WorldMap",
+                           "date_from": "2024-03-01", "date_to": "2024-03-04", "refresh": "blocking"}, now=NOW)
+    assert world.status_code == 200, world.text
+    assert {r["breakdown_value"]: r["aggregated_value"] for r in world.json()["result"]} == {"US": 4, "DE": 4, "FR": 4}
+
+    action = {"id": 7, "name": "Engaged", "steps": [
+        {"event": "visit", "properties": [{"key": "$browser", "value": "b1"}]},
+        {"event": "visit", "properties": [{"key": "$geoip_country_code", "value": "FR"}]}]}
+    engaged = project.trend({"actions": [action], "events": [{"id": "visit", "order": 1}], "date_from": "2024-03-01",
+                             "date_to": "2024-03-04", "refresh": "blocking"}, now=NOW)
+    assert engaged.status_code == 200, engaged.text
+    acted, visits = engaged.json()["result"]
+    assert acted["label"] == "Engaged" and acted["action"]["type"] == "actions"
+    assert sum(acted["data"]) == 6 and sum(visits["data"]) == 12  # b1 (3) or FR (4), one overlap
+
+    for query, attr in (({"actions": [{"id": 3}]}, "actions__0"),
+                        ({"events": [{"id": "visit"}], "breakdown": "[1]", "breakdown_type": "cohort"},
+                         "breakdown_type"),
+                        ({"events": [{"id": "visit", "math": "unique_group"}]}, "events__0__math")):
+        reply = project.trend(query, now=NOW)
+        assert reply.status_code == 400 and reply.json()["code"] == "unsupported", reply.text
+        assert reply.json()["attr"] == attr
+
+
+def test_histogram_breakdown(project: ProjectHandle, running: Stack) -> None:
+    amounts = [10, 12, 17.5, 20, 30, 30]
+    events = [{**_event("paid", f"h{i}", "2024-03-02T10:00:00Z"), "properties": {"amount": a}}
+              for i, a in enumerate(amounts)] + [_event("paid", "h9", "2024-03-02T11:00:00Z")]
+    assert project.capture(events).status_code == 200
+    running.wait_applied()
+    reply = project.trend({"events": [{"id": "paid"}], "breakdown": "amount", "breakdown_histogram_bin_count": 2,
+                           "date_from": "2024-03-02", "date_to": "2024-03-02", "refresh": "blocking"}, now=NOW)
+    assert reply.status_code == 200, reply.text
+    bins = {r["breakdown_value"]: (r["label"], r["data"]) for r in reply.json()["result"]}
+    assert bins == {"[10,20]": ("[10,20]", [3]), "[20,30.01]": ("[20,30.01]", [3])}

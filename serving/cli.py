@@ -116,10 +116,11 @@ def replay(
     topic = env.get("INSIGHTFLOW_TOPIC", "events")
     if (file is None) == (from_topic is None):
         raise typer.BadParameter("give exactly one of --file or --from-topic")
+    redis_url = env.get("INSIGHTFLOW_REDIS_URL")
     if file is not None:
-        sent, bad = replay_file(file, bootstrap, topic, project)
+        sent, bad = replay_file(file, bootstrap, topic, project, redis_url)
     else:
-        sent, bad = replay_topic(from_topic or "", bootstrap, topic, project)
+        sent, bad = replay_topic(from_topic or "", bootstrap, topic, project, redis_url)
     _say(f"replayed {sent} events into {topic}; {bad} unusable line(s) skipped with their reasons above")
     if bad and not sent:
         raise typer.Exit(1)

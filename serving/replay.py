@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from rich.progress import Progress
 
 from dataflows.kafka import partition_count
+from dataflows.state import StateStore
 from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
 
 
@@ -33,10 +35,18 @@ def _normalise(raw: bytes, project: int | None) -> TopicEvent:
 
 
 def _produce(records: Iterable[bytes], total: int | None, bootstrap: str, topic: str,
-             project: int | None) -> tuple[int, int]:
+             project: int | None, redis_url: str | None) -> tuple[int, int]:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 100, "batch.num.messages": 10_000,
                          "compression.type": "lz4"})
     failures: list[str] = []
+    ends: dict[int, int] = {}
+
+    def delivered(err: object, msg: object) -> None:
+        if err is not None:
+            failures.append(str(err))
+        else:
+            ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)  # type: ignore[attr-defined]
+
     sent = bad = 0
     with Progress() as progress:
         task = progress.add_task("replaying", total=total)
@@ -49,8 +59,7 @@ def _produce(records: Iterable[bytes], total: int | None, bootstrap: str, topic:
                 continue
             while True:
                 try:
-                    producer.produce(topic, key=event.key, value=event.to_json(),
-                                     on_delivery=lambda err, _m: failures.append(str(err)) if err else None)
+                    producer.produce(topic, key=event.key, value=event.to_json(), on_delivery=delivered)
                     break
                 except BufferError:
                     producer.poll(0.05)
@@ -59,12 +68,15 @@ def _produce(records: Iterable[bytes], total: int | None, bootstrap: str, topic:
         producer.flush(60)
     if failures:
         raise RuntimeError(f"{len(failures)} event(s) not acknowledged by the broker: {failures[0]}")
+    if redis_url and ends:  # so /readyz counts them as lag until applied (the broker may under-report)
+        StateStore(redis.Redis.from_url(redis_url)).record_offsets(topic, {}, ends)
     return sent, bad
 
 
-def replay_file(path: Path, bootstrap: str, topic: str, project: int | None) -> tuple[int, int]:
+def replay_file(path: Path, bootstrap: str, topic: str, project: int | None,
+                redis_url: str | None = None) -> tuple[int, int]:
     lines = [line for line in path.read_bytes().splitlines() if line.strip()]
-    return _produce(lines, len(lines), bootstrap, topic, project)
+    return _produce(lines, len(lines), bootstrap, topic, project, redis_url)
 
 
 def _topic_records(source: str, bootstrap: str) -> Iterator[bytes]:
@@ -87,5 +99,6 @@ def _topic_records(source: str, bootstrap: str) -> Iterator[bytes]:
     consumer.close()
 
 
-def replay_topic(source: str, bootstrap: str, topic: str, project: int | None) -> tuple[int, int]:
-    return _produce(_topic_records(source, bootstrap), None, bootstrap, topic, project)
+def replay_topic(source: str, bootstrap: str, topic: str, project: int | None,
+                 redis_url: str | None = None) -> tuple[int, int]:
+    return _produce(_topic_records(source, bootstrap), None, bootstrap, topic, project, redis_url)

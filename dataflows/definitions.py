@@ -22,6 +22,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.kafka import Record, partition_count
+from dataflows.operators.persons import person_update
 from dataflows.state import Located, StateStore
 from schemas import keys
 from schemas.dates import zone
@@ -75,16 +76,14 @@ def person_snapshot(client: redis.Redis, project_id: int, distinct_ids: Iterable
 
 
 def _apply_person_update(props: dict[str, Any], event: TopicEvent) -> None:
-    """The event's own $set/$set_once/$unset, so it is matched with the person as it leaves it."""
-    raw = event.properties
-    if isinstance(raw.get("$set"), dict):
-        props.update(raw["$set"])
-    if isinstance(raw.get("$set_once"), dict):
-        for k, v in raw["$set_once"].items():
-            props.setdefault(k, v)
-    unset = raw.get("$unset")
-    for k in (unset.keys() if isinstance(unset, dict) else unset or []):
-        props.pop(str(k), None)
+    """The event's own $set/$set_once/$unset, so it is matched with the person as it leaves it
+    (in batch order; the store orders by event time, see dataflows/state.py)."""
+    update = person_update(event)
+    props.update(update.set)
+    for k, v in update.set_once.items():
+        props.setdefault(k, v)
+    for k in update.unset:
+        props.pop(k, None)
 
 
 def contributions(client: redis.Redis, project_id: int, definitions: dict[str, Definition],

@@ -99,3 +99,11 @@ def definition_prefix(pid: int, h: str) -> str:
     `vs:<bv>` property sums/counts/min/max (fields `h<hour>:s` …, `d<day>:s` …), `vl:<bv>:<day>` and
     `vlh:<bv>:<hour>` property values, `pa:<bv>:<day>` and `pah:<bv>:<hour>` events per person."""
     return f"{project_prefix(pid)}d:{h}:"
+
+
+def definition_key(prefix: str, kind: str, bv: str = "", bucket: str | int | None = None) -> str:
+    """A key of a definition's state: `kind` is one of ch, cd, uh, ud, bv, vs, vl, vlh, pa, pah (the
+    suffixes the apply script writes); `bucket` is an hour (epoch s) or a day (YYYYMMDD)."""
+    if kind == "bv":
+        return f"{prefix}bv"
+    return f"{prefix}{kind}:{bv}" if bucket is None else f"{prefix}{kind}:{bv}:{bucket}"

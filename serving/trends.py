@@ -65,8 +65,9 @@ class Source:
     @classmethod
     def definition(cls, pid: int, h: str) -> Source:
         p = keys.definition_prefix(pid, h)
-        return cls(lambda n: f"{p}ch:{n}", lambda n: f"{p}cd:{n}", lambda n, hr: f"{p}uh:{n}:{hr}",
-                   lambda n, d: f"{p}ud:{n}:{d}", p)
+        key = keys.definition_key
+        return cls(lambda n: key(p, "ch", n), lambda n: key(p, "cd", n), lambda n, hr: key(p, "uh", n, hr),
+                   lambda n, d: key(p, "ud", n, d), p)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ class TrendQuery:
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             for group in groups:
-                pipe.hmget(f"{source.prefix}vs:{name}", [f"{f}:{x}" for f in group for x in ("s", "n", "min", "max")])
+                fields = [f"{f}:{x}" for f in group for x in ("s", "n", "min", "max")]
+                pipe.hmget(keys.definition_key(source.prefix, "vs", name), fields)
         replies = iter(pipe.execute())
         totals = [[0.0, 0, None, None] for _ in groups]
         for _name in names:
@@ -327,7 +329,7 @@ class TrendQuery:
             for name in names:
                 for field in group:
                     kind, bucket = field[0], field[1:]
-                    pipe.lrange(f"{source.prefix}{'vlh' if kind == 'h' else 'vl'}:{name}:{bucket}", 0, -1)
+                    pipe.lrange(keys.definition_key(source.prefix, "vlh" if kind == "h" else "vl", name, bucket), 0, -1)
         replies = iter(pipe.execute())
         out = []
         for group in groups:
@@ -347,7 +349,7 @@ class TrendQuery:
             for name in names:
                 for field in group:
                     kind, bucket = field[0], field[1:]
-                    pipe.hgetall(f"{source.prefix}{'pah' if kind == 'h' else 'pa'}:{name}:{bucket}")
+                    pipe.hgetall(keys.definition_key(source.prefix, "pah" if kind == "h" else "pa", name, bucket))
         replies = iter(pipe.execute())
         how = entity.math.removesuffix("_count_per_actor")
         out = []
@@ -426,7 +428,7 @@ class TrendQuery:
     # --- breakdowns ------------------------------------------------------------------------------
     def _breakdown_values(self, definition: Definition) -> list[str]:
         prefix = keys.definition_prefix(self.project.id, definition.hash)
-        return sorted(m.decode() for m in self.redis.smembers(f"{prefix}bv"))
+        return sorted(m.decode() for m in self.redis.smembers(keys.definition_key(prefix, "bv")))
 
     def _present(self, period: Period, source: Source, names: list[str]) -> bool:
         return sum(self._counts(period, names, source.hour_counts, source.day_counts)) > 0

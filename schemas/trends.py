@@ -117,6 +117,7 @@ class TrendsRequest:
     refresh: str = ""
     smoothing: int = 1
     histogram_bins: int | None = None
+    compare_to: str | None = None
 
     @property
     def total_value(self) -> bool:
@@ -282,7 +283,10 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
             raise RequestError(str(exc), "formula") from exc
     if display not in TIME_SERIES_DISPLAYS + TOTAL_VALUE_DISPLAYS:
         display = "ActionsLineGraph"
-    compare = to_bool(data.get("compare"))
+    compare_to = data.get("compare_to") or None
+    if compare_to is not None and not isinstance(compare_to, str):
+        raise RequestError("'compare_to' must be a relative date such as -1y", "compare_to")
+    compare = to_bool(data.get("compare")) or compare_to is not None
     for name in ("date_from", "date_to"):
         if data.get(name) is not None and not isinstance(data.get(name), str):
             raise RequestError(f"'{name}' must be a string", name)
@@ -293,6 +297,7 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
         filter_test_accounts=filter_test_accounts, breakdown=breakdown, formula=formula, raw=data,
         filters=filters, breakdown_limit=limit, hide_other=to_bool(data.get("breakdown_hide_other_aggregation")),
         refresh=str(data.get("refresh") or "").lower(), smoothing=smoothing, histogram_bins=histogram,
+        compare_to=compare_to,
     )
 
 

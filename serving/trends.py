@@ -130,9 +130,18 @@ class TrendQuery:
         return Period(date_range, buckets, label, lower)
 
     def _previous(self, current: Period) -> Period:
-        """The previous period (§6.7, §19.3): shifted back by the range length, as many buckets."""
+        """The previous period (§6.7, §19.3): shifted back by the range length, as many buckets;
+        with `compare_to`, starting at that offset from date_from instead."""
         r = current.range
         length = r.date_to - r.date_from
+        if self.request.compare_to:
+            try:
+                start, _ = relative_date_parse(self.request.compare_to, self.tz, r.date_from)
+            except ValueError as exc:
+                raise RequestError(str(exc), "compare_to") from exc
+            start = start_of_interval(start, self.interval, self.project.week_start_day)
+            return self._period(QueryDateRange(start, start + length, self.interval, r.week_start), "previous",
+                                count=len(current.buckets))
         start = (r.date_from - length).replace(hour=0, minute=0, second=0, microsecond=0)
         if self.interval == "hour":
             start = start.replace(hour=r.date_from.hour)

@@ -134,3 +134,17 @@ def test_histogram_breakdown(project: ProjectHandle, running: Stack) -> None:
     assert reply.status_code == 200, reply.text
     bins = {r["breakdown_value"]: (r["label"], r["data"]) for r in reply.json()["result"]}
     assert bins == {"[10,20]": ("[10,20]", [3]), "[20,30.01]": ("[20,30.01]", [3])}
+
+
+def test_compare_to_a_year_earlier(project: ProjectHandle, running: Stack) -> None:
+    events = [_event("renew", "y1", "2023-03-05T10:00:00Z"), _event("renew", "y2", "2023-03-06T10:00:00Z"),
+              _event("renew", "y3", "2024-03-06T10:00:00Z")]
+    assert project.capture(events).status_code == 200
+    running.wait_applied()
+    result = project.trend({"events": [{"id": "renew"}], "date_from": "2024-03-05", "date_to": "2024-03-06",
+                            "compare": True, "compare_to": "-1y"}, now=NOW).json()["result"]
+    assert [(r["compare_label"], r["days"], r["data"]) for r in result] == [
+        ("current", ["2024-03-05", "2024-03-06"], [0, 1]),
+        ("previous", ["2023-03-05", "2023-03-06"], [1, 1])]
+    bad = project.trend({"events": [{"id": "renew"}], "compare_to": "last-year"}, now=NOW)
+    assert bad.status_code == 400 and bad.json()["attr"] == "compare_to"

@@ -26,7 +26,7 @@ from dataflows.operators.persons import person_update
 from dataflows.state import Located, StateStore
 from schemas import keys
 from schemas.dates import zone
-from schemas.definitions import Definition
+from schemas.definitions import Definition, load_definition
 from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
 from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
@@ -51,7 +51,7 @@ class DefinitionCache:
             cached = self._defs.get(project_id)
             if cached is None or cached[0] != generation:
                 known = cached[1] if cached else {}
-                fresh = {h: known.get(h) or Definition.from_json(raw)
+                fresh = {h: known.get(h) or load_definition(raw)
                          for h, raw in self.registry.for_project(project_id).items()}
                 cached = (generation, fresh)
                 self._defs[project_id] = cached
@@ -229,7 +229,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem]):
             raw = self.registry.get(project_id, h)
             if raw is None:
                 return None
-            self._definitions[key] = Definition.from_json(raw)
+            self._definitions[key] = load_definition(raw)
         return self._definitions[key]
 
     def write_batch(self, items: list[BackfillItem]) -> None:

@@ -58,9 +58,14 @@ local function push(key, v)
   t[#t + 1] = v
 end
 
--- One event's contribution to a definition's state (breakdown value bv, optional numeric v).
-local function apply_definition(h, flags, bv, v, p, hour, day)
+-- One event's contribution to a definition's state (breakdown value bv, optional numeric v). A
+-- funnel ('f') keeps the event itself per day: person, time, uuid and what it matches (v).
+local function apply_definition(h, flags, bv, v, p, hour, day, ts, uuid)
   local D = P .. 'd:' .. h .. ':'
+  if string.find(flags, 'f', 1, true) then
+    push(D .. 'fe:' .. day, p .. '|' .. ts .. '|' .. uuid .. '|' .. v)
+    return
+  end
   count(D .. 'ch:' .. bv, hour)
   count(D .. 'cd:' .. bv, day)
   mark(D .. 'ud:' .. bv .. ':' .. day, p)
@@ -226,7 +231,7 @@ for i = 0, n - 1 do
           handed[h .. ':' .. part] = true
           redis.call('HSETNX', P .. 'd:' .. h .. ':ho', part, off)
         end
-        apply_definition(h, defs[h] or '', c[2], c[3], p, hour, day)
+        apply_definition(h, defs[h] or '', c[2], c[3], p, hour, day, ARGV[b + 6], ARGV[b + 1])
       end
     end
   end
@@ -289,7 +294,7 @@ for i = 0, n - 1 do
       local p = redis.call('HGET', P .. 'pdi', ARGV[b + 3])
       if p then
         local c = cjson.decode(ARGV[b + 7])
-        apply_definition(h, flags, c[1], c[2], p, ARGV[b + 4], ARGV[b + 5])
+        apply_definition(h, flags, c[1], c[2], p, ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 1])
         applied = applied + 1
       end
     end
@@ -327,6 +332,8 @@ def _json_values(values: dict[str, object]) -> str:
 
 
 def definition_flags(definition: Definition) -> str:
+    if getattr(definition, "kind", "") == "funnel":
+        return "f"
     return ("l" if definition.keep_values else "") + ("a" if definition.per_actor else "")
 
 

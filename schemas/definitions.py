@@ -129,3 +129,12 @@ class Definition:
             value = as_number((event_props if kind == "event" else person_props).get(key))
         bv = self.breakdown.value(event_props, person_props) if self.breakdown else NO_BREAKDOWN
         return bv, value
+
+
+def load_definition(data: bytes | str) -> Any:
+    """A stored definition of any kind (trend materialization or funnel)."""
+    if orjson.loads(data).get("kind") == "funnel":
+        from schemas.funnels import FunnelDefinition
+
+        return FunnelDefinition.from_json(data)
+    return Definition.from_json(data)

@@ -9,17 +9,21 @@ import re
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import Histogram
 
+from schemas import keys
 from schemas.dates import DateParseError, iso_instant
 from schemas.definitions import Definition
+from schemas.funnels import parse_funnel_request
 from schemas.registry import DefinitionRegistry
 from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, validation
+from serving.funnels import FunnelQuery
 from serving.trends import TrendQuery, resolve_now
 
 router = APIRouter(tags=["insights"])
@@ -144,6 +148,96 @@ def next_link(request: Request, results: int) -> str | None:
         return full_path.replace(f"offset={current}", f"offset={advanced}").lstrip("/")
     separator = "&" if request.url.query else "?"
     return f"{request.url}{separator}offset={limit}"
+
+
+async def _funnel_query(request: Request, project_id: str) -> tuple[Any, dict[str, Any], Any]:
+    data, body = await request_data(request)
+    state = request.app.state
+    key = authenticate(request, state.registry, body)
+    project = authorize(key, state.registry, project_id, "insight:read")
+    try:
+        parsed = parse_funnel_request({**data, "insight": "FUNNELS"}, project.id, project.timezone,
+                                      project.test_account_filters, body)
+        query = FunnelQuery(state.redis, project, parsed, _now(request))
+    except RequestError as exc:
+        raise validation(exc.detail, exc.attr, exc.code) from exc
+    return query, data, project
+
+
+async def _funnel(request: Request, project_id: str) -> Response:
+    """Funnel steps, trends or time to convert (spec §7)."""
+    query, data, project = await _funnel_query(request, project_id)
+    state = request.app.state
+    started = time.perf_counter()
+    pending = await materialized(state.definitions, query.definitions(), query.request.refresh,
+                                 state.settings.blocking_timeout_s)
+    if pending is not None:
+        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    base = f"{str(request.base_url).rstrip('/')}/api/environments/{project.id}/insights/funnel/people/"
+    shared = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in data.items()
+              if k not in ("funnel_step", "funnel_step_breakdown", "refresh")}
+
+    def people_url(step: int, value: tuple[str, ...]) -> str:
+        params = {**shared, "funnel_step": step}
+        if value:
+            params["funnel_step_breakdown"] = orjson.dumps(list(value)).decode()
+        return f"{base}?{urlencode(params)}"
+
+    result = query.run(people_url)
+    QUERY_SECONDS.labels("funnel").observe(time.perf_counter() - started)
+    return JSON({"result": result, "timezone": project.timezone, "is_cached": False,
+                 "last_refresh": iso_instant(datetime.now(UTC)), "timings": []})
+
+
+async def _funnel_people(request: Request, project_id: str) -> Response:
+    """The persons behind a funnel step's count (`converted_people_url` / `dropped_people_url`)."""
+    query, data, project = await _funnel_query(request, project_id)
+    state = request.app.state
+    pending = await materialized(state.definitions, query.definitions(), "blocking",
+                                 state.settings.blocking_timeout_s)
+    if pending is not None:
+        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    try:
+        step = int(data.get("funnel_step") or 1)
+        limit = min(int(data.get("limit") or 100), 1000)
+        offset = int(data.get("offset") or 0)
+    except ValueError as exc:
+        raise validation("funnel_step, limit and offset must be integers", "funnel_step") from exc
+    raw_value = data.get("funnel_step_breakdown")
+    value = None
+    if raw_value not in (None, ""):
+        decoded = orjson.loads(raw_value) if isinstance(raw_value, str) and raw_value.startswith("[") else raw_value
+        value = tuple(str(v) for v in (decoded if isinstance(decoded, list) else [decoded]))
+    persons = query.people(step, value)
+    page = persons[offset:offset + limit]
+    people = person_details(state.redis, project.id, page)
+    following = None
+    if offset + limit < len(persons):
+        following = str(request.url.include_query_params(offset=offset + limit, limit=limit))
+    return JSON({"results": [{"people": people, "count": len(persons)}], "next": following})
+
+
+def person_details(client: Any, project_id: int, persons: list[str]) -> list[dict[str, Any]]:
+    pipe = client.pipeline(transaction=False)
+    for person in persons:
+        pipe.smembers(f"{keys.project_prefix(project_id)}pd:{person}")
+        pipe.hgetall(keys.person_properties(project_id, person))
+    replies = pipe.execute()
+    out = []
+    for i, person in enumerate(persons):
+        ids, props = replies[2 * i], replies[2 * i + 1]
+        out.append({"id": int(person), "distinct_ids": sorted(d.decode() for d in ids),
+                    "properties": {k.decode(): orjson.loads(v) for k, v in props.items()}})
+    return out
+
+
+for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{project_id}/insights"):
+    env = prefix.split("/")[2]
+    router.add_api_route(prefix + "/funnel/", _funnel, methods=["GET", "POST"], operation_id=f"funnel_{env}")
+    router.add_api_route(prefix + "/funnel", _funnel, methods=["GET", "POST"], include_in_schema=False)
+    router.add_api_route(prefix + "/funnel/people/", _funnel_people, methods=["GET", "POST"],
+                         operation_id=f"funnel_people_{env}")
+    router.add_api_route(prefix + "/funnel/people", _funnel_people, methods=["GET", "POST"], include_in_schema=False)
 
 
 for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{project_id}/insights"):

@@ -1,0 +1,308 @@
+"""The funnel request (spec §7.2) and the funnel definition whose state the dataflow keeps.
+
+A funnel definition fixes what decides which events matter: the steps (events or inline actions with
+their filters), the exclusions, the global and test-account filters and the breakdown property. The
+window, order type, viz type, date range and attribution are query-time choices, so they reuse the
+same state. Each matching event is kept (per project-zone day) as person, time, uuid, the steps and
+exclusion ranges it matches and its breakdown value; strict funnels keep every event of the person.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from schemas.definitions import DEFINITION_VERSION, ActionStep, Breakdown
+from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
+from schemas.trends import Entity, RequestError, _breakdown, _entities, decode_json_field, to_bool
+
+WINDOW_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400}
+ORDER_TYPES = ("ordered", "strict", "unordered")
+VIZ_TYPES = ("steps", "trends", "time_to_convert")
+ATTRIBUTIONS = ("first_touch", "last_touch", "all_events", "step")
+
+
+@dataclass(frozen=True)
+class FunnelStep:
+    event: str | None
+    actions: tuple[ActionStep, ...]
+    filters: FilterGroup
+
+    def matches(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],
+                now: datetime) -> bool:
+        if self.actions:
+            if not any(a.matches(event_name, event_props, person_props, now) for a in self.actions):
+                return False
+        elif self.event is not None and self.event != event_name:
+            return False
+        return self.filters.matches(event_props, person_props, now)
+
+    def canonical(self) -> list[Any]:
+        return [self.event, [[a.event, a.filters.canonical()] for a in self.actions], self.filters.canonical()]
+
+    def to_raw(self) -> list[Any]:
+        return [self.event, [[a.event, a.filters.to_raw()] for a in self.actions], self.filters.to_raw()]
+
+    @classmethod
+    def from_raw(cls, raw: list[Any]) -> FunnelStep:
+        event, actions, filters = raw
+        return cls(event, tuple(ActionStep(e, parse_filters(f)) for e, f in actions), parse_filters(filters))
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    step: FunnelStep
+    from_step: int  # 0-based
+    to_step: int    # 0-based
+
+    @property
+    def tags(self) -> tuple[int, ...]:
+        """PostHog's exclusion tags: k (1-based) for "between step k-1 and step k"."""
+        return tuple(range(self.from_step + 2, self.to_step + 2))
+
+
+@dataclass(frozen=True)
+class FunnelDefinition:
+    project_id: int
+    steps: tuple[FunnelStep, ...]
+    exclusions: tuple[Exclusion, ...] = ()
+    filters: FilterGroup = NO_FILTERS
+    breakdown: Breakdown | None = None
+    every_event: bool = False  # strict funnels see all of the person's events
+    timezone: str = "UTC"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    kind = "funnel"
+    keep_values = False
+    per_actor = False
+
+    def canonical(self) -> dict[str, Any]:
+        return {
+            "v": DEFINITION_VERSION, "kind": "funnel", "steps": [s.canonical() for s in self.steps],
+            "exclusions": [[x.step.canonical(), x.from_step, x.to_step] for x in self.exclusions],
+            "filters": self.filters.canonical(),
+            "breakdown": ([list(p) for p in self.breakdown.properties], self.breakdown.normalize_url,
+                          self.breakdown.multiple) if self.breakdown else None,
+            "every_event": self.every_event, "timezone": self.timezone,
+        }
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+    @property
+    def uses_person(self) -> bool:
+        groups = [self.filters] + [s.filters for s in self.steps] + [x.step.filters for x in self.exclusions]
+        groups += [a.filters for s in self.steps for a in s.actions]
+        person_breakdown = bool(self.breakdown and any(k == "person" for k, _ in self.breakdown.properties))
+        return person_breakdown or any(g.uses_person() for g in groups)
+
+    def to_json(self) -> bytes:
+        raw = {"steps": [s.to_raw() for s in self.steps],
+               "exclusions": [[x.step.to_raw(), x.from_step, x.to_step] for x in self.exclusions],
+               "filters": self.filters.to_raw()}
+        return orjson.dumps({"project_id": self.project_id, "raw": raw, **self.canonical()})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> FunnelDefinition:
+        body = orjson.loads(data)
+        breakdown = None
+        if body["breakdown"]:
+            props, normalize, as_list = body["breakdown"]
+            breakdown = Breakdown(tuple((k, p) for k, p in props), normalize, as_list)
+        raw = body["raw"]
+        return cls(
+            project_id=body["project_id"], steps=tuple(FunnelStep.from_raw(s) for s in raw["steps"]),
+            exclusions=tuple(Exclusion(FunnelStep.from_raw(s), f, t) for s, f, t in raw["exclusions"]),
+            filters=parse_filters(raw["filters"]), breakdown=breakdown, every_event=body["every_event"],
+            timezone=body["timezone"], raw=raw,
+        )
+
+    def contribution(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],
+                     now: datetime) -> tuple[str, str] | None:
+        """("", "<steps mask>|<exclusion mask>|<breakdown value>") for an event this funnel keeps."""
+        if not self.filters.matches(event_props, person_props, now):
+            return None
+        steps = 0
+        for k, step in enumerate(self.steps, 1):
+            if step.matches(event_name, event_props, person_props, now):
+                steps |= 1 << k
+        excluded = 0
+        for exclusion in self.exclusions:
+            if exclusion.step.matches(event_name, event_props, person_props, now):
+                for k in exclusion.tags:
+                    excluded |= 1 << k
+        if not steps and not excluded and not self.every_event:
+            return None
+        return "", f"{steps}|{excluded}|{self._bv(event_props, person_props)}"
+
+    def _bv(self, event_props: dict[str, Any], person_props: dict[str, Any]) -> str:
+        return self.breakdown.value(event_props, person_props) if self.breakdown else ""
+
+
+@dataclass(frozen=True)
+class FunnelRequest:
+    definition: FunnelDefinition
+    entities: list[Entity]
+    order: str
+    viz: str
+    window_s: float
+    date_from: str | None
+    date_to: str | None
+    interval: str
+    from_step: int
+    to_step: int
+    attribution: str
+    attribution_step: int | None
+    breakdown_limit: int
+    bin_count: int | None
+    unbox: bool
+    raw: dict[str, Any]
+    refresh: str = ""
+    first_time_steps: tuple[int, ...] = ()  # 1-based steps whose event must be the person's first ever
+
+
+def _window(data: dict[str, Any]) -> float:
+    interval, unit = data.get("funnel_window_interval"), data.get("funnel_window_interval_unit")
+    if interval in (None, "") and data.get("funnel_window_days") not in (None, ""):
+        interval, unit = data["funnel_window_days"], "day"
+    try:
+        amount = int(interval) if interval not in (None, "") else 14
+    except (TypeError, ValueError) as exc:
+        raise RequestError("'funnel_window_interval' must be an integer", "funnel_window_interval") from exc
+    unit = str(unit or "day").lower().rstrip("s")
+    if unit not in WINDOW_UNITS:
+        raise RequestError(f"Unknown funnel_window_interval_unit '{unit}'; use one of {', '.join(WINDOW_UNITS)}.",
+                           "funnel_window_interval_unit", "invalid_choice")
+    if amount < 1:
+        raise RequestError("'funnel_window_interval' must be at least 1", "funnel_window_interval")
+    return float(amount * WINDOW_UNITS[unit])
+
+
+def _step(entity: Entity) -> FunnelStep:
+    return FunnelStep(None if entity.steps else entity.id, entity.steps, entity.filters)
+
+
+def _int(data: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = data.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"'{name}' must be an integer", name) from exc
+
+
+def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, test_account_filters: list[Any],
+                         body: dict[str, Any] | None = None) -> FunnelRequest:
+    items = {k: decode_json_field(data, k, []) for k in ("events", "actions")}
+    first_time_names: set[str] = set()
+    for kind, value in items.items():
+        if not isinstance(value, list):
+            raise RequestError(f"'{kind}' must be a list of entities", kind)
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and item.get("math") == "first_time_for_user":
+                if kind != "events" or item.get("id") is None:
+                    raise RequestError("first_time_for_user funnel steps need a named event.",
+                                       f"{kind}__{i}__math", "unsupported")
+                first_time_names.add(str(item["id"]))
+    # The only math a funnel step keeps (§4.3): its step event must be the person's first ever.
+    first_time = [(e.get("order"), str(e.get("id"))) for e in items["events"]
+                  if isinstance(e, dict) and e.get("math") == "first_time_for_user"]
+    stripped = {**data, **{k: [{**i, "math": None} if isinstance(i, dict) else i for i in v] for k, v in items.items()}}
+    entities = _entities(stripped) if any(items.values()) else []
+    if len(entities) < 2:
+        raise RequestError("Funnels require at least two steps.", "events")
+    first_time_steps = tuple(i + 1 for i, e in enumerate(entities) if e.type == "events"
+                             and (e.order, e.id) in first_time and e.id in first_time_names)
+    try:
+        global_filters = parse_filters(decode_json_field(data, "properties", []), "properties")
+        extra = parse_filters(test_account_filters, "filter_test_accounts") \
+            if to_bool(data.get("filter_test_accounts")) and test_account_filters else NO_FILTERS
+    except FilterError as exc:
+        raise RequestError(exc.detail, exc.attr, exc.code) from exc
+    steps = tuple(_step(e) for e in entities)
+    order = str(data.get("funnel_order_type") or "ordered")
+    if order not in ORDER_TYPES:
+        raise RequestError(f"Unknown funnel_order_type '{order}'.", "funnel_order_type", "invalid_choice")
+    viz = data.get("funnel_viz_type")
+    if not viz:
+        viz = "trends" if data.get("display") == "ActionsLineGraph" else "steps"
+    if viz not in VIZ_TYPES:
+        raise RequestError(f"Unknown funnel_viz_type '{viz}'.", "funnel_viz_type", "invalid_choice")
+    exclusions = _exclusions(data, entities, steps, order)
+    breakdown = _breakdown(data)
+    listed = decode_json_field(data, "breakdowns", None)
+    if isinstance(listed, list) and len(listed) > 1:
+        raise RequestError("Funnels support only one breakdown.", "breakdowns")
+    attribution = str(data.get("breakdown_attribution_type") or "first_touch")
+    if attribution not in ATTRIBUTIONS:
+        raise RequestError(f"Unknown breakdown_attribution_type '{attribution}'.", "breakdown_attribution_type",
+                           "invalid_choice")
+    attribution_step = _int(data, "breakdown_attribution_value", None)
+    if attribution == "step" and attribution_step is None:
+        raise RequestError("breakdown_attribution_value is required with step attribution.",
+                           "breakdown_attribution_value")
+    n = len(steps)
+    from_step = _int(data, "funnel_from_step", 0) or 0
+    to_step = _int(data, "funnel_to_step", n - 1)
+    assert to_step is not None
+    if viz == "time_to_convert" and not 1 <= to_step <= n - 1:
+        allowed = ", ".join(str(i) for i in range(1, n))
+        raise RequestError(f"Filter parameter funnel_to_step can only be one of {allowed} for time to convert!",
+                           "funnel_to_step")
+    if not 0 <= from_step < to_step <= n - 1:
+        raise RequestError(f"funnel_from_step and funnel_to_step must satisfy 0 <= from < to <= {n - 1}.",
+                           "funnel_from_step")
+    definition = FunnelDefinition(
+        project_id=project_id, steps=steps, exclusions=exclusions, filters=all_of(global_filters, extra),
+        breakdown=breakdown, every_event=order == "strict", timezone=timezone,
+    )
+    bins = _int(data, "bin_count", None)
+    body = body or {}
+    unbox = (body.get("insight") == "FUNNELS" and body.get("breakdown_type") in ("person", "event")
+             and isinstance(body.get("breakdown"), str))
+    return FunnelRequest(
+        definition=definition, entities=entities, order=order, viz=viz, window_s=_window(data),
+        date_from=data.get("date_from") or None, date_to=data.get("date_to") or None,
+        interval=str(data.get("interval") or "day").lower(), from_step=from_step, to_step=to_step,
+        attribution=attribution, attribution_step=attribution_step,
+        breakdown_limit=_int(data, "breakdown_limit", 25) or 25,
+        bin_count=max(1, min(90, bins)) if bins is not None else None, unbox=unbox, raw=data,
+        refresh=str(data.get("refresh") or "").lower(), first_time_steps=first_time_steps,
+    )
+
+
+def _exclusions(data: dict[str, Any], entities: list[Entity], steps: tuple[FunnelStep, ...],
+                order: str) -> tuple[Exclusion, ...]:
+    raw = decode_json_field(data, "exclusions", [])
+    if not isinstance(raw, list):
+        raise RequestError("'exclusions' must be a list of entities", "exclusions")
+    n = len(steps)
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise RequestError("each exclusion must be an object", f"exclusions__{i}")
+        start = int(item.get("funnel_from_step") or 0)
+        end = int(item["funnel_to_step"]) if item.get("funnel_to_step") not in (None, "") else n - 1
+        if end <= start:
+            raise RequestError("Exclusion event range is invalid. End of range should be greater than start.")
+        if start >= n - 1:
+            raise RequestError("Exclusion event range is invalid. Start of range is greater than number of steps.")
+        if end > n - 1:
+            raise RequestError("Exclusion event range is invalid. End of range is greater than number of steps.")
+        if order == "unordered" and (start != 0 or end != n - 1):
+            raise RequestError("Partial Exclusions not allowed in unordered funnels")
+        kind = "actions" if item.get("type") == "actions" else "events"
+        (entity,) = _entities({kind: [{**item, "math": None, "order": 0}]})
+        for j in range(start, end + 1):
+            other = entities[j]
+            if (other.id == entity.id and other.type == entity.type and not item.get("properties")
+                    and not other.properties):
+                raise RequestError("Exclusion steps cannot contain an event that's part of funnel steps.")
+        out.append(Exclusion(_step(entity), start, end))
+    return tuple(out)

@@ -72,8 +72,10 @@ class FunnelDefinition:
     exclusions: tuple[Exclusion, ...] = ()
     filters: FilterGroup = NO_FILTERS
     breakdown: Breakdown | None = None
-    every_event: bool = False  # strict funnels see all of the person's events
+    every_event: bool = False  # strict funnels (and correlation) see all of the person's events
     timezone: str = "UTC"
+    keep_names: bool = False   # correlation: the event name of every kept event
+    property_events: tuple[str, ...] = ()  # correlation: keep the properties of these events
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     kind = "funnel"
@@ -88,6 +90,7 @@ class FunnelDefinition:
             "breakdown": ([list(p) for p in self.breakdown.properties], self.breakdown.normalize_url,
                           self.breakdown.multiple) if self.breakdown else None,
             "every_event": self.every_event, "timezone": self.timezone,
+            **({"keep_names": True, "property_events": sorted(self.property_events)} if self.keep_names else {}),
         }
 
     @property
@@ -119,12 +122,14 @@ class FunnelDefinition:
             project_id=body["project_id"], steps=tuple(FunnelStep.from_raw(s) for s in raw["steps"]),
             exclusions=tuple(Exclusion(FunnelStep.from_raw(s), f, t) for s, f, t in raw["exclusions"]),
             filters=parse_filters(raw["filters"]), breakdown=breakdown, every_event=body["every_event"],
-            timezone=body["timezone"], raw=raw,
+            timezone=body["timezone"], raw=raw, keep_names=body.get("keep_names", False),
+            property_events=tuple(body.get("property_events", ())),
         )
 
     def contribution(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],
                      now: datetime) -> tuple[str, str] | None:
-        """("", "<steps mask>|<exclusion mask>|<breakdown value>") for an event this funnel keeps."""
+        """("", JSON [steps mask, exclusion mask, breakdown value, event name, properties]) for an
+        event this funnel keeps; name and properties only where correlation needs them."""
         if not self.filters.matches(event_props, person_props, now):
             return None
         steps = 0
@@ -138,7 +143,10 @@ class FunnelDefinition:
                     excluded |= 1 << k
         if not steps and not excluded and not self.every_event:
             return None
-        return "", f"{steps}|{excluded}|{self._bv(event_props, person_props)}"
+        payload: list[Any] = [steps, excluded, self._bv(event_props, person_props)]
+        if self.keep_names:
+            payload += [event_name, event_props if event_name in self.property_events else None]
+        return "", orjson.dumps(payload).decode()
 
     def _bv(self, event_props: dict[str, Any], person_props: dict[str, Any]) -> str:
         return self.breakdown.value(event_props, person_props) if self.breakdown else ""
@@ -198,7 +206,10 @@ def _int(data: dict[str, Any], name: str, default: int | None) -> int | None:
 
 
 def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, test_account_filters: list[Any],
-                         body: dict[str, Any] | None = None) -> FunnelRequest:
+                         body: dict[str, Any] | None = None,
+                         correlation_events: tuple[str, ...] | None = None) -> FunnelRequest:
+    """`correlation_events` set (possibly empty): the definition also keeps every event's name, and
+    the properties of those events, for funnel correlation."""
     items = {k: decode_json_field(data, k, []) for k in ("events", "actions")}
     first_time_names: set[str] = set()
     for kind, value in items.items():
@@ -260,7 +271,8 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
                            "funnel_from_step")
     definition = FunnelDefinition(
         project_id=project_id, steps=steps, exclusions=exclusions, filters=all_of(global_filters, extra),
-        breakdown=breakdown, every_event=order == "strict", timezone=timezone,
+        breakdown=breakdown, every_event=order == "strict" or correlation_events is not None, timezone=timezone,
+        keep_names=correlation_events is not None, property_events=tuple(correlation_events or ()),
     )
     bins = _int(data, "bin_count", None)
     body = body or {}

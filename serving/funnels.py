@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -76,10 +76,12 @@ class FunnelQuery:
         actors: dict[str, list[StepEvent]] = defaultdict(list)
         for entries in pipe.execute():
             for raw in entries:
-                person, ts, uuid, steps, excluded, bv = raw.decode().split("|", 5)
+                person, ts, uuid, payload = raw.decode().split("|", 3)
                 ts_ms = int(ts)
                 if low <= ts_ms <= high:
-                    actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(int(steps)), _bits(int(excluded)), bv))
+                    steps, excluded, bv, *extra = orjson.loads(payload)
+                    name, props = (extra[0], extra[1]) if extra else ("", None)
+                    actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(steps), _bits(excluded), bv, name, props))
         self._actors = self._first_times(dict(actors))
         return self._actors
 
@@ -94,8 +96,7 @@ class FunnelQuery:
             for person, raw in zip(persons, firsts, strict=True):
                 first_ms = int(raw.decode().split(":")[0]) if raw else None
                 actors[person] = [e if k not in e.steps or (first_ms is not None and round(e.ts * 1000) == first_ms)
-                                  else StepEvent(e.ts, e.uuid, tuple(s for s in e.steps if s != k), e.exclusions,
-                                                 e.breakdown) for e in actors[person]]
+                                  else replace(e, steps=tuple(s for s in e.steps if s != k)) for e in actors[person]]
         return actors
 
     def _box(self, bv: str) -> tuple[str, ...]:
@@ -141,7 +142,7 @@ class FunnelQuery:
         out = []
         for value in candidates:
             subset = [e if step not in e.steps or self._box(e.breakdown) == value
-                      else StepEvent(e.ts, e.uuid, tuple(k for k in e.steps if k != step), e.exclusions, e.breakdown)
+                      else replace(e, steps=tuple(k for k in e.steps if k != step))
                       for e in events]
             result = funnel(subset, self.steps, request.window_s, request.order)
             if result and result.steps_reached >= step:
@@ -272,3 +273,103 @@ class FunnelQuery:
             "filter": request.raw, "action": None,
         }]
 
+
+
+CORRELATION_TYPES = ("events", "properties", "event_with_properties")
+
+
+@dataclass(frozen=True)
+class CorrelationRequest:
+    kind: str
+    names: tuple[str, ...]              # properties to analyse ("$all" = every one)
+    exclude_names: tuple[str, ...]
+    event_names: tuple[str, ...]        # event_with_properties: events whose properties are analysed
+    exclude_event_names: tuple[str, ...]
+    exclude_property_names: tuple[str, ...]
+
+
+def parse_correlation(data: dict[str, Any]) -> CorrelationRequest:
+    from schemas.trends import decode_json_field
+
+    kind = str(data.get("funnel_correlation_type") or "events")
+    if kind not in CORRELATION_TYPES:
+        raise RequestError(f"Unknown funnel_correlation_type '{kind}'.", "funnel_correlation_type", "invalid_choice")
+
+    def names(field: str) -> tuple[str, ...]:
+        value = decode_json_field(data, field, [])
+        if not isinstance(value, list):
+            raise RequestError(f"'{field}' must be a list of names", field)
+        return tuple(str(v) for v in value)
+
+    request = CorrelationRequest(kind, names("funnel_correlation_names"), names("funnel_correlation_exclude_names"),
+                                 names("funnel_correlation_event_names"),
+                                 names("funnel_correlation_exclude_event_names"),
+                                 names("funnel_correlation_event_exclude_property_names"))
+    if kind == "properties" and not request.names:
+        raise RequestError("Property Correlation expects atleast one Property to run correlation on")
+    if kind == "event_with_properties" and not request.event_names:
+        raise RequestError("Event Property Correlation expects atleast one event name to run correlation on")
+    return request
+
+
+def correlation(query: FunnelQuery, request: CorrelationRequest, person_properties: Any) -> dict[str, Any]:
+    """Which events or properties go with converting (§8.3): +1-smoothed odds ratios, top 10 each side."""
+    funnel_request = query.request
+    step_names = {e.id for e in funnel_request.entities if e.id is not None}
+    window = funnel_request.window_s
+    date_to = query.range.date_to.timestamp()
+    success: set[str] = set()
+    failure: set[str] = set()
+    seen: dict[str, dict[str, bool]] = defaultdict(dict)  # candidate -> person -> converted
+    for person, events in query.actors().items():
+        result = funnel(events, query.steps, window, funnel_request.order)
+        if result is None or not result.steps_reached:
+            continue
+        converted = result.steps_reached == query.steps
+        (success if converted else failure).add(person)
+        first = result.timestamps[0]
+        last = result.timestamps[-1] if converted else min(first + window, date_to)
+        if request.kind == "properties":
+            continue
+        for event in events:
+            if not (first < event.ts < last) or not event.name or event.name in step_names:
+                continue
+            if request.kind == "events":
+                if event.name not in request.exclude_event_names:
+                    seen[event.name][person] = converted
+            elif event.name in request.event_names and event.properties:
+                for prop, value in event.properties.items():
+                    if prop not in request.exclude_property_names and not prop.startswith("$set"):
+                        seen[f"{event.name}::{prop}::{_text(value)}"][person] = converted
+    if request.kind == "properties":
+        props = person_properties(sorted(success | failure))
+        for person, values in props.items():
+            for prop, value in values.items():
+                wanted = "$all" in request.names or prop in request.names
+                if wanted and prop not in request.exclude_names:
+                    seen[f"{prop}::{_text(value)}"][person] = person in success
+    big_s, big_f = len(success), len(failure)
+    if not big_s or not big_f:
+        return {"events": [], "skewed": True}
+    rows = []
+    for key, people in seen.items():
+        s = sum(1 for converted in people.values() if converted)
+        f = len(people) - s
+        if s + f < min(25, 0.02 * (big_s + big_f)):
+            continue
+        if request.kind == "event_with_properties" and s + f <= 2:
+            continue
+        odds = ((s + 1) / (big_s - s + 1)) / ((f + 1) / (big_f - f + 1))
+        rows.append((key, s, f, odds))
+    positive = sorted((r for r in rows if r[3] > 1), key=lambda r: (-r[3], r[0]))[:10]
+    negative = sorted((r for r in rows if r[3] <= 1), key=lambda r: (r[3], r[0]))[:10]
+    events = [{"event": {"event": key, "properties": {}, "elements": []}, "success_count": s, "failure_count": f,
+               "odds_ratio": odds, "correlation_type": "success" if odds > 1 else "failure"}
+              for key, s, f, odds in positive + negative]
+    return {"events": events, "skewed": big_s / big_f > 10 or big_f / big_s > 10}
+
+
+def _text(value: Any) -> str:
+    from schemas.filters import as_text
+
+    return as_text(value)

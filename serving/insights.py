@@ -23,7 +23,7 @@ from schemas.registry import DefinitionRegistry
 from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, validation
-from serving.funnels import FunnelQuery
+from serving.funnels import FunnelQuery, correlation, parse_correlation
 from serving.trends import TrendQuery, resolve_now
 
 router = APIRouter(tags=["insights"])
@@ -217,6 +217,32 @@ async def _funnel_people(request: Request, project_id: str) -> Response:
     return JSON({"results": [{"people": people, "count": len(persons)}], "next": following})
 
 
+async def _funnel_correlation(request: Request, project_id: str) -> Response:
+    """Funnel correlation (spec §8). Unlike PostHog, personal API keys with insight:read may call it."""
+    data, body = await request_data(request)
+    state = request.app.state
+    key = authenticate(request, state.registry, body)
+    project = authorize(key, state.registry, project_id, "insight:read")
+    try:
+        wanted = parse_correlation(data)
+        parsed = parse_funnel_request({**data, "insight": "FUNNELS", "funnel_viz_type": "steps"}, project.id,
+                                      project.timezone, project.test_account_filters, body,
+                                      correlation_events=wanted.event_names)
+        query = FunnelQuery(state.redis, project, parsed, _now(request))
+    except RequestError as exc:
+        raise validation(exc.detail, exc.attr, exc.code) from exc
+    pending = await materialized(state.definitions, query.definitions(), parsed.refresh,
+                                 state.settings.blocking_timeout_s)
+    if pending is not None:
+        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+
+    def person_properties(persons: list[str]) -> dict[str, dict[str, Any]]:
+        return {str(p["id"]): p["properties"] for p in person_details(state.redis, project.id, persons)}
+
+    result = correlation(query, wanted, person_properties)
+    return JSON({"result": result, "last_refresh": iso_instant(datetime.now(UTC)), "is_cached": False})
+
+
 def person_details(client: Any, project_id: int, persons: list[str]) -> list[dict[str, Any]]:
     pipe = client.pipeline(transaction=False)
     for person in persons:
@@ -235,6 +261,10 @@ for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{projec
     env = prefix.split("/")[2]
     router.add_api_route(prefix + "/funnel/", _funnel, methods=["GET", "POST"], operation_id=f"funnel_{env}")
     router.add_api_route(prefix + "/funnel", _funnel, methods=["GET", "POST"], include_in_schema=False)
+    router.add_api_route(prefix + "/funnel/correlation/", _funnel_correlation, methods=["GET", "POST"],
+                         operation_id=f"funnel_correlation_{env}")
+    router.add_api_route(prefix + "/funnel/correlation", _funnel_correlation, methods=["GET", "POST"],
+                         include_in_schema=False)
     router.add_api_route(prefix + "/funnel/people/", _funnel_people, methods=["GET", "POST"],
                          operation_id=f"funnel_people_{env}")
     router.add_api_route(prefix + "/funnel/people", _funnel_people, methods=["GET", "POST"], include_in_schema=False)

@@ -1,8 +1,4 @@
-"""PostHog's funnel test cases (`../shared/conformance/funnels.jsonl`), end to end.
-
-Correlation cases belong to the correlation endpoint, built in a later step of issue 4; they are
-listed in CORRELATION and run by that endpoint's test once it exists.
-"""
+"""PostHog's funnel and funnel-correlation test cases (`../shared/conformance/funnels.jsonl`), end to end."""
 
 from __future__ import annotations
 
@@ -14,11 +10,11 @@ import pytest
 from tests.conformance import feed, load_cases, now_of
 from tests.conftest import ProjectHandle, Stack
 
-CASES = [c for c in load_cases("funnels") if "correlation" not in c["expect"]]
+CASES = load_cases("funnels")
 
 
-def _funnel(project: ProjectHandle, query: dict, now: str) -> httpx.Response:
-    return httpx.post(f"{project.stack.api_url}/api/environments/{project.id}/insights/funnel/",
+def _funnel(project: ProjectHandle, query: dict, now: str, path: str = "funnel/") -> httpx.Response:
+    return httpx.post(f"{project.stack.api_url}/api/environments/{project.id}/insights/{path}",
                       json={**query, "refresh": "blocking"}, timeout=60,
                       headers={"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": now})
 
@@ -56,6 +52,9 @@ def _url(step: dict, n: int) -> str:
 def test_funnel_case(running: Stack, case: dict[str, Any]) -> None:
     project = feed(running, case)
     now = now_of(case)
+    if "correlation" in case["expect"]:
+        _check_correlation(project, case, now)
+        return
     reply = _funnel(project, case["query"], now)
     assert reply.status_code == 200, reply.text
     result = reply.json()["result"]
@@ -109,3 +108,17 @@ def test_funnel_case(running: Stack, case: dict[str, Any]) -> None:
             assert got["reached_to_step_count"][i] == row["reached_to_step_count"], row
         if "conversion_rate" in row:
             assert got["data"][i] == pytest.approx(row["conversion_rate"]), row
+
+
+def _check_correlation(project: ProjectHandle, case: dict[str, Any], now: str) -> None:
+    reply = _funnel(project, case["query"], now, "funnel/correlation/")
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert set(body) == {"result", "last_refresh", "is_cached"}
+    rows = body["result"]["events"]
+    wanted = case["expect"]["correlation"]["events"]
+    assert [r["event"]["event"] for r in rows] == [w["event"] for w in wanted]
+    for row, want in zip(rows, wanted, strict=True):
+        assert row["success_count"] == want["success_count"] and row["failure_count"] == want["failure_count"]
+        assert row["odds_ratio"] == pytest.approx(want["odds_ratio"], abs=1e-7)
+        assert row["correlation_type"] == want["correlation_type"]

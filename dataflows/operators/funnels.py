@@ -8,7 +8,7 @@ that first reached it. Pure: the query runs it over the state the dataflow keeps
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 
 
@@ -19,6 +19,8 @@ class StepEvent:
     steps: tuple[int, ...]       # 1-based steps the event matches
     exclusions: tuple[int, ...] = ()  # 1-based k: "between step k-1 and step k" (PostHog's -k tags)
     breakdown: str = ""
+    name: str = ""                   # kept for correlation only
+    properties: dict | None = None   # kept for correlation's event_with_properties only
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +159,7 @@ def ordered_attempts(events: Sequence[StepEvent], steps: int, window: float,
             continue
         if 1 not in event.steps:
             continue
-        later = [e if 1 not in e.steps else StepEvent(e.ts, e.uuid, tuple(k for k in e.steps if k != 1),
-                                                      e.exclusions, e.breakdown) for e in evs[i + 1:]]
+        later = [e if 1 not in e.steps else replace(e, steps=tuple(k for k in e.steps if k != 1)) for e in evs[i + 1:]]
         result = ordered([event, *later], steps, window, strict=order == "strict")
         out.append((event.ts, result.steps_reached if result is not None else 0))
     return out

@@ -122,6 +122,39 @@ def chdb_session(events: list[dict[str, Any]], workdir: Path) -> Any:
     return sess
 
 
+FUNNEL_STEPS = ["$pageview", "signed up", "purchase"]
+
+
+def bench_funnel(http: httpx.Client, url: str, headers: dict[str, str], client: redis.Redis, chdb: Any,
+                 date_from: str, date_to: str) -> dict[str, Any]:
+    """Build time of a new 3-step funnel over every event, its state per person, and query latency
+    against chdb's windowFunnel over the same events (14-day window)."""
+    query = {"events": [{"id": e, "order": i} for i, e in enumerate(FUNNEL_STEPS)], "date_from": date_from,
+             "date_to": date_to, "funnel_window_interval": 14, "funnel_window_interval_unit": "day"}
+    started = time.perf_counter()
+    while http.post(url, json={**query, "refresh": "blocking"}, headers=headers, timeout=600).status_code != 200:
+        pass
+    build_s = time.perf_counter() - started
+    ours = [s["count"] for s in http.post(url, json=query, headers=headers, timeout=600).json()["result"]]
+    conditions = ", ".join(f"event = '{e}'" for e in FUNNEL_STEPS)
+    sql = (f"SELECT level, count() FROM (SELECT person_id, windowFunnel(1209600)(toDateTime(timestamp), "
+           f"{conditions}) AS level FROM events WHERE timestamp >= '{date_from} 00:00:00' AND timestamp < "
+           f"toDateTime64('{date_to} 00:00:00', 6) + INTERVAL 1 DAY GROUP BY person_id) GROUP BY level")
+    levels = {int(a): int(b) for a, b in (line.split(",") for line in str(chdb.query(sql, "CSV")).strip().splitlines())}
+    theirs = [sum(c for lvl, c in levels.items() if lvl >= k) for k in range(1, len(FUNNEL_STEPS) + 1)]
+    state_bytes, cursor = 0, 0
+    while True:
+        cursor, found = client.scan(cursor, match="{p1}:v1:d:*:fe:*", count=1000)
+        state_bytes += sum(client.memory_usage(k) or 0 for k in found)
+        if cursor == 0:
+            break
+    http_ms = median_ms(lambda: http.post(url, json=query, headers=headers, timeout=600).raise_for_status(), 3)
+    chdb_ms = median_ms(lambda: chdb.query(sql, "CSV"), 5)
+    return {"build_s": round(build_s, 2), "insightflow_http_ms": round(http_ms, 1), "chdb_ms": round(chdb_ms, 1),
+            "chdb_over_insightflow_http": round(chdb_ms / http_ms, 3), "counts": ours, "chdb_counts": theirs,
+            "same_numbers": ours == theirs, "state_bytes_per_person": round(state_bytes / max(1, ours[0]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=500_000)
@@ -129,6 +162,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--load", type=int, default=1000, help="background capture events/s during probes")
+    parser.add_argument("--funnel", action="store_true", help="also benchmark a 3-step funnel against windowFunnel")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="insightflow-bench-"))
     logs = workdir / "logs"
@@ -228,6 +262,9 @@ def main() -> None:
                                        "chdb_over_insightflow_http": round(chdb_ms / http_ms, 2),
                                        "same_numbers": True}
 
+        if args.funnel:
+            report["funnel_3_steps_30d"] = bench_funnel(http, url.replace("/trend/", "/funnel/"), headers, client,
+                                                        chdb, date_from, date_to)
         if args.probes == 0:
             return print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         # Capture -> queryable latency under background load.

@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -35,6 +36,7 @@ class ActorResult:
     result: FunnelResult
 
 
+@lru_cache(maxsize=4096)
 def _bits(mask: int) -> tuple[int, ...]:
     return tuple(k for k in range(1, mask.bit_length()) if mask >> k & 1)
 

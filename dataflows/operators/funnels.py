@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import groupby
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +54,8 @@ def _sorted(events: Iterable[StepEvent]) -> list[StepEvent]:
 def ordered(events: Iterable[StepEvent], steps: int, window: float, strict: bool = False) -> FunnelResult | None:
     """Ordered (and strict) funnels. None when the actor's counted attempt was excluded (§7.5)."""
     state = _State([None] * (steps + 1))
-    for ts, group_iter in groupby(_sorted(events), key=lambda e: e.ts):
-        group = list(group_iter)
+    for group in _same_instant(_sorted(events)):
+        ts = group[0].ts
         pairs = sorted(((k, e) for e in group for k in e.steps if 1 <= k <= steps), key=lambda p: p[0])
         before = list(state.reached)
         for k, event in pairs:
@@ -74,6 +73,15 @@ def ordered(events: Iterable[StepEvent], steps: int, window: float, strict: bool
     if state.best.excluded:
         return None
     return FunnelResult(state.best_k, state.best.times)
+
+
+def _same_instant(events: list[StepEvent]) -> Iterable[list[StepEvent]]:
+    """Consecutive runs of events sharing a timestamp (most runs have one event)."""
+    start = 0
+    for i in range(1, len(events) + 1):
+        if i == len(events) or events[i].ts != events[start].ts:
+            yield events[start:i]
+            start = i
 
 
 def _advance(state: _State, k: int, event: StepEvent, window: float, before: list[_Attempt | None]) -> None:

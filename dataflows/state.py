@@ -257,9 +257,13 @@ for ev, f in pairs(firsts) do
       if cur then
         redis.call('HINCRBY', P .. 'fh:' .. ev, old_hour, -1)
         redis.call('HINCRBY', P .. 'fd:' .. ev, old_day, -1)
+        redis.call('SETBIT', P .. 'fuh:' .. ev .. ':' .. old_hour, p, 0)
+        redis.call('SETBIT', P .. 'fud:' .. ev .. ':' .. old_day, p, 0)
       end
       redis.call('HINCRBY', P .. 'fh:' .. ev, v[2], 1)
       redis.call('HINCRBY', P .. 'fd:' .. ev, v[3], 1)
+      redis.call('SETBIT', P .. 'fuh:' .. ev .. ':' .. v[2], p, 1)
+      redis.call('SETBIT', P .. 'fud:' .. ev .. ':' .. v[3], p, 1)
       redis.call('HSET', fkey, p, v[1] .. ':' .. v[2] .. ':' .. v[3])
     end
   end

@@ -83,6 +83,16 @@ def person_properties(pid: int, person: int | str) -> str:
     return f"{project_prefix(pid)}pp:{person}"
 
 
+def first_time_day_persons(pid: int, event: str, day: str) -> str:
+    """Bitmap of persons whose first event of that name is on that project-zone day."""
+    return f"{project_prefix(pid)}fud:{event}:{day}"
+
+
+def first_time_hour_persons(pid: int, event: str, hour: int) -> str:
+    """Bitmap of persons whose first event of that name is in that project-zone hour."""
+    return f"{project_prefix(pid)}fuh:{event}:{hour}"
+
+
 def definitions_generation(pid: int) -> str:
     """Counter raised by every registration; the apply script refuses batches planned before it."""
     return project_prefix(pid) + "defgen"

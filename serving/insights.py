@@ -20,10 +20,12 @@ from schemas.dates import DateParseError, iso_instant
 from schemas.definitions import Definition
 from schemas.funnels import parse_funnel_request
 from schemas.registry import DefinitionRegistry
+from schemas.retention import parse_retention_request
 from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, validation
 from serving.funnels import FunnelQuery, correlation, parse_correlation
+from serving.retention import RetentionQuery
 from serving.trends import TrendQuery, resolve_now
 
 router = APIRouter(tags=["insights"])
@@ -243,6 +245,57 @@ async def _funnel_correlation(request: Request, project_id: str) -> Response:
     return JSON({"result": result, "last_refresh": iso_instant(datetime.now(UTC)), "is_cached": False})
 
 
+async def _retention_query(request: Request, project_id: str) -> tuple[RetentionQuery, dict[str, Any], Any]:
+    data, body = await request_data(request)
+    state = request.app.state
+    key = authenticate(request, state.registry, body)
+    project = authorize(key, state.registry, project_id, "insight:read")
+    try:
+        parsed = parse_retention_request(data, project.test_account_filters)
+        query = RetentionQuery(state.redis, project, parsed, _now(request))
+    except RequestError as exc:
+        raise validation(exc.detail, exc.attr, exc.code) from exc
+    pending = await materialized(state.definitions, query.definitions(),
+                                 "blocking" if request.url.path.rstrip("/").endswith("people") else parsed.refresh,
+                                 state.settings.blocking_timeout_s)
+    return query, data, (project, pending)
+
+
+async def _retention(request: Request, project_id: str) -> Response:
+    """Retention cohorts (spec §10)."""
+    query, data, (project, pending) = await _retention_query(request, project_id)
+    if pending is not None:
+        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    path = f"/api/environments/{project.id}/insights/retention/people/"
+    base = str(request.base_url).rstrip("/")
+    shared = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in data.items()
+              if k not in ("selected_interval", "breakdown_value", "refresh")}
+
+    def people_url(row: int, _column: int | None, value: str | None, absolute: bool) -> str:
+        params = {**shared, "selected_interval": row, **({"breakdown_value": value} if value is not None else {})}
+        return f"{base if absolute else ''}{path}?{urlencode(params)}"
+
+    return JSON({"result": query.run(people_url), "timezone": project.timezone, "is_cached": False,
+                 "last_refresh": iso_instant(datetime.now(UTC)), "timings": []})
+
+
+async def _retention_people(request: Request, project_id: str) -> Response:
+    """The persons of one retention cohort row, with the periods they returned in."""
+    query, data, (project, pending) = await _retention_query(request, project_id)
+    if pending is not None:
+        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    try:
+        selected = int(data.get("selected_interval") or 0)
+    except ValueError as exc:
+        raise validation("selected_interval must be an integer", "selected_interval") from exc
+    if not 0 <= selected < len(query.periods):
+        raise validation("selected_interval is outside the cohort rows", "selected_interval")
+    rows = query.people(selected, data.get("breakdown_value"))
+    details = {str(p["id"]): p for p in person_details(request.app.state.redis, project.id, [p for p, _ in rows])}
+    return JSON({"result": [{"person": details[p], "appearances": [int(a) for a in appearances]}
+                            for p, appearances in rows], "next": None})
+
+
 def person_details(client: Any, project_id: int, persons: list[str]) -> list[dict[str, Any]]:
     pipe = client.pipeline(transaction=False)
     for person in persons:
@@ -265,6 +318,10 @@ for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{projec
                          operation_id=f"funnel_correlation_{env}")
     router.add_api_route(prefix + "/funnel/correlation", _funnel_correlation, methods=["GET", "POST"],
                          include_in_schema=False)
+    router.add_api_route(prefix + "/retention/", _retention, methods=["GET", "POST"], operation_id=f"retention_{env}")
+    router.add_api_route(prefix + "/retention", _retention, methods=["GET", "POST"], include_in_schema=False)
+    router.add_api_route(prefix + "/retention/people/", _retention_people, methods=["GET", "POST"],
+                         operation_id=f"retention_people_{env}")
     router.add_api_route(prefix + "/funnel/people/", _funnel_people, methods=["GET", "POST"],
                          operation_id=f"funnel_people_{env}")
     router.add_api_route(prefix + "/funnel/people", _funnel_people, methods=["GET", "POST"], include_in_schema=False)

@@ -253,14 +253,7 @@ class TrendQuery:
         return [_union(bitmaps, members).bit_count() for members in key_lists]
 
     def _fetch_bitmaps(self, key_lists: list[list[str]]) -> dict[str, int]:
-        """Each bitmap once, as an integer aligned to the longest one (bit i = person i)."""
-        unique = list(dict.fromkeys(k for members in key_lists for k in members))
-        pipe = self.redis.pipeline(transaction=False)
-        for key in unique:
-            pipe.get(key)
-        raw = [v or b"" for v in pipe.execute()]
-        width = max((len(v) for v in raw), default=0)
-        return {k: int.from_bytes(v.ljust(width, b"\0"), "big") for k, v in zip(unique, raw, strict=True)}
+        return fetch_bitmaps(self.redis, key_lists)
 
     def _cumulative_distinct(self, key_lists: list[list[str]]) -> list[int]:
         """Each actor counts once, in the first bucket it appears (E3 cumulative for actor maths)."""
@@ -602,6 +595,21 @@ def _smooth(values: list, window: int) -> list[int]:
         part = values[max(0, i - window + 1): i + 1]
         out.append(math.floor(sum(part) / len(part)))
     return out
+
+
+# Redis numbers bitmap bits from the most significant bit of the first byte; reversing the bits of
+# each byte and reading little-endian gives an integer whose bit i is person i, whatever its length.
+_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+
+
+def fetch_bitmaps(client: redis.Redis, key_lists: list[list[str]]) -> dict[str, int]:
+    """Each person bitmap once, as an integer with bit i = person i."""
+    unique = list(dict.fromkeys(k for members in key_lists for k in members))
+    pipe = client.pipeline(transaction=False)
+    for key in unique:
+        pipe.get(key)
+    return {k: int.from_bytes((v or b"").translate(_REVERSED), "little")
+            for k, v in zip(unique, pipe.execute(), strict=True)}
 
 
 def _union(bitmaps: dict[str, int], members: list[str]) -> int:

@@ -1,0 +1,99 @@
+"""The retention request (spec §10.2) and the state each of its two entities reads.
+
+An entity without filters or breakdown reads the always-on per-day (or per-hour) person bitmaps; one
+with filters, an inline action, a breakdown, or a minimum number of returning events reads a trend
+definition's state (the same materialization mechanism as trends).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.definitions import Breakdown, Definition
+from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
+from schemas.trends import Entity, RequestError, _breakdown, _entities, decode_json_field, to_bool
+
+PERIODS = {"Hour": "hour", "Day": "day", "Week": "week", "Month": "month"}
+TYPES = ("retention_recurring", "retention_first_time")
+
+
+@dataclass(frozen=True)
+class RetentionRequest:
+    target: Entity
+    returning: Entity
+    period: str  # Hour, Day, Week, Month
+    total_intervals: int
+    first_time: bool
+    date_to: str | None
+    filters: FilterGroup
+    breakdown: Breakdown | None
+    breakdown_limit: int
+    cumulative: bool
+    minimum_occurrences: int
+    raw: dict[str, Any]
+    refresh: str = ""
+
+    @property
+    def interval(self) -> str:
+        return PERIODS[self.period]
+
+
+def _entity(data: dict[str, Any], name: str, default: dict[str, Any]) -> Entity:
+    raw = decode_json_field(data, name, None) or default
+    if not isinstance(raw, dict):
+        raise RequestError(f"'{name}' must be an entity object", name)
+    kind = "actions" if raw.get("type") == "actions" else "events"
+    try:
+        (entity,) = _entities({kind: [{**raw, "math": None, "order": 0}]})
+    except RequestError as exc:
+        raise RequestError(exc.detail, name, exc.code) from exc
+    return entity
+
+
+def parse_retention_request(data: dict[str, Any], test_account_filters: list[Any]) -> RetentionRequest:
+    target = _entity(data, "target_entity", {"id": "$pageview", "type": "events"})
+    returning = _entity(data, "returning_entity", decode_json_field(data, "target_entity", None)
+                        or {"id": "$pageview", "type": "events"})
+    period = str(data.get("period") or "Day")
+    if period not in PERIODS:
+        raise RequestError(f"Period {period} is unsupported.", "period", "invalid_choice")
+    try:
+        intervals = int(data.get("total_intervals") or 11)
+        minimum = int(data.get("minimum_occurrences") or 1)
+    except (TypeError, ValueError) as exc:
+        raise RequestError("total_intervals and minimum_occurrences must be integers", "total_intervals") from exc
+    if not 1 <= intervals <= 500:
+        raise RequestError("total_intervals must be between 1 and 500", "total_intervals")
+    kind = str(data.get("retention_type") or "retention_recurring")
+    if kind not in TYPES:
+        raise RequestError(f"Unknown retention_type '{kind}'.", "retention_type", "invalid_choice")
+    try:
+        filters = parse_filters(decode_json_field(data, "properties", []), "properties")
+        if to_bool(data.get("filter_test_accounts")) and test_account_filters:
+            filters = all_of(filters, parse_filters(test_account_filters, "filter_test_accounts"))
+    except FilterError as exc:
+        raise RequestError(exc.detail, exc.attr, exc.code) from exc
+    breakdown = _breakdown(data)
+    first_time = kind == "retention_first_time"
+    if first_time and (target.id is None or target.steps or not target.filters.empty or not filters.empty
+                       or breakdown is not None):
+        raise RequestError("First-time retention with a filtered, action or all-events target, or a breakdown, "
+                           "is not supported yet.", "retention_type", "unsupported")
+    return RetentionRequest(
+        target=target, returning=returning, period=period, total_intervals=intervals, first_time=first_time,
+        date_to=data.get("date_to") or None, filters=filters, breakdown=breakdown,
+        breakdown_limit=int(data.get("breakdown_limit") or 25), cumulative=to_bool(data.get("cumulative")),
+        minimum_occurrences=max(1, minimum), raw=data, refresh=str(data.get("refresh") or "").lower(),
+    )
+
+
+def entity_definition(request: RetentionRequest, entity: Entity, project_id: int, timezone: str,
+                      per_actor: bool = False) -> Definition | None:
+    """The materialization an entity needs, or None when the always-on bitmaps answer it."""
+    filters = all_of(request.filters, entity.filters)
+    if filters.empty and request.breakdown is None and not entity.steps and not per_actor:
+        return None
+    return Definition(project_id=project_id, event=None if entity.steps else entity.id,
+                      filters=filters if not filters.empty else NO_FILTERS, breakdown=request.breakdown,
+                      per_actor=per_actor, timezone=timezone, steps=entity.steps)

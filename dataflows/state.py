@@ -336,8 +336,8 @@ def _json_values(values: dict[str, object]) -> str:
 
 
 def definition_flags(definition: Definition) -> str:
-    if getattr(definition, "kind", "") == "funnel":
-        return "f"
+    if getattr(definition, "kind", "") in ("funnel", "paths"):
+        return "f"  # keeps the matching events themselves (per day)
     return ("l" if definition.keep_values else "") + ("a" if definition.per_actor else "")
 
 

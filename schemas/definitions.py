@@ -133,8 +133,13 @@ class Definition:
 
 def load_definition(data: bytes | str) -> Any:
     """A stored definition of any kind (trend materialization or funnel)."""
-    if orjson.loads(data).get("kind") == "funnel":
+    kind = orjson.loads(data).get("kind")
+    if kind == "funnel":
         from schemas.funnels import FunnelDefinition
 
         return FunnelDefinition.from_json(data)
+    if kind == "paths":
+        from schemas.paths import PathDefinition
+
+        return PathDefinition.from_json(data)
     return Definition.from_json(data)

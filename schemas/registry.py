@@ -30,6 +30,7 @@ class Project:
     timezone: str = "UTC"
     week_start_day: int = 0
     test_account_filters: list[dict[str, Any]] = field(default_factory=list)
+    path_cleaning_filters: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -78,7 +79,8 @@ class Registry:
 
     def save_project(self, project_id: int, *, name: str | None = None, token: str | None = None,
                      timezone: str | None = None, week_start_day: int | None = None,
-                     test_account_filters: list[dict[str, Any]] | None = None) -> Project:
+                     test_account_filters: list[dict[str, Any]] | None = None,
+                     path_cleaning_filters: list[dict[str, Any]] | None = None) -> Project:
         """Create or update a project; unspecified fields keep their value (or the default)."""
         if project_id <= 0:
             raise RegistryError("project id must be a positive integer")
@@ -105,6 +107,8 @@ class Registry:
             (existing.week_start_day if existing else 0),
             test_account_filters=test_account_filters if test_account_filters is not None else
             (existing.test_account_filters if existing else []),
+            path_cleaning_filters=path_cleaning_filters if path_cleaning_filters is not None else
+            (existing.path_cleaning_filters if existing else []),
         )
         pipe = self.redis.pipeline()
         if existing and existing.token != new_token:

@@ -19,12 +19,14 @@ from schemas import keys
 from schemas.dates import DateParseError, iso_instant
 from schemas.definitions import Definition
 from schemas.funnels import parse_funnel_request
+from schemas.paths import parse_paths_request
 from schemas.registry import DefinitionRegistry
 from schemas.retention import parse_retention_request
 from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, validation
 from serving.funnels import FunnelQuery, correlation, parse_correlation
+from serving.paths import PathsQuery
 from serving.retention import RetentionQuery
 from serving.trends import TrendQuery, resolve_now
 
@@ -296,6 +298,26 @@ async def _retention_people(request: Request, project_id: str) -> Response:
                             for p, appearances in rows], "next": None})
 
 
+async def _paths(request: Request, project_id: str) -> Response:
+    """Path edges (spec §9)."""
+    data, body = await request_data(request)
+    state = request.app.state
+    key = authenticate(request, state.registry, body)
+    project = authorize(key, state.registry, project_id, "insight:read")
+    try:
+        parsed = parse_paths_request(data, project.id, project.timezone, project.test_account_filters,
+                                     project.path_cleaning_filters)
+        query = PathsQuery(state.redis, project, parsed, _now(request))
+    except RequestError as exc:
+        raise validation(exc.detail, exc.attr, exc.code) from exc
+    pending = await materialized(state.definitions, query.definitions(), parsed.refresh,
+                                 state.settings.blocking_timeout_s)
+    if pending is not None:
+        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    return JSON({"result": query.run(), "timezone": project.timezone, "is_cached": False,
+                 "last_refresh": iso_instant(datetime.now(UTC)), "timings": []})
+
+
 def person_details(client: Any, project_id: int, persons: list[str]) -> list[dict[str, Any]]:
     pipe = client.pipeline(transaction=False)
     for person in persons:
@@ -318,6 +340,8 @@ for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{projec
                          operation_id=f"funnel_correlation_{env}")
     router.add_api_route(prefix + "/funnel/correlation", _funnel_correlation, methods=["GET", "POST"],
                          include_in_schema=False)
+    router.add_api_route(prefix + "/path/", _paths, methods=["GET", "POST"], operation_id=f"path_{env}")
+    router.add_api_route(prefix + "/path", _paths, methods=["GET", "POST"], include_in_schema=False)
     router.add_api_route(prefix + "/retention/", _retention, methods=["GET", "POST"], operation_id=f"retention_{env}")
     router.add_api_route(prefix + "/retention", _retention, methods=["GET", "POST"], include_in_schema=False)
     router.add_api_route(prefix + "/retention/people/", _retention_people, methods=["GET", "POST"],

@@ -1,0 +1,131 @@
+"""Path edges (spec §9.3, §19.15-17) from the path events a paths definition keeps per day."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+import redis
+
+from schemas import keys
+from schemas.dates import QueryDateRange, zone
+from schemas.paths import PathDefinition, PathsRequest
+from schemas.registry import Project
+from schemas.trends import RequestError
+
+SESSION_GAP_S = 30 * 60
+ELLIPSIS = "..."
+
+
+class PathsQuery:
+    def __init__(self, client: redis.Redis, project: Project, request: PathsRequest, now: datetime) -> None:
+        self.redis, self.project, self.request = client, project, request
+        self.tz = zone(project.timezone)
+        try:
+            self.range = QueryDateRange.resolve(date_from=request.date_from, date_to=request.date_to, interval="day",
+                                                tz=self.tz, now=now, week_start=project.week_start_day)
+        except ValueError as exc:
+            raise RequestError(str(exc), "date_from") from exc
+
+    def definitions(self) -> list[PathDefinition]:
+        return [self.request.definition]
+
+    def _events(self) -> dict[str, list[tuple[float, str, str]]]:
+        prefix = keys.definition_prefix(self.project.id, self.request.definition.hash)
+        pipe = self.redis.pipeline(transaction=False)
+        day = self.range.date_from.date()
+        while day <= self.range.date_to.date():
+            pipe.lrange(f"{prefix}fe:{day.strftime('%Y%m%d')}", 0, -1)
+            day += timedelta(days=1)
+        low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000
+        actors: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
+        for entries in pipe.execute():
+            for raw in entries:
+                person, ts, uuid, payload = raw.decode().split("|", 3)
+                if low <= int(ts) <= high:
+                    actors[person].append((int(ts) / 1000, uuid, orjson.loads(payload)[0]))
+        return actors
+
+    def _item(self, raw: str) -> str | None:
+        item = raw
+        for pattern, alias in self.request.cleaning:
+            item = pattern.sub(alias, item)
+        for name, pattern in self.request.groupings:
+            if pattern.search(item):
+                item = name
+                break
+        return None if item in self.request.exclude else item
+
+    def _sessions(self, events: list[tuple[float, str, str]]) -> list[list[tuple[str, float]]]:
+        """Sessions split at gaps of 30 minutes, repeats collapsed (time of the run's last event)."""
+        sessions: list[list[tuple[str, float]]] = []
+        last_ts: float | None = None
+        for ts, _uuid, raw in sorted(events):
+            item = self._item(raw)
+            if item is None:
+                continue
+            if last_ts is None or ts - last_ts >= SESSION_GAP_S:
+                sessions.append([])
+            last_ts = ts
+            session = sessions[-1]
+            if session and session[-1][0] == item:
+                session[-1] = (item, ts)
+            else:
+                session.append((item, ts))
+        return sessions
+
+    def _shape(self, session: list[tuple[str, float]]) -> list[tuple[str, float]] | None:
+        """Start/end points and the step limit (§9.3 step 7, §19.16)."""
+        start, end, limit = self.request.start_point, self.request.end_point, self.request.step_limit
+        items = [i for i, _ in session]
+        if start is not None:
+            if start not in items:
+                return None
+            session = session[items.index(start):]
+            items = items[items.index(start):]
+        if end is not None:
+            if end not in items:
+                return None
+            session = session[: items.index(end) + 1]
+            if start is None:
+                return session[-limit:]
+            if len(session) > limit:
+                half = limit // 2
+                return [*session[:half], (ELLIPSIS, session[half][1]), *session[len(session) - half:]]
+            return session
+        return session[:limit]
+
+    def run(self) -> list[dict[str, Any]]:
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        times: dict[tuple[str, str], float] = defaultdict(float)
+        for events in self._events().values():
+            for session in self._sessions(events):
+                path = self._shape(session)
+                if not path:
+                    continue
+                for i in range(len(path) - 1):
+                    edge = (f"{i + 1}_{path[i][0]}", f"{i + 2}_{path[i + 1][0]}")
+                    counts[edge] += 1
+                    times[edge] += (path[i + 1][1] - path[i][1]) * 1000
+        request = self.request
+        edges = [(s, t, v, times[(s, t)] / v) for (s, t), v in counts.items()
+                 if (request.min_weight is None or v >= request.min_weight)
+                 and (request.max_weight is None or v <= request.max_weight)]
+        edges.sort(key=lambda e: (-e[2], e[0], e[1]))
+        edges = edges[: request.edge_limit]
+        if request.min_weight is None and request.max_weight is None:
+            edges = _reachable(edges)
+        return [{"source": s, "target": t, "value": v, "average_conversion_time": avg} for s, t, v, avg in edges]
+
+
+def _reachable(edges: list[tuple[str, str, int, float]]) -> list[tuple[str, str, int, float]]:
+    """Drop edges whose source is neither a first step nor the target of a kept edge (§9.3 step 11)."""
+    kept = edges
+    while True:
+        targets = {t for _, t, _, _ in kept}
+        pruned = [e for e in kept if e[0].startswith("1_") or e[0] in targets]
+        if len(pruned) == len(kept):
+            return kept
+        kept = pruned

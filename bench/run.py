@@ -37,6 +37,7 @@ from serving.trends import TrendQuery
 PROJECT = 1
 EVENTS = ("$pageview", "$pageview", "$pageview", "click", "signed up", "purchase")
 BROWSERS = ("Chrome", "Firefox", "Safari", "Edge")
+URLS = tuple(f"https://shop.example/{p}" for p in ("", "docs", "pricing", "signup", "blog", "cart", "checkout"))
 END = datetime(2024, 6, 30, tzinfo=UTC)
 
 
@@ -50,7 +51,8 @@ def synthetic(n: int, persons: int, days: int = 30, seed: int = 1) -> list[dict[
         out.append({"uuid": str(uuid.UUID(int=rng.getrandbits(128), version=4)), "event": rng.choice(EVENTS),
                     "distinct_id": f"p{rng.randrange(persons)}", "project_id": PROJECT,
                     "timestamp": ts.isoformat().replace("+00:00", "Z"),
-                    "properties": {"$browser": rng.choice(BROWSERS), "amount": rng.randrange(1, 500), "i": i}})
+                    "properties": {"$browser": rng.choice(BROWSERS), "amount": rng.randrange(1, 500), "i": i,
+                                   "$current_url": rng.choice(URLS)}})
     return out
 
 
@@ -125,6 +127,63 @@ def chdb_session(events: list[dict[str, Any]], workdir: Path) -> Any:
 FUNNEL_STEPS = ["$pageview", "signed up", "purchase"]
 
 
+def bench_retention_paths(http: httpx.Client, url: str, headers: dict[str, str], chdb: Any) -> dict[str, Any]:
+    """Weekly recurring retention over 8 weeks and 5-step $pageview paths, against chdb."""
+    out: dict[str, Any] = {}
+    retention_url = url.replace("/trend/", "/retention/")
+    query = {"period": "Week", "total_intervals": 8, "date_to": END.date().isoformat()}
+    rows = http.post(retention_url, json=query, headers=headers, timeout=600).json()["result"]
+    start, end = rows[0]["date"][:10], (END + timedelta(days=1)).date().isoformat()
+    weeks = f"""(SELECT DISTINCT person_id, toStartOfWeek(timestamp, 0) AS w FROM events
+                WHERE event = '$pageview' AND timestamp >= '{start} 00:00:00' AND timestamp < '{end} 00:00:00')"""
+    sql = (f"SELECT c.w, dateDiff('week', c.w, r.w) AS k, count() FROM {weeks} AS c INNER JOIN {weeks} AS r "
+           f"ON c.person_id = r.person_id AND r.w >= c.w GROUP BY c.w, k ORDER BY c.w, k")
+    theirs: dict[tuple[str, int], int] = {}
+    for line in str(chdb.query(sql, "CSV")).strip().splitlines():
+        w, k, c = line.replace('"', "").split(",")
+        theirs[(w, int(k))] = int(c)
+    ours = {(r["date"][:10], k): v["count"] for r in rows for k, v in enumerate(r["values"]) if v["count"]}
+    http_ms = median_ms(lambda: http.post(retention_url, json=query, headers=headers).raise_for_status(), 10)
+    chdb_ms = median_ms(lambda: chdb.query(sql, "CSV"), 5)
+    out["query_weekly_retention_8w"] = {"insightflow_http_ms": round(http_ms, 2), "chdb_ms": round(chdb_ms, 2),
+                                        "chdb_over_insightflow_http": round(chdb_ms / http_ms, 2),
+                                        "same_numbers": ours == theirs}
+    path_url = url.replace("/trend/", "/path/")
+    date_from = (END - timedelta(days=30)).date().isoformat()
+    paths = {"include_event_types": ["$pageview"], "date_from": date_from, "date_to": END.date().isoformat(),
+             "step_limit": 5, "edge_limit": 1000}
+    started = time.perf_counter()
+    while http.post(path_url, json={**paths, "refresh": "blocking"}, headers=headers, timeout=600).status_code != 200:
+        pass
+    out["paths_definition_build_s"] = round(time.perf_counter() - started, 2)
+    edges = {(e["source"], e["target"]): e["value"]
+             for e in http.post(path_url, json=paths, headers=headers, timeout=600).json()["result"]}
+    items = "arrayMap(x -> x.3, s)"
+    dedup = f"arrayFilter((x, i) -> i = 1 OR x != {items}[i - 1], {items}, arrayEnumerate({items}))"
+    sql = f"""
+        SELECT concat(toString(i), '_', a) AS source, concat(toString(i + 1), '_', b) AS target, count()
+        FROM (
+          SELECT arraySlice({dedup}, 1, 5) AS p FROM (
+            SELECT arrayJoin(arraySplit((x, y) -> y, evs, arrayMap((x, i) -> i > 1 AND
+                   x.1 - evs[i - 1].1 >= 1800, evs, arrayEnumerate(evs)))) AS s
+            FROM (SELECT person_id, arraySort(x -> (x.1, x.2), groupArray((toUnixTimestamp(timestamp), toString(uuid),
+                         replaceRegexpOne(JSONExtractString(properties, '$current_url'), '(.)/$', '\\1')))) AS evs
+                  FROM events WHERE event = '$pageview' AND timestamp >= '{date_from} 00:00:00'
+                  AND timestamp < '{end} 00:00:00' GROUP BY person_id)))
+        ARRAY JOIN arrayEnumerate(arrayPopBack(p)) AS i, arrayPopBack(p) AS a, arrayPopFront(p) AS b
+        GROUP BY source, target"""
+    theirs_edges = {}
+    for line in str(chdb.query(sql, "CSV")).strip().splitlines():
+        s, t, c = line.replace('"', "").rsplit(",", 2)
+        theirs_edges[(s, t)] = int(c)
+    http_ms = median_ms(lambda: http.post(path_url, json=paths, headers=headers, timeout=600).raise_for_status(), 3)
+    chdb_ms = median_ms(lambda: chdb.query(sql, "CSV"), 3)
+    out["query_paths_5_steps_30d"] = {"insightflow_http_ms": round(http_ms, 1), "chdb_ms": round(chdb_ms, 1),
+                                      "chdb_over_insightflow_http": round(chdb_ms / http_ms, 3),
+                                      "edges": len(edges), "same_numbers": edges == theirs_edges}
+    return out
+
+
 def bench_funnel(http: httpx.Client, url: str, headers: dict[str, str], client: redis.Redis, chdb: Any,
                  date_from: str, date_to: str) -> dict[str, Any]:
     """Build time of a new 3-step funnel over every event, its state per person, and query latency
@@ -163,6 +222,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--load", type=int, default=1000, help="background capture events/s during probes")
     parser.add_argument("--funnel", action="store_true", help="also benchmark a 3-step funnel against windowFunnel")
+    parser.add_argument("--retention-paths", action="store_true", help="also benchmark retention and paths")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="insightflow-bench-"))
     logs = workdir / "logs"
@@ -262,6 +322,8 @@ def main() -> None:
                                        "chdb_over_insightflow_http": round(chdb_ms / http_ms, 2),
                                        "same_numbers": True}
 
+        if args.retention_paths:
+            report.update(bench_retention_paths(http, url, headers, chdb))
         if args.funnel:
             report["funnel_3_steps_30d"] = bench_funnel(http, url.replace("/trend/", "/funnel/"), headers, client,
                                                         chdb, date_from, date_to)

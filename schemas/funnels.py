@@ -17,8 +17,16 @@ from typing import Any
 import orjson
 
 from schemas.definitions import DEFINITION_VERSION, ActionStep, Breakdown
-from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
-from schemas.trends import Entity, RequestError, _breakdown, _entities, decode_json_field, to_bool
+from schemas.filters import NO_FILTERS, FilterGroup, parse_filters
+from schemas.trends import (
+    Entity,
+    RequestError,
+    _breakdown,
+    _entities,
+    decode_json_field,
+    int_field,
+    request_filters,
+)
 
 WINDOW_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400}
 ORDER_TYPES = ("ordered", "strict", "unordered")
@@ -195,16 +203,6 @@ def _step(entity: Entity) -> FunnelStep:
     return FunnelStep(None if entity.steps else entity.id, entity.steps, entity.filters)
 
 
-def _int(data: dict[str, Any], name: str, default: int | None) -> int | None:
-    value = data.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError) as exc:
-        raise RequestError(f"'{name}' must be an integer", name) from exc
-
-
 def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, test_account_filters: list[Any],
                          body: dict[str, Any] | None = None,
                          correlation_events: tuple[str, ...] | None = None) -> FunnelRequest:
@@ -230,12 +228,7 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
         raise RequestError("Funnels require at least two steps.", "events")
     first_time_steps = tuple(i + 1 for i, e in enumerate(entities) if e.type == "events"
                              and (e.order, e.id) in first_time and e.id in first_time_names)
-    try:
-        global_filters = parse_filters(decode_json_field(data, "properties", []), "properties")
-        extra = parse_filters(test_account_filters, "filter_test_accounts") \
-            if to_bool(data.get("filter_test_accounts")) and test_account_filters else NO_FILTERS
-    except FilterError as exc:
-        raise RequestError(exc.detail, exc.attr, exc.code) from exc
+    global_filters = request_filters(data, test_account_filters)
     steps = tuple(_step(e) for e in entities)
     order = str(data.get("funnel_order_type") or "ordered")
     if order not in ORDER_TYPES:
@@ -254,13 +247,13 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
     if attribution not in ATTRIBUTIONS:
         raise RequestError(f"Unknown breakdown_attribution_type '{attribution}'.", "breakdown_attribution_type",
                            "invalid_choice")
-    attribution_step = _int(data, "breakdown_attribution_value", None)
+    attribution_step = int_field(data, "breakdown_attribution_value", None)
     if attribution == "step" and attribution_step is None:
         raise RequestError("breakdown_attribution_value is required with step attribution.",
                            "breakdown_attribution_value")
     n = len(steps)
-    from_step = _int(data, "funnel_from_step", 0) or 0
-    to_step = _int(data, "funnel_to_step", n - 1)
+    from_step = int_field(data, "funnel_from_step", 0) or 0
+    to_step = int_field(data, "funnel_to_step", n - 1)
     assert to_step is not None
     if viz == "time_to_convert" and not 1 <= to_step <= n - 1:
         allowed = ", ".join(str(i) for i in range(1, n))
@@ -270,11 +263,11 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
         raise RequestError(f"funnel_from_step and funnel_to_step must satisfy 0 <= from < to <= {n - 1}.",
                            "funnel_from_step")
     definition = FunnelDefinition(
-        project_id=project_id, steps=steps, exclusions=exclusions, filters=all_of(global_filters, extra),
+        project_id=project_id, steps=steps, exclusions=exclusions, filters=global_filters,
         breakdown=breakdown, every_event=order == "strict" or correlation_events is not None, timezone=timezone,
         keep_names=correlation_events is not None, property_events=tuple(correlation_events or ()),
     )
-    bins = _int(data, "bin_count", None)
+    bins = int_field(data, "bin_count", None)
     body = body or {}
     unbox = (body.get("insight") == "FUNNELS" and body.get("breakdown_type") in ("person", "event")
              and isinstance(body.get("breakdown"), str))
@@ -283,7 +276,7 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
         date_from=data.get("date_from") or None, date_to=data.get("date_to") or None,
         interval=str(data.get("interval") or "day").lower(), from_step=from_step, to_step=to_step,
         attribution=attribution, attribution_step=attribution_step,
-        breakdown_limit=_int(data, "breakdown_limit", 25) or 25,
+        breakdown_limit=int_field(data, "breakdown_limit", 25) or 25,
         bin_count=max(1, min(90, bins)) if bins is not None else None, unbox=unbox, raw=data,
         refresh=str(data.get("refresh") or "").lower(), first_time_steps=first_time_steps,
     )

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from schemas.definitions import DEFINITION_VERSION
-from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
-from schemas.trends import RequestError, decode_json_field, to_bool
+from schemas.filters import NO_FILTERS, FilterGroup, parse_filters
+from schemas.trends import RequestError, decode_json_field, int_field, request_filters, to_bool
 
 EVENT_TYPES = ("$pageview", "$screen", "custom_event")
 
@@ -113,16 +113,6 @@ def _strip(point: Any) -> str | None:
     return text[:-1] if len(text) > 1 and text.endswith("/") else text
 
 
-def _int(data: dict[str, Any], name: str, default: int | None) -> int | None:
-    value = data.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError) as exc:
-        raise RequestError(f"'{name}' must be an integer", name) from exc
-
-
 def parse_paths_request(data: dict[str, Any], project_id: int, timezone: str, test_account_filters: list[Any],
                         path_cleaning_filters: list[Any]) -> PathsRequest:
     types = decode_json_field(data, "include_event_types", [])
@@ -139,13 +129,8 @@ def parse_paths_request(data: dict[str, Any], project_id: int, timezone: str, te
         raise RequestError("Cannot include all custom events and specific custom events in the same query")
     if data.get("funnel_paths") or data.get("funnel_filter"):
         raise RequestError("Funnel paths are not supported yet.", "funnel_paths", "unsupported")
-    try:
-        filters = parse_filters(decode_json_field(data, "properties", []), "properties")
-        if to_bool(data.get("filter_test_accounts")) and test_account_filters:
-            filters = all_of(filters, parse_filters(test_account_filters, "filter_test_accounts"))
-    except FilterError as exc:
-        raise RequestError(exc.detail, exc.attr, exc.code) from exc
-    low, high = _int(data, "min_edge_weight", None), _int(data, "max_edge_weight", None)
+    filters = request_filters(data, test_account_filters)
+    low, high = int_field(data, "min_edge_weight", None), int_field(data, "max_edge_weight", None)
     if low is not None and high is not None and high < low:
         raise RequestError("Max Edge weight can't be lower than min edge weight")
     rules = list(path_cleaning_filters) if to_bool(data.get("path_replacements")) else []
@@ -160,7 +145,7 @@ def parse_paths_request(data: dict[str, Any], project_id: int, timezone: str, te
     return PathsRequest(
         definition=definition, date_from=data.get("date_from") or None, date_to=data.get("date_to") or None,
         start_point=_strip(data.get("start_point")), end_point=_strip(data.get("end_point")),
-        step_limit=_int(data, "step_limit", 5) or 5, edge_limit=_int(data, "edge_limit", 50) or 50,
+        step_limit=int_field(data, "step_limit", 5) or 5, edge_limit=int_field(data, "edge_limit", 50) or 50,
         min_weight=low, max_weight=high, exclude=frozenset(str(e) for e in decode_json_field(data, "exclude_events",
                                                                                                []) or []),
         groupings=groupings, cleaning=cleaning, refresh=str(data.get("refresh") or "").lower(),

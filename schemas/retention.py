@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.definitions import Breakdown, Definition
-from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
-from schemas.trends import Entity, RequestError, _breakdown, _entities, decode_json_field, to_bool
+from schemas.filters import NO_FILTERS, FilterGroup, all_of
+from schemas.trends import Entity, RequestError, _breakdown, _entities, decode_json_field, request_filters, to_bool
 
 PERIODS = {"Hour": "hour", "Day": "day", "Week": "week", "Month": "month"}
 TYPES = ("retention_recurring", "retention_first_time")
@@ -68,12 +68,7 @@ def parse_retention_request(data: dict[str, Any], test_account_filters: list[Any
     kind = str(data.get("retention_type") or "retention_recurring")
     if kind not in TYPES:
         raise RequestError(f"Unknown retention_type '{kind}'.", "retention_type", "invalid_choice")
-    try:
-        filters = parse_filters(decode_json_field(data, "properties", []), "properties")
-        if to_bool(data.get("filter_test_accounts")) and test_account_filters:
-            filters = all_of(filters, parse_filters(test_account_filters, "filter_test_accounts"))
-    except FilterError as exc:
-        raise RequestError(exc.detail, exc.attr, exc.code) from exc
+    filters = request_filters(data, test_account_filters)
     breakdown = _breakdown(data)
     first_time = kind == "retention_first_time"
     if first_time and (target.id is None or target.steps or not target.filters.empty or not filters.empty

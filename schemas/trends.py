@@ -53,6 +53,28 @@ def to_bool(value: Any) -> bool:
     return str(value).strip().lower() in _TRUE
 
 
+def int_field(data: dict[str, Any], name: str, default: int | None) -> int | None:
+    """An integer parameter (number or numeric string); absent or empty gives the default."""
+    value = data.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"'{name}' must be an integer", name) from exc
+
+
+def request_filters(data: dict[str, Any], test_account_filters: list[Any]) -> FilterGroup:
+    """The global `properties`, ANDed with the project's test-account filters when asked (§4.4)."""
+    try:
+        filters = parse_filters(decode_json_field(data, "properties", []), "properties")
+        if to_bool(data.get("filter_test_accounts")) and test_account_filters:
+            filters = all_of(filters, parse_filters(test_account_filters, "filter_test_accounts"))
+    except FilterError as exc:
+        raise RequestError(exc.detail, exc.attr, exc.code) from exc
+    return filters
+
+
 def decode_json_field(data: dict[str, Any], name: str, default: Any) -> Any:
     """Structured fields arrive as JSON strings in GET and may in POST (§4.2)."""
     value = data.get(name)

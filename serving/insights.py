@@ -20,7 +20,7 @@ from schemas.dates import DateParseError, iso_instant
 from schemas.definitions import Definition
 from schemas.funnels import parse_funnel_request
 from schemas.paths import parse_paths_request
-from schemas.registry import DefinitionRegistry
+from schemas.registry import DefinitionRegistry, Project
 from schemas.retention import parse_retention_request
 from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
@@ -74,6 +74,14 @@ async def materialized(registry: DefinitionRegistry, definitions: list[Definitio
         await asyncio.sleep(0.05)
 
 
+async def insight_request(request: Request, project_id: str) -> tuple[dict[str, Any], dict[str, Any], Project]:
+    """Parameters, JSON body and the project of an insight request whose key may read insights."""
+    data, body = await request_data(request)
+    registry = request.app.state.registry
+    project = authorize(authenticate(request, registry, body), registry, project_id, "insight:read")
+    return data, body, project
+
+
 def _now(request: Request) -> datetime:
     settings = request.app.state.settings
     try:
@@ -107,10 +115,8 @@ def trend_csv(result: list[dict[str, Any]], request: Request, date_range: tuple[
 
 
 async def _trend(request: Request, project_id: str) -> Response:
-    data, body = await request_data(request)
+    data, _body, project = await insight_request(request, project_id)
     state = request.app.state
-    key = authenticate(request, state.registry, body)
-    project = authorize(key, state.registry, project_id, "insight:read")
     started = time.perf_counter()
     now = _now(request)
     try:
@@ -155,10 +161,8 @@ def next_link(request: Request, results: int) -> str | None:
 
 
 async def _funnel_query(request: Request, project_id: str) -> tuple[Any, dict[str, Any], Any]:
-    data, body = await request_data(request)
+    data, body, project = await insight_request(request, project_id)
     state = request.app.state
-    key = authenticate(request, state.registry, body)
-    project = authorize(key, state.registry, project_id, "insight:read")
     try:
         parsed = parse_funnel_request({**data, "insight": "FUNNELS"}, project.id, project.timezone,
                                       project.test_account_filters, body)
@@ -223,10 +227,8 @@ async def _funnel_people(request: Request, project_id: str) -> Response:
 
 async def _funnel_correlation(request: Request, project_id: str) -> Response:
     """Funnel correlation (spec §8). Unlike PostHog, personal API keys with insight:read may call it."""
-    data, body = await request_data(request)
+    data, body, project = await insight_request(request, project_id)
     state = request.app.state
-    key = authenticate(request, state.registry, body)
-    project = authorize(key, state.registry, project_id, "insight:read")
     try:
         wanted = parse_correlation(data)
         parsed = parse_funnel_request({**data, "insight": "FUNNELS", "funnel_viz_type": "steps"}, project.id,
@@ -248,10 +250,8 @@ async def _funnel_correlation(request: Request, project_id: str) -> Response:
 
 
 async def _retention_query(request: Request, project_id: str) -> tuple[RetentionQuery, dict[str, Any], Any]:
-    data, body = await request_data(request)
+    data, _body, project = await insight_request(request, project_id)
     state = request.app.state
-    key = authenticate(request, state.registry, body)
-    project = authorize(key, state.registry, project_id, "insight:read")
     try:
         parsed = parse_retention_request(data, project.test_account_filters)
         query = RetentionQuery(state.redis, project, parsed, _now(request))
@@ -300,10 +300,8 @@ async def _retention_people(request: Request, project_id: str) -> Response:
 
 async def _paths(request: Request, project_id: str) -> Response:
     """Path edges (spec §9)."""
-    data, body = await request_data(request)
+    data, _body, project = await insight_request(request, project_id)
     state = request.app.state
-    key = authenticate(request, state.registry, body)
-    project = authorize(key, state.registry, project_id, "insight:read")
     try:
         parsed = parse_paths_request(data, project.id, project.timezone, project.test_account_filters,
                                      project.path_cleaning_filters)

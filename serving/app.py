@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dataflows.state import StateStore
 from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
-from serving import capture, health, insights
+from serving import capture, health, insights, saved
 from serving.errors import (
     JSON,
     ApiError,
@@ -54,5 +54,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, server_error_handler)
     app.include_router(capture.router)
     app.include_router(insights.router)
+    app.include_router(saved.router)
     app.include_router(health.router)
     return app

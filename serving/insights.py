@@ -38,7 +38,7 @@ async def request_data(request: Request) -> tuple[dict[str, Any], dict[str, Any]
     """(query string with the JSON body on top (§4.1), the body alone)."""
     data: dict[str, Any] = dict(request.query_params)
     parsed: dict[str, Any] = {}
-    if request.method == "POST":
+    if request.method in ("POST", "PATCH", "PUT"):
         body = await request.body()
         if body.strip():
             try:

@@ -1,0 +1,245 @@
+"""Saved insights (spec §14), views and `my_last_viewed` (§12), and `timing` (§11).
+
+Saving an insight registers the definitions its filters need, so its result is kept live by the
+dataflow; reading it computes the result from that state (or, with `refresh=blocking`, waits for the
+backfill). Deliberate difference: PostHog serves `my_last_viewed`, `viewed` and `timing` to browser
+sessions only; here personal API keys are the principals, so a key with `insight:read` may call them
+and views are recorded per key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from prometheus_client import Histogram
+
+from schemas.dates import iso_instant
+from schemas.funnels import parse_funnel_request
+from schemas.paths import parse_paths_request
+from schemas.registry import ApiKey, Project
+from schemas.retention import parse_retention_request
+from schemas.saved import InsightError, InsightStore, owner_of
+from schemas.trends import RequestError, parse_trends_request, to_bool
+from serving.auth import authenticate, authorize
+from serving.errors import JSON, ApiError, not_found, validation
+from serving.funnels import FunnelQuery
+from serving.insights import BLOCKING, _now, materialized, request_data
+from serving.paths import PathsQuery
+from serving.retention import RetentionQuery
+from serving.trends import TrendQuery
+
+router = APIRouter(tags=["saved insights"])
+TIME_TO_SEE_DATA = Histogram("insightflow_time_to_see_data_seconds", "Client-reported time to see data", ["type"])
+BASIC = ("id", "short_id", "name", "derived_name", "filters", "query", "dashboards", "dashboard_tiles", "description",
+         "last_refresh", "refreshing", "saved", "tags", "updated_at", "created_by", "created_at", "last_modified_at",
+         "favorited", "user_access_level", "last_viewed_at", "search_match_type")
+
+
+def build_query(state: Any, project: Project, filters: dict[str, Any], now: datetime) -> Any:
+    """The calculation a saved insight's legacy filters describe (same parsers as the endpoints)."""
+    kind = str(filters.get("insight") or "TRENDS").upper()
+    redis = state.redis
+    if kind == "TRENDS":
+        return TrendQuery(redis, project, parse_trends_request(filters), now)
+    if kind == "FUNNELS":
+        parsed = parse_funnel_request(filters, project.id, project.timezone, project.test_account_filters)
+        return FunnelQuery(redis, project, parsed, now)
+    if kind == "RETENTION":
+        return RetentionQuery(redis, project, parse_retention_request(filters, project.test_account_filters), now)
+    if kind == "PATHS":
+        parsed = parse_paths_request(filters, project.id, project.timezone, project.test_account_filters,
+                                     project.path_cleaning_filters)
+        return PathsQuery(redis, project, parsed, now)
+    raise RequestError(f"Insights of type {kind} cannot be calculated here.", "filters", "unsupported")
+
+
+async def _principal(request: Request, project_id: str, scope: str) -> tuple[ApiKey, Project, dict, dict]:
+    data, body = await request_data(request)
+    registry = request.app.state.registry
+    key = authenticate(request, registry, body)
+    return key, authorize(key, registry, project_id, scope), data, body
+
+
+def _owner(key: ApiKey) -> dict[str, Any]:
+    return owner_of(key.value_hash, key.label)
+
+
+async def _serialize(request: Request, project: Project, insight: dict[str, Any], key: ApiKey,
+                     refresh: str = "", basic: bool = False, compute: bool = True) -> dict[str, Any]:
+    state = request.app.state
+    store = InsightStore(state.redis, project.id)
+    viewed = {str(i["id"]): t for i, t in store.last_viewed(_owner(key)["distinct_id"], limit=10_000)}
+    out = {**insight, "refreshing": False, "user_access_level": "editor", "search_match_type": None,
+           "last_viewed_at": iso_instant(datetime.fromtimestamp(viewed[str(insight["id"])], UTC))
+           if str(insight["id"]) in viewed else None}
+    if insight.get("query"):
+        out["filters"] = {}
+    if basic:
+        return {k: out.get(k) for k in BASIC}
+    result, last_refresh = None, None
+    filters = insight.get("filters") or {}
+    if compute and filters and not insight.get("query"):
+        try:
+            query = build_query(state, project, filters, _now(request))
+            pending = await materialized(state.definitions, query.definitions(), refresh,
+                                         state.settings.blocking_timeout_s)
+            if pending is None:
+                result, last_refresh = query.run(), iso_instant(datetime.now(UTC))
+        except RequestError:
+            result = None
+    out.update({
+        "result": result, "last_refresh": last_refresh, "is_cached": False, "timezone": project.timezone,
+        "hasMore": None, "columns": None, "cache_target_age": None, "next_allowed_client_refresh": None,
+        "query_status": None, "hogql": None, "types": None, "resolved_date_range": None, "alerts": [],
+        "effective_restriction_level": 21, "effective_privilege_level": 37,
+        "filters_hash": hashlib.sha256(orjson.dumps(filters, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32],
+    })
+    return out
+
+
+async def _register(request: Request, project: Project, insight: dict[str, Any]) -> None:
+    """Saving an insight registers its definitions, so the dataflow keeps its result live."""
+    filters = insight.get("filters") or {}
+    if not filters or insight.get("query"):
+        return
+    state = request.app.state
+    try:
+        query = build_query(state, project, filters, _now(request))
+    except RequestError as exc:
+        raise validation(f"filters: {exc.detail}", f"filters__{exc.attr}" if exc.attr else "filters") from exc
+    await materialized(state.definitions, query.definitions(), "", 0)
+
+
+def _insight_error(exc: InsightError) -> ApiError:
+    return validation(exc.detail, exc.attr)
+
+
+async def list_or_create(request: Request, project_id: str) -> Response:
+    if request.method == "POST":
+        key, project, _data, body = await _principal(request, project_id, "insight:write")
+        store = InsightStore(request.app.state.redis, project.id)
+        try:
+            insight = store.create(body, _owner(key))
+        except InsightError as exc:
+            raise _insight_error(exc) from exc
+        await _register(request, project, insight)
+        return JSON(await _serialize(request, project, insight, key), status_code=201)
+    key, project, data, _body = await _principal(request, project_id, "insight:read")
+    store = InsightStore(request.app.state.redis, project.id)
+    owner = _owner(key)
+    items = [i for i in store.all() if not i["deleted"]]
+    for flag in ("saved", "favorited"):
+        if data.get(flag) not in (None, ""):
+            items = [i for i in items if bool(i[flag]) == to_bool(data[flag])]
+    if data.get("short_id"):
+        items = [i for i in items if i["short_id"] == data["short_id"]]
+    if to_bool(data.get("user")):
+        items = [i for i in items if (i.get("created_by") or {}).get("id") == owner["id"]]
+    if data.get("insight"):
+        wanted = str(data["insight"]).upper()
+        items = [i for i in items if str((i.get("filters") or {}).get("insight") or "TRENDS").upper() == wanted]
+    if data.get("search"):
+        needle = str(data["search"]).lower()
+        if len(needle) > 200:
+            raise validation("Search is too long.", "search")
+        items = [i for i in items if any(needle in str(i.get(f) or "").lower()
+                                         for f in ("name", "derived_name", "description"))]
+    items.sort(key=lambda i: (i.get("order") is None, i.get("order") or 0, -i["id"]))
+    try:
+        limit, offset = int(data.get("limit") or 100), int(data.get("offset") or 0)
+    except ValueError as exc:
+        raise validation("limit and offset must be integers", "limit") from exc
+    page = items[offset:offset + limit]
+    basic = to_bool(data.get("basic"))
+    base = str(request.url).split("?")[0]
+    params = {k: v for k, v in data.items() if k not in ("limit", "offset")}
+    following = f"{base}?{urlencode({**params, 'limit': limit, 'offset': offset + limit})}" \
+        if offset + limit < len(items) else None
+    previous = f"{base}?{urlencode({**params, 'limit': limit, 'offset': max(0, offset - limit)})}" if offset else None
+    results = [await _serialize(request, project, i, key, basic=basic, compute=False) for i in page]
+    return JSON({"count": len(items), "next": following, "previous": previous, "results": results})
+
+
+async def one(request: Request, project_id: str, insight_id: int) -> Response:
+    if request.method == "DELETE":
+        await _principal(request, project_id, "insight:write")
+        return Response(status_code=405)
+    writing = request.method in ("PATCH", "PUT")
+    key, project, data, body = await _principal(request, project_id, "insight:write" if writing else "insight:read")
+    store = InsightStore(request.app.state.redis, project.id)
+    if writing:
+        try:
+            insight = store.update(insight_id, body, _owner(key))
+        except InsightError as exc:
+            raise _insight_error(exc) from exc
+        if insight is None:
+            raise not_found()
+        await _register(request, project, insight)
+        return JSON(await _serialize(request, project, insight, key))
+    insight = store.get(insight_id)
+    if insight is None:
+        raise not_found()
+    refresh = str(data.get("refresh") or "").lower()
+    if refresh and refresh not in BLOCKING:
+        refresh = ""
+    return JSON(await _serialize(request, project, insight, key, refresh, basic=to_bool(data.get("basic"))))
+
+
+async def viewed_one(request: Request, project_id: str, insight_id: int) -> Response:
+    key, project, _data, _body = await _principal(request, project_id, "insight:read")
+    store = InsightStore(request.app.state.redis, project.id)
+    if store.get(insight_id) is None:
+        raise not_found()
+    store.viewed(_owner(key)["distinct_id"], [insight_id])
+    return Response(status_code=201)
+
+
+async def viewed_many(request: Request, project_id: str) -> Response:
+    key, project, _data, body = await _principal(request, project_id, "insight:read")
+    ids = body.get("insight_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise validation("insight_ids must be a list of insight ids", "insight_ids")
+    if len(ids) > 2500:
+        raise validation("Ensure this field has no more than 2500 elements.", "insight_ids")
+    store = InsightStore(request.app.state.redis, project.id)
+    store.viewed(_owner(key)["distinct_id"], [i for i in ids if store.get(i) is not None])
+    return Response(status_code=201)
+
+
+async def my_last_viewed(request: Request, project_id: str) -> Response:
+    """The caller's last 5 viewed insights, most recent first, as basic objects (§12)."""
+    key, project, _data, _body = await _principal(request, project_id, "insight:read")
+    store = InsightStore(request.app.state.redis, project.id)
+    out = []
+    for insight, _ in store.last_viewed(_owner(key)["distinct_id"]):
+        out.append(await _serialize(request, project, insight, key, basic=True))
+    return JSON(out)
+
+
+async def timing(request: Request, project_id: str) -> Response:
+    """Front-end time-to-see-data telemetry: recorded as a metric, answered 201 with no body (§11)."""
+    _key, _project, _data, body = await _principal(request, project_id, "insight:read")
+    value = body.get("time_to_see_data_ms")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        TIME_TO_SEE_DATA.labels(str(body.get("type") or "unknown")[:64]).observe(value / 1000)
+    return Response(status_code=201)
+
+
+for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{project_id}/insights"):
+    env = prefix.split("/")[2]
+    for suffix, endpoint, methods, name in (
+        ("/", list_or_create, ["GET", "POST"], "insights"),
+        ("/my_last_viewed/", my_last_viewed, ["GET"], "my_last_viewed"),
+        ("/viewed/", viewed_many, ["POST"], "viewed"),
+        ("/timing/", timing, ["POST"], "timing"),
+        ("/{insight_id:int}/", one, ["GET", "PATCH", "PUT", "DELETE"], "insight"),
+        ("/{insight_id:int}/viewed/", viewed_one, ["POST"], "insight_viewed"),
+    ):
+        router.add_api_route(prefix + suffix, endpoint, methods=methods, operation_id=f"{name}_{env}")
+        if suffix != "/":
+            router.add_api_route(prefix + suffix.rstrip("/"), endpoint, methods=methods, include_in_schema=False)

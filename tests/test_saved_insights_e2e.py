@@ -1,0 +1,103 @@
+"""Saved insights CRUD (§14), views and my_last_viewed (§12), timing (§11), scopes and isolation."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+
+from schemas.registry import Registry
+from tests.conftest import ProjectHandle, Stack, make_project
+
+NOW = "2024-06-10T12:00:00Z"
+
+
+def _client(project: ProjectHandle, key: str | None = None) -> httpx.Client:
+    return httpx.Client(base_url=f"{project.stack.api_url}/api/environments/{project.id}/insights", timeout=60,
+                        headers={"Authorization": f"Bearer {key or project.key}", "X-Insightflow-Now": NOW})
+
+
+def _writer(project: ProjectHandle, running: Stack) -> str:
+    key, _ = Registry(running.redis).create_key([project.id], ["insight:write"])
+    return key
+
+
+def test_crud_round_trip_with_live_result(project: ProjectHandle, running: Stack) -> None:
+    events = [{"event": "ordered", "distinct_id": f"s{i}", "uuid": str(uuid.uuid4()),
+               "timestamp": "2024-06-09T10:00:00Z", "properties": {"plan": "pro" if i % 2 else "free"}}
+              for i in range(6)]
+    assert project.capture(events).status_code == 200
+    running.wait_applied()
+    with _client(project, _writer(project, running)) as api:
+        filters = {"insight": "TRENDS", "events": [{"id": "ordered"}], "breakdown": "plan",
+                   "date_from": "2024-06-09", "date_to": "2024-06-09"}
+        created = api.post("/", json={"name": "Orders by plan", "filters": filters, "tags": [" Sales ", "sales", "KPI"],
+                                      "description": "daily"})
+        assert created.status_code == 201, created.text
+        body = created.json()
+        assert len(body["short_id"]) == 8 and body["saved"] is True and body["deleted"] is False
+        assert body["tags"] == ["sales", "kpi"] and body["created_by"]["distinct_id"]
+        insight_id = body["id"]
+        fetched = api.get(f"/{insight_id}/", params={"refresh": "blocking"}).json()
+        assert {r["breakdown_value"]: r["data"] for r in fetched["result"]} == {"pro": [3], "free": [3]}
+        assert fetched["timezone"] == "UTC" and fetched["last_refresh"] is not None
+        # The result stays live: a new event is reflected without re-saving.
+        assert project.capture([{**events[0], "uuid": str(uuid.uuid4())}]).status_code == 200
+        running.wait_applied()
+        again = api.get(f"/{insight_id}/", params={"refresh": "blocking"}).json()
+        assert {r["breakdown_value"]: r["data"] for r in again["result"]} == {"pro": [3], "free": [4]}
+
+        renamed = api.patch(f"/{insight_id}/", json={"name": "Orders", "favorited": True}).json()
+        assert renamed["name"] == "Orders" and renamed["favorited"] is True
+        assert renamed["last_modified_at"] >= body["last_modified_at"]
+        assert api.get("/", params={"favorited": "true"}).json()["count"] == 1
+        assert api.get("/", params={"short_id": body["short_id"]}).json()["results"][0]["id"] == insight_id
+        assert api.get("/", params={"search": "ORDERS"}).json()["count"] == 1
+        assert api.delete(f"/{insight_id}/").status_code == 405
+        assert api.patch(f"/{insight_id}/", json={"deleted": True}).json()["deleted"] is True
+        assert api.get("/").json()["count"] == 0
+        assert api.get(f"/{insight_id}/").json()["deleted"] is True  # still retrievable by id
+        assert api.patch(f"/{insight_id}/", json={"deleted": False}).status_code == 200
+        for bad, attr in (({"name": "x" * 401}, "name"), ({"query": "nope"}, "query"),
+                          ({"dashboards": [5]}, "dashboards"), ({"tags": "a"}, "tags"),
+                          ({"filters": {"insight": "TRENDS", "events": [{"id": "a", "math": "nope"}]}},
+                           "filters__events__0__math")):
+            reply = api.post("/", json=bad)
+            assert reply.status_code == 400 and reply.json()["attr"] == attr, (bad, reply.text)
+        assert api.get("/999999/").status_code == 404
+
+
+def test_pagination_views_and_timing(project: ProjectHandle, running: Stack) -> None:
+    with _client(project, _writer(project, running)) as api:
+        ids = [api.post("/", json={"name": f"n{i}", "saved": i % 2 == 0}).json()["id"] for i in range(7)]
+        page = api.get("/", params={"limit": 3}).json()
+        assert page["count"] == 7 and len(page["results"]) == 3 and page["previous"] is None
+        second = httpx.get(page["next"], headers=api.headers).json()
+        assert len(second["results"]) == 3 and second["previous"]
+        assert api.get("/", params={"saved": "false"}).json()["count"] == 3
+        assert api.post(f"/{ids[0]}/viewed/").status_code == 201
+        assert api.post("/viewed/", json={"insight_ids": [ids[3], ids[1]]}).status_code == 201
+        last = api.get("/my_last_viewed/").json()
+        assert isinstance(last, list) and len(last) == 5
+        assert [i["id"] for i in last][:3] == [ids[1], ids[3], ids[0]] or [i["id"] for i in last][:3] == [
+            ids[3], ids[1], ids[0]]
+        assert set(last[0]) >= {"id", "short_id", "name", "last_viewed_at", "favorited", "tags"}
+        assert api.post("/timing/", json={"type": "insight_load", "time_to_see_data_ms": 12}).status_code == 201
+        assert api.post("/timing/", json={"type": "insight_load"}).content == b""
+
+
+def test_scopes_and_isolation(project: ProjectHandle, running: Stack) -> None:
+    with _client(project, _writer(project, running)) as api:
+        insight_id = api.post("/", json={"name": "private"}).json()["id"]
+    with _client(project) as reader:  # insight:read only
+        assert reader.get(f"/{insight_id}/").status_code == 200
+        denied = reader.post("/", json={"name": "x"})
+        assert denied.status_code == 403 and denied.json()["detail"] == "API key missing required scope 'insight:write'"
+        assert reader.patch(f"/{insight_id}/", json={"name": "y"}).status_code == 403
+    other = make_project(running)
+    with _client(project, other.key) as intruder:
+        for method, path in (("GET", "/"), ("GET", f"/{insight_id}/"), ("GET", "/my_last_viewed/"),
+                             ("POST", "/viewed/"), ("POST", "/timing/")):
+            reply = intruder.request(method, path, json={"insight_ids": [insight_id]})
+            assert reply.status_code == 403, (method, path, reply.text)
+            assert "private" not in reply.text

@@ -139,3 +139,43 @@ def owner_of(key_hash: str, label: str = "") -> dict[str, Any]:
     return {"id": int(digest[:8], 16), "uuid": f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-"
             f"{digest[20:32]}", "distinct_id": digest[:16], "first_name": label, "last_name": "", "email": "",
             "is_email_verified": False, "hedgehog_config": None, "role_at_organization": None}
+
+
+LEVELS = ("none", "viewer", "editor", "manager")
+DEFAULT_LEVEL = "editor"
+
+
+class AccessControls:
+    """Per-insight access entries (§13): a default entry, and entries per member (key owner) or role."""
+
+    def __init__(self, client: redis.Redis, project_id: int, insight_id: int) -> None:
+        self.redis = client
+        self.key = f"{keys.project_prefix(project_id)}acl:{insight_id}"
+        self.insight_id = insight_id
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [orjson.loads(v) for _, v in sorted(self.redis.hgetall(self.key).items())]
+
+    def put(self, level: str | None, member: str | None, role: str | None, by: dict[str, Any]) -> dict[str, Any] | None:
+        if member and role:
+            raise InsightError("You can not scope an access control to both a member and a role.")
+        if level is not None and level not in LEVELS:
+            raise InsightError(f"Invalid access level. Must be one of: {', '.join(LEVELS)}", "access_level")
+        field = f"member:{member}" if member else f"role:{role}" if role else "default"
+        if level is None:
+            self.redis.hdel(self.key, field)
+            return None
+        now = iso_now()
+        previous = self.redis.hget(self.key, field)
+        entry = {"access_level": level, "resource": "insight", "resource_id": str(self.insight_id),
+                 "organization_member": member, "role": role, "created_by": by,
+                 "created_at": orjson.loads(previous)["created_at"] if previous else now, "updated_at": now}
+        self.redis.hset(self.key, field, orjson.dumps(entry))
+        return entry
+
+    def level_for(self, member: str) -> str:
+        raw = self.redis.hmget(self.key, [f"member:{member}", "default"])
+        for value in raw:
+            if value:
+                return str(orjson.loads(value)["access_level"])
+        return DEFAULT_LEVEL

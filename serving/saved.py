@@ -23,7 +23,7 @@ from schemas.funnels import parse_funnel_request
 from schemas.paths import parse_paths_request
 from schemas.registry import ApiKey, Project
 from schemas.retention import parse_retention_request
-from schemas.saved import InsightError, InsightStore, owner_of
+from schemas.saved import DEFAULT_LEVEL, LEVELS, AccessControls, InsightError, InsightStore, owner_of
 from schemas.trends import RequestError, parse_trends_request, to_bool
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, not_found, validation
@@ -69,12 +69,27 @@ def _owner(key: ApiKey) -> dict[str, Any]:
     return owner_of(key.value_hash, key.label)
 
 
+def access_level(client: Any, project: Project, insight: dict[str, Any], key: ApiKey) -> str:
+    """The caller's level on an insight: `*` keys and the creator manage; otherwise its entries."""
+    owner = _owner(key)
+    if "*" in key.scopes or (insight.get("created_by") or {}).get("uuid") == owner["uuid"]:
+        return "manager"
+    return AccessControls(client, project.id, insight["id"]).level_for(owner["uuid"])
+
+
+def _require(level: str, needed: str) -> None:
+    if LEVELS.index(level) < LEVELS.index(needed):
+        raise ApiError(403, "authentication_error", "permission_denied",
+                       f"You do not have {needed} access to this resource.")
+
+
 async def _serialize(request: Request, project: Project, insight: dict[str, Any], key: ApiKey,
                      refresh: str = "", basic: bool = False, compute: bool = True) -> dict[str, Any]:
     state = request.app.state
     store = InsightStore(state.redis, project.id)
     viewed = {str(i["id"]): t for i, t in store.last_viewed(_owner(key)["distinct_id"], limit=10_000)}
-    out = {**insight, "refreshing": False, "user_access_level": "editor", "search_match_type": None,
+    out = {**insight, "refreshing": False, "user_access_level": access_level(state.redis, project, insight, key),
+           "search_match_type": None,
            "last_viewed_at": iso_instant(datetime.fromtimestamp(viewed[str(insight["id"])], UTC))
            if str(insight["id"]) in viewed else None}
     if insight.get("query"):
@@ -132,7 +147,8 @@ async def list_or_create(request: Request, project_id: str) -> Response:
     key, project, data, _body = await _principal(request, project_id, "insight:read")
     store = InsightStore(request.app.state.redis, project.id)
     owner = _owner(key)
-    items = [i for i in store.all() if not i["deleted"]]
+    items = [i for i in store.all() if not i["deleted"]
+             and access_level(request.app.state.redis, project, i, key) != "none"]
     for flag in ("saved", "favorited"):
         if data.get(flag) not in (None, ""):
             items = [i for i in items if bool(i[flag]) == to_bool(data[flag])]
@@ -172,7 +188,12 @@ async def one(request: Request, project_id: str, insight_id: int) -> Response:
     writing = request.method in ("PATCH", "PUT")
     key, project, data, body = await _principal(request, project_id, "insight:write" if writing else "insight:read")
     store = InsightStore(request.app.state.redis, project.id)
+    current = store.get(insight_id)
+    level = access_level(request.app.state.redis, project, current, key) if current else "none"
+    if current is None or level == "none":
+        raise not_found()
     if writing:
+        _require(level, "editor")
         try:
             insight = store.update(insight_id, body, _owner(key))
         except InsightError as exc:
@@ -181,13 +202,41 @@ async def one(request: Request, project_id: str, insight_id: int) -> Response:
             raise not_found()
         await _register(request, project, insight)
         return JSON(await _serialize(request, project, insight, key))
-    insight = store.get(insight_id)
-    if insight is None:
-        raise not_found()
     refresh = str(data.get("refresh") or "").lower()
     if refresh and refresh not in BLOCKING:
         refresh = ""
-    return JSON(await _serialize(request, project, insight, key, refresh, basic=to_bool(data.get("basic"))))
+    return JSON(await _serialize(request, project, current, key, refresh, basic=to_bool(data.get("basic"))))
+
+
+async def access_controls(request: Request, project_id: str, insight_id: int) -> Response:
+    """GET and PUT of an insight's access entries (§13)."""
+    writing = request.method == "PUT"
+    key, project, _data, body = await _principal(request, project_id,
+                                                 "access_control:write" if writing else "access_control:read")
+    client = request.app.state.redis
+    insight = InsightStore(client, project.id).get(insight_id)
+    if insight is None:
+        raise not_found()
+    level = access_level(client, project, insight, key)
+    controls = AccessControls(client, project.id, insight_id)
+    if writing:
+        if level != "manager":
+            raise ApiError(403, "authentication_error", "permission_denied",
+                           "Must be manager to modify insight permissions.")
+        if body.get("resource") not in (None, "insight") or body.get("resource_id") not in (None, str(insight_id)):
+            raise validation("Cannot modify access controls for a resource different from the URL target.")
+        try:
+            entry = controls.put(body.get("access_level"), body.get("organization_member"), body.get("role"),
+                                 _owner(key))
+        except InsightError as exc:
+            raise _insight_error(exc) from exc
+        return JSON(entry) if entry is not None else Response(status_code=204)
+    if level == "none":
+        raise not_found()
+    return JSON({"access_controls": controls.entries(), "available_access_levels": list(LEVELS),
+                 "default_access_level": DEFAULT_LEVEL, "minimum_access_level": "none",
+                 "maximum_access_level": "manager", "user_access_level": level,
+                 "user_can_edit_access_levels": level == "manager"})
 
 
 async def viewed_one(request: Request, project_id: str, insight_id: int) -> Response:
@@ -239,6 +288,7 @@ for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{projec
         ("/timing/", timing, ["POST"], "timing"),
         ("/{insight_id:int}/", one, ["GET", "PATCH", "PUT", "DELETE"], "insight"),
         ("/{insight_id:int}/viewed/", viewed_one, ["POST"], "insight_viewed"),
+        ("/{insight_id:int}/access_controls/", access_controls, ["GET", "PUT"], "insight_access_controls"),
     ):
         router.add_api_route(prefix + suffix, endpoint, methods=methods, operation_id=f"{name}_{env}")
         if suffix != "/":

@@ -101,3 +101,46 @@ def test_scopes_and_isolation(project: ProjectHandle, running: Stack) -> None:
             reply = intruder.request(method, path, json={"insight_ids": [insight_id]})
             assert reply.status_code == 403, (method, path, reply.text)
             assert "private" not in reply.text
+
+
+def test_access_controls(project: ProjectHandle, running: Stack) -> None:
+    registry = Registry(running.redis)
+    creator = _writer(project, running)
+    other_writer, _ = registry.create_key([project.id], ["insight:write", "access_control:read",
+                                                          "access_control:write"])
+    admin, _ = registry.create_key([project.id], ["*"])
+    with _client(project, creator) as api:
+        insight_id = api.post("/", json={"name": "guarded"}).json()["id"]
+    with _client(project, other_writer) as other:
+        member = other.get(f"/{insight_id}/").json()["created_by"]  # the creator, not this key
+        assert member["uuid"]
+        acl = other.get(f"/{insight_id}/access_controls/").json()
+        assert acl["user_access_level"] == "editor" and acl["user_can_edit_access_levels"] is False
+        refused = other.put(f"/{insight_id}/access_controls/", json={"access_level": "none"})
+        assert refused.status_code == 403
+        assert refused.json()["detail"] == "Must be manager to modify insight permissions."
+    with _client(project, admin) as boss:
+        bad = boss.put(f"/{insight_id}/access_controls/", json={"access_level": "owner"})
+        assert bad.status_code == 400
+        assert bad.json()["detail"] == "Invalid access level. Must be one of: none, viewer, editor, manager"
+        both = boss.put(f"/{insight_id}/access_controls/", json={"access_level": "viewer", "organization_member": "a",
+                                                                 "role": "b"})
+        assert both.json()["detail"] == "You can not scope an access control to both a member and a role."
+        entry = boss.put(f"/{insight_id}/access_controls/", json={"access_level": "viewer"})
+        assert entry.status_code == 200 and entry.json()["resource_id"] == str(insight_id)
+    with _client(project, other_writer) as other:
+        assert other.get(f"/{insight_id}/").json()["user_access_level"] == "viewer"
+        denied = other.patch(f"/{insight_id}/", json={"name": "mine"})
+        assert denied.status_code == 403
+        assert denied.json()["detail"] == "You do not have editor access to this resource."
+    with _client(project, admin) as boss:
+        assert boss.put(f"/{insight_id}/access_controls/", json={"access_level": "none"}).status_code == 200
+    with _client(project, other_writer) as other:
+        assert other.get(f"/{insight_id}/").status_code == 404
+        assert insight_id not in [i["id"] for i in other.get("/").json()["results"]]
+    with _client(project, creator) as api:  # the creator always manages its insight
+        assert api.get(f"/{insight_id}/").json()["user_access_level"] == "manager"
+    with _client(project, admin) as boss:
+        assert boss.put(f"/{insight_id}/access_controls/", json={"access_level": None}).status_code == 204
+    with _client(project, other_writer) as other:
+        assert other.get(f"/{insight_id}/").status_code == 200

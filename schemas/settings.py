@@ -14,6 +14,7 @@ ENV_VARS = {
     "INSIGHTFLOW_PARTITIONS": "partitions",
     "INSIGHTFLOW_TEST_CLOCK": "test_clock",
     "INSIGHTFLOW_BLOCKING_TIMEOUT": "blocking_timeout_s",
+    "INSIGHTFLOW_RATE_LIMIT": "rate_limit_per_minute",
 }
 
 
@@ -27,6 +28,7 @@ class Settings:
     test_clock: bool = False
     api_port: int = 8000
     blocking_timeout_s: float = 30.0
+    rate_limit_per_minute: int = 6000  # per personal API key, over the insight API
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -40,4 +42,5 @@ class Settings:
             partitions=int(env.get("INSIGHTFLOW_PARTITIONS", cls.partitions)),
             test_clock=env.get("INSIGHTFLOW_TEST_CLOCK") == "1",
             blocking_timeout_s=float(env.get("INSIGHTFLOW_BLOCKING_TIMEOUT", cls.blocking_timeout_s)),
+            rate_limit_per_minute=int(env.get("INSIGHTFLOW_RATE_LIMIT", cls.rate_limit_per_minute)),
         )

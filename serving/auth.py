@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import Request
@@ -22,6 +23,23 @@ def _key_from_request(request: Request, body: dict[str, Any] | None) -> tuple[st
     return None
 
 
+def throttle(request: Request, key: ApiKey) -> None:
+    """Fixed one-minute window per key; over the limit answers PostHog's 429 with Retry-After (§2.7)."""
+    limit = request.app.state.settings.rate_limit_per_minute
+    now = time.time()
+    window = int(now // 60)
+    counter = f"insightflow:throttle:{key.value_hash}:{window}"
+    pipe = request.app.state.redis.pipeline()
+    pipe.incr(counter)
+    pipe.expire(counter, 120)
+    used = int(pipe.execute()[0])
+    if used > limit:
+        wait = max(1, int((window + 1) * 60 - now))
+        raise ApiError(429, "throttled_error", "throttled",
+                       f"Request was throttled. Expected available in {wait} seconds.",
+                       headers={"Retry-After": str(wait)})
+
+
 def authenticate(request: Request, registry: Registry, body: dict[str, Any] | None = None) -> ApiKey:
     found = _key_from_request(request, body)
     if found is None:
@@ -33,6 +51,7 @@ def authenticate(request: Request, registry: Registry, body: dict[str, Any] | No
         raise ApiError(401, "authentication_error", "authentication_failed",
                        f"Personal API key found in request {source} is invalid.",
                        headers={"WWW-Authenticate": "Bearer"})
+    throttle(request, key)
     return key
 
 

@@ -64,3 +64,37 @@ def test_request_errors(project: ProjectHandle) -> None:
     body = httpx.post(f"{project.stack.api_url}/api/environments/{project.id}/insights/trend/", content=b"{oops",
                       headers={"Authorization": f"Bearer {project.key}"})
     assert body.status_code == 400 and body.json()["code"] == "parse_error"
+
+
+def test_rate_limit_per_key(project: ProjectHandle, running: Stack, tmp_path) -> None:
+    from serving import stack as stack_mod
+
+    port = stack_mod.free_port()
+    api = stack_mod.start_api(port, tmp_path, {**running.env, "INSIGHTFLOW_RATE_LIMIT": "3"})
+    try:
+        url = f"http://127.0.0.1:{port}/api/environments/{project.id}/insights/trend/"
+        other = make_project(running)
+        codes = [httpx.post(url, json=QUERY, headers={"Authorization": f"Bearer {project.key}"}).status_code
+                 for _ in range(5)]
+        assert (codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]) or 429 in codes[1:]
+        limited = httpx.post(url, json=QUERY, headers={"Authorization": f"Bearer {project.key}"})
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        body = limited.json()
+        assert body["type"] == "throttled_error" and body["code"] == "throttled"
+        assert body["detail"].startswith("Request was throttled. Expected available in ")
+        other_url = f"http://127.0.0.1:{port}/api/environments/{other.id}/insights/trend/"
+        assert httpx.post(other_url, json=QUERY, headers={"Authorization": f"Bearer {other.key}"}).status_code == 200
+    finally:
+        api.stop()
+
+
+def test_openapi_lists_every_endpoint(running: Stack) -> None:
+    spec = httpx.get(f"{running.api_url}/openapi.json").json()
+    paths = set(spec["paths"])
+    for suffix in ("trend/", "funnel/", "funnel/correlation/", "funnel/people/", "retention/", "retention/people/",
+                   "path/", "", "my_last_viewed/", "timing/", "viewed/", "{insight_id}/", "{insight_id}/viewed/",
+                   "{insight_id}/access_controls/"):
+        assert f"/api/environments/{{project_id}}/insights/{suffix}" in paths, suffix
+    for path in ("/batch/", "/readyz", "/healthz", "/metrics"):
+        assert path in paths, path
+    assert httpx.get(f"{running.api_url}/docs").status_code == 200

@@ -17,7 +17,9 @@ from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
 from serving import capture, health, insights, saved
 from serving.errors import (
+    ERROR_RESPONSES,
     JSON,
+    JSON_BODY,
     ApiError,
     api_error_handler,
     http_error_handler,
@@ -52,8 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_exception_handler(Exception, server_error_handler)
-    app.include_router(capture.router)
-    app.include_router(insights.router)
-    app.include_router(saved.router)
-    app.include_router(health.router)
+    for router in (capture.router, insights.router, saved.router, health.router):
+        for route in router.routes:
+            methods = getattr(route, "methods", set()) or set()
+            if methods & {"POST", "PATCH", "PUT"} and hasattr(route, "openapi_extra"):
+                route.openapi_extra = {**JSON_BODY, **(route.openapi_extra or {})}
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app

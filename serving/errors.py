@@ -8,7 +8,32 @@ import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ErrorBody(BaseModel):
+    """PostHog's error JSON; capture adds `accepted`/`rejected` for partially rejected batches."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    code: str
+    detail: str
+    attr: str | None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in (
+        (400, "Invalid request"), (401, "Invalid credentials"), (403, "Not allowed"), (404, "Not found"),
+        (405, "Method not allowed"), (413, "Payload too large"), (429, "Throttled"), (500, "Server error"),
+        (503, "A dependency (broker, Redis) is unavailable"))
+}
+ERROR_RESPONSES.update({
+    201: {"description": "Created"}, 202: {"description": "A definition is still being built: "
+                                            '{"status": "materializing", "progress": 0..1}'},
+    204: {"description": "Deleted"},
+})
+JSON_BODY = {"requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 class JSON(JSONResponse):

@@ -353,4 +353,6 @@ for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{projec
     for suffix in ("/trend/", "/trend", "/trend.csv"):
         kind = {"/trend/": "", "/trend": "_noslash", "/trend.csv": "_csv"}[suffix]
         router.add_api_route(prefix + suffix, _trend, methods=["GET", "POST"], include_in_schema=suffix != "/trend",
-                             operation_id=f"trend_{prefix.split('/')[2]}{kind}")
+                             operation_id=f"trend_{prefix.split('/')[2]}{kind}",
+                             responses={200: {"content": {"application/json": {}, "text/csv": {}},
+                                              "description": "Trend result (JSON, or CSV with format=csv)"}})

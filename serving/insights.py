@@ -82,6 +82,15 @@ async def insight_request(request: Request, project_id: str) -> tuple[dict[str, 
     return data, body, project
 
 
+async def still_building(request: Request, query: Any, refresh: str) -> Response | None:
+    """None once every definition the query reads is built; else the 202 progress answer."""
+    state = request.app.state
+    pending = await materialized(state.definitions, query.definitions(), refresh, state.settings.blocking_timeout_s)
+    if pending is None:
+        return None
+    return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+
+
 def _now(request: Request) -> datetime:
     settings = request.app.state.settings
     try:
@@ -122,10 +131,9 @@ async def _trend(request: Request, project_id: str) -> Response:
     try:
         parsed = parse_trends_request(data)
         query = TrendQuery(state.redis, project, parsed, now)
-        pending = await materialized(state.definitions, query.definitions(), parsed.refresh,
-                                     state.settings.blocking_timeout_s)
-        if pending is not None:
-            return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+        waiting = await still_building(request, query, parsed.refresh)
+        if waiting is not None:
+            return waiting
         result = query.run()
     except RequestError as exc:
         raise validation(exc.detail, exc.attr, exc.code) from exc
@@ -175,12 +183,10 @@ async def _funnel_query(request: Request, project_id: str) -> tuple[Any, dict[st
 async def _funnel(request: Request, project_id: str) -> Response:
     """Funnel steps, trends or time to convert (spec §7)."""
     query, data, project = await _funnel_query(request, project_id)
-    state = request.app.state
     started = time.perf_counter()
-    pending = await materialized(state.definitions, query.definitions(), query.request.refresh,
-                                 state.settings.blocking_timeout_s)
-    if pending is not None:
-        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    waiting = await still_building(request, query, query.request.refresh)
+    if waiting is not None:
+        return waiting
     base = f"{str(request.base_url).rstrip('/')}/api/environments/{project.id}/insights/funnel/people/"
     shared = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in data.items()
               if k not in ("funnel_step", "funnel_step_breakdown", "refresh")}
@@ -201,10 +207,9 @@ async def _funnel_people(request: Request, project_id: str) -> Response:
     """The persons behind a funnel step's count (`converted_people_url` / `dropped_people_url`)."""
     query, data, project = await _funnel_query(request, project_id)
     state = request.app.state
-    pending = await materialized(state.definitions, query.definitions(), "blocking",
-                                 state.settings.blocking_timeout_s)
-    if pending is not None:
-        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    waiting = await still_building(request, query, "blocking")
+    if waiting is not None:
+        return waiting
     try:
         step = int(data.get("funnel_step") or 1)
         limit = min(int(data.get("limit") or 100), 1000)
@@ -237,10 +242,9 @@ async def _funnel_correlation(request: Request, project_id: str) -> Response:
         query = FunnelQuery(state.redis, project, parsed, _now(request))
     except RequestError as exc:
         raise validation(exc.detail, exc.attr, exc.code) from exc
-    pending = await materialized(state.definitions, query.definitions(), parsed.refresh,
-                                 state.settings.blocking_timeout_s)
-    if pending is not None:
-        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    waiting = await still_building(request, query, parsed.refresh)
+    if waiting is not None:
+        return waiting
 
     def person_properties(persons: list[str]) -> dict[str, dict[str, Any]]:
         return {str(p["id"]): p["properties"] for p in person_details(state.redis, project.id, persons)}
@@ -257,17 +261,16 @@ async def _retention_query(request: Request, project_id: str) -> tuple[Retention
         query = RetentionQuery(state.redis, project, parsed, _now(request))
     except RequestError as exc:
         raise validation(exc.detail, exc.attr, exc.code) from exc
-    pending = await materialized(state.definitions, query.definitions(),
-                                 "blocking" if request.url.path.rstrip("/").endswith("people") else parsed.refresh,
-                                 state.settings.blocking_timeout_s)
-    return query, data, (project, pending)
+    waiting = await still_building(request, query,
+                                   "blocking" if request.url.path.rstrip("/").endswith("people") else parsed.refresh)
+    return query, data, (project, waiting)
 
 
 async def _retention(request: Request, project_id: str) -> Response:
     """Retention cohorts (spec §10)."""
-    query, data, (project, pending) = await _retention_query(request, project_id)
-    if pending is not None:
-        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    query, data, (project, waiting) = await _retention_query(request, project_id)
+    if waiting is not None:
+        return waiting
     path = f"/api/environments/{project.id}/insights/retention/people/"
     base = str(request.base_url).rstrip("/")
     shared = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in data.items()
@@ -283,9 +286,9 @@ async def _retention(request: Request, project_id: str) -> Response:
 
 async def _retention_people(request: Request, project_id: str) -> Response:
     """The persons of one retention cohort row, with the periods they returned in."""
-    query, data, (project, pending) = await _retention_query(request, project_id)
-    if pending is not None:
-        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    query, data, (project, waiting) = await _retention_query(request, project_id)
+    if waiting is not None:
+        return waiting
     try:
         selected = int(data.get("selected_interval") or 0)
     except ValueError as exc:
@@ -308,10 +311,9 @@ async def _paths(request: Request, project_id: str) -> Response:
         query = PathsQuery(state.redis, project, parsed, _now(request))
     except RequestError as exc:
         raise validation(exc.detail, exc.attr, exc.code) from exc
-    pending = await materialized(state.definitions, query.definitions(), parsed.refresh,
-                                 state.settings.blocking_timeout_s)
-    if pending is not None:
-        return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
+    waiting = await still_building(request, query, parsed.refresh)
+    if waiting is not None:
+        return waiting
     return JSON({"result": query.run(), "timezone": project.timezone, "is_cached": False,
                  "last_refresh": iso_instant(datetime.now(UTC)), "timings": []})
 

@@ -96,6 +96,8 @@ def event_time(raw: dict[str, Any], now: datetime, sent_at: Any = None) -> datet
 
 def _name(raw: dict[str, Any], field: str) -> str:
     value = raw.get(field)
+    if type(value) is str and 0 < len(value) <= MAX_NAME_LENGTH and not value.isspace():
+        return value  # the ordinary case, checked first: this runs twice per event
     if isinstance(value, bool) or value is None:
         raise InvalidEvent(f"'{field}' is required")
     if isinstance(value, int | float):

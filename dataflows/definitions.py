@@ -145,7 +145,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem]):
     def _pick(self) -> _Task | None:
         mine = [p for p in range(self.partitions) if p % self.workers == self.worker]
         for project_id, h in self.registry.pending():
-            done = {int(m) for m in self.client.smembers(f"{keys.project_prefix(project_id)}d:{h}:done")}
+            done = self.registry.done(project_id, h)
             for partition in mine:
                 if partition in done:
                     continue

@@ -31,9 +31,17 @@ def zone(name: str) -> ZoneInfo:
         raise DateParseError(f"Unknown time zone '{name}'.") from exc
 
 
+_ABSOLUTE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def is_absolute(value: str) -> bool:
+    """A date or datetime string (anything else is a relative form)."""
+    return bool(_ABSOLUTE.match(value.strip()))
+
+
 def _absolute(value: str, tz: ZoneInfo) -> datetime | None:
     text = value.strip()
-    if not re.match(r"^\d{4}-\d{2}-\d{2}", text):
+    if not is_absolute(text):
         return None
     try:
         parsed = datetime.fromisoformat(text.replace(" ", "T", 1) if len(text) > 10 else text)

@@ -35,6 +35,16 @@ class Breakdown:
     def multiple(self) -> bool:
         return self.as_list or len(self.properties) > 1
 
+    def canonical(self) -> list[Any]:
+        return [[list(p) for p in self.properties], self.normalize_url, self.multiple]
+
+    @classmethod
+    def from_canonical(cls, value: list[Any] | None) -> Breakdown | None:
+        if not value:
+            return None
+        props, normalize, as_list = value
+        return cls(tuple((kind, key) for kind, key in props), normalize, as_list)
+
     def value(self, event_props: dict[str, Any], person_props: dict[str, Any]) -> str:
         parts = []
         for kind, key in self.properties:
@@ -77,8 +87,7 @@ class Definition:
     def canonical(self) -> dict[str, Any]:
         return {
             "v": DEFINITION_VERSION, "event": self.event, "filters": self.filters.canonical(),
-            "breakdown": ([list(p) for p in self.breakdown.properties], self.breakdown.normalize_url,
-                          self.breakdown.multiple) if self.breakdown else None,
+            "breakdown": self.breakdown.canonical() if self.breakdown else None,
             "value_property": list(self.value_property) if self.value_property else None,
             "keep_values": self.keep_values, "per_actor": self.per_actor, "timezone": self.timezone,
             **({"steps": [[s.event, s.filters.canonical()] for s in self.steps]} if self.steps else {}),
@@ -103,13 +112,10 @@ class Definition:
     @classmethod
     def from_json(cls, data: bytes | str) -> Definition:
         body = orjson.loads(data)
-        breakdown = None
-        if body["breakdown"]:
-            props, normalize, as_list = body["breakdown"]
-            breakdown = Breakdown(tuple((k, p) for k, p in props), normalize, as_list)
         return cls(
             project_id=body["project_id"], event=body["event"], filters=parse_filters(body["raw"].get("filters")),
-            breakdown=breakdown, value_property=tuple(body["value_property"]) if body["value_property"] else None,
+            breakdown=Breakdown.from_canonical(body["breakdown"]),
+            value_property=tuple(body["value_property"]) if body["value_property"] else None,
             keep_values=body["keep_values"], per_actor=body["per_actor"], timezone=body["timezone"], raw=body["raw"],
             steps=tuple(ActionStep(e, parse_filters(f)) for e, f in body["raw"].get("steps", [])),
         )

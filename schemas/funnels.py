@@ -95,8 +95,7 @@ class FunnelDefinition:
             "v": DEFINITION_VERSION, "kind": "funnel", "steps": [s.canonical() for s in self.steps],
             "exclusions": [[x.step.canonical(), x.from_step, x.to_step] for x in self.exclusions],
             "filters": self.filters.canonical(),
-            "breakdown": ([list(p) for p in self.breakdown.properties], self.breakdown.normalize_url,
-                          self.breakdown.multiple) if self.breakdown else None,
+            "breakdown": self.breakdown.canonical() if self.breakdown else None,
             "every_event": self.every_event, "timezone": self.timezone,
             **({"keep_names": True, "property_events": sorted(self.property_events)} if self.keep_names else {}),
         }
@@ -121,15 +120,12 @@ class FunnelDefinition:
     @classmethod
     def from_json(cls, data: bytes | str) -> FunnelDefinition:
         body = orjson.loads(data)
-        breakdown = None
-        if body["breakdown"]:
-            props, normalize, as_list = body["breakdown"]
-            breakdown = Breakdown(tuple((k, p) for k, p in props), normalize, as_list)
         raw = body["raw"]
         return cls(
             project_id=body["project_id"], steps=tuple(FunnelStep.from_raw(s) for s in raw["steps"]),
             exclusions=tuple(Exclusion(FunnelStep.from_raw(s), f, t) for s, f, t in raw["exclusions"]),
-            filters=parse_filters(raw["filters"]), breakdown=breakdown, every_event=body["every_event"],
+            filters=parse_filters(raw["filters"]), breakdown=Breakdown.from_canonical(body["breakdown"]),
+            every_event=body["every_event"],
             timezone=body["timezone"], raw=raw, keep_names=body.get("keep_names", False),
             property_events=tuple(body.get("property_events", ())),
         )

@@ -83,6 +83,37 @@ def person_properties(pid: int, person: int | str) -> str:
     return f"{project_prefix(pid)}pp:{person}"
 
 
+def person_distinct_ids(pid: int, person: int | str) -> str:
+    """Set of a person's distinct ids."""
+    return f"{project_prefix(pid)}pd:{person}"
+
+
+def project_meta(pid: int) -> str:
+    """Hash of project facts the state keeps (`earliest_ms`: the earliest event time applied)."""
+    return project_prefix(pid) + "meta"
+
+
+def definitions(pid: int) -> str:
+    """Hash: definition hash -> definition JSON, for every registered definition of the project."""
+    return project_prefix(pid) + "defs"
+
+
+def saved_insights(pid: int) -> tuple[str, str, str]:
+    """(hash id -> insight JSON, id counter, hash short_id -> id)."""
+    prefix = project_prefix(pid)
+    return prefix + "insights", prefix + "insight_seq", prefix + "insight_short"
+
+
+def insight_views(pid: int, owner: str) -> str:
+    """Sorted set: insight id -> last time this owner viewed it."""
+    return f"{project_prefix(pid)}views:{owner}"
+
+
+def insight_access(pid: int, insight_id: int) -> str:
+    """Hash of an insight's access entries."""
+    return f"{project_prefix(pid)}acl:{insight_id}"
+
+
 def first_time_day_persons(pid: int, event: str, day: str) -> str:
     """Bitmap of persons whose first event of that name is on that project-zone day."""
     return f"{project_prefix(pid)}fud:{event}:{day}"
@@ -109,6 +140,11 @@ def definition_prefix(pid: int, h: str) -> str:
     `vs:<bv>` property sums/counts/min/max (fields `h<hour>:s` …, `d<day>:s` …), `vl:<bv>:<day>` and
     `vlh:<bv>:<hour>` property values, `pa:<bv>:<day>` and `pah:<bv>:<hour>` events per person."""
     return f"{project_prefix(pid)}d:{h}:"
+
+
+def definition_events(prefix: str, day: str) -> str:
+    """List of the events a funnel or paths definition keeps for a project-zone day (`fe:<day>`)."""
+    return f"{prefix}fe:{day}"
 
 
 def definition_key(prefix: str, kind: str, bv: str = "", bucket: str | int | None = None) -> str:

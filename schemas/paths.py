@@ -22,13 +22,15 @@ from schemas.trends import RequestError, decode_json_field, int_field, request_f
 EVENT_TYPES = ("$pageview", "$screen", "custom_event")
 
 
+def without_trailing_slash(text: str) -> str:
+    """URLs are path items without one trailing slash (§9.3); start/end points are read the same way."""
+    return text[:-1] if len(text) > 1 and text.endswith("/") else text
+
+
 def path_item(event_name: str, props: dict[str, Any]) -> str | None:
     if event_name == "$pageview":
         url = props.get("$current_url")
-        if url is None:
-            return None
-        text = str(url)
-        return text[:-1] if len(text) > 1 and text.endswith("/") else text
+        return None if url is None else without_trailing_slash(str(url))
     if event_name == "$screen":
         name = props.get("$screen_name")
         return None if name is None else str(name)
@@ -107,10 +109,7 @@ class PathsRequest:
 
 
 def _strip(point: Any) -> str | None:
-    if point in (None, ""):
-        return None
-    text = str(point)
-    return text[:-1] if len(text) > 1 and text.endswith("/") else text
+    return None if point in (None, "") else without_trailing_slash(str(point))
 
 
 def parse_paths_request(data: dict[str, Any], project_id: int, timezone: str, test_account_filters: list[Any],

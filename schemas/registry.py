@@ -190,13 +190,8 @@ class DefinitionRegistry:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    @staticmethod
-    def _d(project_id: int, h: str) -> str:
-        return f"{keys.project_prefix(project_id)}d:{h}:"
-
-    @staticmethod
-    def defs_key(project_id: int) -> str:
-        return keys.project_prefix(project_id) + "defs"
+    _d = staticmethod(keys.definition_prefix)
+    defs_key = staticmethod(keys.definitions)
 
     def register(self, definition: Any) -> bool:
         """Idempotent; True when this call registered it (and queued its backfill)."""
@@ -244,6 +239,10 @@ class DefinitionRegistry:
     def handover(self, project_id: int, h: str, partition: int) -> int | None:
         raw = self.redis.hget(self._d(project_id, h) + "ho", str(partition))
         return int(raw) if raw is not None else None
+
+    def done(self, project_id: int, h: str) -> set[int]:
+        """Partitions whose backfill is finished."""
+        return {int(m) for m in self.redis.smembers(self._d(project_id, h) + "done")}
 
     def partition_done(self, project_id: int, h: str, partition: int, partitions: int) -> bool:
         """Mark a partition finished; when all are, the definition is ready. True if now ready."""

@@ -65,11 +65,10 @@ def iso_now() -> str:
 class InsightStore:
     def __init__(self, client: redis.Redis, project_id: int) -> None:
         self.redis, self.project_id = client, project_id
-        prefix = keys.project_prefix(project_id)
-        self._hash, self._seq, self._short = prefix + "insights", prefix + "insight_seq", prefix + "insight_short"
+        self._hash, self._seq, self._short = keys.saved_insights(project_id)
 
     def _views(self, owner: str) -> str:
-        return f"{keys.project_prefix(self.project_id)}views:{owner}"
+        return keys.insight_views(self.project_id, owner)
 
     def create(self, fields: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
         data = validate(fields)
@@ -150,7 +149,7 @@ class AccessControls:
 
     def __init__(self, client: redis.Redis, project_id: int, insight_id: int) -> None:
         self.redis = client
-        self.key = f"{keys.project_prefix(project_id)}acl:{insight_id}"
+        self.key = keys.insight_access(project_id, insight_id)
         self.insight_id = insight_id
 
     def entries(self) -> list[dict[str, Any]]:

@@ -21,9 +21,10 @@ from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered
 from schemas import keys
 from schemas.dates import QueryDateRange, bucket_label, day_string, start_of_interval, zone
 from schemas.definitions import BREAKDOWN_NULL
+from schemas.filters import as_text
 from schemas.funnels import FunnelRequest
 from schemas.registry import Project
-from schemas.trends import RequestError
+from schemas.trends import RequestError, decode_json_field
 from serving.trends import quantile
 
 OTHER = "Other"
@@ -73,7 +74,7 @@ class FunnelQuery:
             day += timedelta(days=1)
         pipe = self.redis.pipeline(transaction=False)
         for d in days:
-            pipe.lrange(f"{prefix}fe:{d}", 0, -1)
+            pipe.lrange(keys.definition_events(prefix, d), 0, -1)
         low, high = self.lower.timestamp() * 1000, self.range.date_to.timestamp() * 1000
         actors: dict[str, list[StepEvent]] = defaultdict(list)
         for entries in pipe.execute():
@@ -291,8 +292,6 @@ class CorrelationRequest:
 
 
 def parse_correlation(data: dict[str, Any]) -> CorrelationRequest:
-    from schemas.trends import decode_json_field
-
     kind = str(data.get("funnel_correlation_type") or "events")
     if kind not in CORRELATION_TYPES:
         raise RequestError(f"Unknown funnel_correlation_type '{kind}'.", "funnel_correlation_type", "invalid_choice")
@@ -342,14 +341,14 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
             elif event.name in request.event_names and event.properties:
                 for prop, value in event.properties.items():
                     if prop not in request.exclude_property_names and not prop.startswith("$set"):
-                        seen[f"{event.name}::{prop}::{_text(value)}"][person] = converted
+                        seen[f"{event.name}::{prop}::{as_text(value)}"][person] = converted
     if request.kind == "properties":
         props = person_properties(sorted(success | failure))
         for person, values in props.items():
             for prop, value in values.items():
                 wanted = "$all" in request.names or prop in request.names
                 if wanted and prop not in request.exclude_names:
-                    seen[f"{prop}::{_text(value)}"][person] = person in success
+                    seen[f"{prop}::{as_text(value)}"][person] = person in success
     big_s, big_f = len(success), len(failure)
     if not big_s or not big_f:
         return {"events": [], "skewed": True}
@@ -370,8 +369,3 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
               for key, s, f, odds in positive + negative]
     return {"events": events, "skewed": big_s / big_f > 10 or big_f / big_s > 10}
 
-
-def _text(value: Any) -> str:
-    from schemas.filters import as_text
-
-    return as_text(value)

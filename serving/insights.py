@@ -321,7 +321,7 @@ async def _paths(request: Request, project_id: str) -> Response:
 def person_details(client: Any, project_id: int, persons: list[str]) -> list[dict[str, Any]]:
     pipe = client.pipeline(transaction=False)
     for person in persons:
-        pipe.smembers(f"{keys.project_prefix(project_id)}pd:{person}")
+        pipe.smembers(keys.person_distinct_ids(project_id, person))
         pipe.hgetall(keys.person_properties(project_id, person))
     replies = pipe.execute()
     out = []

@@ -37,7 +37,7 @@ class PathsQuery:
         pipe = self.redis.pipeline(transaction=False)
         day = self.range.date_from.date()
         while day <= self.range.date_to.date():
-            pipe.lrange(f"{prefix}fe:{day.strftime('%Y%m%d')}", 0, -1)
+            pipe.lrange(keys.definition_events(prefix, day.strftime("%Y%m%d")), 0, -1)
             day += timedelta(days=1)
         low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000
         actors: dict[str, list[tuple[float, str, str]]] = defaultdict(list)

@@ -20,6 +20,7 @@ from schemas.registry import Project
 from schemas.retention import RetentionRequest, entity_definition
 from schemas.trends import Entity, RequestError
 from serving.trends import Source, fetch_bitmaps
+from serving.trends import union as _union
 
 _STEP = {"Hour": relativedelta(hours=1), "Day": relativedelta(days=1), "Week": relativedelta(weeks=1),
          "Month": relativedelta(months=1)}
@@ -220,11 +221,4 @@ class RetentionQuery:
 
 def _local(moment: datetime, tz: Any) -> datetime:
     return moment.replace(tzinfo=None).replace(tzinfo=tz)
-
-
-def _union(bitmaps: dict[str, int], members: list[str]) -> int:
-    out = 0
-    for key in members:
-        out |= bitmaps[key]
-    return out
 

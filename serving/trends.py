@@ -22,6 +22,7 @@ from schemas.dates import (
     bucket_day,
     bucket_label,
     day_string,
+    is_absolute,
     iso_instant,
     next_bucket,
     relative_date_parse,
@@ -98,7 +99,7 @@ class TrendQuery:
                                    "unsupported")
         earliest = None
         if request.date_from == "all":
-            raw = client.hget(keys.project_prefix(project.id) + "meta", "earliest_ms")
+            raw = client.hget(keys.project_meta(project.id), "earliest_ms")
             if raw is not None:
                 earliest = datetime.fromtimestamp(int(raw) / 1000, self.tz)
         try:
@@ -153,7 +154,7 @@ class TrendQuery:
 
     def _weekly_relative(self) -> bool:
         text = (self.request.date_from or "-7d").strip()
-        if self.request.date_to and not _is_absolute(self.request.date_to):
+        if self.request.date_to and not is_absolute(self.request.date_to):
             return False
         number, unit = text.lstrip("-")[:-1], text[-1:]
         return unit in _RELATIVE_WEEKS and number.isdigit() and (unit == "w" or int(number) % 7 == 0)
@@ -249,19 +250,16 @@ class TrendQuery:
                 else:
                     pipe.echo("0")
             return [int(v) for v in pipe.execute()]
-        bitmaps = self._fetch_bitmaps(key_lists)
-        return [_union(bitmaps, members).bit_count() for members in key_lists]
-
-    def _fetch_bitmaps(self, key_lists: list[list[str]]) -> dict[str, int]:
-        return fetch_bitmaps(self.redis, key_lists)
+        bitmaps = fetch_bitmaps(self.redis, key_lists)
+        return [union(bitmaps, members).bit_count() for members in key_lists]
 
     def _cumulative_distinct(self, key_lists: list[list[str]]) -> list[int]:
         """Each actor counts once, in the first bucket it appears (E3 cumulative for actor maths)."""
-        bitmaps = self._fetch_bitmaps(key_lists)
+        bitmaps = fetch_bitmaps(self.redis, key_lists)
         seen = 0
         out = []
         for members in key_lists:
-            seen |= _union(bitmaps, members)
+            seen |= union(bitmaps, members)
             out.append(seen.bit_count())
         return out
 
@@ -277,7 +275,7 @@ class TrendQuery:
             last = period.range.date_to.date()
             members = [source.day_persons(n, (last - timedelta(days=i)).strftime("%Y%m%d"))
                        for n in names for i in range(window)]
-        return _union(self._fetch_bitmaps([members]), members).bit_count() if members else 0
+        return union(fetch_bitmaps(self.redis, [members]), members).bit_count() if members else 0
 
     # --- property maths and per-actor maths (definition state only) -----------------------------------
     def _bucket_fields(self, period: Period) -> list[list[str]]:
@@ -612,7 +610,8 @@ def fetch_bitmaps(client: redis.Redis, key_lists: list[list[str]]) -> dict[str, 
             for k, v in zip(unique, pipe.execute(), strict=True)}
 
 
-def _union(bitmaps: dict[str, int], members: list[str]) -> int:
+def union(bitmaps: dict[str, int], members: list[str]) -> int:
+    """The OR of some of the fetched person bitmaps."""
     out = 0
     for key in members:
         out |= bitmaps[key]
@@ -636,10 +635,6 @@ def _running(values: list) -> list:
         total += value
         out.append(total)
     return out
-
-
-def _is_absolute(text: str) -> bool:
-    return len(text) >= 10 and text[:4].isdigit() and text[4] == "-"
 
 
 def resolve_now(header: str | None, test_clock: bool, default: datetime) -> datetime:

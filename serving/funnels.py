@@ -369,3 +369,16 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
               for key, s, f, odds in positive + negative]
     return {"events": events, "skewed": big_s / big_f > 10 or big_f / big_s > 10}
 
+
+
+class CorrelationQuery:
+    """Funnel correlation as a query like the others: the funnel's definitions, then `correlation`."""
+
+    def __init__(self, funnel_query: FunnelQuery, wanted: CorrelationRequest) -> None:
+        self.funnel, self.wanted, self.request = funnel_query, wanted, funnel_query.request
+
+    def definitions(self) -> list[Any]:
+        return self.funnel.definitions()
+
+    def run(self, person_properties: Any) -> dict[str, Any]:
+        return correlation(self.funnel, self.wanted, person_properties)

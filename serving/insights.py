@@ -25,7 +25,7 @@ from schemas.retention import parse_retention_request
 from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, validation
-from serving.funnels import FunnelQuery, correlation, parse_correlation
+from serving.funnels import CorrelationQuery, FunnelQuery, parse_correlation
 from serving.paths import PathsQuery
 from serving.retention import RetentionQuery
 from serving.trends import TrendQuery, resolve_now
@@ -124,25 +124,15 @@ def trend_csv(result: list[dict[str, Any]], request: Request, date_range: tuple[
 
 
 async def _trend(request: Request, project_id: str) -> Response:
-    data, _body, project = await insight_request(request, project_id)
-    state = request.app.state
     started = time.perf_counter()
-    now = _now(request)
-    try:
-        parsed = parse_trends_request(data)
-        query = TrendQuery(state.redis, project, parsed, now)
-        waiting = await still_building(request, query, parsed.refresh)
-        if waiting is not None:
-            return waiting
-        result = query.run()
-    except RequestError as exc:
-        raise validation(exc.detail, exc.attr, exc.code) from exc
-    except DateParseError as exc:
-        raise validation(str(exc), "date_from") from exc
+    query, data, project, waiting = await calculation(request, project_id, "TRENDS")
+    if waiting is not None:
+        return waiting
+    result = query.run()
     QUERY_SECONDS.labels("trend").observe(time.perf_counter() - started)
     if request.url.path.endswith(".csv") or data.get("format") == "csv":
         first = query.periods[0].range
-        start = None if parsed.date_from == "all" else first.date_from.date().isoformat()
+        start = None if query.request.date_from == "all" else first.date_from.date().isoformat()
         return trend_csv(result, request, (start, first.date_to.date().isoformat()))
     return JSON({
         "result": result, "timezone": project.timezone, "is_cached": False,
@@ -168,23 +158,53 @@ def next_link(request: Request, results: int) -> str | None:
     return f"{request.url}{separator}offset={limit}"
 
 
-async def _funnel_query(request: Request, project_id: str) -> tuple[Any, dict[str, Any], Any]:
+def build_query(state: Any, project: Project, kind: str, data: dict[str, Any], now: datetime,
+                body: dict[str, Any] | None = None) -> Any:
+    """The calculation a request, or a saved insight's filters, describes: the one place per kind."""
+    kind = kind.upper()
+    redis = state.redis
+    if kind == "TRENDS":
+        return TrendQuery(redis, project, parse_trends_request(data), now)
+    if kind in ("FUNNELS", "CORRELATION"):
+        wanted = parse_correlation(data) if kind == "CORRELATION" else None
+        funnel = {**data, "insight": "FUNNELS", **({"funnel_viz_type": "steps"} if wanted else {})}
+        parsed = parse_funnel_request(funnel, project.id, project.timezone, project.test_account_filters, body,
+                                      correlation_events=wanted.event_names if wanted else None)
+        query = FunnelQuery(redis, project, parsed, now)
+        return CorrelationQuery(query, wanted) if wanted else query
+    if kind == "RETENTION":
+        return RetentionQuery(redis, project, parse_retention_request(data, project.test_account_filters), now)
+    if kind == "PATHS":
+        parsed = parse_paths_request(data, project.id, project.timezone, project.test_account_filters,
+                                     project.path_cleaning_filters)
+        return PathsQuery(redis, project, parsed, now)
+    raise RequestError(f"Insights of type {kind} cannot be calculated here.", "filters", "unsupported")
+
+
+async def calculation(request: Request, project_id: str, kind: str, blocking: bool = False
+                      ) -> tuple[Any, dict[str, Any], Project, Response | None]:
+    """Authenticate, parse and build the query, register what it reads; the last item is the 202
+    answer while a definition is still being built (or None)."""
     data, body, project = await insight_request(request, project_id)
-    state = request.app.state
     try:
-        parsed = parse_funnel_request({**data, "insight": "FUNNELS"}, project.id, project.timezone,
-                                      project.test_account_filters, body)
-        query = FunnelQuery(state.redis, project, parsed, _now(request))
+        query = build_query(request.app.state, project, kind, data, _now(request), body)
     except RequestError as exc:
         raise validation(exc.detail, exc.attr, exc.code) from exc
-    return query, data, project
+    except DateParseError as exc:
+        raise validation(str(exc), "date_from") from exc
+    waiting = await still_building(request, query, "blocking" if blocking else query.request.refresh)
+    return query, data, project, waiting
+
+
+def _result(project: Project, result: Any) -> Response:
+    return JSON({"result": result, "timezone": project.timezone, "is_cached": False,
+                 "last_refresh": iso_instant(datetime.now(UTC)), "timings": []})
 
 
 async def _funnel(request: Request, project_id: str) -> Response:
     """Funnel steps, trends or time to convert (spec §7)."""
-    query, data, project = await _funnel_query(request, project_id)
     started = time.perf_counter()
-    waiting = await still_building(request, query, query.request.refresh)
+    query, data, project, waiting = await calculation(request, project_id, "FUNNELS")
     if waiting is not None:
         return waiting
     base = f"{str(request.base_url).rstrip('/')}/api/environments/{project.id}/insights/funnel/people/"
@@ -199,15 +219,12 @@ async def _funnel(request: Request, project_id: str) -> Response:
 
     result = query.run(people_url)
     QUERY_SECONDS.labels("funnel").observe(time.perf_counter() - started)
-    return JSON({"result": result, "timezone": project.timezone, "is_cached": False,
-                 "last_refresh": iso_instant(datetime.now(UTC)), "timings": []})
+    return _result(project, result)
 
 
 async def _funnel_people(request: Request, project_id: str) -> Response:
     """The persons behind a funnel step's count (`converted_people_url` / `dropped_people_url`)."""
-    query, data, project = await _funnel_query(request, project_id)
-    state = request.app.state
-    waiting = await still_building(request, query, "blocking")
+    query, data, project, waiting = await calculation(request, project_id, "FUNNELS", blocking=True)
     if waiting is not None:
         return waiting
     try:
@@ -223,7 +240,7 @@ async def _funnel_people(request: Request, project_id: str) -> Response:
         value = tuple(str(v) for v in (decoded if isinstance(decoded, list) else [decoded]))
     persons = query.people(step, value)
     page = persons[offset:offset + limit]
-    people = person_details(state.redis, project.id, page)
+    people = person_details(request.app.state.redis, project.id, page)
     following = None
     if offset + limit < len(persons):
         following = str(request.url.include_query_params(offset=offset + limit, limit=limit))
@@ -232,43 +249,21 @@ async def _funnel_people(request: Request, project_id: str) -> Response:
 
 async def _funnel_correlation(request: Request, project_id: str) -> Response:
     """Funnel correlation (spec §8). Unlike PostHog, personal API keys with insight:read may call it."""
-    data, body, project = await insight_request(request, project_id)
-    state = request.app.state
-    try:
-        wanted = parse_correlation(data)
-        parsed = parse_funnel_request({**data, "insight": "FUNNELS", "funnel_viz_type": "steps"}, project.id,
-                                      project.timezone, project.test_account_filters, body,
-                                      correlation_events=wanted.event_names)
-        query = FunnelQuery(state.redis, project, parsed, _now(request))
-    except RequestError as exc:
-        raise validation(exc.detail, exc.attr, exc.code) from exc
-    waiting = await still_building(request, query, parsed.refresh)
+    query, _data, project, waiting = await calculation(request, project_id, "CORRELATION")
     if waiting is not None:
         return waiting
+    client = request.app.state.redis
 
     def person_properties(persons: list[str]) -> dict[str, dict[str, Any]]:
-        return {str(p["id"]): p["properties"] for p in person_details(state.redis, project.id, persons)}
+        return {str(p["id"]): p["properties"] for p in person_details(client, project.id, persons)}
 
-    result = correlation(query, wanted, person_properties)
-    return JSON({"result": result, "last_refresh": iso_instant(datetime.now(UTC)), "is_cached": False})
-
-
-async def _retention_query(request: Request, project_id: str) -> tuple[RetentionQuery, dict[str, Any], Any]:
-    data, _body, project = await insight_request(request, project_id)
-    state = request.app.state
-    try:
-        parsed = parse_retention_request(data, project.test_account_filters)
-        query = RetentionQuery(state.redis, project, parsed, _now(request))
-    except RequestError as exc:
-        raise validation(exc.detail, exc.attr, exc.code) from exc
-    waiting = await still_building(request, query,
-                                   "blocking" if request.url.path.rstrip("/").endswith("people") else parsed.refresh)
-    return query, data, (project, waiting)
+    return JSON({"result": query.run(person_properties), "last_refresh": iso_instant(datetime.now(UTC)),
+                 "is_cached": False})
 
 
 async def _retention(request: Request, project_id: str) -> Response:
     """Retention cohorts (spec §10)."""
-    query, data, (project, waiting) = await _retention_query(request, project_id)
+    query, data, project, waiting = await calculation(request, project_id, "RETENTION")
     if waiting is not None:
         return waiting
     path = f"/api/environments/{project.id}/insights/retention/people/"
@@ -280,13 +275,12 @@ async def _retention(request: Request, project_id: str) -> Response:
         params = {**shared, "selected_interval": row, **({"breakdown_value": value} if value is not None else {})}
         return f"{base if absolute else ''}{path}?{urlencode(params)}"
 
-    return JSON({"result": query.run(people_url), "timezone": project.timezone, "is_cached": False,
-                 "last_refresh": iso_instant(datetime.now(UTC)), "timings": []})
+    return _result(project, query.run(people_url))
 
 
 async def _retention_people(request: Request, project_id: str) -> Response:
     """The persons of one retention cohort row, with the periods they returned in."""
-    query, data, (project, waiting) = await _retention_query(request, project_id)
+    query, data, project, waiting = await calculation(request, project_id, "RETENTION", blocking=True)
     if waiting is not None:
         return waiting
     try:
@@ -303,19 +297,10 @@ async def _retention_people(request: Request, project_id: str) -> Response:
 
 async def _paths(request: Request, project_id: str) -> Response:
     """Path edges (spec §9)."""
-    data, _body, project = await insight_request(request, project_id)
-    state = request.app.state
-    try:
-        parsed = parse_paths_request(data, project.id, project.timezone, project.test_account_filters,
-                                     project.path_cleaning_filters)
-        query = PathsQuery(state.redis, project, parsed, _now(request))
-    except RequestError as exc:
-        raise validation(exc.detail, exc.attr, exc.code) from exc
-    waiting = await still_building(request, query, parsed.refresh)
+    query, _data, project, waiting = await calculation(request, project_id, "PATHS")
     if waiting is not None:
         return waiting
-    return JSON({"result": query.run(), "timezone": project.timezone, "is_cached": False,
-                 "last_refresh": iso_instant(datetime.now(UTC)), "timings": []})
+    return _result(project, query.run())
 
 
 def person_details(client: Any, project_id: int, persons: list[str]) -> list[dict[str, Any]]:

@@ -19,19 +19,12 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import Histogram
 
 from schemas.dates import iso_instant
-from schemas.funnels import parse_funnel_request
-from schemas.paths import parse_paths_request
 from schemas.registry import ApiKey, Project
-from schemas.retention import parse_retention_request
 from schemas.saved import DEFAULT_LEVEL, LEVELS, AccessControls, InsightError, InsightStore, owner_of
-from schemas.trends import RequestError, parse_trends_request, to_bool
+from schemas.trends import RequestError, to_bool
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, not_found, validation
-from serving.funnels import FunnelQuery
-from serving.insights import BLOCKING, _now, materialized, request_data
-from serving.paths import PathsQuery
-from serving.retention import RetentionQuery
-from serving.trends import TrendQuery
+from serving.insights import BLOCKING, _now, build_query, materialized, request_data
 
 router = APIRouter(tags=["saved insights"])
 TIME_TO_SEE_DATA = Histogram("insightflow_time_to_see_data_seconds", "Client-reported time to see data", ["type"])
@@ -40,22 +33,9 @@ BASIC = ("id", "short_id", "name", "derived_name", "filters", "query", "dashboar
          "favorited", "user_access_level", "last_viewed_at", "search_match_type")
 
 
-def build_query(state: Any, project: Project, filters: dict[str, Any], now: datetime) -> Any:
-    """The calculation a saved insight's legacy filters describe (same parsers as the endpoints)."""
-    kind = str(filters.get("insight") or "TRENDS").upper()
-    redis = state.redis
-    if kind == "TRENDS":
-        return TrendQuery(redis, project, parse_trends_request(filters), now)
-    if kind == "FUNNELS":
-        parsed = parse_funnel_request(filters, project.id, project.timezone, project.test_account_filters)
-        return FunnelQuery(redis, project, parsed, now)
-    if kind == "RETENTION":
-        return RetentionQuery(redis, project, parse_retention_request(filters, project.test_account_filters), now)
-    if kind == "PATHS":
-        parsed = parse_paths_request(filters, project.id, project.timezone, project.test_account_filters,
-                                     project.path_cleaning_filters)
-        return PathsQuery(redis, project, parsed, now)
-    raise RequestError(f"Insights of type {kind} cannot be calculated here.", "filters", "unsupported")
+def _saved_query(state: Any, project: Project, filters: dict[str, Any], request: Request) -> Any:
+    """The calculation a saved insight's legacy filters describe (TRENDS when they name none)."""
+    return build_query(state, project, str(filters.get("insight") or "TRENDS"), filters, _now(request))
 
 
 async def _principal(request: Request, project_id: str, scope: str) -> tuple[ApiKey, Project, dict, dict]:
@@ -100,7 +80,7 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
     filters = insight.get("filters") or {}
     if compute and filters and not insight.get("query"):
         try:
-            query = build_query(state, project, filters, _now(request))
+            query = _saved_query(state, project, filters, request)
             pending = await materialized(state.definitions, query.definitions(), refresh,
                                          state.settings.blocking_timeout_s)
             if pending is None:
@@ -124,7 +104,7 @@ async def _register(request: Request, project: Project, insight: dict[str, Any])
         return
     state = request.app.state
     try:
-        query = build_query(state, project, filters, _now(request))
+        query = _saved_query(state, project, filters, request)
     except RequestError as exc:
         raise validation(f"filters: {exc.detail}", f"filters__{exc.attr}" if exc.attr else "filters") from exc
     await materialized(state.definitions, query.definitions(), "", 0)

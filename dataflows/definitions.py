@@ -91,22 +91,24 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
     """Fill each item's contributions; returns the flags of the definitions involved."""
     if not definitions:
         return {}
+    uses_person = any(d.uses_person for d in definitions.values())
     snapshot: dict[str, dict[str, Any]] = {}
-    if any(d.uses_person for d in definitions.values()):
+    if uses_person:
         snapshot = person_snapshot(client, project_id, (i.event.distinct_id for i in items))
+    nobody: dict[str, Any] = {}
     for item in items:
         event = item.event
-        person = snapshot.setdefault(event.distinct_id, {})
-        _apply_person_update(person, event)
+        person = nobody
+        if uses_person:  # only then does any definition read the person as the event leaves it
+            person = snapshot.setdefault(event.distinct_id, {})
+            _apply_person_update(person, event)
         found = []
         for h, definition in definitions.items():
             hit = definition.contribution(event.event, event.properties, person, now)
             if hit is not None:
                 found.append((h, hit[0], hit[1]))
         item.contributions = found or None
-    from dataflows.state import definition_flags
-
-    return {h: definition_flags(d) for h, d in definitions.items()}
+    return {h: d.flags for h, d in definitions.items()}
 
 
 # --- backfill --------------------------------------------------------------------------------------

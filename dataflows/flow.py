@@ -37,10 +37,10 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         self.store = StateStore(client)
         self.projects = ProjectCache(Registry(client))
         self.definitions = DefinitionCache(DefinitionRegistry(client))
-        self.store.reset_stream(settings.topic, topic_id(settings.kafka_bootstrap, settings.topic))
+        self.topic_id = topic_id(settings.kafka_bootstrap, settings.topic)
+        self.store.reset_stream(settings.topic, self.topic_id)
         self.dlq = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20,
                              "compression.type": "lz4"})
-        self.topic_id = topic_id(settings.kafka_bootstrap, settings.topic)
 
     def write_batch(self, items: list[Parsed]) -> None:
         by_project: dict[int, list] = defaultdict(list)

@@ -335,12 +335,6 @@ def _json_values(values: dict[str, object]) -> str:
     return orjson.dumps({str(k): orjson.dumps(v).decode() for k, v in values.items()}).decode()
 
 
-def definition_flags(definition: Definition) -> str:
-    if getattr(definition, "kind", "") in ("funnel", "paths"):
-        return "f"  # keeps the matching events themselves (per day)
-    return ("l" if definition.keep_values else "") + ("a" if definition.per_actor else "")
-
-
 def _contributions(contributions: list[tuple[str, str, float | None]] | None) -> str:
     if not contributions:
         return ""
@@ -429,7 +423,7 @@ class StateStore:
                  tz: ZoneInfo) -> int:
         """Apply one partition's history to a definition: (offset, event or None, contribution or None)."""
         args: list[str | int] = [keys.project_prefix(definition.project_id), definition.hash,
-                                 definition_flags(definition), partition, len(items)]
+                                 definition.flags, partition, len(items)]
         for offset, event, contribution in items:
             if event is None or contribution is None:
                 args += ["", "", offset, "", 0, "", 0, ""]

@@ -98,6 +98,12 @@ class Definition:
         return hashlib.sha256(orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
     @property
+    def flags(self) -> str:
+        """What the apply script keeps beyond counts and person bitmaps: `l` every property value
+        (quantiles), `a` events per person (count-per-actor maths)."""
+        return ("l" if self.keep_values else "") + ("a" if self.per_actor else "")
+
+    @property
     def uses_person(self) -> bool:
         person_breakdown = bool(self.breakdown and any(k == "person" for k, _ in self.breakdown.properties))
         person_value = bool(self.value_property and self.value_property[0] == "person")

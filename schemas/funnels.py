@@ -89,6 +89,7 @@ class FunnelDefinition:
     kind = "funnel"
     keep_values = False
     per_actor = False
+    flags = "f"  # the apply script keeps the matching events themselves, per day
 
     def canonical(self) -> dict[str, Any]:
         return {

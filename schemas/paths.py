@@ -49,6 +49,7 @@ class PathDefinition:
     kind = "paths"
     keep_values = False
     per_actor = False
+    flags = "f"  # the apply script keeps the matching events themselves, per day
     breakdown = None
 
     def canonical(self) -> dict[str, Any]:

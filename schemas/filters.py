@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from schemas.dates import DateParseError, relative_date_parse, zone
+from schemas.errors import RequestError
 
 OPERATORS = {
     "exact", "is_not", "icontains", "not_icontains", "regex", "not_regex", "gt", "gte", "lt", "lte", "is_set",
@@ -25,10 +26,7 @@ SUPPORTED_TYPES = {"event", "person"}
 _NEGATIVE = {"is_not", "not_icontains", "not_regex", "is_not_set", "not_in", "not_between"}
 
 
-class FilterError(ValueError):
-    def __init__(self, detail: str, attr: str | None = None, code: str = "invalid_input") -> None:
-        super().__init__(detail)
-        self.detail, self.attr, self.code = detail, attr, code
+FilterError = RequestError  # what a filter parser raises is a request error like any other
 
 
 def as_text(value: Any) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from schemas.definitions import ActionStep, Breakdown, Definition
+from schemas.errors import RequestError
 from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
 from schemas.formula import Formula, FormulaError
 
@@ -37,14 +38,6 @@ TOTAL_VALUE_DISPLAYS = ("BoldNumber", "ActionsPie", "ActionsBarValue", "ActionsT
 _TRUE = {"true", "1", "yes", "y", "t", "on"}
 
 
-class RequestError(ValueError):
-    """A request that cannot be answered; `attr` names the field as PostHog does (`events__0__math`)."""
-
-    def __init__(self, detail: str, attr: str | None = None, code: str = "invalid_input") -> None:
-        super().__init__(detail)
-        self.detail, self.attr, self.code = detail, attr, code
-
-
 def to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -66,12 +59,9 @@ def int_field(data: dict[str, Any], name: str, default: int | None) -> int | Non
 
 def request_filters(data: dict[str, Any], test_account_filters: list[Any]) -> FilterGroup:
     """The global `properties`, ANDed with the project's test-account filters when asked (§4.4)."""
-    try:
-        filters = parse_filters(decode_json_field(data, "properties", []), "properties")
-        if to_bool(data.get("filter_test_accounts")) and test_account_filters:
-            filters = all_of(filters, parse_filters(test_account_filters, "filter_test_accounts"))
-    except FilterError as exc:
-        raise RequestError(exc.detail, exc.attr, exc.code) from exc
+    filters = parse_filters(decode_json_field(data, "properties", []), "properties")
+    if to_bool(data.get("filter_test_accounts")) and test_account_filters:
+        filters = all_of(filters, parse_filters(test_account_filters, "filter_test_accounts"))
     return filters
 
 
@@ -200,10 +190,7 @@ def _entities(data: dict[str, Any]) -> list[Entity]:
             raise RequestError(f"Math '{math}' is not supported yet; supported: {', '.join(SUPPORTED_MATHS)}.",
                                f"{attr}__math", "unsupported")
         props = item.get("properties") or []
-        try:
-            filters = parse_filters(props, f"{attr}__properties")
-        except FilterError as exc:
-            raise RequestError(exc.detail, exc.attr, exc.code) from exc
+        filters = parse_filters(props, f"{attr}__properties")
         math_property = item.get("math_property") or None
         if math in PROPERTY_MATHS and not math_property:
             raise RequestError(f"Math '{math}' needs a math_property.", f"{attr}__math_property")
@@ -244,10 +231,7 @@ def _action_steps(item: dict[str, Any], attr: str) -> tuple[ActionStep, ...]:
             if step.get(element):
                 raise RequestError(f"Action steps matching elements ('{element}') are not supported yet.",
                                    f"{where}__{element}", "unsupported")
-        try:
-            filters = parse_filters(step.get("properties") or [], f"{where}__properties")
-        except FilterError as exc:
-            raise RequestError(exc.detail, exc.attr, exc.code) from exc
+        filters = parse_filters(step.get("properties") or [], f"{where}__properties")
         if step.get("url"):
             matching = str(step.get("url_matching") or "contains")
             if matching not in _URL_MATCHING:
@@ -270,10 +254,7 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
                            "invalid_choice")
     entities = _entities(data)
     properties = decode_json_field(data, "properties", [])
-    try:
-        filters = parse_filters(properties, "properties")
-    except FilterError as exc:
-        raise RequestError(exc.detail, exc.attr, exc.code) from exc
+    filters = parse_filters(properties, "properties")
     filter_test_accounts = to_bool(data.get("filter_test_accounts"))
     display = data.get("display") or "ActionsLineGraph"
     if display == "WorldMap" and not data.get("breakdown") and not data.get("breakdowns"):

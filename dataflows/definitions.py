@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 from dataflows.kafka import Record, partition_count
 from dataflows.operators.persons import person_update
 from dataflows.state import Located, StateStore
+from dataflows.summaries import Summariser
 from schemas import keys
 from schemas.dates import zone
 from schemas.definitions import Definition, load_definition
@@ -122,6 +123,14 @@ class BackfillItem:
 
 
 @dataclass
+class SummaryWork:
+    """Summarise a batch of a definition's dirty persons (attempt summaries, dataflows/summaries.py)."""
+
+    project_id: int
+    h: str
+
+
+@dataclass
 class _Task:
     project_id: int
     h: str
@@ -131,13 +140,14 @@ class _Task:
     last_emitted: int
 
 
-class _BackfillPartition(StatelessSourcePartition[BackfillItem]):
+class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
     def __init__(self, settings: Settings, worker: int, workers: int) -> None:
         self.settings, self.worker, self.workers = settings, worker, workers
         self.client = redis.Redis.from_url(settings.redis_url)
         self.registry = DefinitionRegistry(self.client)
         self.partitions = partition_count(settings.kafka_bootstrap, settings.topic)
         self.task: _Task | None = None
+        self.summariser = Summariser(self.client)
         self._awake: datetime | None = None
 
     def _sleep(self, seconds: float) -> list[BackfillItem]:
@@ -164,11 +174,27 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem]):
                 return _Task(project_id, h, partition, bound, consumer, start - 1)
         return None
 
-    def next_batch(self) -> list[BackfillItem]:
+    def _summaries(self) -> list[SummaryWork]:
+        """Idle: the first worker hands out attempt summaries to build (definitions summarising after
+        their backfill, and ready ones whose persons moved since)."""
+        if self.worker != 0:
+            return []
+        work = []
+        for project_id, h in self.registry.summarised():
+            status, _ = self.registry.status(project_id, h)
+            if status == "summarising" or (status == "ready" and self.summariser.pending(project_id, h)):
+                work.append(SummaryWork(project_id, h))
+        return work
+
+    def next_batch(self) -> list[BackfillItem | SummaryWork]:
         self._awake = None
         if self.task is None:
             self.task = self._pick()
             if self.task is None:
+                work = self._summaries()
+                if work:
+                    self._awake = datetime.now(UTC) + timedelta(seconds=0.05)
+                    return work
                 return self._sleep(0.5)
         task = self.task
         if task.consumer is not None and task.last_emitted < task.bound - 1:
@@ -209,7 +235,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem]):
             self.task.consumer.close()
 
 
-class BackfillSource(DynamicSource[BackfillItem]):
+class BackfillSource(DynamicSource[BackfillItem | SummaryWork]):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
@@ -217,10 +243,11 @@ class BackfillSource(DynamicSource[BackfillItem]):
         return _BackfillPartition(self.settings, worker_index, worker_count)
 
 
-class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem]):
+class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork]):
     def __init__(self, settings: Settings) -> None:
         self.client = redis.Redis.from_url(settings.redis_url)
         self.store = StateStore(self.client)
+        self.summariser = Summariser(self.client)
         self.registry = DefinitionRegistry(self.client)
         self.projects = ProjectCache(Registry(self.client))
         self._definitions: dict[tuple[int, str], Definition] = {}
@@ -234,9 +261,20 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem]):
             self._definitions[key] = load_definition(raw)
         return self._definitions[key]
 
-    def write_batch(self, items: list[BackfillItem]) -> None:
+    def _summarise(self, work: SummaryWork) -> None:
+        definition = self._definition(work.project_id, work.h)
+        if definition is None:
+            return
+        self.summariser.drain(work.project_id, work.h, len(definition.steps))  # type: ignore[attr-defined]
+        if not self.summariser.pending(work.project_id, work.h):
+            self.registry.summaries_built(work.project_id, work.h)
+
+    def write_batch(self, items: list[BackfillItem | SummaryWork]) -> None:
         groups: dict[tuple[int, str, int], list[BackfillItem]] = {}
         for item in items:
+            if isinstance(item, SummaryWork):
+                self._summarise(item)
+                continue
             groups.setdefault((item.project_id, item.h, item.record.partition), []).append(item)
         now = datetime.now(UTC)
         for (project_id, h, partition), group in groups.items():
@@ -264,7 +302,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem]):
         return project is not None and project.id == project_id
 
 
-class BackfillSink(DynamicSink[BackfillItem]):
+class BackfillSink(DynamicSink[BackfillItem | SummaryWork]):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 

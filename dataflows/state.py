@@ -28,7 +28,7 @@ FIELDS_PER_EVENT = 15
 # call and written once per key at its end.
 _PRELUDE = r"""
 local P = ARGV[1]
-local counts, members, bits, values, lists, firsts = {}, {}, {}, {}, {}, {}
+local counts, members, bits, values, lists, firsts, appends = {}, {}, {}, {}, {}, {}, {}
 local function count(key, field, by)
   local t = counts[key]
   if not t then t = {}; counts[key] = t end
@@ -58,12 +58,27 @@ local function push(key, v)
   t[#t + 1] = v
 end
 
+local function append(key, v)
+  local t = appends[key]
+  if not t then t = {}; appends[key] = t end
+  t[#t + 1] = v
+end
+
 -- One event's contribution to a definition's state (breakdown value bv, optional numeric v). A
--- funnel ('f') keeps the event itself per day: person, time, uuid and what it matches (v).
+-- funnel ('f') keeps the event itself per day: person, time, uuid and what it matches (v, a JSON
+-- list whose first item is the steps mask). A funnel with attempt summaries ('s') also keeps each
+-- person's step events (`pe:<person>`) and marks the person for the summariser (`dirty`).
 local function apply_definition(h, flags, bv, v, p, hour, day, ts, uuid)
   local D = P .. 'd:' .. h .. ':'
   if string.find(flags, 'f', 1, true) then
     push(D .. 'fe:' .. day, p .. '|' .. ts .. '|' .. uuid .. '|' .. v)
+    if string.find(flags, 's', 1, true) then
+      local mask = string.match(v, '^%[(%d+)')
+      if mask and mask ~= '0' then
+        append(D .. 'pe:' .. p, ts .. ',' .. mask .. ',' .. day .. ',' .. uuid .. ';')
+        member(D .. 'dirty', p)
+      end
+    end
     return
   end
   count(D .. 'ch:' .. bv, hour)
@@ -108,6 +123,7 @@ local function flush()
     end
   end
   for key, list in pairs(lists) do redis.call('RPUSH', key, unpack(list)) end
+  for key, list in pairs(appends) do redis.call('APPEND', key, table.concat(list)) end
 end
 """
 

@@ -89,7 +89,17 @@ class FunnelDefinition:
     kind = "funnel"
     keep_values = False
     per_actor = False
-    flags = "f"  # the apply script keeps the matching events themselves, per day
+
+    @property
+    def summaries(self) -> bool:
+        """Ordered funnels without exclusions or breakdown also keep attempt summaries per person
+        (dataflows/summaries.py), so their queries read attempts instead of events."""
+        return not (self.exclusions or self.every_event or self.keep_names or self.breakdown)
+
+    @property
+    def flags(self) -> str:
+        """'f': the apply script keeps the matching events per day; 's': and per person."""
+        return "fs" if self.summaries else "f"
 
     def canonical(self) -> dict[str, Any]:
         return {
@@ -99,6 +109,7 @@ class FunnelDefinition:
             "breakdown": self.breakdown.canonical() if self.breakdown else None,
             "every_event": self.every_event, "timezone": self.timezone,
             **({"keep_names": True, "property_events": sorted(self.property_events)} if self.keep_names else {}),
+            **({"summaries": True} if self.summaries else {}),
         }
 
     @property

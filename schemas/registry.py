@@ -199,10 +199,13 @@ class DefinitionRegistry:
         if not self.redis.hsetnx(self.defs_key(definition.project_id), h, definition.to_json()):
             return False
         pipe = self.redis.pipeline()
-        pipe.hset(self._d(definition.project_id, h) + "meta", mapping={"status": "backfilling",
-                                                                      "registered_at": int(time.time() * 1000)})
+        summaries = int(bool(getattr(definition, "summaries", False)))
+        pipe.hset(self._d(definition.project_id, h) + "meta", mapping={
+            "status": "backfilling", "registered_at": int(time.time() * 1000), "summaries": summaries})
         pipe.incr(keys.definitions_generation(definition.project_id))
         pipe.sadd(self.PENDING, f"{definition.project_id}:{h}")
+        if summaries:
+            pipe.sadd(keys.SUMMARISED, f"{definition.project_id}:{h}")
         pipe.execute()
         return True
 
@@ -245,16 +248,32 @@ class DefinitionRegistry:
         return {int(m) for m in self.redis.smembers(self._d(project_id, h) + "done")}
 
     def partition_done(self, project_id: int, h: str, partition: int, partitions: int) -> bool:
-        """Mark a partition finished; when all are, the definition is ready. True if now ready."""
+        """Mark a partition finished; when all are, the definition is ready (or, when it keeps attempt
+        summaries, summarising until the persons the backfill marked are summarised). True if so."""
         d = self._d(project_id, h)
         self.redis.sadd(d + "done", partition)
         if self.redis.scard(d + "done") >= partitions:
+            summaries = self.redis.hget(d + "meta", "summaries") == b"1"
             pipe = self.redis.pipeline()
-            pipe.hset(d + "meta", "status", "ready")
+            if summaries:
+                pipe.hset(d + "meta", mapping={"status": "summarising",
+                                               "to_summarise": max(1, self.redis.scard(keys.summary_dirty(d)))})
+            else:
+                pipe.hset(d + "meta", "status", "ready")
             pipe.srem(self.PENDING, f"{project_id}:{h}")
             pipe.execute()
             return True
         return False
+
+    def summarised(self) -> list[tuple[int, str]]:
+        """Definitions that keep attempt summaries, for the summariser."""
+        return [(int(p), h) for p, _, h in (m.decode().partition(":") for m in self.redis.smembers(keys.SUMMARISED))]
+
+    def summaries_built(self, project_id: int, h: str) -> None:
+        """The backfill's persons are summarised: a summarising definition becomes ready."""
+        d = self._d(project_id, h)
+        if self.redis.hget(d + "meta", "status") == b"summarising":
+            self.redis.hset(d + "meta", "status", "ready")
 
     def status(self, project_id: int, h: str) -> tuple[str | None, float]:
         """(status, progress 0..1) of a definition; status None when never registered."""
@@ -263,11 +282,16 @@ class DefinitionRegistry:
         pipe.hget(d + "meta", "status")
         pipe.hgetall(d + "bound")
         pipe.hgetall(d + "bf")
-        status, bounds, fences = pipe.execute()
+        pipe.hmget(d + "meta", "to_summarise", "summaries")
+        pipe.scard(keys.summary_dirty(d))
+        status, bounds, fences, (to_summarise, summaries), dirty = pipe.execute()
         if status is None:
             return None, 0.0
         if status == b"ready":
             return "ready", 1.0
+        if status == b"summarising":
+            return "summarising", 0.9 + 0.1 * max(0.0, 1 - dirty / max(1, int(to_summarise or 1)))
         total = sum(int(v) for v in bounds.values())
         done = sum(min(int(fences.get(k, -1)) + 1, int(v)) for k, v in bounds.items())
-        return status.decode(), (done / total if total else 0.0)
+        share = 0.9 if summaries == b"1" else 1.0  # the last tenth is the summariser's
+        return status.decode(), share * (done / total if total else 0.0)

@@ -1,8 +1,12 @@
-"""Funnel results (spec §7) from the funnel definition's state: the events it keeps per day.
+"""Funnel results (spec §7) from the funnel definition's state.
 
-A query reads the days of its range, keeps the events inside [date_from, date_to] (the range applies
-to every step, §7.3), groups them by person and runs the step-matching operator per actor with the
-requested window, order type and breakdown attribution.
+Ordered funnels without exclusions, breakdown or first-time steps read attempt summaries: the rows
+of the attempts starting in the range (one hash per start day, cached here per day version),
+evaluated for the requested window and range at once (`dataflows/operators/funnel_attempts.py`);
+the few persons with two step events at one instant are evaluated by the UDF over their events.
+Everything else reads the events the definition keeps per day, keeps those inside
+[date_from, date_to] (the range applies to every step, §7.3), groups them by person and runs the
+step-matching operator per actor with the requested window, order type and breakdown attribution.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 
+from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts
+from dataflows.summaries import Summariser, parse_step_events
 from schemas import keys
 from schemas.dates import QueryDateRange, bucket_label, day_string, start_of_interval, zone
 from schemas.definitions import BREAKDOWN_NULL
@@ -40,6 +47,49 @@ class ActorResult:
 @lru_cache(maxsize=4096)
 def _bits(mask: int) -> tuple[int, ...]:
     return tuple(k for k in range(1, mask.bit_length()) if mask >> k & 1)
+
+
+def _outcomes(actors: list[ActorResult], steps: int) -> Outcomes:
+    reached = np.array([a.result.steps_reached for a in actors], dtype=np.int64)
+    times = np.full((len(actors), steps), np.nan)
+    for i, actor in enumerate(actors):
+        times[i, :len(actor.result.timestamps)] = actor.result.timestamps
+    return Outcomes([a.person for a in actors], reached, times)
+
+
+class AttemptRows:
+    """Attempt rows per (project, definition, start day), kept while the day's version stands."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._days: dict[tuple[int, str, str], tuple[int, np.ndarray]] = {}
+
+    def read(self, client: redis.Redis, project_id: int, h: str, days: list[str], steps: int) -> np.ndarray:
+        prefix = keys.definition_prefix(project_id, h)
+        versions = client.hmget(keys.attempt_versions(prefix), days)
+        parts, missing = [], []
+        for day, version in zip(days, versions, strict=True):
+            if version is None:
+                continue
+            cached = self._days.get((project_id, h, day))
+            if cached is not None and cached[0] == int(version):
+                parts.append(cached[1])
+            else:
+                missing.append((day, int(version)))
+        if missing:
+            pipe = client.pipeline(transaction=False)
+            for day, _ in missing:
+                pipe.hvals(keys.attempt_rows(prefix, day))
+            for (day, version), values in zip(missing, pipe.execute(), strict=True):
+                rows = np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 2)
+                if len(self._days) >= self.capacity:
+                    self._days.pop(next(iter(self._days)))
+                self._days[(project_id, h, day)] = (version, rows)
+                parts.append(rows)
+        return np.concatenate(parts) if parts else np.zeros((0, steps + 2), dtype=np.int64)
+
+
+ATTEMPT_ROWS = AttemptRows()
 
 
 class FunnelQuery:
@@ -68,12 +118,8 @@ class FunnelQuery:
         if self._actors is not None:
             return self._actors
         prefix = keys.definition_prefix(self.project.id, self.request.definition.hash)
-        days, day = [], self.lower.date()
-        while day <= self.range.date_to.date():
-            days.append(day.strftime("%Y%m%d"))
-            day += timedelta(days=1)
         pipe = self.redis.pipeline(transaction=False)
-        for d in days:
+        for d in self._days():
             pipe.lrange(keys.definition_events(prefix, d), 0, -1)
         low, high = self.lower.timestamp() * 1000, self.range.date_to.timestamp() * 1000
         actors: dict[str, list[StepEvent]] = defaultdict(list)
@@ -87,6 +133,68 @@ class FunnelQuery:
                     actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(steps), _bits(excluded), bv, name, props))
         self._actors = self._first_times(dict(actors))
         return self._actors
+
+    def _days(self) -> list[str]:
+        """The project-zone days the range touches (YYYYMMDD)."""
+        days, day = [], self.lower.date()
+        while day <= self.range.date_to.date():
+            days.append(day.strftime("%Y%m%d"))
+            day += timedelta(days=1)
+        return days
+
+    # --- attempt summaries (ordered funnels) ----------------------------------------------------
+    @property
+    def summarised(self) -> bool:
+        request = self.request
+        return request.definition.summaries and request.order == "ordered" and not request.first_time_steps
+
+    @property
+    def _bounds_ms(self) -> tuple[int, int, int]:
+        """(window, lowest, highest) in ms, as the event path compares them."""
+        return (int(self.request.window_s * 1000), math.ceil(self.lower.timestamp() * 1000),
+                math.floor(self.range.date_to.timestamp() * 1000))
+
+    def _attempts(self) -> tuple[np.ndarray, dict[str, list[StepEvent]]]:
+        """Rows of the attempts starting on the range's days, and the events (inside the range) of
+        the persons evaluated by the UDF. Persons marked since their last summary are summarised
+        first, so the answer includes every event applied."""
+        definition, project_id = self.request.definition, self.project.id
+        Summariser(self.redis).drain_all(project_id, definition.hash, self.steps)
+        rows = ATTEMPT_ROWS.read(self.redis, project_id, definition.hash, self._days(), self.steps)
+        prefix = keys.definition_prefix(project_id, definition.hash)
+        irregular = [p.decode() for p in self.redis.hkeys(keys.irregular_persons(prefix))]
+        _, low, high = self._bounds_ms
+        events: dict[str, list[StepEvent]] = {}
+        if irregular:
+            raws = self.redis.mget([keys.person_step_events(prefix, p) for p in irregular])
+            for person, raw in zip(irregular, raws, strict=True):
+                kept = [StepEvent(e.ts_ms / 1000, e.uuid, _bits(e.steps))
+                        for e in parse_step_events(raw or b"")[0] if low <= e.ts_ms <= high]
+                if kept:
+                    events[person] = kept
+        return rows, events
+
+    def _summarised_outcomes(self) -> Outcomes:
+        rows, irregular = self._attempts()
+        window, low, high = self._bounds_ms
+        who, reached, best = best_attempts(rows[:, 0], rows[:, 1:], window, low, high)
+        fast = outcomes(who, reached, best)
+        slow = []
+        for person, events in irregular.items():
+            result = funnel(events, self.steps, self.request.window_s, "ordered")
+            if result is not None and result.steps_reached:
+                slow.append(ActorResult(person, (), result))
+        if not slow:
+            return fast
+        rest = _outcomes(slow, self.steps)
+        return Outcomes(fast.persons + rest.persons, np.concatenate([fast.reached, rest.reached]),
+                        np.concatenate([fast.times, rest.times]))
+
+    def outcome_groups(self) -> list[tuple[tuple[str, ...], Outcomes]]:
+        """Per breakdown group, each actor's steps reached and attempt times."""
+        if self.summarised:
+            return [((), self._summarised_outcomes())]
+        return [(value, _outcomes(actors, self.steps)) for value, actors in self.groups()]
 
     def _first_times(self, actors: dict[str, list[StepEvent]]) -> dict[str, list[StepEvent]]:
         """A first-time step only matches the person's first ever event of that name (always-on state)."""
@@ -177,14 +285,14 @@ class FunnelQuery:
     # --- views -----------------------------------------------------------------------------------
     def run(self, people_url: Any = None) -> Any:
         viz = self.request.viz
-        if viz == "time_to_convert":
-            return self._time_to_convert([a for _, group in self.groups() for a in group])
         if viz == "trends":
             return self._trends()
-        groups = self.groups()
+        groups = self.outcome_groups()
+        if viz == "time_to_convert":
+            return self._time_to_convert(groups)
         if self.request.definition.breakdown is None:
             return self._steps((), groups[0][1], people_url)
-        return [self._steps(value, actors, people_url) for value, actors in groups]
+        return [self._steps(value, group, people_url) for value, group in groups]
 
     def _step_meta(self, i: int) -> dict[str, Any]:
         entity = self.request.entities[i]
@@ -194,15 +302,18 @@ class FunnelQuery:
         name = entity.name if entity.id is not None or entity.type == "actions" else None
         return {"action_id": entity.id, "name": name, "custom_name": entity.custom_name, "type": entity.type}
 
-    def _steps(self, value: tuple[str, ...], actors: list[ActorResult], people_url: Any) -> list[dict[str, Any]]:
+    def _steps(self, value: tuple[str, ...], group: Outcomes, people_url: Any) -> list[dict[str, Any]]:
         out = []
         for i in range(self.steps):
-            reached = [a for a in actors if a.result.steps_reached >= i + 1]
-            gaps = [a.result.gaps[i - 1] for a in reached if i > 0 and a.result.gaps[i - 1] > 0]
+            reached = group.reached >= i + 1
+            gaps = np.zeros(0)
+            if i:
+                gaps = group.times[reached, i] - group.times[reached, i - 1]
+                gaps = gaps[gaps > 0]
             step: dict[str, Any] = {
-                **self._step_meta(i), "order": i, "people": [], "count": len(reached),
-                "average_conversion_time": sum(gaps) / len(gaps) if gaps else None,
-                "median_conversion_time": quantile(gaps, 0.5) if gaps else None,
+                **self._step_meta(i), "order": i, "people": [], "count": int(reached.sum()),
+                "average_conversion_time": float(gaps.sum() / len(gaps)) if len(gaps) else None,
+                "median_conversion_time": quantile(gaps.tolist(), 0.5) if len(gaps) else None,
             }
             if people_url is not None:
                 step["converted_people_url"] = people_url(i + 1, value)
@@ -218,21 +329,19 @@ class FunnelQuery:
 
     def people(self, funnel_step: int, breakdown: tuple[str, ...] | None) -> list[str]:
         """Persons at (positive) or dropped before (negative) a 1-based step (§7.7 people URLs)."""
-        chosen = []
-        for value, actors in self.groups():
+        chosen: list[str] = []
+        for value, group in self.outcome_groups():
             if breakdown is not None and value != breakdown:
                 continue
-            for a in actors:
-                reached = a.result.steps_reached
-                if (funnel_step > 0 and reached >= funnel_step) or (funnel_step < 0 and reached == -funnel_step - 1):
-                    chosen.append(a.person)
+            wanted = group.reached >= funnel_step if funnel_step > 0 else group.reached == -funnel_step - 1
+            chosen += [p for p, keep in zip(group.persons, wanted.tolist(), strict=True) if keep]
         return list(dict.fromkeys(chosen))
 
-    def _time_to_convert(self, actors: list[ActorResult]) -> dict[str, Any]:
+    def _time_to_convert(self, groups: list[tuple[tuple[str, ...], Outcomes]]) -> dict[str, Any]:
         """Histogram of step `from` -> `to` conversion times (§7.11)."""
         start, end = self.request.from_step, self.request.to_step
-        sample = [a.result.timestamps[end] - a.result.timestamps[start] for a in actors
-                  if a.result.steps_reached >= end + 1]
+        sample = [t for _, g in groups
+                  for t in (g.times[g.reached >= end + 1, end] - g.times[g.reached >= end + 1, start]).tolist()]
         if not sample:
             return {"bins": [], "average_conversion_time": None}
         count = self.request.bin_count or max(1, min(60, math.ceil(len(sample) ** (1 / 3) - 1e-9)))
@@ -249,9 +358,17 @@ class FunnelQuery:
         request = self.request
         buckets = self.range.buckets()
         index = {int(b.timestamp()): i for i, b in enumerate(buckets)}
-        entered = [set() for _ in buckets]
-        converted = [set() for _ in buckets]
-        for person, events in self.actors().items():
+        entered: list[set[str]] = [set() for _ in buckets]
+        converted: list[set[str]] = [set() for _ in buckets]
+        from_counts = to_counts = [0] * len(buckets)
+        actors = self.actors() if not self.summarised else None
+        if actors is None:
+            rows, actors = self._attempts()
+            window, low, high = self._bounds_ms
+            bounds = np.array([int(b.timestamp() * 1000) for b in buckets], dtype=np.int64)
+            from_counts, to_counts = entrances(rows[:, 0], rows[:, 1:], window, low, high, bounds,
+                                               request.from_step, request.to_step)
+        for person, events in actors.items():
             attempts = ordered_attempts(events, self.steps, request.window_s, request.order)
             if attempts is None:
                 continue  # disqualified by an exclusion: removed from every period (§19.7)
@@ -265,8 +382,8 @@ class FunnelQuery:
                     entered[i].add(person)
                 if reached >= request.to_step + 1:
                     converted[i].add(person)
-        from_counts = [len(s) for s in entered]
-        to_counts = [len(s) for s in converted]
+        from_counts = [n + len(s) for n, s in zip(from_counts, entered, strict=True)]
+        to_counts = [n + len(s) for n, s in zip(to_counts, converted, strict=True)]
         rates = [round(100 * t / f, 2) if f else 0 for f, t in zip(from_counts, to_counts, strict=True)]
         return [{
             "count": len(buckets), "data": rates, "days": [day_string(b, self.interval) for b in buckets],

@@ -1,0 +1,123 @@
+"""Ordered funnels answered from attempt summaries: broker -> dataflow -> Redis -> HTTP.
+
+The per-day event lists are deleted once the summaries are built, so every answer below can only
+come from the attempt rows (and the stored events of persons with two step events at one instant);
+each is compared with the UDF run directly over the events sent.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from dataflows.operators.funnels import StepEvent, funnel, ordered_attempts
+from schemas import keys
+from tests.conftest import Stack, make_project
+
+STEPS = ["view", "signup", "pay"]
+BASE = datetime(2024, 3, 1, tzinfo=UTC)
+NOW = "2024-04-01T00:00:00Z"
+
+
+def _events(rng: random.Random, count: int) -> list[dict]:
+    out = []
+    for _ in range(count):
+        moment = BASE + timedelta(seconds=rng.randrange(10 * 86400))
+        out.append({"event": rng.choice([*STEPS, STEPS[0], "other"]), "distinct_id": f"u{rng.randrange(60)}",
+                    "uuid": str(uuid.uuid4()), "timestamp": moment.isoformat()})
+    return out
+
+
+def _per_person(events: list[dict], start: datetime, end: datetime) -> dict[str, list[StepEvent]]:
+    out: dict[str, list[StepEvent]] = defaultdict(list)
+    for e in events:
+        ts = datetime.fromisoformat(e["timestamp"])
+        if start <= ts <= end and e["event"] in STEPS:
+            out[e["distinct_id"]].append(StepEvent(ts.timestamp(), e["uuid"], (STEPS.index(e["event"]) + 1,)))
+    return out
+
+
+def _direct_steps(events: list[dict], start: datetime, end: datetime, window: float) -> tuple[list[int], float | None]:
+    counts, gaps = [0, 0, 0], []
+    for evs in _per_person(events, start, end).values():
+        result = funnel(evs, 3, window, "ordered")
+        if result is None or not result.steps_reached:
+            continue
+        for k in range(result.steps_reached):
+            counts[k] += 1
+        if result.steps_reached >= 2 and result.gaps[0] > 0:
+            gaps.append(result.gaps[0])
+    return counts, (sum(gaps) / len(gaps) if gaps else None)
+
+
+def test_ordered_funnel_from_attempt_summaries(running: Stack) -> None:
+    rng = random.Random(7)
+    project = make_project(running)
+    events = _events(rng, 1500)
+    # One person with two step events at one instant: evaluated by the UDF over its stored events.
+    twin = (BASE + timedelta(days=2)).isoformat()
+    events += [{"event": "view", "distinct_id": "twin", "uuid": str(uuid.uuid4()), "timestamp": twin},
+               {"event": "signup", "distinct_id": "twin", "uuid": str(uuid.uuid4()), "timestamp": twin}]
+    assert project.capture(events[:1000]).status_code == 200
+    headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
+    url = f"{running.api_url}/api/environments/{project.id}/insights/funnel/"
+    base = {"events": [{"id": s, "order": i} for i, s in enumerate(STEPS)], "date_from": "2024-03-01",
+            "date_to": "2024-03-10", "funnel_window_interval": 2, "funnel_window_interval_unit": "day"}
+    assert httpx.post(url, json={**base, "refresh": "blocking"}, headers=headers, timeout=60).status_code == 200
+    assert project.capture(events[1000:]).status_code == 200  # the rest arrives live, shuffled in time
+    running.wait_applied()
+
+    client = running.redis
+    definitions = client.hgetall(keys.definitions(project.id))
+    assert len(definitions) == 1
+    h = next(iter(definitions)).decode()
+    prefix = keys.definition_prefix(project.id, h)
+    # Answer once (summarising what is dirty), then drop the per-day event lists the other path reads.
+    assert httpx.post(url, json=base, headers=headers, timeout=60).status_code == 200
+    assert client.scard(keys.summary_dirty(prefix)) == 0
+    assert client.hkeys(keys.irregular_persons(prefix)) != []
+    assert list(client.scan_iter(prefix + "fa:*")) != []
+    for key in client.scan_iter(prefix + "fe:*"):
+        client.delete(key)
+
+    for date_from, date_to, window in (("2024-03-01", "2024-03-10", 2), ("2024-03-03", "2024-03-05", 1),
+                                       ("2024-03-02", "2024-03-08", 7)):
+        body = {**base, "date_from": date_from, "date_to": date_to, "funnel_window_interval": window}
+        start = datetime.fromisoformat(date_from).replace(tzinfo=UTC)
+        end = datetime.fromisoformat(date_to).replace(tzinfo=UTC) + timedelta(days=1, microseconds=-1)
+        steps = httpx.post(url, json=body, headers=headers, timeout=60).json()["result"]
+        counts, average = _direct_steps(events, start, end, window * 86400.0)
+        assert [s["count"] for s in steps] == counts, body
+        assert steps[1]["average_conversion_time"] == (None if average is None else
+                                                       pytest.approx(average, rel=1e-9))
+        dropped = httpx.get(steps[1]["dropped_people_url"], headers=headers, timeout=60).json()["results"][0]
+        assert dropped["count"] == counts[0] - counts[1]
+
+        trends = httpx.post(url, json={**body, "funnel_viz_type": "trends"}, headers=headers, timeout=60)
+        entered = defaultdict(set)
+        converted = defaultdict(set)
+        for person, evs in _per_person(events, start, end).items():
+            for moment, reached in ordered_attempts(evs, 3, window * 86400.0, "ordered") or []:
+                day = datetime.fromtimestamp(moment, UTC).date()
+                entered[day].add(person)
+                if reached >= 3:
+                    converted[day].add(person)
+        result = trends.json()["result"][0]
+        days = [datetime.fromisoformat(d).date() for d in result["days"]]
+        assert result["reached_from_step_count"] == [len(entered[d]) for d in days]
+        assert result["reached_to_step_count"] == [len(converted[d]) for d in days]
+
+    # A late event, earlier than everything else of its person: the next answer includes it.
+    late = {"event": "pay", "distinct_id": "u1", "uuid": str(uuid.uuid4()),
+            "timestamp": (BASE + timedelta(days=9, hours=23)).isoformat()}
+    events.append(late)
+    assert project.capture([late]).status_code == 200
+    running.wait_applied()
+    start, end = BASE, BASE + timedelta(days=10, microseconds=-1)
+    steps = httpx.post(url, json=base, headers=headers, timeout=60).json()["result"]
+    assert [s["count"] for s in steps] == _direct_steps(events, start, end, 2 * 86400.0)[0]

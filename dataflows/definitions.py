@@ -265,7 +265,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         definition = self._definition(work.project_id, work.h)
         if definition is None:
             return
-        self.summariser.drain(work.project_id, work.h, len(definition.steps))  # type: ignore[attr-defined]
+        self.summariser.drain(definition)
         if not self.summariser.pending(work.project_id, work.h):
             self.registry.summaries_built(work.project_id, work.h)
 

@@ -65,22 +65,18 @@ local function append(key, v)
 end
 
 -- One event's contribution to a definition's state (breakdown value bv, optional numeric v). A
--- funnel ('f') keeps the event itself per day: person, time, uuid and what it matches (v, a JSON
--- list whose first item is the steps mask). A funnel with attempt summaries ('s') also keeps each
--- person's step events (`pe:<person>`) and marks the person for the summariser (`dirty`).
+-- funnel ('f') keeps the event itself per day: person, time, uuid and what it matches (v, JSON).
+-- One that keeps summaries ('s': ordered funnels, paths) keeps each person's events as
+-- `<ts>,<day>,<uuid>,<length of v>:<v>` (`pe:<person>`) and marks the person for the summariser.
 local function apply_definition(h, flags, bv, v, p, hour, day, ts, uuid)
   local D = P .. 'd:' .. h .. ':'
-  if string.find(flags, 'f', 1, true) then
-    push(D .. 'fe:' .. day, p .. '|' .. ts .. '|' .. uuid .. '|' .. v)
-    if string.find(flags, 's', 1, true) then
-      local mask = string.match(v, '^%[(%d+)')
-      if mask and mask ~= '0' then
-        append(D .. 'pe:' .. p, ts .. ',' .. mask .. ',' .. day .. ',' .. uuid .. ';')
-        member(D .. 'dirty', p)
-      end
-    end
-    return
+  local per_day, per_person = string.find(flags, 'f', 1, true), string.find(flags, 's', 1, true)
+  if per_day then push(D .. 'fe:' .. day, p .. '|' .. ts .. '|' .. uuid .. '|' .. v) end
+  if per_person then
+    append(D .. 'pe:' .. p, ts .. ',' .. day .. ',' .. uuid .. ',' .. #v .. ':' .. v)
+    member(D .. 'dirty', p)
   end
+  if per_day or per_person then return end
   count(D .. 'ch:' .. bv, hour)
   count(D .. 'cd:' .. bv, day)
   mark(D .. 'ud:' .. bv .. ':' .. day, p)

@@ -1,11 +1,17 @@
-"""Attempt summaries of ordered funnels: the Redis edge of `dataflows/operators/funnel_attempts.py`.
+"""Per-person summaries of funnel and paths definitions: the Redis edge of their pure operators.
 
-The apply script appends each person's step events (`pe:<person>`) and marks the person dirty in
-the same atomic call as the uuid guard, so every counted event reaches the summary. `summarise` turns
-a dirty person's events into attempt rows, one hash per start day. A person's rows are a function of
-its stored events only, so writing them is idempotent; a write is refused when the events grew since
-they were read (their length is the version) and the person stays dirty for the next pass. Persons
-with two step events at one instant keep no rows: queries run the UDF over their events.
+The apply script appends each person's kept events (`pe:<person>`) and marks the person dirty in
+the same atomic call as the uuid guard, so every counted event reaches the summaries. `summarise`
+turns a dirty person's events into its summaries, one hash per project-zone day:
+
+- `fa` (ordered funnels): attempt rows per start day (dataflows/operators/funnel_attempts.py);
+  persons with two step events at one instant keep no rows (`irr`): queries run the UDF for them;
+- `ps` (paths): sessions of two or more events, under every day they touch
+  (dataflows/operators/path_sessions.py).
+
+A person's summaries are a function of its stored events only, so writing them is idempotent; a
+write is refused when the events grew since they were read (their length is the version), and the
+person stays dirty for the next pass.
 """
 
 from __future__ import annotations
@@ -13,18 +19,22 @@ from __future__ import annotations
 import struct
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
+import orjson
 import redis
 
 from dataflows.operators.funnel_attempts import RANK_BITS, PersonEvent, attempt_chains, regular
+from dataflows.operators.path_sessions import kept_sessions
 from schemas import keys
 
-# ARGV: definition prefix, persons, then per person: id, version, irregular, days, (day, rows)*.
-# Empty rows remove the person from that day. A day's version moves only when its rows change.
+# ARGV: definition prefix, kind, persons, then per person: id, version, irregular, days, (day, value)*.
+# An empty value removes the person from that day. A day's version moves only when its value changes.
 WRITE_SUMMARIES = r"""
-local D = ARGV[1]
-local n = tonumber(ARGV[2])
-local i, written = 3, 0
+local D, kind = ARGV[1], ARGV[2]
+local n = tonumber(ARGV[3])
+local i, written = 4, 0
 for _ = 1, n do
   local p, version, irregular, days = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
   i = i + 4
@@ -32,12 +42,12 @@ for _ = 1, n do
     for _ = 1, days do
       local day, value = ARGV[i], ARGV[i + 1]
       i = i + 2
-      local key = D .. 'fa:' .. day
+      local key = D .. kind .. ':' .. day
       if value == '' then
-        if redis.call('HDEL', key, p) == 1 then redis.call('HINCRBY', D .. 'fav', day, 1) end
+        if redis.call('HDEL', key, p) == 1 then redis.call('HINCRBY', D .. kind .. 'v', day, 1) end
       elseif redis.call('HGET', key, p) ~= value then
         redis.call('HSET', key, p, value)
-        redis.call('HINCRBY', D .. 'fav', day, 1)
+        redis.call('HINCRBY', D .. kind .. 'v', day, 1)
       end
     end
     if irregular == '1' then redis.call('HSET', D .. 'irr', p, 1) end
@@ -51,15 +61,55 @@ return written
 """
 
 
-def parse_step_events(raw: bytes) -> tuple[list[PersonEvent], list[str]]:
-    """A person's stored step events and the project-zone day of each."""
-    events, days = [], []
-    for record in raw.decode().split(";"):
-        if record:
-            ts, mask, day, uuid = record.split(",")
-            events.append(PersonEvent(int(ts), uuid, int(mask)))
-            days.append(day)
-    return events, days
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    ts_ms: int
+    day: str        # project-zone day, YYYYMMDD
+    uuid: str
+    value: bytes    # what the event contributes (JSON), as the definition wrote it
+
+
+def parse_person_events(raw: bytes) -> list[StoredEvent]:
+    """A person's stored events (`<ts>,<day>,<uuid>,<length>:<value>` records, back to back)."""
+    out, i, end = [], 0, len(raw)
+    while i < end:
+        a = raw.index(b",", i)
+        b = raw.index(b",", a + 1)
+        c = raw.index(b",", b + 1)
+        d = raw.index(b":", c + 1)
+        stop = d + 1 + int(raw[c + 1:d])
+        out.append(StoredEvent(int(raw[i:a]), raw[a + 1:b].decode(), raw[b + 1:c].decode(), raw[d + 1:stop]))
+        i = stop
+    return out
+
+
+def step_events(events: list[StoredEvent]) -> list[PersonEvent]:
+    """Funnel events: the value is [steps mask, exclusions mask, breakdown value, ...]."""
+    return [PersonEvent(e.ts_ms, e.uuid, orjson.loads(e.value)[0]) for e in events]
+
+
+def funnel_summary(person: str, events: list[StoredEvent], steps: int) -> tuple[bool, dict[str, bytes]]:
+    """(irregular, {start day: packed int64 rows (person, kind, start, g_2..g_n)})."""
+    found = step_events(events)
+    if not regular(found):
+        return True, {e.day: b"" for e, s in zip(events, found, strict=True) if s.steps & 2}
+    day_of = {e.ts_ms: e.day for e in events}
+    by_day: dict[str, list[int]] = defaultdict(list)
+    for row in attempt_chains(found, steps):
+        by_day[day_of[row[1] >> RANK_BITS]] += (int(person), *row)
+    return False, {day: struct.pack(f"<{len(flat)}q", *flat) for day, flat in by_day.items()}
+
+
+def path_summary(events: list[StoredEvent]) -> dict[str, bytes]:
+    """{day: JSON list of the sessions touching it, each [[ms...], [uuid...], [item...]]}."""
+    items = {e.uuid: orjson.loads(e.value)[0] for e in events}
+    day_of = {(e.ts_ms, e.uuid): e.day for e in events}
+    by_day: dict[str, list[Any]] = defaultdict(list)
+    for session in kept_sessions((e.ts_ms, e.uuid, items[e.uuid]) for e in events):
+        encoded = [[t for t, _, _ in session], [u for _, u, _ in session], [i for _, _, i in session]]
+        for day in dict.fromkeys(day_of[(t, u)] for t, u, _ in session):
+            by_day[day].append(encoded)
+    return {day: orjson.dumps(found) for day, found in by_day.items()}
 
 
 class Summariser:
@@ -70,46 +120,39 @@ class Summariser:
     def pending(self, project_id: int, h: str) -> int:
         return int(self.redis.scard(keys.summary_dirty(keys.definition_prefix(project_id, h))))
 
-    def drain(self, project_id: int, h: str, steps: int, budget: int = 2000) -> int:
+    def drain(self, definition: Any, budget: int = 2000) -> int:
         """Summarise up to `budget` dirty persons; returns how many were written."""
-        prefix = keys.definition_prefix(project_id, h)
+        prefix = keys.definition_prefix(definition.project_id, definition.hash)
         persons = [p.decode() for p in self.redis.srandmember(keys.summary_dirty(prefix), budget)]
-        return self.summarise(prefix, persons, steps)
+        return self.summarise(definition, persons)
 
-    def drain_all(self, project_id: int, h: str, steps: int, rounds: int = 50) -> None:
+    def drain_all(self, definition: Any, rounds: int = 50) -> None:
         """Summarise every dirty person (persons whose events keep moving may stay dirty)."""
         for _ in range(rounds):
-            if not self.drain(project_id, h, steps, 5000) and not self.pending(project_id, h):
+            if not self.drain(definition, 5000) and not self.pending(definition.project_id, definition.hash):
                 return
 
-    def summarise(self, prefix: str, persons: Iterable[str], steps: int, chunk: int = 500) -> int:
+    def summarise(self, definition: Any, persons: Iterable[str], chunk: int = 500) -> int:
         persons = list(persons)
         if not persons:
             return 0
-        raws = self.redis.mget([keys.person_step_events(prefix, p) for p in persons])
-        written = 0
+        prefix = keys.definition_prefix(definition.project_id, definition.hash)
+        kind = definition.summary_kind
+        raws = self.redis.mget([keys.person_events(prefix, p) for p in persons])
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(persons), chunk):
-            args: list[str | int | bytes] = [prefix, 0]
+            args: list[str | int | bytes] = [prefix, kind, 0]
             for person, raw in zip(persons[start:start + chunk], raws[start:start + chunk], strict=True):
                 raw = raw or b""
-                events, days = parse_step_events(raw)
-                day_of = {e.ts_ms: d for e, d in zip(events, days, strict=True)}
-                if not regular(events):
-                    starts = sorted({d for e, d in zip(events, days, strict=True) if e.steps & 2})
-                    args += [person, len(raw), 1, len(starts)]
-                    for day in starts:
-                        args += [day, ""]
+                events = parse_person_events(raw)
+                irregular, days = False, {}
+                if kind == "fa":
+                    irregular, days = funnel_summary(person, events, len(definition.steps))
                 else:
-                    by_day: dict[str, list[tuple[int, ...]]] = defaultdict(list)
-                    for row in attempt_chains(events, steps):
-                        by_day[day_of[row[1] >> RANK_BITS]].append((int(person), *row))
-                    args += [person, len(raw), 0, len(by_day)]
-                    for day, rows in by_day.items():
-                        flat = [v for row in rows for v in row]
-                        args += [day, struct.pack(f"<{len(flat)}q", *flat)]
-                args[1] = int(args[1]) + 1
+                    days = path_summary(events)
+                args += [person, len(raw), int(irregular), len(days)]
+                for day, value in days.items():
+                    args += [day, value]
+                args[2] = int(args[2]) + 1
             self._write(args=args, client=pipe)
-        for result in pipe.execute():
-            written += int(result)
-        return written
+        return sum(int(result) for result in pipe.execute())

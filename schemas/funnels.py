@@ -89,6 +89,7 @@ class FunnelDefinition:
     kind = "funnel"
     keep_values = False
     per_actor = False
+    summary_kind = "fa"  # attempt rows (dataflows/summaries.py)
 
     @property
     def summaries(self) -> bool:
@@ -98,7 +99,7 @@ class FunnelDefinition:
 
     @property
     def flags(self) -> str:
-        """'f': the apply script keeps the matching events per day; 's': and per person."""
+        """'f': the apply script keeps the matching events per day; 's': and per person (summaries)."""
         return "fs" if self.summaries else "f"
 
     def canonical(self) -> dict[str, Any]:

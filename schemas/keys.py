@@ -155,30 +155,31 @@ def definition_key(prefix: str, kind: str, bv: str = "", bucket: str | int | Non
     return f"{prefix}{kind}:{bv}" if bucket is None else f"{prefix}{kind}:{bv}:{bucket}"
 
 
-# Ordered-funnel attempt summaries (dataflows/summaries.py), under the definition's prefix.
-SUMMARISED = "insightflow:summarised"  # set of "project:hash" definitions that keep attempt summaries
+# Per-person summaries of funnel and paths definitions (dataflows/summaries.py), under the definition's
+# prefix. Kinds: `fa` ordered-funnel attempt rows, `ps` path sessions.
+SUMMARISED = "insightflow:summarised"  # set of "project:hash" definitions that keep summaries
 
 
-def person_step_events(prefix: str, person: str | int) -> str:
-    """String of one person's step events, appended `ts,mask,day,uuid;` by the apply script."""
+def person_events(prefix: str, person: str | int) -> str:
+    """String of one person's kept events, appended `<ts>,<day>,<uuid>,<len>:<json>` by the apply script."""
     return f"{prefix}pe:{person}"
 
 
 def summary_dirty(prefix: str) -> str:
-    """Set of persons whose step events changed since their attempts were summarised."""
+    """Set of persons whose events changed since they were summarised."""
     return f"{prefix}dirty"
 
 
-def attempt_rows(prefix: str, day: str) -> str:
-    """Hash: person -> packed attempt rows (int64 person, kind, start, g_2..g_n) starting on that day."""
-    return f"{prefix}fa:{day}"
+def summary_rows(prefix: str, kind: str, day: str) -> str:
+    """Hash: person -> that person's summary of this kind for a project-zone day."""
+    return f"{prefix}{kind}:{day}"
 
 
-def attempt_versions(prefix: str) -> str:
-    """Hash: day -> version, raised whenever that day's attempt rows change (query caches key on it)."""
-    return f"{prefix}fav"
+def summary_versions(prefix: str, kind: str) -> str:
+    """Hash: day -> version, raised whenever that day's summaries change (query caches key on it)."""
+    return f"{prefix}{kind}v"
 
 
 def irregular_persons(prefix: str) -> str:
-    """Hash: person -> 1 for persons with two step events at one instant (evaluated by the UDF)."""
+    """Hash: person -> 1 for funnel persons with two step events at one instant (evaluated by the UDF)."""
     return f"{prefix}irr"

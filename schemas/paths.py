@@ -49,13 +49,15 @@ class PathDefinition:
     kind = "paths"
     keep_values = False
     per_actor = False
-    flags = "f"  # the apply script keeps the matching events themselves, per day
+    flags = "s"  # the apply script keeps each person's path events, for the summariser
+    summaries = True
+    summary_kind = "ps"  # sessions (dataflows/summaries.py)
     breakdown = None
 
     def canonical(self) -> dict[str, Any]:
         return {"v": DEFINITION_VERSION, "kind": "paths", "event_types": sorted(self.event_types),
                 "custom_events": sorted(self.custom_events), "filters": self.filters.canonical(),
-                "timezone": self.timezone}
+                "timezone": self.timezone, "summaries": True}
 
     @property
     def hash(self) -> str:

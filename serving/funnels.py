@@ -24,7 +24,7 @@ import redis
 
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts
-from dataflows.summaries import Summariser, parse_step_events
+from dataflows.summaries import Summariser, parse_person_events, step_events
 from schemas import keys
 from schemas.dates import QueryDateRange, bucket_label, day_string, start_of_interval, zone
 from schemas.definitions import BREAKDOWN_NULL
@@ -32,6 +32,7 @@ from schemas.filters import as_text
 from schemas.funnels import FunnelRequest
 from schemas.registry import Project
 from schemas.trends import RequestError, decode_json_field
+from serving.summaries import SUMMARIES
 from serving.trends import quantile
 
 OTHER = "Other"
@@ -57,39 +58,8 @@ def _outcomes(actors: list[ActorResult], steps: int) -> Outcomes:
     return Outcomes([a.person for a in actors], reached, times)
 
 
-class AttemptRows:
-    """Attempt rows per (project, definition, start day), kept while the day's version stands."""
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._days: dict[tuple[int, str, str], tuple[int, np.ndarray]] = {}
-
-    def read(self, client: redis.Redis, project_id: int, h: str, days: list[str], steps: int) -> np.ndarray:
-        prefix = keys.definition_prefix(project_id, h)
-        versions = client.hmget(keys.attempt_versions(prefix), days)
-        parts, missing = [], []
-        for day, version in zip(days, versions, strict=True):
-            if version is None:
-                continue
-            cached = self._days.get((project_id, h, day))
-            if cached is not None and cached[0] == int(version):
-                parts.append(cached[1])
-            else:
-                missing.append((day, int(version)))
-        if missing:
-            pipe = client.pipeline(transaction=False)
-            for day, _ in missing:
-                pipe.hvals(keys.attempt_rows(prefix, day))
-            for (day, version), values in zip(missing, pipe.execute(), strict=True):
-                rows = np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 2)
-                if len(self._days) >= self.capacity:
-                    self._days.pop(next(iter(self._days)))
-                self._days[(project_id, h, day)] = (version, rows)
-                parts.append(rows)
-        return np.concatenate(parts) if parts else np.zeros((0, steps + 2), dtype=np.int64)
-
-
-ATTEMPT_ROWS = AttemptRows()
+def _attempt_rows(values: list[bytes], steps: int) -> np.ndarray:
+    return np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 2)
 
 
 class FunnelQuery:
@@ -159,17 +129,18 @@ class FunnelQuery:
         the persons evaluated by the UDF. Persons marked since their last summary are summarised
         first, so the answer includes every event applied."""
         definition, project_id = self.request.definition, self.project.id
-        Summariser(self.redis).drain_all(project_id, definition.hash, self.steps)
-        rows = ATTEMPT_ROWS.read(self.redis, project_id, definition.hash, self._days(), self.steps)
+        Summariser(self.redis).drain_all(definition)
+        days = SUMMARIES.read(self.redis, definition, self._days(), lambda values: _attempt_rows(values, self.steps))
+        rows = np.concatenate(days) if days else np.zeros((0, self.steps + 2), dtype=np.int64)
         prefix = keys.definition_prefix(project_id, definition.hash)
         irregular = [p.decode() for p in self.redis.hkeys(keys.irregular_persons(prefix))]
         _, low, high = self._bounds_ms
         events: dict[str, list[StepEvent]] = {}
         if irregular:
-            raws = self.redis.mget([keys.person_step_events(prefix, p) for p in irregular])
+            raws = self.redis.mget([keys.person_events(prefix, p) for p in irregular])
             for person, raw in zip(irregular, raws, strict=True):
                 kept = [StepEvent(e.ts_ms / 1000, e.uuid, _bits(e.steps))
-                        for e in parse_step_events(raw or b"")[0] if low <= e.ts_ms <= high]
+                        for e in step_events(parse_person_events(raw or b"")) if low <= e.ts_ms <= high]
                 if kept:
                     events[person] = kept
         return rows, events

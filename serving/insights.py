@@ -26,6 +26,7 @@ from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, validation
 from serving.funnels import CorrelationQuery, FunnelQuery, parse_correlation
+from serving.openapi import describe
 from serving.paths import PathsQuery
 from serving.retention import RetentionQuery
 from serving.trends import TrendQuery, resolve_now
@@ -319,27 +320,17 @@ def person_details(client: Any, project_id: int, persons: list[str]) -> list[dic
 
 for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{project_id}/insights"):
     env = prefix.split("/")[2]
-    router.add_api_route(prefix + "/funnel/", _funnel, methods=["GET", "POST"], operation_id=f"funnel_{env}")
-    router.add_api_route(prefix + "/funnel", _funnel, methods=["GET", "POST"], include_in_schema=False)
-    router.add_api_route(prefix + "/funnel/correlation/", _funnel_correlation, methods=["GET", "POST"],
-                         operation_id=f"funnel_correlation_{env}")
-    router.add_api_route(prefix + "/funnel/correlation", _funnel_correlation, methods=["GET", "POST"],
-                         include_in_schema=False)
-    router.add_api_route(prefix + "/path/", _paths, methods=["GET", "POST"], operation_id=f"path_{env}")
-    router.add_api_route(prefix + "/path", _paths, methods=["GET", "POST"], include_in_schema=False)
-    router.add_api_route(prefix + "/retention/", _retention, methods=["GET", "POST"], operation_id=f"retention_{env}")
-    router.add_api_route(prefix + "/retention", _retention, methods=["GET", "POST"], include_in_schema=False)
-    router.add_api_route(prefix + "/retention/people/", _retention_people, methods=["GET", "POST"],
-                         operation_id=f"retention_people_{env}")
-    router.add_api_route(prefix + "/funnel/people/", _funnel_people, methods=["GET", "POST"],
-                         operation_id=f"funnel_people_{env}")
-    router.add_api_route(prefix + "/funnel/people", _funnel_people, methods=["GET", "POST"], include_in_schema=False)
-
-
-for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{project_id}/insights"):
+    for suffix, endpoint, kind in (("/funnel/", _funnel, "funnel"),
+                                   ("/funnel/correlation/", _funnel_correlation, "funnel_correlation"),
+                                   ("/funnel/people/", _funnel_people, "funnel_people"),
+                                   ("/path/", _paths, "path"), ("/retention/", _retention, "retention"),
+                                   ("/retention/people/", _retention_people, "retention_people")):
+        router.add_api_route(prefix + suffix, endpoint, methods=["GET", "POST"], operation_id=f"{kind}_{env}",
+                             openapi_extra=describe(kind))
+        router.add_api_route(prefix + suffix.rstrip("/"), endpoint, methods=["GET", "POST"], include_in_schema=False)
     for suffix in ("/trend/", "/trend", "/trend.csv"):
-        kind = {"/trend/": "", "/trend": "_noslash", "/trend.csv": "_csv"}[suffix]
+        variant = {"/trend/": "", "/trend": "_noslash", "/trend.csv": "_csv"}[suffix]
         router.add_api_route(prefix + suffix, _trend, methods=["GET", "POST"], include_in_schema=suffix != "/trend",
-                             operation_id=f"trend_{prefix.split('/')[2]}{kind}",
+                             operation_id=f"trend_{env}{variant}", openapi_extra=describe("trend"),
                              responses={200: {"content": {"application/json": {}, "text/csv": {}},
                                               "description": "Trend result (JSON, or CSV with format=csv)"}})

@@ -1,4 +1,9 @@
-"""Path edges (spec §9.3, §19.15-17) from the path events a paths definition keeps per day."""
+"""Path edges (spec §9.3, §19.15-17) from the sessions a paths definition keeps per person.
+
+A query reads the sessions touching the days of its range (dataflows/summaries.py, cached per day
+version), trims each to the range, and re-applies cleaning, grouping and exclusions inside it
+(which can only cut a session further), then collapses repeats, shapes and counts edges.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,19 @@ from typing import Any
 import orjson
 import redis
 
-from schemas import keys
+from dataflows.operators.path_sessions import SESSION_GAP_MS
+from dataflows.summaries import Summariser
 from schemas.dates import QueryDateRange, zone
 from schemas.paths import PathDefinition, PathsRequest
 from schemas.registry import Project
 from schemas.trends import RequestError
+from serving.summaries import SUMMARIES
 
-SESSION_GAP_S = 30 * 60
 ELLIPSIS = "..."
+
+
+def _decode_sessions(values: list[bytes]) -> list[Any]:
+    return [session for value in values for session in orjson.loads(value)]
 
 
 class PathsQuery:
@@ -28,27 +38,36 @@ class PathsQuery:
                                                 tz=self.tz, now=now, week_start=project.week_start_day)
         except ValueError as exc:
             raise RequestError(str(exc), "date_from") from exc
+        self._items: dict[str, str | None] = {}
 
     def definitions(self) -> list[PathDefinition]:
         return [self.request.definition]
 
-    def _events(self) -> dict[str, list[tuple[float, str, str]]]:
-        prefix = keys.definition_prefix(self.project.id, self.request.definition.hash)
-        pipe = self.redis.pipeline(transaction=False)
-        day = self.range.date_from.date()
+    def _raw_sessions(self) -> list[list[tuple[int, str, str]]]:
+        """The kept sessions touching the range, each trimmed to it: (ms, uuid, raw item)."""
+        definition = self.request.definition
+        Summariser(self.redis).drain_all(definition)
+        days, day = [], self.range.date_from.date()
         while day <= self.range.date_to.date():
-            pipe.lrange(keys.definition_events(prefix, day.strftime("%Y%m%d")), 0, -1)
+            days.append(day.strftime("%Y%m%d"))
             day += timedelta(days=1)
         low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000
-        actors: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
-        for entries in pipe.execute():
-            for raw in entries:
-                person, ts, uuid, payload = raw.decode().split("|", 3)
-                if low <= int(ts) <= high:
-                    actors[person].append((int(ts) / 1000, uuid, orjson.loads(payload)[0]))
-        return actors
+        seen: set[str] = set()
+        out = []
+        for found in SUMMARIES.read(self.redis, definition, days, _decode_sessions):
+            for times, uuids, items in found:
+                if uuids[0] in seen:  # a session spanning days is kept under each of them
+                    continue
+                seen.add(uuids[0])
+                inside = [(t, u, i) for t, u, i in zip(times, uuids, items, strict=True) if low <= t <= high]
+                if len(inside) > 1:
+                    out.append(inside)
+        return out
 
     def _item(self, raw: str) -> str | None:
+        """The item after cleaning, grouping and exclusion (None: excluded); memoised per query."""
+        if raw in self._items:
+            return self._items[raw]
         item = raw
         for pattern, alias in self.request.cleaning:
             item = pattern.sub(alias, item)
@@ -56,17 +75,18 @@ class PathsQuery:
             if pattern.search(item):
                 item = name
                 break
-        return None if item in self.request.exclude else item
+        self._items[raw] = None if item in self.request.exclude else item
+        return self._items[raw]
 
-    def _sessions(self, events: list[tuple[float, str, str]]) -> list[list[tuple[str, float]]]:
+    def _sessions(self, events: list[tuple[int, str, str]]) -> list[list[tuple[str, int]]]:
         """Sessions split at gaps of 30 minutes, repeats collapsed (time of the run's last event)."""
-        sessions: list[list[tuple[str, float]]] = []
-        last_ts: float | None = None
+        sessions: list[list[tuple[str, int]]] = []
+        last_ts: int | None = None
         for ts, _uuid, raw in sorted(events):
             item = self._item(raw)
             if item is None:
                 continue
-            if last_ts is None or ts - last_ts >= SESSION_GAP_S:
+            if last_ts is None or ts - last_ts >= SESSION_GAP_MS:
                 sessions.append([])
             last_ts = ts
             session = sessions[-1]
@@ -76,7 +96,7 @@ class PathsQuery:
                 session.append((item, ts))
         return sessions
 
-    def _shape(self, session: list[tuple[str, float]]) -> list[tuple[str, float]] | None:
+    def _shape(self, session: list[tuple[str, int]]) -> list[tuple[str, int]] | None:
         """Start/end points and the step limit (§9.3 step 7, §19.16)."""
         start, end, limit = self.request.start_point, self.request.end_point, self.request.step_limit
         items = [i for i, _ in session]
@@ -100,7 +120,7 @@ class PathsQuery:
     def run(self) -> list[dict[str, Any]]:
         counts: dict[tuple[str, str], int] = defaultdict(int)
         times: dict[tuple[str, str], float] = defaultdict(float)
-        for events in self._events().values():
+        for events in self._raw_sessions():
             for session in self._sessions(events):
                 path = self._shape(session)
                 if not path:
@@ -108,7 +128,7 @@ class PathsQuery:
                 for i in range(len(path) - 1):
                     edge = (f"{i + 1}_{path[i][0]}", f"{i + 2}_{path[i + 1][0]}")
                     counts[edge] += 1
-                    times[edge] += (path[i + 1][1] - path[i][1]) * 1000
+                    times[edge] += path[i + 1][1] - path[i][1]
         request = self.request
         edges = [(s, t, v, times[(s, t)] / v) for (s, t), v in counts.items()
                  if (request.min_weight is None or v >= request.min_weight)

@@ -25,6 +25,7 @@ from schemas.trends import RequestError, to_bool
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, not_found, validation
 from serving.insights import BLOCKING, _now, build_query, materialized, request_data
+from serving.openapi import SAVED
 
 router = APIRouter(tags=["saved insights"])
 TIME_TO_SEE_DATA = Histogram("insightflow_time_to_see_data_seconds", "Client-reported time to see data", ["type"])
@@ -270,6 +271,7 @@ for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{projec
         ("/{insight_id:int}/viewed/", viewed_one, ["POST"], "insight_viewed"),
         ("/{insight_id:int}/access_controls/", access_controls, ["GET", "PUT"], "insight_access_controls"),
     ):
-        router.add_api_route(prefix + suffix, endpoint, methods=methods, operation_id=f"{name}_{env}")
+        router.add_api_route(prefix + suffix, endpoint, methods=methods, operation_id=f"{name}_{env}",
+                             openapi_extra=SAVED.get(name))
         if suffix != "/":
             router.add_api_route(prefix + suffix.rstrip("/"), endpoint, methods=methods, include_in_schema=False)

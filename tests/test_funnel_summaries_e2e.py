@@ -81,7 +81,7 @@ def test_ordered_funnel_from_attempt_summaries(running: Stack) -> None:
     assert httpx.post(url, json=base, headers=headers, timeout=60).status_code == 200
     assert client.scard(keys.summary_dirty(prefix)) == 0
     assert client.hkeys(keys.irregular_persons(prefix)) != []
-    assert list(client.scan_iter(prefix + "fa:*")) != []
+    assert list(client.scan_iter(keys.summary_rows(prefix, "fa", "*"))) != []
     for key in client.scan_iter(prefix + "fe:*"):
         client.delete(key)
 

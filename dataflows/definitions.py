@@ -193,7 +193,6 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
             if self.task is None:
                 work = self._summaries()
                 if work:
-                    self._awake = datetime.now(UTC) + timedelta(seconds=0.05)
                     return work
                 return self._sleep(0.5)
         task = self.task

@@ -120,7 +120,7 @@ class Summariser:
     def pending(self, project_id: int, h: str) -> int:
         return int(self.redis.scard(keys.summary_dirty(keys.definition_prefix(project_id, h))))
 
-    def drain(self, definition: Any, budget: int = 2000) -> int:
+    def drain(self, definition: Any, budget: int = 5000) -> int:
         """Summarise up to `budget` dirty persons; returns how many were written."""
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
         persons = [p.decode() for p in self.redis.srandmember(keys.summary_dirty(prefix), budget)]

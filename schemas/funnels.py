@@ -84,6 +84,9 @@ class FunnelDefinition:
     timezone: str = "UTC"
     keep_names: bool = False   # correlation: the event name of every kept event
     property_events: tuple[str, ...] = ()  # correlation: keep the properties of these events
+    # Ordered funnels without exclusions, breakdown or first-time steps keep attempt summaries per
+    # person (dataflows/summaries.py) instead of events per day: their queries read attempts.
+    summaries: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     kind = "funnel"
@@ -92,15 +95,10 @@ class FunnelDefinition:
     summary_kind = "fa"  # attempt rows (dataflows/summaries.py)
 
     @property
-    def summaries(self) -> bool:
-        """Ordered funnels without exclusions or breakdown also keep attempt summaries per person
-        (dataflows/summaries.py), so their queries read attempts instead of events."""
-        return not (self.exclusions or self.every_event or self.keep_names or self.breakdown)
-
-    @property
     def flags(self) -> str:
-        """'f': the apply script keeps the matching events per day; 's': and per person (summaries)."""
-        return "fs" if self.summaries else "f"
+        """'s': the apply script keeps each person's step events for attempt summaries; 'f': it keeps
+        the matching events per day for the event path."""
+        return "s" if self.summaries else "f"
 
     def canonical(self) -> dict[str, Any]:
         return {
@@ -140,7 +138,7 @@ class FunnelDefinition:
             filters=parse_filters(raw["filters"]), breakdown=Breakdown.from_canonical(body["breakdown"]),
             every_event=body["every_event"],
             timezone=body["timezone"], raw=raw, keep_names=body.get("keep_names", False),
-            property_events=tuple(body.get("property_events", ())),
+            property_events=tuple(body.get("property_events", ())), summaries=body.get("summaries", False),
         )
 
     def contribution(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],
@@ -275,6 +273,8 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
         project_id=project_id, steps=steps, exclusions=exclusions, filters=global_filters,
         breakdown=breakdown, every_event=order == "strict" or correlation_events is not None, timezone=timezone,
         keep_names=correlation_events is not None, property_events=tuple(correlation_events or ()),
+        summaries=(order == "ordered" and not exclusions and breakdown is None and correlation_events is None
+                   and not first_time_steps),
     )
     bins = int_field(data, "bin_count", None)
     body = body or {}

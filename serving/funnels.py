@@ -115,8 +115,7 @@ class FunnelQuery:
     # --- attempt summaries (ordered funnels) ----------------------------------------------------
     @property
     def summarised(self) -> bool:
-        request = self.request
-        return request.definition.summaries and request.order == "ordered" and not request.first_time_steps
+        return self.request.definition.summaries
 
     @property
     def _bounds_ms(self) -> tuple[int, int, int]:
@@ -130,8 +129,9 @@ class FunnelQuery:
         first, so the answer includes every event applied."""
         definition, project_id = self.request.definition, self.project.id
         Summariser(self.redis).drain_all(definition)
-        days = SUMMARIES.read(self.redis, definition, self._days(), lambda values: _attempt_rows(values, self.steps))
-        rows = np.concatenate(days) if days else np.zeros((0, self.steps + 2), dtype=np.int64)
+        rows = SUMMARIES.read_combined(
+            self.redis, definition, self._days(), lambda values: _attempt_rows(values, self.steps),
+            lambda days: np.concatenate(days) if days else np.zeros((0, self.steps + 2), dtype=np.int64))
         prefix = keys.definition_prefix(project_id, definition.hash)
         irregular = [p.decode() for p in self.redis.hkeys(keys.irregular_persons(prefix))]
         _, low, high = self._bounds_ms

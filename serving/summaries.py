@@ -12,9 +12,24 @@ from schemas import keys
 
 
 class DaySummaries:
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int = 4096, combined: int = 8) -> None:
+        self.capacity, self.combined = capacity, combined
         self._days: dict[tuple[int, str, str, str], tuple[int, Any]] = {}
+        self._combined: dict[tuple[Any, ...], Any] = {}
+
+    def read_combined(self, client: redis.Redis, definition: Any, days: list[str],
+                      decode: Callable[[list[bytes]], Any], combine: Callable[[list[Any]], Any]) -> Any:
+        """`combine` of the days' summaries, kept while none of the days changes (a polled range)."""
+        prefix = keys.definition_prefix(definition.project_id, definition.hash)
+        versions = client.hmget(keys.summary_versions(prefix, definition.summary_kind), days)
+        key = (definition.project_id, definition.hash, tuple(days), tuple(versions))
+        if key in self._combined:
+            return self._combined[key]
+        value = combine(self.read(client, definition, days, decode))
+        if len(self._combined) >= self.combined:
+            self._combined.pop(next(iter(self._combined)))
+        self._combined[key] = value
+        return value
 
     def read(self, client: redis.Redis, definition: Any, days: list[str],
              decode: Callable[[list[bytes]], Any]) -> list[Any]:

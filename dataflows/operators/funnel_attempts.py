@@ -103,9 +103,14 @@ class Outcomes:
 
 
 def _reached(chosen: np.ndarray, window_ms: int, hi_ms: int) -> np.ndarray:
-    ms = chosen >> RANK_BITS
-    later = ms[:, 1:]
-    return 1 + np.cumprod((later - ms[:, :1] <= window_ms) & (later <= hi_ms), axis=1).sum(axis=1)
+    """Steps each attempt completes within the window and by `hi` (chains are increasing)."""
+    limit = np.minimum((chosen[:, 0] >> RANK_BITS) + window_ms, hi_ms) << RANK_BITS | ((1 << RANK_BITS) - 1)
+    reached = np.ones(len(chosen), dtype=np.int64)
+    alive = np.ones(len(chosen), dtype=bool)
+    for k in range(1, chosen.shape[1]):
+        alive &= chosen[:, k] <= limit
+        reached += alive
+    return reached
 
 
 def _in_range(rows: np.ndarray, view: int, lo_ms: int, hi_ms: int) -> np.ndarray:
@@ -120,18 +125,31 @@ def best_attempts(persons: np.ndarray, rows: np.ndarray, window_ms: int, lo_ms: 
     `rows` are attempt_chains rows. Among the attempts reaching furthest the UDF reports the first to
     get there; at one instant, the one whose previous step came latest (it holds that step)."""
     keep = _in_range(rows, STEPS_VIEW, lo_ms, hi_ms)
-    who, chosen = persons[keep], rows[keep][:, 1:]
+    who, chosen = (persons, rows[:, 1:]) if keep.all() else (persons[keep], rows[keep][:, 1:])
     if not len(chosen):
         return who, np.zeros(0, dtype=np.int64), chosen
     reached = _reached(chosen, window_ms, hi_ms)
-    at = np.arange(len(chosen))
-    tie_breaks = [-chosen[at, np.maximum(reached - 1 - back, 0)] * (reached - 1 - back >= 0)
-                  for back in range(chosen.shape[1] - 1, 0, -1)]
-    order = np.lexsort((*tie_breaks, chosen[at, reached - 1], -reached, who))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = who[order][1:] != who[order][:-1]
-    best = order[first]
-    return who[best], reached[best], chosen[best] >> RANK_BITS
+    size = int(who.max()) + 1
+    top = np.zeros(size, dtype=np.int64)
+    np.maximum.at(top, who, reached)
+    pick = np.flatnonzero(reached == top[who])
+    # Narrow each person's candidates without sorting: earliest completion of the furthest step,
+    # then the latest previous step, the one before, ..., then the latest start.
+    pick = _narrow(who, pick, chosen[pick, reached[pick] - 1], size, lowest=True)
+    for back in range(1, chosen.shape[1]):
+        if np.bincount(who[pick], minlength=size).max() <= 1:
+            break
+        column = reached[pick] - 1 - back
+        key = np.where(column >= 0, chosen[pick, np.maximum(column, 0)], 0)
+        pick = _narrow(who, pick, key, size, lowest=False)
+    return who[pick], reached[pick], chosen[pick] >> RANK_BITS
+
+
+def _narrow(who: np.ndarray, pick: np.ndarray, key: np.ndarray, size: int, lowest: bool) -> np.ndarray:
+    """The candidates whose key is their person's lowest (or highest)."""
+    best = np.full(size, np.iinfo(np.int64).max if lowest else -1, dtype=np.int64)
+    (np.minimum if lowest else np.maximum).at(best, who[pick], key)
+    return pick[key == best[who[pick]]]
 
 
 def outcomes(persons: np.ndarray, reached: np.ndarray, rows: np.ndarray) -> Outcomes:

@@ -55,7 +55,7 @@ def _outcomes(actors: list[ActorResult], steps: int) -> Outcomes:
     times = np.full((len(actors), steps), np.nan)
     for i, actor in enumerate(actors):
         times[i, :len(actor.result.timestamps)] = actor.result.timestamps
-    return Outcomes([a.person for a in actors], reached, times)
+    return Outcomes(np.array([int(a.person) for a in actors], dtype=np.int64), reached, times)
 
 
 def _attempt_rows(values: list[bytes], steps: int) -> np.ndarray:
@@ -158,7 +158,7 @@ class FunnelQuery:
         if not slow:
             return fast
         rest = _outcomes(slow, self.steps)
-        return Outcomes(fast.persons + rest.persons, np.concatenate([fast.reached, rest.reached]),
+        return Outcomes(np.concatenate([fast.persons, rest.persons]), np.concatenate([fast.reached, rest.reached]),
                         np.concatenate([fast.times, rest.times]))
 
     def outcome_groups(self) -> list[tuple[tuple[str, ...], Outcomes]]:
@@ -284,7 +284,7 @@ class FunnelQuery:
             step: dict[str, Any] = {
                 **self._step_meta(i), "order": i, "people": [], "count": int(reached.sum()),
                 "average_conversion_time": float(gaps.sum() / len(gaps)) if len(gaps) else None,
-                "median_conversion_time": quantile(gaps.tolist(), 0.5) if len(gaps) else None,
+                "median_conversion_time": quantile(gaps, 0.5) if len(gaps) else None,
             }
             if people_url is not None:
                 step["converted_people_url"] = people_url(i + 1, value)
@@ -305,7 +305,7 @@ class FunnelQuery:
             if breakdown is not None and value != breakdown:
                 continue
             wanted = group.reached >= funnel_step if funnel_step > 0 else group.reached == -funnel_step - 1
-            chosen += [p for p, keep in zip(group.persons, wanted.tolist(), strict=True) if keep]
+            chosen += [str(p) for p in group.persons[wanted].tolist()]
         return list(dict.fromkeys(chosen))
 
     def _time_to_convert(self, groups: list[tuple[tuple[str, ...], Outcomes]]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 
@@ -618,15 +619,16 @@ def union(bitmaps: dict[str, int], members: list[str]) -> int:
     return out
 
 
-def quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float] | np.ndarray, q: float) -> float:
     """Exact quantile with linear interpolation (PostHog's ClickHouse `quantile` is an estimate)."""
-    if not values:
+    if not len(values):
         return 0.0
-    ordered = sorted(values)
+    ordered = np.sort(values) if isinstance(values, np.ndarray) else sorted(values)
     position = q * (len(ordered) - 1)
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    value = ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _running(values: list) -> list:

@@ -97,7 +97,7 @@ def attempt_chains(events: Sequence[PersonEvent], steps: int) -> list[tuple[int,
 class Outcomes:
     """Per actor: the steps reached and the times (seconds) of the attempt that counts."""
 
-    persons: list[str]
+    persons: np.ndarray   # int person ids
     reached: np.ndarray   # int, 1..n
     times: np.ndarray     # float seconds, shape (actors, steps); NaN past `reached`
 
@@ -158,7 +158,7 @@ def outcomes(persons: np.ndarray, reached: np.ndarray, rows: np.ndarray) -> Outc
     times = rows.astype(np.float64) / 1000 if len(rows) else np.zeros((0, steps))
     if len(rows):
         times[np.arange(steps)[None, :] >= reached[:, None]] = np.nan
-    return Outcomes([str(p) for p in persons.tolist()], reached, times)
+    return Outcomes(persons, reached, times)
 
 
 def entrances(persons: np.ndarray, rows: np.ndarray, window_ms: int, lo_ms: int, hi_ms: int,
@@ -174,9 +174,15 @@ def entrances(persons: np.ndarray, rows: np.ndarray, window_ms: int, lo_ms: int,
     period = np.searchsorted(bounds_ms, chosen[:, 0] >> RANK_BITS, side="right") - 1
     inside = period >= 0
 
+    size = int(who.max()) + 1
+
     def persons_per_period(mask: np.ndarray) -> list[int]:
-        pairs = np.unique(np.stack([period[mask], who[mask]]), axis=1)
-        return np.bincount(pairs[0], minlength=periods).tolist() if pairs.size else [0] * periods
+        pairs = period[mask] * size + who[mask]
+        if periods * size <= 50_000_000:  # mark (period, person) cells: no sort
+            cells = np.zeros(periods * size, dtype=bool)
+            cells[pairs] = True
+            return cells.reshape(periods, size).sum(axis=1).tolist()
+        return np.bincount(np.unique(pairs) // size, minlength=periods).tolist()
 
     return (persons_per_period(inside & (reached >= from_step + 1)),
             persons_per_period(inside & (reached >= to_step + 1)))

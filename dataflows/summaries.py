@@ -6,6 +6,8 @@ turns a dirty person's events into its summaries, one hash per project-zone day:
 
 - `fa` (ordered funnels): attempt rows per start day (dataflows/operators/funnel_attempts.py);
   persons with two step events at one instant keep no rows (`irr`): queries run the UDF for them;
+- `fb` (ordered funnels broken down by first or last touch): each day's first and last step event
+  with a breakdown value;
 - `ps` (paths): sessions of two or more events, under every day they touch
   (dataflows/operators/path_sessions.py).
 
@@ -28,20 +30,21 @@ import redis
 from dataflows.operators.funnel_attempts import RANK_BITS, PersonEvent, attempt_chains, regular
 from dataflows.operators.path_sessions import kept_sessions
 from schemas import keys
+from schemas.definitions import Breakdown
 
-# ARGV: definition prefix, kind, persons, then per person: id, version, irregular, days, (day, value)*.
+# ARGV: definition prefix, persons, then per person: id, version, irregular, entries, (kind, day, value)*.
 # An empty value removes the person from that day. A day's version moves only when its value changes.
 WRITE_SUMMARIES = r"""
-local D, kind = ARGV[1], ARGV[2]
-local n = tonumber(ARGV[3])
-local i, written = 4, 0
+local D = ARGV[1]
+local n = tonumber(ARGV[2])
+local i, written = 3, 0
 for _ = 1, n do
-  local p, version, irregular, days = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
+  local p, version, irregular, entries = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
   i = i + 4
   if redis.call('STRLEN', D .. 'pe:' .. p) == version then
-    for _ = 1, days do
-      local day, value = ARGV[i], ARGV[i + 1]
-      i = i + 2
+    for _ = 1, entries do
+      local kind, day, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+      i = i + 3
       local key = D .. kind .. ':' .. day
       if value == '' then
         if redis.call('HDEL', key, p) == 1 then redis.call('HINCRBY', D .. kind .. 'v', day, 1) end
@@ -54,7 +57,7 @@ for _ = 1, n do
     redis.call('SREM', D .. 'dirty', p)
     written = written + 1
   else
-    i = i + 2 * days
+    i = i + 3 * entries
   end
 end
 return written
@@ -83,21 +86,32 @@ def parse_person_events(raw: bytes) -> list[StoredEvent]:
     return out
 
 
-def step_events(events: list[StoredEvent]) -> list[PersonEvent]:
-    """Funnel events: the value is [steps mask, exclusions mask, breakdown value, ...]."""
-    return [PersonEvent(e.ts_ms, e.uuid, orjson.loads(e.value)[0]) for e in events]
+Entry = tuple[str, str, bytes]  # (summary kind, day, value)
 
 
-def funnel_summary(person: str, events: list[StoredEvent], steps: int) -> tuple[bool, dict[str, bytes]]:
-    """(irregular, {start day: packed int64 rows (person, kind, start, g_2..g_n)})."""
-    found = step_events(events)
+def funnel_summary(person: str, events: list[StoredEvent], steps: int,
+                   breakdown: Breakdown | None = None) -> tuple[bool, list[Entry]]:
+    """(irregular, entries): packed int64 attempt rows (person, kind, start, g_2..g_n) per start day
+    (`fa`); with a breakdown, the day's first and last step events with a value (`fb`: JSON
+    [person, first ms, first value, last ms, last value]) for first/last-touch attribution."""
+    values = [orjson.loads(e.value) for e in events]
+    found = [PersonEvent(e.ts_ms, e.uuid, v[0]) for e, v in zip(events, values, strict=True)]
     if not regular(found):
-        return True, {e.day: b"" for e, s in zip(events, found, strict=True) if s.steps & 2}
+        days = {e.day for e, f in zip(events, found, strict=True) if f.steps}
+        return True, [(kind, day, b"") for day in sorted(days) for kind in (("fa", "fb") if breakdown else ("fa",))]
     day_of = {e.ts_ms: e.day for e in events}
     by_day: dict[str, list[int]] = defaultdict(list)
     for row in attempt_chains(found, steps):
         by_day[day_of[row[1] >> RANK_BITS]] += (int(person), *row)
-    return False, {day: struct.pack(f"<{len(flat)}q", *flat) for day, flat in by_day.items()}
+    out: list[Entry] = [("fa", day, struct.pack(f"<{len(flat)}q", *flat)) for day, flat in by_day.items()]
+    if breakdown is not None:
+        touches: dict[str, list[Any]] = {}
+        for event, value in sorted(zip(events, values, strict=True), key=lambda p: (p[0].ts_ms, p[0].uuid)):
+            if value[0] and any(breakdown.parts(value[2])):
+                seen = touches.setdefault(event.day, [event.ts_ms, value[2], event.ts_ms, value[2]])
+                seen[2:] = [event.ts_ms, value[2]]
+        out += [("fb", day, orjson.dumps([int(person), *touch])) for day, touch in touches.items()]
+    return False, out
 
 
 def path_summary(events: list[StoredEvent]) -> dict[str, bytes]:
@@ -137,22 +151,21 @@ class Summariser:
         if not persons:
             return 0
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
-        kind = definition.summary_kind
         raws = self.redis.mget([keys.person_events(prefix, p) for p in persons])
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(persons), chunk):
-            args: list[str | int | bytes] = [prefix, kind, 0]
+            args: list[str | int | bytes] = [prefix, 0]
             for person, raw in zip(persons[start:start + chunk], raws[start:start + chunk], strict=True):
                 raw = raw or b""
                 events = parse_person_events(raw)
-                irregular, days = False, {}
-                if kind == "fa":
-                    irregular, days = funnel_summary(person, events, len(definition.steps))
+                irregular, entries = False, []
+                if definition.summary_kind == "fa":
+                    irregular, entries = funnel_summary(person, events, len(definition.steps), definition.breakdown)
                 else:
-                    days = path_summary(events)
-                args += [person, len(raw), int(irregular), len(days)]
-                for day, value in days.items():
-                    args += [day, value]
-                args[2] = int(args[2]) + 1
+                    entries = [("ps", day, value) for day, value in path_summary(events).items()]
+                args += [person, len(raw), int(irregular), len(entries)]
+                for entry in entries:
+                    args += entry
+                args[1] = int(args[1]) + 1
             self._write(args=args, client=pipe)
         return sum(int(result) for result in pipe.execute())

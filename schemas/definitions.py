@@ -45,6 +45,11 @@ class Breakdown:
         props, normalize, as_list = value
         return cls(tuple((kind, key) for kind, key in props), normalize, as_list)
 
+    def parts(self, value: str) -> tuple[str, ...]:
+        """A stored value as its parts, "" for a missing one (funnels' boxed breakdown values)."""
+        parts = orjson.loads(value) if self.multiple else [value]
+        return tuple("" if p in (BREAKDOWN_NULL, None) else str(p) for p in parts)
+
     def value(self, event_props: dict[str, Any], person_props: dict[str, Any]) -> str:
         parts = []
         for kind, key in self.properties:

@@ -26,6 +26,7 @@ from schemas.trends import (
     decode_json_field,
     int_field,
     request_filters,
+    to_bool,
 )
 
 WINDOW_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400}
@@ -84,8 +85,8 @@ class FunnelDefinition:
     timezone: str = "UTC"
     keep_names: bool = False   # correlation: the event name of every kept event
     property_events: tuple[str, ...] = ()  # correlation: keep the properties of these events
-    # Ordered funnels without exclusions, breakdown or first-time steps keep attempt summaries per
-    # person (dataflows/summaries.py) instead of events per day: their queries read attempts.
+    # Ordered funnels without exclusions or first-time steps (broken down, if at all, by first or last
+    # touch) keep attempt summaries per person (dataflows/summaries.py): their queries read attempts.
     summaries: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -97,8 +98,11 @@ class FunnelDefinition:
     @property
     def flags(self) -> str:
         """'s': the apply script keeps each person's step events for attempt summaries; 'f': it keeps
-        the matching events per day for the event path."""
-        return "s" if self.summaries else "f"
+        the matching events per day for the event path (which a broken-down funnel still takes for
+        ranges that do not start and end on day boundaries)."""
+        if self.summaries:
+            return "s" if self.breakdown is None else "fs"
+        return "f"
 
     def canonical(self) -> dict[str, Any]:
         return {
@@ -187,6 +191,7 @@ class FunnelRequest:
     raw: dict[str, Any]
     refresh: str = ""
     first_time_steps: tuple[int, ...] = ()  # 1-based steps whose event must be the person's first ever
+    explicit_date: bool = False  # the range is taken as given, not widened to whole intervals
 
 
 def _window(data: dict[str, Any]) -> float:
@@ -273,8 +278,8 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
         project_id=project_id, steps=steps, exclusions=exclusions, filters=global_filters,
         breakdown=breakdown, every_event=order == "strict" or correlation_events is not None, timezone=timezone,
         keep_names=correlation_events is not None, property_events=tuple(correlation_events or ()),
-        summaries=(order == "ordered" and not exclusions and breakdown is None and correlation_events is None
-                   and not first_time_steps),
+        summaries=(order == "ordered" and not exclusions and correlation_events is None and not first_time_steps
+                   and (breakdown is None or attribution in ("first_touch", "last_touch"))),
     )
     bins = int_field(data, "bin_count", None)
     body = body or {}
@@ -288,6 +293,7 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
         breakdown_limit=int_field(data, "breakdown_limit", 25) or 25,
         bin_count=max(1, min(90, bins)) if bins is not None else None, unbox=unbox, raw=data,
         refresh=str(data.get("refresh") or "").lower(), first_time_steps=first_time_steps,
+        explicit_date=to_bool(data.get("explicit_date")),
     )
 
 

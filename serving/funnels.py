@@ -24,10 +24,9 @@ import redis
 
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts
-from dataflows.summaries import Summariser, parse_person_events, step_events
+from dataflows.summaries import Summariser, parse_person_events
 from schemas import keys
 from schemas.dates import QueryDateRange, bucket_label, day_string, start_of_interval, zone
-from schemas.definitions import BREAKDOWN_NULL
 from schemas.filters import as_text
 from schemas.funnels import FunnelRequest
 from schemas.registry import Project
@@ -58,6 +57,27 @@ def _outcomes(actors: list[ActorResult], steps: int) -> Outcomes:
     return Outcomes(np.array([int(a.person) for a in actors], dtype=np.int64), reached, times)
 
 
+Touches = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ms, values, persons)
+
+
+def _decode_touches(values: list[bytes]) -> tuple[Touches, Touches]:
+    """A day's `fb` summaries as (first touches, last touches)."""
+    decoded = [orjson.loads(v) for v in values]
+    who = np.array([d[0] for d in decoded], dtype=np.int64)
+    first = (np.array([d[1] for d in decoded], dtype=np.int64), np.array([d[2] for d in decoded], dtype=object), who)
+    last = (np.array([d[3] for d in decoded], dtype=np.int64), np.array([d[4] for d in decoded], dtype=object), who)
+    return first, last
+
+
+def _combine_touches(days: list[tuple[Touches, Touches]]) -> tuple[Touches, Touches]:
+    def join(side: int) -> Touches:
+        if not days:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64)
+        return tuple(np.concatenate([d[side][i] for d in days]) for i in range(3))  # type: ignore[return-value]
+
+    return join(0), join(1)
+
+
 def _attempt_rows(values: list[bytes], steps: int) -> np.ndarray:
     return np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 2)
 
@@ -71,11 +91,13 @@ class FunnelQuery:
             raise RequestError(f"Unknown interval '{interval}'.", "interval", "invalid_choice")
         try:
             self.range = QueryDateRange.resolve(date_from=request.date_from, date_to=request.date_to, interval=interval,
-                                                tz=self.tz, now=now, week_start=project.week_start_day)
+                                                tz=self.tz, now=now, week_start=project.week_start_day,
+                                                explicit=request.explicit_date)
         except ValueError as exc:
             raise RequestError(str(exc), "date_from") from exc
         self.interval = interval
-        self.lower = start_of_interval(self.range.date_from, interval, project.week_start_day)
+        self.lower = (self.range.date_from if request.explicit_date
+                      else start_of_interval(self.range.date_from, interval, project.week_start_day))
         self.steps = len(request.definition.steps)
         self._actors: dict[str, list[StepEvent]] | None = None
 
@@ -115,7 +137,16 @@ class FunnelQuery:
     # --- attempt summaries (ordered funnels) ----------------------------------------------------
     @property
     def summarised(self) -> bool:
-        return self.request.definition.summaries
+        """Answered from attempt summaries; a breakdown's touches are kept per whole day, so a range
+        that does not start and end on day boundaries takes the event path."""
+        definition = self.request.definition
+        if not definition.summaries:
+            return False
+        if definition.breakdown is None:
+            return True
+        start, end = self.lower, self.range.date_to
+        return (start.hour, start.minute, start.second, start.microsecond) == (0, 0, 0, 0) and (
+            end.hour, end.minute, end.second, end.microsecond) == (23, 59, 59, 999999)
 
     @property
     def _bounds_ms(self) -> tuple[int, int, int]:
@@ -139,32 +170,79 @@ class FunnelQuery:
         if irregular:
             raws = self.redis.mget([keys.person_events(prefix, p) for p in irregular])
             for person, raw in zip(irregular, raws, strict=True):
-                kept = [StepEvent(e.ts_ms / 1000, e.uuid, _bits(e.steps))
-                        for e in step_events(parse_person_events(raw or b"")) if low <= e.ts_ms <= high]
+                kept = []
+                for e in parse_person_events(raw or b""):
+                    if low <= e.ts_ms <= high:
+                        mask, _, bv = orjson.loads(e.value)[:3]
+                        kept.append(StepEvent(e.ts_ms / 1000, e.uuid, _bits(mask), breakdown=bv))
                 if kept:
                     events[person] = kept
         return rows, events
 
-    def _summarised_outcomes(self) -> Outcomes:
+    def _summarised_outcomes(self) -> list[tuple[tuple[str, ...], Outcomes]]:
         rows, irregular = self._attempts()
         window, low, high = self._bounds_ms
-        who, reached, best = best_attempts(rows[:, 0], rows[:, 1:], window, low, high)
-        fast = outcomes(who, reached, best)
-        slow = []
+        fast = outcomes(*best_attempts(rows[:, 0], rows[:, 1:], window, low, high))
+        slow: list[ActorResult] = []
         for person, events in irregular.items():
-            result = funnel(events, self.steps, self.request.window_s, "ordered")
-            if result is not None and result.steps_reached:
-                slow.append(ActorResult(person, (), result))
-        if not slow:
-            return fast
+            if self.request.definition.breakdown is None:
+                result = funnel(events, self.steps, self.request.window_s, "ordered")
+                if result is not None and result.steps_reached:
+                    slow.append(ActorResult(person, (), result))
+            else:
+                slow += self._attributed(person, events)
+        if not slow and self.request.definition.breakdown is None:
+            return [((), fast)]
         rest = _outcomes(slow, self.steps)
-        return Outcomes(np.concatenate([fast.persons, rest.persons]), np.concatenate([fast.reached, rest.reached]),
-                        np.concatenate([fast.times, rest.times]))
+        every = Outcomes(np.concatenate([fast.persons, rest.persons]), np.concatenate([fast.reached, rest.reached]),
+                         np.concatenate([fast.times, rest.times]))
+        values = self._touches(fast.persons) + [a.value for a in slow]
+        by_value: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for i, value in enumerate(values):
+            by_value[value].append(i)
+        out = []
+        for value, members in self._ranked(by_value):
+            at = np.array(members, dtype=np.int64)
+            out.append((value, Outcomes(every.persons[at], every.reached[at], every.times[at])))
+        return out
+
+    def _touches(self, persons: np.ndarray) -> list[tuple[str, ...]]:
+        """Each person's breakdown value by first or last touch: the value of its first (last) step
+        event with one in the range, from the per-day first and last such events (whole days)."""
+        breakdown = self.request.definition.breakdown
+        if breakdown is None:
+            return [()] * len(persons)
+        last = self.request.attribution == "last_touch"
+        touch_ms, touch_values, who = SUMMARIES.read_combined(
+            self.redis, self.request.definition, self._days(), _decode_touches, _combine_touches, kind="fb")[last]
+        empty = tuple("" for _ in breakdown.properties)
+        if not len(who):
+            return [empty] * len(persons)
+        size = int(max(who.max(), persons.max() if len(persons) else 0)) + 1
+        if last:
+            best = np.full(size, -1, dtype=np.int64)
+            np.maximum.at(best, who, touch_ms)
+        else:
+            best = np.full(size, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(best, who, touch_ms)
+        chosen = np.flatnonzero(touch_ms == best[who])
+        value_of = dict(zip(who[chosen].tolist(), touch_values[chosen].tolist(), strict=True))
+        parts: dict[str, tuple[str, ...]] = {}
+        out = []
+        for person in persons.tolist():
+            raw = value_of.get(person)
+            if raw is None:
+                out.append(empty)
+                continue
+            if raw not in parts:
+                parts[raw] = breakdown.parts(raw)
+            out.append(parts[raw])
+        return out
 
     def outcome_groups(self) -> list[tuple[tuple[str, ...], Outcomes]]:
         """Per breakdown group, each actor's steps reached and attempt times."""
         if self.summarised:
-            return [((), self._summarised_outcomes())]
+            return self._summarised_outcomes()
         return [(value, _outcomes(actors, self.steps)) for value, actors in self.groups()]
 
     def _first_times(self, actors: dict[str, list[StepEvent]]) -> dict[str, list[StepEvent]]:
@@ -183,10 +261,7 @@ class FunnelQuery:
 
     def _box(self, bv: str) -> tuple[str, ...]:
         breakdown = self.request.definition.breakdown
-        if breakdown is None:
-            return ()
-        parts = orjson.loads(bv) if breakdown.multiple else [bv]
-        return tuple("" if p in (BREAKDOWN_NULL, None) else str(p) for p in parts)
+        return () if breakdown is None else breakdown.parts(bv)
 
     # --- per actor, with breakdown attribution (§7.6) -------------------------------------------
     def results(self) -> list[ActorResult]:
@@ -240,6 +315,11 @@ class FunnelQuery:
         by_value: dict[tuple[str, ...], list[ActorResult]] = defaultdict(list)
         for actor in self.results():
             by_value[actor.value].append(actor)
+        return self._ranked(by_value)
+
+    def _ranked(self, by_value: dict[tuple[str, ...], list[Any]]) -> list[tuple[tuple[str, ...], list[Any]]]:
+        """Breakdown groups of actors ranked by step-1 count (descending), the null group last, the
+        values beyond `breakdown_limit` folded into Other (§7.6, §19.1)."""
         if self.request.definition.breakdown is None:
             return [((), by_value.get((), []))]
         empty = tuple("" for _ in self.request.definition.breakdown.properties)

@@ -18,36 +18,37 @@ class DaySummaries:
         self._combined: dict[tuple[Any, ...], Any] = {}
 
     def read_combined(self, client: redis.Redis, definition: Any, days: list[str],
-                      decode: Callable[[list[bytes]], Any], combine: Callable[[list[Any]], Any]) -> Any:
+                      decode: Callable[[list[bytes]], Any], combine: Callable[[list[Any]], Any],
+                      kind: str | None = None) -> Any:
         """`combine` of the days' summaries, kept while none of the days changes (a polled range)."""
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
-        versions = client.hmget(keys.summary_versions(prefix, definition.summary_kind), days)
-        key = (definition.project_id, definition.hash, tuple(days), tuple(versions))
+        kind = kind or definition.summary_kind
+        versions = client.hmget(keys.summary_versions(prefix, kind), days)
+        key = (definition.project_id, definition.hash, kind, tuple(days), tuple(versions))
         if key in self._combined:
             return self._combined[key]
-        value = combine(self.read(client, definition, days, decode))
+        value = combine(self.read(client, definition, days, decode, kind))
         if len(self._combined) >= self.combined:
             self._combined.pop(next(iter(self._combined)))
         self._combined[key] = value
         return value
 
     def read(self, client: redis.Redis, definition: Any, days: list[str],
-             decode: Callable[[list[bytes]], Any]) -> list[Any]:
+             decode: Callable[[list[bytes]], Any], kind: str | None = None) -> list[Any]:
         """The decoded summaries of the given days that have any (decode gets a day's hash values)."""
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
-        kind = definition.summary_kind
+        kind = kind or definition.summary_kind
         versions = client.hmget(keys.summary_versions(prefix, kind), days)
         for _ in range(5):
-            found = self._read(client, definition, prefix, days, versions, decode)
+            found = self._read(client, definition, prefix, kind, days, versions, decode)
             again = client.hmget(keys.summary_versions(prefix, kind), days)
             if again == versions:  # no day changed while reading: one consistent snapshot
                 return found
             versions = again
         return found
 
-    def _read(self, client: redis.Redis, definition: Any, prefix: str, days: list[str],
+    def _read(self, client: redis.Redis, definition: Any, prefix: str, kind: str, days: list[str],
               versions: list[bytes | None], decode: Callable[[list[bytes]], Any]) -> list[Any]:
-        kind = definition.summary_kind
         found, missing = [], []
         for day, version in zip(days, versions, strict=True):
             if version is None:

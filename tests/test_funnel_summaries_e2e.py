@@ -28,8 +28,10 @@ def _events(rng: random.Random, count: int) -> list[dict]:
     out = []
     for _ in range(count):
         moment = BASE + timedelta(seconds=rng.randrange(10 * 86400))
+        browser = rng.choice(["Chrome", "Safari", "Firefox", None, ""])
         out.append({"event": rng.choice([*STEPS, STEPS[0], "other"]), "distinct_id": f"u{rng.randrange(60)}",
-                    "uuid": str(uuid.uuid4()), "timestamp": moment.isoformat()})
+                    "uuid": str(uuid.uuid4()), "timestamp": moment.isoformat(),
+                    "properties": {} if browser is None else {"$browser": browser}})
     return out
 
 
@@ -38,8 +40,24 @@ def _per_person(events: list[dict], start: datetime, end: datetime) -> dict[str,
     for e in events:
         ts = datetime.fromisoformat(e["timestamp"])
         if start <= ts <= end and e["event"] in STEPS:
-            out[e["distinct_id"]].append(StepEvent(ts.timestamp(), e["uuid"], (STEPS.index(e["event"]) + 1,)))
+            out[e["distinct_id"]].append(StepEvent(ts.timestamp(), e["uuid"], (STEPS.index(e["event"]) + 1,),
+                                                   breakdown=(e.get("properties") or {}).get("$browser") or ""))
     return out
+
+
+def _direct_breakdown(events: list[dict], start: datetime, end: datetime, window: float,
+                      attribution: str) -> dict[str, list[int]]:
+    """Step counts per browser, each person valued by its first (last) step event with a browser."""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for evs in _per_person(events, start, end).values():
+        result = funnel(evs, 3, window, "ordered")
+        if result is None or not result.steps_reached:
+            continue
+        valued = [e.breakdown for e in sorted(evs, key=lambda e: (e.ts, e.uuid)) if e.breakdown]
+        value = (valued[0] if attribution == "first_touch" else valued[-1]) if valued else ""
+        for k in range(result.steps_reached):
+            out[value][k] += 1
+    return dict(out)
 
 
 def _direct_steps(events: list[dict], start: datetime, end: datetime, window: float) -> tuple[list[int], float | None]:
@@ -120,3 +138,36 @@ def test_ordered_funnel_from_attempt_summaries(running: Stack) -> None:
     start, end = BASE, BASE + timedelta(days=10, microseconds=-1)
     steps = httpx.post(url, json=base, headers=headers, timeout=60).json()["result"]
     assert [s["count"] for s in steps] == _direct_steps(events, start, end, 2 * 86400.0)[0]
+
+
+def test_broken_down_funnel_from_touches(running: Stack) -> None:
+    """First/last-touch breakdowns over whole days come from the per-day touches; a range that does
+    not start and end on day boundaries (explicit_date) takes the event path the definition also keeps.
+    Both equal the UDF."""
+    rng = random.Random(11)
+    project = make_project(running)
+    events = _events(rng, 1500)
+    assert project.capture(events[:700]).status_code == 200
+    headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
+    url = f"{running.api_url}/api/environments/{project.id}/insights/funnel/"
+    base = {"events": [{"id": s, "order": i} for i, s in enumerate(STEPS)], "date_from": "2024-03-01",
+            "date_to": "2024-03-10", "funnel_window_interval": 2, "funnel_window_interval_unit": "day",
+            "breakdown": "$browser", "breakdown_type": "event"}
+    assert httpx.post(url, json={**base, "refresh": "blocking"}, headers=headers, timeout=60).status_code == 200
+    assert project.capture(events[700:]).status_code == 200
+    running.wait_applied()
+    for attribution in ("first_touch", "last_touch"):
+        for date_from, date_to, explicit in (("2024-03-02", "2024-03-10", False),
+                                             ("2024-03-02", "2024-03-10T11:59:59", True),
+                                             ("2024-03-02T12:00:00", "2024-03-10T23:59:59", True)):
+            body = {**base, "breakdown_attribution_type": attribution, "date_from": date_from,
+                    "date_to": date_to, "explicit_date": explicit}
+            reply = httpx.post(url, json={**body, "refresh": "blocking"}, headers=headers, timeout=60)
+            assert reply.status_code == 200, reply.text
+            got = {step[0]["breakdown_value"][0]: [s["count"] for s in step] for step in reply.json()["result"]}
+            start = datetime.fromisoformat(date_from).replace(tzinfo=UTC)
+            end = (datetime.fromisoformat(date_to).replace(tzinfo=UTC) if explicit
+                   else BASE + timedelta(days=10, microseconds=-1))
+            assert got == _direct_breakdown(events, start, end, 2 * 86400.0, attribution), body
+            ranked = [v for v in (step[0]["breakdown_value"][0] for step in reply.json()["result"]) if v]
+            assert ranked == sorted(ranked, key=lambda v: (-got[v][0], v))

@@ -15,6 +15,7 @@ ENV_VARS = {
     "INSIGHTFLOW_TEST_CLOCK": "test_clock",
     "INSIGHTFLOW_BLOCKING_TIMEOUT": "blocking_timeout_s",
     "INSIGHTFLOW_RATE_LIMIT": "rate_limit_per_minute",
+    "INSIGHTFLOW_SUMMARY_CACHE_MB": "summary_cache_mb",
 }
 
 
@@ -29,6 +30,7 @@ class Settings:
     api_port: int = 8000
     blocking_timeout_s: float = 30.0
     rate_limit_per_minute: int = 6000  # per personal API key, over the insight API
+    summary_cache_mb: int = 1024  # decoded funnel/paths summaries the API keeps (days, and ranges)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -43,4 +45,5 @@ class Settings:
             test_clock=env.get("INSIGHTFLOW_TEST_CLOCK") == "1",
             blocking_timeout_s=float(env.get("INSIGHTFLOW_BLOCKING_TIMEOUT", cls.blocking_timeout_s)),
             rate_limit_per_minute=int(env.get("INSIGHTFLOW_RATE_LIMIT", cls.rate_limit_per_minute)),
+            summary_cache_mb=int(env.get("INSIGHTFLOW_SUMMARY_CACHE_MB", cls.summary_cache_mb)),
         )

@@ -26,6 +26,7 @@ from serving.errors import (
     request_validation_handler,
     server_error_handler,
 )
+from serving.summaries import SUMMARIES
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis.Redis.from_url(settings.redis_url)
         app.state.settings = settings
+        SUMMARIES.configure(settings.summary_cache_mb)
         app.state.redis = client
         app.state.registry = Registry(client)
         app.state.definitions = DefinitionRegistry(client)

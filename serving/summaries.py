@@ -1,21 +1,63 @@
 """Per-day summaries (dataflows/summaries.py) as queries read them, kept decoded in the API process
-while each day's version stands: a dashboard that polls re-reads only the days that changed."""
+while each day's version stands: a dashboard that polls re-reads only the days that changed.
+
+Both caches are bounded by size (least recently used first out): `summary_cache_mb` of the
+settings (`INSIGHTFLOW_SUMMARY_CACHE_MB`, default 1024) for the days, as much for combined ranges.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import redis
 
 from schemas import keys
 
 
+def size_of(value: Any) -> int:
+    """Bytes a decoded summary holds (arrays exactly; other objects roughly)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes if value.dtype != object else 64 * value.size
+    if isinstance(value, tuple | list):
+        return sum(size_of(v) for v in value) + 8 * len(value)
+    return 64
+
+
+class _Bounded:
+    """A mapping that drops its least recently used entries beyond a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self._items: OrderedDict[Any, tuple[int, Any]] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        found = self._items.get(key)
+        if found is None:
+            return None
+        self._items.move_to_end(key)
+        return found[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        size = size_of(value)
+        if key in self._items:
+            self.used -= self._items.pop(key)[0]
+        self._items[key] = (size, value)
+        self.used += size
+        while self.used > self.budget and len(self._items) > 1:
+            self.used -= self._items.popitem(last=False)[1][0]
+
+
 class DaySummaries:
-    def __init__(self, capacity: int = 4096, combined: int = 8) -> None:
-        self.capacity, self.combined = capacity, combined
-        self._days: dict[tuple[int, str, str, str], tuple[int, Any]] = {}
-        self._combined: dict[tuple[Any, ...], Any] = {}
+    def __init__(self, budget_mb: int = 1024) -> None:
+        self.configure(budget_mb)
+
+    def configure(self, budget_mb: int) -> None:
+        """Set the byte budget (the app does at start-up, from its settings); empties the caches."""
+        self._days = _Bounded(budget_mb << 20)
+        self._combined = _Bounded(budget_mb << 20)
 
     def read_combined(self, client: redis.Redis, definition: Any, days: list[str],
                       decode: Callable[[list[bytes]], Any], combine: Callable[[list[Any]], Any],
@@ -25,12 +67,10 @@ class DaySummaries:
         kind = kind or definition.summary_kind
         versions = client.hmget(keys.summary_versions(prefix, kind), days)
         key = (definition.project_id, definition.hash, kind, tuple(days), tuple(versions))
-        if key in self._combined:
-            return self._combined[key]
-        value = combine(self.read(client, definition, days, decode, kind))
-        if len(self._combined) >= self.combined:
-            self._combined.pop(next(iter(self._combined)))
-        self._combined[key] = value
+        value = self._combined.get(key)
+        if value is None:
+            value = combine(self.read(client, definition, days, decode, kind))
+            self._combined.put(key, value)
         return value
 
     def read(self, client: redis.Redis, definition: Any, days: list[str],
@@ -64,9 +104,7 @@ class DaySummaries:
                 pipe.hvals(keys.summary_rows(prefix, kind, day))
             for (day, version), values in zip(missing, pipe.execute(), strict=True):
                 decoded = decode(values)
-                if len(self._days) >= self.capacity:
-                    self._days.pop(next(iter(self._days)))
-                self._days[(definition.project_id, definition.hash, kind, day)] = (version, decoded)
+                self._days.put((definition.project_id, definition.hash, kind, day), (version, decoded))
                 found.append(decoded)
         return found
 

@@ -91,7 +91,7 @@ Entry = tuple[str, str, bytes]  # (summary kind, day, value)
 
 def funnel_summary(person: str, events: list[StoredEvent], steps: int,
                    breakdown: Breakdown | None = None) -> tuple[bool, list[Entry]]:
-    """(irregular, entries): packed int64 attempt rows (person, kind, start, g_2..g_n) per start day
+    """(irregular, entries): packed int64 attempt rows (person, start, g_2..g_n) per start day
     (`fa`); with a breakdown, the day's first and last step events with a value (`fb`: JSON
     [person, first ms, first value, last ms, last value]) for first/last-touch attribution."""
     values = [orjson.loads(e.value) for e in events]
@@ -102,7 +102,7 @@ def funnel_summary(person: str, events: list[StoredEvent], steps: int,
     day_of = {e.ts_ms: e.day for e in events}
     by_day: dict[str, list[int]] = defaultdict(list)
     for row in attempt_chains(found, steps):
-        by_day[day_of[row[1] >> RANK_BITS]] += (int(person), *row)
+        by_day[day_of[row[0] >> RANK_BITS]] += (int(person), *row)
     out: list[Entry] = [("fa", day, struct.pack(f"<{len(flat)}q", *flat)) for day, flat in by_day.items()]
     if breakdown is not None:
         touches: dict[str, list[Any]] = {}

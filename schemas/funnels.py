@@ -112,7 +112,7 @@ class FunnelDefinition:
             "breakdown": self.breakdown.canonical() if self.breakdown else None,
             "every_event": self.every_event, "timezone": self.timezone,
             **({"keep_names": True, "property_events": sorted(self.property_events)} if self.keep_names else {}),
-            **({"summaries": True} if self.summaries else {}),
+            **({"summaries": 2} if self.summaries else {}),  # 2: the layout of the attempt rows
         }
 
     @property
@@ -142,7 +142,7 @@ class FunnelDefinition:
             filters=parse_filters(raw["filters"]), breakdown=Breakdown.from_canonical(body["breakdown"]),
             every_event=body["every_event"],
             timezone=body["timezone"], raw=raw, keep_names=body.get("keep_names", False),
-            property_events=tuple(body.get("property_events", ())), summaries=body.get("summaries", False),
+            property_events=tuple(body.get("property_events", ())), summaries=bool(body.get("summaries")),
         )
 
     def contribution(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],

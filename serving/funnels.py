@@ -79,7 +79,7 @@ def _combine_touches(days: list[tuple[Touches, Touches]]) -> tuple[Touches, Touc
 
 
 def _attempt_rows(values: list[bytes], steps: int) -> np.ndarray:
-    return np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 2)
+    return np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 1)
 
 
 class FunnelQuery:
@@ -162,7 +162,7 @@ class FunnelQuery:
         Summariser(self.redis).drain_all(definition)
         rows = SUMMARIES.read_combined(
             self.redis, definition, self._days(), lambda values: _attempt_rows(values, self.steps),
-            lambda days: np.concatenate(days) if days else np.zeros((0, self.steps + 2), dtype=np.int64))
+            lambda days: np.concatenate(days) if days else np.zeros((0, self.steps + 1), dtype=np.int64))
         prefix = keys.definition_prefix(project_id, definition.hash)
         irregular = [p.decode() for p in self.redis.hkeys(keys.irregular_persons(prefix))]
         _, low, high = self._bounds_ms

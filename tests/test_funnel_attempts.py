@@ -37,7 +37,7 @@ def _rows(stream: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, np.ndarr
             rows.append(row)
         direct[person] = [StepEvent(ts / 1000, u, tuple(k for k in range(1, STEPS + 1) if m >> k & 1))
                           for ts, u, m in evs]
-    return np.array(persons, dtype=np.int64), np.array(rows, dtype=np.int64).reshape(-1, STEPS + 1), direct
+    return np.array(persons, dtype=np.int64), np.array(rows, dtype=np.int64).reshape(-1, STEPS), direct
 
 
 @settings(max_examples=1500, deadline=None)

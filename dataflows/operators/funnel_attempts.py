@@ -30,9 +30,6 @@ class PersonEvent:
     steps: int  # bit k set: the event matches 1-based step k
 
 
-STEPS_VIEW, TRENDS_VIEW = 1, 2  # which views count a row (its `kind` bits)
-
-
 def regular(events: Sequence[PersonEvent]) -> bool:
     """No two step events of the person share an instant. Only then are attempts independent: at
     one instant the UDF lets a new step-1 event take over an older attempt before that instant's
@@ -42,13 +39,8 @@ def regular(events: Sequence[PersonEvent]) -> bool:
 
 
 def attempt_chains(events: Sequence[PersonEvent], steps: int) -> list[tuple[int, ...]]:
-    """Rows (kind, start, g_2, ..., g_n) as `ms << RANK_BITS | rank`, MISSING after the chain stops.
-
-    The steps view counts one attempt per start instant (several step-1 events of one instant are one
-    attempt, started by the first in uuid order; the others may still complete its later steps). The
-    trends view evaluates each step-1 event on its own, over the events after it (§7.10). Both chains
-    are usually the same row (kind 3); where they differ each view gets its own.
-    """
+    """Rows (start, g_2, ..., g_n) as `ms << RANK_BITS | rank`, MISSING after the chain stops: one per
+    step-1 event of a `regular` person (for whom the steps and trends views see the same attempts)."""
     ordered = sorted(events, key=lambda e: (e.ts_ms, e.uuid))
     times = [e.ts_ms for e in ordered]
     keys, rank = [], 0
@@ -62,34 +54,20 @@ def attempt_chains(events: Sequence[PersonEvent], steps: int) -> list[tuple[int,
             if mask >> k & 1:
                 at_step[k].append(i)
     step_times = [[times[i] for i in idx] for idx in at_step]
-
-    def chain(start: int, after_start_only: bool) -> tuple[int, ...]:
+    rows = []
+    for start in at_step[1]:
         row, used, current = [keys[start]], {start}, times[start]
         for k in range(2, steps + 1):
             idx = at_step[k]
             j = bisect_left(step_times[k], current)
-            while j < len(idx) and (idx[j] in used or (after_start_only and idx[j] < start)):
+            while j < len(idx) and idx[j] in used:
                 j += 1
             if j == len(idx):
                 break
             used.add(idx[j])
             current = times[idx[j]]
             row.append(keys[idx[j]])
-        return (*row, *([MISSING] * (steps - len(row))))
-
-    rows = []
-    previous = None
-    for start in at_step[1]:
-        trends = chain(start, True)
-        if times[start] != previous:
-            attempt = chain(start, False)
-            if attempt == trends:
-                rows.append((STEPS_VIEW | TRENDS_VIEW, *attempt))
-                previous = times[start]
-                continue
-            rows.append((STEPS_VIEW, *attempt))
-        rows.append((TRENDS_VIEW, *trends))
-        previous = times[start]
+        rows.append((*row, *([MISSING] * (steps - len(row)))))
     return rows
 
 
@@ -113,9 +91,9 @@ def _reached(chosen: np.ndarray, window_ms: int, hi_ms: int) -> np.ndarray:
     return reached
 
 
-def _in_range(rows: np.ndarray, view: int, lo_ms: int, hi_ms: int) -> np.ndarray:
-    start = rows[:, 1] >> RANK_BITS
-    return (rows[:, 0] & view).astype(bool) & (start >= lo_ms) & (start <= hi_ms)
+def _in_range(rows: np.ndarray, lo_ms: int, hi_ms: int) -> np.ndarray:
+    start = rows[:, 0] >> RANK_BITS
+    return (start >= lo_ms) & (start <= hi_ms)
 
 
 def best_attempts(persons: np.ndarray, rows: np.ndarray, window_ms: int, lo_ms: int, hi_ms: int
@@ -124,8 +102,8 @@ def best_attempts(persons: np.ndarray, rows: np.ndarray, window_ms: int, lo_ms: 
 
     `rows` are attempt_chains rows. Among the attempts reaching furthest the UDF reports the first to
     get there; at one instant, the one whose previous step came latest (it holds that step)."""
-    keep = _in_range(rows, STEPS_VIEW, lo_ms, hi_ms)
-    who, chosen = (persons, rows[:, 1:]) if keep.all() else (persons[keep], rows[keep][:, 1:])
+    keep = _in_range(rows, lo_ms, hi_ms)
+    who, chosen = (persons, rows) if keep.all() else (persons[keep], rows[keep])
     if not len(chosen):
         return who, np.zeros(0, dtype=np.int64), chosen
     reached = _reached(chosen, window_ms, hi_ms)
@@ -165,8 +143,8 @@ def entrances(persons: np.ndarray, rows: np.ndarray, window_ms: int, lo_ms: int,
               bounds_ms: np.ndarray, from_step: int, to_step: int) -> tuple[list[int], list[int]]:
     """Funnel trends (§7.10): per entrance period, persons with an attempt starting there that reached
     `from_step` and `to_step` (0-based)."""
-    keep = _in_range(rows, TRENDS_VIEW, lo_ms, hi_ms)
-    who, chosen = persons[keep], rows[keep][:, 1:]
+    keep = _in_range(rows, lo_ms, hi_ms)
+    who, chosen = persons[keep], rows[keep]
     periods = len(bounds_ms)
     if not len(chosen):
         return [0] * periods, [0] * periods

@@ -223,6 +223,26 @@ def bench_funnel(http: httpx.Client, url: str, headers: dict[str, str], client: 
             "same_numbers": ours == theirs, "state_bytes_per_person": state}
 
 
+def funnel_freshness(http: httpx.Client, capture_url: str, url: str, headers: dict[str, str], date_from: str,
+                     date_to: str, probes: int) -> dict[str, Any]:
+    """A new person converts (three step events, inside the range): how long until the funnel the
+    dashboard polls counts it. Includes the apply, summarising the person and re-reading its day."""
+    query = {"events": [{"id": e, "order": i} for i, e in enumerate(FUNNEL_STEPS)], "date_from": date_from,
+             "date_to": date_to, "funnel_window_interval": 14, "funnel_window_interval_unit": "day"}
+    latencies = []
+    for i in range(probes):
+        before = http.post(url, json=query, headers=headers, timeout=600).json()["result"][-1]["count"]
+        moment = END - timedelta(days=2, minutes=i)
+        started = time.perf_counter()
+        http.post(capture_url, json={"api_key": "phc_bench", "batch": [
+            {"event": e, "distinct_id": f"fresh-{i}", "timestamp": (moment + timedelta(seconds=k)).isoformat()}
+            for k, e in enumerate(FUNNEL_STEPS)]}).raise_for_status()
+        while http.post(url, json=query, headers=headers, timeout=600).json()["result"][-1]["count"] != before + 1:
+            time.sleep(0.005)
+        latencies.append((time.perf_counter() - started) * 1000)
+    return {"p50": round(percentile(latencies, 0.5), 1), "max": round(max(latencies), 1), "probes": probes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=500_000)
@@ -336,6 +356,10 @@ def main() -> None:
         if args.funnel:
             report["funnel_3_steps_30d"] = bench_funnel(http, url.replace("/trend/", "/funnel/"), headers, client,
                                                         chdb, date_from, date_to)
+            if args.probes:
+                report["funnel_capture_to_queryable_ms"] = funnel_freshness(
+                    http, f"http://127.0.0.1:{port}/batch/", url.replace("/trend/", "/funnel/"), headers, date_from,
+                    date_to, min(args.probes, 20))
         if args.probes == 0:
             return print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         # Capture -> queryable latency under background load.

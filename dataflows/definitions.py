@@ -175,10 +175,9 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         return None
 
     def _summaries(self) -> list[SummaryWork]:
-        """Idle: the first worker hands out attempt summaries to build (definitions summarising after
-        their backfill, and ready ones whose persons moved since)."""
-        if self.worker != 0:
-            return []
+        """Idle: hand out summaries to build (definitions summarising after their backfill, and ready
+        ones whose persons moved since). Every worker does, each taking random dirty persons: two
+        workers summarising one person write the same thing, so more processes summarise faster."""
         work = []
         for project_id, h in self.registry.summarised():
             status, _ = self.registry.status(project_id, h)

@@ -144,3 +144,28 @@ def test_access_controls(project: ProjectHandle, running: Stack) -> None:
         assert boss.put(f"/{insight_id}/access_controls/", json={"access_level": None}).status_code == 204
     with _client(project, other_writer) as other:
         assert other.get(f"/{insight_id}/").status_code == 200
+
+
+def test_saved_funnel_result_stays_live(running: Stack) -> None:
+    """A saved ordered funnel is answered from attempt summaries, and a conversion after saving shows."""
+    project = make_project(running)
+    steps = [("visit", "2024-06-09T10:00:00Z"), ("buy", "2024-06-09T10:05:00Z")]
+    events = [{"event": name, "distinct_id": f"f{i}", "uuid": str(uuid.uuid4()), "timestamp": ts}
+              for i in range(4) for name, ts in steps[: 1 + (i % 2)]]
+    assert project.capture(events).status_code == 200
+    running.wait_applied()
+    with _client(project, _writer(project, running)) as api:
+        filters = {"insight": "FUNNELS", "events": [{"id": "visit", "order": 0}, {"id": "buy", "order": 1}],
+                   "date_from": "2024-06-09", "date_to": "2024-06-09"}
+        created = api.post("/", json={"name": "Checkout", "filters": filters})
+        assert created.status_code == 201, created.text
+        insight_id = created.json()["id"]
+        fetched = api.get(f"/{insight_id}/", params={"refresh": "blocking"}).json()
+        assert [s["count"] for s in fetched["result"]] == [4, 2]
+        assert fetched["result"][1]["average_conversion_time"] == 300
+        late = {"event": "buy", "distinct_id": "f0", "uuid": str(uuid.uuid4()), "timestamp": "2024-06-09T10:10:00Z"}
+        assert project.capture([late]).status_code == 200
+        running.wait_applied()
+        again = api.get(f"/{insight_id}/", params={"refresh": "blocking"}).json()
+        assert [s["count"] for s in again["result"]] == [4, 3]
+        assert again["result"][1]["average_conversion_time"] == 400  # (300 + 300 + 600) / 3

@@ -223,6 +223,40 @@ def bench_funnel(http: httpx.Client, url: str, headers: dict[str, str], client: 
             "same_numbers": ours == theirs, "state_bytes_per_person": state}
 
 
+def bench_funnel_breakdown(http: httpx.Client, url: str, headers: dict[str, str], chdb: Any, date_from: str,
+                           date_to: str) -> dict[str, Any]:
+    """The same funnel broken down by `$browser` with first-touch attribution (each person valued by its
+    first step event with a browser in the range), against chdb: windowFunnel plus argMinIf."""
+    query = {"events": [{"id": e, "order": i} for i, e in enumerate(FUNNEL_STEPS)], "date_from": date_from,
+             "date_to": date_to, "funnel_window_interval": 14, "funnel_window_interval_unit": "day",
+             "breakdown": "$browser", "breakdown_type": "event"}
+    started = time.perf_counter()
+    while http.post(url, json={**query, "refresh": "blocking"}, headers=headers, timeout=600).status_code != 200:
+        pass
+    build_s = time.perf_counter() - started
+    result = http.post(url, json=query, headers=headers, timeout=600).json()["result"]
+    ours = {group[0]["breakdown_value"][0]: [s["count"] for s in group] for group in result}
+    steps = ", ".join(f"'{e}'" for e in FUNNEL_STEPS)
+    conditions = ", ".join(f"event = '{e}'" for e in FUNNEL_STEPS)
+    browser = "JSONExtractString(properties, '$browser')"
+    sql = (f"SELECT b, level, count() FROM (SELECT person_id, windowFunnel(1209600)(toDateTime(timestamp), "
+           f"{conditions}) AS level, argMinIf({browser}, (timestamp, uuid), event IN ({steps}) AND {browser} != '') "
+           f"AS b FROM events WHERE timestamp >= '{date_from} 00:00:00' AND timestamp < "
+           f"toDateTime64('{date_to} 00:00:00', 6) + INTERVAL 1 DAY GROUP BY person_id) WHERE level > 0 "
+           f"GROUP BY b, level")
+    levels: dict[str, dict[int, int]] = {}
+    for line in str(chdb.query(sql, "CSV")).strip().splitlines():
+        value, level, count = line.rsplit(",", 2)
+        levels.setdefault(value.strip('"'), {})[int(level)] = int(count)
+    theirs = {b: [sum(c for lvl, c in by.items() if lvl >= k) for k in range(1, len(FUNNEL_STEPS) + 1)]
+              for b, by in levels.items()}
+    http_ms = median_ms(lambda: http.post(url, json=query, headers=headers, timeout=600).raise_for_status(), 3)
+    chdb_ms = median_ms(lambda: chdb.query(sql, "CSV"), 5)
+    return {"build_s": round(build_s, 2), "insightflow_http_ms": round(http_ms, 1), "chdb_ms": round(chdb_ms, 1),
+            "chdb_over_insightflow_http": round(chdb_ms / http_ms, 3), "counts": ours, "chdb_counts": theirs,
+            "same_numbers": ours == theirs}
+
+
 def funnel_freshness(http: httpx.Client, capture_url: str, url: str, headers: dict[str, str], date_from: str,
                      date_to: str, probes: int) -> dict[str, Any]:
     """A new person converts (three step events, inside the range): how long until the funnel the
@@ -356,6 +390,8 @@ def main() -> None:
         if args.funnel:
             report["funnel_3_steps_30d"] = bench_funnel(http, url.replace("/trend/", "/funnel/"), headers, client,
                                                         chdb, date_from, date_to)
+            report["funnel_3_steps_by_browser_30d"] = bench_funnel_breakdown(
+                http, url.replace("/trend/", "/funnel/"), headers, chdb, date_from, date_to)
             if args.probes:
                 report["funnel_capture_to_queryable_ms"] = funnel_freshness(
                     http, f"http://127.0.0.1:{port}/batch/", url.replace("/trend/", "/funnel/"), headers, date_from,

@@ -247,6 +247,15 @@ def bucket_hour(ts_ms: int, tz: ZoneInfo) -> int:
     return int(moment.replace(minute=0, second=0, microsecond=0).timestamp())
 
 
+def day_keys(first: datetime, last: datetime) -> list[str]:
+    """Project-zone dates YYYYMMDD from `first` to `last`, inclusive (the keys of per-day state)."""
+    out, day = [], first.date()
+    while day <= last.date():
+        out.append(day.strftime("%Y%m%d"))
+        day += timedelta(days=1)
+    return out
+
+
 def bucket_day(ts_ms: int, tz: ZoneInfo) -> str:
     """The event's date in the project zone, as YYYYMMDD."""
     return datetime.fromtimestamp(ts_ms / 1000, tz).strftime("%Y%m%d")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -26,7 +26,7 @@ from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entranc
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts
 from dataflows.summaries import Summariser, parse_person_events
 from schemas import keys
-from schemas.dates import QueryDateRange, bucket_label, day_string, start_of_interval, zone
+from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
 from schemas.filters import as_text
 from schemas.funnels import FunnelRequest
 from schemas.registry import Project
@@ -128,11 +128,7 @@ class FunnelQuery:
 
     def _days(self) -> list[str]:
         """The project-zone days the range touches (YYYYMMDD)."""
-        days, day = [], self.lower.date()
-        while day <= self.range.date_to.date():
-            days.append(day.strftime("%Y%m%d"))
-            day += timedelta(days=1)
-        return days
+        return day_keys(self.lower, self.range.date_to)
 
     # --- attempt summaries (ordered funnels) ----------------------------------------------------
     @property

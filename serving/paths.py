@@ -8,7 +8,7 @@ version), trims each to the range, and re-applies cleaning, grouping and exclusi
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -16,7 +16,7 @@ import redis
 
 from dataflows.operators.path_sessions import SESSION_GAP_MS
 from dataflows.summaries import Summariser
-from schemas.dates import QueryDateRange, zone
+from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
 from schemas.registry import Project
 from schemas.trends import RequestError
@@ -47,10 +47,7 @@ class PathsQuery:
         """The kept sessions touching the range, each trimmed to it: (ms, uuid, raw item)."""
         definition = self.request.definition
         Summariser(self.redis).drain_all(definition)
-        days, day = [], self.range.date_from.date()
-        while day <= self.range.date_to.date():
-            days.append(day.strftime("%Y%m%d"))
-            day += timedelta(days=1)
+        days = day_keys(self.range.date_from, self.range.date_to)
         low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000
         seen: set[str] = set()
         out = []

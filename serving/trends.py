@@ -22,6 +22,7 @@ from schemas.dates import (
     QueryDateRange,
     bucket_day,
     bucket_label,
+    day_keys,
     day_string,
     is_absolute,
     iso_instant,
@@ -78,15 +79,6 @@ class Period:
     buckets: list[datetime]
     compare_label: str | None
     lower: datetime  # first instant that counts (week ranges do not floor date_from, §19.9)
-
-
-def _dates(first: datetime, last: datetime) -> list[str]:
-    """Project-zone dates YYYYMMDD from `first` to `last`, inclusive."""
-    out, day = [], first.date()
-    while day <= last.date():
-        out.append(day.strftime("%Y%m%d"))
-        day += timedelta(days=1)
-    return out
 
 
 class TrendQuery:
@@ -164,7 +156,7 @@ class TrendQuery:
         groups = []
         for start in period.buckets:
             end = next_bucket(start, self.interval) - timedelta(microseconds=1)
-            groups.append(_dates(max(start, period.lower), min(end, period.range.date_to)))
+            groups.append(day_keys(max(start, period.lower), min(end, period.range.date_to)))
         return groups
 
     def _event_names(self, entity: Entity) -> list[str]:

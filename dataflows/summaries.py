@@ -31,6 +31,7 @@ from dataflows.operators.funnel_attempts import RANK_BITS, PersonEvent, attempt_
 from dataflows.operators.path_sessions import kept_sessions
 from schemas import keys
 from schemas.definitions import Breakdown
+from schemas.funnels import read_kept
 
 # ARGV: definition prefix, persons, then per person: id, version, irregular, entries, (kind, day, value)*.
 # An empty value removes the person from that day. A day's version moves only when its value changes.
@@ -94,8 +95,8 @@ def funnel_summary(person: str, events: list[StoredEvent], steps: int,
     """(irregular, entries): packed int64 attempt rows (person, start, g_2..g_n) per start day
     (`fa`); with a breakdown, the day's first and last step events with a value (`fb`: JSON
     [person, first ms, first value, last ms, last value]) for first/last-touch attribution."""
-    values = [orjson.loads(e.value) for e in events]
-    found = [PersonEvent(e.ts_ms, e.uuid, v[0]) for e, v in zip(events, values, strict=True)]
+    values = [read_kept(e.value) for e in events]
+    found = [PersonEvent(e.ts_ms, e.uuid, v.steps) for e, v in zip(events, values, strict=True)]
     if not regular(found):
         days = {e.day for e, f in zip(events, found, strict=True) if f.steps}
         return True, [(kind, day, b"") for day in sorted(days) for kind in (("fa", "fb") if breakdown else ("fa",))]
@@ -107,9 +108,9 @@ def funnel_summary(person: str, events: list[StoredEvent], steps: int,
     if breakdown is not None:
         touches: dict[str, list[Any]] = {}
         for event, value in sorted(zip(events, values, strict=True), key=lambda p: (p[0].ts_ms, p[0].uuid)):
-            if value[0] and any(breakdown.parts(value[2])):
-                seen = touches.setdefault(event.day, [event.ts_ms, value[2], event.ts_ms, value[2]])
-                seen[2:] = [event.ts_ms, value[2]]
+            if value.steps and any(breakdown.parts(value.breakdown)):
+                seen = touches.setdefault(event.day, [event.ts_ms, value.breakdown, event.ts_ms, value.breakdown])
+                seen[2:] = [event.ts_ms, value.breakdown]
         out += [("fb", day, orjson.dumps([int(person), *touch])) for day, touch in touches.items()]
     return False, out
 

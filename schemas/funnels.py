@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -147,8 +147,8 @@ class FunnelDefinition:
 
     def contribution(self, event_name: str, event_props: dict[str, Any], person_props: dict[str, Any],
                      now: datetime) -> tuple[str, str] | None:
-        """("", JSON [steps mask, exclusion mask, breakdown value, event name, properties]) for an
-        event this funnel keeps; name and properties only where correlation needs them."""
+        """("", JSON of a `KeptEvent`) for an event this funnel keeps: steps mask, exclusion mask,
+        breakdown value, and event name and properties only where correlation needs them."""
         if not self.filters.matches(event_props, person_props, now):
             return None
         steps = 0
@@ -169,6 +169,20 @@ class FunnelDefinition:
 
     def _bv(self, event_props: dict[str, Any], person_props: dict[str, Any]) -> str:
         return self.breakdown.value(event_props, person_props) if self.breakdown else ""
+
+
+class KeptEvent(NamedTuple):
+    """What a funnel keeps of an event, as `FunnelDefinition.contribution` writes it."""
+
+    steps: int          # bit k: matches 1-based step k
+    excluded: int       # bit k: hits the exclusion between step k-1 and step k
+    breakdown: str      # the breakdown value ("" without a breakdown)
+    name: str = ""      # correlation only
+    properties: dict[str, Any] | None = None  # correlation's event_with_properties only
+
+
+def read_kept(payload: str | bytes) -> KeptEvent:
+    return KeptEvent(*orjson.loads(payload))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataflows.summaries import Summariser, parse_person_events
 from schemas import keys
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
 from schemas.filters import as_text
-from schemas.funnels import FunnelRequest
+from schemas.funnels import FunnelRequest, read_kept
 from schemas.registry import Project
 from schemas.trends import RequestError, decode_json_field
 from serving.summaries import SUMMARIES
@@ -120,9 +120,9 @@ class FunnelQuery:
                 person, ts, uuid, payload = raw.decode().split("|", 3)
                 ts_ms = int(ts)
                 if low <= ts_ms <= high:
-                    steps, excluded, bv, *extra = orjson.loads(payload)
-                    name, props = (extra[0], extra[1]) if extra else ("", None)
-                    actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(steps), _bits(excluded), bv, name, props))
+                    kept = read_kept(payload)
+                    actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(kept.steps), _bits(kept.excluded),
+                                                    kept.breakdown, kept.name, kept.properties))
         self._actors = self._first_times(dict(actors))
         return self._actors
 
@@ -166,13 +166,13 @@ class FunnelQuery:
         if irregular:
             raws = self.redis.mget([keys.person_events(prefix, p) for p in irregular])
             for person, raw in zip(irregular, raws, strict=True):
-                kept = []
+                inside = []
                 for e in parse_person_events(raw or b""):
                     if low <= e.ts_ms <= high:
-                        mask, _, bv = orjson.loads(e.value)[:3]
-                        kept.append(StepEvent(e.ts_ms / 1000, e.uuid, _bits(mask), breakdown=bv))
-                if kept:
-                    events[person] = kept
+                        kept = read_kept(e.value)
+                        inside.append(StepEvent(e.ts_ms / 1000, e.uuid, _bits(kept.steps), breakdown=kept.breakdown))
+                if inside:
+                    events[person] = inside
         return rows, events
 
     def _summarised_outcomes(self) -> list[tuple[tuple[str, ...], Outcomes]]:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import redis
 
-from dataflows.operators.path_sessions import SESSION_GAP_MS
+from dataflows.operators.path_sessions import sessions
 from dataflows.summaries import Summariser
 from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
@@ -76,22 +76,19 @@ class PathsQuery:
         return self._items[raw]
 
     def _sessions(self, events: list[tuple[int, str, str]]) -> list[list[tuple[str, int]]]:
-        """Sessions split at gaps of 30 minutes, repeats collapsed (time of the run's last event)."""
-        sessions: list[list[tuple[str, int]]] = []
-        last_ts: int | None = None
-        for ts, _uuid, raw in sorted(events):
-            item = self._item(raw)
-            if item is None:
-                continue
-            if last_ts is None or ts - last_ts >= SESSION_GAP_MS:
-                sessions.append([])
-            last_ts = ts
-            session = sessions[-1]
-            if session and session[-1][0] == item:
-                session[-1] = (item, ts)
-            else:
-                session.append((item, ts))
-        return sessions
+        """The query's items (cleaned, grouped, exclusions dropped) cut into sessions by the one
+        session rule, repeats collapsed (time of the run's last event)."""
+        kept = [(ts, uuid, item) for ts, uuid, raw in events if (item := self._item(raw)) is not None]
+        out = []
+        for session in sessions(kept):
+            collapsed: list[tuple[str, int]] = []
+            for ts, _uuid, item in session:
+                if collapsed and collapsed[-1][0] == item:
+                    collapsed[-1] = (item, ts)
+                else:
+                    collapsed.append((item, ts))
+            out.append(collapsed)
+        return out
 
     def _shape(self, session: list[tuple[str, int]]) -> list[tuple[str, int]] | None:
         """Start/end points and the step limit (§9.3 step 7, §19.16)."""

@@ -199,7 +199,7 @@ class DefinitionRegistry:
         if not self.redis.hsetnx(self.defs_key(definition.project_id), h, definition.to_json()):
             return False
         pipe = self.redis.pipeline()
-        summaries = int(bool(getattr(definition, "summaries", False)))
+        summaries = int(definition.summaries)
         pipe.hset(self._d(definition.project_id, h) + "meta", mapping={
             "status": "backfilling", "registered_at": int(time.time() * 1000), "summaries": summaries})
         pipe.incr(keys.definitions_generation(definition.project_id))

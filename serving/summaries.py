@@ -69,16 +69,18 @@ class DaySummaries:
         key = (definition.project_id, definition.hash, kind, tuple(days), tuple(versions))
         value = self._combined.get(key)
         if value is None:
-            value = combine(self.read(client, definition, days, decode, kind))
+            value = combine(self.read(client, definition, days, decode, kind, versions))
             self._combined.put(key, value)
         return value
 
-    def read(self, client: redis.Redis, definition: Any, days: list[str],
-             decode: Callable[[list[bytes]], Any], kind: str | None = None) -> list[Any]:
-        """The decoded summaries of the given days that have any (decode gets a day's hash values)."""
+    def read(self, client: redis.Redis, definition: Any, days: list[str], decode: Callable[[list[bytes]], Any],
+             kind: str | None = None, versions: list[bytes | None] | None = None) -> list[Any]:
+        """The decoded summaries of the given days that have any (decode gets a day's hash values);
+        `versions`: the days' versions when the caller has just read them."""
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
         kind = kind or definition.summary_kind
-        versions = client.hmget(keys.summary_versions(prefix, kind), days)
+        if versions is None:
+            versions = client.hmget(keys.summary_versions(prefix, kind), days)
         for _ in range(5):
             found = self._read(client, definition, prefix, kind, days, versions, decode)
             again = client.hmget(keys.summary_versions(prefix, kind), days)

@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.kafka import Record, partition_count
 from dataflows.operators.persons import person_update
+from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
 from dataflows.state import Located, StateStore
 from dataflows.summaries import Summariser
 from schemas import keys
@@ -52,8 +53,13 @@ class DefinitionCache:
             cached = self._defs.get(project_id)
             if cached is None or cached[0] != generation:
                 known = cached[1] if cached else {}
-                fresh = {h: known.get(h) or load_definition(raw)
-                         for h, raw in self.registry.for_project(project_id).items()}
+                fresh = {}
+                for h, raw in self.registry.for_project(project_id).items():
+                    try:
+                        fresh[h] = known.get(h) or load_definition(raw)
+                    except Exception as exc:  # stored by an older version, or beyond today's limits
+                        self.registry.fail(project_id, h, f"its stored definition cannot be used: {exc}")
+                        log.error("definition %s of project %s cannot be loaded: %s", h, project_id, exc)
                 cached = (generation, fresh)
                 self._defs[project_id] = cached
             out[project_id] = cached
@@ -88,10 +94,14 @@ def _apply_person_update(props: dict[str, Any], event: TopicEvent) -> None:
 
 
 def contributions(client: redis.Redis, project_id: int, definitions: dict[str, Definition],
-                  items: list[Located], now: datetime) -> dict[str, str]:
-    """Fill each item's contributions; returns the flags of the definitions involved."""
+                  items: list[Located], now: datetime) -> tuple[dict[str, str], dict[str, str]]:
+    """Fill each item's contributions; returns the flags of the definitions involved, and the
+    definitions that raised on an event (hash -> reason): those contribute nothing to this batch and
+    are to be failed, while the event still counts everywhere else."""
     if not definitions:
-        return {}
+        return {}, {}
+    definitions = dict(definitions)
+    failed: dict[str, str] = {}
     uses_person = any(d.uses_person for d in definitions.values())
     snapshot: dict[str, dict[str, Any]] = {}
     if uses_person:
@@ -104,12 +114,23 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
             person = snapshot.setdefault(event.distinct_id, {})
             _apply_person_update(person, event)
         found = []
-        for h, definition in definitions.items():
-            hit = definition.contribution(event.event, event.properties, person, now)
+        for h, definition in list(definitions.items()):
+            try:
+                hit = definition.contribution(event.event, event.properties, person, now)
+                if hit is not None:
+                    orjson.dumps(hit)  # what the apply script will be given must encode
+            except Exception as exc:
+                failed[h] = f"event {event.uuid} could not be applied to it: {type(exc).__name__}: {exc}"
+                del definitions[h]
+                continue
             if hit is not None:
                 found.append((h, hit[0], hit[1]))
         item.contributions = found or None
-    return {h: d.flags for h, d in definitions.items()}
+    if failed:
+        for item in items:
+            if item.contributions:
+                item.contributions = [c for c in item.contributions if c[0] not in failed] or None
+    return {h: d.flags for h, d in definitions.items()}, failed
 
 
 # --- backfill --------------------------------------------------------------------------------------
@@ -144,6 +165,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
     def __init__(self, settings: Settings, worker: int, workers: int) -> None:
         self.settings, self.worker, self.workers = settings, worker, workers
         self.client = redis.Redis.from_url(settings.redis_url)
+        wait_for_redis(self.client, "backfill")
         self.registry = DefinitionRegistry(self.client)
         self.partitions = partition_count(settings.kafka_bootstrap, settings.topic)
         self.task: _Task | None = None
@@ -186,7 +208,25 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         return work
 
     def next_batch(self) -> list[BackfillItem | SummaryWork]:
+        try:
+            return self._next_batch()
+        except REDIS_DOWN as exc:
+            log.warning("backfill: Redis went away (%s)", exc)
+            wait_for_redis(self.client, "backfill")
+            self._drop_task()  # picked again from the fence Redis has
+            return []
+
+    def _drop_task(self) -> None:
+        if self.task is not None and self.task.consumer is not None:
+            self.task.consumer.close()
+        self.task = None
+
+    def _next_batch(self) -> list[BackfillItem | SummaryWork]:
         self._awake = None
+        if self.task is not None and self.registry.failure(self.task.project_id, self.task.h) is not None:
+            log.info("backfill of %s for project %s stopped: the definition failed", self.task.h,
+                     self.task.project_id)
+            self._drop_task()
         if self.task is None:
             self.task = self._pick()
             if self.task is None:
@@ -244,20 +284,34 @@ class BackfillSource(DynamicSource[BackfillItem | SummaryWork]):
 class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork]):
     def __init__(self, settings: Settings) -> None:
         self.client = redis.Redis.from_url(settings.redis_url)
+        wait_for_redis(self.client, "backfill sink")
         self.store = StateStore(self.client)
-        self.summariser = Summariser(self.client)
+        self.dead = DeadLetters(settings.kafka_bootstrap, settings.topic, settings.dlq_topic, self.store)
+        self.summariser = Summariser(self.client, self.dead.send)
         self.registry = DefinitionRegistry(self.client)
         self.projects = ProjectCache(Registry(self.client))
         self._definitions: dict[tuple[int, str], Definition] = {}
+        self._written: dict[tuple[int, str, int], int] = {}  # last offset this process wrote per backfill
 
     def _definition(self, project_id: int, h: str) -> Definition | None:
+        """The definition, while it is kept (None once it failed or if it is unknown)."""
+        if self.registry.failure(project_id, h) is not None:
+            return None
         key = (project_id, h)
         if key not in self._definitions:
             raw = self.registry.get(project_id, h)
             if raw is None:
                 return None
-            self._definitions[key] = load_definition(raw)
+            try:
+                self._definitions[key] = load_definition(raw)
+            except Exception as exc:
+                self._fail(project_id, h, f"its stored definition cannot be used: {exc}")
+                return None
         return self._definitions[key]
+
+    def _fail(self, project_id: int, h: str, reason: str) -> None:
+        if self.registry.fail(project_id, h, reason):
+            log.error("definition %s of project %s failed and is no longer kept: %s", h, project_id, reason)
 
     def _summarise(self, work: SummaryWork) -> None:
         definition = self._definition(work.project_id, work.h)
@@ -268,6 +322,15 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             self.registry.summaries_built(work.project_id, work.h)
 
     def write_batch(self, items: list[BackfillItem | SummaryWork]) -> None:
+        while True:
+            try:
+                self._write(items)
+                return
+            except REDIS_DOWN as exc:
+                log.warning("backfill sink: Redis went away (%s)", exc)
+                wait_for_redis(self.client, "backfill sink")
+
+    def _write(self, items: list[BackfillItem | SummaryWork]) -> None:
         groups: dict[tuple[int, str, int], list[BackfillItem]] = {}
         for item in items:
             if isinstance(item, SummaryWork):
@@ -279,25 +342,41 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             definition = self._definition(project_id, h)
             if definition is None:
                 continue
-            ours = [i for i in group if i.event is not None and self._belongs(i.event, project_id)]
-            snapshot: dict[str, dict[str, Any]] = {}
-            if definition.uses_person and ours:
-                snapshot = person_snapshot(self.client, project_id, (i.event.distinct_id for i in ours if i.event))
-            rows: list[tuple[int, TopicEvent | None, tuple[str, float | None] | None]] = []
-            for item in group:
-                event = item.event
-                if event is None or not self._belongs(event, project_id):
-                    rows.append((item.record.offset, None, None))
-                    continue
-                hit = definition.contribution(event.event, event.properties, snapshot.get(event.distinct_id, {}), now)
-                rows.append((item.record.offset, event, hit))
-            self.store.backfill(definition, partition, rows, zone(definition.timezone))
+            try:
+                rows = self._rows(definition, project_id, group, now)
+            except Exception as exc:
+                self._fail(project_id, h, f"an event could not be applied to it: {type(exc).__name__}: {exc}")
+                continue
+            written = self._written.get((project_id, h, partition), -1)
+            result = self.store.backfill(definition, partition, rows, zone(definition.timezone), written)
+            for (pid, failed_h), reason in result.failed.items():
+                self._fail(pid, failed_h, f"Redis refused its state: {reason}")
+            self._written[(project_id, h, partition)] = max(written, group[-1].record.offset)
+
+    def _rows(self, definition: Definition, project_id: int, group: list[BackfillItem], now: datetime
+              ) -> list[tuple[int, TopicEvent | None, tuple[str, float | None] | None]]:
+        ours = [i for i in group if i.event is not None and self._belongs(i.event, project_id)]
+        snapshot: dict[str, dict[str, Any]] = {}
+        if definition.uses_person and ours:
+            snapshot = person_snapshot(self.client, project_id, (i.event.distinct_id for i in ours if i.event))
+        rows: list[tuple[int, TopicEvent | None, tuple[str, float | None] | None]] = []
+        for item in group:
+            event = item.event
+            if event is None or not self._belongs(event, project_id):
+                rows.append((item.record.offset, None, None))
+                continue
+            hit = definition.contribution(event.event, event.properties, snapshot.get(event.distinct_id, {}), now)
+            rows.append((item.record.offset, event, hit))
+        return rows
 
     def _belongs(self, event: TopicEvent, project_id: int) -> bool:
         if event.project_id is not None:
             return event.project_id == project_id
         project = self.projects.by_token(event.token or "")
         return project is not None and project.id == project_id
+
+    def close(self) -> None:
+        self.dead.close()
 
 
 class BackfillSink(DynamicSink[BackfillItem | SummaryWork]):

@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 
 import bytewax.operators as op
 import redis
 from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import Producer
 
 from dataflows.definitions import BackfillSink, BackfillSource, DefinitionCache, contributions
-from dataflows.kafka import EventsSource, ensure_topics, topic_id
+from dataflows.kafka import EventsSource, Record, ensure_topics, topic_id
 from dataflows.operators.validate import Parsed, parse_record
-from dataflows.state import Located, ProjectBatch, StaleDefinitions, StateStore
+from dataflows.services import REDIS_DOWN, DeadLetters, Letter, wait_for_redis
+from dataflows.state import (
+    Applied,
+    Located,
+    ProjectBatch,
+    RedisLostWrites,
+    StaleDefinitions,
+    StateStore,
+    event_args,
+)
 from schemas.dates import zone
 from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
@@ -30,81 +40,127 @@ from schemas.settings import Settings
 log = logging.getLogger("insightflow.dataflow")
 
 
+def _record_id(topic_id: str, record: Record) -> str:
+    return f"{topic_id}:{record.partition}:{record.offset}"
+
+
 class _StatePartition(StatelessSinkPartition[Parsed]):
+    """Applies parsed records to Redis. No record can stop it: whatever one event makes impossible is
+    dead-lettered with the reason, and a definition that cannot keep its state is marked failed.
+    Redis being away is waited out; the broker being away restarts the dataflow (with backoff)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = client = redis.Redis.from_url(settings.redis_url)
+        wait_for_redis(client, "state sink")
         self.store = StateStore(client)
         self.projects = ProjectCache(Registry(client))
-        self.definitions = DefinitionCache(DefinitionRegistry(client))
+        self.registry = DefinitionRegistry(client)
+        self.definitions = DefinitionCache(self.registry)
         self.topic_id = topic_id(settings.kafka_bootstrap, settings.topic)
         self.store.reset_stream(settings.topic, self.topic_id)
-        self.dlq = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20,
-                             "compression.type": "lz4"})
+        self.dead = DeadLetters(settings.kafka_bootstrap, settings.topic, settings.dlq_topic, self.store)
+        self.recorded: dict[int, int] = {}  # partition -> next offset this process recorded as applied
 
     def write_batch(self, items: list[Parsed]) -> None:
-        by_project: dict[int, list] = defaultdict(list)
-        dead: list[tuple[Parsed, str]] = []
+        while True:
+            try:
+                self._write(items)
+                return
+            except REDIS_DOWN as exc:
+                log.warning("Redis went away while applying a batch (%s)", exc)
+                wait_for_redis(self.client, "state sink")
+                self._check_writes_kept()
+
+    def _check_writes_kept(self) -> None:
+        """After Redis came back: if it lost writes this process made (a crash between AOF syncs),
+        restart, so the source resumes from the offsets Redis has and nothing is missing."""
+        held = self.store.applied_offsets(self.settings.topic, self.topic_id) or {}
+        behind = {p: (held.get(p, 0), mine) for p, mine in self.recorded.items() if held.get(p, 0) < mine}
+        if behind:
+            raise RedisLostWrites(f"Redis came back without applied offsets this process wrote "
+                                  f"(partition: (Redis, ours) {behind}); restarting to re-apply from Redis's")
+
+    def _write(self, items: list[Parsed]) -> None:
+        by_project: dict[int, list[Located]] = defaultdict(list)
+        letters: dict[str, Letter] = {}
         applied: dict[int, int] = {}
         ends: dict[int, int] = {}
+        records: dict[tuple[int, int], Record] = {}
+
+        def dead(record: Record, reason: str) -> None:
+            rid = _record_id(self.topic_id, record)
+            letters.setdefault(rid, Letter(record.value, reason, rid, {
+                "source_partition": str(record.partition), "source_offset": str(record.offset)}))
+
         for item in items:
             rec = item.record
             applied[rec.partition] = max(applied.get(rec.partition, 0), rec.offset + 1)
             ends[rec.partition] = max(ends.get(rec.partition, 0), rec.high_watermark)
             event = item.event
             if event is None:
-                dead.append((item, item.reason or "invalid event"))
+                dead(rec, item.reason or "invalid event")
                 continue
             project = (self.projects.by_id(event.project_id) if event.project_id is not None
                        else self.projects.by_token(event.token or ""))
             if project is None:
                 named = f"project {event.project_id}" if event.project_id is not None else "project token"
-                dead.append((item, f"unknown {named}"))
+                dead(rec, f"unknown {named}")
                 continue
             if event.project_id is None:
                 event = replace(event, project_id=project.id)
-            by_project[project.id].append(Located(event, rec.partition, rec.offset))
+            located = Located(event, rec.partition, rec.offset)
+            try:  # everything the event alone decides: buckets, person update, encodings
+                event_args(event, zone(project.timezone), rec.partition, rec.offset)
+            except Exception as exc:
+                dead(rec, f"cannot be applied: {type(exc).__name__}: {exc}")
+                continue
+            records[(rec.partition, rec.offset)] = rec
+            by_project[project.id].append(located)
         for attempt in range(20):
-            now = datetime.now(UTC)
-            batches = []
-            for pid, (generation, definitions) in self.definitions.current(list(by_project)).items():
-                located = by_project[pid]
-                flags = contributions(self.client, pid, definitions, located, now)
-                tz = zone(self.projects.by_id(pid).timezone)  # type: ignore[union-attr]
-                batches.append(ProjectBatch(pid, tz, located, flags, generation))
-            try:
-                self.store.apply(batches)
+            result = self._apply(by_project, records, dead)
+            if result is not None:
                 break
-            except StaleDefinitions as exc:  # a registration raced this batch: plan it again
-                log.info("%s (attempt %d)", exc, attempt + 1)
+            log.info("definitions changed while planning a batch (attempt %d)", attempt + 1)
         else:
             raise RuntimeError("definitions kept changing while applying a batch")
-        if dead:
-            self._dead_letter(dead)
+        for (project_id, h), reason in result.failed.items():
+            self._fail(project_id, h, f"Redis refused its state: {reason}")
+        self.dead.send(list(letters.values()))
         self.store.record_offsets(self.settings.topic, applied, ends)
+        for partition, offset in applied.items():
+            self.recorded[partition] = max(self.recorded.get(partition, 0), offset)
 
-    def _dead_letter(self, dead: list[tuple[Parsed, str]]) -> None:
-        failures: list[str] = []
+    def _apply(self, by_project: dict[int, list[Located]], records: dict[tuple[int, int], Record],
+               dead: Callable[[Record, str], None]) -> Applied | None:
+        """Plan each project's events against its current definitions and apply them; None when a
+        definition was registered or failed meanwhile (plan again)."""
+        now = datetime.now(UTC)
+        batches = []
+        for pid, (generation, definitions) in self.definitions.current(list(by_project)).items():
+            flags, failed = contributions(self.client, pid, definitions, by_project[pid], now)
+            for h, reason in failed.items():
+                self._fail(pid, h, reason)
+            tz = zone(self.projects.by_id(pid).timezone)  # type: ignore[union-attr]
+            planned = []
+            for item in by_project[pid]:
+                try:
+                    item.args = event_args(item.event, tz, item.partition, item.offset, item.contributions)
+                    planned.append(item)
+                except Exception as exc:
+                    dead(records[(item.partition, item.offset)], f"cannot be applied: {type(exc).__name__}: {exc}")
+            batches.append(ProjectBatch(pid, tz, planned, flags, generation))
+        try:
+            return self.store.apply(batches)
+        except StaleDefinitions:
+            return None
 
-        def delivered(err: object, _msg: object) -> None:
-            if err is not None:
-                failures.append(str(err))
-
-        for item, reason in dead:
-            rec = item.record
-            self.dlq.produce(self.settings.dlq_topic, value=rec.value, on_delivery=delivered, headers={
-                "reason": reason.encode(), "source_topic": self.settings.topic.encode(),
-                "source_partition": str(rec.partition).encode(), "source_offset": str(rec.offset).encode(),
-            })
-        self.dlq.flush(30)
-        if failures:
-            raise RuntimeError(f"dead-letter produce failed: {failures[0]}")  # restart and replay
-        self.store.count_dead_letters(
-            self.settings.topic, [f"{self.topic_id}:{i.record.partition}:{i.record.offset}" for i, _ in dead])
-        log.warning("dead-lettered %d event(s); first reason: %s", len(dead), dead[0][1])
+    def _fail(self, project_id: int, h: str, reason: str) -> None:
+        if self.registry.fail(project_id, h, reason):
+            log.error("definition %s of project %s failed and is no longer kept: %s", h, project_id, reason)
 
     def close(self) -> None:
-        self.dlq.flush(10)
+        self.dead.close()
 
 
 class StateSink(DynamicSink[Parsed]):
@@ -115,10 +171,20 @@ class StateSink(DynamicSink[Parsed]):
         return _StatePartition(self.settings)
 
 
+def _applied_offsets(settings: Settings, topic_id: str) -> dict[int, int] | None:
+    client = redis.Redis.from_url(settings.redis_url)
+    wait_for_redis(client, "events source")
+    try:
+        return StateStore(client).applied_offsets(settings.topic, topic_id)
+    finally:
+        client.close()
+
+
 def build_flow(settings: Settings) -> Dataflow:
     ensure_topics(settings.kafka_bootstrap, [settings.topic, settings.dlq_topic], settings.partitions)
     flow = Dataflow("insightflow")
-    records = op.input("events", flow, EventsSource(settings.kafka_bootstrap, settings.topic))
+    records = op.input("events", flow, EventsSource(settings.kafka_bootstrap, settings.topic,
+                                                    applied=partial(_applied_offsets, settings)))
     parsed = op.map("parse", records, parse_record)
     op.output("state", parsed, StateSink(settings))
     history = op.input("backfill", flow, BackfillSource(settings))

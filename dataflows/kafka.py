@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -116,10 +117,17 @@ class _EventsPartition(StatefulSourcePartition[Record, dict]):
 
 
 class EventsSource(FixedPartitionedSource[Record, dict]):
-    """Every partition of the events topic, resumable from Bytewax recovery snapshots."""
+    """Every partition of the events topic, resumable from Bytewax recovery snapshots.
 
-    def __init__(self, bootstrap: str, topic: str, batch_size: int = 5000) -> None:
+    `applied(topic_id)` says up to where state holds each partition's events (None: it holds none of
+    this topic). A partition resumes from the lower of that and its snapshot: state that lost its
+    last writes (Redis killed between AOF syncs) is caught up again, and applying twice is harmless.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, batch_size: int = 5000,
+                 applied: Callable[[str], dict[int, int] | None] | None = None) -> None:
         self.bootstrap, self.topic, self.batch_size = bootstrap, topic, batch_size
+        self.applied = applied
 
     def list_parts(self) -> list[str]:
         return [str(p) for p in range(partition_count(self.bootstrap, self.topic))]
@@ -132,4 +140,10 @@ class EventsSource(FixedPartitionedSource[Record, dict]):
         elif resume_state:
             log.warning("topic %s was recreated (id %s, was %s): reading partition %s from the start",
                         self.topic, current, resume_state.get("topic_id"), for_part)
+        if start > 0 and self.applied is not None:
+            held = (self.applied(current) or {}).get(int(for_part), 0)
+            if held < start:
+                log.warning("partition %s: state holds events up to offset %d, the snapshot %d: resuming from %d",
+                            for_part, held, start, held)
+                start = held
         return _EventsPartition(self.bootstrap, self.topic, int(for_part), current, start, self.batch_size)

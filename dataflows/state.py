@@ -10,7 +10,7 @@ first-seen time, and person properties ordered by event time rather than arrival
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -96,37 +96,63 @@ local function apply_definition(h, flags, bv, v, p, hour, day, ts, uuid)
   end
 end
 
+-- A write to a definition's keys that Redis refuses (a property sum leaving the float range, a
+-- person's kept events passing Redis's string limit) fails that definition, not the batch: the
+-- caller marks it failed and ingestion goes on. Any other refusal is an error of the state itself.
+local failed = {}
+local function definition_of(key)
+  if string.sub(key, #P + 1, #P + 2) ~= 'd:' then return nil end
+  return string.match(key, '^d:(%x+):', #P + 1)
+end
+local function write(key, ...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then
+    local h = definition_of(key)
+    if not h then error(r.err) end
+    if not failed[h] then failed[h] = r.err .. ' (writing ' .. string.sub(key, #P + 1) .. ')' end
+    return nil
+  end
+  return r
+end
+
 local function flush()
   for key, fields in pairs(counts) do
-    for field, c in pairs(fields) do redis.call('HINCRBY', key, field, c) end
+    for field, c in pairs(fields) do write(key, 'HINCRBY', key, field, c) end
   end
   for key, set in pairs(members) do
     local list = {}
     for m, _ in pairs(set) do list[#list + 1] = m end
-    redis.call('SADD', key, unpack(list))
+    write(key, 'SADD', key, unpack(list))
   end
   for key, set in pairs(bits) do
-    for p, _ in pairs(set) do redis.call('SETBIT', key, p, 1) end
+    for p, _ in pairs(set) do write(key, 'SETBIT', key, p, 1) end
   end
   for key, fields in pairs(values) do
     for field, a in pairs(fields) do
-      redis.call('HINCRBYFLOAT', key, field .. ':s', a[1])
-      redis.call('HINCRBY', key, field .. ':n', a[2])
+      write(key, 'HINCRBYFLOAT', key, field .. ':s', a[1])
+      write(key, 'HINCRBY', key, field .. ':n', a[2])
       local mn = redis.call('HGET', key, field .. ':min')
-      if not mn or a[3] < tonumber(mn) then redis.call('HSET', key, field .. ':min', a[3]) end
+      if not mn or a[3] < tonumber(mn) then write(key, 'HSET', key, field .. ':min', a[3]) end
       local mx = redis.call('HGET', key, field .. ':max')
-      if not mx or a[4] > tonumber(mx) then redis.call('HSET', key, field .. ':max', a[4]) end
+      if not mx or a[4] > tonumber(mx) then write(key, 'HSET', key, field .. ':max', a[4]) end
     end
   end
-  for key, list in pairs(lists) do redis.call('RPUSH', key, unpack(list)) end
-  for key, list in pairs(appends) do redis.call('APPEND', key, table.concat(list)) end
+  for key, list in pairs(lists) do write(key, 'RPUSH', key, unpack(list)) end
+  for key, list in pairs(appends) do write(key, 'APPEND', key, table.concat(list)) end
+end
+
+-- The script's answer: how many events were applied, then (hash, reason) of each definition failed.
+local function answer(applied)
+  local out = {applied}
+  for h, reason in pairs(failed) do out[#out + 1] = h; out[#out + 1] = reason end
+  return out
 end
 """
 
 APPLY_EVENTS = _PRELUDE + r"""
 -- A batch planned with an outdated list of definitions is refused (-1): the caller reloads and
 -- retries, so every event applied after a registration carries that definition.
-if (redis.call('GET', P .. 'defgen') or '0') ~= ARGV[5] then return -1 end
+if (redis.call('GET', P .. 'defgen') or '0') ~= ARGV[5] then return {-1} end
 local n = tonumber(ARGV[2])
 local F = tonumber(ARGV[3])
 local defs = cjson.decode(ARGV[4])
@@ -287,7 +313,7 @@ if earliest_ts then
     redis.call('HSET', P .. 'meta', 'earliest_ms', earliest_ts)
   end
 end
-return applied
+return answer(applied)
 """
 
 
@@ -299,6 +325,9 @@ local h, flags, part = ARGV[2], ARGV[3], ARGV[4]
 local n = tonumber(ARGV[5])
 local D = P .. 'd:' .. h .. ':'
 local fence = tonumber(redis.call('HGET', D .. 'bf', part) or '-1')
+-- The fence is behind what this process already wrote: Redis lost its last writes (a crash between
+-- AOF syncs). Applying on from here would leave a gap, so the caller restarts from the fence.
+if fence < tonumber(ARGV[1 + 5 + n * 8]) then return {-2} end
 local ho = redis.call('HGET', D .. 'ho', part)
 ho = ho and tonumber(ho) or nil
 local applied, last = 0, fence
@@ -319,7 +348,7 @@ for i = 0, n - 1 do
 end
 flush()
 if last > fence then redis.call('HSET', D .. 'bf', part, last) end
-return applied
+return answer(applied)
 """
 
 # Raise a stored number only (offsets, end offsets): safe to repeat, safe out of order.
@@ -338,6 +367,40 @@ for i = 1, #ARGV do added = added + redis.call('HSETNX', KEYS[1], ARGV[i], 1) en
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'dlq_events', added) end
 return added
 """
+
+
+# A recreated topic: forget its offsets and counted records, keep the dead-letter count.
+RESET_STREAM = r"""
+local current = redis.call('HGET', KEYS[1], 'topic_id')
+if current == ARGV[1] then return 0 end
+local dlq = redis.call('HGET', KEYS[1], 'dlq_events')
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'topic_id', ARGV[1])
+if dlq then redis.call('HSET', KEYS[1], 'dlq_events', dlq) end
+return 1
+"""
+
+
+@dataclass
+class Applied:
+    """What an apply call did: events newly applied, and definitions whose state Redis refused."""
+
+    events: int = 0
+    failed: dict[tuple[int, str], str] = field(default_factory=dict)  # (project, hash) -> reason
+
+
+class RedisLostWrites(RuntimeError):
+    """Redis came back without writes this process made (it crashed between AOF syncs): the dataflow
+    restarts so its sources resume from the offsets Redis has, and re-apply what was lost."""
+
+
+def _failures(project_id: int, answer: list[object]) -> dict[tuple[int, str], str]:
+    pairs = answer[1:]
+    return {(project_id, _text(pairs[i])): _text(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _json_values(values: dict[str, object]) -> str:
@@ -376,6 +439,7 @@ class Located:
     partition: int = 0
     offset: int = 0
     contributions: list[tuple[str, str, float | None]] | None = None
+    args: list[str | int] | None = None  # the encoded argument block, once `event_args` succeeded
 
 
 @dataclass
@@ -404,10 +468,11 @@ class StateStore:
         self._raise = client.register_script(RAISE_FIELDS)
         self._count_dlq = client.register_script(COUNT_DLQ)
         self._backfill = client.register_script(BACKFILL_EVENTS)
+        self._reset = client.register_script(RESET_STREAM)
 
-    def apply(self, batches: Iterable[ProjectBatch], chunk: int = 2000) -> int:
-        """Apply each project's events; returns how many were new (not duplicates)."""
-        applied = 0
+    def apply(self, batches: Iterable[ProjectBatch], chunk: int = 2000) -> Applied:
+        """Apply each project's events (encoded by `event_args` into `Located.args`, or here)."""
+        result = Applied()
         pipe = self.redis.pipeline(transaction=False)
         owners: list[int] = []
         for batch in batches:
@@ -417,33 +482,46 @@ class StateStore:
                 part = batch.events[start:start + chunk]
                 args: list[str | int] = [prefix, len(part), FIELDS_PER_EVENT, flags, batch.generation]
                 for item in part:
-                    args.extend(event_args(item.event, batch.tz, item.partition, item.offset, item.contributions))
+                    args.extend(item.args or event_args(item.event, batch.tz, item.partition, item.offset,
+                                                        item.contributions))
                 self._apply(keys=[keys.distinct_ids(batch.project_id)], args=args, client=pipe)
                 owners.append(batch.project_id)
         stale: set[int] = set()
-        for owner, result in zip(owners, pipe.execute() if owners else [], strict=True):
-            if int(result) < 0:
+        for owner, answer in zip(owners, pipe.execute() if owners else [], strict=True):
+            if int(answer[0]) < 0:
                 stale.add(owner)
-            else:
-                applied += int(result)
+                continue
+            result.events += int(answer[0])
+            result.failed.update(_failures(owner, answer))
         if stale:
             raise StaleDefinitions(stale)
-        return applied
+        return result
 
     def backfill(self, definition: Definition, partition: int, items: list[tuple[int, TopicEvent | None,
                                                                                tuple[str, float | None] | None]],
-                 tz: ZoneInfo) -> int:
-        """Apply one partition's history to a definition: (offset, event or None, contribution or None)."""
+                 tz: ZoneInfo, written_up_to: int = -1) -> Applied:
+        """Apply one partition's history to a definition: (offset, event or None, contribution or None).
+
+        `written_up_to` is the last offset this process wrote for it; a fence behind it means Redis
+        lost writes (`RedisLostWrites`)."""
         args: list[str | int] = [keys.project_prefix(definition.project_id), definition.hash,
                                  definition.flags, partition, len(items)]
         for offset, event, contribution in items:
-            if event is None or contribution is None:
-                args += ["", "", offset, "", 0, "", 0, ""]
-                continue
-            buckets = trend_buckets(event, tz)
-            args += [keys.seen_bucket(event.uuid), event.uuid, offset, event.distinct_id, buckets.hour, buckets.day,
-                     event.ts_ms, orjson.dumps(list(contribution)).decode()]
-        return int(self._backfill(keys=[keys.distinct_ids(definition.project_id)], args=args))
+            row: list[str | int] = ["", "", offset, "", 0, "", 0, ""]
+            if event is not None and contribution is not None:
+                try:
+                    buckets = trend_buckets(event, tz)
+                    row = [keys.seen_bucket(event.uuid), event.uuid, offset, event.distinct_id, buckets.hour,
+                           buckets.day, event.ts_ms, orjson.dumps(list(contribution)).decode()]
+                except (ValueError, OverflowError, TypeError):
+                    pass  # the live path dead-lettered it: no guard holds it, so nothing to apply
+            args += row
+        args.append(written_up_to)
+        answer = self._backfill(keys=[keys.distinct_ids(definition.project_id)], args=args)
+        if int(answer[0]) == -2:
+            raise RedisLostWrites(f"the backfill fence of {definition.hash} on partition {partition} is behind "
+                                  f"offset {written_up_to}, which this process wrote")
+        return Applied(int(answer[0]), _failures(definition.project_id, answer))
 
     def record_offsets(self, topic: str, applied: dict[int, int], ends: dict[int, int]) -> None:
         args: list[str | int] = []
@@ -460,10 +538,19 @@ class StateStore:
         return int(self._count_dlq(keys=[keys.dlq_seen(topic), keys.stream(topic)], args=list(record_ids)))
 
     def reset_stream(self, topic: str, topic_id: str) -> None:
-        """The topic was recreated (Tansu restart, or by hand): its offsets mean something new."""
-        current = self.redis.hget(keys.stream(topic), "topic_id")
-        if current is None or current.decode() != topic_id:
-            pipe = self.redis.pipeline()
-            pipe.delete(keys.stream(topic), keys.dlq_seen(topic))
-            pipe.hset(keys.stream(topic), "topic_id", topic_id)
-            pipe.execute()
+        """The topic was recreated (Tansu restart, or by hand): its offsets mean something new. The
+        dead-letter count is a count of what happened, not of this topic's offsets: it stays."""
+        self._reset(keys=[keys.stream(topic), keys.dlq_seen(topic)], args=[topic_id])
+
+    def applied_offsets(self, topic: str, topic_id: str) -> dict[int, int] | None:
+        """Partition -> next offset whose events are applied, as Redis has it; None when Redis holds no
+        offsets of this topic (a recreated topic, or a Redis that lost or never had them)."""
+        stream = self.redis.hgetall(keys.stream(topic))
+        if stream.get(b"topic_id", b"").decode() != topic_id:
+            return None
+        out = {}
+        for name_partition, value in stream.items():
+            name, _, partition = name_partition.decode().partition(":")
+            if name == "applied":
+                out[int(partition)] = int(value)
+        return out

@@ -18,7 +18,7 @@ import orjson
 
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_NAME_LENGTH = 200
-_FUTURE_TOLERANCE = timedelta(hours=23)
+_FUTURE_TOLERANCE_MS = 23 * 3600 * 1000
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -58,39 +58,88 @@ class TopicEvent:
 
 
 def iso_ms(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (_EPOCH + timedelta(milliseconds=ts_ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_instant(value: Any, field: str) -> datetime:
-    """An ISO-8601 instant (naive means UTC) or epoch milliseconds."""
+# Event times the state can hold. The lower bound is where ClickHouse's DateTime64, PostHog's event
+# column, starts; the upper bound stays below 2248, where the funnel attempt rows' packed times
+# (`ms << 20`, dataflows/operators/funnel_attempts.py) would leave int64. Every project zone's local
+# date of an instant in this range is an ordinary Python date.
+EARLIEST_EVENT_MS = -2_208_988_800_000  # 1900-01-01T00:00:00Z
+LATEST_EVENT_MS = 7_258_118_400_000 - 1  # 2199-12-31T23:59:59.999Z
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def in_event_range(ts_ms: int) -> bool:
+    return EARLIEST_EVENT_MS <= ts_ms <= LATEST_EVENT_MS
+
+
+def instant_ms(value: Any, field: str) -> int:
+    """An ISO-8601 instant (naive means UTC) or epoch milliseconds, as integer epoch milliseconds.
+
+    Never overflows: any year Python can parse, and any finite number, gives an integer; whether it
+    is a usable event time is `in_event_range`'s question.
+    """
     if isinstance(value, bool):
         raise InvalidEvent(f"'{field}' must be an ISO-8601 timestamp")
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value / 1000, UTC)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidEvent(f"'{field}' must be a finite number of milliseconds")
+        return int(value)
     if not isinstance(value, str) or not value:
         raise InvalidEvent(f"'{field}' must be an ISO-8601 timestamp")
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
     except ValueError as exc:
         raise InvalidEvent(f"'{field}' is not a valid ISO-8601 timestamp: {value[:64]!r}") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // _MS
 
 
-def event_time(raw: dict[str, Any], now: datetime, sent_at: Any = None) -> datetime:
-    """PostHog's timestamp rule: `offset`, else `timestamp` corrected by the `sent_at` clock skew."""
-    properties = raw.get("properties") or {}
-    offset = raw.get("offset")
-    if offset is not None and not isinstance(offset, bool) and isinstance(offset, int | float):
-        return now - timedelta(milliseconds=offset)
+def _out_of_range(field: str, value: Any) -> str:
+    shown = value[:64] if isinstance(value, str) else value
+    return (f"'{field}' {shown!r} gives an event time outside 1900-01-01 .. 2199-12-31 (UTC), "
+            "the range events can have")
+
+
+def event_time_ms(raw: dict[str, Any], now_ms: int, sent_at: Any = None) -> int:
+    """PostHog's timestamp rule, in integer milliseconds so no input can overflow it.
+
+    `timestamp` is corrected by the clock skew `sent_at` shows (an unparsable `sent_at` is ignored, as
+    PostHog does); a non-zero `offset` (ms before now) wins over both; a result more than 23 h in the
+    future becomes now. What falls outside the event range is refused (PostHog substitutes now with
+    an ingestion warning; refusing tells the sender instead of inventing a time).
+    """
+    properties = raw.get("properties")
+    ignore_sent_at = isinstance(properties, dict) and bool(properties.get("$ignore_sent_at"))
+    moment, source = now_ms, "timestamp"
     stamp = raw.get("timestamp")
-    if stamp is None:
-        return now
-    moment = parse_instant(stamp, "timestamp")
-    sent = raw.get("sent_at", sent_at)
-    if sent is not None and not properties.get("$ignore_sent_at"):
-        moment = now + (moment - parse_instant(sent, "sent_at"))
-    if moment - now > _FUTURE_TOLERANCE:
-        return now
+    if stamp is not None and stamp != "":
+        moment = instant_ms(stamp, "timestamp")
+        sent = raw.get("sent_at", sent_at)
+        if sent is not None and not ignore_sent_at:
+            try:
+                sent_ms = instant_ms(sent, "sent_at")
+            except InvalidEvent:
+                sent_ms = None
+            # A string is the SDK's clock, however wrong; a number (`_=<ms>` of posthog-js) only
+            # when it is a plausible time, since PostHog reads no numbers here at all.
+            if sent_ms is not None and (isinstance(sent, str) or in_event_range(sent_ms)):
+                moment = now_ms + (moment - sent_ms)
+                source = "timestamp (corrected by sent_at)"
+    offset = raw.get("offset")
+    if offset and not isinstance(offset, bool) and isinstance(offset, int | float):
+        if isinstance(offset, float) and (offset != offset or abs(offset) == float("inf")):
+            raise InvalidEvent("'offset' must be a finite number of milliseconds")
+        moment, source, stamp = now_ms - int(offset), "offset", offset
+    if moment - now_ms > _FUTURE_TOLERANCE_MS:
+        return now_ms
+    if not in_event_range(moment):
+        raise InvalidEvent(_out_of_range(source, stamp))
     return moment
 
 
@@ -149,9 +198,9 @@ def from_capture(raw: Any, *, project_id: int, now: datetime, sent_at: Any = Non
     event = _name(raw, "event")
     distinct_id = _distinct_id(raw)
     properties = _properties(raw)
-    moment = event_time(raw, now, sent_at)
+    ts_ms = event_time_ms(raw, (now - _EPOCH) // _MS, sent_at)
     event_uuid = _uuid(raw.get("uuid")) or str(uuidlib.uuid4())
-    return TopicEvent(event_uuid, event, distinct_id, int(moment.timestamp() * 1000), properties, project_id)
+    return TopicEvent(event_uuid, event, distinct_id, ts_ms, properties, project_id)
 
 
 def _distinct_id(raw: dict[str, Any]) -> str:
@@ -183,11 +232,13 @@ def parse_topic_event(value: bytes, fallback_ts_ms: int | None = None) -> TopicE
         raise InvalidEvent("the event names no project: 'project_id' or 'token' is required")
     stamp = raw.get("timestamp")
     if stamp is not None:
-        ts_ms = int(parse_instant(stamp, "timestamp").timestamp() * 1000)
+        ts_ms = instant_ms(stamp, "timestamp")
     elif fallback_ts_ms is not None:
         ts_ms = fallback_ts_ms
     else:
         raise InvalidEvent("'timestamp' is required")
+    if not in_event_range(ts_ms):
+        raise InvalidEvent(_out_of_range("timestamp", stamp if stamp is not None else ts_ms))
     event_uuid = _uuid(raw.get("uuid"))
     if event_uuid is None:
         # Deterministic, so a replayed copy of the same record deduplicates.

@@ -33,6 +33,7 @@ WINDOW_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7
 ORDER_TYPES = ("ordered", "strict", "unordered")
 VIZ_TYPES = ("steps", "trends", "time_to_convert")
 ATTRIBUTIONS = ("first_touch", "last_touch", "all_events", "step")
+MAX_FUNNEL_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,13 @@ class FunnelDefinition:
 
     kind = "funnel"
     keep_values = False
+
+    def __post_init__(self) -> None:
+        # PostHog's limit (its UDF reports reached steps in 32 bits); the step masks kept here are
+        # integers the apply script and the summaries store in 64-bit fields.
+        if len(self.steps) > MAX_FUNNEL_STEPS:
+            raise RequestError(f"Funnels can have at most {MAX_FUNNEL_STEPS} steps; this one has "
+                               f"{len(self.steps)}.", "events")
     per_actor = False
     summary_kind = "fa"  # attempt rows (dataflows/summaries.py)
 

@@ -129,6 +129,11 @@ def definitions_generation(pid: int) -> str:
     return project_prefix(pid) + "defgen"
 
 
+def failed_definitions(pid: int) -> str:
+    """Hash: definition hash -> why its state could not be kept (it answers that reason, 400)."""
+    return project_prefix(pid) + "dfail"
+
+
 def project_applied(pid: int) -> str:
     """Hash: partition -> next offset whose events of this project are applied (atomic with state)."""
     return project_prefix(pid) + "applied"

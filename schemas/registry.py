@@ -152,7 +152,12 @@ class ProjectCache:
 
     def _refresh(self) -> None:
         if time.monotonic() - self._loaded > self.ttl:
-            self._by_id = self.registry.projects()
+            try:
+                self._by_id = self.registry.projects()
+            except redis.ConnectionError:
+                if not self._loaded:
+                    raise
+                return  # Redis is away: projects seldom change, so the last copy keeps capture going
             self._by_token = {p.token: p.id for p in self._by_id.values()}
             self._loaded = time.monotonic()
 
@@ -214,7 +219,30 @@ class DefinitionRegistry:
         return {p: int(v or 0) for p, v in zip(project_ids, values, strict=True)}
 
     def for_project(self, project_id: int) -> dict[str, bytes]:
-        return {k.decode(): v for k, v in self.redis.hgetall(self.defs_key(project_id)).items()}
+        """The definitions the dataflow keeps up to date (failed ones are left out)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.defs_key(project_id))
+        pipe.hkeys(keys.failed_definitions(project_id))
+        found, failed = pipe.execute()
+        gone = {h.decode() for h in failed}
+        return {k.decode(): v for k, v in found.items() if k.decode() not in gone}
+
+    def fail(self, project_id: int, h: str, reason: str) -> bool:
+        """Stop keeping a definition whose state cannot be kept, and remember why: its requests answer
+        the reason instead of a number, and ingestion goes on without it. True if newly failed."""
+        d = self._d(project_id, h)
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(keys.failed_definitions(project_id), h, reason[:2000])
+        pipe.hset(d + "meta", mapping={"status": "failed", "reason": reason[:2000]})
+        pipe.srem(self.PENDING, f"{project_id}:{h}")
+        pipe.srem(keys.SUMMARISED, f"{project_id}:{h}")
+        pipe.incr(keys.definitions_generation(project_id))  # live sinks re-plan without it
+        newly = bool(pipe.execute()[0])
+        return newly
+
+    def failure(self, project_id: int, h: str) -> str | None:
+        raw = self.redis.hget(keys.failed_definitions(project_id), h)
+        return raw.decode() if raw is not None else None
 
     def get(self, project_id: int, h: str) -> bytes | None:
         return self.redis.hget(self.defs_key(project_id), h)
@@ -252,6 +280,8 @@ class DefinitionRegistry:
         summaries, summarising until the persons the backfill marked are summarised). True if so."""
         d = self._d(project_id, h)
         self.redis.sadd(d + "done", partition)
+        if self.redis.hget(d + "meta", "status") == b"failed":
+            return False
         if self.redis.scard(d + "done") >= partitions:
             summaries = self.redis.hget(d + "meta", "summaries") == b"1"
             pipe = self.redis.pipeline()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,10 +23,10 @@ from serving.errors import (
     JSON,
     JSON_BODY,
     ApiError,
+    ServerErrors,
     api_error_handler,
     http_error_handler,
     request_validation_handler,
-    server_error_handler,
 )
 from serving.summaries import SUMMARIES
 
@@ -42,7 +44,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.definitions = DefinitionRegistry(client)
         app.state.projects = ProjectCache(app.state.registry)
         app.state.store = StateStore(client)
+        app.state.offsets = capture.AcknowledgedOffsets(app.state.store, settings.topic)
+        app.state.draining = False
         app.state.producer = capture.EventProducer(settings.kafka_bootstrap, settings.topic)
+
+        def drain() -> None:  # `insightflow up` is stopping: accept no more events
+            app.state.draining = True
+            logging.getLogger("insightflow.api").info("draining: capture answers 503 from now on")
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, drain)
         app.state.watermarks = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                                          "group.id": "insightflow-readyz", "enable.auto.commit": False})
         yield
@@ -55,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
-    app.add_exception_handler(Exception, server_error_handler)
+    app.add_middleware(ServerErrors)
     for router in (capture.router, insights.router, saved.router, health.router):
         for route in router.routes:
             methods = getattr(route, "methods", set()) or set()

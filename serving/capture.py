@@ -19,11 +19,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
+import redis
 from confluent_kafka import KafkaError, Producer
 from fastapi import APIRouter, Request
 from prometheus_client import Counter
 
-from schemas.events import MAX_EVENT_BYTES, InvalidEvent, TopicEvent, from_capture
+from schemas.events import MAX_EVENT_BYTES, InvalidEvent, from_capture
 from schemas.registry import ProjectCache
 from serving.errors import JSON, ApiError
 
@@ -60,11 +61,13 @@ class EventProducer:
         while not self._stop.is_set():
             self.producer.poll(0.05)
 
-    async def send(self, events: list[TopicEvent]) -> dict[int, int]:
-        """Produce and wait for acknowledgement; returns partition -> next offset reached."""
+    async def send(self, records: list[tuple[bytes, bytes]]) -> dict[int, int]:
+        """Produce encoded (key, value) records and wait for every acknowledgement; returns partition
+        -> next offset reached. Nothing here can fail because of an event: they were all encoded
+        before the first was produced, so only the broker can make a batch fail."""
         loop = asyncio.get_running_loop()
         futures = []
-        for event in events:
+        for key, value in records:
             fut: asyncio.Future = loop.create_future()
 
             def delivered(err: KafkaError | None, msg: Any, fut: asyncio.Future = fut) -> None:
@@ -73,7 +76,7 @@ class EventProducer:
 
             while True:
                 try:
-                    self.producer.produce(self.topic, key=event.key, value=event.to_json(), on_delivery=delivered)
+                    self.producer.produce(self.topic, key=key, value=value, on_delivery=delivered)
                     break
                 except BufferError:
                     await asyncio.sleep(0.01)
@@ -82,7 +85,8 @@ class EventProducer:
         errors = [r for r in results if isinstance(r, KafkaError)]
         if errors:
             raise ApiError(503, "server_error", "broker_unavailable",
-                           f"The event broker did not acknowledge the events: {errors[0].str()}. Retry later.")
+                           f"The event broker did not acknowledge the events: {errors[0].str()}. Retry later.",
+                           headers={"Retry-After": "2"})
         ends: dict[int, int] = {}
         for partition, offset in results:
             ends[partition] = max(ends.get(partition, 0), offset + 1)
@@ -91,6 +95,55 @@ class EventProducer:
     def close(self) -> None:
         self._stop.set()
         self.producer.flush(5)
+
+
+def _encoded(raw: Any, project_id: int, now: datetime, sent_at: Any) -> tuple[bytes, bytes]:
+    """One event of a request, validated and encoded for the topic; InvalidEvent names what is wrong."""
+    try:
+        if len(orjson.dumps(raw)) > MAX_EVENT_BYTES:
+            raise InvalidEvent(f"event larger than {MAX_EVENT_BYTES} bytes")
+        event = from_capture(raw, project_id=project_id, now=now, sent_at=sent_at)
+        return event.key, event.to_json()
+    except InvalidEvent:
+        raise
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # orjson's encode errors included
+        raise InvalidEvent(f"unusable event: {exc}") from exc
+
+
+class AcknowledgedOffsets:
+    """End offsets the broker acknowledged to capture, recorded in Redis for `/readyz`'s lag.
+
+    Recording happens after the answer is decided: an event the broker acknowledged is accepted
+    whatever Redis does. While Redis is unreachable the ends wait here (`/readyz` counts them) and
+    are recorded with the next capture or readiness check.
+    """
+
+    def __init__(self, store: Any, topic: str) -> None:
+        self.store, self.topic = store, topic
+        self.unrecorded: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def acknowledged(self, ends: dict[int, int]) -> None:
+        with self._lock:
+            for partition, end in ends.items():
+                self.unrecorded[partition] = max(self.unrecorded.get(partition, 0), end)
+            pending = dict(self.unrecorded)
+        self.flush(pending)
+
+    def flush(self, pending: dict[int, int] | None = None) -> None:
+        if pending is None:
+            with self._lock:
+                pending = dict(self.unrecorded)
+        if not pending:
+            return
+        try:
+            self.store.record_offsets(self.topic, {}, pending)
+        except redis.RedisError:
+            return
+        with self._lock:
+            for partition, end in pending.items():
+                if self.unrecorded.get(partition) == end:
+                    del self.unrecorded[partition]
 
 
 def _settle(fut: asyncio.Future, result: Any) -> None:
@@ -188,6 +241,10 @@ def _token(request: Request, envelope: dict[str, Any], events: list[Any]) -> str
 @router.post("/track/", include_in_schema=False)
 async def capture(request: Request) -> JSON:
     """Accept events from any PostHog SDK."""
+    if request.app.state.draining:
+        raise ApiError(503, "server_error", "draining",
+                       "Insightflow is stopping and accepts no more events. Retry later.",
+                       headers={"Retry-After": "5"})
     now = datetime.now(UTC)
     payload = await read_payload(request)
     raw_events, envelope = _split(payload)
@@ -205,27 +262,25 @@ async def capture(request: Request) -> JSON:
     sent_at = envelope.get("sent_at")
     if sent_at is None and request.query_params.get("_", "").isdigit():
         sent_at = int(request.query_params["_"])
-    accepted: list[TopicEvent] = []
+    accepted: list[tuple[bytes, bytes]] = []
     rejected: list[dict[str, Any]] = []
     for index, raw in enumerate(raw_events):
         try:
-            if len(orjson.dumps(raw)) > MAX_EVENT_BYTES:
-                raise InvalidEvent(f"event larger than {MAX_EVENT_BYTES} bytes")
-            accepted.append(from_capture(raw, project_id=project.id, now=now, sent_at=sent_at))
+            accepted.append(_encoded(raw, project.id, now, sent_at))
         except InvalidEvent as exc:
             rejected.append({"index": index, "detail": str(exc)})
-        except (TypeError, orjson.JSONEncodeError) as exc:
-            rejected.append({"index": index, "detail": f"unencodable event: {exc}"})
     if accepted:
+        state = request.app.state
         try:
-            ends = await request.app.state.producer.send(accepted)
+            ends = await state.producer.send(accepted)
         except ApiError:
             raise
         except Exception as exc:
             log.exception("produce failed")
             raise ApiError(503, "server_error", "broker_unavailable",
-                           f"The event broker is unavailable: {exc}. Retry later.") from exc
-        request.app.state.store.record_offsets(request.app.state.settings.topic, {}, ends)
+                           f"The event broker is unavailable: {exc}. Retry later.",
+                           headers={"Retry-After": "2"}) from exc
+        state.offsets.acknowledged(ends)
         CAPTURED.inc(len(accepted))
     if rejected:
         REJECTED.inc(len(rejected))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
+import redis
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("insightflow.api")
 
 
 class ErrorBody(BaseModel):
@@ -86,6 +90,50 @@ async def request_validation_handler(_request: Request, exc: Exception) -> JSON:
     return JSON(validation(str(first.get("msg")), attr).body(), status_code=400)
 
 
-async def server_error_handler(_request: Request, _exc: Exception) -> JSON:
-    return JSON(ApiError(500, "server_error", "error", "A server error occurred.").body(),
-                          status_code=500)
+def unavailable(detail: str, retry_after: int = 2) -> ApiError:
+    return ApiError(503, "server_error", "service_unavailable", detail,
+                    headers={"Retry-After": str(retry_after)})
+
+
+def error_for(exc: Exception) -> ApiError:
+    """The answer to an exception no handler took: a dependency that is away is a 503 with
+    `Retry-After` (SDKs and dashboards retry); anything else a 500."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return unavailable(f"Redis is unavailable ({exc}). Retry later.")
+    return ApiError(500, "server_error", "error", "A server error occurred.")
+
+
+class ServerErrors:
+    """Answers unhandled exceptions itself instead of letting them reach the server.
+
+    Starlette's own last-resort handler re-raises after answering, and uvicorn then drops the
+    keep-alive connection without `Connection: close`, so a client's next request on it fails.
+    Answered here, the connection stays usable.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise  # too late to answer: the server closes the connection
+            err = error_for(exc)
+            if err.status == 500:
+                log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            else:
+                log.warning("%s %s: %s", scope.get("method"), scope.get("path"), err.detail)
+            await JSON(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)

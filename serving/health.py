@@ -46,22 +46,30 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSON:
+    """Redis and the broker reachable, and how many accepted events are not yet in served state.
+
+    503 with the reason (`redis_error`, `kafka_error`) while a dependency is away; `draining` while
+    `insightflow up` is stopping (capture refuses new events, the dataflow applies the rest).
+    """
     state = request.app.state
     body: dict[str, object] = {"redis": False, "kafka": False, "lag_events": None}
     try:
+        state.offsets.flush()
         stream = state.redis.hgetall(keys.stream(state.settings.topic))
         body["redis"] = True
-        body["lag_events"] = lag_events(stream)
+        body["lag_events"] = lag_events(stream, dict(state.offsets.unrecorded))
         body["dlq_events"] = int(stream.get(b"dlq_events", 0))
     except Exception as exc:
-        body["redis_error"] = str(exc)
+        body["redis_error"] = f"Redis is unreachable: {exc}"
     try:
         state.producer.producer.list_topics(state.settings.topic, timeout=2)
         body["kafka"] = True
     except Exception as exc:
-        body["kafka_error"] = str(exc)
+        body["kafka_error"] = f"the broker is unreachable: {exc}"
+    if state.draining:
+        body["draining"] = True
     ready = body["redis"] and body["kafka"]
-    return JSON(body, status_code=200 if ready else 503)
+    return JSON(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "2"})
 
 
 @router.get("/metrics", response_class=PlainTextResponse,

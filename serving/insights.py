@@ -68,6 +68,12 @@ async def materialized(registry: DefinitionRegistry, definitions: list[Definitio
     deadline = time.monotonic() + (timeout if refresh in BLOCKING else 0)
     while True:
         states = [registry.status(d.project_id, d.hash) for d in definitions]
+        for definition, (status, _) in zip(definitions, states, strict=True):
+            if status == "failed":
+                reason = registry.failure(definition.project_id, definition.hash) or "unknown reason"
+                raise ApiError(400, "validation_error", "definition_failed",
+                               f"This insight cannot be answered: the state it needs could not be kept "
+                               f"({reason}).", "filters")
         if all(status == "ready" for status, _ in states):
             return None
         if time.monotonic() >= deadline:

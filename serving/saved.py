@@ -78,6 +78,7 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
     if basic:
         return {k: out.get(k) for k in BASIC}
     result, last_refresh = None, None
+    query_status: dict[str, Any] | None = None
     filters = insight.get("filters") or {}
     if compute and filters and not insight.get("query"):
         try:
@@ -88,10 +89,14 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
                 result, last_refresh = query.run(), iso_instant(datetime.now(UTC))
         except RequestError:
             result = None
+        except ApiError as exc:
+            if exc.code != "definition_failed":
+                raise
+            query_status = {"complete": True, "error": True, "error_message": exc.detail}
     out.update({
         "result": result, "last_refresh": last_refresh, "is_cached": False, "timezone": project.timezone,
         "hasMore": None, "columns": None, "cache_target_age": None, "next_allowed_client_refresh": None,
-        "query_status": None, "hogql": None, "types": None, "resolved_date_range": None, "alerts": [],
+        "query_status": query_status, "hogql": None, "types": None, "resolved_date_range": None, "alerts": [],
         "effective_restriction_level": 21, "effective_privilege_level": 37,
         "filters_hash": hashlib.sha256(orjson.dumps(filters, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32],
     })

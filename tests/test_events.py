@@ -67,3 +67,60 @@ def test_topic_round_trip_and_raw_producers() -> None:
         parse_topic_event(orjson.dumps({"event": "e", "distinct_id": "d", "timestamp": "2024-03-01T00:00:00Z"}))
     with pytest.raises(InvalidEvent, match="'project_id' must be an integer"):
         parse_topic_event(orjson.dumps({"event": "e", "distinct_id": "d", "project_id": "1"}))
+
+
+NOW_MS = int(NOW.timestamp() * 1000)
+MARCH_1_MS = int(datetime(2024, 3, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected_ms"),
+    [
+        # numbers are epoch milliseconds; more than 23 h ahead becomes now (PostHog's order: the
+        # future clamp first, then the range)
+        ({"timestamp": 1e20}, NOW_MS),
+        ({"timestamp": 1e15}, NOW_MS),
+        ({"offset": -1e13}, NOW_MS),                      # the clamp applies to `offset` too
+        ({"offset": -23 * 3600 * 1000}, NOW_MS + 23 * 3600 * 1000),  # exactly 23 h ahead is kept
+        ({"offset": 0, "timestamp": "2024-03-01T00:00:00Z"}, MARCH_1_MS),
+        # an unparsable or implausible numeric sent_at is ignored, as PostHog ignores an invalid one
+        ({"timestamp": "2024-03-01T00:00:00Z", "sent_at": 1e19}, MARCH_1_MS),
+        ({"timestamp": "2024-03-01T00:00:00Z", "sent_at": "yesterday"}, MARCH_1_MS),
+        # a client clock far off, with a consistent sent_at, is corrected to the server's time
+        ({"timestamp": "1850-01-01T00:00:00Z", "sent_at": "1850-01-01T00:00:05Z"}, NOW_MS - 5000),
+        ({"timestamp": "1900-01-01T00:00:00Z"}, -2_208_988_800_000),
+        ({"timestamp": "2199-12-31T23:59:59.999Z", "sent_at": "2199-12-31T23:59:59.999Z"}, NOW_MS),
+    ],
+)
+def test_event_times_that_are_kept(fields: dict, expected_ms: int) -> None:
+    event = from_capture({"event": "e", "distinct_id": "d", **fields}, project_id=1, now=NOW)
+    assert event.ts_ms == expected_ms
+    assert parse_topic_event(event.to_json()).ts_ms == expected_ms  # what capture produces, the dataflow reads
+
+
+@pytest.mark.parametrize(
+    ("fields", "names"),
+    [
+        ({"timestamp": -1e20}, "'timestamp'"),
+        ({"offset": 1e20}, "'offset'"),
+        ({"timestamp": "2024-03-01T00:00:00Z", "sent_at": "9999-01-01T00:00:00Z"}, "corrected by sent_at"),
+        ({"timestamp": "0001-01-01T00:00:00+14:00"}, "'timestamp'"),
+        ({"timestamp": "0001-01-01T00:00:00"}, "'timestamp'"),
+        ({"timestamp": "1600-01-01T00:00:00Z"}, "'timestamp'"),
+        ({"timestamp": "1899-12-31T23:59:59.999Z"}, "'timestamp'"),
+    ],
+)
+def test_event_times_outside_the_range_are_refused(fields: dict, names: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        from_capture({"event": "e", "distinct_id": "d", **fields}, project_id=1, now=NOW)
+    assert names in str(info.value) and "1900-01-01 .. 2199-12-31" in str(info.value)
+
+
+@pytest.mark.parametrize("stamp", ["1600-01-01T00:00:00Z", "2300-01-01T00:00:00Z", "0001-01-01T00:00:00", -1e20])
+def test_topic_events_outside_the_range_are_refused(stamp: object) -> None:
+    """Events produced straight onto the topic meet the same range, so the dataflow dead-letters them."""
+    raw = orjson.dumps({"event": "e", "distinct_id": "d", "project_id": 1, "timestamp": stamp})
+    with pytest.raises(InvalidEvent, match="outside 1900-01-01"):
+        parse_topic_event(raw)
+    with pytest.raises(InvalidEvent, match="outside 1900-01-01"):
+        parse_topic_event(orjson.dumps({"event": "e", "distinct_id": "d", "project_id": 1}), fallback_ts_ms=10**15)

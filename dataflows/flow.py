@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -32,6 +31,7 @@ from dataflows.state import (
     StaleDefinitions,
     StateStore,
     event_args,
+    set_contributions,
 )
 from schemas.dates import zone
 from schemas.registry import DefinitionRegistry, ProjectCache, Registry
@@ -86,7 +86,6 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         letters: dict[str, Letter] = {}
         applied: dict[int, int] = {}
         ends: dict[int, int] = {}
-        records: dict[tuple[int, int], Record] = {}
 
         def dead(record: Record, reason: str) -> None:
             rid = _record_id(self.topic_id, record)
@@ -111,14 +110,13 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 event = replace(event, project_id=project.id)
             located = Located(event, rec.partition, rec.offset)
             try:  # everything the event alone decides: buckets, person update, encodings
-                event_args(event, zone(project.timezone), rec.partition, rec.offset)
+                located.args = event_args(event, zone(project.timezone), rec.partition, rec.offset)
             except Exception as exc:
                 dead(rec, f"cannot be applied: {type(exc).__name__}: {exc}")
                 continue
-            records[(rec.partition, rec.offset)] = rec
             by_project[project.id].append(located)
         for attempt in range(20):
-            result = self._apply(by_project, records, dead)
+            result = self._apply(by_project)
             if result is not None:
                 break
             log.info("definitions changed while planning a batch (attempt %d)", attempt + 1)
@@ -131,8 +129,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         for partition, offset in applied.items():
             self.recorded[partition] = max(self.recorded.get(partition, 0), offset)
 
-    def _apply(self, by_project: dict[int, list[Located]], records: dict[tuple[int, int], Record],
-               dead: Callable[[Record, str], None]) -> Applied | None:
+    def _apply(self, by_project: dict[int, list[Located]]) -> Applied | None:
         """Plan each project's events against its current definitions and apply them; None when a
         definition was registered or failed meanwhile (plan again)."""
         now = datetime.now(UTC)
@@ -142,14 +139,10 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
             for h, reason in failed.items():
                 self._fail(pid, h, reason)
             tz = zone(self.projects.by_id(pid).timezone)  # type: ignore[union-attr]
-            planned = []
             for item in by_project[pid]:
-                try:
-                    item.args = event_args(item.event, tz, item.partition, item.offset, item.contributions)
-                    planned.append(item)
-                except Exception as exc:
-                    dead(records[(item.partition, item.offset)], f"cannot be applied: {type(exc).__name__}: {exc}")
-            batches.append(ProjectBatch(pid, tz, planned, flags, generation))
+                assert item.args is not None
+                set_contributions(item.args, item.contributions)
+            batches.append(ProjectBatch(pid, tz, by_project[pid], flags, generation))
         try:
             return self.store.apply(batches)
         except StaleDefinitions:

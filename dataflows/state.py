@@ -49,8 +49,14 @@ local function add_value(key, field, v)
   local t = values[key]
   if not t then t = {}; values[key] = t end
   local a = t[field]
-  if not a then t[field] = {v, 1, v, v}
-  else a[1] = a[1] + v; a[2] = a[2] + 1; if v < a[3] then a[3] = v end; if v > a[4] then a[4] = v end end
+  if not a then t[field] = {v, 1, v, v}; return end
+  local sum = a[1] + v
+  if sum == math.huge or sum == -math.huge or sum ~= sum then
+    -- Past a double: Redis sums in long double, so hand it the part so far and go on from v.
+    redis.pcall('HINCRBYFLOAT', key, field .. ':s', a[1])
+    sum = v
+  end
+  a[1] = sum; a[2] = a[2] + 1; if v < a[3] then a[3] = v end; if v > a[4] then a[4] = v end
 end
 local function push(key, v)
   local t = lists[key]
@@ -429,6 +435,11 @@ def event_args(event: TopicEvent, tz: ZoneInfo, partition: int = 0, offset: int 
         orjson.dumps(person.unset).decode() if person.unset else "",
         partition, offset, _contributions(contributions),
     ]
+
+
+def set_contributions(args: list[str | int], contributions: list[tuple[str, str, float | None]] | None) -> None:
+    """Put an event's definition contributions into its encoded block (they are planned per batch)."""
+    args[FIELDS_PER_EVENT - 1] = _contributions(contributions)
 
 
 @dataclass

@@ -43,11 +43,11 @@ def as_text(value: Any) -> str:
 def as_number(value: Any) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
     try:
+        if isinstance(value, int | float):
+            return float(value) if math.isfinite(value) else None
         number = float(str(value).strip())
-    except ValueError:
+    except (ValueError, OverflowError):  # an integer beyond a float is no finite number either
         return None
     return number if math.isfinite(number) else None
 

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -157,54 +158,94 @@ def up(
     Supervisor(data_dir.resolve(), api_port, demo=not no_demo).run()
 
 
+DRAIN_TIMEOUT_S = float(os.environ.get("INSIGHTFLOW_DRAIN_TIMEOUT", "120"))
+
+
+@dataclass
+class _Restarts:
+    """Backoff for a process that keeps dying: at once the first time, then 1.5 s doubling up to 30 s
+    while it keeps exiting within 30 s of its start."""
+
+    started: float = 0.0
+    quick_exits: int = 0
+    due: float | None = None
+
+    def schedule(self, now: float) -> float:
+        self.quick_exits = self.quick_exits + 1 if now - self.started < 30 else 1
+        delay = 0.0 if self.quick_exits == 1 else min(30.0, 1.5 * 2 ** (self.quick_exits - 2))
+        self.due = now + delay
+        return delay
+
+
 class Supervisor:
+    """`insightflow up`: starts what the environment lacks, restarts what dies, and stops without
+    losing what capture acknowledged (it drains first)."""
+
     def __init__(self, data_dir: Path, api_port: int, demo: bool) -> None:
         self.data_dir, self.api_port, self.demo = data_dir, api_port, demo
         self.logs = data_dir / "logs"
         self.pids = data_dir / "pids"
         self.procs: dict[str, stack.Managed] = {}
         self.env: dict[str, str] = {}
-        self._stopping = False
+        self.restarts: dict[str, _Restarts] = {}
+        self.redis_port: int | None = None
+        self.broker_port: int | None = None
+        self.topics: list[str] = []
+        self.signals = 0
 
     def _record(self, managed: stack.Managed) -> None:
         self.procs[managed.name] = managed
+        self.restarts.setdefault(managed.name, _Restarts()).started = time.monotonic()
         self.pids.mkdir(parents=True, exist_ok=True)
         (self.pids / f"{managed.name}.pid").write_text(f"{managed.proc.pid}\n")
 
-    def _stop(self, *_: Any) -> None:
-        self._stopping = True
+    def _signal(self, *_: Any) -> None:
+        self.signals += 1
+        if self.signals == 2:
+            _say("stopping now (second signal): events not yet applied may be lost")
+
+    @property
+    def _stopping(self) -> bool:
+        return self.signals > 0
 
     def run(self) -> None:
-        signal.signal(signal.SIGINT, self._stop)
-        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._signal)
+        signal.signal(signal.SIGTERM, self._signal)
         try:
             self._start()
             while not self._stopping:
                 self._supervise()
                 time.sleep(0.5)
+            self._drain()
         except stack.StackError as exc:
             _say(f"error: {exc}")
             raise typer.Exit(1) from exc
         finally:
             self._shutdown()
 
-    def _start(self) -> None:
+    def _create_topics(self) -> None:
         from dataflows.kafka import ensure_topics
 
+        ensure_topics(self.env["INSIGHTFLOW_KAFKA_BOOTSTRAP"], self.topics,
+                      int(os.environ.get("INSIGHTFLOW_PARTITIONS", "8")))
+
+    def _start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         redis_url = os.environ.get("INSIGHTFLOW_REDIS_URL")
         if not redis_url:
             managed, redis_url = stack.start_redis(self.data_dir / "redis", self.logs)
+            self.redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
             self._record(managed)
         bootstrap = os.environ.get("INSIGHTFLOW_KAFKA_BOOTSTRAP")
         if not bootstrap:
             managed, bootstrap = stack.start_tansu(self.logs)
+            self.broker_port = int(bootstrap.rsplit(":", 1)[1])
             self._record(managed)
         topic = os.environ.get("INSIGHTFLOW_TOPIC", "events")
         self.env = {"INSIGHTFLOW_REDIS_URL": redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap,
                     "INSIGHTFLOW_TOPIC": topic}
-        partitions = int(os.environ.get("INSIGHTFLOW_PARTITIONS", "8"))
-        ensure_topics(bootstrap, [topic, os.environ.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq")], partitions)
+        self.topics = [topic, os.environ.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq")]
+        self._create_topics()
         _stack_file(self.data_dir).write_text(json.dumps({**self.env, "api": self.url}))
         self._record(stack.start_dataflow(self.data_dir / "recovery", self.logs, self.env))
         self._record(stack.start_api(self.api_port, self.logs, self.env))
@@ -217,15 +258,18 @@ class Supervisor:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
+    def _readyz(self) -> dict[str, Any]:
+        try:
+            return dict(httpx.get(f"{self.url}/readyz", timeout=3).json())
+        except (httpx.HTTPError, ValueError):
+            return {}
+
     def _wait_ready(self, timeout: float = 60.0, lag_zero: bool = False) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                body = httpx.get(f"{self.url}/readyz", timeout=3).json()
-                if body.get("redis") and body.get("kafka") and (not lag_zero or body.get("lag_events") == 0):
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
+            body = self._readyz()
+            if body.get("redis") and body.get("kafka") and (not lag_zero or body.get("lag_events") == 0):
+                return
             for managed in self.procs.values():
                 if not managed.alive():
                     raise stack.StackError(f"{managed.name} exited while starting; see {managed.log_path}")
@@ -250,17 +294,84 @@ class Supervisor:
              f"personal API key {DEMO_KEY}")
 
     def _supervise(self) -> None:
-        for name in ("dataflow", "api"):
+        """Reap and restart what died: Redis on its data dir (AOF), the broker (empty: say what that
+        loses), the dataflow and the API; a process that keeps dying is restarted with backoff."""
+        now = time.monotonic()
+        for name in ("redis", "broker", "dataflow", "api"):
             managed = self.procs.get(name)
-            if managed is None or managed.alive() or self._stopping:
+            if managed is None or managed.alive():
                 continue
-            code = managed.proc.returncode
-            if name == "dataflow":
-                restarted = stack.start_dataflow(self.data_dir / "recovery", self.logs, self.env)
-            else:
-                restarted = stack.start_api(self.api_port, self.logs, self.env)
+            pending = self.restarts.setdefault(name, _Restarts())
+            if pending.due is None:
+                delay = pending.schedule(now)
+                code = managed.proc.returncode  # alive() reaped it: no zombie is left behind
+                (self.pids / f"{name}.pid").unlink(missing_ok=True)
+                later = f"; restarting in {delay:.0f} s" if delay >= 1 else ""
+                _say(f"{name} exited with code {code}{later}")
+            if now < (pending.due or 0):
+                continue
+            try:
+                restarted = self._restart(name)
+            except (stack.StackError, OSError) as exc:
+                _say(f"could not restart {name}: {exc}")
+                pending.schedule(time.monotonic())
+                continue
+            pending.due = None
             self._record(restarted)
-            _say(f"restarted {name} (it exited with code {code}); pid {restarted.proc.pid}")
+            _say(f"restarted {name}; pid {restarted.proc.pid}{self._restart_note(name)}")
+
+    def _restart(self, name: str) -> stack.Managed:
+        if name == "redis":
+            managed, _ = stack.start_redis(self.data_dir / "redis", self.logs, self.redis_port, wait_loaded=False)
+            return managed
+        if name == "broker":
+            managed, _ = stack.start_tansu(self.logs, self.broker_port)
+            self._create_topics()
+            dataflow = self.procs.get("dataflow")
+            if dataflow is not None:  # its sources must see the new topics from their start
+                dataflow.stop()
+            return managed
+        if name == "dataflow":
+            return stack.start_dataflow(self.data_dir / "recovery", self.logs, self.env)
+        return stack.start_api(self.api_port, self.logs, self.env)
+
+    @staticmethod
+    def _restart_note(name: str) -> str:
+        if name == "redis":
+            return " (state from its append-only file; the dataflow re-applies what it had not synced)"
+        if name == "broker":
+            return (" (the embedded broker keeps nothing: events acknowledged but not yet applied were lost; "
+                    "run Apache Kafka to keep them)")
+        return ""
+
+    def _drain(self) -> None:
+        """Stop accepting events, then wait (bounded) until the dataflow applied every acknowledged one."""
+        api = self.procs.get("api")
+        if self.signals > 1 or api is None or not api.alive():
+            return
+        os.kill(api.proc.pid, signal.SIGUSR1)  # capture answers 503 from now on
+        embedded = "broker" in self.procs
+        _say(f"stopping: capture refuses new events; waiting up to {DRAIN_TIMEOUT_S:.0f} s for the dataflow "
+             "to apply every acknowledged event (Ctrl-C again to stop at once)")
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        lag: Any = None
+        said = 0.0
+        while time.monotonic() < deadline and self.signals < 2:
+            self._supervise()
+            body = self._readyz()
+            lag = body.get("lag_events")
+            if lag == 0:
+                _say("stopping: every acknowledged event is applied")
+                return
+            if time.monotonic() - said >= 5:
+                _say(f"stopping: {lag if lag is not None else 'unknown (Redis or the API is away)'} "
+                     "acknowledged event(s) still to apply")
+                said = time.monotonic()
+            time.sleep(0.2)
+        where = ("the embedded broker keeps nothing, so they are lost" if embedded
+                 else "they stay in Kafka and are applied when the dataflow runs again")
+        _say(f"stopping: {lag if lag is not None else 'an unknown number of'} acknowledged event(s) not applied; "
+             f"{where}")
 
     def _shutdown(self) -> None:
         for name in ("api", "dataflow", "broker", "redis"):

@@ -105,7 +105,8 @@ def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None 
     return Managed(name, proc, argv, env or {}, log_path)
 
 
-def start_redis(data_dir: Path, log_dir: Path, port: int | None = None) -> tuple[Managed, str]:
+def start_redis(data_dir: Path, log_dir: Path, port: int | None = None, wait_loaded: bool = True
+                ) -> tuple[Managed, str]:
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
@@ -115,6 +116,8 @@ def start_redis(data_dir: Path, log_dir: Path, port: int | None = None) -> tuple
     managed = spawn("redis", argv, log_dir)
     wait_port(port, 15, managed.proc, "redis")
     url = f"redis://127.0.0.1:{port}/0"
+    if not wait_loaded:  # its clients wait while it replays its append-only file
+        return managed, url
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 15
     while True:

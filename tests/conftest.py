@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,26 @@ class Stack:
 
     def readyz(self) -> dict[str, Any]:
         return httpx.get(f"{self.api_url}/readyz", timeout=5).json()
+
+    def dead_letters(self, until: Callable[[list[tuple[bytes, dict[str, str]]]], bool],
+                     timeout: float = 30.0) -> list[tuple[bytes, dict[str, str]]]:
+        """Every record of `events_dlq` (value, headers), read until `until` holds for them."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.services.bootstrap, "group.id": "tests-dlq",
+                             "enable.auto.commit": False})
+        consumer.assign([TopicPartition("events_dlq", p, 0) for p in range(4)])
+        found: list[tuple[bytes, dict[str, str]]] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and not until(found):
+                message = consumer.poll(0.2)
+                if message is not None and not message.error():
+                    headers = {k: v.decode() for k, v in message.headers() or []}
+                    found.append((message.value() or b"", headers))
+        finally:
+            consumer.close()
+        return found
 
     def wait_applied(self, timeout: float = 60.0) -> None:
         """Until every event accepted so far is reflected in served state (lag_events == 0)."""

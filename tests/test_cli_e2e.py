@@ -4,67 +4,31 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from serving import stack
 from serving.demo import DEMO_KEY, demo_events
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _lines(proc: subprocess.Popen) -> queue.Queue:
-    out: queue.Queue = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.put(line.rstrip("\n"))
-
-    threading.Thread(target=pump, daemon=True).start()
-    return out
-
-
-def _wait_for(lines: queue.Queue, prefix: str, timeout: float, seen: list[str]) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        if line.startswith(prefix):
-            return line
-    raise AssertionError(f"no line starting {prefix!r} within {timeout}s; output so far: {seen}")
+from tests.upstack import ROOT, Up, clean_env
 
 
 def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INSIGHTFLOW_")}
     return subprocess.run([sys.executable, "-m", "serving.cli", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+                          capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=60)
 
 
 def test_up_with_demo_supervises_and_stops(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    port = stack.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INSIGHTFLOW_")}
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", "--api-port", str(port), "--data-dir",
-                             str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=ROOT, start_new_session=True)
-    seen: list[str] = []
+    up = Up.start(data_dir, demo=True)
+    port = up.port
     try:
-        lines = _lines(proc)
-        ready = _wait_for(lines, "ready: ", 180, seen)
-        assert ready == f"ready: http://127.0.0.1:{port}"
-        pids = {p.stem: int(p.read_text()) for p in (data_dir / "pids").glob("*.pid")}
+        assert up.seen[-1] == f"ready: http://127.0.0.1:{port}"
+        pids = up.pids()
         assert set(pids) == {"redis", "broker", "dataflow", "api"}
 
         expected = Counter(e["timestamp"][:10] for e in demo_events() if e["event"] == "$pageview")
@@ -79,7 +43,7 @@ def test_up_with_demo_supervises_and_stops(tmp_path: Path) -> None:
 
         # kill -9 the dataflow: up restarts it and says so; numbers stay exact.
         os.kill(pids["dataflow"], signal.SIGKILL)
-        restarted = _wait_for(lines, "restarted dataflow", 20, seen)
+        restarted = up.wait_for("restarted dataflow", 20)
         assert "pid" in restarted
         new_pid = int((data_dir / "pids" / "dataflow.pid").read_text())
         assert new_pid != pids["dataflow"]
@@ -101,10 +65,10 @@ def test_up_with_demo_supervises_and_stops(tmp_path: Path) -> None:
         assert reply.status_code == 200 and reply.json()["timezone"] == "Europe/Berlin"
         bad = _cli("project", "create", "--id", "8", "--timezone", "Mars/Base", data_dir=data_dir)
         assert bad.returncode != 0 and "Unknown time zone" in bad.stderr
+        code = up.stop(signal.SIGTERM)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        code = proc.wait(60)
-    assert code == 0, seen
+        up.kill()
+    assert code == 0, up.seen
     alive = []
     for pid in pids.values():
         try:

@@ -1,0 +1,92 @@
+"""Whole stacks stopped and killed as users and machines do: no acknowledged event is lost.
+
+Each test runs its own `insightflow up` (Redis, Tansu, dataflow, API) on a temporary data dir.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from schemas.registry import Registry
+from tests.upstack import Sender, Up, day_total
+
+pytestmark = pytest.mark.e2e
+
+
+def _project(up: Up, project_id: int) -> str:
+    registry = Registry(up.redis)
+    token = f"phc_faults_{project_id}"
+    registry.save_project(project_id, token=token)
+    return token
+
+
+def test_stop_drains_then_a_restart_has_every_acknowledged_event(tmp_path: Path) -> None:
+    """SIGINT while the dataflow is behind: capture refuses new events, the dataflow applies every
+    acknowledged one, then the stack stops. The embedded broker keeps nothing, so anything not applied
+    before the stop would be gone for good after the restart."""
+    data_dir = tmp_path / "data"
+    up = Up.start(data_dir)
+    try:
+        token = _project(up, 31)
+        sender = Sender(up.url, token, batch=500, threads=3, retry=False)
+        deadline = time.monotonic() + 60
+        behind = 0
+        while time.monotonic() < deadline and (len(sender.acknowledged) < 20_000 or not behind):
+            behind = up.readyz().get("lag_events") or 0
+        assert behind > 0, "the dataflow never fell behind capture: nothing to drain"
+        code = up.stop(signal.SIGINT)
+        sender.stop()
+    finally:
+        up.kill()
+    assert code == 0, up.seen
+    assert any(line.startswith("stopping: capture refuses new events") for line in up.seen), up.seen
+    assert "stopping: every acknowledged event is applied" in up.seen, up.seen
+    assert set(sender.statuses) <= {"200", "503", "ConnectError", "RemoteProtocolError", "ReadError"}, sender.statuses
+    assert sender.statuses["503"] >= 1  # the drain refused what came after the signal
+
+    again = Up.start(data_dir)
+    try:
+        again.wait_applied()
+        assert day_total(again.redis, 31, "burst") == len(sender.acknowledged)
+    finally:
+        again.kill()
+
+
+def test_redis_killed_during_capture_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
+    """kill -9 of Redis (its last second of writes may be lost): `up` reaps and restarts it on its
+    data dir; capture never answers 500; the dataflow waits, then re-applies what Redis lost; queries
+    answer 503 with Retry-After while it is away."""
+    up = Up.start(tmp_path / "data")
+    try:
+        token = _project(up, 32)
+        registry = Registry(up.redis)
+        key, _ = registry.create_key([32], ["insight:read"])
+        sender = Sender(up.url, token, batch=200, threads=2)
+        while len(sender.acknowledged) < 5_000:
+            time.sleep(0.05)
+        killed = up.pids()["redis"]
+        os.kill(killed, signal.SIGKILL)
+        gap = httpx.post(f"{up.url}/api/environments/32/insights/trend/", json={"events": [{"id": "burst"}]},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        readyz = httpx.get(f"{up.url}/readyz", timeout=10)
+        up.wait_for("restarted redis", 30)
+        time.sleep(3)  # capture goes on after the restart too
+        sender.stop()
+        up.wait_applied(120)
+        assert day_total(up.redis, 32, "burst") == len(sender.acknowledged)
+        assert "500" not in sender.statuses and set(sender.statuses) <= {"200", "503"}, sender.statuses
+        assert up.pids()["redis"] != killed
+        with pytest.raises(ProcessLookupError):
+            os.kill(killed, 0)  # reaped, not a zombie
+        if gap.status_code != 200:  # Redis may already be back when the query arrives
+            assert gap.status_code == 503 and gap.headers["retry-after"], gap.text
+        if readyz.status_code != 200:
+            assert readyz.status_code == 503 and "Redis is unreachable" in readyz.json()["redis_error"]
+    finally:
+        up.kill()

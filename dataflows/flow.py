@@ -65,16 +65,20 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
     def write_batch(self, items: list[Parsed]) -> None:
         while True:
             try:
+                self._check_writes_kept()
                 self._write(items)
                 return
             except REDIS_DOWN as exc:
                 log.warning("Redis went away while applying a batch (%s)", exc)
                 wait_for_redis(self.client, "state sink")
-                self._check_writes_kept()
 
     def _check_writes_kept(self) -> None:
-        """After Redis came back: if it lost writes this process made (a crash between AOF syncs),
-        restart, so the source resumes from the offsets Redis has and nothing is missing."""
+        """Before each batch: if Redis lost writes this process made (it restarted from an append-only
+        file that missed them: a machine crash between syncs, or an older copy), restart, so the source
+        resumes from the offsets Redis has and nothing is missing. Redis clients reconnect by
+        themselves, so a restart is not always seen as an error: the offsets are what tells."""
+        if not self.recorded:
+            return
         held = self.store.applied_offsets(self.settings.topic, self.topic_id) or {}
         behind = {p: (held.get(p, 0), mine) for p, mine in self.recorded.items() if held.get(p, 0) < mine}
         if behind:

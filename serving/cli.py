@@ -163,16 +163,21 @@ DRAIN_TIMEOUT_S = float(os.environ.get("INSIGHTFLOW_DRAIN_TIMEOUT", "120"))
 
 @dataclass
 class _Restarts:
-    """Backoff for a process that keeps dying: at once the first time, then 1.5 s doubling up to 30 s
-    while it keeps exiting within 30 s of its start."""
+    """Backoff for a process that keeps failing: at once the first time, then 1.5 s doubling up to 30 s
+    while it keeps exiting (on its own) within 30 s of its start."""
 
     started: float = 0.0
     quick_exits: int = 0
     due: float | None = None
 
-    def schedule(self, now: float) -> float:
-        self.quick_exits = self.quick_exits + 1 if now - self.started < 30 else 1
-        delay = 0.0 if self.quick_exits == 1 else min(30.0, 1.5 * 2 ** (self.quick_exits - 2))
+    def schedule(self, now: float, killed: bool = False) -> float:
+        """When to restart after an exit; `killed` (by a signal: kill -9, the OOM killer) is not a
+        crash of the process's own making, so it never counts toward the backoff."""
+        if killed:
+            self.quick_exits = 0
+        else:
+            self.quick_exits = self.quick_exits + 1 if now - self.started < 30 else 1
+        delay = 0.0 if self.quick_exits <= 1 else min(30.0, 1.5 * 2 ** (self.quick_exits - 2))
         self.due = now + delay
         return delay
 
@@ -303,8 +308,8 @@ class Supervisor:
                 continue
             pending = self.restarts.setdefault(name, _Restarts())
             if pending.due is None:
-                delay = pending.schedule(now)
                 code = managed.proc.returncode  # alive() reaped it: no zombie is left behind
+                delay = pending.schedule(now, killed=code is not None and code < 0)
                 (self.pids / f"{name}.pid").unlink(missing_ok=True)
                 later = f"; restarting in {delay:.0f} s" if delay >= 1 else ""
                 _say(f"{name} exited with code {code}{later}")

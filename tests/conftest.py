@@ -19,6 +19,7 @@ import redis
 
 from schemas.registry import Project, Registry
 from serving import stack
+from tests.upstack import wait_lag_zero
 
 _project_ids = itertools.count(1000)
 
@@ -78,16 +79,12 @@ class Stack:
 
     def wait_applied(self, timeout: float = 60.0) -> None:
         """Until every event accepted so far is reflected in served state (lag_events == 0)."""
-        deadline = time.monotonic() + timeout
-        body: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            body = self.readyz()
-            if body.get("lag_events") == 0:
-                return
+
+        def alive() -> None:
             if not self.dataflow.alive():
                 raise AssertionError(f"dataflow died; log tail:\n{_tail(self.dataflow.log_path)}")
-            time.sleep(0.05)
-        raise AssertionError(f"events not applied within {timeout}s: {body}\n{_tail(self.dataflow.log_path)}")
+
+        wait_lag_zero(self.readyz, timeout, lambda: _tail(self.dataflow.log_path), alive)
 
 
 def _tail(path: Path | None, lines: int = 40) -> str:

@@ -20,6 +20,7 @@ from confluent_kafka import Producer
 from schemas import keys
 from schemas.funnels import parse_funnel_request
 from schemas.registry import DefinitionRegistry
+from tests import legacy
 from tests.conftest import ProjectHandle, Stack, make_project
 
 pytestmark = pytest.mark.e2e
@@ -127,16 +128,6 @@ def test_funnel_step_events_far_in_the_past_and_kept_ones_from_an_older_version(
     assert [s["count"] for s in steps] == [1, 1]
 
 
-def _legacy_definition(project_id: int, steps: int) -> tuple[str, bytes]:
-    """A funnel definition as an older version stored it, before funnels were limited to 32 steps."""
-    two = parse_funnel_request({"events": [{"id": "s0", "order": 0}, {"id": "s1", "order": 1}]},
-                               project_id, "UTC", []).definition
-    body = orjson.loads(two.to_json())
-    body["raw"]["steps"] = [[f"s{i}", [], body["raw"]["steps"][0][2]] for i in range(steps)]
-    body["steps"] = [[f"s{i}", [], body["steps"][0][2]] for i in range(steps)]
-    return f"{steps:016x}", orjson.dumps(body)
-
-
 def test_a_funnel_of_64_steps(running: Stack) -> None:
     """(c) 64 steps overflow the 64-bit step mask: refused (PostHog's limit is 32) even for a key that
     may only read; one stored by an older version is marked failed, answers why, and events flow."""
@@ -146,14 +137,9 @@ def test_a_funnel_of_64_steps(running: Stack) -> None:
     assert "at most 32 steps; this one has 64" in refused.json()["detail"]
     assert _funnel(project, [f"s{i}" for i in range(32)]).status_code == 200
 
-    h, stored = _legacy_definition(project.id, 64)
+    h, stored = legacy.funnel_definition(project.id, 64)
     client = running.redis
-    prefix = keys.definition_prefix(project.id, h)
-    client.hset(keys.definitions(project.id), h, stored)
-    client.hset(prefix + "meta", mapping={"status": "backfilling", "registered_at": 0, "summaries": 1})
-    client.sadd(DefinitionRegistry.PENDING, f"{project.id}:{h}")
-    client.sadd(keys.SUMMARISED, f"{project.id}:{h}")
-    client.incr(keys.definitions_generation(project.id))
+    legacy.register(client, project.id, h, stored)
     assert project.capture(_events("s0", 3) + _events("s1", 3)).status_code == 200
     running.wait_applied()
     _bystander_applied(running, "after-c")

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,12 @@ class Up:
                 return line
         raise AssertionError(f"no line starting {prefix!r} within {timeout}s; output so far: {self.seen}")
 
+    def output(self) -> list[str]:
+        """Every line printed so far."""
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return self.seen
+
     def pids(self) -> dict[str, int]:
         return {p.stem: int(p.read_text()) for p in (self.data_dir / "pids").glob("*.pid")}
 
@@ -96,20 +103,13 @@ class Up:
             return {}
 
     def wait_applied(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        body: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            body = self.readyz()
-            if body.get("lag_events") == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"not applied within {timeout}s: {body}; output: {self.seen}")
+        wait_lag_zero(self.readyz, timeout, lambda: f"output: {self.output()}")
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 180) -> int:
         os.kill(self.proc.pid, sig)
         code = self.proc.wait(timeout)
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
+        time.sleep(0.2)  # the reader thread takes the last lines
+        self.output()
         return code
 
     def kill(self) -> None:
@@ -125,6 +125,21 @@ class Up:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def wait_lag_zero(readyz: Callable[[], dict[str, Any]], timeout: float, context: Callable[[], str],
+                  check: Callable[[], None] | None = None) -> None:
+    """Until every event accepted so far is reflected in served state (`lag_events` 0)."""
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        body = readyz()
+        if body.get("lag_events") == 0:
+            return
+        if check is not None:
+            check()
+        time.sleep(0.05)
+    raise AssertionError(f"events not applied within {timeout}s: {body}; {context()}")
 
 
 def day_total(client: redis.Redis, project_id: int, event: str) -> int:

@@ -168,13 +168,13 @@ def _json_payload(data: bytes) -> Any:
         raise _invalid("Malformed request data: the body is empty.")
     try:
         return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as exc:
+        first = exc
     try:
         decoded = base64.b64decode(text + b"=" * (-len(text) % 4), validate=False)
         return orjson.loads(decoded)
-    except (ValueError, orjson.JSONDecodeError) as exc:
-        raise _invalid(f"Malformed request data: the body is not valid JSON ({exc}).") from exc
+    except (ValueError, orjson.JSONDecodeError):  # not base64 either: say what was wrong with the JSON
+        raise _invalid(f"Malformed request data: the body is not valid JSON ({first}).") from first
 
 
 async def read_payload(request: Request) -> Any:

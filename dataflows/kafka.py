@@ -3,7 +3,7 @@
 The source emits `Record`s carrying partition, offset and the partition's high watermark so the
 sink can record exactly what state reflects. Its snapshot stores the topic's `topic_id` with the
 offset: a recreated topic (Tansu loses topics on restart) is read from the start instead of from
-an offset that now points past its end (MEASURED.md).
+an offset that now points past its end (docs/measured.md).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def project_prefix(project_id: int) -> str:
 
 
 def seen_bucket(uuid: str) -> str:
-    """Dedupe bucket of an event uuid: small hashes stay listpack-encoded (MEASURED.md)."""
+    """Dedupe bucket of an event uuid: small hashes stay listpack-encoded (docs/measured.md)."""
     return format(zlib.crc32(uuid.encode()) % SEEN_BUCKETS, "04x")
 
 

@@ -41,7 +41,7 @@ JSON_BODY = {"requestBody": {"required": False, "content": {"application/json": 
 
 
 class JSON(JSONResponse):
-    """orjson-encoded JSON (faster than the default encoder; MEASURED.md)."""
+    """orjson-encoded JSON (faster than the default encoder; docs/measured.md)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)

@@ -17,7 +17,7 @@ def lag_events(stream_state: dict[bytes, bytes], broker_ends: dict[int, int] | N
     """Events known to be in the topic but not yet applied.
 
     What is known: offsets capture saw acknowledged, high watermarks the dataflow fetched, and the
-    broker's own end offsets (exact on Kafka; a lower bound on Tansu, MEASURED.md).
+    broker's own end offsets (exact on Kafka; a lower bound on Tansu, docs/measured.md).
     """
     ends: dict[int, int] = dict(broker_ends or {})
     applied: dict[int, int] = {}

@@ -1,4 +1,4 @@
-"""PostHog's funnel and funnel-correlation test cases (`../shared/conformance/funnels.jsonl`), end to end."""
+"""PostHog's funnel and funnel-correlation test cases (`tests/conformance/funnels.jsonl`), end to end."""
 
 from __future__ import annotations
 

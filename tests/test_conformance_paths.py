@@ -1,4 +1,4 @@
-"""PostHog's paths test cases (`../shared/conformance/paths.jsonl`), end to end."""
+"""PostHog's paths test cases (`tests/conformance/paths.jsonl`), end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PostHog's retention test cases (`../shared/conformance/retention.jsonl`), end to end."""
+"""PostHog's retention test cases (`tests/conformance/retention.jsonl`), end to end."""
 
 from __future__ import annotations
 

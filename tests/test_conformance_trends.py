@@ -1,4 +1,4 @@
-"""PostHog's trend test cases (`../shared/conformance/trends.jsonl`), end to end.
+"""PostHog's trend test cases (`tests/conformance/trends.jsonl`), end to end.
 
 Each case's events go through capture, the dataflow and Redis; its query goes through HTTP. Cases
 that need a definition (filters, breakdowns, property maths) ask with `refresh=blocking`, as a

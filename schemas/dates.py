@@ -14,6 +14,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dateutil.relativedelta import relativedelta
 
+from schemas.errors import RequestError
+from schemas.fields import MAX_BUCKETS
+
 INTERVALS = ("hour", "day", "week", "month")
 _RELATIVE = re.compile(r"-?(?P<number>[0-9]+)?(?P<type>[a-zA-Z])(?P<position>Start|End)?")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -21,7 +24,18 @@ DEFAULT_DATE_FROM_DAYS = 7
 
 
 class DateParseError(ValueError):
-    """A date string that is neither absolute nor a relative form PostHog accepts."""
+    """A date string that is neither absolute nor a relative form PostHog accepts; `attr` names the
+    parameter when the caller knows it."""
+
+    def __init__(self, detail: str, attr: str | None = None) -> None:
+        super().__init__(detail)
+        self.attr = attr
+
+
+# Query dates live where event times do (schemas/events.py): nothing outside can match an event,
+# and every calendar computation inside stays an ordinary date.
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 def zone(name: str) -> ZoneInfo:
@@ -31,7 +45,10 @@ def zone(name: str) -> ZoneInfo:
         raise DateParseError(f"Unknown time zone '{name}'.") from exc
 
 
-_ABSOLUTE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+_ABSOLUTE = re.compile(r"^\d{4}-\d{1,2}-\d{1,2}")
+_DATE = re.compile(r"^(\d{4})-(\d{1,2})-(\d{1,2})$")
+_FORMS = ("use YYYY-MM-DD, an ISO-8601 datetime, or a relative date such as -7d, -24h, -1m, dStart, mStart or "
+          "yStart")
 
 
 def is_absolute(value: str) -> bool:
@@ -40,19 +57,32 @@ def is_absolute(value: str) -> bool:
 
 
 def _absolute(value: str, tz: ZoneInfo) -> datetime | None:
+    """An absolute date (months and days may be unpadded, as people type them) or an ISO-8601
+    datetime; None for anything that does not start like a date."""
     text = value.strip()
     if not is_absolute(text):
         return None
+    day = _DATE.match(text)
     try:
-        parsed = datetime.fromisoformat(text.replace(" ", "T", 1) if len(text) > 10 else text)
-    except ValueError:
-        try:
-            parsed = datetime.strptime(text[:10], "%Y-%m-%d")  # noqa: DTZ007 - localised below
-        except ValueError as exc:
-            raise DateParseError(f"Could not parse date '{value}'.") from exc
+        if day:
+            parsed = datetime(int(day[1]), int(day[2]), int(day[3]))  # noqa: DTZ001 - localised below
+        else:
+            parsed = datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError as exc:
+        raise DateParseError(f"Could not parse date '{value[:64]}': {_FORMS}.") from exc
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=tz)
-    return parsed.astimezone(tz)
+    try:
+        return parsed.astimezone(tz)
+    except OverflowError as exc:
+        raise DateParseError(f"The date '{value[:64]}' is outside 1900-01-01 .. 2199-12-31, the range events can "
+                             "have.") from exc
+
+
+def _within(moment: datetime, value: str) -> datetime:
+    if not EARLIEST <= moment < LATEST:
+        raise DateParseError(f"The date '{value[:64]}' is outside 1900-01-01 .. 2199-12-31, the range events can have.")
+    return moment
 
 
 def _delta_for(kind: str, number: str | None, position: str | None) -> tuple[dict[str, int], dict[str, int]]:
@@ -104,23 +134,37 @@ def _delta_for(kind: str, number: str | None, position: str | None) -> tuple[dic
 def relative_date_parse(value: str, tz: ZoneInfo, now: datetime, *, always_truncate: bool = False
                         ) -> tuple[datetime, bool]:
     """Resolve an absolute or relative date string in `tz`; also say whether it was relative (§5.2)."""
+    if not isinstance(value, str):
+        raise DateParseError(f"A date must be a string: {_FORMS}.")
     absolute = _absolute(value, tz)
     if absolute is not None:
-        return absolute, False
+        return _within(absolute, value), False
     local_now = now.astimezone(tz)
     match = _RELATIVE.fullmatch(value.strip())
     if not match or match["type"] not in "hdwmqyMs":
-        raise DateParseError(f"Could not parse date '{value}': use YYYY-MM-DD, an ISO-8601 datetime, or a relative "
-                             "date such as -7d, -24h, -1m, dStart, mStart or yStart.")
+        raise DateParseError(f"Could not parse date '{value[:64]}': {_FORMS}.")
     rel, snap = _delta_for(match["type"], match["number"], match["position"])
-    parsed = local_now + relativedelta(**snap) - relativedelta(**rel)
-    parsed = datetime.fromtimestamp(parsed.replace(tzinfo=None).replace(tzinfo=tz).timestamp(), tz)
+    try:
+        parsed = local_now + relativedelta(**snap) - relativedelta(**rel)
+        parsed = datetime.fromtimestamp(parsed.replace(tzinfo=None).replace(tzinfo=tz).timestamp(), tz)
+        _within(parsed, value)
+    except (OverflowError, ValueError) as exc:
+        raise DateParseError(f"The date '{value[:64]}' is outside 1900-01-01 .. 2199-12-31, the range events can "
+                             "have.") from exc
     if always_truncate and not match["position"]:
         if match["type"] in ("h", "M", "s"):
             parsed = parsed.replace(minute=0, second=0, microsecond=0)
         else:
             parsed = parsed.replace(hour=0, minute=0, second=0, microsecond=0)
     return parsed, True
+
+
+def _parsed(value: str, attr: str, tz: ZoneInfo, now: datetime, always_truncate: bool = False
+            ) -> tuple[datetime, bool]:
+    try:
+        return relative_date_parse(value, tz, now, always_truncate=always_truncate)
+    except DateParseError as exc:
+        raise DateParseError(str(exc), attr) from exc
 
 
 def start_of_interval(moment: datetime, interval: str, week_start: int = 0) -> datetime:
@@ -171,7 +215,7 @@ class QueryDateRange:
                 earliest: datetime | None = None) -> QueryDateRange:
         local_now = now.astimezone(tz)
         if date_to:
-            end, relative = relative_date_parse(date_to, tz, local_now)
+            end, relative = _parsed(date_to, "date_to", tz, local_now)
         else:
             end, relative = local_now, True
         if not explicit:
@@ -182,7 +226,7 @@ class QueryDateRange:
         if date_from == "all":
             start = (earliest or datetime(2015, 1, 1, tzinfo=UTC)).astimezone(tz)
         elif date_from:
-            start, _ = relative_date_parse(date_from, tz, local_now, always_truncate=not explicit)
+            start, _ = _parsed(date_from, "date_from", tz, local_now, always_truncate=not explicit)
         else:
             start = _relocalise(local_now.replace(hour=0, minute=0, second=0, microsecond=0)
                                 - timedelta(days=DEFAULT_DATE_FROM_DAYS), tz)
@@ -190,11 +234,21 @@ class QueryDateRange:
 
     def buckets(self) -> list[datetime]:
         """Bucket start instants from start_of_interval(date_from) while <= date_to."""
+        seconds = (self.date_to - self.date_from).total_seconds()
+        rough = seconds / {"hour": 3600, "day": 86400, "week": 7 * 86400, "month": 28 * 86400}[self.interval]
+        if rough > MAX_BUCKETS + 2:
+            raise RequestError(f"This date range has about {int(rough):,} {self.interval}s; at most {MAX_BUCKETS:,} "
+                               "intervals can be asked at once. Use a coarser interval or a shorter range.",
+                               "interval")
         out = []
         current = start_of_interval(self.date_from, self.interval, self.week_start)
-        while current <= self.date_to and len(out) < 100_000:
+        while current <= self.date_to:
             out.append(current)
             current = next_bucket(current, self.interval)
+        if len(out) > MAX_BUCKETS:
+            raise RequestError(f"This date range has {len(out):,} {self.interval}s; at most {MAX_BUCKETS:,} "
+                               "intervals can be asked at once. Use a coarser interval or a shorter range.",
+                               "interval")
         return out
 
 

@@ -168,18 +168,20 @@ NO_FILTERS = FilterGroup("AND", ())
 def _one(raw: Any, attr: str) -> PropertyFilter | FilterGroup | None:
     if not isinstance(raw, dict):
         raise FilterError("each property filter must be an object", attr)
-    if "values" in raw and raw.get("type") in ("AND", "OR"):
+    if "values" in raw and isinstance(raw.get("type"), str) and raw["type"] in ("AND", "OR"):
         return parse_filters(raw, attr)
     key = raw.get("key")
     if key is None or key == "":
-        return None  # PostHog drops entries without a key
+        raise FilterError("A property filter needs a 'key' (the property to compare).", f"{attr}__key")
+    if not isinstance(key, str | int | float) or isinstance(key, bool):
+        raise FilterError("A property filter's 'key' must be a string.", f"{attr}__key")
     kind = raw.get("type") or "event"
-    if kind not in SUPPORTED_TYPES:
-        raise FilterError(f"Property filters of type '{kind}' are not supported yet; use event or person.",
+    if not isinstance(kind, str) or kind not in SUPPORTED_TYPES:
+        raise FilterError(f"Property filters of type {kind!r} are not supported yet; use event or person.",
                           f"{attr}__type", "unsupported")
     operator = raw.get("operator") or "exact"
-    if operator not in OPERATORS:
-        raise FilterError(f"Unknown property filter operator '{operator}'.", f"{attr}__operator", "invalid_choice")
+    if not isinstance(operator, str) or operator not in OPERATORS:
+        raise FilterError(f"Unknown property filter operator {operator!r}.", f"{attr}__operator", "invalid_choice")
     value = raw.get("value")
     if operator in ("between", "not_between") and not (isinstance(value, list) and len(value) == 2):
         raise FilterError(f"Operator '{operator}' needs a [min, max] value.", f"{attr}__value")
@@ -198,7 +200,7 @@ def parse_filters(raw: Any, attr: str = "properties") -> FilterGroup:
     """A list (AND), an old-style dict `{key: value, "key__op": value}`, or an AND/OR group."""
     if raw is None or raw == "" or raw == []:
         return FilterGroup("AND", ())
-    if isinstance(raw, dict) and raw.get("type") in ("AND", "OR") and "values" in raw:
+    if isinstance(raw, dict) and isinstance(raw.get("type"), str) and raw["type"] in ("AND", "OR") and "values" in raw:
         values = raw.get("values") or []
         if not isinstance(values, list):
             raise FilterError("a property group's 'values' must be a list", attr)

@@ -17,23 +17,21 @@ from typing import Any, NamedTuple
 import orjson
 
 from schemas.definitions import DEFINITION_VERSION, ActionStep, Breakdown
+from schemas.fields import MAX_BREAKDOWN_LIMIT, MAX_WINDOW_S, date_field, decode_json_field, int_field, to_bool
 from schemas.filters import NO_FILTERS, FilterGroup, parse_filters
-from schemas.trends import (
-    Entity,
-    RequestError,
-    _breakdown,
-    _entities,
-    decode_json_field,
-    int_field,
-    request_filters,
-    to_bool,
-)
+from schemas.trends import Entity, RequestError, _breakdown, _entities, request_filters
 
 WINDOW_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400}
 ORDER_TYPES = ("ordered", "strict", "unordered")
 VIZ_TYPES = ("steps", "trends", "time_to_convert")
 ATTRIBUTIONS = ("first_touch", "last_touch", "all_events", "step")
 MAX_FUNNEL_STEPS = 32
+# What a funnel request reads; a step's people URL repeats these, and nothing else.
+PARAMETERS = ("insight", "events", "actions", "exclusions", "properties", "filter_test_accounts", "date_from",
+              "date_to", "explicit_date", "interval", "display", "funnel_window_interval",
+              "funnel_window_interval_unit", "funnel_window_days", "funnel_order_type", "funnel_viz_type",
+              "funnel_from_step", "funnel_to_step", "breakdown", "breakdown_type", "breakdowns", "breakdown_limit",
+              "breakdown_normalize_url", "breakdown_attribution_type", "breakdown_attribution_value", "bin_count")
 
 
 @dataclass(frozen=True)
@@ -217,20 +215,25 @@ class FunnelRequest:
 
 
 def _window(data: dict[str, Any]) -> float:
-    interval, unit = data.get("funnel_window_interval"), data.get("funnel_window_interval_unit")
-    if interval in (None, "") and data.get("funnel_window_days") not in (None, ""):
-        interval, unit = data["funnel_window_days"], "day"
-    try:
-        amount = int(interval) if interval not in (None, "") else 14
-    except (TypeError, ValueError) as exc:
-        raise RequestError("'funnel_window_interval' must be an integer", "funnel_window_interval") from exc
+    name, unit = "funnel_window_interval", data.get("funnel_window_interval_unit")
+    if data.get(name) in (None, "") and data.get("funnel_window_days") not in (None, ""):
+        name, unit = "funnel_window_days", "day"
+    if isinstance(unit, list | dict):
+        raise RequestError("'funnel_window_interval_unit' must be a string.", "funnel_window_interval_unit")
     unit = str(unit or "day").lower().rstrip("s")
     if unit not in WINDOW_UNITS:
         raise RequestError(f"Unknown funnel_window_interval_unit '{unit}'; use one of {', '.join(WINDOW_UNITS)}.",
                            "funnel_window_interval_unit", "invalid_choice")
-    if amount < 1:
-        raise RequestError("'funnel_window_interval' must be at least 1", "funnel_window_interval")
+    amount = int_field(data, name, 14, 1, MAX_WINDOW_S // WINDOW_UNITS[unit]) or 14
     return float(amount * WINDOW_UNITS[unit])
+
+
+def _interval(data: dict[str, Any]) -> str:
+    interval = data.get("interval") or "day"
+    if not isinstance(interval, str) or interval.lower() not in ("minute", "hour", "day", "week", "month"):
+        raise RequestError(f"Unknown interval {interval!r}; use hour, day, week or month.", "interval",
+                           "invalid_choice")
+    return interval.lower()
 
 
 def _step(entity: Entity) -> FunnelStep:
@@ -264,24 +267,24 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
                              and (e.order, e.id) in first_time and e.id in first_time_names)
     global_filters = request_filters(data, test_account_filters)
     steps = tuple(_step(e) for e in entities)
-    order = str(data.get("funnel_order_type") or "ordered")
-    if order not in ORDER_TYPES:
+    order = data.get("funnel_order_type") or "ordered"
+    if not isinstance(order, str) or order not in ORDER_TYPES:
         raise RequestError(f"Unknown funnel_order_type '{order}'.", "funnel_order_type", "invalid_choice")
     viz = data.get("funnel_viz_type")
     if not viz:
         viz = "trends" if data.get("display") == "ActionsLineGraph" else "steps"
-    if viz not in VIZ_TYPES:
+    if not isinstance(viz, str) or viz not in VIZ_TYPES:
         raise RequestError(f"Unknown funnel_viz_type '{viz}'.", "funnel_viz_type", "invalid_choice")
     exclusions = _exclusions(data, entities, steps, order)
     breakdown = _breakdown(data)
     listed = decode_json_field(data, "breakdowns", None)
     if isinstance(listed, list) and len(listed) > 1:
         raise RequestError("Funnels support only one breakdown.", "breakdowns")
-    attribution = str(data.get("breakdown_attribution_type") or "first_touch")
-    if attribution not in ATTRIBUTIONS:
+    attribution = data.get("breakdown_attribution_type") or "first_touch"
+    if not isinstance(attribution, str) or attribution not in ATTRIBUTIONS:
         raise RequestError(f"Unknown breakdown_attribution_type '{attribution}'.", "breakdown_attribution_type",
                            "invalid_choice")
-    attribution_step = int_field(data, "breakdown_attribution_value", None)
+    attribution_step = int_field(data, "breakdown_attribution_value", None, 0, MAX_FUNNEL_STEPS - 1)
     if attribution == "step" and attribution_step is None:
         raise RequestError("breakdown_attribution_value is required with step attribution.",
                            "breakdown_attribution_value")
@@ -303,17 +306,17 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
         summaries=(order == "ordered" and not exclusions and correlation_events is None and not first_time_steps
                    and (breakdown is None or attribution in ("first_touch", "last_touch"))),
     )
-    bins = int_field(data, "bin_count", None)
+    bins = int_field(data, "bin_count", None, 1)
     body = body or {}
     unbox = (body.get("insight") == "FUNNELS" and body.get("breakdown_type") in ("person", "event")
              and isinstance(body.get("breakdown"), str))
     return FunnelRequest(
         definition=definition, entities=entities, order=order, viz=viz, window_s=_window(data),
-        date_from=data.get("date_from") or None, date_to=data.get("date_to") or None,
-        interval=str(data.get("interval") or "day").lower(), from_step=from_step, to_step=to_step,
+        date_from=date_field(data, "date_from"), date_to=date_field(data, "date_to"),
+        interval=_interval(data), from_step=from_step, to_step=to_step,
         attribution=attribution, attribution_step=attribution_step,
-        breakdown_limit=int_field(data, "breakdown_limit", 25) or 25,
-        bin_count=max(1, min(90, bins)) if bins is not None else None, unbox=unbox, raw=data,
+        breakdown_limit=int_field(data, "breakdown_limit", 25, 1, MAX_BREAKDOWN_LIMIT) or 25,
+        bin_count=min(90, bins) if bins is not None else None, unbox=unbox, raw=data,
         refresh=str(data.get("refresh") or "").lower(), first_time_steps=first_time_steps,
         explicit_date=to_bool(data.get("explicit_date")),
     )
@@ -329,8 +332,9 @@ def _exclusions(data: dict[str, Any], entities: list[Entity], steps: tuple[Funne
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise RequestError("each exclusion must be an object", f"exclusions__{i}")
-        start = int(item.get("funnel_from_step") or 0)
-        end = int(item["funnel_to_step"]) if item.get("funnel_to_step") not in (None, "") else n - 1
+        start = int_field(item, "funnel_from_step", 0, 0) or 0
+        end = int_field(item, "funnel_to_step", n - 1, 0)
+        assert end is not None
         if end <= start:
             raise RequestError("Exclusion event range is invalid. End of range should be greater than start.")
         if start >= n - 1:

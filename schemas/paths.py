@@ -16,8 +16,9 @@ from typing import Any
 import orjson
 
 from schemas.definitions import DEFINITION_VERSION
+from schemas.fields import date_field, int_field, list_field, text_field, to_bool
 from schemas.filters import NO_FILTERS, FilterGroup, parse_filters
-from schemas.trends import RequestError, decode_json_field, int_field, request_filters, to_bool
+from schemas.trends import RequestError, request_filters
 
 EVENT_TYPES = ("$pageview", "$screen", "custom_event")
 
@@ -117,38 +118,36 @@ def _strip(point: Any) -> str | None:
 
 def parse_paths_request(data: dict[str, Any], project_id: int, timezone: str, test_account_filters: list[Any],
                         path_cleaning_filters: list[Any]) -> PathsRequest:
-    types = decode_json_field(data, "include_event_types", [])
+    types = list_field(data, "include_event_types")
     if data.get("path_type"):
         types = [data["path_type"]]
-    if not isinstance(types, list):
-        raise RequestError("'include_event_types' must be a list", "include_event_types")
     for kind in types:
-        if kind not in EVENT_TYPES:
+        if not isinstance(kind, str) or kind not in EVENT_TYPES:
             raise RequestError(f"Path event type '{kind}' is not supported yet; use {', '.join(EVENT_TYPES)}.",
                                "include_event_types", "unsupported")
-    custom = decode_json_field(data, "include_custom_events", [])
+    custom = list_field(data, "include_custom_events", (str, int, float))
     if custom and "custom_event" in types:
         raise RequestError("Cannot include all custom events and specific custom events in the same query")
     if data.get("funnel_paths") or data.get("funnel_filter"):
         raise RequestError("Funnel paths are not supported yet.", "funnel_paths", "unsupported")
     filters = request_filters(data, test_account_filters)
-    low, high = int_field(data, "min_edge_weight", None), int_field(data, "max_edge_weight", None)
+    low, high = int_field(data, "min_edge_weight", None, 0), int_field(data, "max_edge_weight", None, 0)
     if low is not None and high is not None and high < low:
         raise RequestError("Max Edge weight can't be lower than min edge weight")
     rules = list(path_cleaning_filters) if to_bool(data.get("path_replacements")) else []
-    rules += decode_json_field(data, "local_path_cleaning_filters", []) or []
+    rules += list_field(data, "local_path_cleaning_filters", dict)
     try:
         cleaning = tuple((re.compile(str(r["regex"])), str(r.get("alias", ""))) for r in rules)
-        groupings = tuple((str(g), re.compile(".*".join(re.escape(p) for p in str(g).split("*"))))
-                          for g in decode_json_field(data, "path_groupings", []) or [])
     except (re.error, KeyError, TypeError) as exc:
-        raise RequestError(f"Invalid path cleaning rule or grouping: {exc}", "local_path_cleaning_filters") from exc
+        raise RequestError(f"Invalid path cleaning rule: {exc}", "local_path_cleaning_filters") from exc
+    groupings = tuple((str(g), re.compile(".*".join(re.escape(p) for p in str(g).split("*"))))
+                      for g in list_field(data, "path_groupings", (str, int, float)))
     definition = PathDefinition(project_id, tuple(types), tuple(str(c) for c in custom), filters, timezone)
     return PathsRequest(
-        definition=definition, date_from=data.get("date_from") or None, date_to=data.get("date_to") or None,
-        start_point=_strip(data.get("start_point")), end_point=_strip(data.get("end_point")),
-        step_limit=int_field(data, "step_limit", 5) or 5, edge_limit=int_field(data, "edge_limit", 50) or 50,
-        min_weight=low, max_weight=high, exclude=frozenset(str(e) for e in decode_json_field(data, "exclude_events",
-                                                                                               []) or []),
+        definition=definition, date_from=date_field(data, "date_from"), date_to=date_field(data, "date_to"),
+        start_point=_strip(text_field(data, "start_point")), end_point=_strip(text_field(data, "end_point")),
+        step_limit=int_field(data, "step_limit", 5, 1, 1000) or 5,
+        edge_limit=int_field(data, "edge_limit", 50, 1, 100_000) or 50, min_weight=low, max_weight=high,
+        exclude=frozenset(str(e) for e in list_field(data, "exclude_events", (str, int, float))),
         groupings=groupings, cleaning=cleaning, refresh=str(data.get("refresh") or "").lower(),
     )

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.definitions import Breakdown, Definition
+from schemas.fields import MAX_BREAKDOWN_LIMIT, date_field, decode_json_field, int_field, to_bool
 from schemas.filters import NO_FILTERS, FilterGroup, all_of
-from schemas.trends import Entity, RequestError, _breakdown, _entities, decode_json_field, request_filters, to_bool
+from schemas.trends import Entity, RequestError, _breakdown, _entities, request_filters
 
 PERIODS = {"Hour": "hour", "Day": "day", "Week": "week", "Month": "month"}
 TYPES = ("retention_recurring", "retention_first_time")
@@ -39,6 +40,12 @@ class RetentionRequest:
         return PERIODS[self.period]
 
 
+# What a retention request reads; a cohort's `people_url` repeats these, and nothing else.
+PARAMETERS = ("insight", "target_entity", "returning_entity", "period", "total_intervals", "date_to", "date_from",
+              "retention_type", "properties", "filter_test_accounts", "breakdown", "breakdown_type", "breakdowns",
+              "breakdown_limit", "breakdown_normalize_url", "cumulative", "minimum_occurrences", "display")
+
+
 def _entity(data: dict[str, Any], name: str, default: dict[str, Any]) -> Entity:
     raw = decode_json_field(data, name, None) or default
     if not isinstance(raw, dict):
@@ -55,18 +62,13 @@ def parse_retention_request(data: dict[str, Any], test_account_filters: list[Any
     target = _entity(data, "target_entity", {"id": "$pageview", "type": "events"})
     returning = _entity(data, "returning_entity", decode_json_field(data, "target_entity", None)
                         or {"id": "$pageview", "type": "events"})
-    period = str(data.get("period") or "Day")
-    if period not in PERIODS:
+    period = data.get("period") or "Day"
+    if not isinstance(period, str) or period not in PERIODS:
         raise RequestError(f"Period {period} is unsupported.", "period", "invalid_choice")
-    try:
-        intervals = int(data.get("total_intervals") or 11)
-        minimum = int(data.get("minimum_occurrences") or 1)
-    except (TypeError, ValueError) as exc:
-        raise RequestError("total_intervals and minimum_occurrences must be integers", "total_intervals") from exc
-    if not 1 <= intervals <= 500:
-        raise RequestError("total_intervals must be between 1 and 500", "total_intervals")
-    kind = str(data.get("retention_type") or "retention_recurring")
-    if kind not in TYPES:
+    intervals = int_field(data, "total_intervals", 11, 1, 500) or 11
+    minimum = int_field(data, "minimum_occurrences", 1, 1) or 1
+    kind = data.get("retention_type") or "retention_recurring"
+    if not isinstance(kind, str) or kind not in TYPES:
         raise RequestError(f"Unknown retention_type '{kind}'.", "retention_type", "invalid_choice")
     filters = request_filters(data, test_account_filters)
     breakdown = _breakdown(data)
@@ -77,9 +79,10 @@ def parse_retention_request(data: dict[str, Any], test_account_filters: list[Any
                            "is not supported yet.", "retention_type", "unsupported")
     return RetentionRequest(
         target=target, returning=returning, period=period, total_intervals=intervals, first_time=first_time,
-        date_to=data.get("date_to") or None, filters=filters, breakdown=breakdown,
-        breakdown_limit=int(data.get("breakdown_limit") or 25), cumulative=to_bool(data.get("cumulative")),
-        minimum_occurrences=max(1, minimum), raw=data, refresh=str(data.get("refresh") or "").lower(),
+        date_to=date_field(data, "date_to"), filters=filters, breakdown=breakdown,
+        breakdown_limit=int_field(data, "breakdown_limit", 25, 1, MAX_BREAKDOWN_LIMIT) or 25,
+        cumulative=to_bool(data.get("cumulative")), minimum_occurrences=minimum, raw=data,
+        refresh=str(data.get("refresh") or "").lower(),
     )
 
 

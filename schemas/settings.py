@@ -16,6 +16,8 @@ ENV_VARS = {
     "INSIGHTFLOW_BLOCKING_TIMEOUT": "blocking_timeout_s",
     "INSIGHTFLOW_RATE_LIMIT": "rate_limit_per_minute",
     "INSIGHTFLOW_SUMMARY_CACHE_MB": "summary_cache_mb",
+    "INSIGHTFLOW_QUERY_WORKERS": "query_workers",
+    "INSIGHTFLOW_QUERY_TIMEOUT": "query_timeout_s",
 }
 
 
@@ -30,7 +32,9 @@ class Settings:
     api_port: int = 8000
     blocking_timeout_s: float = 30.0
     rate_limit_per_minute: int = 6000  # per personal API key, over the insight API
-    summary_cache_mb: int = 1024  # decoded funnel/paths summaries the API keeps (days, and ranges)
+    summary_cache_mb: int = 1024  # decoded funnel/paths summaries a compute worker keeps (days, and ranges)
+    query_workers: int = 2  # processes computing insights off the API's event loop
+    query_timeout_s: float = 60.0  # a computation's time budget (504 timeout beyond it)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -46,4 +50,6 @@ class Settings:
             blocking_timeout_s=float(env.get("INSIGHTFLOW_BLOCKING_TIMEOUT", cls.blocking_timeout_s)),
             rate_limit_per_minute=int(env.get("INSIGHTFLOW_RATE_LIMIT", cls.rate_limit_per_minute)),
             summary_cache_mb=int(env.get("INSIGHTFLOW_SUMMARY_CACHE_MB", cls.summary_cache_mb)),
+            query_workers=int(env.get("INSIGHTFLOW_QUERY_WORKERS", os.cpu_count() or cls.query_workers)),
+            query_timeout_s=float(env.get("INSIGHTFLOW_QUERY_TIMEOUT", cls.query_timeout_s)),
         )

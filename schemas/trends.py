@@ -14,6 +14,16 @@ import orjson
 
 from schemas.definitions import ActionStep, Breakdown, Definition
 from schemas.errors import RequestError
+from schemas.fields import (
+    MAX_BREAKDOWN_LIMIT,
+    MAX_SERIES,
+    date_field,
+    decode_json_field,
+    int_field,
+    int_value,
+    text_field,
+    to_bool,
+)
 from schemas.filters import NO_FILTERS, FilterError, FilterGroup, all_of, parse_filters
 from schemas.formula import Formula, FormulaError
 
@@ -35,26 +45,6 @@ KNOWN_MATHS = (
 TIME_SERIES_DISPLAYS = ("ActionsLineGraph", "ActionsBar", "ActionsStackedBar", "ActionsUnstackedBar",
                         "ActionsAreaGraph", "ActionsLineGraphCumulative")
 TOTAL_VALUE_DISPLAYS = ("BoldNumber", "ActionsPie", "ActionsBarValue", "ActionsTable", "WorldMap")
-_TRUE = {"true", "1", "yes", "y", "t", "on"}
-
-
-def to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value is None:
-        return False
-    return str(value).strip().lower() in _TRUE
-
-
-def int_field(data: dict[str, Any], name: str, default: int | None) -> int | None:
-    """An integer parameter (number or numeric string); absent or empty gives the default."""
-    value = data.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError) as exc:
-        raise RequestError(f"'{name}' must be an integer", name) from exc
 
 
 def request_filters(data: dict[str, Any], test_account_filters: list[Any]) -> FilterGroup:
@@ -63,21 +53,6 @@ def request_filters(data: dict[str, Any], test_account_filters: list[Any]) -> Fi
     if to_bool(data.get("filter_test_accounts")) and test_account_filters:
         filters = all_of(filters, parse_filters(test_account_filters, "filter_test_accounts"))
     return filters
-
-
-def decode_json_field(data: dict[str, Any], name: str, default: Any) -> Any:
-    """Structured fields arrive as JSON strings in GET and may in POST (§4.2)."""
-    value = data.get(name)
-    if value is None or value == "":
-        return default
-    if isinstance(value, str):
-        try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            if name == "properties":
-                raise RequestError("Properties are unparsable!", name) from exc
-            raise RequestError(f"'{name}' is not valid JSON: {exc}", name, "parse_error") from exc
-    return value
 
 
 @dataclass(frozen=True)
@@ -165,6 +140,9 @@ def _entities(data: dict[str, Any]) -> list[Entity]:
             collected.append((kind, i, item))
     if not collected:
         raise RequestError("At least one of 'events' or 'actions' is required.", "events")
+    if len(collected) > MAX_SERIES:
+        raise RequestError(f"At most {MAX_SERIES} series (events and actions) can be asked at once; this request has "
+                           f"{len(collected)}.", "events")
 
     def sort_key(entry: tuple[str, int, dict[str, Any]]) -> int:
         order = entry[2].get("order")
@@ -184,18 +162,19 @@ def _entities(data: dict[str, Any]) -> list[Entity]:
             event_id = str(event_id)
         raw_math = item.get("math") or None
         math = raw_math or "total"
-        if math not in KNOWN_MATHS:
+        if not isinstance(math, str) or math not in KNOWN_MATHS:
             raise RequestError(f"Unknown math '{math}'.", f"{attr}__math", "invalid_choice")
         if math not in SUPPORTED_MATHS:
             raise RequestError(f"Math '{math}' is not supported yet; supported: {', '.join(SUPPORTED_MATHS)}.",
                                f"{attr}__math", "unsupported")
         props = item.get("properties") or []
         filters = parse_filters(props, f"{attr}__properties")
-        math_property = item.get("math_property") or None
+        math_property = text_field(item, "math_property")
         if math in PROPERTY_MATHS and not math_property:
             raise RequestError(f"Math '{math}' needs a math_property.", f"{attr}__math_property")
         property_type = {"event_properties": "event", "person_properties": "person", None: "event",
-                         "": "event"}.get(item.get("math_property_type"))
+                         "": "event"}.get(item.get("math_property_type") if not isinstance(
+                             item.get("math_property_type"), list | dict) else "?")
         if property_type is None:
             raise RequestError(f"math_property_type '{item.get('math_property_type')}' is not supported yet; use "
                                "event_properties or person_properties.", f"{attr}__math_property_type", "unsupported")
@@ -246,6 +225,10 @@ def _action_steps(item: dict[str, Any], attr: str) -> tuple[ActionStep, ...]:
 
 
 def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
+    for name, value in (("insight", data.get("insight")), ("shown_as", data.get("shown_as"))):
+        if isinstance(value, str) and value.upper() in ("STICKINESS", "LIFECYCLE"):
+            raise RequestError(f"{value.capitalize()} insights are not built yet; only volume trends are answered "
+                               "here.", name, "unsupported")
     interval = str(data.get("interval") or "day").lower()
     if interval == "minute":
         interval = "hour"
@@ -266,36 +249,25 @@ def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
     if histogram is not None:
         breakdown = Breakdown(breakdown.properties, breakdown.normalize_url)  # type: ignore[union-attr]
     default_limit = WORLD_MAP_BREAKDOWN_LIMIT if display == "WorldMap" else DEFAULT_BREAKDOWN_LIMIT
-    try:
-        smoothing = int(data.get("smoothing_intervals") or 1)
-    except (TypeError, ValueError) as exc:
-        raise RequestError("'smoothing_intervals' must be a positive integer", "smoothing_intervals") from exc
-    if smoothing < 1:
-        raise RequestError("'smoothing_intervals' must be a positive integer", "smoothing_intervals")
-    try:
-        limit = int(data.get("breakdown_limit") or default_limit)
-    except (TypeError, ValueError) as exc:
-        raise RequestError("'breakdown_limit' must be an integer", "breakdown_limit") from exc
-    if limit < 1:
-        raise RequestError("'breakdown_limit' must be at least 1", "breakdown_limit")
+    smoothing = int_field(data, "smoothing_intervals", 1, 1, 10_000) or 1
+    limit = int_field(data, "breakdown_limit", default_limit, 1, MAX_BREAKDOWN_LIMIT) or default_limit
     formula = data.get("formula") or None
+    if formula is not None and not isinstance(formula, str):
+        raise RequestError("'formula' must be a string such as A/B.", "formula")
     if formula is not None:
         try:
             Formula(str(formula), len(entities))
         except FormulaError as exc:
             raise RequestError(str(exc), "formula") from exc
-    if display not in TIME_SERIES_DISPLAYS + TOTAL_VALUE_DISPLAYS:
+    if not isinstance(display, str) or display not in TIME_SERIES_DISPLAYS + TOTAL_VALUE_DISPLAYS:
         display = "ActionsLineGraph"
     compare_to = data.get("compare_to") or None
     if compare_to is not None and not isinstance(compare_to, str):
         raise RequestError("'compare_to' must be a relative date such as -1y", "compare_to")
     compare = to_bool(data.get("compare")) or compare_to is not None
-    for name in ("date_from", "date_to"):
-        if data.get(name) is not None and not isinstance(data.get(name), str):
-            raise RequestError(f"'{name}' must be a string", name)
     return TrendsRequest(
-        entities=entities, interval=interval, date_from=data.get("date_from") or None,
-        date_to=data.get("date_to") or None, explicit_date=to_bool(data.get("explicit_date")),
+        entities=entities, interval=interval, date_from=date_field(data, "date_from"),
+        date_to=date_field(data, "date_to"), explicit_date=to_bool(data.get("explicit_date")),
         display=display, compare=compare, properties=properties,
         filter_test_accounts=filter_test_accounts, breakdown=breakdown, formula=formula, raw=data,
         filters=filters, breakdown_limit=limit, hide_other=to_bool(data.get("breakdown_hide_other_aggregation")),
@@ -311,14 +283,7 @@ def _histogram_bins(data: dict[str, Any]) -> int | None:
         raw = listed[0].get("histogram_bin_count")
     if raw in (None, ""):
         return None
-    try:
-        bins = int(raw)
-    except (TypeError, ValueError) as exc:
-        raise RequestError("'breakdown_histogram_bin_count' must be an integer",
-                           "breakdown_histogram_bin_count") from exc
-    if bins < 1:
-        raise RequestError("'breakdown_histogram_bin_count' must be at least 1", "breakdown_histogram_bin_count")
-    return bins
+    return int_value(raw, "breakdown_histogram_bin_count", 1, 1000)
 
 
 def _breakdown(data: dict[str, Any]) -> Breakdown | None:
@@ -333,7 +298,7 @@ def _breakdown(data: dict[str, Any]) -> Breakdown | None:
         props = []
         for i, item in enumerate(listed):
             kind = _breakdown_type(item.get("type"), f"breakdowns__{i}__type")
-            props.append((kind, str(item["property"])))
+            props.append((kind, _property_name(item["property"], f"breakdowns__{i}__property")))
             normalize = normalize or to_bool(item.get("normalize_url"))
         return Breakdown(tuple(props), normalize, as_list=True)
     raw = data.get("breakdown")
@@ -348,11 +313,19 @@ def _breakdown(data: dict[str, Any]) -> Breakdown | None:
     if isinstance(raw, list):
         if not raw or len(raw) > 3:
             raise RequestError("'breakdown' lists hold 1 to 3 properties.", "breakdown")
-        return Breakdown(tuple((kind, str(p)) for p in raw), normalize)
-    return Breakdown(((kind, str(raw)),), normalize)
+        return Breakdown(tuple((kind, _property_name(p, "breakdown")) for p in raw), normalize)
+    return Breakdown(((kind, _property_name(raw, "breakdown")),), normalize)
+
+
+def _property_name(value: Any, attr: str) -> str:
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise RequestError("A breakdown names a property: a string.", attr)
 
 
 def _breakdown_type(value: Any, attr: str) -> str:
+    if isinstance(value, list | dict):
+        raise RequestError("'breakdown_type' must be event or person.", attr)
     kind = str(value or "event")
     kind = "event" if kind == "events" else kind
     if kind not in ("event", "person"):

@@ -18,6 +18,7 @@ from dataflows.state import StateStore
 from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
 from serving import capture, health, insights, saved
+from serving.compute import Computations
 from serving.errors import (
     ERROR_RESPONSES,
     JSON,
@@ -28,7 +29,6 @@ from serving.errors import (
     http_error_handler,
     request_validation_handler,
 )
-from serving.summaries import SUMMARIES
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -38,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis.Redis.from_url(settings.redis_url)
         app.state.settings = settings
-        SUMMARIES.configure(settings.summary_cache_mb)
+        app.state.computations = Computations(settings.redis_url, settings.query_workers, settings.query_timeout_s,
+                                              settings.summary_cache_mb)
         app.state.redis = client
         app.state.registry = Registry(client)
         app.state.definitions = DefinitionRegistry(client)
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.watermarks = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                                          "group.id": "insightflow-readyz", "enable.auto.commit": False})
         yield
+        app.state.computations.close()
         app.state.watermarks.close()
         app.state.producer.close()
         client.close()

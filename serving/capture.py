@@ -47,7 +47,7 @@ class EventProducer:
         self.topic = topic
         self.producer = Producer({
             "bootstrap.servers": bootstrap,
-            "linger.ms": 50,
+            "linger.ms": 20,  # batches for the broker (docs/measured.md), at little cost in latency
             "batch.num.messages": 10_000,
             "compression.type": "lz4",
             "message.timeout.ms": 5000,
@@ -229,16 +229,16 @@ def _token(request: Request, envelope: dict[str, Any], events: list[Any]) -> str
     return None
 
 
-@router.post("/batch/", include_in_schema=True)
+@router.post("/batch/", operation_id="capture_batch")
 @router.post("/batch", include_in_schema=False)
-@router.post("/capture/", include_in_schema=False)
+@router.post("/capture/", operation_id="capture_capture")
 @router.post("/capture", include_in_schema=False)
-@router.post("/e/", include_in_schema=False)
+@router.post("/e/", operation_id="capture_e")
 @router.post("/e", include_in_schema=False)
-@router.get("/e/", include_in_schema=False)
-@router.post("/i/v0/e/", include_in_schema=False)
+@router.get("/e/", operation_id="capture_e_get")
+@router.post("/i/v0/e/", operation_id="capture_i_v0_e")
 @router.post("/i/v0/e", include_in_schema=False)
-@router.post("/track/", include_in_schema=False)
+@router.post("/track/", operation_id="capture_track")
 async def capture(request: Request) -> JSON:
     """Accept events from any PostHog SDK."""
     if request.app.state.draining:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -213,9 +214,34 @@ class Supervisor:
     def _stopping(self) -> bool:
         return self.signals > 0
 
+    def _claim(self) -> None:
+        """One `up` per data dir (its Redis files and recovery state are not to be shared), and a free
+        API port, checked before anything starts."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.data_dir / "up.lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "unknown"
+            raise stack.StackError(f"insightflow up is already running on {self.data_dir} (pid {owner}); stop it, "
+                                   "or give another --data-dir") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+        if stack.port_taken(self.api_port):
+            raise stack.StackError(f"port {self.api_port} is already in use: stop what holds it, or choose another "
+                                   "with --api-port")
+
     def run(self) -> None:
         signal.signal(signal.SIGINT, self._signal)
         signal.signal(signal.SIGTERM, self._signal)
+        try:
+            self._claim()
+        except stack.StackError as exc:
+            _say(f"error: {exc}")
+            raise typer.Exit(1) from exc
         try:
             self._start()
             while not self._stopping:
@@ -381,10 +407,15 @@ class Supervisor:
     def _shutdown(self) -> None:
         for name in ("api", "dataflow", "broker", "redis"):
             managed = self.procs.get(name)
-            if managed is not None:
-                managed.stop()
-                (self.pids / f"{name}.pid").unlink(missing_ok=True)
+            if managed is None:
+                continue
+            if managed.alive():
+                _say(f"stopping {name} (pid {managed.proc.pid})")
+                if managed.stop():
+                    _say(f"{name} did not stop within 10 s: killed")
+            (self.pids / f"{name}.pid").unlink(missing_ok=True)
         _stack_file(self.data_dir).unlink(missing_ok=True)
+        _say("stopped")
 
 
 def main() -> None:

@@ -27,10 +27,13 @@ from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered
 from dataflows.summaries import Summariser, parse_person_events
 from schemas import keys
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
+from schemas.fields import decode_json_field
 from schemas.filters import as_text
 from schemas.funnels import FunnelRequest, read_kept
 from schemas.registry import Project
-from schemas.trends import RequestError, decode_json_field
+from schemas.trends import RequestError
+from serving.compute import Computation
+from serving.people import person_details
 from serving.summaries import SUMMARIES
 from serving.trends import quantile
 
@@ -82,7 +85,7 @@ def _attempt_rows(values: list[bytes], steps: int) -> np.ndarray:
     return np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 1)
 
 
-class FunnelQuery:
+class FunnelQuery(Computation):
     def __init__(self, client: redis.Redis, project: Project, request: FunnelRequest, now: datetime) -> None:
         self.redis, self.project, self.request = client, project, request
         self.tz = zone(project.timezone)
@@ -535,7 +538,7 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
 
 
 
-class CorrelationQuery:
+class CorrelationQuery(Computation):
     """Funnel correlation as a query like the others: the funnel's definitions, then `correlation`."""
 
     def __init__(self, funnel_query: FunnelQuery, wanted: CorrelationRequest) -> None:
@@ -544,5 +547,10 @@ class CorrelationQuery:
     def definitions(self) -> list[Any]:
         return self.funnel.definitions()
 
-    def run(self, person_properties: Any) -> dict[str, Any]:
-        return correlation(self.funnel, self.wanted, person_properties)
+    def run(self) -> dict[str, Any]:
+        funnel = self.funnel
+
+        def person_properties(persons: list[str]) -> dict[str, dict[str, Any]]:
+            return {str(p["id"]): p["properties"] for p in person_details(funnel.redis, funnel.project.id, persons)}
+
+        return correlation(funnel, self.wanted, person_properties)

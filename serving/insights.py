@@ -7,6 +7,7 @@ import csv
 import io
 import re
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -15,12 +16,14 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import Histogram
 
-from schemas import keys
 from schemas.dates import DateParseError, iso_instant
 from schemas.definitions import Definition
+from schemas.fields import MAX_NESTING, decode_json_field, int_field, nesting, text_field
+from schemas.funnels import PARAMETERS as FUNNEL_PARAMETERS
 from schemas.funnels import parse_funnel_request
 from schemas.paths import parse_paths_request
 from schemas.registry import DefinitionRegistry, Project
+from schemas.retention import PARAMETERS as RETENTION_PARAMETERS
 from schemas.retention import parse_retention_request
 from schemas.trends import RequestError, parse_trends_request
 from serving.auth import authenticate, authorize
@@ -28,6 +31,7 @@ from serving.errors import JSON, ApiError, validation
 from serving.funnels import CorrelationQuery, FunnelQuery, parse_correlation
 from serving.openapi import describe
 from serving.paths import PathsQuery
+from serving.people import person_details
 from serving.retention import RetentionQuery
 from serving.trends import TrendQuery, resolve_now
 
@@ -48,6 +52,9 @@ async def request_data(request: Request) -> tuple[dict[str, Any], dict[str, Any]
                 raise ApiError(400, "invalid_request", "parse_error", f"JSON parse error - {exc}") from exc
             if not isinstance(parsed, dict):
                 raise ApiError(400, "invalid_request", "parse_error", "The request body must be a JSON object.")
+            for name, value in parsed.items():
+                if nesting(value) > MAX_NESTING:
+                    raise validation(f"'{name}' nests more than {MAX_NESTING} levels deep.", name)
             data.update(parsed)
     return data, parsed
 
@@ -135,7 +142,7 @@ async def _trend(request: Request, project_id: str) -> Response:
     query, data, project, waiting = await calculation(request, project_id, "TRENDS")
     if waiting is not None:
         return waiting
-    result = query.run()
+    result = await computed(request, query, "run")
     QUERY_SECONDS.labels("trend").observe(time.perf_counter() - started)
     if request.url.path.endswith(".csv") or data.get("format") == "csv":
         first = query.periods[0].range
@@ -185,7 +192,7 @@ def build_query(state: Any, project: Project, kind: str, data: dict[str, Any], n
         parsed = parse_paths_request(data, project.id, project.timezone, project.test_account_filters,
                                      project.path_cleaning_filters)
         return PathsQuery(redis, project, parsed, now)
-    raise RequestError(f"Insights of type {kind} cannot be calculated here.", "filters", "unsupported")
+    raise RequestError(f"Insights of type {kind} cannot be calculated here.", "insight", "unsupported")
 
 
 async def calculation(request: Request, project_id: str, kind: str, blocking: bool = False
@@ -198,9 +205,50 @@ async def calculation(request: Request, project_id: str, kind: str, blocking: bo
     except RequestError as exc:
         raise validation(exc.detail, exc.attr, exc.code) from exc
     except DateParseError as exc:
-        raise validation(str(exc), "date_from") from exc
+        raise validation(str(exc), exc.attr or "date_from") from exc
     waiting = await still_building(request, query, "blocking" if blocking else query.request.refresh)
     return query, data, project, waiting
+
+
+async def computed(request: Request, query: Any, method: str, *args: Any) -> Any:
+    """`query.method(*args)`, computed off the event loop within the time budget (serving/compute.py);
+    identical requests in flight share one computation."""
+    key = "\x00".join((request.method, request.url.path, str(sorted(request.query_params.multi_items())),
+                       (await request.body()).decode(errors="replace"), request.headers.get("x-insightflow-now", ""),
+                       method, repr(args)))
+    return await request.app.state.computations.run(query, method, *args, key=key)
+
+
+def _echoed(data: dict[str, Any], parameters: tuple[str, ...]) -> dict[str, str]:
+    """The parameters a people URL repeats: those the calculation reads (JSON-encoded where not strings)."""
+    return {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in data.items() if k in parameters}
+
+
+@dataclass(frozen=True)
+class FunnelPeopleUrl:
+    """A step's `converted_people_url`/`dropped_people_url` (picklable: built in a compute worker)."""
+
+    base: str
+    shared: dict[str, str]
+
+    def __call__(self, step: int, value: tuple[str, ...]) -> str:
+        params: dict[str, Any] = {**self.shared, "funnel_step": step}
+        if value:
+            params["funnel_step_breakdown"] = orjson.dumps(list(value)).decode()
+        return f"{self.base}?{urlencode(params)}"
+
+
+@dataclass(frozen=True)
+class RetentionPeopleUrl:
+    """A cohort cell's `people_url` (picklable: built in a compute worker)."""
+
+    base: str
+    path: str
+    shared: dict[str, str]
+
+    def __call__(self, row: int, _column: int | None, value: str | None, absolute: bool) -> str:
+        params = {**self.shared, "selected_interval": row, **({"breakdown_value": value} if value is not None else {})}
+        return f"{self.base if absolute else ''}{self.path}?{urlencode(params)}"
 
 
 def _result(project: Project, result: Any) -> Response:
@@ -215,16 +263,8 @@ async def _funnel(request: Request, project_id: str) -> Response:
     if waiting is not None:
         return waiting
     base = f"{str(request.base_url).rstrip('/')}/api/environments/{project.id}/insights/funnel/people/"
-    shared = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in data.items()
-              if k not in ("funnel_step", "funnel_step_breakdown", "refresh")}
-
-    def people_url(step: int, value: tuple[str, ...]) -> str:
-        params = {**shared, "funnel_step": step}
-        if value:
-            params["funnel_step_breakdown"] = orjson.dumps(list(value)).decode()
-        return f"{base}?{urlencode(params)}"
-
-    result = query.run(people_url)
+    people_url = FunnelPeopleUrl(base, _echoed(data, FUNNEL_PARAMETERS))
+    result = await computed(request, query, "run", people_url)
     QUERY_SECONDS.labels("funnel").observe(time.perf_counter() - started)
     return _result(project, result)
 
@@ -234,18 +274,22 @@ async def _funnel_people(request: Request, project_id: str) -> Response:
     query, data, project, waiting = await calculation(request, project_id, "FUNNELS", blocking=True)
     if waiting is not None:
         return waiting
+    steps = len(query.request.definition.steps)
     try:
-        step = int(data.get("funnel_step") or 1)
-        limit = min(int(data.get("limit") or 100), 1000)
-        offset = int(data.get("offset") or 0)
-    except ValueError as exc:
-        raise validation("funnel_step, limit and offset must be integers", "funnel_step") from exc
-    raw_value = data.get("funnel_step_breakdown")
+        step = int_field(data, "funnel_step", 1, -steps, steps) or 1
+        limit = min(int_field(data, "limit", 100, 1) or 100, 1000)
+        offset = int_field(data, "offset", 0, 0) or 0
+        decoded = decode_json_field(data, "funnel_step_breakdown", None)
+    except RequestError as exc:
+        raise validation(exc.detail, exc.attr) from exc
     value = None
-    if raw_value not in (None, ""):
-        decoded = orjson.loads(raw_value) if isinstance(raw_value, str) and raw_value.startswith("[") else raw_value
-        value = tuple(str(v) for v in (decoded if isinstance(decoded, list) else [decoded]))
-    persons = query.people(step, value)
+    if decoded is not None:
+        parts = decoded if isinstance(decoded, list) else [decoded]
+        if not all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in parts):
+            raise validation("'funnel_step_breakdown' must be a breakdown value or a list of them.",
+                             "funnel_step_breakdown")
+        value = tuple(str(v) for v in parts)
+    persons = await computed(request, query, "people", step, value)
     page = persons[offset:offset + limit]
     people = person_details(request.app.state.redis, project.id, page)
     following = None
@@ -256,15 +300,10 @@ async def _funnel_people(request: Request, project_id: str) -> Response:
 
 async def _funnel_correlation(request: Request, project_id: str) -> Response:
     """Funnel correlation (spec §8). Unlike PostHog, personal API keys with insight:read may call it."""
-    query, _data, project, waiting = await calculation(request, project_id, "CORRELATION")
+    query, _data, _project, waiting = await calculation(request, project_id, "CORRELATION")
     if waiting is not None:
         return waiting
-    client = request.app.state.redis
-
-    def person_properties(persons: list[str]) -> dict[str, dict[str, Any]]:
-        return {str(p["id"]): p["properties"] for p in person_details(client, project.id, persons)}
-
-    return JSON({"result": query.run(person_properties), "last_refresh": iso_instant(datetime.now(UTC)),
+    return JSON({"result": await computed(request, query, "run"), "last_refresh": iso_instant(datetime.now(UTC)),
                  "is_cached": False})
 
 
@@ -273,16 +312,10 @@ async def _retention(request: Request, project_id: str) -> Response:
     query, data, project, waiting = await calculation(request, project_id, "RETENTION")
     if waiting is not None:
         return waiting
-    path = f"/api/environments/{project.id}/insights/retention/people/"
-    base = str(request.base_url).rstrip("/")
-    shared = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in data.items()
-              if k not in ("selected_interval", "breakdown_value", "refresh")}
-
-    def people_url(row: int, _column: int | None, value: str | None, absolute: bool) -> str:
-        params = {**shared, "selected_interval": row, **({"breakdown_value": value} if value is not None else {})}
-        return f"{base if absolute else ''}{path}?{urlencode(params)}"
-
-    return _result(project, query.run(people_url))
+    people_url = RetentionPeopleUrl(str(request.base_url).rstrip("/"),
+                                    f"/api/environments/{project.id}/insights/retention/people/",
+                                    _echoed(data, RETENTION_PARAMETERS))
+    return _result(project, await computed(request, query, "run", people_url))
 
 
 async def _retention_people(request: Request, project_id: str) -> Response:
@@ -291,12 +324,11 @@ async def _retention_people(request: Request, project_id: str) -> Response:
     if waiting is not None:
         return waiting
     try:
-        selected = int(data.get("selected_interval") or 0)
-    except ValueError as exc:
-        raise validation("selected_interval must be an integer", "selected_interval") from exc
-    if not 0 <= selected < len(query.periods):
-        raise validation("selected_interval is outside the cohort rows", "selected_interval")
-    rows = query.people(selected, data.get("breakdown_value"))
+        selected = int_field(data, "selected_interval", 0, 0, len(query.periods) - 1) or 0
+        value = text_field(data, "breakdown_value")
+    except RequestError as exc:
+        raise validation(exc.detail, exc.attr) from exc
+    rows = await computed(request, query, "people", selected, value)
     details = {str(p["id"]): p for p in person_details(request.app.state.redis, project.id, [p for p, _ in rows])}
     return JSON({"result": [{"person": details[p], "appearances": [int(a) for a in appearances]}
                             for p, appearances in rows], "next": None})
@@ -307,21 +339,7 @@ async def _paths(request: Request, project_id: str) -> Response:
     query, _data, project, waiting = await calculation(request, project_id, "PATHS")
     if waiting is not None:
         return waiting
-    return _result(project, query.run())
-
-
-def person_details(client: Any, project_id: int, persons: list[str]) -> list[dict[str, Any]]:
-    pipe = client.pipeline(transaction=False)
-    for person in persons:
-        pipe.smembers(keys.person_distinct_ids(project_id, person))
-        pipe.hgetall(keys.person_properties(project_id, person))
-    replies = pipe.execute()
-    out = []
-    for i, person in enumerate(persons):
-        ids, props = replies[2 * i], replies[2 * i + 1]
-        out.append({"id": int(person), "distinct_ids": sorted(d.decode() for d in ids),
-                    "properties": {k.decode(): orjson.loads(v) for k, v in props.items()}})
-    return out
+    return _result(project, await computed(request, query, "run"))
 
 
 for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{project_id}/insights"):
@@ -331,12 +349,14 @@ for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{projec
                                    ("/funnel/people/", _funnel_people, "funnel_people"),
                                    ("/path/", _paths, "path"), ("/retention/", _retention, "retention"),
                                    ("/retention/people/", _retention_people, "retention_people")):
-        router.add_api_route(prefix + suffix, endpoint, methods=["GET", "POST"], operation_id=f"{kind}_{env}",
-                             openapi_extra=describe(kind))
+        for method in ("GET", "POST"):  # one operation id per method (FastAPI would repeat a shared one)
+            router.add_api_route(prefix + suffix, endpoint, methods=[method], openapi_extra=describe(kind),
+                                 operation_id=f"{kind}_{env}_{method.lower()}")
         router.add_api_route(prefix + suffix.rstrip("/"), endpoint, methods=["GET", "POST"], include_in_schema=False)
     for suffix in ("/trend/", "/trend", "/trend.csv"):
         variant = {"/trend/": "", "/trend": "_noslash", "/trend.csv": "_csv"}[suffix]
-        router.add_api_route(prefix + suffix, _trend, methods=["GET", "POST"], include_in_schema=suffix != "/trend",
-                             operation_id=f"trend_{env}{variant}", openapi_extra=describe("trend"),
-                             responses={200: {"content": {"application/json": {}, "text/csv": {}},
-                                              "description": "Trend result (JSON, or CSV with format=csv)"}})
+        for method in ("GET", "POST"):
+            router.add_api_route(prefix + suffix, _trend, methods=[method], include_in_schema=suffix != "/trend",
+                                 operation_id=f"trend_{env}{variant}_{method.lower()}", openapi_extra=describe("trend"),
+                                 responses={200: {"content": {"application/json": {}, "text/csv": {}},
+                                                  "description": "Trend result (JSON, or CSV with format=csv)"}})

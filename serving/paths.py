@@ -20,6 +20,7 @@ from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
 from schemas.registry import Project
 from schemas.trends import RequestError
+from serving.compute import Computation
 from serving.summaries import SUMMARIES
 
 ELLIPSIS = "..."
@@ -29,7 +30,7 @@ def _decode_sessions(values: list[bytes]) -> list[Any]:
     return [session for value in values for session in orjson.loads(value)]
 
 
-class PathsQuery:
+class PathsQuery(Computation):
     def __init__(self, client: redis.Redis, project: Project, request: PathsRequest, now: datetime) -> None:
         self.redis, self.project, self.request = client, project, request
         self.tz = zone(project.timezone)

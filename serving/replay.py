@@ -56,6 +56,7 @@ def _produce(records: Iterable[bytes], total: int | None, bootstrap: str, topic:
             except InvalidEvent as exc:
                 bad += 1
                 print(f"line {number}: {exc}", file=sys.stderr)
+                progress.advance(task)  # a skipped line is done too: the bar reaches its end
                 continue
             while True:
                 try:

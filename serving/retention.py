@@ -19,6 +19,7 @@ from schemas.definitions import BREAKDOWN_OTHER, NO_BREAKDOWN, Definition
 from schemas.registry import Project
 from schemas.retention import RetentionRequest, entity_definition
 from schemas.trends import Entity, RequestError
+from serving.compute import Computation
 from serving.trends import Source, fetch_bitmaps
 from serving.trends import union as _union
 
@@ -32,7 +33,7 @@ class Period:
     end: datetime  # exclusive
 
 
-class RetentionQuery:
+class RetentionQuery(Computation):
     def __init__(self, client: redis.Redis, project: Project, request: RetentionRequest, now: datetime) -> None:
         self.redis, self.project, self.request = client, project, request
         self.tz = zone(project.timezone)

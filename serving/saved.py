@@ -18,10 +18,11 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import Histogram
 
-from schemas.dates import iso_instant
+from schemas.dates import DateParseError, iso_instant
+from schemas.fields import to_bool
 from schemas.registry import ApiKey, Project
-from schemas.saved import DEFAULT_LEVEL, LEVELS, AccessControls, InsightError, InsightStore, owner_of
-from schemas.trends import RequestError, to_bool
+from schemas.saved import DEFAULT_LEVEL, LEVELS, AccessControls, InsightError, InsightStore, owner_of, validate
+from schemas.trends import RequestError
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, not_found, validation
 from serving.insights import BLOCKING, _now, build_query, materialized, request_data
@@ -86,7 +87,10 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
             pending = await materialized(state.definitions, query.definitions(), refresh,
                                          state.settings.blocking_timeout_s)
             if pending is None:
-                result, last_refresh = query.run(), iso_instant(datetime.now(UTC))
+                shape = orjson.dumps(filters, option=orjson.OPT_SORT_KEYS).decode()
+                key = "\x00".join(("saved", str(project.id), shape, request.headers.get("x-insightflow-now", "")))
+                result = await state.computations.run(query, "run", key=key)
+                last_refresh = iso_instant(datetime.now(UTC))
         except RequestError:
             result = None
         except ApiError as exc:
@@ -103,17 +107,38 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
     return out
 
 
+def _checked(request: Request, project: Project, body: dict[str, Any], current: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """The fields a write asks for, all checked before anything is written (a 4xx changes nothing):
+    the serializer's rules, then the filters as the calculation they describe."""
+    try:
+        fields = validate(body)
+    except InsightError as exc:
+        raise _insight_error(exc) from exc
+    filters = fields.get("filters") if "filters" in fields else (current or {}).get("filters")
+    query = fields.get("query") if "query" in fields else (current or {}).get("query")
+    if filters and not query:
+        try:
+            _saved_query(request.app.state, project, filters, request)
+        except RequestError as exc:
+            raise validation(f"filters: {exc.detail}", f"filters__{exc.attr}" if exc.attr else "filters") from exc
+        except DateParseError as exc:
+            raise validation(f"filters: {exc}", f"filters__{exc.attr or 'date_from'}") from exc
+    return fields
+
+
 async def _register(request: Request, project: Project, insight: dict[str, Any]) -> None:
     """Saving an insight registers its definitions, so the dataflow keeps its result live."""
     filters = insight.get("filters") or {}
     if not filters or insight.get("query"):
         return
     state = request.app.state
+    query = _saved_query(state, project, filters, request)  # checked before the write
     try:
-        query = _saved_query(state, project, filters, request)
-    except RequestError as exc:
-        raise validation(f"filters: {exc.detail}", f"filters__{exc.attr}" if exc.attr else "filters") from exc
-    await materialized(state.definitions, query.definitions(), "", 0)
+        await materialized(state.definitions, query.definitions(), "", 0)
+    except ApiError as exc:
+        if exc.code != "definition_failed":  # saved all the same: its result says why it is missing
+            raise
 
 
 def _insight_error(exc: InsightError) -> ApiError:
@@ -124,10 +149,7 @@ async def list_or_create(request: Request, project_id: str) -> Response:
     if request.method == "POST":
         key, project, _data, body = await _principal(request, project_id, "insight:write")
         store = InsightStore(request.app.state.redis, project.id)
-        try:
-            insight = store.create(body, _owner(key))
-        except InsightError as exc:
-            raise _insight_error(exc) from exc
+        insight = store.create(_checked(request, project, body), _owner(key))
         await _register(request, project, insight)
         return JSON(await _serialize(request, project, insight, key), status_code=201)
     key, project, data, _body = await _principal(request, project_id, "insight:read")
@@ -178,12 +200,11 @@ async def one(request: Request, project_id: str, insight_id: int) -> Response:
     level = access_level(request.app.state.redis, project, current, key) if current else "none"
     if current is None or level == "none":
         raise not_found()
+    if current["deleted"] and not (writing and body.get("deleted") is False):
+        raise not_found()  # as PostHog: a deleted insight is gone, except to be restored
     if writing:
         _require(level, "editor")
-        try:
-            insight = store.update(insight_id, body, _owner(key))
-        except InsightError as exc:
-            raise _insight_error(exc) from exc
+        insight = store.update(insight_id, _checked(request, project, body, current), _owner(key))
         if insight is None:
             raise not_found()
         await _register(request, project, insight)
@@ -276,7 +297,8 @@ for prefix in ("/api/environments/{project_id}/insights", "/api/projects/{projec
         ("/{insight_id:int}/viewed/", viewed_one, ["POST"], "insight_viewed"),
         ("/{insight_id:int}/access_controls/", access_controls, ["GET", "PUT"], "insight_access_controls"),
     ):
-        router.add_api_route(prefix + suffix, endpoint, methods=methods, operation_id=f"{name}_{env}",
-                             openapi_extra=SAVED.get(name))
+        for method in methods:  # one operation id per method (FastAPI would repeat a shared one)
+            router.add_api_route(prefix + suffix, endpoint, methods=[method], openapi_extra=SAVED.get(name),
+                                 operation_id=f"{name}_{env}" + (f"_{method.lower()}" if len(methods) > 1 else ""))
         if suffix != "/":
             router.add_api_route(prefix + suffix.rstrip("/"), endpoint, methods=methods, include_in_schema=False)

@@ -25,6 +25,16 @@ class StackError(RuntimeError):
     """A process of the stack could not be started."""
 
 
+def port_taken(port: int) -> bool:
+    """Whether something already listens on (or holds) this loopback port."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -72,18 +82,21 @@ class Managed:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """SIGTERM, then SIGKILL after `timeout`; True when it had to kill."""
         if self.proc.poll() is not None:
-            return
+            return False
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            return False
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+            return True
+        return False
 
     def kill9(self) -> None:
         try:

@@ -44,6 +44,7 @@ from schemas.trends import (
     TrendsRequest,
     definition_for,
 )
+from serving.compute import Computation
 
 _WINDOW_DAYS = {"weekly_active": 7, "monthly_active": 30}
 _RELATIVE_WEEKS = ("d", "w")
@@ -81,7 +82,7 @@ class Period:
     lower: datetime  # first instant that counts (week ranges do not floor date_from, §19.9)
 
 
-class TrendQuery:
+class TrendQuery(Computation):
     def __init__(self, client: redis.Redis, project: Project, request: TrendsRequest, now: datetime) -> None:
         self.redis, self.project, self.request, self.now = client, project, request, now
         self.tz = zone(project.timezone)

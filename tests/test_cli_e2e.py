@@ -78,3 +78,40 @@ def test_up_with_demo_supervises_and_stops(tmp_path: Path) -> None:
             pass
     assert alive == [], f"processes left running: {alive}"
     assert not list((data_dir / "pids").glob("*.pid"))
+
+
+def _up_once(data_dir: Path, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.cli", "up", "--no-demo", "--api-port", str(port),
+                           "--data-dir", str(data_dir)], capture_output=True, text=True, env=clean_env(), cwd=ROOT,
+                          timeout=60)
+
+
+def test_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _up_once(tmp_path / "data", port)
+    assert result.returncode == 1
+    assert f"error: port {port} is already in use" in result.stdout
+    assert not (tmp_path / "data" / "redis").exists() and not (tmp_path / "data" / "pids").exists()
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused_and_leaves_the_first_alone(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = Up.start(data_dir)
+    try:
+        pids, stack_file = first.pids(), (data_dir / "stack.json").read_text()
+        second = _up_once(data_dir, first.port + 1 if first.port < 65000 else first.port - 1)
+        assert second.returncode == 1
+        assert f"already running on {data_dir} (pid {first.proc.pid})" in second.stdout
+        assert first.pids() == pids and (data_dir / "stack.json").read_text() == stack_file
+        assert first.readyz().get("redis") is True
+        code = first.stop(signal.SIGINT)
+    finally:
+        first.kill()
+    assert code == 0
+    said = first.output()
+    assert any(line.startswith("stopping redis (pid") for line in said) and said[-1] == "stopped", said

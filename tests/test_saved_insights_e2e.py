@@ -56,8 +56,10 @@ def test_crud_round_trip_with_live_result(project: ProjectHandle, running: Stack
         assert api.delete(f"/{insight_id}/").status_code == 405
         assert api.patch(f"/{insight_id}/", json={"deleted": True}).json()["deleted"] is True
         assert api.get("/").json()["count"] == 0
-        assert api.get(f"/{insight_id}/").json()["deleted"] is True  # still retrievable by id
-        assert api.patch(f"/{insight_id}/", json={"deleted": False}).status_code == 200
+        assert api.get(f"/{insight_id}/").status_code == 404  # gone, as PostHog answers
+        assert api.patch(f"/{insight_id}/", json={"name": "back?"}).status_code == 404
+        assert api.patch(f"/{insight_id}/", json={"deleted": False}).status_code == 200  # restored
+        assert api.get(f"/{insight_id}/").json()["name"] == "Orders"
         for bad, attr in (({"name": "x" * 401}, "name"), ({"query": "nope"}, "query"),
                           ({"dashboards": [5]}, "dashboards"), ({"tags": "a"}, "tags"),
                           ({"filters": {"insight": "TRENDS", "events": [{"id": "a", "math": "nope"}]}},
@@ -169,3 +171,25 @@ def test_saved_funnel_result_stays_live(running: Stack) -> None:
         again = api.get(f"/{insight_id}/", params={"refresh": "blocking"}).json()
         assert [s["count"] for s in again["result"]] == [4, 3]
         assert again["result"][1]["average_conversion_time"] == 400  # (300 + 300 + 600) / 3
+
+
+def test_a_refused_write_changes_nothing(project: ProjectHandle, running: Stack) -> None:
+    """Every check runs before the write: a 400 leaves the list, my_last_viewed and the insight as they were."""
+    with _client(project, _writer(project, running)) as api:
+        good = {"insight": "TRENDS", "events": [{"id": "kept"}], "date_from": "2024-06-01", "date_to": "2024-06-09"}
+        insight = api.post("/", json={"name": "Kept", "filters": good}).json()
+        before = api.get(f"/{insight['id']}/").json()
+        for bad, attr in (({"insight": "TRENDS", "events": [{"id": "a", "math": "nope"}]}, "filters__events__0__math"),
+                          ({"insight": "TRENDS", "events": "x"}, "filters__events"),
+                          ({"insight": "LIFECYCLE", "events": [{"id": "a"}]}, "filters__insight"),
+                          ({"insight": "TRENDS", "events": [{"id": "a"}], "date_to": "2024-13-45"},
+                           "filters__date_to")):
+            created = api.post("/", json={"name": "Refused", "filters": bad})
+            assert created.status_code == 400 and created.json()["attr"] == attr, (bad, created.text)
+            patched = api.patch(f"/{insight['id']}/", json={"filters": bad, "name": "Changed?"})
+            assert patched.status_code == 400 and patched.json()["attr"] == attr, (bad, patched.text)
+        assert api.get("/").json()["count"] == 1
+        assert [i["id"] for i in api.get("/my_last_viewed/").json()] == [insight["id"]]
+        after = api.get(f"/{insight['id']}/").json()
+        assert after["name"] == "Kept" and after["filters"] == good
+        assert after["result"] == before["result"] and after["result"] is not None

@@ -117,7 +117,9 @@ def test_next_link_smoothing_world_map_and_unsupported(project: ProjectHandle, r
     for query, attr in (({"actions": [{"id": 3}]}, "actions__0"),
                         ({"events": [{"id": "visit"}], "breakdown": "[1]", "breakdown_type": "cohort"},
                          "breakdown_type"),
-                        ({"events": [{"id": "visit", "math": "unique_group"}]}, "events__0__math")):
+                        ({"events": [{"id": "visit", "math": "unique_group"}]}, "events__0__math"),
+                        ({"events": [{"id": "visit"}], "shown_as": "Stickiness"}, "shown_as"),
+                        ({"events": [{"id": "visit"}], "insight": "LIFECYCLE", "shown_as": "Lifecycle"}, "insight")):
         reply = project.trend(query, now=NOW)
         assert reply.status_code == 400 and reply.json()["code"] == "unsupported", reply.text
         assert reply.json()["attr"] == attr

@@ -50,6 +50,20 @@ def check_nesting(value: Any, attr: str | None) -> None:
         raise RequestError(f"'{attr or 'the request'}' nests more than {MAX_NESTING} levels deep.", attr)
 
 
+def refuse_unbuilt(data: dict[str, Any]) -> None:
+    """Parameters that would change PostHog's numbers in ways not built here: refused, never ignored."""
+    if data.get("aggregation_group_type_index") not in (None, ""):
+        raise RequestError("Aggregating by groups is not supported yet; insights count persons.",
+                           "aggregation_group_type_index", "unsupported")
+    if data.get("funnel_aggregate_by_hogql") not in (None, "", "person_id"):
+        raise RequestError("Aggregating funnels by a HogQL expression is not supported yet.",
+                           "funnel_aggregate_by_hogql", "unsupported")
+    sampling = data.get("sampling_factor")
+    if sampling not in (None, "", 1, 1.0, "1"):
+        raise RequestError("Sampling is not supported: answers here are exact, PostHog's sampled ones are "
+                           "estimates.", "sampling_factor", "unsupported")
+
+
 def decode_json_field(data: dict[str, Any], name: str, default: Any) -> Any:
     """Structured fields arrive as JSON strings in GET and may in POST (§4.2)."""
     value = data.get(name)

@@ -17,7 +17,15 @@ from typing import Any, NamedTuple
 import orjson
 
 from schemas.definitions import DEFINITION_VERSION, ActionStep, Breakdown
-from schemas.fields import MAX_BREAKDOWN_LIMIT, MAX_WINDOW_S, date_field, decode_json_field, int_field, to_bool
+from schemas.fields import (
+    MAX_BREAKDOWN_LIMIT,
+    MAX_WINDOW_S,
+    date_field,
+    decode_json_field,
+    int_field,
+    refuse_unbuilt,
+    to_bool,
+)
 from schemas.filters import NO_FILTERS, FilterGroup, parse_filters
 from schemas.trends import Entity, RequestError, _breakdown, _entities, request_filters
 
@@ -245,6 +253,7 @@ def parse_funnel_request(data: dict[str, Any], project_id: int, timezone: str, t
                          correlation_events: tuple[str, ...] | None = None) -> FunnelRequest:
     """`correlation_events` set (possibly empty): the definition also keeps every event's name, and
     the properties of those events, for funnel correlation."""
+    refuse_unbuilt(data)
     items = {k: decode_json_field(data, k, []) for k in ("events", "actions")}
     first_time_names: set[str] = set()
     for kind, value in items.items():

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from schemas.definitions import DEFINITION_VERSION
-from schemas.fields import date_field, int_field, list_field, text_field, to_bool
+from schemas.fields import date_field, int_field, list_field, refuse_unbuilt, text_field, to_bool
 from schemas.filters import NO_FILTERS, FilterGroup, parse_filters
 from schemas.trends import RequestError, request_filters
 
@@ -118,6 +118,7 @@ def _strip(point: Any) -> str | None:
 
 def parse_paths_request(data: dict[str, Any], project_id: int, timezone: str, test_account_filters: list[Any],
                         path_cleaning_filters: list[Any]) -> PathsRequest:
+    refuse_unbuilt(data)
     types = list_field(data, "include_event_types")
     if data.get("path_type"):
         types = [data["path_type"]]

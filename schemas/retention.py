@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.definitions import Breakdown, Definition
-from schemas.fields import MAX_BREAKDOWN_LIMIT, date_field, decode_json_field, int_field, to_bool
+from schemas.fields import MAX_BREAKDOWN_LIMIT, date_field, decode_json_field, int_field, refuse_unbuilt, to_bool
 from schemas.filters import NO_FILTERS, FilterGroup, all_of
 from schemas.trends import Entity, RequestError, _breakdown, _entities, request_filters
 
@@ -59,6 +59,7 @@ def _entity(data: dict[str, Any], name: str, default: dict[str, Any]) -> Entity:
 
 
 def parse_retention_request(data: dict[str, Any], test_account_filters: list[Any]) -> RetentionRequest:
+    refuse_unbuilt(data)
     target = _entity(data, "target_entity", {"id": "$pageview", "type": "events"})
     returning = _entity(data, "returning_entity", decode_json_field(data, "target_entity", None)
                         or {"id": "$pageview", "type": "events"})

@@ -21,6 +21,7 @@ from schemas.fields import (
     decode_json_field,
     int_field,
     int_value,
+    refuse_unbuilt,
     text_field,
     to_bool,
 )
@@ -225,13 +226,15 @@ def _action_steps(item: dict[str, Any], attr: str) -> tuple[ActionStep, ...]:
 
 
 def parse_trends_request(data: dict[str, Any]) -> TrendsRequest:
+    refuse_unbuilt(data)
     for name, value in (("insight", data.get("insight")), ("shown_as", data.get("shown_as"))):
         if isinstance(value, str) and value.upper() in ("STICKINESS", "LIFECYCLE"):
             raise RequestError(f"{value.capitalize()} insights are not built yet; only volume trends are answered "
                                "here.", name, "unsupported")
     interval = str(data.get("interval") or "day").lower()
     if interval == "minute":
-        interval = "hour"
+        raise RequestError("Minute intervals are not supported yet: the finest grain kept is the hour.", "interval",
+                           "unsupported")
     if interval not in ("hour", "day", "week", "month"):
         raise RequestError(f"Unknown interval '{interval}'; use hour, day, week or month.", "interval",
                            "invalid_choice")

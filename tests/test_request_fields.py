@@ -133,3 +133,22 @@ def test_lists_and_nesting() -> None:
     for _ in range(900):
         deep = [deep]
     assert nesting(deep) == 33  # counted up to the limit, never recursing
+
+
+@pytest.mark.parametrize(("extra", "attr"), [
+    ({"aggregation_group_type_index": 0}, "aggregation_group_type_index"),
+    ({"sampling_factor": 0.1}, "sampling_factor"),
+    ({"interval": "minute"}, "interval"),
+])
+def test_what_would_change_the_numbers_is_refused_not_ignored(extra: dict[str, Any], attr: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_trends_request({"events": [{"id": "a"}], **extra})
+    assert info.value.code == "unsupported" and info.value.attr == attr
+    if attr != "interval":
+        for parse in (lambda: parse_funnel_request({"events": TWO_STEPS, **extra}, 1, "UTC", []),
+                      lambda: parse_retention_request(extra, []),
+                      lambda: parse_paths_request({"include_event_types": ["$pageview"], **extra}, 1, "UTC", [], [])):
+            with pytest.raises(RequestError) as again:
+                parse()
+            assert again.value.code == "unsupported" and again.value.attr == attr
+    parse_trends_request({"events": [{"id": "a"}], "sampling_factor": 1})  # no sampling is fine

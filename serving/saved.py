@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import Histogram
 
 from schemas.dates import DateParseError, iso_instant
-from schemas.fields import to_bool
+from schemas.fields import int_field, to_bool
 from schemas.registry import ApiKey, Project
 from schemas.saved import DEFAULT_LEVEL, LEVELS, AccessControls, InsightError, InsightStore, owner_of, validate
 from schemas.trends import RequestError
@@ -175,9 +175,9 @@ async def list_or_create(request: Request, project_id: str) -> Response:
                                          for f in ("name", "derived_name", "description"))]
     items.sort(key=lambda i: (i.get("order") is None, i.get("order") or 0, -i["id"]))
     try:
-        limit, offset = int(data.get("limit") or 100), int(data.get("offset") or 0)
-    except ValueError as exc:
-        raise validation("limit and offset must be integers", "limit") from exc
+        limit, offset = int_field(data, "limit", 100, 1) or 100, int_field(data, "offset", 0, 0) or 0
+    except RequestError as exc:
+        raise validation(exc.detail, exc.attr) from exc
     page = items[offset:offset + limit]
     basic = to_bool(data.get("basic"))
     base = str(request.url).split("?")[0]

@@ -189,6 +189,9 @@ def test_a_refused_write_changes_nothing(project: ProjectHandle, running: Stack)
             patched = api.patch(f"/{insight['id']}/", json={"filters": bad, "name": "Changed?"})
             assert patched.status_code == 400 and patched.json()["attr"] == attr, (bad, patched.text)
         assert api.get("/").json()["count"] == 1
+        for limit, offset in ((0, 0), (-5, 0), (10, -1), ("x", 0)):
+            page = api.get("/", params={"limit": limit, "offset": offset})
+            assert page.status_code == 400 and page.json()["attr"] in ("limit", "offset"), page.text
         assert [i["id"] for i in api.get("/my_last_viewed/").json()] == [insight["id"]]
         after = api.get(f"/{insight['id']}/").json()
         assert after["name"] == "Kept" and after["filters"] == good

@@ -46,7 +46,10 @@ class Breakdown:
         return cls(tuple((kind, key) for kind, key in props), normalize, as_list)
 
     def parts(self, value: str) -> tuple[str, ...]:
-        """A stored value as its parts, "" for a missing one (funnels' boxed breakdown values)."""
+        """A stored value as its parts, "" for a missing one (funnels' boxed breakdown values); the
+        empty string is the null group, whatever the number of properties."""
+        if value == "":
+            return tuple("" for _ in self.properties)
         parts = orjson.loads(value) if self.multiple else [value]
         return tuple("" if p in (BREAKDOWN_NULL, None) else str(p) for p in parts)
 

@@ -85,6 +85,20 @@ def _attempt_rows(values: list[bytes], steps: int) -> np.ndarray:
     return np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 1)
 
 
+def rank_breakdown_groups(reached: dict[tuple[str, ...], Any], steps: int) -> list[tuple[str, ...]]:
+    """Breakdown values ordered by how many of their actors reached the last step, descending; ties by
+    how many entered (step 1), then by the value. `reached[value]`: the steps each actor reached.
+
+    PostHog's own tests of one version order Chrome (1, 1, 1), then Safari 14 (1, 0, 0), then Safari
+    15 (1, 1, 0): a tie on the last step is not broken by the middle steps."""
+    def key(value: tuple[str, ...]) -> tuple[int, int, tuple[str, ...]]:
+        per_step = np.bincount(np.asarray(reached[value], dtype=np.int64), minlength=steps + 1)
+        at_least = np.cumsum(per_step[::-1])[::-1]  # at_least[k]: actors reaching step k or further
+        return -int(at_least[steps]), -int(at_least[1]), value
+
+    return sorted(reached, key=key)
+
+
 class FunnelQuery(Computation):
     def __init__(self, client: redis.Redis, project: Project, request: FunnelRequest, now: datetime) -> None:
         self.redis, self.project, self.request = client, project, request
@@ -200,7 +214,7 @@ class FunnelQuery(Computation):
         for i, value in enumerate(values):
             by_value[value].append(i)
         out = []
-        for value, members in self._ranked(by_value):
+        for value, members in self._ranked(by_value, lambda members: every.reached[np.array(members, dtype=np.int64)]):
             at = np.array(members, dtype=np.int64)
             out.append((value, Outcomes(every.persons[at], every.reached[at], every.times[at])))
         return out
@@ -276,34 +290,13 @@ class FunnelQuery(Computation):
 
     def _attributed(self, person: str, events: list[StepEvent]) -> list[ActorResult]:
         request = self.request
-        ordered_events = sorted(events, key=lambda e: (e.ts, e.uuid))
-        step_events = [e for e in ordered_events if e.steps]
-        valued = [e for e in step_events if any(self._box(e.breakdown))]
-        attribution = request.attribution
-        if attribution in ("first_touch", "last_touch"):
-            chosen = valued[0 if attribution == "first_touch" else -1] if valued else None
-            value = self._box(chosen.breakdown) if chosen else self._box("")
-            result = funnel(events, self.steps, request.window_s, request.order)
-            return [ActorResult(person, value, result)] if result and result.steps_reached else []
-        if attribution == "all_events":
-            out = []
-            for value in dict.fromkeys(self._box(e.breakdown) for e in step_events):
-                subset = [e for e in events if self._box(e.breakdown) == value or not e.steps]
-                result = funnel(subset, self.steps, request.window_s, request.order)
-                if result and result.steps_reached:
-                    out.append(ActorResult(person, value, result))
-            return out
-        step = (request.attribution_step or 0) + 1
-        candidates = list(dict.fromkeys(self._box(e.breakdown) for e in step_events if step in e.steps))
+        step = (request.attribution_step or 0) + 1 if request.attribution == "step" else 1
         out = []
-        for value in candidates:
-            subset = [e if step not in e.steps or self._box(e.breakdown) == value
-                      else replace(e, steps=tuple(k for k in e.steps if k != step))
-                      for e in events]
+        for value, subset in self._attributed_events(person, events):
             result = funnel(subset, self.steps, request.window_s, request.order)
             if result and result.steps_reached >= step:
                 out.append(ActorResult(person, value, result))
-        if not out:
+        if not out and request.attribution == "step":  # no value reached the attributed step
             result = funnel(events, self.steps, request.window_s, request.order)
             if result and result.steps_reached:
                 out.append(ActorResult(person, self._box(""), result))
@@ -314,15 +307,17 @@ class FunnelQuery(Computation):
         by_value: dict[tuple[str, ...], list[ActorResult]] = defaultdict(list)
         for actor in self.results():
             by_value[actor.value].append(actor)
-        return self._ranked(by_value)
+        return self._ranked(by_value, lambda actors: np.array([a.result.steps_reached for a in actors]))
 
-    def _ranked(self, by_value: dict[tuple[str, ...], list[Any]]) -> list[tuple[tuple[str, ...], list[Any]]]:
-        """Breakdown groups of actors ranked by step-1 count (descending), the null group last, the
-        values beyond `breakdown_limit` folded into Other (§7.6, §19.1)."""
+    def _ranked(self, by_value: dict[tuple[str, ...], list[Any]], reached: Any
+                ) -> list[tuple[tuple[str, ...], list[Any]]]:
+        """Breakdown groups of actors in PostHog's order: by the last step's count, descending (ties: the
+        earlier steps', then the value), the values beyond `breakdown_limit` folded into Other, Other
+        and the null group last. `reached(members)` gives the steps each member reached."""
         if self.request.definition.breakdown is None:
             return [((), by_value.get((), []))]
         empty = tuple("" for _ in self.request.definition.breakdown.properties)
-        ranked = sorted((v for v in by_value if v != empty), key=lambda v: (-len(by_value[v]), v))
+        ranked = rank_breakdown_groups({v: reached(m) for v, m in by_value.items() if v != empty}, self.steps)
         limit = self.request.breakdown_limit
         out = [(v, by_value[v]) for v in ranked[:limit]]
         if len(ranked) > limit:
@@ -403,9 +398,75 @@ class FunnelQuery(Computation):
         return {"bins": [[low + k * width, bins[k]] for k in range(count + 1)],
                 "average_conversion_time": sum(sample) / len(sample)}
 
+    def _attributed_events(self, person: str, events: list[StepEvent]) -> list[tuple[tuple[str, ...], list[StepEvent]]]:
+        """(breakdown value, the events the person's funnel runs on under that value), by the
+        request's attribution: what `_attributed` evaluates, before evaluating it."""
+        request = self.request
+        step_events = [e for e in sorted(events, key=lambda e: (e.ts, e.uuid)) if e.steps]
+        valued = [e for e in step_events if any(self._box(e.breakdown))]
+        if request.attribution in ("first_touch", "last_touch"):
+            chosen = valued[0 if request.attribution == "first_touch" else -1] if valued else None
+            return [(self._box(chosen.breakdown) if chosen else self._box(""), events)]
+        if request.attribution == "all_events":
+            return [(value, [e for e in events if self._box(e.breakdown) == value or not e.steps])
+                    for value in dict.fromkeys(self._box(e.breakdown) for e in step_events)]
+        step = (request.attribution_step or 0) + 1
+        out = [(value, [e if step not in e.steps or self._box(e.breakdown) == value
+                        else replace(e, steps=tuple(k for k in e.steps if k != step)) for e in events])
+               for value in dict.fromkeys(self._box(e.breakdown) for e in step_events if step in e.steps)]
+        return out or [(self._box(""), events)]
+
+    def _trends_by_breakdown(self) -> list[dict[str, Any]]:
+        """Funnel trends broken down: one series per breakdown value, in the order of the steps view
+        (last step's count first), with Other and the null group last."""
+        request = self.request
+        buckets = self.range.buckets()
+        index = {int(b.timestamp()): i for i, b in enumerate(buckets)}
+        shown = [value for value, _ in self.groups()]
+        other = next((v for v in shown if v and v[0] == OTHER and len(set(v)) == 1), None)
+        per_value: dict[tuple[str, ...], tuple[list[set[str]], list[set[str]]]] = {
+            value: ([set() for _ in buckets], [set() for _ in buckets]) for value in shown}
+        for person, events in self.actors().items():
+            for value, subset in self._attributed_events(person, events):
+                series = per_value.get(value) or (per_value.get(other) if other is not None else None)
+                if series is None:
+                    continue
+                attempts = ordered_attempts(subset, self.steps, request.window_s, request.order)
+                for start, reached in attempts or []:
+                    i = index.get(int(start_of_interval(datetime.fromtimestamp(start, self.tz), self.interval,
+                                                        self.project.week_start_day).timestamp()))
+                    if i is None:
+                        continue
+                    if reached >= request.from_step + 1:
+                        series[0][i].add(person)
+                    if reached >= request.to_step + 1:
+                        series[1][i].add(person)
+        out = []
+        for value in shown:
+            entered, converted = per_value[value]
+            boxed: Any = list(value)
+            if request.unbox and len(boxed) == 1:
+                boxed = boxed[0]
+            out.append({**self._trend_object(buckets, [len(s) for s in entered], [len(s) for s in converted]),
+                        "breakdown_value": boxed})
+        return out
+
+    def _trend_object(self, buckets: list[datetime], from_counts: list[int], to_counts: list[int]
+                      ) -> dict[str, Any]:
+        rates = [round(100 * t / f, 2) if f else 0 for f, t in zip(from_counts, to_counts, strict=True)]
+        return {
+            "count": len(buckets), "data": rates, "days": [day_string(b, self.interval) for b in buckets],
+            "labels": [bucket_label(b, self.interval, self.range) if self.interval != "day"
+                       else f"{b.day}-{b.strftime('%b-%Y')}" for b in buckets],
+            "reached_from_step_count": from_counts, "reached_to_step_count": to_counts,
+            "filter": self.request.raw, "action": None,
+        }
+
     def _trends(self) -> list[dict[str, Any]]:
         """Conversion rate per entrance period (§7.10, §19.12)."""
         request = self.request
+        if request.definition.breakdown is not None:
+            return self._trends_by_breakdown()
         buckets = self.range.buckets()
         index = {int(b.timestamp()): i for i, b in enumerate(buckets)}
         entered: list[set[str]] = [set() for _ in buckets]
@@ -434,14 +495,7 @@ class FunnelQuery(Computation):
                     converted[i].add(person)
         from_counts = [n + len(s) for n, s in zip(from_counts, entered, strict=True)]
         to_counts = [n + len(s) for n, s in zip(to_counts, converted, strict=True)]
-        rates = [round(100 * t / f, 2) if f else 0 for f, t in zip(from_counts, to_counts, strict=True)]
-        return [{
-            "count": len(buckets), "data": rates, "days": [day_string(b, self.interval) for b in buckets],
-            "labels": [bucket_label(b, self.interval, self.range) if self.interval != "day"
-                       else f"{b.day}-{b.strftime('%b-%Y')}" for b in buckets],
-            "reached_from_step_count": from_counts, "reached_to_step_count": to_counts,
-            "filter": request.raw, "action": None,
-        }]
+        return [self._trend_object(buckets, from_counts, to_counts)]
 
 
 

@@ -120,6 +120,8 @@ class TrendQuery(Computation):
                 buckets.append(next_bucket(buckets[-1], self.interval))
         if self.interval == "week":
             lower = date_range.date_from.replace(hour=0, minute=0, second=0, microsecond=0)
+        elif self.interval == "day":  # from the hour the range starts (the finest grain kept)
+            lower = start_of_interval(date_range.date_from, "hour")
         else:
             lower = start_of_interval(date_range.date_from, self.interval, self.project.week_start_day)
         return Period(date_range, buckets, label, lower)
@@ -153,11 +155,25 @@ class TrendQuery(Computation):
         number, unit = text.lstrip("-")[:-1], text[-1:]
         return unit in _RELATIVE_WEEKS and number.isdigit() and (unit == "w" or int(number) % 7 == 0)
 
-    def _day_groups(self, period: Period) -> list[list[str]]:
-        groups = []
+    def _day_groups(self, period: Period) -> list[list[str | int]]:
+        """Per result bucket, the stored buckets it combines: project-zone days (`YYYYMMDD`), and
+        hours (epoch s) for a day the range starts inside (an hour-precise `date_from` on a daily
+        trend counts from that hour, not from midnight)."""
+        groups: list[list[str | int]] = []
         for start in period.buckets:
             end = next_bucket(start, self.interval) - timedelta(microseconds=1)
-            groups.append(day_keys(max(start, period.lower), min(end, period.range.date_to)))
+            first, last = max(start, period.lower), min(end, period.range.date_to)
+            group: list[str | int] = []
+            midnight = first.replace(hour=0, minute=0, second=0, microsecond=0)
+            if first > midnight and first <= last:
+                following = next_bucket(midnight, "day")
+                hour = int(first.replace(minute=0, second=0, microsecond=0).timestamp())
+                while hour < following.timestamp() and hour <= last.timestamp():
+                    group.append(hour)
+                    hour += 3600
+                first = following
+            group += day_keys(first, last) if first <= last else []
+            groups.append(group)
         return groups
 
     def _event_names(self, entity: Entity) -> list[str]:
@@ -188,15 +204,18 @@ class TrendQuery(Computation):
                     out[i] += int(v or 0)
             return out
         groups = self._day_groups(period)
-        flat = [d for g in groups for d in g]
-        if not flat:
+        days = [d for g in groups for d in g if isinstance(d, str)]
+        hours = [h for g in groups for h in g if isinstance(h, int)]
+        if not days and not hours:
             return out
         for name in names:
-            pipe.hmget(day_key(name), flat)
-        for values in pipe.execute():
-            by_day = dict(zip(flat, values, strict=True))
+            pipe.hmget(day_key(name), days or ["-"])
+            pipe.hmget(hour_key(name), hours or [0])
+        replies = pipe.execute()
+        for at in range(0, len(replies), 2):
+            stored = {**dict(zip(days, replies[at], strict=False)), **dict(zip(hours, replies[at + 1], strict=False))}
             for i, group in enumerate(groups):
-                out[i] += sum(int(by_day[d] or 0) for d in group)
+                out[i] += sum(int(stored[b] or 0) for b in group)
         return out
 
     # --- actor maths: which person sets make up each bucket --------------------------------------
@@ -206,7 +225,8 @@ class TrendQuery(Computation):
         if degrade:
             if self.interval == "hour":
                 return [[source.hour_persons(n, int(b.timestamp())) for n in names] for b in period.buckets]
-            return [[source.day_persons(n, d) for n in names for d in group] for group in self._day_groups(period)]
+            return [[self._persons_key(source, n, b) for n in names for b in group]
+                    for group in self._day_groups(period)]
         assert window is not None
         if self.interval == "hour":
             return [self._hour_window(source, names, int(b.timestamp()), window) for b in period.buckets]
@@ -264,7 +284,7 @@ class TrendQuery(Computation):
             if self.interval == "hour":
                 members = [source.hour_persons(n, int(b.timestamp())) for n in names for b in period.buckets]
             else:
-                members = [source.day_persons(n, d) for n in names for g in self._day_groups(period) for d in g]
+                members = [self._persons_key(source, n, b) for n in names for g in self._day_groups(period) for b in g]
         else:
             last = period.range.date_to.date()
             members = [source.day_persons(n, (last - timedelta(days=i)).strftime("%Y%m%d"))
@@ -276,7 +296,11 @@ class TrendQuery(Computation):
         """Per result bucket, the stored bucket ids it combines (`h<hour>` or `d<day>`)."""
         if self.interval == "hour":
             return [[f"h{int(b.timestamp())}"] for b in period.buckets]
-        return [[f"d{d}" for d in group] for group in self._day_groups(period)]
+        return [[f"h{b}" if isinstance(b, int) else f"d{b}" for b in group] for group in self._day_groups(period)]
+
+    @staticmethod
+    def _persons_key(source: Source, name: str, bucket: str | int) -> str:
+        return source.hour_persons(name, bucket) if isinstance(bucket, int) else source.day_persons(name, bucket)
 
     def _property_math(self, entity: Entity, period: Period, source: Source, names: list[str],
                        whole_range: bool) -> list[float]:
@@ -444,8 +468,8 @@ class TrendQuery(Computation):
             return float(aggregated or 0) if self.request.total_value else float(sum(data))
 
         null = BREAKDOWN_NULL if not breakdown.multiple else None
-        ranked = sorted((bv for bv in values if bv != null), key=lambda bv: (-total(bv), bv))
-        kept, rest = ranked[: self.request.breakdown_limit], ranked[self.request.breakdown_limit:]
+        kept, rest = kept_values([bv for bv in values if bv != null], total, breakdown.multiple,
+                                 self.request.breakdown_limit)
         out = [(bv, computed[bv]) for bv in kept]
         if null is not None and null in computed:
             out.append((null, computed[null]))
@@ -532,7 +556,10 @@ class TrendQuery(Computation):
                 cumulative = _running(data) if self.request.display == "ActionsLineGraphCumulative" else None
                 results.append((bv, data, cumulative, None, sum(data)))
         null = None if multiple else BREAKDOWN_NULL
-        results.sort(key=lambda r: (r[0] == null, -r[4], r[0]))
+        totals = {r[0]: r[4] for r in results}
+        order = {bv: i for i, bv in enumerate(shown_order([bv for bv in totals if bv != null], totals.__getitem__,
+                                                          multiple))}
+        results.sort(key=lambda r: order.get(r[0], len(order)))  # the null value last
         out = []
         for bv, data, cumulative, aggregated, _ in results:
             obj = self._object(period, f"Formula ({self.formula.text})", None, None, data, cumulative, aggregated)
@@ -550,6 +577,25 @@ class TrendQuery(Computation):
         data = self.formula.pointwise([s[0] for s in series])
         cumulative = _running(data) if self.request.display == "ActionsLineGraphCumulative" else None
         return self._object(period, label, None, None, data, cumulative, None)
+
+
+def _value_key(bv: str, multiple: bool) -> Any:
+    return tuple(orjson.loads(bv)) if multiple else bv  # several properties compare part by part
+
+
+def kept_values(values: list[str], total: Callable[[str], float], multiple: bool, limit: int
+                ) -> tuple[list[str], list[str]]:
+    """(values shown, values folded into Other), shown ones in display order. PostHog keeps the
+    values with the largest aggregated value over the range, ties by the value descending (its
+    breakdown-values query sorts `count DESC, value DESC`), and shows them by `shown_order`."""
+    chosen = sorted(values, key=lambda bv: (total(bv), _value_key(bv, multiple)), reverse=True)
+    return shown_order(chosen[:limit], total, multiple), chosen[limit:]
+
+
+def shown_order(values: list[str], total: Callable[[str], float], multiple: bool) -> list[str]:
+    """Display order of breakdown series: aggregated value descending, ties by the value ascending
+    (E3 orders its result rows `arraySum(total) DESC, breakdown_value ASC`)."""
+    return sorted(values, key=lambda bv: (-total(bv), _value_key(bv, multiple)))
 
 
 def histogram_bins(values: list[str], bins: int) -> list[tuple[str, list[str]]]:

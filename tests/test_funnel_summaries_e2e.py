@@ -170,4 +170,5 @@ def test_broken_down_funnel_from_touches(running: Stack) -> None:
                    else BASE + timedelta(days=10, microseconds=-1))
             assert got == _direct_breakdown(events, start, end, 2 * 86400.0, attribution), body
             ranked = [v for v in (step[0]["breakdown_value"][0] for step in reply.json()["result"]) if v]
-            assert ranked == sorted(ranked, key=lambda v: (-got[v][0], v))
+            # PostHog's order: the last step's count, then the entrants', then the value (issue 12)
+            assert ranked == sorted(ranked, key=lambda v: (-got[v][-1], -got[v][0], v))

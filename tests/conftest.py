@@ -1,5 +1,8 @@
 """Test harness: a real Redis and a real Tansu broker on free ports, the dataflow and the API.
 
+Tests live in `unit/` (pure code, no services) and `e2e/` (through the broker, the dataflow, Redis and
+HTTP); the helpers they share (`upstack.py`, `conformance.py`, `oracle.py`, …) stay here.
+
 The stack is started once per session with the same `serving.stack` functions `insightflow up`
 uses. Tests isolate themselves by project id, not by restarting services.
 """
@@ -22,6 +25,15 @@ from serving import stack
 from tests.upstack import wait_lag_zero
 
 _project_ids = itertools.count(1000)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`tests/unit/` needs no services, `tests/e2e/` crosses process boundaries: marked by folder, so
+    `pytest -m unit` runs in seconds anywhere."""
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in ("unit", "e2e"):
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 @dataclass

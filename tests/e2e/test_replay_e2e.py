@@ -15,7 +15,7 @@ from confluent_kafka import Producer
 from serving import stack as stack_mod
 from tests.conftest import ProjectHandle, Stack
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOW = "2024-02-10T00:00:00Z"
 
 

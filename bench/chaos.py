@@ -28,8 +28,8 @@ from typing import Any
 import httpx
 
 from dataflows.operators.funnels import StepEvent, funnel
-from schemas import keys
-from schemas.registry import Registry
+from state import keys
+from state.registry import Registry
 from tests.upstack import Up
 
 PROJECT = 77

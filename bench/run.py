@@ -28,11 +28,11 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from dataflows.kafka import ensure_topics
-from schemas import keys
-from schemas.registry import Registry
 from schemas.trends import parse_trends_request
 from serving import stack
 from serving.trends import TrendQuery
+from state import keys
+from state.registry import Registry
 
 PROJECT = 1
 EVENTS = ("$pageview", "$pageview", "$pageview", "click", "signed up", "purchase")

@@ -4,7 +4,7 @@ Live: the sink asks which definitions a project has (refreshed each second), ack
 it has not seen, and from then on adds each event's contribution to the same atomic apply call.
 Backfill: a second input reads each partition from its start up to the offset live had applied
 when every live worker had acknowledged the definition; the apply script's fences make sure each
-offset is counted by exactly one of the two (see `dataflows/state.py`).
+offset is counted by exactly one of the two (see `state/store.py`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.kafka import Record, partition_count
 from dataflows.operators.persons import person_update
+from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
-from dataflows.state import Located, StateStore
-from dataflows.summaries import Summariser
-from schemas import keys
+from dataflows.summariser import Summariser
 from schemas.dates import zone
 from schemas.definitions import Definition, load_definition
 from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
-from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
+from state import keys
+from state.registry import DefinitionRegistry, ProjectCache, Registry
+from state.store import BackfillRow, Located, StateStore
+from state.summaries import SummaryStore
 
 log = logging.getLogger("insightflow.definitions")
 
@@ -84,7 +86,7 @@ def person_snapshot(client: redis.Redis, project_id: int, distinct_ids: Iterable
 
 def _apply_person_update(props: dict[str, Any], event: TopicEvent) -> None:
     """The event's own $set/$set_once/$unset, so it is matched with the person as it leaves it
-    (in batch order; the store orders by event time, see dataflows/state.py)."""
+    (in batch order; the store orders by event time, see state/store.py)."""
     update = person_update(event)
     props.update(update.set)
     for k, v in update.set_once.items():
@@ -145,7 +147,7 @@ class BackfillItem:
 
 @dataclass
 class SummaryWork:
-    """Summarise a batch of a definition's dirty persons (attempt summaries, dataflows/summaries.py)."""
+    """Summarise a batch of a definition's dirty persons (attempt summaries, state/summaries.py)."""
 
     project_id: int
     h: str
@@ -169,7 +171,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         self.registry = DefinitionRegistry(self.client)
         self.partitions = partition_count(settings.kafka_bootstrap, settings.topic)
         self.task: _Task | None = None
-        self.summariser = Summariser(self.client)
+        self.summaries = SummaryStore(self.client)
         self._awake: datetime | None = None
 
     def _sleep(self, seconds: float) -> list[BackfillItem]:
@@ -203,7 +205,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         work = []
         for project_id, h in self.registry.summarised():
             status, _ = self.registry.status(project_id, h)
-            if status == "summarising" or (status == "ready" and self.summariser.pending(project_id, h)):
+            if status == "summarising" or (status == "ready" and self.summaries.pending(project_id, h)):
                 work.append(SummaryWork(project_id, h))
         return work
 
@@ -287,7 +289,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         wait_for_redis(self.client, "backfill sink")
         self.store = StateStore(self.client)
         self.dead = DeadLetters(settings.kafka_bootstrap, settings.topic, settings.dlq_topic, self.store)
-        self.summariser = Summariser(self.client, self.dead.send)
+        self.summariser = Summariser(SummaryStore(self.client), self.dead.send)
         self.registry = DefinitionRegistry(self.client)
         self.projects = ProjectCache(Registry(self.client))
         self._definitions: dict[tuple[int, str], Definition] = {}
@@ -348,25 +350,31 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
                 self._fail(project_id, h, f"an event could not be applied to it: {type(exc).__name__}: {exc}")
                 continue
             written = self._written.get((project_id, h, partition), -1)
-            result = self.store.backfill(definition, partition, rows, zone(definition.timezone), written)
+            result = self.store.backfill(definition, partition, rows, written)
             for (pid, failed_h), reason in result.failed.items():
                 self._fail(pid, failed_h, f"Redis refused its state: {reason}")
             self._written[(project_id, h, partition)] = max(written, group[-1].record.offset)
 
     def _rows(self, definition: Definition, project_id: int, group: list[BackfillItem], now: datetime
-              ) -> list[tuple[int, TopicEvent | None, tuple[str, float | None] | None]]:
+              ) -> list[BackfillRow]:
         ours = [i for i in group if i.event is not None and self._belongs(i.event, project_id)]
         snapshot: dict[str, dict[str, Any]] = {}
         if definition.uses_person and ours:
             snapshot = person_snapshot(self.client, project_id, (i.event.distinct_id for i in ours if i.event))
-        rows: list[tuple[int, TopicEvent | None, tuple[str, float | None] | None]] = []
+        tz = zone(definition.timezone)
+        rows: list[BackfillRow] = []
         for item in group:
             event = item.event
             if event is None or not self._belongs(event, project_id):
-                rows.append((item.record.offset, None, None))
+                rows.append(BackfillRow(item.record.offset))
                 continue
             hit = definition.contribution(event.event, event.properties, snapshot.get(event.distinct_id, {}), now)
-            rows.append((item.record.offset, event, hit))
+            try:
+                buckets = trend_buckets(event, tz)
+            except (ValueError, OverflowError):  # the live path dead-lettered it: nothing to apply
+                rows.append(BackfillRow(item.record.offset))
+                continue
+            rows.append(BackfillRow(item.record.offset, event, buckets.hour, buckets.day, hit))
         return rows
 
     def _belongs(self, event: TopicEvent, project_id: int) -> bool:

@@ -21,9 +21,14 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.definitions import BackfillSink, BackfillSource, DefinitionCache, contributions
 from dataflows.kafka import EventsSource, Record, ensure_topics, topic_id
+from dataflows.operators.persons import person_update
+from dataflows.operators.trends import trend_buckets
 from dataflows.operators.validate import Parsed, parse_record
 from dataflows.services import REDIS_DOWN, DeadLetters, Letter, wait_for_redis
-from dataflows.state import (
+from schemas.dates import zone
+from schemas.settings import Settings
+from state.registry import DefinitionRegistry, ProjectCache, Registry
+from state.store import (
     Applied,
     Located,
     ProjectBatch,
@@ -33,9 +38,6 @@ from dataflows.state import (
     event_args,
     set_contributions,
 )
-from schemas.dates import zone
-from schemas.registry import DefinitionRegistry, ProjectCache, Registry
-from schemas.settings import Settings
 
 log = logging.getLogger("insightflow.dataflow")
 
@@ -114,7 +116,9 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 event = replace(event, project_id=project.id)
             located = Located(event, rec.partition, rec.offset)
             try:  # everything the event alone decides: buckets, person update, encodings
-                located.args = event_args(event, zone(project.timezone), rec.partition, rec.offset)
+                buckets = trend_buckets(event, zone(project.timezone))
+                located.args = event_args(event, buckets.hour, buckets.day, person_update(event), rec.partition,
+                                          rec.offset)
             except Exception as exc:
                 dead(rec, f"cannot be applied: {type(exc).__name__}: {exc}")
                 continue

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import redis
 from confluent_kafka import Producer
 
-from dataflows.state import StateStore
+from state.store import StateStore
 
 log = logging.getLogger("insightflow.services")
 

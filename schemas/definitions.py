@@ -92,7 +92,7 @@ class Definition:
     steps: tuple[ActionStep, ...] = ()  # an action: the event matches any step (then `event` is None)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    summaries = False  # no per-person summaries (funnels and paths keep them: dataflows/summaries.py)
+    summaries = False  # no per-person summaries (funnels and paths keep them: state/summaries.py)
 
     def canonical(self) -> dict[str, Any]:
         return {

@@ -93,7 +93,7 @@ class FunnelDefinition:
     keep_names: bool = False   # correlation: the event name of every kept event
     property_events: tuple[str, ...] = ()  # correlation: keep the properties of these events
     # Ordered funnels without exclusions or first-time steps (broken down, if at all, by first or last
-    # touch) keep attempt summaries per person (dataflows/summaries.py): their queries read attempts.
+    # touch) keep attempt summaries per person (state/summaries.py): their queries read attempts.
     summaries: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -107,7 +107,7 @@ class FunnelDefinition:
             raise RequestError(f"Funnels can have at most {MAX_FUNNEL_STEPS} steps; this one has "
                                f"{len(self.steps)}.", "events")
     per_actor = False
-    summary_kind = "fa"  # attempt rows (dataflows/summaries.py)
+    summary_kind = "fa"  # attempt rows (state/summaries.py)
 
     @property
     def flags(self) -> str:

@@ -52,7 +52,7 @@ class PathDefinition:
     per_actor = False
     flags = "s"  # the apply script keeps each person's path events, for the summariser
     summaries = True
-    summary_kind = "ps"  # sessions (dataflows/summaries.py)
+    summary_kind = "ps"  # sessions (state/summaries.py)
     breakdown = None
 
     def canonical(self) -> dict[str, Any]:

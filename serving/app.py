@@ -14,8 +14,6 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dataflows.state import StateStore
-from schemas.registry import DefinitionRegistry, ProjectCache, Registry
 from schemas.settings import Settings
 from serving import capture, health, insights, saved
 from serving.compute import Computations
@@ -29,6 +27,8 @@ from serving.errors import (
     http_error_handler,
     request_validation_handler,
 )
+from state.registry import DefinitionRegistry, ProjectCache, Registry
+from state.store import StateStore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -7,8 +7,9 @@ from typing import Any
 
 from fastapi import Request
 
-from schemas.registry import ApiKey, Project, Registry
+from schemas.projects import ApiKey, Project
 from serving.errors import ApiError, not_found
+from state.registry import Registry
 
 
 def _key_from_request(request: Request, body: dict[str, Any] | None) -> tuple[str, str] | None:

@@ -25,8 +25,8 @@ from fastapi import APIRouter, Request
 from prometheus_client import Counter
 
 from schemas.events import MAX_EVENT_BYTES, InvalidEvent, from_capture
-from schemas.registry import ProjectCache
 from serving.errors import JSON, ApiError
+from state.registry import ProjectCache
 
 log = logging.getLogger("insightflow.capture")
 MAX_BODY_BYTES = 20 * 1024 * 1024

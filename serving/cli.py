@@ -17,8 +17,9 @@ import orjson
 import redis
 import typer
 
-from schemas.registry import Registry, RegistryError
+from schemas.projects import RegistryError
 from serving import stack
+from state.registry import Registry
 
 app = typer.Typer(help="Insightflow: PostHog's insight API from incrementally maintained state.",
                   no_args_is_help=True, add_completion=False)

@@ -62,7 +62,7 @@ class Computation:
 def _worker(conn: Connection, redis_url: str, cache_mb: int) -> None:
     """A worker process: receive (query, method, args), answer ("ok", result) or a failure."""
     global _worker_client
-    from serving.summaries import SUMMARIES
+    from state.summaries import SUMMARIES
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _worker_client = redis.Redis.from_url(redis_url)

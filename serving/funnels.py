@@ -19,23 +19,23 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import orjson
 import redis
 
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts
-from dataflows.summaries import Summariser, parse_person_events
-from schemas import keys
+from dataflows.operators.summaries import PersonSummary, summarise_person, unusable
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
 from schemas.fields import decode_json_field
 from schemas.filters import as_text
 from schemas.funnels import FunnelRequest, read_kept
-from schemas.registry import Project
+from schemas.projects import Project
 from schemas.trends import RequestError
 from serving.compute import Computation
 from serving.people import person_details
-from serving.summaries import SUMMARIES
 from serving.trends import quantile
+from state import keys
+from state.records import read_attempt_rows, read_day_event, read_first_seen, read_person_events, read_touches
+from state.summaries import SUMMARIES, SummaryStore
 
 OTHER = "Other"
 
@@ -65,7 +65,7 @@ Touches = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ms, values, persons)
 
 def _decode_touches(values: list[bytes]) -> tuple[Touches, Touches]:
     """A day's `fb` summaries as (first touches, last touches)."""
-    decoded = [orjson.loads(v) for v in values]
+    decoded = read_touches(values)
     who = np.array([d[0] for d in decoded], dtype=np.int64)
     first = (np.array([d[1] for d in decoded], dtype=np.int64), np.array([d[2] for d in decoded], dtype=object), who)
     last = (np.array([d[3] for d in decoded], dtype=np.int64), np.array([d[4] for d in decoded], dtype=object), who)
@@ -79,10 +79,6 @@ def _combine_touches(days: list[tuple[Touches, Touches]]) -> tuple[Touches, Touc
         return tuple(np.concatenate([d[side][i] for d in days]) for i in range(3))  # type: ignore[return-value]
 
     return join(0), join(1)
-
-
-def _attempt_rows(values: list[bytes], steps: int) -> np.ndarray:
-    return np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 1)
 
 
 def rank_breakdown_groups(reached: dict[tuple[str, ...], Any], steps: int) -> list[tuple[str, ...]]:
@@ -117,6 +113,8 @@ class FunnelQuery(Computation):
                       else start_of_interval(self.range.date_from, interval, project.week_start_day))
         self.steps = len(request.definition.steps)
         self._actors: dict[str, list[StepEvent]] | None = None
+        self._fresh_summaries: dict[str, PersonSummary] | None = None
+        self._kept: dict[str, bytes] = {}
 
     def definitions(self) -> list[Any]:
         return [self.request.definition]
@@ -134,8 +132,7 @@ class FunnelQuery(Computation):
         actors: dict[str, list[StepEvent]] = defaultdict(list)
         for entries in pipe.execute():
             for raw in entries:
-                person, ts, uuid, payload = raw.decode().split("|", 3)
-                ts_ms = int(ts)
+                person, ts_ms, uuid, payload = read_day_event(raw)
                 if low <= ts_ms <= high:
                     kept = read_kept(payload)
                     actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(kept.steps), _bits(kept.excluded),
@@ -167,25 +164,48 @@ class FunnelQuery(Computation):
         return (int(self.request.window_s * 1000), math.ceil(self.lower.timestamp() * 1000),
                 math.floor(self.range.date_to.timestamp() * 1000))
 
+    def _fresh(self) -> dict[str, PersonSummary]:
+        """Summaries of the persons whose kept events changed since they were summarised, computed
+        here (a query writes nothing): with them, the answer includes every applied event."""
+        if self._fresh_summaries is None:
+            definition = self.request.definition
+            store = SummaryStore(self.redis)
+            dirty = store.dirty(self.project.id, definition.hash)
+            raws = store.kept_events(self.project.id, definition.hash, dirty)
+            self._kept = dict(zip(dirty, raws, strict=True))
+            self._fresh_summaries = {p: summarise_person(definition, p, raw) for p, raw in self._kept.items()}
+        return self._fresh_summaries
+
+    def _fresh_values(self, kind: str) -> list[bytes]:
+        days = set(self._days())
+        return [value for plan in self._fresh().values() for k, day, value in plan.entries
+                if k == kind and day in days and value]
+
     def _attempts(self) -> tuple[np.ndarray, dict[str, list[StepEvent]]]:
         """Rows of the attempts starting on the range's days, and the events (inside the range) of
-        the persons evaluated by the UDF. Persons marked since their last summary are summarised
-        first, so the answer includes every event applied."""
+        the persons evaluated by the UDF: the stored summaries, with those of persons not summarised
+        yet computed here instead."""
         definition, project_id = self.request.definition, self.project.id
-        Summariser(self.redis).drain_all(definition)
         rows = SUMMARIES.read_combined(
-            self.redis, definition, self._days(), lambda values: _attempt_rows(values, self.steps),
+            self.redis, definition, self._days(), lambda values: read_attempt_rows(values, self.steps),
             lambda days: np.concatenate(days) if days else np.zeros((0, self.steps + 1), dtype=np.int64))
-        prefix = keys.definition_prefix(project_id, definition.hash)
-        irregular = [p.decode() for p in self.redis.hkeys(keys.irregular_persons(prefix))]
+        fresh = self._fresh()
+        if fresh:
+            stale = np.isin(rows[:, 0], np.array([int(p) for p in fresh], dtype=np.int64))
+            rows = np.concatenate([rows[~stale], read_attempt_rows(self._fresh_values("fa"), self.steps)])
+        store = SummaryStore(self.redis)
+        irregular = [p for p in store.irregular(project_id, definition.hash) if p not in fresh]
+        irregular += [p for p, plan in fresh.items() if plan.irregular]
         _, low, high = self._bounds_ms
         events: dict[str, list[StepEvent]] = {}
         if irregular:
-            raws = self.redis.mget([keys.person_events(prefix, p) for p in irregular])
-            for person, raw in zip(irregular, raws, strict=True):
+            stored = [p for p in irregular if p not in self._kept]
+            raws = dict(zip(stored, store.kept_events(project_id, definition.hash, stored), strict=True))
+            for person in irregular:
+                raw = self._kept[person] if person in self._kept else raws[person]
                 inside = []
-                for e in parse_person_events(raw or b""):
-                    if low <= e.ts_ms <= high:
+                for e in read_person_events(raw)[0]:
+                    if low <= e.ts_ms <= high and unusable("fa", e) is None:
                         kept = read_kept(e.value)
                         inside.append(StepEvent(e.ts_ms / 1000, e.uuid, _bits(kept.steps), breakdown=kept.breakdown))
                 if inside:
@@ -226,8 +246,14 @@ class FunnelQuery(Computation):
         if breakdown is None:
             return [()] * len(persons)
         last = self.request.attribution == "last_touch"
-        touch_ms, touch_values, who = SUMMARIES.read_combined(
-            self.redis, self.request.definition, self._days(), _decode_touches, _combine_touches, kind="fb")[last]
+        sides = SUMMARIES.read_combined(self.redis, self.request.definition, self._days(), _decode_touches,
+                                        _combine_touches, kind="fb")
+        fresh = self._fresh()
+        if fresh:
+            stale = np.array([int(p) for p in fresh], dtype=np.int64)
+            kept = tuple(tuple(a[~np.isin(side[2], stale)] for a in side) for side in sides)
+            sides = _combine_touches([kept, _decode_touches(self._fresh_values("fb"))])  # type: ignore[list-item]
+        touch_ms, touch_values, who = sides[last]
         empty = tuple("" for _ in breakdown.properties)
         if not len(who):
             return [empty] * len(persons)
@@ -267,7 +293,7 @@ class FunnelQuery(Computation):
                 continue
             firsts = self.redis.hmget(keys.first_seen(self.project.id, name), persons)
             for person, raw in zip(persons, firsts, strict=True):
-                first_ms = int(raw.decode().split(":")[0]) if raw else None
+                first_ms = read_first_seen(raw) if raw else None
                 actors[person] = [e if k not in e.steps or (first_ms is not None and round(e.ts * 1000) == first_ms)
                                   else replace(e, steps=tuple(s for s in e.steps if s != k)) for e in actors[person]]
         return actors

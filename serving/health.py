@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from schemas import keys
 from serving.errors import JSON
+from state import keys
 
 router = APIRouter(tags=["health"])
 

@@ -22,7 +22,7 @@ from schemas.fields import MAX_NESTING, decode_json_field, int_field, nesting, t
 from schemas.funnels import PARAMETERS as FUNNEL_PARAMETERS
 from schemas.funnels import parse_funnel_request
 from schemas.paths import parse_paths_request
-from schemas.registry import DefinitionRegistry, Project
+from schemas.projects import Project
 from schemas.retention import PARAMETERS as RETENTION_PARAMETERS
 from schemas.retention import parse_retention_request
 from schemas.trends import RequestError, parse_trends_request
@@ -34,6 +34,7 @@ from serving.paths import PathsQuery
 from serving.people import person_details
 from serving.retention import RetentionQuery
 from serving.trends import TrendQuery, resolve_now
+from state.registry import DefinitionRegistry
 
 router = APIRouter(tags=["insights"])
 QUERY_SECONDS = Histogram("insightflow_insight_seconds", "Insight calculation time", ["kind"])

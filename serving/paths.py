@@ -1,6 +1,6 @@
 """Path edges (spec §9.3, §19.15-17) from the sessions a paths definition keeps per person.
 
-A query reads the sessions touching the days of its range (dataflows/summaries.py, cached per day
+A query reads the sessions touching the days of its range (state/summaries.py, cached per day
 version), trims each to the range, and re-applies cleaning, grouping and exclusions inside it
 (which can only cut a session further), then collapses repeats, shapes and counts edges.
 """
@@ -11,23 +11,19 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-import orjson
 import redis
 
 from dataflows.operators.path_sessions import sessions
-from dataflows.summaries import Summariser
+from dataflows.operators.summaries import summarise_person
 from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
-from schemas.registry import Project
+from schemas.projects import Project
 from schemas.trends import RequestError
 from serving.compute import Computation
-from serving.summaries import SUMMARIES
+from state.records import read_person_events, read_sessions
+from state.summaries import SUMMARIES, SummaryStore
 
 ELLIPSIS = "..."
-
-
-def _decode_sessions(values: list[bytes]) -> list[Any]:
-    return [session for value in values for session in orjson.loads(value)]
 
 
 class PathsQuery(Computation):
@@ -45,14 +41,24 @@ class PathsQuery(Computation):
         return [self.request.definition]
 
     def _raw_sessions(self) -> list[list[tuple[int, str, str]]]:
-        """The kept sessions touching the range, each trimmed to it: (ms, uuid, raw item)."""
+        """The kept sessions touching the range, each trimmed to it: (ms, uuid, raw item). Persons
+        whose kept events changed since they were summarised have their sessions computed here (a
+        query writes nothing), replacing what is stored for them."""
         definition = self.request.definition
-        Summariser(self.redis).drain_all(definition)
         days = day_keys(self.range.date_from, self.range.date_to)
         low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000
-        seen: set[str] = set()
+        store = SummaryStore(self.redis)
+        dirty = store.dirty(self.project.id, definition.hash)
+        raws = store.kept_events(self.project.id, definition.hash, dirty)
+        fresh = [summarise_person(definition, p, raw) for p, raw in zip(dirty, raws, strict=True)]
+        stale = {e.uuid for raw in raws for e in read_person_events(raw)[0]}
+        wanted = set(days)
+        recomputed = read_sessions([v for plan in fresh for kind, day, v in plan.entries if day in wanted and v])
+        seen: set[str] = set(stale)  # a dirty person's stored sessions are replaced by `recomputed`
         out = []
-        for found in SUMMARIES.read(self.redis, definition, days, _decode_sessions):
+        for found in [*SUMMARIES.read(self.redis, definition, days, read_sessions), recomputed]:
+            if found is recomputed:
+                seen -= stale
             for times, uuids, items in found:
                 if uuids[0] in seen:  # a session spanning days is kept under each of them
                     continue

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from schemas import keys
+from state import keys
 
 
 def person_details(client: Any, project_id: int, persons: list[str]) -> list[dict[str, Any]]:

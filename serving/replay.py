@@ -17,8 +17,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from rich.progress import Progress
 
 from dataflows.kafka import partition_count
-from dataflows.state import StateStore
 from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
+from state.store import StateStore
 
 
 def _normalise(raw: bytes, project: int | None) -> TopicEvent:

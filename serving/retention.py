@@ -13,15 +13,15 @@ from typing import Any
 import redis
 from dateutil.relativedelta import relativedelta
 
-from schemas import keys
 from schemas.dates import iso_instant, relative_date_parse, start_of_interval, zone
 from schemas.definitions import BREAKDOWN_OTHER, NO_BREAKDOWN, Definition
-from schemas.registry import Project
+from schemas.projects import Project
 from schemas.retention import RetentionRequest, entity_definition
 from schemas.trends import Entity, RequestError
 from serving.compute import Computation
 from serving.trends import Source, fetch_bitmaps
 from serving.trends import union as _union
+from state import keys
 
 _STEP = {"Hour": relativedelta(hours=1), "Day": relativedelta(days=1), "Week": relativedelta(weeks=1),
          "Month": relativedelta(months=1)}

@@ -20,13 +20,14 @@ from prometheus_client import Histogram
 
 from schemas.dates import DateParseError, iso_instant
 from schemas.fields import int_field, to_bool
-from schemas.registry import ApiKey, Project
-from schemas.saved import DEFAULT_LEVEL, LEVELS, AccessControls, InsightError, InsightStore, owner_of, validate
+from schemas.projects import ApiKey, Project
+from schemas.saved import DEFAULT_LEVEL, LEVELS, InsightError, owner_of, validate
 from schemas.trends import RequestError
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, not_found, validation
 from serving.insights import BLOCKING, _now, build_query, materialized, request_data
 from serving.openapi import SAVED
+from state.saved import AccessControls, InsightStore
 
 router = APIRouter(tags=["saved insights"])
 TIME_TO_SEE_DATA = Histogram("insightflow_time_to_see_data_seconds", "Client-reported time to see data", ["type"])

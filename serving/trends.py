@@ -17,7 +17,6 @@ import numpy as np
 import orjson
 import redis
 
-from schemas import keys
 from schemas.dates import (
     QueryDateRange,
     bucket_day,
@@ -33,7 +32,7 @@ from schemas.dates import (
 )
 from schemas.definitions import BREAKDOWN_NULL, BREAKDOWN_OTHER, NO_BREAKDOWN, Definition
 from schemas.formula import Formula
-from schemas.registry import Project
+from schemas.projects import Project
 from schemas.trends import (
     ACTOR_MATHS,
     PER_ACTOR_MATHS,
@@ -45,6 +44,7 @@ from schemas.trends import (
     definition_for,
 )
 from serving.compute import Computation
+from state import keys
 
 _WINDOW_DAYS = {"weekly_active": 7, "monthly_active": 30}
 _RELATIVE_WEEKS = ("d", "w")

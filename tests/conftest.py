@@ -20,8 +20,9 @@ import httpx
 import pytest
 import redis
 
-from schemas.registry import Project, Registry
+from schemas.projects import Project
 from serving import stack
+from state.registry import Registry
 from tests.upstack import wait_lag_zero
 
 _project_ids = itertools.count(1000)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 import redis
 
-from schemas import keys
 from schemas.funnels import parse_funnel_request
-from schemas.registry import DefinitionRegistry
+from state import keys
+from state.registry import DefinitionRegistry
 
 
 def funnel_definition(project_id: int, steps: int) -> tuple[str, bytes]:

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import redis
 
-from schemas import keys
 from serving import stack
+from state import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Person resolution: what an event says about identity and person properties (no I/O).
 
-The store applies the result atomically per project (`dataflows/state.py`), so two workers that
+The store applies the result atomically per project (`state/store.py`), so two workers that
 see distinct ids of one person on different partitions still agree on one person.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from schemas.registry import Registry
+from state.registry import Registry
 from tests.conftest import ProjectHandle, Stack, make_project
 
 QUERY = {"events": [{"id": "$pageview"}]}

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from schemas.registry import Registry
 from serving import stack as stack_mod
+from state.registry import Registry
 from tests.conftest import ProjectHandle, Stack
 
 NOW = "2024-03-07T15:00:00Z"

@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pytest
 
-from schemas import keys
+from state import keys
 from tests.conftest import ProjectHandle, Stack, make_project
 
 pytestmark = pytest.mark.e2e

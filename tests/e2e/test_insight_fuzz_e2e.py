@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.registry import Registry
+from state.registry import Registry
 from tests.insight_fuzz import DATES, NUMBERS, TYPES, VALID, _places, deep
 from tests.upstack import Up
 

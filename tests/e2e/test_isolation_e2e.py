@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from schemas.registry import Registry
+from state.registry import Registry
 from tests.conftest import ProjectHandle, Stack, make_project
 
 SECRET = "secret-event-name-7f3a"

@@ -17,9 +17,9 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from schemas import keys
 from schemas.funnels import parse_funnel_request
-from schemas.registry import DefinitionRegistry
+from state import keys
+from state.registry import DefinitionRegistry
 from tests import legacy
 from tests.conftest import ProjectHandle, Stack, make_project
 

@@ -6,7 +6,7 @@ import uuid
 
 import httpx
 
-from schemas.registry import Registry
+from state.registry import Registry
 from tests.conftest import ProjectHandle, Stack, make_project
 
 NOW = "2024-06-10T12:00:00Z"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from schemas.registry import DefinitionRegistry, Registry
+from state.registry import DefinitionRegistry, Registry
 from tests import legacy
 from tests.upstack import Sender, Up, day_total
 

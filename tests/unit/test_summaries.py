@@ -7,9 +7,10 @@ import orjson
 import pytest
 
 from dataflows.operators.funnel_attempts import RANK_BITS
-from dataflows.summaries import StoredEvent, encode_person_events, read_person_events, summarise_person
+from dataflows.operators.summaries import summarise_person
 from schemas.errors import RequestError
 from schemas.funnels import parse_funnel_request
+from state.records import StoredEvent, encode_person_events, read_person_events
 
 
 def _funnel(steps: int = 2) -> object:

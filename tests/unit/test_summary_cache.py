@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.summaries import _Bounded, size_of
+from state.summaries import _Bounded, size_of
 
 
 def test_least_recently_used_leave_first() -> None:

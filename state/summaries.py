@@ -1,8 +1,11 @@
-"""Per-day summaries (dataflows/summaries.py) as queries read them, kept decoded in the API process
-while each day's version stands: a dashboard that polls re-reads only the days that changed.
+"""Per-person summaries in Redis: the dirty persons, their kept events, the summaries written per
+day, and the per-day reads queries combine (kept decoded while each day's version stands, so a
+dashboard that polls re-reads only the days that changed).
 
-Both caches are bounded by size (least recently used first out): `summary_cache_mb` of the
+Both read caches are bounded by size (least recently used first out): `summary_cache_mb` of the
 settings (`INSIGHTFLOW_SUMMARY_CACHE_MB`, default 1024) for the days, as much for combined ranges.
+A summary write is refused when the person's kept events grew since they were read (their length is
+the version), and the person stays dirty for the next pass.
 """
 
 from __future__ import annotations
@@ -14,7 +17,92 @@ from typing import Any
 import numpy as np
 import redis
 
-from schemas import keys
+from state import keys
+
+# ARGV: definition prefix, persons, then per person: id, version, irregular, replaced, replacement,
+# entries, (kind, day, value)*. `replaced` 1: the person's kept events become `replacement` (events the
+# summariser could not use were dead-lettered). An empty value removes the person from that day; a
+# day's version moves only when its value changes.
+WRITE_SUMMARIES = r"""
+local D = ARGV[1]
+local n = tonumber(ARGV[2])
+local i, written = 3, 0
+for _ = 1, n do
+  local p, version, irregular, replaced, replacement = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3],
+    ARGV[i + 4]
+  local entries = tonumber(ARGV[i + 5])
+  i = i + 6
+  if redis.call('STRLEN', D .. 'pe:' .. p) == version then
+    if replaced == '1' then
+      if replacement == '' then redis.call('DEL', D .. 'pe:' .. p)
+      else redis.call('SET', D .. 'pe:' .. p, replacement) end
+    end
+    for _ = 1, entries do
+      local kind, day, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+      i = i + 3
+      local key = D .. kind .. ':' .. day
+      if value == '' then
+        if redis.call('HDEL', key, p) == 1 then redis.call('HINCRBY', D .. kind .. 'v', day, 1) end
+      elseif redis.call('HGET', key, p) ~= value then
+        redis.call('HSET', key, p, value)
+        redis.call('HINCRBY', D .. kind .. 'v', day, 1)
+      end
+    end
+    if irregular == '1' then redis.call('HSET', D .. 'irr', p, 1) else redis.call('HDEL', D .. 'irr', p) end
+    redis.call('SREM', D .. 'dirty', p)
+    written = written + 1
+  else
+    i = i + 3 * entries
+  end
+end
+return written
+"""
+
+
+
+Entry = tuple[str, str, bytes]  # (summary kind, day, value)
+
+
+class SummaryStore:
+    """The Redis edge of one project's summaries: what is dirty, what a person kept, what to write."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._write = client.register_script(WRITE_SUMMARIES)
+
+    def pending(self, project_id: int, h: str) -> int:
+        return int(self.redis.scard(keys.summary_dirty(keys.definition_prefix(project_id, h))))
+
+    def dirty(self, project_id: int, h: str, budget: int | None = None) -> list[str]:
+        """Persons whose kept events changed since they were summarised (a random `budget` of them)."""
+        key = keys.summary_dirty(keys.definition_prefix(project_id, h))
+        found = self.redis.smembers(key) if budget is None else self.redis.srandmember(key, budget)
+        return [p.decode() for p in found]
+
+    def kept_events(self, project_id: int, h: str, persons: list[str]) -> list[bytes]:
+        prefix = keys.definition_prefix(project_id, h)
+        return [raw or b"" for raw in self.redis.mget([keys.person_events(prefix, p) for p in persons])] \
+            if persons else []
+
+    def irregular(self, project_id: int, h: str) -> list[str]:
+        return [p.decode() for p in self.redis.hkeys(keys.irregular_persons(keys.definition_prefix(project_id, h)))]
+
+    def write(self, project_id: int, h: str,
+              planned: list[tuple[str, int, bool, bytes | None, list[Entry]]], chunk: int = 500) -> int:
+        """Write (person, version read, irregular, replacement kept events or None, entries) each; a
+        person whose kept events moved since is left dirty. Returns how many were written."""
+        prefix = keys.definition_prefix(project_id, h)
+        pipe = self.redis.pipeline(transaction=False)
+        for start in range(0, len(planned), chunk):
+            args: list[str | int | bytes] = [prefix, 0]
+            for person, version, irregular, replacement, entries in planned[start:start + chunk]:
+                args += [person, version, int(irregular), int(replacement is not None), replacement or b"",
+                         len(entries)]
+                for entry in entries:
+                    args += entry
+                args[1] = int(args[1]) + 1
+            self._write(args=args, client=pipe)
+        return sum(int(result) for result in pipe.execute()) if planned else 0
 
 
 def size_of(value: Any) -> int:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
 import redis
 
-from dataflows.operators.persons import person_update
-from dataflows.operators.trends import trend_buckets
-from schemas import keys
 from schemas.definitions import Definition
 from schemas.events import TopicEvent
+from state import keys
 
 FIELDS_PER_EVENT = 15
 
@@ -422,14 +421,13 @@ def _contributions(contributions: list[tuple[str, str, float | None]] | None) ->
     return orjson.dumps([[h, bv, v] if v is not None else [h, bv] for h, bv, v in contributions]).decode()
 
 
-def event_args(event: TopicEvent, tz: ZoneInfo, partition: int = 0, offset: int = 0,
+def event_args(event: TopicEvent, hour: int, day: str, person: Any, partition: int = 0, offset: int = 0,
                contributions: list[tuple[str, str, float | None]] | None = None) -> list[str | int]:
-    """The fixed-width argument block of one event for APPLY_EVENTS."""
-    buckets = trend_buckets(event, tz)
-    person = person_update(event)
+    """The fixed-width argument block of one event for the apply script: the event, its buckets
+    (project-zone hour start and day) and its person update (`link_kind`, `other_distinct_id`, `set`,
+    `set_once`, `unset`, as `dataflows/operators/persons.py` computes it)."""
     return [
-        keys.seen_bucket(event.uuid), event.uuid, event.distinct_id, event.event,
-        buckets.hour, buckets.day, event.ts_ms,
+        keys.seen_bucket(event.uuid), event.uuid, event.distinct_id, event.event, hour, day, event.ts_ms,
         person.link_kind or "", person.other_distinct_id or "",
         _json_values(person.set), _json_values(person.set_once),
         orjson.dumps(person.unset).decode() if person.unset else "",
@@ -440,6 +438,17 @@ def event_args(event: TopicEvent, tz: ZoneInfo, partition: int = 0, offset: int 
 def set_contributions(args: list[str | int], contributions: list[tuple[str, str, float | None]] | None) -> None:
     """Put an event's definition contributions into its encoded block (they are planned per batch)."""
     args[FIELDS_PER_EVENT - 1] = _contributions(contributions)
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillRow:
+    """One offset of a partition's history for a definition's backfill."""
+
+    offset: int
+    event: TopicEvent | None = None
+    hour: int = 0
+    day: str = ""
+    contribution: tuple[str, float | None] | None = None
 
 
 @dataclass
@@ -493,8 +502,8 @@ class StateStore:
                 part = batch.events[start:start + chunk]
                 args: list[str | int] = [prefix, len(part), FIELDS_PER_EVENT, flags, batch.generation]
                 for item in part:
-                    args.extend(item.args or event_args(item.event, batch.tz, item.partition, item.offset,
-                                                        item.contributions))
+                    assert item.args is not None, "events are encoded by `event_args` before they are applied"
+                    args.extend(item.args)
                 self._apply(keys=[keys.distinct_ids(batch.project_id)], args=args, client=pipe)
                 owners.append(batch.project_id)
         stale: set[int] = set()
@@ -508,25 +517,20 @@ class StateStore:
             raise StaleDefinitions(stale)
         return result
 
-    def backfill(self, definition: Definition, partition: int, items: list[tuple[int, TopicEvent | None,
-                                                                               tuple[str, float | None] | None]],
-                 tz: ZoneInfo, written_up_to: int = -1) -> Applied:
-        """Apply one partition's history to a definition: (offset, event or None, contribution or None).
-
-        `written_up_to` is the last offset this process wrote for it; a fence behind it means Redis
-        lost writes (`RedisLostWrites`)."""
+    def backfill(self, definition: Definition, partition: int, items: list[BackfillRow],
+                 written_up_to: int = -1) -> Applied:
+        """Apply one partition's history to a definition, offset by offset (a row without an event is
+        an offset of nothing to apply). `written_up_to` is the last offset this process wrote for it;
+        a fence behind it means Redis lost writes (`RedisLostWrites`)."""
         args: list[str | int] = [keys.project_prefix(definition.project_id), definition.hash,
                                  definition.flags, partition, len(items)]
-        for offset, event, contribution in items:
-            row: list[str | int] = ["", "", offset, "", 0, "", 0, ""]
-            if event is not None and contribution is not None:
-                try:
-                    buckets = trend_buckets(event, tz)
-                    row = [keys.seen_bucket(event.uuid), event.uuid, offset, event.distinct_id, buckets.hour,
-                           buckets.day, event.ts_ms, orjson.dumps(list(contribution)).decode()]
-                except (ValueError, OverflowError, TypeError):
-                    pass  # the live path dead-lettered it: no guard holds it, so nothing to apply
-            args += row
+        for row in items:
+            if row.event is None or row.contribution is None:
+                args += ["", "", row.offset, "", 0, "", 0, ""]
+                continue
+            event = row.event
+            args += [keys.seen_bucket(event.uuid), event.uuid, row.offset, event.distinct_id, row.hour, row.day,
+                     event.ts_ms, orjson.dumps(list(row.contribution)).decode()]
         args.append(written_up_to)
         answer = self._backfill(keys=[keys.distinct_ids(definition.project_id)], args=args)
         if int(answer[0]) == -2:

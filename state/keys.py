@@ -140,7 +140,7 @@ def project_applied(pid: int) -> str:
 
 
 def definition_prefix(pid: int, h: str) -> str:
-    """State of a registered definition (hash h); suffixes as written by dataflows/state.py:
+    """State of a registered definition (hash h); suffixes as written by state/store.py:
     `ch:<bv>`/`cd:<bv>` counts, `uh:<bv>:<hour>`/`ud:<bv>:<day>` persons, `bv` breakdown values,
     `vs:<bv>` property sums/counts/min/max (fields `h<hour>:s` …, `d<day>:s` …), `vl:<bv>:<day>` and
     `vlh:<bv>:<hour>` property values, `pa:<bv>:<day>` and `pah:<bv>:<hour>` events per person."""
@@ -160,7 +160,7 @@ def definition_key(prefix: str, kind: str, bv: str = "", bucket: str | int | Non
     return f"{prefix}{kind}:{bv}" if bucket is None else f"{prefix}{kind}:{bv}:{bucket}"
 
 
-# Per-person summaries of funnel and paths definitions (dataflows/summaries.py), under the definition's
+# Per-person summaries of funnel and paths definitions (state/summaries.py), under the definition's
 # prefix. Kinds: `fa` ordered-funnel attempt rows, `ps` path sessions.
 SUMMARISED = "insightflow:summarised"  # set of "project:hash" definitions that keep summaries
 

@@ -1,0 +1,100 @@
+"""Stored record formats: one codec each, used by whoever writes and whoever reads the record.
+
+- kept events (`pe:<person>`, appended by the apply script): `<ts>,<day>,<uuid>,<length>:<value>`
+  back to back;
+- a day's funnel events (`fe:<day>` list entries, pushed by the apply script): `person|ts|uuid|value`;
+- attempt rows (`fa:<day>` hash values): little-endian int64s, `steps + 1` per row
+  (person, start, g_2..g_n);
+- first and last touches (`fb:<day>` hash values): JSON `[person, first ms, first value, last ms,
+  last value]`;
+- path sessions (`ps:<day>` hash values): JSON list of sessions, each `[[ms...], [uuid...], [item...]]`;
+- first time per person and event (`fs:<event>` hash values): `ts_ms:hour:day`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    ts_ms: int
+    day: str        # project-zone day, YYYYMMDD
+    uuid: str
+    value: bytes    # what the event contributes (JSON), as the definition wrote it
+
+
+def read_person_events(raw: bytes) -> tuple[list[StoredEvent], bytes]:
+    """The readable records, and what follows the first unreadable one (b"" when all are read)."""
+    out, i, end = [], 0, len(raw)
+    while i < end:
+        try:
+            a = raw.index(b",", i)
+            b = raw.index(b",", a + 1)
+            c = raw.index(b",", b + 1)
+            d = raw.index(b":", c + 1)
+            stop = d + 1 + int(raw[c + 1:d])
+            if stop > end:
+                raise ValueError("record runs past the end")
+            out.append(StoredEvent(int(raw[i:a]), raw[a + 1:b].decode(), raw[b + 1:c].decode(), raw[d + 1:stop]))
+        except (ValueError, UnicodeDecodeError):
+            return out, raw[i:]
+        i = stop
+    return out, b""
+
+
+def parse_person_events(raw: bytes) -> list[StoredEvent]:
+    """A person's kept events; an unreadable record is an error here (the summariser drops it)."""
+    events, rest = read_person_events(raw)
+    if rest:
+        raise ValueError(f"unreadable kept events from byte {len(raw) - len(rest)} on")
+    return events
+
+
+def encode_person_events(events: Iterable[StoredEvent]) -> bytes:
+    """The stored form `read_person_events` reads (the apply script appends the same records)."""
+    return b"".join(b"%d,%s,%s,%d:%s" % (e.ts_ms, e.day.encode(), e.uuid.encode(), len(e.value), e.value)
+                    for e in events)
+
+
+def read_day_event(raw: bytes) -> tuple[str, int, str, str]:
+    """(person, ms, uuid, value) of one entry of a day's funnel events."""
+    person, ts, uuid, value = raw.decode().split("|", 3)
+    return person, int(ts), uuid, value
+
+
+def pack_attempt_rows(flat: list[int]) -> bytes:
+    return struct.pack(f"<{len(flat)}q", *flat)
+
+
+def read_attempt_rows(values: list[bytes], steps: int) -> np.ndarray:
+    """Every row of the given values, one per attempt: (person, start, g_2..g_n)."""
+    return np.frombuffer(b"".join(values), dtype="<i8").reshape(-1, steps + 1)
+
+
+def encode_touch(person: int, first_ms: int, first_value: str, last_ms: int, last_value: str) -> bytes:
+    return orjson.dumps([person, first_ms, first_value, last_ms, last_value])
+
+
+def read_touches(values: list[bytes]) -> list[list[Any]]:
+    return [orjson.loads(v) for v in values]
+
+
+def encode_sessions(sessions: list[list[list[Any]]]) -> bytes:
+    return orjson.dumps(sessions)
+
+
+def read_sessions(values: list[bytes]) -> list[Any]:
+    """Every session of the given values (a day's persons), flattened."""
+    return [session for value in values for session in orjson.loads(value)]
+
+
+def read_first_seen(raw: bytes) -> int:
+    """The ms of a person's first event of a name (`ts_ms:hour:day`)."""
+    return int(raw.decode().split(":")[0])

@@ -27,12 +27,12 @@ import orjson
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from dataflows.kafka import ensure_topics
 from schemas.trends import parse_trends_request
 from serving import stack
 from serving.trends import TrendQuery
-from state import keys
 from state.registry import Registry
+from state.stream import Stream
+from state.topics import ensure_topics
 
 PROJECT = 1
 EVENTS = ("$pageview", "$pageview", "$pageview", "click", "signed up", "purchase")
@@ -88,8 +88,7 @@ def raw_consume(bootstrap: str, topic: str, partitions: int, total: int) -> floa
 
 
 def applied(client: redis.Redis, topic: str) -> int:
-    state = client.hgetall(keys.stream(topic))
-    return sum(int(v) for k, v in state.items() if k.startswith(b"applied:"))
+    return sum(Stream(client, topic).progress().applied.values())
 
 
 def percentile(values: list[float], q: float) -> float:

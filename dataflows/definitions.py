@@ -21,19 +21,20 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, TopicPartition
 
-from dataflows.kafka import Record, partition_count
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
 from dataflows.summariser import Summariser
 from schemas.dates import zone
 from schemas.definitions import Definition, load_definition
-from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
+from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
 from schemas.settings import Settings
 from state import keys
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.store import BackfillRow, Located, StateStore
+from state.stream import Stream
 from state.summaries import SummaryStore
+from state.topics import partition_count
 
 log = logging.getLogger("insightflow.definitions")
 
@@ -288,7 +289,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         self.client = redis.Redis.from_url(settings.redis_url)
         wait_for_redis(self.client, "backfill sink")
         self.store = StateStore(self.client)
-        self.dead = DeadLetters(settings.kafka_bootstrap, settings.topic, settings.dlq_topic, self.store)
+        self.dead = DeadLetters(settings.kafka_bootstrap, settings.dlq_topic, Stream(self.client, settings.topic))
         self.summariser = Summariser(SummaryStore(self.client), self.dead.send)
         self.registry = DefinitionRegistry(self.client)
         self.projects = ProjectCache(Registry(self.client))

@@ -20,12 +20,13 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.definitions import BackfillSink, BackfillSource, DefinitionCache, contributions
-from dataflows.kafka import EventsSource, Record, ensure_topics, topic_id
+from dataflows.kafka import EventsSource
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.operators.validate import Parsed, parse_record
 from dataflows.services import REDIS_DOWN, DeadLetters, Letter, wait_for_redis
 from schemas.dates import zone
+from schemas.events import Record
 from schemas.settings import Settings
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.store import (
@@ -38,6 +39,8 @@ from state.store import (
     event_args,
     set_contributions,
 )
+from state.stream import Stream
+from state.topics import ensure_topics, topic_id
 
 log = logging.getLogger("insightflow.dataflow")
 
@@ -60,8 +63,9 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         self.registry = DefinitionRegistry(client)
         self.definitions = DefinitionCache(self.registry)
         self.topic_id = topic_id(settings.kafka_bootstrap, settings.topic)
-        self.store.reset_stream(settings.topic, self.topic_id)
-        self.dead = DeadLetters(settings.kafka_bootstrap, settings.topic, settings.dlq_topic, self.store)
+        self.stream = Stream(client, settings.topic)
+        self.stream.reset(self.topic_id)
+        self.dead = DeadLetters(settings.kafka_bootstrap, settings.dlq_topic, self.stream)
         self.recorded: dict[int, int] = {}  # partition -> next offset this process recorded as applied
 
     def write_batch(self, items: list[Parsed]) -> None:
@@ -81,7 +85,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         themselves, so a restart is not always seen as an error: the offsets are what tells."""
         if not self.recorded:
             return
-        held = self.store.applied_offsets(self.settings.topic, self.topic_id) or {}
+        held = self.stream.applied_offsets(self.topic_id) or {}
         behind = {p: (held.get(p, 0), mine) for p, mine in self.recorded.items() if held.get(p, 0) < mine}
         if behind:
             raise RedisLostWrites(f"Redis came back without applied offsets this process wrote "
@@ -133,7 +137,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         for (project_id, h), reason in result.failed.items():
             self._fail(project_id, h, f"Redis refused its state: {reason}")
         self.dead.send(list(letters.values()))
-        self.store.record_offsets(self.settings.topic, applied, ends)
+        self.stream.record(applied, ends)
         for partition, offset in applied.items():
             self.recorded[partition] = max(self.recorded.get(partition, 0), offset)
 
@@ -176,7 +180,7 @@ def _applied_offsets(settings: Settings, topic_id: str) -> dict[int, int] | None
     client = redis.Redis.from_url(settings.redis_url)
     wait_for_redis(client, "events source")
     try:
-        return StateStore(client).applied_offsets(settings.topic, topic_id)
+        return Stream(client, settings.topic).applied_offsets(topic_id)
     finally:
         client.close()
 

@@ -1,4 +1,4 @@
-"""Kafka edges: topic set-up and the partitioned events source with offsets in its snapshot.
+"""The partitioned events source, with offsets in its snapshot.
 
 The source emits `Record`s carrying partition, offset and the partition's high watermark so the
 sink can record exactly what state reflects. Its snapshot stores the topic's `topic_id` with the
@@ -9,64 +9,17 @@ an offset that now points past its end (docs/measured.md).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicCollection, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from schemas.events import Record
+from state.topics import partition_count, topic_id
 
 log = logging.getLogger(__name__)
 _IDLE = timedelta(milliseconds=20)
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    partition: int
-    offset: int
-    high_watermark: int
-    value: bytes
-    timestamp_ms: int | None
-
-
-def admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap})
-
-
-def ensure_topics(bootstrap: str, topics: list[str], partitions: int, timeout: float = 30.0) -> None:
-    """Create the topics if missing (partition counts are fixed at creation on Tansu)."""
-    client = admin(bootstrap)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            existing = client.list_topics(timeout=5).topics
-            break
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    missing = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
-    if missing:
-        for name, future in client.create_topics(missing).items():
-            try:
-                future.result()
-            except KafkaException as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise
-                log.info("topic %s created concurrently", name)
-
-
-def topic_id(bootstrap: str, topic: str) -> str:
-    client = admin(bootstrap)  # keep the handle alive until the future resolves
-    result = client.describe_topics(TopicCollection([topic]))[topic].result()
-    return str(result.topic_id)
-
-
-def partition_count(bootstrap: str, topic: str) -> int:
-    client = admin(bootstrap)
-    return len(client.list_topics(topic, timeout=10).topics[topic].partitions)
 
 
 class _EventsPartition(StatefulSourcePartition[Record, dict]):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import redis
 from confluent_kafka import Producer
 
-from state.store import StateStore
+from state.stream import Stream
 
 log = logging.getLogger("insightflow.services")
 
@@ -52,8 +52,8 @@ class Letter:
 class DeadLetters:
     """`<topic>_dlq` with a `reason` header per record; `dlq_events` counts each record id once."""
 
-    def __init__(self, bootstrap: str, topic: str, dlq_topic: str, store: StateStore) -> None:
-        self.topic, self.dlq_topic, self.store = topic, dlq_topic, store
+    def __init__(self, bootstrap: str, dlq_topic: str, stream: Stream) -> None:
+        self.topic, self.dlq_topic, self.stream = stream.topic, dlq_topic, stream
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4"})
 
     def send(self, letters: list[Letter]) -> None:
@@ -73,7 +73,7 @@ class DeadLetters:
         self.producer.flush(30)
         if failures or len(self.producer):
             raise RuntimeError(f"dead-letter produce failed: {failures[0] if failures else 'not acknowledged'}")
-        self.store.count_dead_letters(self.topic, [letter.record_id for letter in letters])
+        self.stream.count_dead_letters([letter.record_id for letter in letters])
         log.warning("dead-lettered %d record(s); first reason: %s", len(letters), letters[0].reason)
 
     def close(self) -> None:

@@ -27,6 +27,18 @@ class InvalidEvent(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Record:
+    """A record as read from the topic: where it sits, the partition's high watermark when fetched,
+    and its bytes (parsed into a `TopicEvent` by the dataflow)."""
+
+    partition: int
+    offset: int
+    high_watermark: int
+    value: bytes
+    timestamp_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class TopicEvent:
     """A validated event, as it travels on the `events` topic."""
 

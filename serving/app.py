@@ -28,7 +28,7 @@ from serving.errors import (
     request_validation_handler,
 )
 from state.registry import DefinitionRegistry, ProjectCache, Registry
-from state.store import StateStore
+from state.stream import Stream
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,8 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = Registry(client)
         app.state.definitions = DefinitionRegistry(client)
         app.state.projects = ProjectCache(app.state.registry)
-        app.state.store = StateStore(client)
-        app.state.offsets = capture.AcknowledgedOffsets(app.state.store, settings.topic)
+        app.state.stream = Stream(client, settings.topic)
+        app.state.offsets = capture.AcknowledgedOffsets(app.state.stream)
         app.state.draining = False
         app.state.producer = capture.EventProducer(settings.kafka_bootstrap, settings.topic)
 

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from schemas.projects import ApiKey, Project
 from serving.errors import ApiError, not_found
+from state import keys
 from state.registry import Registry
 
 
@@ -29,7 +30,7 @@ def throttle(request: Request, key: ApiKey) -> None:
     limit = request.app.state.settings.rate_limit_per_minute
     now = time.time()
     window = int(now // 60)
-    counter = f"insightflow:throttle:{key.value_hash}:{window}"
+    counter = keys.throttle(key.value_hash, window)
     pipe = request.app.state.redis.pipeline()
     pipe.incr(counter)
     pipe.expire(counter, 120)

@@ -27,6 +27,7 @@ from prometheus_client import Counter
 from schemas.events import MAX_EVENT_BYTES, InvalidEvent, from_capture
 from serving.errors import JSON, ApiError
 from state.registry import ProjectCache
+from state.stream import Stream
 
 log = logging.getLogger("insightflow.capture")
 MAX_BODY_BYTES = 20 * 1024 * 1024
@@ -118,8 +119,8 @@ class AcknowledgedOffsets:
     are recorded with the next capture or readiness check.
     """
 
-    def __init__(self, store: Any, topic: str) -> None:
-        self.store, self.topic = store, topic
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
         self.unrecorded: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -137,7 +138,7 @@ class AcknowledgedOffsets:
         if not pending:
             return
         try:
-            self.store.record_offsets(self.topic, {}, pending)
+            self.stream.record({}, pending)
         except redis.RedisError:
             return
         with self._lock:

@@ -256,7 +256,7 @@ class Supervisor:
             self._shutdown()
 
     def _create_topics(self) -> None:
-        from dataflows.kafka import ensure_topics
+        from state.topics import ensure_topics
 
         ensure_topics(self.env["INSIGHTFLOW_KAFKA_BOOTSTRAP"], self.topics,
                       int(os.environ.get("INSIGHTFLOW_PARTITIONS", "8")))

@@ -16,9 +16,9 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from rich.progress import Progress
 
-from dataflows.kafka import partition_count
 from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
-from state.store import StateStore
+from state.stream import Stream
+from state.topics import partition_count
 
 
 def _normalise(raw: bytes, project: int | None) -> TopicEvent:
@@ -70,7 +70,7 @@ def _produce(records: Iterable[bytes], total: int | None, bootstrap: str, topic:
     if failures:
         raise RuntimeError(f"{len(failures)} event(s) not acknowledged by the broker: {failures[0]}")
     if redis_url and ends:  # so /readyz counts them as lag until applied (the broker may under-report)
-        StateStore(redis.Redis.from_url(redis_url)).record_offsets(topic, {}, ends)
+        Stream(redis.Redis.from_url(redis_url), topic).record({}, ends)
     return sent, bad
 
 

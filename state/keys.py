@@ -1,20 +1,123 @@
-"""Every Redis key the project uses, in one place.
+"""Every Redis key the project uses, declared once.
 
 Keys of a project carry the hash tag `{p<id>}` so a Redis Cluster keeps a project on one shard, and
 the state-layout version, so a layout change starts fresh instead of mixing meanings.
+
+The parts after a project's prefix (`PROJECT_PARTS`) and after a definition's prefix
+(`DEFINITION_PARTS`) are tables the Lua scripts receive as `K` and `DK` (state/scripts.py), so a key
+is spelled here and nowhere else; `declared(key)` tells whether a key is one of them (the key test
+fails on any key written that is not).
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 
 LAYOUT = "v1"
 SEEN_BUCKETS = 1 << 16
 
-# Global registry keys (not project state).
+# Global keys (not project state).
 PROJECTS = "insightflow:projects"          # hash id -> project JSON
 TOKENS = "insightflow:tokens"              # hash token -> id
 API_KEYS = "insightflow:apikeys"           # hash sha256(key) -> key JSON
+BACKFILLS = "insightflow:backfills"        # set of "project:hash" definitions still building
+SUMMARISED = "insightflow:summarised"      # set of "project:hash" definitions that keep summaries
+
+# A project's keys after its prefix, by name; a part ending in ':' is followed by a suffix.
+PROJECT_PARTS: dict[str, str] = {
+    "seen": "seen:",                       # hash per uuid bucket: uuid -> partition:offset applied
+    "person_seq": "pseq",                  # counter of person ids
+    "distinct_ids": "pdi",                 # hash distinct_id -> person
+    "person_distinct_ids": "pd:",          # set per person
+    "person_properties": "pp:",            # hash per person
+    "person_property_times": "pt:",        # hash per person: property -> '<ts>' | 'o<ts>' | 'u<ts>'
+    "identified": "identified",            # set of identified persons
+    "merged": "pmerged",                   # hash merged person -> the person it became
+    "event_names": "events",               # set of event names seen
+    "hour_counts": "ch:",                  # hash per event: hour -> events
+    "day_counts": "cd:",                   # hash per event: day -> events
+    "day_persons": "ud:",                  # bitmap per event and day
+    "hour_persons": "uh:",                 # bitmap per event and hour
+    "first_seen": "fs:",                   # hash per event: person -> 'ts:hour:day'
+    "first_time_hour_counts": "fh:",
+    "first_time_day_counts": "fd:",
+    "first_time_hour_persons": "fuh:",
+    "first_time_day_persons": "fud:",
+    "meta": "meta",                        # hash: earliest_ms
+    "applied": "applied",                  # hash partition -> next offset applied (with the state)
+    "definitions": "defs",                 # hash definition hash -> JSON
+    "definitions_generation": "defgen",    # counter raised by every registration
+    "failed_definitions": "dfail",         # hash definition hash -> reason
+    "definition": "d:",                    # followed by `<hash>:` and a DEFINITION_PARTS part
+    "insights": "insights",                # saved insights: hash id -> JSON
+    "insight_seq": "insight_seq",
+    "insight_short": "insight_short",      # hash short_id -> id
+    "insight_views": "views:",             # sorted set per owner: insight id -> last viewed
+    "insight_access": "acl:",              # hash per insight of access entries
+}
+
+# Summaries kept per person and day (dataflows/operators/summaries.py): kind -> what it holds.
+SUMMARY_KINDS: dict[str, str] = {
+    "fa": "ordered-funnel attempt rows",
+    "fb": "ordered-funnel breakdown touches",
+    "ps": "path sessions",
+}
+
+# A definition's keys after its prefix, by name.
+DEFINITION_PARTS: dict[str, str] = {
+    "meta": "meta",                        # status, registered_at, summaries, to_summarise, reason
+    "handover": "ho",                      # hash partition -> first offset applied live
+    "backfill_fence": "bf",                # hash partition -> last offset the backfill applied
+    "backfill_bound": "bound",             # hash partition -> where the backfill stops
+    "backfill_done": "done",               # set of partitions finished
+    "hour_counts": "ch:",                  # per breakdown value
+    "day_counts": "cd:",
+    "hour_persons": "uh:",                 # per breakdown value and hour
+    "day_persons": "ud:",
+    "breakdown_values": "bv",
+    "value_stats": "vs:",                  # per breakdown value: h<hour>/d<day> :s :n :min :max
+    "day_values": "vl:",                   # per breakdown value and day
+    "hour_values": "vlh:",
+    "day_person_events": "pa:",            # per breakdown value and day: person -> events
+    "hour_person_events": "pah:",
+    "day_events": "fe:",                   # funnel events kept per day
+    "person_events": "pe:",                # a person's kept events (summaries)
+    "dirty": "dirty",                      # persons to summarise
+    "irregular": "irr",                    # funnel persons with two step events at one instant
+    **{f"{kind}_rows": f"{kind}:" for kind in SUMMARY_KINDS},
+    **{f"{kind}_versions": f"{kind}v" for kind in SUMMARY_KINDS},
+}
+
+
+def _alternatives(parts: dict[str, str], but: str = "") -> str:
+    return "|".join(re.escape(p) + (".*" if p.endswith(":") else "") for n, p in parts.items() if n != but)
+
+
+_DECLARED = re.compile(
+    "(?:" + "|".join([
+        "|".join(re.escape(k) for k in (PROJECTS, TOKENS, API_KEYS, BACKFILLS, SUMMARISED)),
+        r"insightflow:(?:stream|dlqseen):\{[^}]+\}",
+        r"insightflow:throttle:[^:]+:\d+",
+        r"\{p\d+\}:" + LAYOUT + r":d:[0-9a-f]+:(?:" + _alternatives(DEFINITION_PARTS) + ")",
+        r"\{p\d+\}:" + LAYOUT + ":(?:" + _alternatives(PROJECT_PARTS, but="definition") + ")",
+    ]) + ")",
+    re.DOTALL,
+)
+
+
+def declared(key: str) -> bool:
+    """Whether `key` is one of the keys declared here."""
+    return _DECLARED.fullmatch(key) is not None
+
+
+def _k(pid: int, name: str, *suffix: object) -> str:
+    return project_prefix(pid) + PROJECT_PARTS[name] + ":".join(str(s) for s in suffix)
+
+
+def throttle(key_hash: str, window: int) -> str:
+    """Requests of one personal API key in one minute window (expires with it)."""
+    return f"insightflow:throttle:{key_hash}:{window}"
 
 
 def stream(topic: str) -> str:
@@ -23,6 +126,7 @@ def stream(topic: str) -> str:
 
 
 def dlq_seen(topic: str) -> str:
+    """Hash of dead-lettered record ids of a topic, so each is counted once."""
     return f"insightflow:dlqseen:{{{topic}}}"
 
 
@@ -35,156 +139,188 @@ def seen_bucket(uuid: str) -> str:
     return format(zlib.crc32(uuid.encode()) % SEEN_BUCKETS, "04x")
 
 
+def seen(pid: int, bucket: str) -> str:
+    """Hash: uuid -> the copy (partition:offset) applied, for uuids of that bucket."""
+    return _k(pid, "seen", bucket)
+
+
 def event_names(pid: int) -> str:
-    return project_prefix(pid) + "events"
+    return _k(pid, "event_names")
 
 
 def hour_counts(pid: int, event: str) -> str:
     """Hash: project-zone hour start (epoch s) -> events."""
-    return f"{project_prefix(pid)}ch:{event}"
+    return _k(pid, "hour_counts", event)
 
 
 def day_counts(pid: int, event: str) -> str:
     """Hash: project-zone date YYYYMMDD -> events."""
-    return f"{project_prefix(pid)}cd:{event}"
+    return _k(pid, "day_counts", event)
 
 
 def day_persons(pid: int, event: str, day: str) -> str:
     """Bitmap of person ids (bit i = person i) with the event on that project-zone day."""
-    return f"{project_prefix(pid)}ud:{event}:{day}"
+    return _k(pid, "day_persons", event, day)
 
 
 def hour_persons(pid: int, event: str, hour: int) -> str:
     """Bitmap of person ids with the event in that project-zone hour."""
-    return f"{project_prefix(pid)}uh:{event}:{hour}"
+    return _k(pid, "hour_persons", event, hour)
 
 
 def first_seen(pid: int, event: str) -> str:
     """Hash: person id -> 'ts_ms:hour:day' of the person's first event of that name."""
-    return f"{project_prefix(pid)}fs:{event}"
+    return _k(pid, "first_seen", event)
 
 
 def first_time_hour_counts(pid: int, event: str) -> str:
     """Hash: project-zone hour start -> persons whose first event of that name is in the hour."""
-    return f"{project_prefix(pid)}fh:{event}"
+    return _k(pid, "first_time_hour_counts", event)
 
 
 def first_time_day_counts(pid: int, event: str) -> str:
     """Hash: project-zone date YYYYMMDD -> persons whose first event of that name is on the day."""
-    return f"{project_prefix(pid)}fd:{event}"
-
-
-def distinct_ids(pid: int) -> str:
-    """Hash: distinct_id -> person id."""
-    return project_prefix(pid) + "pdi"
-
-
-def person_properties(pid: int, person: int | str) -> str:
-    return f"{project_prefix(pid)}pp:{person}"
-
-
-def person_distinct_ids(pid: int, person: int | str) -> str:
-    """Set of a person's distinct ids."""
-    return f"{project_prefix(pid)}pd:{person}"
-
-
-def project_meta(pid: int) -> str:
-    """Hash of project facts the state keeps (`earliest_ms`: the earliest event time applied)."""
-    return project_prefix(pid) + "meta"
-
-
-def definitions(pid: int) -> str:
-    """Hash: definition hash -> definition JSON, for every registered definition of the project."""
-    return project_prefix(pid) + "defs"
-
-
-def saved_insights(pid: int) -> tuple[str, str, str]:
-    """(hash id -> insight JSON, id counter, hash short_id -> id)."""
-    prefix = project_prefix(pid)
-    return prefix + "insights", prefix + "insight_seq", prefix + "insight_short"
-
-
-def insight_views(pid: int, owner: str) -> str:
-    """Sorted set: insight id -> last time this owner viewed it."""
-    return f"{project_prefix(pid)}views:{owner}"
-
-
-def insight_access(pid: int, insight_id: int) -> str:
-    """Hash of an insight's access entries."""
-    return f"{project_prefix(pid)}acl:{insight_id}"
+    return _k(pid, "first_time_day_counts", event)
 
 
 def first_time_day_persons(pid: int, event: str, day: str) -> str:
     """Bitmap of persons whose first event of that name is on that project-zone day."""
-    return f"{project_prefix(pid)}fud:{event}:{day}"
+    return _k(pid, "first_time_day_persons", event, day)
 
 
 def first_time_hour_persons(pid: int, event: str, hour: int) -> str:
     """Bitmap of persons whose first event of that name is in that project-zone hour."""
-    return f"{project_prefix(pid)}fuh:{event}:{hour}"
+    return _k(pid, "first_time_hour_persons", event, hour)
+
+
+def distinct_ids(pid: int) -> str:
+    """Hash: distinct_id -> person id."""
+    return _k(pid, "distinct_ids")
+
+
+def person_properties(pid: int, person: int | str) -> str:
+    return _k(pid, "person_properties", person)
+
+
+def person_distinct_ids(pid: int, person: int | str) -> str:
+    """Set of a person's distinct ids."""
+    return _k(pid, "person_distinct_ids", person)
+
+
+def project_meta(pid: int) -> str:
+    """Hash of project facts the state keeps (`earliest_ms`: the earliest event time applied)."""
+    return _k(pid, "meta")
+
+
+def definitions(pid: int) -> str:
+    """Hash: definition hash -> definition JSON, for every registered definition of the project."""
+    return _k(pid, "definitions")
+
+
+def saved_insights(pid: int) -> tuple[str, str, str]:
+    """(hash id -> insight JSON, id counter, hash short_id -> id)."""
+    return _k(pid, "insights"), _k(pid, "insight_seq"), _k(pid, "insight_short")
+
+
+def insight_views(pid: int, owner: str) -> str:
+    """Sorted set: insight id -> last time this owner viewed it."""
+    return _k(pid, "insight_views", owner)
+
+
+def insight_access(pid: int, insight_id: int) -> str:
+    """Hash of an insight's access entries."""
+    return _k(pid, "insight_access", insight_id)
 
 
 def definitions_generation(pid: int) -> str:
     """Counter raised by every registration; the apply script refuses batches planned before it."""
-    return project_prefix(pid) + "defgen"
+    return _k(pid, "definitions_generation")
 
 
 def failed_definitions(pid: int) -> str:
     """Hash: definition hash -> why its state could not be kept (it answers that reason, 400)."""
-    return project_prefix(pid) + "dfail"
+    return _k(pid, "failed_definitions")
 
 
 def project_applied(pid: int) -> str:
     """Hash: partition -> next offset whose events of this project are applied (atomic with state)."""
-    return project_prefix(pid) + "applied"
+    return _k(pid, "applied")
 
 
 def definition_prefix(pid: int, h: str) -> str:
-    """State of a registered definition (hash h); suffixes as written by state/store.py:
-    `ch:<bv>`/`cd:<bv>` counts, `uh:<bv>:<hour>`/`ud:<bv>:<day>` persons, `bv` breakdown values,
-    `vs:<bv>` property sums/counts/min/max (fields `h<hour>:s` …, `d<day>:s` …), `vl:<bv>:<day>` and
-    `vlh:<bv>:<hour>` property values, `pa:<bv>:<day>` and `pah:<bv>:<hour>` events per person."""
-    return f"{project_prefix(pid)}d:{h}:"
+    """The prefix of a registered definition's (hash h) keys; the parts after it are DEFINITION_PARTS."""
+    return f"{_k(pid, 'definition')}{h}:"
+
+
+def definition_part(prefix: str, name: str, *suffix: object) -> str:
+    """A key of a definition's state by its name in DEFINITION_PARTS."""
+    return prefix + DEFINITION_PARTS[name] + ":".join(str(s) for s in suffix)
 
 
 def definition_events(prefix: str, day: str) -> str:
-    """List of the events a funnel or paths definition keeps for a project-zone day (`fe:<day>`)."""
-    return f"{prefix}fe:{day}"
+    """List of the events a funnel or paths definition keeps for a project-zone day."""
+    return definition_part(prefix, "day_events", day)
+
+
+_KINDS = {"ch": "hour_counts", "cd": "day_counts", "uh": "hour_persons", "ud": "day_persons",
+          "bv": "breakdown_values", "vs": "value_stats", "vl": "day_values", "vlh": "hour_values",
+          "pa": "day_person_events", "pah": "hour_person_events"}
 
 
 def definition_key(prefix: str, kind: str, bv: str = "", bucket: str | int | None = None) -> str:
-    """A key of a definition's state: `kind` is one of ch, cd, uh, ud, bv, vs, vl, vlh, pa, pah (the
-    suffixes the apply script writes); `bucket` is an hour (epoch s) or a day (YYYYMMDD)."""
+    """A key of a trend definition's state: `kind` is one of ch, cd, uh, ud, bv, vs, vl, vlh, pa, pah
+    (short names of DEFINITION_PARTS); `bucket` is an hour (epoch s) or a day (YYYYMMDD)."""
+    name = _KINDS[kind]
     if kind == "bv":
-        return f"{prefix}bv"
-    return f"{prefix}{kind}:{bv}" if bucket is None else f"{prefix}{kind}:{bv}:{bucket}"
-
-
-# Per-person summaries of funnel and paths definitions (state/summaries.py), under the definition's
-# prefix. Kinds: `fa` ordered-funnel attempt rows, `ps` path sessions.
-SUMMARISED = "insightflow:summarised"  # set of "project:hash" definitions that keep summaries
+        return definition_part(prefix, name)
+    return definition_part(prefix, name, bv) if bucket is None else definition_part(prefix, name, bv, bucket)
 
 
 def person_events(prefix: str, person: str | int) -> str:
     """String of one person's kept events, appended `<ts>,<day>,<uuid>,<len>:<json>` by the apply script."""
-    return f"{prefix}pe:{person}"
+    return definition_part(prefix, "person_events", person)
 
 
 def summary_dirty(prefix: str) -> str:
     """Set of persons whose events changed since they were summarised."""
-    return f"{prefix}dirty"
+    return definition_part(prefix, "dirty")
 
 
 def summary_rows(prefix: str, kind: str, day: str) -> str:
-    """Hash: person -> that person's summary of this kind for a project-zone day."""
-    return f"{prefix}{kind}:{day}"
+    """Hash: person -> that person's summary of this kind (SUMMARY_KINDS) for a project-zone day."""
+    return definition_part(prefix, f"{kind}_rows", day)
 
 
 def summary_versions(prefix: str, kind: str) -> str:
     """Hash: day -> version, raised whenever that day's summaries change (query caches key on it)."""
-    return f"{prefix}{kind}v"
+    return definition_part(prefix, f"{kind}_versions")
 
 
 def irregular_persons(prefix: str) -> str:
     """Hash: person -> 1 for funnel persons with two step events at one instant (evaluated by the UDF)."""
-    return f"{prefix}irr"
+    return definition_part(prefix, "irregular")
+
+
+def definition_meta(prefix: str) -> str:
+    """Hash: status, registered_at, summaries, to_summarise, reason."""
+    return definition_part(prefix, "meta")
+
+
+def handover(prefix: str) -> str:
+    """Hash: partition -> the first offset this definition was applied live."""
+    return definition_part(prefix, "handover")
+
+
+def backfill_fence(prefix: str) -> str:
+    """Hash: partition -> the last offset the backfill applied (advanced with what it wrote)."""
+    return definition_part(prefix, "backfill_fence")
+
+
+def backfill_bound(prefix: str) -> str:
+    """Hash: partition -> where the backfill stops."""
+    return definition_part(prefix, "backfill_bound")
+
+
+def backfill_done(prefix: str) -> str:
+    """Set of partitions whose backfill is finished."""
+    return definition_part(prefix, "backfill_done")

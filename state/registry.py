@@ -142,13 +142,12 @@ class ProjectCache:
 class DefinitionRegistry:
     """Registered insight definitions and the state of their backfills.
 
-    Per definition (hash h) under the project's tag: `defs` (h -> definition JSON), and `d:h:meta`
-    (status, registered_at, acks of the live workers), `d:h:ho` (live handover offset per partition),
-    `d:h:bf` (backfill fence per partition), `d:h:bound` (where the backfill stops per partition),
-    `d:h:done` (partitions finished). `insightflow:backfills` lists definitions still building.
+    Per definition (hash h) under the project's tag: `defs` (h -> definition JSON), and the
+    definition's meta, handover offsets, backfill fences, bounds and finished partitions
+    (state/keys.py). `keys.BACKFILLS` lists definitions still building.
     """
 
-    PENDING = "insightflow:backfills"
+    PENDING = keys.BACKFILLS
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -163,7 +162,7 @@ class DefinitionRegistry:
             return False
         pipe = self.redis.pipeline()
         summaries = int(definition.summaries)
-        pipe.hset(self._d(definition.project_id, h) + "meta", mapping={
+        pipe.hset(keys.definition_meta(self._d(definition.project_id, h)), mapping={
             "status": "backfilling", "registered_at": int(time.time() * 1000), "summaries": summaries})
         pipe.incr(keys.definitions_generation(definition.project_id))
         pipe.sadd(self.PENDING, f"{definition.project_id}:{h}")
@@ -191,7 +190,7 @@ class DefinitionRegistry:
         d = self._d(project_id, h)
         pipe = self.redis.pipeline()
         pipe.hsetnx(keys.failed_definitions(project_id), h, reason[:2000])
-        pipe.hset(d + "meta", mapping={"status": "failed", "reason": reason[:2000]})
+        pipe.hset(keys.definition_meta(d), mapping={"status": "failed", "reason": reason[:2000]})
         pipe.srem(self.PENDING, f"{project_id}:{h}")
         pipe.srem(keys.SUMMARISED, f"{project_id}:{h}")
         pipe.incr(keys.definitions_generation(project_id))  # live sinks re-plan without it
@@ -213,41 +212,41 @@ class DefinitionRegistry:
         return out
 
     def fence(self, project_id: int, h: str, partition: int) -> int:
-        raw = self.redis.hget(self._d(project_id, h) + "bf", str(partition))
+        raw = self.redis.hget(keys.backfill_fence(self._d(project_id, h)), str(partition))
         return int(raw) if raw is not None else -1
 
     def bound(self, project_id: int, h: str, partition: int) -> int:
         """Where this partition's backfill stops, fixed the first time it is asked: the project's
         applied offset then. Everything below was applied before (with or without the definition);
         everything from there on is applied live with it."""
-        key = self._d(project_id, h) + "bound"
+        key = keys.backfill_bound(self._d(project_id, h))
         applied = int(self.redis.hget(keys.project_applied(project_id), str(partition)) or 0)
         self.redis.hsetnx(key, str(partition), applied)
         return int(self.redis.hget(key, str(partition)) or 0)
 
     def handover(self, project_id: int, h: str, partition: int) -> int | None:
-        raw = self.redis.hget(self._d(project_id, h) + "ho", str(partition))
+        raw = self.redis.hget(keys.handover(self._d(project_id, h)), str(partition))
         return int(raw) if raw is not None else None
 
     def done(self, project_id: int, h: str) -> set[int]:
         """Partitions whose backfill is finished."""
-        return {int(m) for m in self.redis.smembers(self._d(project_id, h) + "done")}
+        return {int(m) for m in self.redis.smembers(keys.backfill_done(self._d(project_id, h)))}
 
     def partition_done(self, project_id: int, h: str, partition: int, partitions: int) -> bool:
         """Mark a partition finished; when all are, the definition is ready (or, when it keeps attempt
         summaries, summarising until the persons the backfill marked are summarised). True if so."""
         d = self._d(project_id, h)
-        self.redis.sadd(d + "done", partition)
-        if self.redis.hget(d + "meta", "status") == b"failed":
+        self.redis.sadd(keys.backfill_done(d), partition)
+        if self.redis.hget(keys.definition_meta(d), "status") == b"failed":
             return False
-        if self.redis.scard(d + "done") >= partitions:
-            summaries = self.redis.hget(d + "meta", "summaries") == b"1"
+        if self.redis.scard(keys.backfill_done(d)) >= partitions:
+            summaries = self.redis.hget(keys.definition_meta(d), "summaries") == b"1"
             pipe = self.redis.pipeline()
             if summaries:
-                pipe.hset(d + "meta", mapping={"status": "summarising",
+                pipe.hset(keys.definition_meta(d), mapping={"status": "summarising",
                                                "to_summarise": max(1, self.redis.scard(keys.summary_dirty(d)))})
             else:
-                pipe.hset(d + "meta", "status", "ready")
+                pipe.hset(keys.definition_meta(d), "status", "ready")
             pipe.srem(self.PENDING, f"{project_id}:{h}")
             pipe.execute()
             return True
@@ -260,17 +259,17 @@ class DefinitionRegistry:
     def summaries_built(self, project_id: int, h: str) -> None:
         """The backfill's persons are summarised: a summarising definition becomes ready."""
         d = self._d(project_id, h)
-        if self.redis.hget(d + "meta", "status") == b"summarising":
-            self.redis.hset(d + "meta", "status", "ready")
+        if self.redis.hget(keys.definition_meta(d), "status") == b"summarising":
+            self.redis.hset(keys.definition_meta(d), "status", "ready")
 
     def status(self, project_id: int, h: str) -> tuple[str | None, float]:
         """(status, progress 0..1) of a definition; status None when never registered."""
         d = self._d(project_id, h)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hget(d + "meta", "status")
-        pipe.hgetall(d + "bound")
-        pipe.hgetall(d + "bf")
-        pipe.hmget(d + "meta", "to_summarise", "summaries")
+        pipe.hget(keys.definition_meta(d), "status")
+        pipe.hgetall(keys.backfill_bound(d))
+        pipe.hgetall(keys.backfill_fence(d))
+        pipe.hmget(keys.definition_meta(d), "to_summarise", "summaries")
         pipe.scard(keys.summary_dirty(d))
         status, bounds, fences, (to_summarise, summaries), dirty = pipe.execute()
         if status is None:

@@ -17,48 +17,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from state import keys
-
-# ARGV: definition prefix, persons, then per person: id, version, irregular, replaced, replacement,
-# entries, (kind, day, value)*. `replaced` 1: the person's kept events become `replacement` (events the
-# summariser could not use were dead-lettered). An empty value removes the person from that day; a
-# day's version moves only when its value changes.
-WRITE_SUMMARIES = r"""
-local D = ARGV[1]
-local n = tonumber(ARGV[2])
-local i, written = 3, 0
-for _ = 1, n do
-  local p, version, irregular, replaced, replacement = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3],
-    ARGV[i + 4]
-  local entries = tonumber(ARGV[i + 5])
-  i = i + 6
-  if redis.call('STRLEN', D .. 'pe:' .. p) == version then
-    if replaced == '1' then
-      if replacement == '' then redis.call('DEL', D .. 'pe:' .. p)
-      else redis.call('SET', D .. 'pe:' .. p, replacement) end
-    end
-    for _ = 1, entries do
-      local kind, day, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-      i = i + 3
-      local key = D .. kind .. ':' .. day
-      if value == '' then
-        if redis.call('HDEL', key, p) == 1 then redis.call('HINCRBY', D .. kind .. 'v', day, 1) end
-      elseif redis.call('HGET', key, p) ~= value then
-        redis.call('HSET', key, p, value)
-        redis.call('HINCRBY', D .. kind .. 'v', day, 1)
-      end
-    end
-    if irregular == '1' then redis.call('HSET', D .. 'irr', p, 1) else redis.call('HDEL', D .. 'irr', p) end
-    redis.call('SREM', D .. 'dirty', p)
-    written = written + 1
-  else
-    i = i + 3 * entries
-  end
-end
-return written
-"""
-
-
+from state import keys, scripts
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value)
 
@@ -68,7 +27,7 @@ class SummaryStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._write = client.register_script(WRITE_SUMMARIES)
+        self._write = client.register_script(scripts.WRITE_SUMMARIES.source)
 
     def pending(self, project_id: int, h: str) -> int:
         return int(self.redis.scard(keys.summary_dirty(keys.definition_prefix(project_id, h))))
@@ -101,7 +60,7 @@ class SummaryStore:
                 for entry in entries:
                     args += entry
                 args[1] = int(args[1]) + 1
-            self._write(args=args, client=pipe)
+            self._write(keys=[keys.summary_dirty(prefix)], args=args, client=pipe)
         return sum(int(result) for result in pipe.execute()) if planned else 0
 
 

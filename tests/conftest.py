@@ -118,7 +118,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 @pytest.fixture(scope="session")
 def running(services: Services) -> Iterator[Stack]:
-    from dataflows.kafka import ensure_topics
+    from state.topics import ensure_topics
 
     env = {"INSIGHTFLOW_REDIS_URL": services.redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": services.bootstrap,
            "INSIGHTFLOW_TOPIC": "events", "INSIGHTFLOW_TEST_CLOCK": "1", "INSIGHTFLOW_PARTITIONS": "4"}

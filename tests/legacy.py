@@ -24,7 +24,7 @@ def register(client: redis.Redis, project_id: int, h: str, stored: bytes) -> Non
     """Register a stored definition the way registration does, without today's validation."""
     prefix = keys.definition_prefix(project_id, h)
     client.hset(keys.definitions(project_id), h, stored)
-    client.hset(prefix + "meta", mapping={"status": "backfilling", "registered_at": 0, "summaries": 1})
+    client.hset(keys.definition_meta(prefix), mapping={"status": "backfilling", "registered_at": 0, "summaries": 1})
     client.sadd(DefinitionRegistry.PENDING, f"{project_id}:{h}")
     client.sadd(keys.SUMMARISED, f"{project_id}:{h}")
     client.incr(keys.definitions_generation(project_id))

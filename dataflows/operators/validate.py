@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataflows.kafka import Record
-from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
+from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
 
 
 @dataclass(frozen=True, slots=True)

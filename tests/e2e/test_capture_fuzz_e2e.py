@@ -168,7 +168,7 @@ def _uuid(raw: Any) -> str | None:
 def _seen(running: Stack, project_id: int, event_uuids: list[str]) -> list[bool]:
     pipe = running.redis.pipeline(transaction=False)
     for event_uuid in event_uuids:
-        pipe.hexists(keys.project_prefix(project_id) + "seen:" + keys.seen_bucket(event_uuid), event_uuid)
+        pipe.hexists(keys.seen(project_id, keys.seen_bucket(event_uuid)), event_uuid)
     return [bool(x) for x in pipe.execute()]
 
 

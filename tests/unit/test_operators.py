@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from dataflows.kafka import Record
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.operators.validate import parse_record
 from schemas.dates import zone
-from schemas.events import from_capture
+from schemas.events import Record, from_capture
 
 NOW = datetime(2024, 3, 7, 12, 0, tzinfo=UTC)
 

@@ -1,0 +1,9 @@
+-- A recreated topic: forget its offsets and counted records, keep the dead-letter count.
+-- KEYS: the topic's stream hash (KEYS[1]) and its dead-letter ids (KEYS[2]).
+local current = redis.call('HGET', KEYS[1], 'topic_id')
+if current == ARGV[A.topic_id] then return 0 end
+local dlq = redis.call('HGET', KEYS[1], 'dlq_events')
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'topic_id', ARGV[A.topic_id])
+if dlq then redis.call('HSET', KEYS[1], 'dlq_events', dlq) end
+return 1

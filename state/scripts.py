@@ -1,0 +1,109 @@
+"""The Lua scripts of state/lua/, loaded with the key parts and argument layouts they read.
+
+A script never spells a key or an argument position: it reads key parts from `K` and `DK`
+(state/keys.py) and arguments by name from its layouts, which the Python that builds the arguments
+declares here. Each layout renders as a Lua table of positions plus `<NAME>_FIRST` (the ARGV index of
+its first item) and `<NAME>_WIDTH` (the fields per item).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from state import keys
+
+LUA = Path(__file__).with_name("lua")
+_INCLUDE = re.compile(r"^-- include: (\S+)$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Named argument fields: `A` header fields are ARGV positions (1-based); item layouts give offsets
+    within an item that starts `first` into ARGV (or after the header when `first` is 0)."""
+
+    name: str
+    fields: tuple[str, ...]
+    first: int | None = None  # None: a header; else the ARGV index of the first item
+
+    def index(self, field: str) -> int:
+        return self.fields.index(field)
+
+    def lua(self) -> str:
+        if self.first is None:
+            entries = ", ".join(f"{f} = {i + 1}" for i, f in enumerate(self.fields))
+            return f"local {self.name} = {{{entries}}}\n"
+        entries = ", ".join(f"{f} = {i}" for i, f in enumerate(self.fields))
+        return (f"local {self.name} = {{{entries}}}\n"
+                f"local {self.name}_FIRST, {self.name}_WIDTH = {self.first}, {len(self.fields)}\n")
+
+
+def _table(name: str, parts: dict[str, str]) -> str:
+    entries = ", ".join(f"{n} = '{p}'" for n, p in parts.items())
+    return f"local {name} = {{{entries}}}\n"
+
+
+@dataclass(frozen=True)
+class Script:
+    """One script file and the layouts of its arguments."""
+
+    file: str
+    layouts: tuple[Layout, ...] = ()
+
+    def layout(self, name: str) -> Layout:
+        return next(layout for layout in self.layouts if layout.name == name)
+
+    @property
+    def head(self) -> str:
+        """The generated tables: key parts and argument layouts."""
+        return (_table("K", keys.PROJECT_PARTS) + _table("DK", keys.DEFINITION_PARTS)
+                + "".join(layout.lua() for layout in self.layouts))
+
+    @property
+    def body(self) -> str:
+        """The script file, its includes in place."""
+        return _body(self.file)
+
+    @property
+    def source(self) -> str:
+        return self.head + self.body
+
+
+@cache
+def _body(file: str) -> str:
+    return _INCLUDE.sub(lambda m: (LUA / m.group(1)).read_text(), (LUA / file).read_text())
+
+
+def _header_then(header: tuple[str, ...], item: tuple[str, ...], trailer: tuple[str, ...] = ()) -> tuple[Layout, ...]:
+    layouts = [Layout("A", header), Layout("E", item, first=len(header) + 1)]
+    if trailer:
+        layouts.append(Layout("T", trailer, first=0))  # offsets after the last item
+    return tuple(layouts)
+
+
+# One event of a live batch: its uuid bucket and uuid, who and what, its buckets (project-zone hour
+# start and day), time, person update (dataflows/operators/persons.py), where it sits on the topic and
+# its contributions to registered definitions (JSON, or '').
+EVENT_FIELDS = ("bucket", "uuid", "distinct_id", "event", "hour", "day", "ts", "link_kind", "link_other",
+                "set", "set_once", "unset", "partition", "offset", "contributions")
+APPLY_EVENTS = Script("apply_events.lua", _header_then(("prefix", "count", "flags", "generation"), EVENT_FIELDS))
+
+# One offset of a partition's history for a definition's backfill ('' fields: nothing to apply).
+BACKFILL_FIELDS = ("bucket", "uuid", "offset", "distinct_id", "hour", "day", "ts", "contribution")
+BACKFILL_EVENTS = Script("backfill_events.lua", _header_then(
+    ("prefix", "definition", "flags", "partition", "count"), BACKFILL_FIELDS, ("written_up_to",)))
+
+RAISE_FIELDS = Script("raise_fields.lua", (Layout("E", ("field", "value"), first=1),))
+COUNT_DEAD_LETTERS = Script("count_dead_letters.lua", (Layout("E", ("record",), first=1),))
+RESET_STREAM = Script("reset_stream.lua", (Layout("A", ("topic_id",)),))
+
+# A person's summaries: header S, then `entries` entries SE.
+SUMMARY_PERSON_FIELDS = ("person", "version", "irregular", "replaced", "replacement", "entries")
+SUMMARY_ENTRY_FIELDS = ("kind", "day", "value")
+WRITE_SUMMARIES = Script("write_summaries.lua", (
+    Layout("A", ("prefix", "count")), Layout("S", SUMMARY_PERSON_FIELDS, first=3),
+    Layout("SE", SUMMARY_ENTRY_FIELDS, first=0)))
+
+ALL = (APPLY_EVENTS, BACKFILL_EVENTS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES)

@@ -1,0 +1,233 @@
+"""The Lua scripts of state/lua/ against a real Redis, each called directly with arguments built by
+name from its layouts (state/scripts.py): the guard, person resolution, property order, first-time
+moves, offsets, definition failures, the backfill fence, stream bookkeeping and summary writes."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from state import keys, scripts
+from tests.conftest import Services
+
+_projects = itertools.count(900_000)
+DAY_MS = 86_400_000
+
+
+@pytest.fixture
+def client(services: Services) -> redis.Redis:
+    return redis.Redis.from_url(services.redis_url)
+
+
+def _args(script: scripts.Script, header: dict[str, Any], items: list[dict[str, Any]] = (),
+          trailer: dict[str, Any] | None = None, item: str = "E") -> list[Any]:
+    args: list[Any] = []
+    for layout in script.layouts:
+        if layout.first is None:
+            args += [header[f] for f in layout.fields]
+    fields = script.layout(item).fields
+    for values in items:
+        args += [values.get(f, "") for f in fields]
+    if trailer:
+        args += [trailer[f] for f in script.layout("T").fields]
+    return args
+
+
+def _event(uuid: str, distinct_id: str, ts: int, event: str = "view", offset: int = 0, partition: int = 0,
+           **extra: Any) -> dict[str, Any]:
+    day = ts // DAY_MS
+    return {"bucket": keys.seen_bucket(uuid), "uuid": uuid, "distinct_id": distinct_id, "event": event,
+            "hour": ts // 3_600_000 * 3600, "day": str(20240101 + day), "ts": ts, "partition": partition,
+            "offset": offset, **extra}
+
+
+class Project:
+    def __init__(self, client: redis.Redis) -> None:
+        self.id = next(_projects)
+        self.client = client
+        self.prefix = keys.project_prefix(self.id)
+        self._apply = client.register_script(scripts.APPLY_EVENTS.source)
+        self._backfill = client.register_script(scripts.BACKFILL_EVENTS.source)
+
+    def apply(self, events: list[dict[str, Any]], flags: dict[str, str] | None = None,
+              generation: int = 0) -> list[Any]:
+        header = {"prefix": self.prefix, "count": len(events), "flags": orjson.dumps(flags or {}).decode(),
+                  "generation": generation}
+        return self._apply(keys=[keys.distinct_ids(self.id)], args=_args(scripts.APPLY_EVENTS, header, events))
+
+    def backfill(self, h: str, flags: str, partition: int, rows: list[dict[str, Any]], written: int) -> list[Any]:
+        header = {"prefix": self.prefix, "definition": h, "flags": flags, "partition": partition,
+                  "count": len(rows)}
+        return self._backfill(keys=[keys.distinct_ids(self.id)], args=_args(
+            scripts.BACKFILL_EVENTS, header, rows, {"written_up_to": written}))
+
+    def person(self, distinct_id: str) -> bytes | None:
+        return self.client.hget(keys.distinct_ids(self.id), distinct_id)
+
+
+def test_guard_applies_each_uuid_once_and_keeps_the_copy(client: redis.Redis) -> None:
+    project = Project(client)
+    assert project.apply([_event("u-1", "a", 1000, offset=5, partition=2)])[0] == 1
+    # The same uuid again (an SDK resend, a replay): nothing counts twice, the first copy is kept.
+    assert project.apply([_event("u-1", "a", 1000, offset=9, partition=3),
+                          _event("u-2", "a", 2000, offset=10, partition=3)])[0] == 1
+    assert client.hget(keys.seen(project.id, keys.seen_bucket("u-1")), "u-1") == b"2:5"
+    assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"2"}
+    assert client.bitcount(keys.day_persons(project.id, "view", "20240101")) == 1
+    # Applied offsets are the next offset per partition and only rise.
+    assert client.hgetall(keys.project_applied(project.id)) == {b"2": b"6", b"3": b"11"}
+    project.apply([_event("u-3", "a", 3000, offset=1, partition=2)])
+    assert client.hget(keys.project_applied(project.id), "2") == b"6"
+    assert client.hget(keys.project_meta(project.id), "earliest_ms") == b"1000"
+
+
+def test_identify_links_and_merges_only_unidentified_persons(client: redis.Redis) -> None:
+    project = Project(client)
+    project.apply([_event("e1", "anon", 1000), _event("e2", "user", 2000)])
+    anon, user = project.person("anon"), project.person("user")
+    assert anon != user
+    project.apply([_event("e3", "user", 3000, event="$identify", link_kind="identify", link_other="anon")])
+    assert project.person("anon") == project.person("user") == user
+    assert client.hget(keys.project_prefix(project.id) + keys.PROJECT_PARTS["merged"], anon) == user
+    assert client.smembers(keys.person_distinct_ids(project.id, user.decode())) == {b"anon", b"user"}
+    # Both identified: identify does not merge; $merge_dangerously does.
+    project.apply([_event("e4", "other", 4000, event="$identify", link_kind="identify", link_other="x")])
+    other = project.person("other")
+    project.apply([_event("e5", "user", 5000, event="$identify", link_kind="identify", link_other="other")])
+    assert project.person("other") == other
+    project.apply([_event("e6", "user", 6000, event="$merge_dangerously", link_kind="merge", link_other="other")])
+    assert project.person("other") == user
+
+
+def test_person_properties_follow_event_time_not_arrival(client: redis.Redis) -> None:
+    project = Project(client)
+    props = lambda d: orjson.dumps({k: orjson.dumps(v).decode() for k, v in d.items()}).decode()  # noqa: E731
+    project.apply([_event("p1", "a", 5000, set=props({"plan": "pro"}), set_once=props({"first": "late"}))])
+    project.apply([_event("p2", "a", 1000, set=props({"plan": "free"}), set_once=props({"first": "early"}))])
+    person = project.person("a").decode()
+    assert client.hgetall(keys.person_properties(project.id, person)) == {b"plan": b'"pro"', b"first": b'"early"'}
+    project.apply([_event("p3", "a", 6000, unset=orjson.dumps(["plan"]).decode())])
+    assert client.hgetall(keys.person_properties(project.id, person)) == {b"first": b'"early"'}
+
+
+def test_a_late_earlier_event_moves_first_time(client: redis.Redis) -> None:
+    project = Project(client)
+    project.apply([_event("f1", "a", 2 * DAY_MS)])
+    assert client.hgetall(keys.first_time_day_counts(project.id, "view")) == {b"20240103": b"1"}
+    project.apply([_event("f2", "a", DAY_MS)])
+    assert client.hgetall(keys.first_time_day_counts(project.id, "view")) == {b"20240103": b"0", b"20240102": b"1"}
+    assert client.bitcount(keys.first_time_day_persons(project.id, "view", "20240103")) == 0
+    assert client.bitcount(keys.first_time_day_persons(project.id, "view", "20240102")) == 1
+
+
+def test_stale_generation_is_refused_and_writes_nothing(client: redis.Redis) -> None:
+    project = Project(client)
+    client.incr(keys.definitions_generation(project.id))
+    assert project.apply([_event("g1", "a", 1000)], generation=0) == [-1]
+    assert client.exists(keys.day_counts(project.id, "view")) == 0
+    assert project.apply([_event("g1", "a", 1000)], generation=1)[0] == 1
+
+
+def test_a_refused_definition_write_fails_that_definition_only(client: redis.Redis) -> None:
+    project = Project(client)
+    h, prefix = "ab12", keys.definition_prefix(project.id, "ab12")
+    client.set(keys.definition_key(prefix, "cd", "x"), "not a hash")  # Redis will refuse HINCRBY on it
+    contributions = orjson.dumps([["ab12", "x"], ["cd34", "y"]]).decode()
+    answer = project.apply([_event("d1", "a", 1000, contributions=contributions)], flags={h: "", "cd34": ""})
+    assert answer[0] == 1 and answer[1].decode() == h and b"WRONGTYPE" in answer[2]
+    assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"1"}  # the event counts
+    other = keys.definition_prefix(project.id, "cd34")
+    assert client.hgetall(keys.definition_key(other, "cd", "y")) == {b"20240101": b"1"}
+    assert client.hget(keys.handover(prefix), "0") == b"0"
+
+
+def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None:
+    project = Project(client)
+    c = lambda h: orjson.dumps([[h, "", '{"s":1}']]).decode()  # noqa: E731
+    project.apply([_event("k1", "a", 1000, contributions=c("aa")), _event("k2", "a", 2000, contributions=c("bb"))],
+                  flags={"aa": "f", "bb": "s"})
+    person = project.person("a").decode()
+    kept = client.lrange(keys.definition_events(keys.definition_prefix(project.id, "aa"), "20240101"), 0, -1)
+    assert kept == [f'{person}|1000|k1|{{"s":1}}'.encode()]
+    b = keys.definition_prefix(project.id, "bb")
+    assert client.get(keys.person_events(b, person)) == b'2000,20240101,k2,7:{"s":1}'
+    assert client.smembers(keys.summary_dirty(b)) == {person.encode()}
+
+
+def test_backfill_applies_the_counted_copy_below_handover_once(client: redis.Redis) -> None:
+    project = Project(client)
+    project.apply([_event("b1", "a", 1000, offset=0), _event("b2", "a", 2000, offset=1),
+                   _event("b1", "a", 1000, offset=2)])  # a resend: the guard keeps offset 0
+    h, prefix = "beef", keys.definition_prefix(project.id, "beef")
+    client.hset(keys.handover(prefix), "0", 3)  # live from offset 3 on
+    rows = [{"bucket": keys.seen_bucket(u), "uuid": u, "offset": o, "distinct_id": "a", "hour": 0,
+             "day": "20240101", "ts": ts, "contribution": orjson.dumps(["v", None]).decode()}
+            for u, o, ts in (("b1", 0, 1000), ("b2", 1, 2000), ("b1", 2, 1000))]
+    assert project.backfill(h, "", 0, rows, -1)[0] == 2  # offset 2 is not the counted copy
+    assert client.hget(keys.backfill_fence(prefix), "0") == b"2"
+    assert client.hgetall(keys.definition_key(prefix, "cd", "v")) == {b"20240101": b"2"}
+    assert project.backfill(h, "", 0, rows, 2)[0] == 0  # again: below the fence, nothing
+    assert project.backfill(h, "", 0, rows, 7) == [-2]  # the fence is behind what we wrote: lost writes
+
+
+def test_stream_bookkeeping_scripts(client: redis.Redis) -> None:
+    from state.stream import Stream
+
+    stream = Stream(client, f"topic-{next(_projects)}")
+    stream.reset("id-1")
+    stream.record({0: 5}, {0: 9, 1: 4})
+    stream.record({0: 3}, {0: 7})  # late and lower: nothing moves back
+    progress = stream.progress()
+    assert (progress.applied, progress.ends, progress.lag()) == ({0: 5}, {0: 9, 1: 4}, 8)
+    assert stream.count_dead_letters(["r1", "r2"]) == 2
+    assert stream.count_dead_letters(["r2", "r3"]) == 1
+    assert stream.progress().dlq_events == 3
+    assert stream.applied_offsets("id-1") == {0: 5}
+    stream.reset("id-1")  # same topic: nothing forgotten
+    assert stream.applied_offsets("id-1") == {0: 5}
+    stream.reset("id-2")  # recreated: offsets forgotten, the dead-letter count kept
+    assert stream.applied_offsets("id-1") is None
+    assert stream.progress() == type(progress)("id-2", {}, {}, 3)
+    assert stream.count_dead_letters(["r1"]) == 1  # its records are new records
+
+
+def test_summary_writes_are_fenced_by_kept_length(client: redis.Redis) -> None:
+    script = client.register_script(scripts.WRITE_SUMMARIES.source)
+    prefix = keys.definition_prefix(next(_projects), "5a")
+    client.set(keys.person_events(prefix, "7"), b"12345")
+    client.sadd(keys.summary_dirty(prefix), "7")
+
+    def write(version: int, entries: list[tuple[str, str, bytes]], replacement: bytes | None = None) -> int:
+        layout = scripts.WRITE_SUMMARIES.layout
+        person = {"person": "7", "version": version, "irregular": 1, "replaced": int(replacement is not None),
+                  "replacement": replacement or b"", "entries": len(entries)}
+        args: list[Any] = [{"prefix": prefix, "count": 1}[f] for f in layout("A").fields]
+        args += [person[f] for f in layout("S").fields]
+        for kind, day, value in entries:
+            args += [{"kind": kind, "day": day, "value": value}[f] for f in layout("SE").fields]
+        return int(script(keys=[keys.summary_dirty(prefix)], args=args))
+
+    assert write(4, [("fa", "20240101", b"row")]) == 0  # the kept events grew since: left dirty
+    assert client.sismember(keys.summary_dirty(prefix), "7")
+    assert write(5, [("fa", "20240101", b"row")]) == 1
+    assert client.hget(keys.summary_rows(prefix, "fa", "20240101"), "7") == b"row"
+    assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"1"
+    assert not client.sismember(keys.summary_dirty(prefix), "7")
+    assert client.hget(keys.irregular_persons(prefix), "7") == b"1"
+    assert write(5, [("fa", "20240101", b"row")]) == 1  # unchanged value: the day's version stays
+    assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"1"
+    assert write(5, [("fa", "20240101", b""), ("ps", "20240102", b"s")], replacement=b"123") == 1
+    assert client.hexists(keys.summary_rows(prefix, "fa", "20240101"), "7") is False
+    assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"2"
+    assert client.hget(keys.summary_rows(prefix, "ps", "20240102"), "7") == b"s"
+    assert client.get(keys.person_events(prefix, "7")) == b"123"
+
+
+@pytest.mark.parametrize("script", scripts.ALL, ids=lambda s: s.file)
+def test_every_script_compiles(client: redis.Redis, script: scripts.Script) -> None:
+    digest = client.script_load(script.source)
+    assert client.script_exists(digest) == [True]

@@ -9,7 +9,6 @@ from fastapi import Request
 
 from schemas.projects import ApiKey, Project
 from serving.errors import ApiError, not_found
-from state import keys
 from state.registry import Registry
 
 
@@ -30,11 +29,7 @@ def throttle(request: Request, key: ApiKey) -> None:
     limit = request.app.state.settings.rate_limit_per_minute
     now = time.time()
     window = int(now // 60)
-    counter = keys.throttle(key.value_hash, window)
-    pipe = request.app.state.redis.pipeline()
-    pipe.incr(counter)
-    pipe.expire(counter, 120)
-    used = int(pipe.execute()[0])
+    used = request.app.state.registry.count_request(key.value_hash, window)
     if used > limit:
         wait = max(1, int((window + 1) * 60 - now))
         raise ApiError(429, "throttled_error", "throttled",

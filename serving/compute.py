@@ -27,6 +27,7 @@ from prometheus_client import Counter
 from schemas.dates import DateParseError
 from schemas.errors import RequestError
 from serving.errors import ApiError, unavailable, validation
+from state.reads import StateReader
 
 log = logging.getLogger("insightflow.compute")
 COMPUTED = Counter("insightflow_computations", "Insight computations run in a worker process")
@@ -47,6 +48,11 @@ class Computation:
     """Base of the query classes: pickled without their Redis client, given the worker's on arrival."""
 
     redis: redis.Redis
+
+    @property
+    def state(self) -> StateReader:
+        """Reads of the insight state (state/reads.py) through this process's client."""
+        return StateReader(self.redis)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -34,7 +34,7 @@ from serving.compute import Computation
 from serving.people import person_details
 from serving.trends import quantile
 from state import keys
-from state.records import read_attempt_rows, read_day_event, read_first_seen, read_person_events, read_touches
+from state.records import read_attempt_rows, read_day_event, read_person_events, read_touches
 from state.summaries import SUMMARIES, SummaryStore
 
 OTHER = "Other"
@@ -125,18 +125,14 @@ class FunnelQuery(Computation):
         if self._actors is not None:
             return self._actors
         prefix = keys.definition_prefix(self.project.id, self.request.definition.hash)
-        pipe = self.redis.pipeline(transaction=False)
-        for d in self._days():
-            pipe.lrange(keys.definition_events(prefix, d), 0, -1)
         low, high = self.lower.timestamp() * 1000, self.range.date_to.timestamp() * 1000
         actors: dict[str, list[StepEvent]] = defaultdict(list)
-        for entries in pipe.execute():
-            for raw in entries:
-                person, ts_ms, uuid, payload = read_day_event(raw)
-                if low <= ts_ms <= high:
-                    kept = read_kept(payload)
-                    actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(kept.steps), _bits(kept.excluded),
-                                                    kept.breakdown, kept.name, kept.properties))
+        for raw in self.state.day_events(prefix, self._days()):
+            person, ts_ms, uuid, payload = read_day_event(raw)
+            if low <= ts_ms <= high:
+                kept = read_kept(payload)
+                actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(kept.steps), _bits(kept.excluded),
+                                                kept.breakdown, kept.name, kept.properties))
         self._actors = self._first_times(dict(actors))
         return self._actors
 
@@ -291,9 +287,8 @@ class FunnelQuery(Computation):
             name = self.request.entities[k - 1].id
             if not persons or name is None:
                 continue
-            firsts = self.redis.hmget(keys.first_seen(self.project.id, name), persons)
-            for person, raw in zip(persons, firsts, strict=True):
-                first_ms = read_first_seen(raw) if raw else None
+            firsts = self.state.first_seen(self.project.id, name, persons)
+            for person, first_ms in zip(persons, firsts, strict=True):
                 actors[person] = [e if k not in e.steps or (first_ms is not None and round(e.ts * 1000) == first_ms)
                                   else replace(e, steps=tuple(s for s in e.steps if s != k)) for e in actors[person]]
         return actors

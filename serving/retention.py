@@ -19,9 +19,9 @@ from schemas.projects import Project
 from schemas.retention import RetentionRequest, entity_definition
 from schemas.trends import Entity, RequestError
 from serving.compute import Computation
-from serving.trends import Source, fetch_bitmaps
 from serving.trends import union as _union
 from state import keys
+from state.reads import Source
 
 _STEP = {"Hour": relativedelta(hours=1), "Day": relativedelta(days=1), "Week": relativedelta(weeks=1),
          "Month": relativedelta(months=1)}
@@ -86,21 +86,16 @@ class RetentionQuery(Computation):
         if entity.id is not None:
             return Source.always_on(self.project.id), [entity.id]
         if self._names is None:
-            self._names = sorted(m.decode() for m in self.redis.smembers(keys.event_names(self.project.id)))
+            self._names = self.state.event_names(self.project.id)
         return Source.always_on(self.project.id), self._names
 
     def _keys(self, source: Source, names: list[str], period: Period) -> list[str]:
-        hourly = self.request.period == "Hour"
-        return [source.hour_persons(n, b) if hourly else source.day_persons(n, b)  # type: ignore[arg-type]
-                for n in names for b in self._buckets(period)]
+        return [source.persons(n, b) for n in names for b in self._buckets(period)]
 
     def _cohort_keys(self, names: list[str] | None = None) -> list[list[str]]:
         request = self.request
         if request.first_time:
-            pid, event = self.project.id, str(request.target.id)
-            hourly = request.period == "Hour"
-            return [[keys.first_time_hour_persons(pid, event, b) if hourly  # type: ignore[arg-type]
-                     else keys.first_time_day_persons(pid, event, b) for b in self._buckets(p)] for p in self.periods]
+            return [self._keys(Source.first_times(self.project.id), [str(request.target.id)], p) for p in self.periods]
         source, default = self._source(request.target, self.target_def)
         return [self._keys(source, names or default, p) for p in self.periods]
 
@@ -111,31 +106,17 @@ class RetentionQuery(Computation):
         if request.minimum_occurrences > 1:
             return self._frequent_returns(source, chosen)
         lists = [self._keys(source, chosen, p) for p in self.periods]
-        bitmaps = fetch_bitmaps(self.redis, lists)
+        bitmaps = self.state.bitmaps(lists)
         return [_union(bitmaps, members) for members in lists]
 
     def _frequent_returns(self, source: Source, names: list[str]) -> list[int]:
         """Returns that count only in periods with at least `minimum_occurrences` returning events."""
-        pipe = self.redis.pipeline(transaction=False)
-        shape = []
-        for period in self.periods:
-            buckets = self._buckets(period)
-            for name in names:
-                for bucket in buckets:
-                    kind = "pah" if self.request.period == "Hour" else "pa"
-                    pipe.hgetall(keys.definition_key(source.prefix, kind, name, bucket))
-            shape.append(len(buckets) * len(names))
-        replies = iter(pipe.execute())
         out = []
-        for size in shape:
-            counts: dict[bytes, int] = {}
-            for _ in range(size):
-                for person, count in next(replies).items():
-                    counts[person] = counts.get(person, 0) + int(count)
+        for counts in self.state.events_per_person(source.prefix, names, [self._buckets(p) for p in self.periods]):
             bits = 0
             for person, count in counts.items():
                 if count >= self.request.minimum_occurrences:
-                    bits |= 1 << int(person)
+                    bits |= 1 << person
             out.append(bits)
         return out
 
@@ -144,7 +125,7 @@ class RetentionQuery(Computation):
                ) -> tuple[list[list[int]], list[int]]:
         """Counts per cohort row (triangle) and the cohort bitmaps."""
         cohort_lists = self._cohort_keys(names)
-        bitmaps = fetch_bitmaps(self.redis, cohort_lists)
+        bitmaps = self.state.bitmaps(cohort_lists)
         cohorts = [_union(bitmaps, members) for members in cohort_lists]
         returns = self._returns(return_names)
         n = len(self.periods)
@@ -163,8 +144,7 @@ class RetentionQuery(Computation):
             rows, _ = self.matrix()
             return self._rows(rows, people_url)
         assert self.target_def is not None and self.returning_def is not None
-        prefix = keys.definition_prefix(self.project.id, self.target_def.hash)
-        values = sorted(m.decode() for m in self.redis.smembers(keys.definition_key(prefix, "bv")))
+        values = self.state.breakdown_values(keys.definition_prefix(self.project.id, self.target_def.hash))
         matrices = {v: self.matrix([v], [v])[0] for v in values}
         ranked = sorted((v for v in values if any(r[0] for r in matrices[v])),
                         key=lambda v: (-sum(r[0] for r in matrices[v]), v))

@@ -45,33 +45,10 @@ from schemas.trends import (
 )
 from serving.compute import Computation
 from state import keys
+from state.reads import Bucket, Source
 
 _WINDOW_DAYS = {"weekly_active": 7, "monthly_active": 30}
 _RELATIVE_WEEKS = ("d", "w")
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a series' buckets live: the always-on state (names = event names) or a definition's
-    state (names = breakdown values)."""
-
-    hour_counts: Callable[[str], str]
-    day_counts: Callable[[str], str]
-    hour_persons: Callable[[str, int], str]
-    day_persons: Callable[[str, str], str]
-    prefix: str = ""
-
-    @classmethod
-    def always_on(cls, pid: int) -> Source:
-        return cls(lambda n: keys.hour_counts(pid, n), lambda n: keys.day_counts(pid, n),
-                   lambda n, h: keys.hour_persons(pid, n, h), lambda n, d: keys.day_persons(pid, n, d))
-
-    @classmethod
-    def definition(cls, pid: int, h: str) -> Source:
-        p = keys.definition_prefix(pid, h)
-        key = keys.definition_key
-        return cls(lambda n: key(p, "ch", n), lambda n: key(p, "cd", n), lambda n, hr: key(p, "uh", n, hr),
-                   lambda n, d: key(p, "ud", n, d), p)
 
 
 @dataclass(frozen=True)
@@ -93,9 +70,9 @@ class TrendQuery(Computation):
                                    "unsupported")
         earliest = None
         if request.date_from == "all":
-            raw = client.hget(keys.project_meta(project.id), "earliest_ms")
-            if raw is not None:
-                earliest = datetime.fromtimestamp(int(raw) / 1000, self.tz)
+            earliest_ms = self.state.earliest_ms(project.id)
+            if earliest_ms is not None:
+                earliest = datetime.fromtimestamp(earliest_ms / 1000, self.tz)
         try:
             current = QueryDateRange.resolve(
                 date_from=request.date_from, date_to=request.date_to, interval=request.interval, tz=self.tz,
@@ -180,7 +157,7 @@ class TrendQuery(Computation):
         if entity.id is not None:
             return [entity.id]
         if self._names is None:
-            self._names = sorted(m.decode() for m in self.redis.smembers(keys.event_names(self.project.id)))
+            self._names = self.state.event_names(self.project.id)
         return self._names
 
     def definitions(self) -> list[Definition]:
@@ -189,33 +166,14 @@ class TrendQuery(Computation):
         return list(unique.values())
 
     # --- counting maths --------------------------------------------------------------------------
-    def _counts(self, period: Period, names: list[str], hour_key: Callable[[str], str],
-                day_key: Callable[[str], str]) -> list[int]:
-        out = [0] * len(period.buckets)
-        if not names:
-            return out
-        pipe = self.redis.pipeline(transaction=False)
-        if self.interval == "hour":
-            fields = [int(b.timestamp()) for b in period.buckets]
-            for name in names:
-                pipe.hmget(hour_key(name), fields)
-            for values in pipe.execute():
-                for i, v in enumerate(values):
-                    out[i] += int(v or 0)
-            return out
-        groups = self._day_groups(period)
+    def _counts(self, period: Period, names: list[str], source: Source) -> list[int]:
+        groups = self._bucket_groups(period)
         days = [d for g in groups for d in g if isinstance(d, str)]
         hours = [h for g in groups for h in g if isinstance(h, int)]
-        if not days and not hours:
-            return out
-        for name in names:
-            pipe.hmget(day_key(name), days or ["-"])
-            pipe.hmget(hour_key(name), hours or [0])
-        replies = pipe.execute()
-        for at in range(0, len(replies), 2):
-            stored = {**dict(zip(days, replies[at], strict=False)), **dict(zip(hours, replies[at + 1], strict=False))}
+        out = [0] * len(groups)
+        for stored in self.state.counts(source, names, days, hours):
             for i, group in enumerate(groups):
-                out[i] += sum(int(stored[b] or 0) for b in group)
+                out[i] += sum(stored[b] for b in group)
         return out
 
     # --- actor maths: which person sets make up each bucket --------------------------------------
@@ -225,7 +183,7 @@ class TrendQuery(Computation):
         if degrade:
             if self.interval == "hour":
                 return [[source.hour_persons(n, int(b.timestamp())) for n in names] for b in period.buckets]
-            return [[self._persons_key(source, n, b) for n in names for b in group]
+            return [[source.persons(n, b) for n in names for b in group]
                     for group in self._day_groups(period)]
         assert window is not None
         if self.interval == "hour":
@@ -257,19 +215,13 @@ class TrendQuery(Computation):
         """Distinct actors per bucket. A single bitmap is counted in Redis (BITCOUNT); unions
         (sliding windows, week buckets) fetch each bitmap once and OR them here."""
         if all(len(members) <= 1 for members in key_lists):
-            pipe = self.redis.pipeline(transaction=False)
-            for members in key_lists:
-                if members:
-                    pipe.bitcount(members[0])
-                else:
-                    pipe.echo("0")
-            return [int(v) for v in pipe.execute()]
-        bitmaps = fetch_bitmaps(self.redis, key_lists)
+            return self.state.bitcounts([members[0] if members else None for members in key_lists])
+        bitmaps = self.state.bitmaps(key_lists)
         return [union(bitmaps, members).bit_count() for members in key_lists]
 
     def _cumulative_distinct(self, key_lists: list[list[str]]) -> list[int]:
         """Each actor counts once, in the first bucket it appears (E3 cumulative for actor maths)."""
-        bitmaps = fetch_bitmaps(self.redis, key_lists)
+        bitmaps = self.state.bitmaps(key_lists)
         seen = 0
         out = []
         for members in key_lists:
@@ -284,50 +236,36 @@ class TrendQuery(Computation):
             if self.interval == "hour":
                 members = [source.hour_persons(n, int(b.timestamp())) for n in names for b in period.buckets]
             else:
-                members = [self._persons_key(source, n, b) for n in names for g in self._day_groups(period) for b in g]
+                members = [source.persons(n, b) for n in names for g in self._day_groups(period) for b in g]
         else:
             last = period.range.date_to.date()
             members = [source.day_persons(n, (last - timedelta(days=i)).strftime("%Y%m%d"))
                        for n in names for i in range(window)]
-        return union(fetch_bitmaps(self.redis, [members]), members).bit_count() if members else 0
+        return union(self.state.bitmaps([members]), members).bit_count() if members else 0
 
     # --- property maths and per-actor maths (definition state only) -----------------------------------
-    def _bucket_fields(self, period: Period) -> list[list[str]]:
-        """Per result bucket, the stored bucket ids it combines (`h<hour>` or `d<day>`)."""
+    def _bucket_groups(self, period: Period) -> list[list[Bucket]]:
+        """Per result bucket, the stored buckets it combines (hour starts as ints, days as YYYYMMDD)."""
         if self.interval == "hour":
-            return [[f"h{int(b.timestamp())}"] for b in period.buckets]
-        return [[f"h{b}" if isinstance(b, int) else f"d{b}" for b in group] for group in self._day_groups(period)]
-
-    @staticmethod
-    def _persons_key(source: Source, name: str, bucket: str | int) -> str:
-        return source.hour_persons(name, bucket) if isinstance(bucket, int) else source.day_persons(name, bucket)
+            return [[int(b.timestamp())] for b in period.buckets]
+        return self._day_groups(period)
 
     def _property_math(self, entity: Entity, period: Period, source: Source, names: list[str],
                        whole_range: bool) -> list[float]:
-        groups = self._bucket_fields(period)
+        groups = self._bucket_groups(period)
         if whole_range:
-            groups = [[f for g in groups for f in g]]
+            groups = [[b for g in groups for b in g]]
         if entity.math in QUANTILES:
-            return self._quantiles(QUANTILES[entity.math], groups, source, names)
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            for group in groups:
-                fields = [f"{f}:{x}" for f in group for x in ("s", "n", "min", "max")]
-                pipe.hmget(keys.definition_key(source.prefix, "vs", name), fields)
-        replies = iter(pipe.execute())
+            q = QUANTILES[entity.math]
+            return [quantile(values, q) for values in self.state.values(source.prefix, names, groups)]
         totals = [[0.0, 0, None, None] for _ in groups]
-        for _name in names:
-            for i, _group in enumerate(groups):
-                reply = next(replies)
-                acc = totals[i]
-                for j in range(0, len(reply), 4):
-                    s_, n_, mn, mx = reply[j:j + 4]
-                    if n_ is None:
-                        continue
-                    acc[0] += float(s_)
-                    acc[1] += int(n_)
-                    acc[2] = float(mn) if acc[2] is None else min(acc[2], float(mn))
-                    acc[3] = float(mx) if acc[3] is None else max(acc[3], float(mx))
+        for per_group in self.state.value_stats(source.prefix, names, groups):
+            for acc, buckets in zip(totals, per_group, strict=True):
+                for s_, n_, mn, mx in buckets:
+                    acc[0] += s_
+                    acc[1] += n_
+                    acc[2] = mn if acc[2] is None else min(acc[2], mn)
+                    acc[3] = mx if acc[3] is None else max(acc[3], mx)
         math = entity.math
         out = []
         for total, count, low, high in totals:
@@ -341,41 +279,14 @@ class TrendQuery(Computation):
                 out.append(high if high is not None else 0.0)
         return out
 
-    def _quantiles(self, q: float, groups: list[list[str]], source: Source, names: list[str]) -> list[float]:
-        pipe = self.redis.pipeline(transaction=False)
-        for group in groups:
-            for name in names:
-                for field in group:
-                    kind, bucket = field[0], field[1:]
-                    pipe.lrange(keys.definition_key(source.prefix, "vlh" if kind == "h" else "vl", name, bucket), 0, -1)
-        replies = iter(pipe.execute())
-        out = []
-        for group in groups:
-            values: list[float] = []
-            for _ in range(len(names) * len(group)):
-                values += [float(v) for v in next(replies)]
-            out.append(quantile(values, q))
-        return out
-
     def _per_actor_math(self, entity: Entity, period: Period, source: Source, names: list[str],
                         whole_range: bool) -> list[float]:
-        groups = self._bucket_fields(period)
+        groups = self._bucket_groups(period)
         if whole_range:
-            groups = [[f for g in groups for f in g]]
-        pipe = self.redis.pipeline(transaction=False)
-        for group in groups:
-            for name in names:
-                for field in group:
-                    kind, bucket = field[0], field[1:]
-                    pipe.hgetall(keys.definition_key(source.prefix, "pah" if kind == "h" else "pa", name, bucket))
-        replies = iter(pipe.execute())
+            groups = [[b for g in groups for b in g]]
         how = entity.math.removesuffix("_count_per_actor")
         out = []
-        for group in groups:
-            per_actor: dict[bytes, int] = {}
-            for _ in range(len(names) * len(group)):
-                for person, count in next(replies).items():
-                    per_actor[person] = per_actor.get(person, 0) + int(count)
+        for per_actor in self.state.events_per_person(source.prefix, names, groups):
             counts = [float(c) for c in per_actor.values()]
             if not counts:
                 out.append(0.0)
@@ -408,11 +319,9 @@ class TrendQuery(Computation):
             data = compute(entity, period, source, names, whole_range=False)
             return data, _running(data) if cumulative else None, None
         if entity.math == "first_time_for_user":
-            pid = self.project.id
-            data = self._counts(period, names, lambda n: keys.first_time_hour_counts(pid, n),
-                                lambda n: keys.first_time_day_counts(pid, n))
+            data = self._counts(period, names, Source.first_times(self.project.id))
         else:
-            data = self._counts(period, names, source.hour_counts, source.day_counts)
+            data = self._counts(period, names, source)
         if total_value:
             return [], None, sum(data)
         return data, _running(data) if cumulative else None, None
@@ -445,11 +354,10 @@ class TrendQuery(Computation):
 
     # --- breakdowns ------------------------------------------------------------------------------
     def _breakdown_values(self, definition: Definition) -> list[str]:
-        prefix = keys.definition_prefix(self.project.id, definition.hash)
-        return sorted(m.decode() for m in self.redis.smembers(keys.definition_key(prefix, "bv")))
+        return self.state.breakdown_values(keys.definition_prefix(self.project.id, definition.hash))
 
     def _present(self, period: Period, source: Source, names: list[str]) -> bool:
-        return sum(self._counts(period, names, source.hour_counts, source.day_counts)) > 0
+        return sum(self._counts(period, names, source)) > 0
 
     def _series_breakdown(self, entity: Entity, period: Period, definition: Definition
                           ) -> list[tuple[Any, tuple[list, list | None, float | None]]]:
@@ -633,21 +541,6 @@ def _smooth(values: list, window: int) -> list[int]:
         part = values[max(0, i - window + 1): i + 1]
         out.append(math.floor(sum(part) / len(part)))
     return out
-
-
-# Redis numbers bitmap bits from the most significant bit of the first byte; reversing the bits of
-# each byte and reading little-endian gives an integer whose bit i is person i, whatever its length.
-_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
-
-
-def fetch_bitmaps(client: redis.Redis, key_lists: list[list[str]]) -> dict[str, int]:
-    """Each person bitmap once, as an integer with bit i = person i."""
-    unique = list(dict.fromkeys(k for members in key_lists for k in members))
-    pipe = client.pipeline(transaction=False)
-    for key in unique:
-        pipe.get(key)
-    return {k: int.from_bytes((v or b"").translate(_REVERSED), "little")
-            for k, v in zip(unique, pipe.execute(), strict=True)}
 
 
 def union(bitmaps: dict[str, int], members: list[str]) -> int:

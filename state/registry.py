@@ -97,6 +97,14 @@ class Registry:
         raw = self.redis.hget(keys.API_KEYS, hash_key(value))
         return ApiKey(**orjson.loads(raw)) if raw else None
 
+    def count_request(self, key_hash: str, window: int) -> int:
+        """Count one request of a key in a minute window; the requests so far in it (rate limit)."""
+        counter = keys.throttle(key_hash, window)
+        pipe = self.redis.pipeline()
+        pipe.incr(counter)
+        pipe.expire(counter, 120)
+        return int(pipe.execute()[0])
+
 
 class ProjectCache:
     """Projects by id and token for the hot path; refreshed at most every `ttl` seconds."""

@@ -26,8 +26,9 @@ from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
 from dataflows.summariser import Summariser
 from schemas.dates import zone
-from schemas.definitions import Definition, load_definition
+from schemas.definitions import Definition
 from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
+from schemas.registered import load_definition
 from schemas.settings import Settings
 from state import keys
 from state.registry import DefinitionRegistry, ProjectCache, Registry

@@ -151,17 +151,3 @@ class Definition:
             value = as_number((event_props if kind == "event" else person_props).get(key))
         bv = self.breakdown.value(event_props, person_props) if self.breakdown else NO_BREAKDOWN
         return bv, value
-
-
-def load_definition(data: bytes | str) -> Any:
-    """A stored definition of any kind (trend materialization or funnel)."""
-    kind = orjson.loads(data).get("kind")
-    if kind == "funnel":
-        from schemas.funnels import FunnelDefinition
-
-        return FunnelDefinition.from_json(data)
-    if kind == "paths":
-        from schemas.paths import PathDefinition
-
-        return PathDefinition.from_json(data)
-    return Definition.from_json(data)

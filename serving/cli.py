@@ -133,10 +133,28 @@ def replay(
 def dataflow(
     recovery_dir: Annotated[Path, typer.Option("--recovery-dir", envvar="INSIGHTFLOW_RECOVERY_DIR")] = Path(
         ".insightflow/recovery"),
+    process_id: Annotated[int, typer.Option("--process-id", envvar="INSIGHTFLOW_DATAFLOW_PROCESS_ID",
+                                            help="This process's index in a Bytewax cluster.")] = 0,
+    addresses: Annotated[str, typer.Option("--addresses", envvar="INSIGHTFLOW_DATAFLOW_ADDRESSES",
+                                           help="host:port of every process of the cluster, ';'-separated "
+                                                "(empty: a single process).")] = "",
 ) -> None:
-    """Run only the dataflow (containers, clusters): recovery on, 1 s snapshot interval."""
-    stack.init_recovery(recovery_dir)
-    os.execv(sys.executable, stack.dataflow_argv(recovery_dir))
+    """Run only the dataflow (containers, clusters): recovery on, 1 s snapshot interval. Processes of
+    one cluster share the recovery directory and fail and restart together."""
+    peers = [a.strip() for a in addresses.split(";") if a.strip()]
+    if peers and not 0 <= process_id < len(peers):
+        _say(f"error: --process-id {process_id} is not an index of the {len(peers)} addresses given")
+        raise typer.Exit(2)
+    if process_id == 0:
+        stack.init_recovery(recovery_dir)
+    else:  # process 0 creates the shared recovery store; two creating it at once would collide
+        deadline = time.monotonic() + 300
+        while not stack.recovery_ready(recovery_dir):
+            if time.monotonic() > deadline:
+                _say(f"error: no recovery store in {recovery_dir} after 300 s: is process 0 running?")
+                raise typer.Exit(1)
+            time.sleep(0.5)
+    os.execv(sys.executable, stack.dataflow_argv(recovery_dir, process_id, peers))
 
 
 @app.command()
@@ -157,10 +175,27 @@ def up(
     data_dir: DataDir = DEFAULT_DIR,
 ) -> None:
     """Start Redis, the broker, the dataflow and the API in the foreground (what the environment lacks)."""
-    Supervisor(data_dir.resolve(), api_port, demo=not no_demo).run()
+    try:
+        supervisor = Supervisor(data_dir.resolve(), api_port, demo=not no_demo)
+    except stack.StackError as exc:
+        _say(f"error: {exc}")
+        raise typer.Exit(1) from exc
+    supervisor.run()
 
 
 DRAIN_TIMEOUT_S = float(os.environ.get("INSIGHTFLOW_DRAIN_TIMEOUT", "120"))
+
+
+def _dataflow_processes() -> int:
+    """`INSIGHTFLOW_DATAFLOW_PROCESSES`: dataflow processes `up` runs as one Bytewax cluster (default 1)."""
+    raw = os.environ.get("INSIGHTFLOW_DATAFLOW_PROCESSES", "1")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 64:
+        raise stack.StackError(f"INSIGHTFLOW_DATAFLOW_PROCESSES must be a whole number from 1 to 64, not {raw!r}")
+    return value
 
 
 @dataclass
@@ -199,6 +234,10 @@ class Supervisor:
         self.broker_port: int | None = None
         self.topics: list[str] = []
         self.signals = 0
+        self.dataflow_processes = _dataflow_processes()
+        # What is started and restarted together: a Bytewax cluster's processes fail together.
+        self.units = {"redis": ["redis"], "broker": ["broker"],
+                      "dataflow": stack.dataflow_names(self.dataflow_processes), "api": ["api"]}
 
     def _record(self, managed: stack.Managed) -> None:
         self.procs[managed.name] = managed
@@ -279,7 +318,8 @@ class Supervisor:
         self.topics = [topic, os.environ.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq")]
         self._create_topics()
         _stack_file(self.data_dir).write_text(json.dumps({**self.env, "api": self.url}))
-        self._record(stack.start_dataflow(self.data_dir / "recovery", self.logs, self.env))
+        for managed in self._start_dataflow():
+            self._record(managed)
         self._record(stack.start_api(self.api_port, self.logs, self.env))
         self._wait_ready()
         if self.demo:
@@ -325,47 +365,62 @@ class Supervisor:
         _say(f"demo: {len(events)} events captured into project {DEMO_PROJECT_ID} (token {DEMO_TOKEN}); "
              f"personal API key {DEMO_KEY}")
 
+    def _start_dataflow(self) -> list[stack.Managed]:
+        return stack.start_dataflow_cluster(self.data_dir / "recovery", self.logs, self.env, self.dataflow_processes)
+
     def _supervise(self) -> None:
         """Reap and restart what died: Redis on its data dir (AOF), the broker (empty: say what that
-        loses), the dataflow and the API; a process that keeps dying is restarted with backoff."""
+        loses), the dataflow and the API; a process that keeps dying is restarted with backoff. The
+        dataflow's processes are one unit: when one dies the others are stopped and all restart."""
         now = time.monotonic()
-        for name in ("redis", "broker", "dataflow", "api"):
-            managed = self.procs.get(name)
-            if managed is None or managed.alive():
+        for unit, names in self.units.items():
+            members = [self.procs[n] for n in names if n in self.procs]
+            dead = [m for m in members if not m.alive()]
+            if not dead:
                 continue
-            pending = self.restarts.setdefault(name, _Restarts())
+            pending = self.restarts.setdefault(unit, _Restarts())
             if pending.due is None:
-                code = managed.proc.returncode  # alive() reaped it: no zombie is left behind
-                delay = pending.schedule(now, killed=code is not None and code < 0)
-                (self.pids / f"{name}.pid").unlink(missing_ok=True)
+                codes = [m.proc.returncode for m in dead]  # alive() reaped them: no zombie is left behind
+                delay = pending.schedule(now, killed=any(c is not None and c < 0 for c in codes))
                 later = f"; restarting in {delay:.0f} s" if delay >= 1 else ""
-                _say(f"{name} exited with code {code}{later}")
+                for managed, code in zip(dead, codes, strict=True):
+                    (self.pids / f"{managed.name}.pid").unlink(missing_ok=True)
+                    _say(f"{managed.name} exited with code {code}{later}")
+                for managed in members:
+                    if managed.alive():
+                        _say(f"stopping {managed.name} (pid {managed.proc.pid}): its cluster restarts as one")
+                        managed.stop()
+                        (self.pids / f"{managed.name}.pid").unlink(missing_ok=True)
             if now < (pending.due or 0):
                 continue
             try:
-                restarted = self._restart(name)
+                restarted = self._restart(unit)
             except (stack.StackError, OSError) as exc:
-                _say(f"could not restart {name}: {exc}")
+                _say(f"could not restart {unit}: {exc}")
                 pending.schedule(time.monotonic())
                 continue
             pending.due = None
-            self._record(restarted)
-            _say(f"restarted {name}; pid {restarted.proc.pid}{self._restart_note(name)}")
+            for managed in restarted:
+                self._record(managed)
+            pids = ", ".join(f"{m.name} pid {m.proc.pid}" for m in restarted[1:])
+            _say(f"restarted {unit}; pid {restarted[0].proc.pid}{f' ({pids})' if pids else ''}"
+                 f"{self._restart_note(unit)}")
 
-    def _restart(self, name: str) -> stack.Managed:
-        if name == "redis":
+    def _restart(self, unit: str) -> list[stack.Managed]:
+        if unit == "redis":
             managed, _ = stack.start_redis(self.data_dir / "redis", self.logs, self.redis_port, wait_loaded=False)
-            return managed
-        if name == "broker":
+            return [managed]
+        if unit == "broker":
             managed, _ = stack.start_tansu(self.logs, self.broker_port)
             self._create_topics()
-            dataflow = self.procs.get("dataflow")
-            if dataflow is not None:  # its sources must see the new topics from their start
-                dataflow.stop()
-            return managed
-        if name == "dataflow":
-            return stack.start_dataflow(self.data_dir / "recovery", self.logs, self.env)
-        return stack.start_api(self.api_port, self.logs, self.env)
+            for name in self.units["dataflow"]:  # its sources must see the new topics from their start
+                dataflow = self.procs.get(name)
+                if dataflow is not None:
+                    dataflow.stop()
+            return [managed]
+        if unit == "dataflow":
+            return self._start_dataflow()
+        return [stack.start_api(self.api_port, self.logs, self.env)]
 
     @staticmethod
     def _restart_note(name: str) -> str:
@@ -406,7 +461,7 @@ class Supervisor:
              f"{where}")
 
     def _shutdown(self) -> None:
-        for name in ("api", "dataflow", "broker", "redis"):
+        for name in ("api", *self.units["dataflow"], "broker", "redis"):
             managed = self.procs.get(name)
             if managed is None:
                 continue

@@ -155,17 +155,36 @@ def start_tansu(log_dir: Path, port: int | None = None) -> tuple[Managed, str]:
 
 
 def init_recovery(recovery_dir: Path) -> None:
-    """Create Bytewax's recovery partitions once; later starts resume from them."""
-    if recovery_dir.exists() and any(recovery_dir.iterdir()):
+    """Create Bytewax's recovery partitions once; later starts resume from them. They are made aside
+    and moved in, so a process waiting for them (a cluster's other members) never sees half a store."""
+    if recovery_ready(recovery_dir):
         return
-    recovery_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery_dir), "1"], check=True,
+    aside = recovery_dir / f".init-{os.getpid()}"
+    aside.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(aside), "1"], check=True,
                    cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for part in sorted(aside.iterdir()):
+        os.replace(part, recovery_dir / part.name)
+    aside.rmdir()
 
 
-def dataflow_argv(recovery_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "bytewax.run", "dataflows.flow:flow_from_env()",
+def recovery_ready(recovery_dir: Path) -> bool:
+    return recovery_dir.is_dir() and any(recovery_dir.glob("part-*"))
+
+
+def dataflow_argv(recovery_dir: Path, process: int = 0, addresses: list[str] | None = None) -> list[str]:
+    """One dataflow process; with `addresses` (one per process), process `process` of a Bytewax
+    cluster that shares the work (the topic's partitions, backfills, summaries)."""
+    argv = [sys.executable, "-m", "bytewax.run", "dataflows.flow:flow_from_env()",
             "-r", str(recovery_dir), "-s", "1", "-b", "10"]
+    if addresses and len(addresses) > 1:
+        argv += ["-i", str(process), "-a", ";".join(addresses)]
+    return argv
+
+
+def dataflow_names(processes: int) -> list[str]:
+    """`dataflow`, then `dataflow-1`, `dataflow-2`, … (pid files and logs are named after them)."""
+    return ["dataflow"] + [f"dataflow-{i}" for i in range(1, processes)]
 
 
 def api_argv(port: int) -> list[str]:
@@ -176,6 +195,17 @@ def api_argv(port: int) -> list[str]:
 def start_dataflow(recovery_dir: Path, log_dir: Path, env: dict[str, str]) -> Managed:
     init_recovery(recovery_dir)
     return spawn("dataflow", dataflow_argv(recovery_dir), log_dir, env)
+
+
+def start_dataflow_cluster(recovery_dir: Path, log_dir: Path, env: dict[str, str], processes: int) -> list[Managed]:
+    """`processes` dataflow processes forming one Bytewax cluster on this machine. They live and die
+    together: when one exits the others fail too, and the group is restarted from recovery."""
+    if processes <= 1:
+        return [start_dataflow(recovery_dir, log_dir, env)]
+    init_recovery(recovery_dir)
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(processes)]
+    return [spawn(name, dataflow_argv(recovery_dir, i, addresses), log_dir, env)
+            for i, name in enumerate(dataflow_names(processes))]
 
 
 def start_api(port: int, log_dir: Path, env: dict[str, str]) -> Managed:

@@ -2,6 +2,12 @@
 -- KEYS: the topic's stream hash (KEYS[1]) and its dead-letter ids (KEYS[2]).
 local current = redis.call('HGET', KEYS[1], 'topic_id')
 if current == ARGV[A.topic_id] then return 0 end
+-- No topic recorded yet: end offsets already there were acknowledged to capture on this topic
+-- (capture can run before the dataflow first starts); keep them, or lag would read 0 too early.
+if not current then
+  redis.call('HSET', KEYS[1], 'topic_id', ARGV[A.topic_id])
+  return 1
+end
 local dlq = redis.call('HGET', KEYS[1], 'dlq_events')
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'topic_id', ARGV[A.topic_id])

@@ -115,3 +115,18 @@ def test_a_second_up_on_the_same_data_dir_is_refused_and_leaves_the_first_alone(
     assert code == 0
     said = first.output()
     assert any(line.startswith("stopping redis (pid") for line in said) and said[-1] == "stopped", said
+
+
+def test_cluster_settings_that_cannot_work_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    for value in ("0", "two", "65"):
+        env = {**clean_env(), "INSIGHTFLOW_DATAFLOW_PROCESSES": value}
+        run = subprocess.run([sys.executable, "-m", "serving.cli", "up", "--no-demo", "--data-dir", str(tmp_path)],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert "INSIGHTFLOW_DATAFLOW_PROCESSES must be a whole number from 1 to 64" in run.stdout
+        assert not (tmp_path / "pids").exists() or not list((tmp_path / "pids").iterdir())
+    run = subprocess.run([sys.executable, "-m", "serving.cli", "dataflow", "--recovery-dir", str(tmp_path / "r"),
+                          "--process-id", "2", "--addresses", "a:1;b:2"],
+                         capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=60)
+    assert run.returncode == 2 and "--process-id 2 is not an index of the 2 addresses given" in run.stdout + run.stderr
+    assert not (tmp_path / "r").exists()

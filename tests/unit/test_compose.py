@@ -14,8 +14,8 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 def test_services_and_dependencies() -> None:
     services = COMPOSE["services"]
-    assert set(services) == {"kafka", "redis", "topics", "dataflow", "api"}
-    for name in ("dataflow", "api"):
+    assert set(services) == {"kafka", "redis", "topics", "dataflow", "dataflow-0", "dataflow-1", "api"}
+    for name in ("dataflow", "dataflow-0", "dataflow-1", "api"):
         deps = services[name]["depends_on"]
         assert deps["redis"]["condition"] == "service_healthy"
         assert deps["kafka"]["condition"] == "service_healthy"
@@ -44,7 +44,7 @@ def test_environment_matches_settings() -> None:
         assert f"--topic {topic} --partitions {defaults.partitions}" in topics_cmd
     redis_port = COMPOSE["services"]["redis"]["ports"][0].split(":")[1]
     kafka_port = COMPOSE["services"]["kafka"]["ports"][0].split(":")[1]
-    for name in ("dataflow", "api"):
+    for name in ("dataflow", "dataflow-0", "dataflow-1", "api"):
         env = COMPOSE["services"][name]["environment"]
         assert set(env) <= set(ENV_VARS), set(env) - set(ENV_VARS)
         assert env["INSIGHTFLOW_REDIS_URL"] == f"redis://redis:{redis_port}/0"
@@ -53,3 +53,27 @@ def test_environment_matches_settings() -> None:
     api = COMPOSE["services"]["api"]
     assert api["ports"] == [f"{defaults.api_port}:{defaults.api_port}"]
     assert api["command"][-1] == str(defaults.api_port)
+
+
+def test_scale_profile_is_one_bytewax_cluster_instead_of_the_single_dataflow() -> None:
+    """`COMPOSE_PROFILES=scale` swaps the one dataflow process for two that name each other; `.env`
+    makes the single process the default."""
+    from typer.main import get_command
+
+    from serving.cli import app
+
+    services = COMPOSE["services"]
+    assert services["dataflow"]["profiles"] == ["single"]
+    assert "COMPOSE_PROFILES=single" in (ROOT / ".env").read_text().splitlines()
+    members = ["dataflow-0", "dataflow-1"]
+    options = {p.opts[0] for p in get_command(app).commands["dataflow"].params}  # type: ignore[attr-defined]
+    for index, name in enumerate(members):
+        service = services[name]
+        assert service["profiles"] == ["scale"] and service["restart"] == "unless-stopped"
+        command = service["command"]
+        assert set(o for o in command if o.startswith("--")) <= options
+        assert command[command.index("--process-id") + 1] == str(index)
+        addresses = command[command.index("--addresses") + 1].split(";")
+        assert [a.split(":")[0] for a in addresses] == members
+        assert service["environment"] == services["dataflow"]["environment"]
+        assert service["volumes"] == services["dataflow"]["volumes"]  # one shared recovery store

@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: up test bench lint setup
+.PHONY: up test bench bench-ingest lint setup
 
 setup: $(STAMP)
 
@@ -30,3 +30,6 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run $(ARGS)
+
+bench-ingest: $(STAMP)
+	$(VENV)/bin/python -m bench.ingest $(ARGS)

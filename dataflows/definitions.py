@@ -21,6 +21,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, TopicPartition
 
+from dataflows.operators.batch import Occurrence
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
@@ -32,7 +33,7 @@ from schemas.registered import load_definition
 from schemas.settings import Settings
 from state import keys
 from state.registry import DefinitionRegistry, ProjectCache, Registry
-from state.store import BackfillRow, Located, StateStore
+from state.store import BackfillRow, StateStore
 from state.stream import Stream
 from state.summaries import SummaryStore
 from state.topics import partition_count
@@ -44,7 +45,7 @@ class DefinitionCache:
     """Each project's definitions, reloaded when its definitions generation moves.
 
     The generation is read once per batch; the apply script re-checks it atomically, so a batch
-    planned just before a registration is refused and planned again (`StaleDefinitions`).
+    planned just before a registration is refused and planned again (`BatchOutcome.stale`).
     """
 
     def __init__(self, registry: DefinitionRegistry) -> None:
@@ -98,7 +99,7 @@ def _apply_person_update(props: dict[str, Any], event: TopicEvent) -> None:
 
 
 def contributions(client: redis.Redis, project_id: int, definitions: dict[str, Definition],
-                  items: list[Located], now: datetime) -> tuple[dict[str, str], dict[str, str]]:
+                  items: list[Occurrence], now: datetime) -> tuple[dict[str, str], dict[str, str]]:
     """Fill each item's contributions; returns the flags of the definitions involved, and the
     definitions that raised on an event (hash -> reason): those contribute nothing to this batch and
     are to be failed, while the event still counts everywhere else."""
@@ -109,10 +110,10 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
     uses_person = any(d.uses_person for d in definitions.values())
     snapshot: dict[str, dict[str, Any]] = {}
     if uses_person:
-        snapshot = person_snapshot(client, project_id, (i.event.distinct_id for i in items))
+        snapshot = person_snapshot(client, project_id, (i.distinct_id for i in items))
     nobody: dict[str, Any] = {}
     for item in items:
-        event = item.event
+        event = item.source
         person = nobody
         if uses_person:  # only then does any definition read the person as the event leaves it
             person = snapshot.setdefault(event.distinct_id, {})

@@ -21,7 +21,8 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.definitions import BackfillSink, BackfillSource, DefinitionCache, contributions
 from dataflows.kafka import EventsSource
-from dataflows.operators.persons import person_update
+from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
+from dataflows.operators.persons import KnownPersons
 from dataflows.operators.trends import trend_buckets
 from dataflows.operators.validate import Parsed, parse_record
 from dataflows.services import REDIS_DOWN, DeadLetters, Letter, wait_for_redis
@@ -29,20 +30,13 @@ from schemas.dates import zone
 from schemas.events import Record
 from schemas.settings import Settings
 from state.registry import DefinitionRegistry, ProjectCache, Registry
-from state.store import (
-    Applied,
-    Located,
-    ProjectBatch,
-    RedisLostWrites,
-    StaleDefinitions,
-    StateStore,
-    event_args,
-    set_contributions,
-)
+from state.store import Applied, ProjectBatch, RedisLostWrites, StateStore
 from state.stream import Stream
 from state.topics import ensure_topics, topic_id
 
 log = logging.getLogger("insightflow.dataflow")
+
+APPLY_CHUNK = 2000  # events of one project per apply call (a few ms of Redis time)
 
 
 def _record_id(topic_id: str, record: Record) -> str:
@@ -67,6 +61,8 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         self.stream.reset(self.topic_id)
         self.dead = DeadLetters(settings.kafka_bootstrap, settings.dlq_topic, self.stream)
         self.recorded: dict[int, int] = {}  # partition -> next offset this process recorded as applied
+        self.persons: dict[int, KnownPersons] = defaultdict(KnownPersons)  # per project
+        self.firsts: dict[int, KnownFirsts] = defaultdict(KnownFirsts)
 
     def write_batch(self, items: list[Parsed]) -> None:
         while True:
@@ -92,7 +88,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                                   f"(partition: (Redis, ours) {behind}); restarting to re-apply from Redis's")
 
     def _write(self, items: list[Parsed]) -> None:
-        by_project: dict[int, list[Located]] = defaultdict(list)
+        by_project: dict[int, list[Occurrence]] = defaultdict(list)
         letters: dict[str, Letter] = {}
         applied: dict[int, int] = {}
         ends: dict[int, int] = {}
@@ -118,22 +114,19 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 continue
             if event.project_id is None:
                 event = replace(event, project_id=project.id)
-            located = Located(event, rec.partition, rec.offset)
-            try:  # everything the event alone decides: buckets, person update, encodings
+            try:  # everything the event alone decides: buckets, person update
                 buckets = trend_buckets(event, zone(project.timezone))
-                located.args = event_args(event, buckets.hour, buckets.day, person_update(event), rec.partition,
-                                          rec.offset)
+                by_project[project.id].append(Occurrence.of(event, buckets.hour, buckets.day, rec.partition,
+                                                            rec.offset))
             except Exception as exc:
                 dead(rec, f"cannot be applied: {type(exc).__name__}: {exc}")
-                continue
-            by_project[project.id].append(located)
-        for attempt in range(20):
-            result = self._apply(by_project)
-            if result is not None:
-                break
-            log.info("definitions changed while planning a batch (attempt %d)", attempt + 1)
-        else:
-            raise RuntimeError("definitions kept changing while applying a batch")
+        result = Applied()
+        longest = max((len(o) for o in by_project.values()), default=0)
+        for start in range(0, longest, APPLY_CHUNK):  # bounded script calls: Redis serves queries between
+            part = {pid: o[start:start + APPLY_CHUNK] for pid, o in by_project.items() if len(o) > start}
+            applied_part = self._apply(part)
+            result.events += applied_part.events
+            result.failed.update(applied_part.failed)
         for (project_id, h), reason in result.failed.items():
             self._fail(project_id, h, f"Redis refused its state: {reason}")
         self.dead.send(list(letters.values()))
@@ -141,24 +134,62 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         for partition, offset in applied.items():
             self.recorded[partition] = max(self.recorded.get(partition, 0), offset)
 
-    def _apply(self, by_project: dict[int, list[Located]]) -> Applied | None:
-        """Plan each project's events against its current definitions and apply them; None when a
-        definition was registered or failed meanwhile (plan again)."""
-        now = datetime.now(UTC)
-        batches = []
-        for pid, (generation, definitions) in self.definitions.current(list(by_project)).items():
-            flags, failed = contributions(self.client, pid, definitions, by_project[pid], now)
-            for h, reason in failed.items():
-                self._fail(pid, h, reason)
-            tz = zone(self.projects.by_id(pid).timezone)  # type: ignore[union-attr]
-            for item in by_project[pid]:
-                assert item.args is not None
-                set_contributions(item.args, item.contributions)
-            batches.append(ProjectBatch(pid, tz, by_project[pid], flags, generation))
-        try:
-            return self.store.apply(batches)
-        except StaleDefinitions:
-            return None
+    def _resolve(self, by_project: dict[int, list[Occurrence]]) -> None:
+        """Give every event its person: from the worker's map, or from Redis for new distinct ids and
+        identity links (in event order, before anything of the batch is counted, so every event of
+        the batch counts under the person its links leave)."""
+        asks = {}
+        for pid, occurrences in by_project.items():
+            known = self.persons[pid]
+            known.trim()
+            ask = [(o.uuid, o.distinct_id, o.update.link_kind or "", o.update.other_distinct_id or "")
+                   for o in occurrences if o.update.link_kind or known.get(o.distinct_id) is None]
+            if ask:
+                asks[pid] = ask
+        for pid, resolved in self.store.resolve_persons(asks).items():
+            self.persons[pid].learn(resolved.persons, resolved.merges)
+        # Persons this worker knows that another merged meanwhile: their ids now belong to the survivor.
+        cached = {pid: {p for o in occurrences if (p := self.persons[pid].get(o.distinct_id)) is not None}
+                  for pid, occurrences in by_project.items()}
+        for pid, survivors in self.store.survivors(cached).items():
+            self.persons[pid].learn({}, list(survivors.items()))
+        for pid, occurrences in by_project.items():
+            known = self.persons[pid]
+            for o in occurrences:
+                o.person = known.get(o.distinct_id)  # None: applied already, nothing to count
+
+    def _apply(self, by_project: dict[int, list[Occurrence]]) -> Applied:
+        """Resolve persons, then plan each project's batch against its current definitions and apply
+        it; a project whose definitions moved meanwhile, or whose batch holds events applied already
+        (a resend, a replay), wrote nothing and is planned again."""
+        self._resolve(by_project)
+        total = Applied()
+        pending = dict(by_project)
+        skip: dict[int, set[str]] = defaultdict(set)
+        for attempt in range(50):
+            now = datetime.now(UTC)
+            batches = []
+            for pid, (generation, definitions) in self.definitions.current(list(pending)).items():
+                flags, failed = contributions(self.client, pid, definitions, pending[pid], now)
+                for h, reason in failed.items():
+                    self._fail(pid, h, reason)
+                effects = batch_effects(pending[pid], self.firsts[pid], skip.get(pid))
+                batches.append(ProjectBatch(pid, effects, flags, generation))
+            outcome = self.store.apply(batches)
+            total.events += outcome.applied.events
+            total.failed.update(outcome.applied.failed)
+            for batch in batches:
+                pid = batch.project_id
+                if pid in outcome.stale:
+                    log.info("definitions of project %s changed while planning a batch (attempt %d)", pid, attempt + 1)
+                elif pid in outcome.repeated:
+                    skip[pid] |= outcome.repeated[pid]
+                else:
+                    self.firsts[pid].learn(batch.effects.firsts)
+                    del pending[pid]
+            if not pending:
+                return total
+        raise RuntimeError("a batch could not be applied: its definitions kept changing")
 
     def _fail(self, project_id: int, h: str, reason: str) -> None:
         if self.registry.fail(project_id, h, reason):

@@ -198,6 +198,11 @@ def distinct_ids(pid: int) -> str:
     return _k(pid, "distinct_ids")
 
 
+def merged(pid: int) -> str:
+    """Hash: merged person -> the person it became."""
+    return _k(pid, "merged")
+
+
 def person_properties(pid: int, person: int | str) -> str:
     return _k(pid, "person_properties", person)
 

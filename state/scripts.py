@@ -34,7 +34,7 @@ class Layout:
     def lua(self) -> str:
         if self.first is None:
             entries = ", ".join(f"{f} = {i + 1}" for i, f in enumerate(self.fields))
-            return f"local {self.name} = {{{entries}}}\n"
+            return f"local {self.name} = {{{entries}}}\nlocal {self.name}_WIDTH = {len(self.fields)}\n"
         entries = ", ".join(f"{f} = {i}" for i, f in enumerate(self.fields))
         return (f"local {self.name} = {{{entries}}}\n"
                 f"local {self.name}_FIRST, {self.name}_WIDTH = {self.first}, {len(self.fields)}\n")
@@ -83,12 +83,23 @@ def _header_then(header: tuple[str, ...], item: tuple[str, ...], trailer: tuple[
     return tuple(layouts)
 
 
-# One event of a live batch: its uuid bucket and uuid, who and what, its buckets (project-zone hour
-# start and day), time, person update (dataflows/operators/persons.py), where it sits on the topic and
-# its contributions to registered definitions (JSON, or '').
-EVENT_FIELDS = ("bucket", "uuid", "distinct_id", "event", "hour", "day", "ts", "link_kind", "link_other",
-                "set", "set_once", "unset", "partition", "offset", "contributions")
-APPLY_EVENTS = Script("apply_events.lua", _header_then(("prefix", "count", "flags", "generation"), EVENT_FIELDS))
+# A live batch of one project, planned by the worker (dataflows/operators/batch.py): the header, and
+# the batch as one JSON object whose sections (keyed by letter) are lists of rows named by a layout.
+BATCH_SECTIONS = (
+    Layout("G", ("bucket", "uuid", "copy")),
+    Layout("C", ("kind", "event", "bucket", "events")),
+    Layout("B", ("kind", "event", "bucket", "persons")),
+    Layout("F", ("event", "candidates")),
+    Layout("FP", ("person", "ts", "hour", "day")),
+    Layout("U", ("person", "ts", "set", "set_once", "unset")),
+    Layout("O", ("partition", "next_offset")),
+    Layout("D", ("definition", "breakdown", "value", "person", "hour", "day", "ts", "uuid", "partition", "offset")),
+)
+APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "generation", "flags", "batch")), *BATCH_SECTIONS))
+
+# Events whose persons the worker cannot tell alone: unknown distinct ids and identity links.
+PERSON_FIELDS = ("bucket", "uuid", "distinct_id", "link_kind", "link_other")
+RESOLVE_PERSONS = Script("resolve_persons.lua", _header_then(("prefix", "count"), PERSON_FIELDS))
 
 # One offset of a partition's history for a definition's backfill ('' fields: nothing to apply).
 BACKFILL_FIELDS = ("bucket", "uuid", "offset", "distinct_id", "hour", "day", "ts", "contribution")
@@ -106,4 +117,4 @@ WRITE_SUMMARIES = Script("write_summaries.lua", (
     Layout("A", ("prefix", "count")), Layout("S", SUMMARY_PERSON_FIELDS, first=3),
     Layout("SE", SUMMARY_ENTRY_FIELDS, first=0)))
 
-ALL = (APPLY_EVENTS, BACKFILL_EVENTS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES)
+ALL = (APPLY_BATCH, RESOLVE_PERSONS, BACKFILL_EVENTS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES)

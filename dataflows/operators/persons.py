@@ -53,3 +53,42 @@ def person_update(event: TopicEvent) -> PersonUpdate:
     raw_unset = props.get("$unset")
     unset = [str(k) for k in (raw_unset.keys() if isinstance(raw_unset, dict) else raw_unset or [])]
     return PersonUpdate(link_kind, other, set_, set_once, unset)
+
+
+class KnownPersons:
+    """The worker's map of distinct id -> person, learnt from Redis (`resolve_persons.lua` answers
+    with every distinct id it touched and every merge it made). A distinct id it does not hold, or an
+    event that links two ids, goes to Redis; every other event is resolved here. Merges made
+    elsewhere (another worker) reach it only when one of the ids is resolved again; until then its
+    events would count under the merged person, so before a batch is counted its persons are checked
+    against the merges Redis recorded (`StateStore.survivors`). Bounded: `trim` clears it past
+    `limit` ids."""
+
+    def __init__(self, limit: int = 2_000_000) -> None:
+        self.limit = limit
+        self._person: dict[str, int] = {}
+        self._ids: dict[int, set[str]] = {}
+
+    def get(self, distinct_id: str) -> int | None:
+        return self._person.get(distinct_id)
+
+    def trim(self) -> None:
+        """Forget everything once past the limit (only between batches: a batch's persons stay)."""
+        if len(self._person) > self.limit:
+            self._person.clear()
+            self._ids.clear()
+
+    def persons(self) -> set[int]:
+        return set(self._ids)
+
+    def learn(self, pairs: dict[str, int], merges: list[tuple[int, int]]) -> None:
+        for source, target in merges:
+            for did in self._ids.pop(source, ()):
+                self._person[did] = target
+                self._ids.setdefault(target, set()).add(did)
+        for did, person in pairs.items():
+            old = self._person.get(did)
+            if old is not None and old != person:
+                self._ids.get(old, set()).discard(did)
+            self._person[did] = person
+            self._ids.setdefault(person, set()).add(did)

@@ -97,10 +97,14 @@ local function flush()
   for key, fields in pairs(counts) do
     for field, c in pairs(fields) do write(key, 'HINCRBY', key, field, c) end
   end
+  -- Long lists go in slices Lua's unpack can take.
+  local function each_slice(list, fn)
+    for i = 1, #list, 1000 do fn(unpack(list, i, math.min(i + 999, #list))) end
+  end
   for key, set in pairs(members) do
     local list = {}
     for m, _ in pairs(set) do list[#list + 1] = m end
-    write(key, 'SADD', key, unpack(list))
+    each_slice(list, function(...) write(key, 'SADD', key, ...) end)
   end
   for key, set in pairs(bits) do
     for p, _ in pairs(set) do write(key, 'SETBIT', key, p, 1) end
@@ -115,7 +119,7 @@ local function flush()
       if not mx or a[4] > tonumber(mx) then write(key, 'HSET', key, field .. ':max', a[4]) end
     end
   end
-  for key, list in pairs(lists) do write(key, 'RPUSH', key, unpack(list)) end
+  for key, list in pairs(lists) do each_slice(list, function(...) write(key, 'RPUSH', key, ...) end) end
   for key, list in pairs(appends) do write(key, 'APPEND', key, table.concat(list)) end
 end
 

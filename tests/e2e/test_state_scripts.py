@@ -1,6 +1,7 @@
-"""The Lua scripts of state/lua/ against a real Redis, each called directly with arguments built by
-name from its layouts (state/scripts.py): the guard, person resolution, property order, first-time
-moves, offsets, definition failures, the backfill fence, stream bookkeeping and summary writes."""
+"""The Lua scripts of state/lua/ against a real Redis, called with arguments built by name from their
+layouts (state/scripts.py), the live batch through the store's encoder: guards, sums per key, person
+resolution, property order, first-time moves, offsets, definition failures, the backfill fence,
+stream bookkeeping and summary writes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import orjson
 import pytest
 import redis
 
+from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
+from schemas.events import TopicEvent
 from state import keys, scripts
+from state.store import BatchOutcome, ProjectBatch, Resolved, StateStore
 from tests.conftest import Services
 
 _projects = itertools.count(900_000)
@@ -38,26 +42,40 @@ def _args(script: scripts.Script, header: dict[str, Any], items: list[dict[str, 
 
 
 def _event(uuid: str, distinct_id: str, ts: int, event: str = "view", offset: int = 0, partition: int = 0,
-           **extra: Any) -> dict[str, Any]:
-    day = ts // DAY_MS
-    return {"bucket": keys.seen_bucket(uuid), "uuid": uuid, "distinct_id": distinct_id, "event": event,
-            "hour": ts // 3_600_000 * 3600, "day": str(20240101 + day), "ts": ts, "partition": partition,
-            "offset": offset, **extra}
+           properties: dict[str, Any] | None = None, contributions: list[Any] | None = None) -> Occurrence:
+    occurrence = Occurrence.of(TopicEvent(uuid, event, distinct_id, ts, properties or {}),
+                               ts // 3_600_000 * 3600, str(20240101 + ts // DAY_MS), partition, offset)
+    occurrence.contributions = contributions
+    return occurrence
 
 
 class Project:
+    """A project's batches through the store as the dataflow sends them: persons resolved by
+    `resolve_persons.lua` (every event asked, as a worker that knows no one), then the batch summed
+    by the pure operator and applied by `apply_batch.lua`."""
+
     def __init__(self, client: redis.Redis) -> None:
         self.id = next(_projects)
         self.client = client
         self.prefix = keys.project_prefix(self.id)
-        self._apply = client.register_script(scripts.APPLY_EVENTS.source)
+        self.store = StateStore(client)
         self._backfill = client.register_script(scripts.BACKFILL_EVENTS.source)
 
-    def apply(self, events: list[dict[str, Any]], flags: dict[str, str] | None = None,
-              generation: int = 0) -> list[Any]:
-        header = {"prefix": self.prefix, "count": len(events), "flags": orjson.dumps(flags or {}).decode(),
-                  "generation": generation}
-        return self._apply(keys=[keys.distinct_ids(self.id)], args=_args(scripts.APPLY_EVENTS, header, events))
+    def resolve(self, events: list[Occurrence]) -> Resolved:
+        asks = [(o.uuid, o.distinct_id, o.update.link_kind or "", o.update.other_distinct_id or "") for o in events]
+        resolved = self.store.resolve_persons({self.id: asks})[self.id]
+        for o in events:
+            o.person = resolved.persons.get(o.distinct_id)
+        return resolved
+
+    def apply(self, events: list[Occurrence], flags: dict[str, str] | None = None, generation: int = 0,
+              skip: set[str] | None = None) -> BatchOutcome:
+        self.resolve(events)
+        effects = batch_effects(events, KnownFirsts(), skip)
+        return self.store.apply([ProjectBatch(self.id, effects, flags or {}, generation)])
+
+    def person(self, distinct_id: str) -> bytes | None:
+        return self.client.hget(keys.distinct_ids(self.id), distinct_id)
 
     def backfill(self, h: str, flags: str, partition: int, rows: list[dict[str, Any]], written: int) -> list[Any]:
         header = {"prefix": self.prefix, "definition": h, "flags": flags, "partition": partition,
@@ -65,16 +83,18 @@ class Project:
         return self._backfill(keys=[keys.distinct_ids(self.id)], args=_args(
             scripts.BACKFILL_EVENTS, header, rows, {"written_up_to": written}))
 
-    def person(self, distinct_id: str) -> bytes | None:
-        return self.client.hget(keys.distinct_ids(self.id), distinct_id)
 
-
-def test_guard_applies_each_uuid_once_and_keeps_the_copy(client: redis.Redis) -> None:
+def test_guards_apply_each_uuid_once_and_a_batch_with_a_repeat_writes_nothing(client: redis.Redis) -> None:
     project = Project(client)
-    assert project.apply([_event("u-1", "a", 1000, offset=5, partition=2)])[0] == 1
-    # The same uuid again (an SDK resend, a replay): nothing counts twice, the first copy is kept.
-    assert project.apply([_event("u-1", "a", 1000, offset=9, partition=3),
-                          _event("u-2", "a", 2000, offset=10, partition=3)])[0] == 1
+    assert project.apply([_event("u-1", "a", 1000, offset=5, partition=2)]).applied.events == 1
+    # The same uuid again (an SDK resend, a replay): the whole batch is refused, naming it ...
+    again = [_event("u-1", "a", 1000, offset=9, partition=3), _event("u-2", "a", 2000, offset=10, partition=3)]
+    refused = project.apply(again)
+    assert refused.repeated == {project.id: {"u-1"}} and refused.applied.events == 0
+    assert client.hget(keys.seen(project.id, keys.seen_bucket("u-2")), "u-2") is None  # its guard taken back
+    assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"1"}
+    # ... and planned again without it: the rest counts once, the first copy's guard is kept.
+    assert project.apply(again, skip={"u-1"}).applied.events == 1
     assert client.hget(keys.seen(project.id, keys.seen_bucket("u-1")), "u-1") == b"2:5"
     assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"2"}
     assert client.bitcount(keys.day_persons(project.id, "view", "20240101")) == 1
@@ -83,6 +103,37 @@ def test_guard_applies_each_uuid_once_and_keeps_the_copy(client: redis.Redis) ->
     project.apply([_event("u-3", "a", 3000, offset=1, partition=2)])
     assert client.hget(keys.project_applied(project.id), "2") == b"6"
     assert client.hget(keys.project_meta(project.id), "earliest_ms") == b"1000"
+    # A repeat inside one batch counts once.
+    assert project.apply([_event("u-4", "b", 4000), _event("u-4", "b", 4000)]).applied.events == 1
+
+
+def test_counts_and_person_sets_are_summed_per_key(client: redis.Redis) -> None:
+    project = Project(client)
+    events = [_event(f"s-{i}", f"d{i % 3}", 1000 + i * 600_000, event=("a", "b")[i % 2]) for i in range(12)]
+    assert project.apply(events).applied.events == 12
+    hours: dict[bytes, int] = {}
+    for o in events:
+        if o.event == "a":
+            hours[str(o.hour).encode()] = hours.get(str(o.hour).encode(), 0) + 1
+    assert {k: int(v) for k, v in client.hgetall(keys.hour_counts(project.id, "a")).items()} == hours
+    assert client.bitcount(keys.day_persons(project.id, "a", "20240101")) == 3
+    assert client.smembers(keys.event_names(project.id)) == {b"a", b"b"}
+    persons = {int(project.person(f"d{i}") or 0) for i in range(3)}
+    bitmap = client.get(keys.day_persons(project.id, "b", "20240101")) or b""
+    assert {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (7 - i % 8) & 1} == persons  # SETBIT order
+
+
+def test_a_batch_of_any_size_applies(client: redis.Redis) -> None:
+    """Sections longer than Lua can unpack at once (first-time candidates, kept funnel events, names,
+    repeats) go in slices."""
+    project = Project(client)
+    events = [_event(f"big-{i}", f"d{i}", 1000 + i, event=f"e{i % 9000}", contributions=[("aa", "", "s")])
+              for i in range(20_000)]
+    assert project.apply(events, flags={"aa": "f"}).applied.events == 20_000
+    assert client.hlen(keys.first_seen(project.id, "e1")) == 3 and client.scard(keys.event_names(project.id)) == 9000
+    kept = keys.definition_events(keys.definition_prefix(project.id, "aa"), "20240101")
+    assert client.llen(kept) == 20_000
+    assert project.apply(events, flags={"aa": "f"}).repeated[project.id] == {o.uuid for o in events}
 
 
 def test_identify_links_and_merges_only_unidentified_persons(client: redis.Redis) -> None:
@@ -90,27 +141,33 @@ def test_identify_links_and_merges_only_unidentified_persons(client: redis.Redis
     project.apply([_event("e1", "anon", 1000), _event("e2", "user", 2000)])
     anon, user = project.person("anon"), project.person("user")
     assert anon != user
-    project.apply([_event("e3", "user", 3000, event="$identify", link_kind="identify", link_other="anon")])
+    resolved = project.resolve([_event("e3", "user", 3000, event="$identify",
+                                       properties={"$anon_distinct_id": "anon"})])
+    assert resolved.merges == [(int(anon or 0), int(user or 0))] and resolved.persons == {"anon": 2, "user": 2}
     assert project.person("anon") == project.person("user") == user
-    assert client.hget(keys.project_prefix(project.id) + keys.PROJECT_PARTS["merged"], anon) == user
+    assert client.hget(keys.merged(project.id), anon) == user
     assert client.smembers(keys.person_distinct_ids(project.id, user.decode())) == {b"anon", b"user"}
     # Both identified: identify does not merge; $merge_dangerously does.
-    project.apply([_event("e4", "other", 4000, event="$identify", link_kind="identify", link_other="x")])
+    project.apply([_event("e4", "other", 4000, event="$identify", properties={"$anon_distinct_id": "x"})])
     other = project.person("other")
-    project.apply([_event("e5", "user", 5000, event="$identify", link_kind="identify", link_other="other")])
+    project.apply([_event("e5", "user", 5000, event="$identify", properties={"$anon_distinct_id": "other"})])
     assert project.person("other") == other
-    project.apply([_event("e6", "user", 6000, event="$merge_dangerously", link_kind="merge", link_other="other")])
+    project.apply([_event("e6", "user", 6000, event="$merge_dangerously", properties={"alias": "other"})])
     assert project.person("other") == user
+    # An event applied already changes no one: resolving it again links nothing.
+    project.apply([_event("e7", "late", 7000)])
+    late_alias = _event("e7", "late", 7000, event="$create_alias", properties={"alias": "new"})
+    assert project.resolve([late_alias]).merges == []
+    assert project.person("new") is None
 
 
 def test_person_properties_follow_event_time_not_arrival(client: redis.Redis) -> None:
     project = Project(client)
-    props = lambda d: orjson.dumps({k: orjson.dumps(v).decode() for k, v in d.items()}).decode()  # noqa: E731
-    project.apply([_event("p1", "a", 5000, set=props({"plan": "pro"}), set_once=props({"first": "late"}))])
-    project.apply([_event("p2", "a", 1000, set=props({"plan": "free"}), set_once=props({"first": "early"}))])
+    project.apply([_event("p1", "a", 5000, properties={"$set": {"plan": "pro"}, "$set_once": {"first": "late"}})])
+    project.apply([_event("p2", "a", 1000, properties={"$set": {"plan": "free"}, "$set_once": {"first": "early"}})])
     person = project.person("a").decode()
     assert client.hgetall(keys.person_properties(project.id, person)) == {b"plan": b'"pro"', b"first": b'"early"'}
-    project.apply([_event("p3", "a", 6000, unset=orjson.dumps(["plan"]).decode())])
+    project.apply([_event("p3", "a", 6000, properties={"$unset": ["plan"]})])
     assert client.hgetall(keys.person_properties(project.id, person)) == {b"first": b'"early"'}
 
 
@@ -118,27 +175,30 @@ def test_a_late_earlier_event_moves_first_time(client: redis.Redis) -> None:
     project = Project(client)
     project.apply([_event("f1", "a", 2 * DAY_MS)])
     assert client.hgetall(keys.first_time_day_counts(project.id, "view")) == {b"20240103": b"1"}
-    project.apply([_event("f2", "a", DAY_MS)])
+    project.apply([_event("f2", "a", DAY_MS), _event("f3", "a", DAY_MS + 5)])
     assert client.hgetall(keys.first_time_day_counts(project.id, "view")) == {b"20240103": b"0", b"20240102": b"1"}
     assert client.bitcount(keys.first_time_day_persons(project.id, "view", "20240103")) == 0
     assert client.bitcount(keys.first_time_day_persons(project.id, "view", "20240102")) == 1
+    project.apply([_event("f4", "a", 3 * DAY_MS)])  # later: nothing moves
+    assert client.hget(keys.first_time_day_counts(project.id, "view"), "20240102") == b"1"
 
 
 def test_stale_generation_is_refused_and_writes_nothing(client: redis.Redis) -> None:
     project = Project(client)
     client.incr(keys.definitions_generation(project.id))
-    assert project.apply([_event("g1", "a", 1000)], generation=0) == [-1]
+    assert project.apply([_event("g1", "a", 1000)], generation=0).stale == {project.id}
     assert client.exists(keys.day_counts(project.id, "view")) == 0
-    assert project.apply([_event("g1", "a", 1000)], generation=1)[0] == 1
+    assert client.hget(keys.seen(project.id, keys.seen_bucket("g1")), "g1") is None
+    assert project.apply([_event("g1", "a", 1000)], generation=1).applied.events == 1
 
 
 def test_a_refused_definition_write_fails_that_definition_only(client: redis.Redis) -> None:
     project = Project(client)
     h, prefix = "ab12", keys.definition_prefix(project.id, "ab12")
     client.set(keys.definition_key(prefix, "cd", "x"), "not a hash")  # Redis will refuse HINCRBY on it
-    contributions = orjson.dumps([["ab12", "x"], ["cd34", "y"]]).decode()
-    answer = project.apply([_event("d1", "a", 1000, contributions=contributions)], flags={h: "", "cd34": ""})
-    assert answer[0] == 1 and answer[1].decode() == h and b"WRONGTYPE" in answer[2]
+    answer = project.apply([_event("d1", "a", 1000, contributions=[("ab12", "x", None), ("cd34", "y", 2.5)])],
+                           flags={h: "", "cd34": ""}).applied
+    assert answer.events == 1 and b"WRONGTYPE" in answer.failed[(project.id, h)].encode()
     assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"1"}  # the event counts
     other = keys.definition_prefix(project.id, "cd34")
     assert client.hgetall(keys.definition_key(other, "cd", "y")) == {b"20240101": b"1"}
@@ -147,7 +207,7 @@ def test_a_refused_definition_write_fails_that_definition_only(client: redis.Red
 
 def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None:
     project = Project(client)
-    c = lambda h: orjson.dumps([[h, "", '{"s":1}']]).decode()  # noqa: E731
+    c = lambda h: [(h, "", '{"s":1}')]  # noqa: E731
     project.apply([_event("k1", "a", 1000, contributions=c("aa")), _event("k2", "a", 2000, contributions=c("bb"))],
                   flags={"aa": "f", "bb": "s"})
     person = project.person("a").decode()
@@ -161,7 +221,7 @@ def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None
 def test_backfill_applies_the_counted_copy_below_handover_once(client: redis.Redis) -> None:
     project = Project(client)
     project.apply([_event("b1", "a", 1000, offset=0), _event("b2", "a", 2000, offset=1),
-                   _event("b1", "a", 1000, offset=2)])  # a resend: the guard keeps offset 0
+                   _event("b1", "a", 1000, offset=2)])  # a resend in the batch: the guard keeps offset 0
     h, prefix = "beef", keys.definition_prefix(project.id, "beef")
     client.hset(keys.handover(prefix), "0", 3)  # live from offset 3 on
     rows = [{"bucket": keys.seen_bucket(u), "uuid": u, "offset": o, "distinct_id": "a", "hour": 0,

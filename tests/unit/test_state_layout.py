@@ -9,34 +9,61 @@ import pytest
 
 from schemas.events import TopicEvent
 from state import keys, scripts
-from state.store import event_args, set_contributions
-
-_NAMED = re.compile(r"\b(A|E|T|S|SE|K|DK)\.([A-Za-z_]+)")
+from state.store import batch_args
 
 
 @pytest.mark.parametrize("script", scripts.ALL, ids=lambda s: s.file)
 def test_every_name_a_script_reads_is_declared(script: scripts.Script) -> None:
     tables = {layout.name: set(layout.fields) for layout in script.layouts}
     tables |= {"K": set(keys.PROJECT_PARTS), "DK": set(keys.DEFINITION_PARTS)}
-    used = _NAMED.findall(script.body)
+    named = re.compile(r"\b(" + "|".join(sorted(tables, key=len, reverse=True)) + r")\.([A-Za-z_]+)")
+    used = named.findall(script.body)
     assert used, "a script that reads nothing by name"
     missing = sorted({f"{t}.{n}" for t, n in used if n not in tables.get(t, set())})
     assert missing == []
     assert "-- include:" not in script.body and script.source == script.head + script.body
 
 
-def test_event_block_follows_the_layout() -> None:
-    from dataflows.operators.persons import person_update
+def test_batch_rows_follow_the_layouts() -> None:
+    """`batch_args` against the layouts `apply_batch.lua` reads: every row of every section read back
+    by field name holds what the pure operator summed."""
+    import orjson
 
-    event = TopicEvent("uuid-1", "$identify", "user", 1234, {"$anon_distinct_id": "anon", "$set": {"a": 1}})
-    args = event_args(event, 3600, "20240101", person_update(event), partition=3, offset=77)
-    set_contributions(args, [("h1", "bv", None)])
-    block = dict(zip(scripts.EVENT_FIELDS, args, strict=True))
-    assert block["uuid"] == "uuid-1" and block["distinct_id"] == "user" and block["event"] == "$identify"
-    assert (block["hour"], block["day"], block["ts"]) == (3600, "20240101", 1234)
-    assert (block["link_kind"], block["link_other"]) == ("identify", "anon")
-    assert block["set"] == '{"a":"1"}' and (block["partition"], block["offset"]) == (3, 77)
-    assert block["bucket"] == keys.seen_bucket("uuid-1") and block["contributions"] == '[["h1","bv"]]'
+    from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
+
+    def occurrence(uuid: str, name: str, did: str, ts: int, person: int, props: dict | None = None,
+                   contributions: list | None = None) -> Occurrence:
+        o = Occurrence.of(TopicEvent(uuid, name, did, ts, props or {}), ts // 3_600_000 * 3600, "20240101", 3, ts)
+        o.person, o.contributions = person, contributions
+        return o
+
+    batch = [occurrence("u1", "a", "x", 1000, 7, {"$set": {"plan": "pro"}}, [("h1", "Chrome", 2.5)]),
+             occurrence("u2", "a", "y", 2000, 9, contributions=[("h2", "", '{"s":1}')]),
+             occurrence("u1", "a", "x", 1000, 7),  # a repeat in the batch: counted once
+             occurrence("u3", "b", "x", 500, 7)]
+    effects = batch_effects(batch, KnownFirsts())
+    prefix, generation, flags, body = batch_args(5, 2, {"h1": "l"}, effects)
+    assert (prefix, generation, orjson.loads(flags)) == (keys.project_prefix(5), 2, {"h1": "l"})
+    sections = {layout.name: layout.fields for layout in scripts.APPLY_BATCH.layouts}
+    raw = orjson.loads(body)
+
+    def rows(name: str) -> list[dict]:
+        return [dict(zip(sections[name], row, strict=True)) for row in raw[name]]
+
+    assert [(g["uuid"], g["copy"], g["bucket"]) for g in rows("G")] == [
+        (u, f"3:{ts}", keys.seen_bucket(u)) for u, ts in (("u1", 1000), ("u2", 2000), ("u3", 500))]
+    assert sorted((c["kind"], c["event"], c["events"]) for c in rows("C")) == [
+        ("d", "a", 2), ("d", "b", 1), ("h", "a", 2), ("h", "b", 1)]
+    assert sorted((b["kind"], b["event"], sorted(b["persons"])) for b in rows("B")) == [
+        ("d", "a", [7, 9]), ("d", "b", [7]), ("h", "a", [7, 9]), ("h", "b", [7])]
+    firsts = {f["event"]: [dict(zip(sections["FP"], c, strict=True)) for c in f["candidates"]] for f in rows("F")}
+    assert {ev: [(c["person"], c["ts"]) for c in cs] for ev, cs in firsts.items()} == {
+        "a": [(7, 1000), (9, 2000)], "b": [(7, 500)]}
+    assert raw["N"] == ["a", "b"] and raw["earliest"] == 500
+    assert rows("U") == [{"person": 7, "ts": 1000, "set": '{"plan":"\\"pro\\""}', "set_once": "", "unset": ""}]
+    assert rows("O") == [{"partition": 3, "next_offset": 2001}]
+    assert [(d["definition"], d["breakdown"], d["value"], d["person"], d["uuid"], d["offset"]) for d in rows("D")] == [
+        ("h1", "Chrome", 2.5, 7, "u1", 1000), ("h2", "", '{"s":1}', 9, "u2", 2000)]
 
 
 def test_key_functions_yield_declared_keys() -> None:

@@ -1,0 +1,121 @@
+"""What a live batch adds to one project's always-on state, summed per key in the worker (no I/O).
+
+Redis then receives one write per key touched (a count, a person set, a first-time candidate)
+instead of a script step per event; the uuid guards travel with the sums in the same atomic call,
+so an event counts once whatever is replayed or resent (state/lua/apply_batch.lua).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from dataflows.operators.persons import PersonUpdate, person_update
+from schemas.events import TopicEvent
+
+Contribution = tuple[str, str, Any]  # definition hash, breakdown value, value (number, text or None)
+
+
+@dataclass(slots=True)
+class Occurrence:
+    """One event of a batch, its buckets (project-zone hour start and day), person update, place on
+    the topic, person (None while unresolved) and contributions to registered definitions."""
+
+    source: TopicEvent
+    uuid: str
+    event: str
+    distinct_id: str
+    hour: int
+    day: str
+    ts: int
+    update: PersonUpdate
+    partition: int
+    offset: int
+    person: int | None = None
+    contributions: list[Contribution] | None = None
+
+    @classmethod
+    def of(cls, event: TopicEvent, hour: int, day: str, partition: int, offset: int) -> Occurrence:
+        return cls(event, event.uuid, event.event, event.distinct_id, hour, day, event.ts_ms, person_update(event),
+                   partition, offset)
+
+    @property
+    def updates_person(self) -> bool:
+        u = self.update
+        return bool(u.set or u.set_once or u.unset)
+
+
+@dataclass
+class BatchEffects:
+    """A batch's writes, summed: what `apply_batch.lua` takes."""
+
+    guards: list[tuple[str, int, int]] = field(default_factory=list)  # uuid, partition, offset
+    hour_counts: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
+    day_counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    hour_persons: dict[tuple[str, int], set[int]] = field(default_factory=lambda: defaultdict(set))
+    day_persons: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
+    firsts: dict[str, dict[int, tuple[int, int, str]]] = field(default_factory=lambda: defaultdict(dict))
+    names: set[str] = field(default_factory=set)
+    updates: list[Occurrence] = field(default_factory=list)  # events that set person properties, in order
+    reached: dict[int, int] = field(default_factory=dict)  # partition -> next offset
+    contributions: list[tuple[Occurrence, Contribution]] = field(default_factory=list)
+    earliest: int | None = None
+
+
+class KnownFirsts:
+    """Per event name and person, a time at or after the person's first such event in state: an
+    event no earlier needs no first-time candidate. Only ever lowered, and a bound on what Redis holds
+    (another worker may hold earlier), so a stale entry costs a candidate, never a wrong count.
+    Bounded: cleared when it grows past `limit` entries."""
+
+    def __init__(self, limit: int = 2_000_000) -> None:
+        self.limit = limit
+        self._known: dict[tuple[str, int], int] = {}
+
+    def needed(self, event: str, person: int, ts: int) -> bool:
+        known = self._known.get((event, person))
+        return known is None or ts < known
+
+    def learn(self, firsts: dict[str, dict[int, tuple[int, int, str]]]) -> None:
+        if len(self._known) > self.limit:  # forgetting only costs candidates
+            self._known.clear()
+        for event, persons in firsts.items():
+            for person, (ts, _, _) in persons.items():
+                key = (event, person)
+                known = self._known.get(key)
+                if known is None or ts < known:
+                    self._known[key] = ts
+
+
+def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[str] | None = None) -> BatchEffects:
+    """Sum a project's batch. Occurrences whose uuid is in `skip` (already applied) or repeats an
+    earlier one of the batch, or without a person, only move the offsets."""
+    out = BatchEffects()
+    taken: set[str] = set()
+    for o in occurrences:
+        nxt = o.offset + 1
+        if out.reached.get(o.partition, -1) < nxt:
+            out.reached[o.partition] = nxt
+        if o.person is None or o.uuid in taken or (skip and o.uuid in skip):
+            continue
+        taken.add(o.uuid)
+        p, ev = o.person, o.event
+        out.guards.append((o.uuid, o.partition, o.offset))
+        out.hour_counts[(ev, o.hour)] += 1
+        out.day_counts[(ev, o.day)] += 1
+        out.hour_persons[(ev, o.hour)].add(p)
+        out.day_persons[(ev, o.day)].add(p)
+        out.names.add(ev)
+        if out.earliest is None or o.ts < out.earliest:
+            out.earliest = o.ts
+        if known.needed(ev, p, o.ts):
+            firsts = out.firsts[ev]
+            current = firsts.get(p)
+            if current is None or o.ts < current[0]:
+                firsts[p] = (o.ts, o.hour, o.day)
+        if o.updates_person:
+            out.updates.append(o)
+        if o.contributions:
+            out.contributions.extend((o, c) for c in o.contributions)
+    return out

@@ -146,7 +146,11 @@ def dataflow(workdir: Path, events_path: Path, total: int, partitions: int, proc
         _wait(lambda: applied(client, "events") >= total, "the dataflow", procs)
         elapsed = time.perf_counter() - start
         n = total - first
+        stats = client.info("commandstats")
+        busiest = sorted(stats, key=lambda k: -stats[k]["usec"])[:6]
         report = {"events_per_s": round(n / elapsed),
+                  "redis_busiest_commands_us_per_event": {
+                      k.removeprefix("cmdstat_"): round(stats[k]["usec"] / n, 2) for k in busiest},
                   "redis_cpu_us_per_event": round((_redis_cpu_s(client) - redis0) / n * 1e6, 2),
                   "dataflow_cpu_us_per_event": round((sum(_cpu_s(p.proc.pid) for p in procs) - cpu0) / n * 1e6, 1)}
         return report, _canonical(client)

@@ -26,8 +26,10 @@ class StackError(RuntimeError):
 
 
 def port_taken(port: int) -> bool:
-    """Whether something already listens on (or holds) this loopback port."""
+    """Whether something already listens on this loopback port. Connections of a server stopped a
+    moment ago (TIME_WAIT) do not count: uvicorn binds with SO_REUSEADDR and would start."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

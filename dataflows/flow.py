@@ -173,7 +173,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 flags, failed = contributions(self.client, pid, definitions, pending[pid], now)
                 for h, reason in failed.items():
                     self._fail(pid, h, reason)
-                effects = batch_effects(pending[pid], self.firsts[pid], skip.get(pid))
+                effects = batch_effects(pending[pid], self.firsts[pid], skip.get(pid), flags)
                 batches.append(ProjectBatch(pid, effects, flags, generation))
             outcome = self.store.apply(batches)
             total.events += outcome.applied.events

@@ -93,7 +93,10 @@ BATCH_SECTIONS = (
     Layout("FP", ("person", "ts", "hour", "day")),
     Layout("U", ("person", "ts", "set", "set_once", "unset")),
     Layout("O", ("partition", "next_offset")),
-    Layout("D", ("definition", "breakdown", "value", "person", "hour", "day", "ts", "uuid", "partition", "offset")),
+    Layout("H", ("definition", "partition", "offset")),
+    Layout("KD", ("definition", "day", "rows")),
+    Layout("KP", ("definition", "person", "kept")),
+    Layout("D", ("definition", "breakdown", "value", "person", "hour", "day", "ts", "uuid")),
 )
 APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "generation", "flags", "batch")), *BATCH_SECTIONS))
 

@@ -79,8 +79,10 @@ def batch_args(project_id: int, generation: int, flags: dict[str, str], effects:
         "U": [[o.person, o.ts, _json_values(o.update.set), _json_values(o.update.set_once),
                orjson.dumps(o.update.unset).decode() if o.update.unset else ""] for o in effects.updates],
         "O": [[partition, nxt] for partition, nxt in effects.reached.items()],
-        "D": [[h, bv, v, o.person, o.hour, o.day, o.ts, o.uuid, o.partition, o.offset]
-              for o, (h, bv, v) in effects.contributions],
+        "H": [[h, partition, offset] for (h, partition), offset in effects.handovers.items()],
+        "KD": [[h, day, rows] for (h, day), rows in effects.kept_days.items()],
+        "KP": [[h, person, "".join(kept)] for (h, person), kept in effects.kept_persons.items()],
+        "D": [[h, bv, v, o.person, o.hour, o.day, o.ts, o.uuid] for o, (h, bv, v) in effects.contributions],
         "earliest": effects.earliest,
     }
     return [keys.project_prefix(project_id), generation, orjson.dumps(flags), orjson.dumps(batch)]

@@ -59,7 +59,10 @@ class BatchEffects:
     names: set[str] = field(default_factory=set)
     updates: list[Occurrence] = field(default_factory=list)  # events that set person properties, in order
     reached: dict[int, int] = field(default_factory=dict)  # partition -> next offset
-    contributions: list[tuple[Occurrence, Contribution]] = field(default_factory=list)
+    contributions: list[tuple[Occurrence, Contribution]] = field(default_factory=list)  # applied one by one
+    handovers: dict[tuple[str, int], int] = field(default_factory=dict)  # (definition, partition) -> first offset
+    kept_days: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+    kept_persons: dict[tuple[str, int], list[str]] = field(default_factory=lambda: defaultdict(list))
     earliest: int | None = None
 
 
@@ -88,10 +91,14 @@ class KnownFirsts:
                     self._known[key] = ts
 
 
-def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[str] | None = None) -> BatchEffects:
+def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[str] | None = None,
+                  flags: dict[str, str] | None = None) -> BatchEffects:
     """Sum a project's batch. Occurrences whose uuid is in `skip` (already applied) or repeats an
-    earlier one of the batch, or without a person, only move the offsets."""
+    earlier one of the batch, or without a person, only move the offsets. Contributions to
+    definitions that keep events (`flags` with 'f': per day, 's': per person for summaries) become
+    the rows and strings they keep, in event order; others are applied one by one by the script."""
     out = BatchEffects()
+    keeps = {h: ("f" in f, "s" in f) for h, f in (flags or {}).items() if "f" in f or "s" in f}
     taken: set[str] = set()
     for o in occurrences:
         nxt = o.offset + 1
@@ -117,5 +124,17 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
         if o.updates_person:
             out.updates.append(o)
         if o.contributions:
-            out.contributions.extend((o, c) for c in o.contributions)
+            for c in o.contributions:
+                h, _, v = c
+                if (h, o.partition) not in out.handovers:
+                    out.handovers[(h, o.partition)] = o.offset
+                kept = keeps.get(h)
+                if kept is None or not isinstance(v, str):
+                    out.contributions.append((o, c))
+                    continue
+                per_day, per_person = kept
+                if per_day:
+                    out.kept_days[(h, o.day)].append(f"{p}|{o.ts}|{o.uuid}|{v}")
+                if per_person:
+                    out.kept_persons[(h, p)].append(f"{o.ts},{o.day},{o.uuid},{len(v.encode())}:{v}")
     return out

@@ -11,8 +11,11 @@
 --   N  event names (a list of names)
 --   U  person-property updates: person, ts, set, set_once, unset (JSON or '')
 --   O  offsets:         partition, next offset
+--   H  handovers:       definition, partition, first offset applied live
+--   KD kept per day:    definition, day, rows (funnel events, `person|ts|uuid|value`)
+--   KP kept per person: definition, person, kept (`ts,day,uuid,len:value` appended)
 --   D  contributions:   definition, breakdown, value (number, text or null), person, hour, day, ts,
---                       uuid, partition, offset
+--                       uuid (applied one by one)
 local P = ARGV[A.prefix]
 -- include: definition_state.lua
 -- include: persons.lua
@@ -130,17 +133,39 @@ for _, o in ipairs(batch.O) do
   if not cur or next_offset > tonumber(cur) then redis.call('HSET', P .. K.applied, part, next_offset) end
 end
 
-local handed = {}
-for _, d in ipairs(batch.D) do
-  local h, part = d[D.definition], d[D.partition]
-  -- Handover: the first offset of each partition this definition was applied live.
-  if not handed[h .. ':' .. part] then
-    handed[h .. ':' .. part] = true
-    redis.call('HSETNX', P .. K.definition .. h .. ':' .. DK.handover, part, d[D.offset])
+-- Handover: the first offset of each partition a definition was applied live at.
+for _, o in ipairs(batch.H) do
+  redis.call('HSETNX', P .. K.definition .. o[H.definition] .. ':' .. DK.handover, o[H.partition], o[H.offset])
+end
+-- Events kept by funnels (per day) and by summarised definitions (per person, the person marked
+-- for the summariser), as the worker wrote them out (dataflows/operators/batch.py).
+local function each_slice(list, fn)
+  for i = 1, #list, 1000 do fn(unpack(list, i, math.min(i + 999, #list))) end
+end
+for _, k in ipairs(batch.KD) do
+  local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]
+  each_slice(k[KD.rows], function(...) write(key, 'RPUSH', key, ...) end)
+end
+local dirty = {}
+for _, k in ipairs(batch.KP) do
+  local h, p = k[KP.definition], k[KP.person]
+  local key = P .. K.definition .. h .. ':' .. DK.person_events .. p
+  if write(key, 'APPEND', key, k[KP.kept]) then
+    local d = dirty[h]
+    if not d then d = {}; dirty[h] = d end
+    d[#d + 1] = p
   end
+end
+for h, persons in pairs(dirty) do
+  local key = P .. K.definition .. h .. ':' .. DK.dirty
+  each_slice(persons, function(...) write(key, 'SADD', key, ...) end)
+end
+-- Contributions applied one by one: definitions that count (trends, property maths, retention).
+for _, d in ipairs(batch.D) do
   local v = d[D.value]
   if v == cjson.null then v = nil end
-  apply_definition(h, DEFS[h] or '', d[D.breakdown], v, d[D.person], d[D.hour], d[D.day], d[D.ts], d[D.uuid])
+  apply_definition(d[D.definition], DEFS[d[D.definition]] or '', d[D.breakdown], v, d[D.person], d[D.hour],
+    d[D.day], d[D.ts], d[D.uuid])
 end
 flush()
 

@@ -71,7 +71,7 @@ class Project:
     def apply(self, events: list[Occurrence], flags: dict[str, str] | None = None, generation: int = 0,
               skip: set[str] | None = None) -> BatchOutcome:
         self.resolve(events)
-        effects = batch_effects(events, KnownFirsts(), skip)
+        effects = batch_effects(events, KnownFirsts(), skip, flags)
         return self.store.apply([ProjectBatch(self.id, effects, flags or {}, generation)])
 
     def person(self, distinct_id: str) -> bytes | None:

@@ -41,9 +41,10 @@ def test_batch_rows_follow_the_layouts() -> None:
              occurrence("u2", "a", "y", 2000, 9, contributions=[("h2", "", '{"s":1}')]),
              occurrence("u1", "a", "x", 1000, 7),  # a repeat in the batch: counted once
              occurrence("u3", "b", "x", 500, 7)]
-    effects = batch_effects(batch, KnownFirsts())
-    prefix, generation, flags, body = batch_args(5, 2, {"h1": "l"}, effects)
-    assert (prefix, generation, orjson.loads(flags)) == (keys.project_prefix(5), 2, {"h1": "l"})
+    kinds = {"h1": "l", "h2": "fs"}  # h2 keeps events per day and per person (a funnel with summaries)
+    effects = batch_effects(batch, KnownFirsts(), flags=kinds)
+    prefix, generation, flags, body = batch_args(5, 2, kinds, effects)
+    assert (prefix, generation, orjson.loads(flags)) == (keys.project_prefix(5), 2, kinds)
     sections = {layout.name: layout.fields for layout in scripts.APPLY_BATCH.layouts}
     raw = orjson.loads(body)
 
@@ -62,8 +63,12 @@ def test_batch_rows_follow_the_layouts() -> None:
     assert raw["N"] == ["a", "b"] and raw["earliest"] == 500
     assert rows("U") == [{"person": 7, "ts": 1000, "set": '{"plan":"\\"pro\\""}', "set_once": "", "unset": ""}]
     assert rows("O") == [{"partition": 3, "next_offset": 2001}]
-    assert [(d["definition"], d["breakdown"], d["value"], d["person"], d["uuid"], d["offset"]) for d in rows("D")] == [
-        ("h1", "Chrome", 2.5, 7, "u1", 1000), ("h2", "", '{"s":1}', 9, "u2", 2000)]
+    assert [(d["definition"], d["breakdown"], d["value"], d["person"], d["uuid"]) for d in rows("D")] == [
+        ("h1", "Chrome", 2.5, 7, "u1")]  # a counting definition: applied one by one
+    assert rows("H") == [{"definition": "h1", "partition": 3, "offset": 1000},
+                         {"definition": "h2", "partition": 3, "offset": 2000}]
+    assert rows("KD") == [{"definition": "h2", "day": "20240101", "rows": ['9|2000|u2|{"s":1}']}]
+    assert rows("KP") == [{"definition": "h2", "person": 9, "kept": '2000,20240101,u2,7:{"s":1}'}]
 
 
 def test_key_functions_yield_declared_keys() -> None:

@@ -78,9 +78,6 @@ class KnownPersons:
             self._person.clear()
             self._ids.clear()
 
-    def persons(self) -> set[int]:
-        return set(self._ids)
-
     def learn(self, pairs: dict[str, int], merges: list[tuple[int, int]]) -> None:
         for source, target in merges:
             for did in self._ids.pop(source, ()):

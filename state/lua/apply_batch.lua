@@ -139,9 +139,6 @@ for _, o in ipairs(batch.H) do
 end
 -- Events kept by funnels (per day) and by summarised definitions (per person, the person marked
 -- for the summariser), as the worker wrote them out (dataflows/operators/batch.py).
-local function each_slice(list, fn)
-  for i = 1, #list, 1000 do fn(unpack(list, i, math.min(i + 999, #list))) end
-end
 for _, k in ipairs(batch.KD) do
   local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]
   each_slice(k[KD.rows], function(...) write(key, 'RPUSH', key, ...) end)

@@ -93,13 +93,14 @@ local function write(key, ...)
   return r
 end
 
+-- Long lists go to a command in slices Lua's unpack can take.
+local function each_slice(list, fn)
+  for i = 1, #list, 1000 do fn(unpack(list, i, math.min(i + 999, #list))) end
+end
+
 local function flush()
   for key, fields in pairs(counts) do
     for field, c in pairs(fields) do write(key, 'HINCRBY', key, field, c) end
-  end
-  -- Long lists go in slices Lua's unpack can take.
-  local function each_slice(list, fn)
-    for i = 1, #list, 1000 do fn(unpack(list, i, math.min(i + 999, #list))) end
   end
   for key, set in pairs(members) do
     local list = {}

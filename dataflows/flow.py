@@ -48,8 +48,9 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
     dead-lettered with the reason, and a definition that cannot keep its state is marked failed.
     Redis being away is waited out; the broker being away restarts the dataflow (with backoff)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, workers: int = 1) -> None:
         self.settings = settings
+        self.alone = workers == 1  # no other worker can merge persons behind this one's back
         self.client = client = redis.Redis.from_url(settings.redis_url)
         wait_for_redis(client, "state sink")
         self.store = StateStore(client)
@@ -148,11 +149,11 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 asks[pid] = ask
         for pid, resolved in self.store.resolve_persons(asks).items():
             self.persons[pid].learn(resolved.persons, resolved.merges)
-        # Persons this worker knows that another merged meanwhile: their ids now belong to the survivor.
-        cached = {pid: {p for o in occurrences if (p := self.persons[pid].get(o.distinct_id)) is not None}
-                  for pid, occurrences in by_project.items()}
-        for pid, survivors in self.store.survivors(cached).items():
-            self.persons[pid].learn({}, list(survivors.items()))
+        if not self.alone:  # persons another worker merged meanwhile: their ids belong to the survivor
+            cached = {pid: {p for o in occurrences if (p := self.persons[pid].get(o.distinct_id)) is not None}
+                      for pid, occurrences in by_project.items()}
+            for pid, survivors in self.store.survivors(cached).items():
+                self.persons[pid].learn({}, list(survivors.items()))
         for pid, occurrences in by_project.items():
             known = self.persons[pid]
             for o in occurrences:
@@ -204,7 +205,7 @@ class StateSink(DynamicSink[Parsed]):
         self.settings = settings
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _StatePartition:
-        return _StatePartition(self.settings)
+        return _StatePartition(self.settings, worker_count)
 
 
 def _applied_offsets(settings: Settings, topic_id: str) -> dict[int, int] | None:

@@ -34,7 +34,7 @@ class Layout:
     def lua(self) -> str:
         if self.first is None:
             entries = ", ".join(f"{f} = {i + 1}" for i, f in enumerate(self.fields))
-            return f"local {self.name} = {{{entries}}}\nlocal {self.name}_WIDTH = {len(self.fields)}\n"
+            return f"local {self.name} = {{{entries}}}\n"
         entries = ", ".join(f"{f} = {i}" for i, f in enumerate(self.fields))
         return (f"local {self.name} = {{{entries}}}\n"
                 f"local {self.name}_FIRST, {self.name}_WIDTH = {self.first}, {len(self.fields)}\n")

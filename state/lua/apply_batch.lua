@@ -41,14 +41,14 @@ if #repeated > 0 then
   return repeated
 end
 
--- A command over a long list, in slices Lua's unpack can take; the replies, in order.
-local SLICE = 1000
-local function sliced(command, key, list, width)
-  local replies, step = {}, SLICE * (width or 1)
-  for i = 1, #list, step do
-    local r = redis.call(command, key, unpack(list, i, math.min(i + step - 1, #list)))
+-- The replies of a command over a long list, sent in slices (each_slice, definition_state.lua);
+-- slices hold an even number of items, so field/value pairs stay together.
+local function sliced(command, key, list)
+  local replies = {}
+  each_slice(list, function(...)
+    local r = redis.call(command, key, ...)
     if type(r) == 'table' then for _, v in ipairs(r) do replies[#replies + 1] = v end end
-  end
+  end)
   return replies
 end
 
@@ -111,7 +111,7 @@ for _, f in ipairs(batch.F) do
       updates[#updates + 1] = p; updates[#updates + 1] = ts .. ':' .. hour .. ':' .. day
     end
   end
-  if #updates > 0 then sliced('HSET', fkey, updates, 2) end
+  if #updates > 0 then sliced('HSET', fkey, updates) end
 end
 for key, fields in pairs(moved) do
   for field, by in pairs(fields) do

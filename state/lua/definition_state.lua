@@ -93,7 +93,7 @@ local function write(key, ...)
   return r
 end
 
--- Long lists go to a command in slices Lua's unpack can take.
+-- Long lists go to a command in slices of 1,000 items (an even number), which Lua's unpack can take.
 local function each_slice(list, fn)
   for i = 1, #list, 1000 do fn(unpack(list, i, math.min(i + 999, #list))) end
 end

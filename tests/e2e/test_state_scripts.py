@@ -134,6 +134,12 @@ def test_a_batch_of_any_size_applies(client: redis.Redis) -> None:
     kept = keys.definition_events(keys.definition_prefix(project.id, "aa"), "20240101")
     assert client.llen(kept) == 20_000
     assert project.apply(events, flags={"aa": "f"}).repeated[project.id] == {o.uuid for o in events}
+    # One event name with 5,000 first-time candidates: read and written in slices, pairs kept together.
+    many = [_event(f"one-{i}", f"d{i}", 2 * DAY_MS + i, event="one") for i in range(5_000)]
+    assert project.apply(many).applied.events == 5_000
+    firsts = client.hgetall(keys.first_seen(project.id, "one"))
+    assert len(firsts) == 5_000 and firsts[project.person("d4321")] == f"{2 * DAY_MS + 4321}:".encode() + \
+        f"{(2 * DAY_MS + 4321) // 3_600_000 * 3600}:20240103".encode()
 
 
 def test_identify_links_and_merges_only_unidentified_persons(client: redis.Redis) -> None:

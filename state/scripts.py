@@ -2,8 +2,9 @@
 
 A script never spells a key or an argument position: it reads key parts from `K` and `DK`
 (state/keys.py) and arguments by name from its layouts, which the Python that builds the arguments
-declares here. Each layout renders as a Lua table of positions plus `<NAME>_FIRST` (the ARGV index of
-its first item) and `<NAME>_WIDTH` (the fields per item).
+declares here. A header layout (and a row of a JSON section, `apply_batch.lua`) renders as a Lua
+table of 1-based positions; an item layout as a table of offsets plus `<NAME>_FIRST` (the ARGV index
+of its first item) and `<NAME>_WIDTH` (the fields per item).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ _INCLUDE = re.compile(r"^-- include: (\S+)$", re.MULTILINE)
 
 @dataclass(frozen=True)
 class Layout:
-    """Named argument fields: `A` header fields are ARGV positions (1-based); item layouts give offsets
-    within an item that starts `first` into ARGV (or after the header when `first` is 0)."""
+    """Named argument fields: header fields are ARGV positions (1-based; also the positions in a row
+    of a JSON section); item layouts give offsets within an item that starts `first` into ARGV (or
+    after the header when `first` is 0)."""
 
     name: str
     fields: tuple[str, ...]
-    first: int | None = None  # None: a header; else the ARGV index of the first item
+    first: int | None = None  # None: a header or JSON row; else the ARGV index of the first item
 
     def index(self, field: str) -> int:
         return self.fields.index(field)

@@ -30,6 +30,7 @@ from bench.bare import DONE
 from bench.run import END, PROJECT, applied, produce, synthetic
 from serving import stack
 from state import keys
+from state.connection import connect
 from state.registry import Registry
 from state.topics import ensure_topics
 
@@ -73,7 +74,7 @@ def _wait(done: Any, what: str, procs: list[stack.Managed], timeout: float = 360
 def bare(workdir: Path, bootstrap: str, topic: str, total: int, partitions: int) -> dict[str, Any]:
     redis_proc, url = stack.start_redis(workdir / "redis-bare", workdir / "logs")
     try:
-        client = redis.Redis.from_url(url)
+        client = connect(url)
         env = {"BARE_BOOTSTRAP": bootstrap, "BARE_TOPIC": topic, "BARE_REDIS": url}
         proc = stack.spawn("bare", [sys.executable, "-m", "bytewax.run", "bench.bare:flow", "-b", "10"],
                            workdir / "logs", env)
@@ -128,7 +129,7 @@ def dataflow(workdir: Path, events_path: Path, total: int, partitions: int, proc
     broker, bootstrap = stack.start_tansu(logs)
     procs: list[stack.Managed] = []
     try:
-        client = redis.Redis.from_url(url)
+        client = connect(url)
         registry = Registry(client)
         registry.save_project(PROJECT, token="phc_bench")
         key, _ = registry.create_key([PROJECT], ["insight:read"], "phx_bench")

@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from schemas.trends import parse_trends_request
 from serving import stack
 from serving.trends import TrendQuery
+from state.connection import connect
 from state.registry import Registry
 from state.stream import Stream
 from state.topics import ensure_topics
@@ -296,7 +297,7 @@ def main() -> None:
            "INSIGHTFLOW_TEST_CLOCK": "1"}
     report: dict[str, Any] = {"events": args.events, "persons": args.persons, "partitions": args.partitions}
     try:
-        client = redis.Redis.from_url(redis_url)
+        client = connect(redis_url)
         registry = Registry(client)
         project = registry.save_project(PROJECT, token="phc_bench")
         key, _ = registry.create_key([PROJECT], ["insight:read"], "phx_bench")

@@ -32,11 +32,12 @@ from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
 from schemas.registered import load_definition
 from schemas.settings import Settings
 from state import keys
+from state.connection import claim_state_shards, connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.store import BackfillRow, StateStore
 from state.stream import Stream
 from state.summaries import SummaryStore
-from state.topics import partition_count
+from state.topics import partition_count, topic_id
 
 log = logging.getLogger("insightflow.definitions")
 
@@ -169,10 +170,11 @@ class _Task:
 class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
     def __init__(self, settings: Settings, worker: int, workers: int) -> None:
         self.settings, self.worker, self.workers = settings, worker, workers
-        self.client = redis.Redis.from_url(settings.redis_url)
+        self.client = connect(settings.redis_url)
         wait_for_redis(self.client, "backfill")
-        self.registry = DefinitionRegistry(self.client)
+        self.registry = DefinitionRegistry(self.client, claim_state_shards(self.client, settings.state_shards))
         self.partitions = partition_count(settings.kafka_bootstrap, settings.topic)
+        self.tag = keys.topic_tag(topic_id(settings.kafka_bootstrap, settings.topic))
         self.task: _Task | None = None
         self.summaries = SummaryStore(self.client)
         self._awake: datetime | None = None
@@ -188,7 +190,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
             for partition in mine:
                 if partition in done:
                     continue
-                bound = self.registry.bound(project_id, h, partition)
+                bound = max(self.registry.bounds(project_id, h, partition, self.tag))
                 start = self.registry.fence(project_id, h, partition) + 1
                 consumer = None
                 if start < bound:
@@ -288,15 +290,17 @@ class BackfillSource(DynamicSource[BackfillItem | SummaryWork]):
 
 class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork]):
     def __init__(self, settings: Settings) -> None:
-        self.client = redis.Redis.from_url(settings.redis_url)
+        self.client = connect(settings.redis_url)
         wait_for_redis(self.client, "backfill sink")
-        self.store = StateStore(self.client)
+        shards = claim_state_shards(self.client, settings.state_shards)
+        self.store = StateStore(self.client, shards)
         self.dead = DeadLetters(settings.kafka_bootstrap, settings.dlq_topic, Stream(self.client, settings.topic))
-        self.summariser = Summariser(SummaryStore(self.client), self.dead.send)
-        self.registry = DefinitionRegistry(self.client)
+        self.summariser = Summariser(SummaryStore(self.client, shards), self.dead.send)
+        self.registry = DefinitionRegistry(self.client, shards)
         self.projects = ProjectCache(Registry(self.client))
         self._definitions: dict[tuple[int, str], Definition] = {}
         self._written: dict[tuple[int, str, int], int] = {}  # last offset this process wrote per backfill
+        self.tag = keys.topic_tag(topic_id(settings.kafka_bootstrap, settings.topic))
 
     def _definition(self, project_id: int, h: str) -> Definition | None:
         """The definition, while it is kept (None once it failed or if it is unknown)."""
@@ -353,7 +357,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
                 self._fail(project_id, h, f"an event could not be applied to it: {type(exc).__name__}: {exc}")
                 continue
             written = self._written.get((project_id, h, partition), -1)
-            result = self.store.backfill(definition, partition, rows, written)
+            result = self.store.backfill(definition, partition, rows, self.tag, written)
             for (pid, failed_h), reason in result.failed.items():
                 self._fail(pid, failed_h, f"Redis refused its state: {reason}")
             self._written[(project_id, h, partition)] = max(written, group[-1].record.offset)

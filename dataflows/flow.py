@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from functools import partial
 
 import bytewax.operators as op
-import redis
 from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
@@ -29,6 +28,8 @@ from dataflows.services import REDIS_DOWN, DeadLetters, Letter, wait_for_redis
 from schemas.dates import zone
 from schemas.events import Record
 from schemas.settings import Settings
+from state import keys
+from state.connection import claim_state_shards, connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.store import Applied, ProjectBatch, RedisLostWrites, StateStore
 from state.stream import Stream
@@ -51,13 +52,14 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
     def __init__(self, settings: Settings, workers: int = 1) -> None:
         self.settings = settings
         self.alone = workers == 1  # no other worker can merge persons behind this one's back
-        self.client = client = redis.Redis.from_url(settings.redis_url)
+        self.client = client = connect(settings.redis_url)
         wait_for_redis(client, "state sink")
-        self.store = StateStore(client)
+        self.store = StateStore(client, claim_state_shards(client, settings.state_shards))
         self.projects = ProjectCache(Registry(client))
         self.registry = DefinitionRegistry(client)
         self.definitions = DefinitionCache(self.registry)
         self.topic_id = topic_id(settings.kafka_bootstrap, settings.topic)
+        self.tag = keys.topic_tag(self.topic_id)
         self.stream = Stream(client, settings.topic)
         self.stream.reset(self.topic_id)
         self.dead = DeadLetters(settings.kafka_bootstrap, settings.dlq_topic, self.stream)
@@ -161,12 +163,17 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
 
     def _apply(self, by_project: dict[int, list[Occurrence]]) -> Applied:
         """Resolve persons, then plan each project's batch against its current definitions and apply
-        it; a project whose definitions moved meanwhile, or whose batch holds events applied already
-        (a resend, a replay), wrote nothing and is planned again."""
+        it: the home part, then the state shards' parts. A part refused (events applied already from
+        another copy, definitions that moved meanwhile, events a shard holds already after a replay)
+        wrote nothing and is planned again; parts applied stay applied."""
         self._resolve(by_project)
         total = Applied()
         pending = dict(by_project)
         skip: dict[int, set[str]] = defaultdict(set)
+        fences: dict[int, dict[int, dict[int, int]]] = defaultdict(dict)
+        home_done: set[int] = set()
+        shards_done: dict[int, set[int]] = defaultdict(set)
+        shards = self.store.shards
         for attempt in range(50):
             now = datetime.now(UTC)
             batches = []
@@ -174,20 +181,28 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 flags, failed = contributions(self.client, pid, definitions, pending[pid], now)
                 for h, reason in failed.items():
                     self._fail(pid, h, reason)
-                effects = batch_effects(pending[pid], self.firsts[pid], skip.get(pid), flags)
-                batches.append(ProjectBatch(pid, effects, flags, generation))
+                effects = batch_effects(pending[pid], self.firsts[pid], skip.get(pid), flags, shards, fences.get(pid))
+                batches.append(ProjectBatch(pid, effects, flags, generation, self.tag, pid in home_done,
+                                            shards_done[pid]))
             outcome = self.store.apply(batches)
             total.events += outcome.applied.events
             total.failed.update(outcome.applied.failed)
             for batch in batches:
                 pid = batch.project_id
-                if pid in outcome.stale:
-                    log.info("definitions of project %s changed while planning a batch (attempt %d)", pid, attempt + 1)
-                elif pid in outcome.repeated:
+                if pid in outcome.repeated:
                     skip[pid] |= outcome.repeated[pid]
-                else:
+                    continue
+                home_done.add(pid)
+                shards_done[pid] |= outcome.shards.get(pid, set())
+                if outcome.finished(batch):
                     self.firsts[pid].learn(batch.effects.firsts)
                     del pending[pid]
+                    continue
+                if pid in outcome.stale:
+                    log.info("definitions of project %s changed while planning a batch (attempt %d)", pid, attempt + 1)
+                for shard, held in outcome.held.get(pid, {}).items():
+                    log.info("state shard %s of project %s holds part of a replayed batch: %s", shard, pid, held)
+                    fences[pid][shard] = held
             if not pending:
                 return total
         raise RuntimeError("a batch could not be applied: its definitions kept changing")
@@ -209,7 +224,7 @@ class StateSink(DynamicSink[Parsed]):
 
 
 def _applied_offsets(settings: Settings, topic_id: str) -> dict[int, int] | None:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     wait_for_redis(client, "events source")
     try:
         return Stream(client, settings.topic).applied_offsets(topic_id)

@@ -18,6 +18,7 @@ ENV_VARS = {
     "INSIGHTFLOW_SUMMARY_CACHE_MB": "summary_cache_mb",
     "INSIGHTFLOW_QUERY_WORKERS": "query_workers",
     "INSIGHTFLOW_QUERY_TIMEOUT": "query_timeout_s",
+    "INSIGHTFLOW_STATE_SHARDS": "state_shards",
 }
 
 
@@ -35,6 +36,7 @@ class Settings:
     summary_cache_mb: int = 1024  # decoded funnel/paths summaries a compute worker keeps (days, and ranges)
     query_workers: int = 2  # processes computing insights off the API's event loop
     query_timeout_s: float = 60.0  # a computation's time budget (504 timeout beyond it)
+    state_shards: int = 1  # Redis hash tags one project's event state is spread over (state/keys.py)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -52,4 +54,5 @@ class Settings:
             summary_cache_mb=int(env.get("INSIGHTFLOW_SUMMARY_CACHE_MB", cls.summary_cache_mb)),
             query_workers=int(env.get("INSIGHTFLOW_QUERY_WORKERS", os.cpu_count() or cls.query_workers)),
             query_timeout_s=float(env.get("INSIGHTFLOW_QUERY_TIMEOUT", cls.query_timeout_s)),
+            state_shards=int(env.get("INSIGHTFLOW_STATE_SHARDS", cls.state_shards)),
         )

@@ -8,7 +8,6 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis
 from confluent_kafka import Consumer
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +26,7 @@ from serving.errors import (
     http_error_handler,
     request_validation_handler,
 )
+from state.connection import connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.stream import Stream
 
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis.Redis.from_url(settings.redis_url)
+        client = connect(settings.redis_url)
         app.state.settings = settings
         app.state.computations = Computations(settings.redis_url, settings.query_workers, settings.query_timeout_s,
                                               settings.summary_cache_mb)

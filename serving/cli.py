@@ -19,6 +19,7 @@ import typer
 
 from schemas.projects import RegistryError
 from serving import stack
+from state.connection import connect
 from state.registry import Registry
 
 app = typer.Typer(help="Insightflow: PostHog's insight API from incrementally maintained state.",
@@ -58,7 +59,7 @@ def _redis(data_dir: Path) -> redis.Redis:
     if not url:
         raise typer.BadParameter(f"no running stack found: set INSIGHTFLOW_REDIS_URL or start `insightflow up "
                                  f"--data-dir {data_dir}` first")
-    return redis.Redis.from_url(url)
+    return connect(url)
 
 
 @project_app.command("create")
@@ -351,7 +352,7 @@ class Supervisor:
     def _load_demo(self, redis_url: str) -> None:
         from serving.demo import DEMO_KEY, DEMO_PROJECT_ID, DEMO_TOKEN, demo_events
 
-        registry = Registry(redis.Redis.from_url(redis_url))
+        registry = Registry(connect(redis_url))
         registry.save_project(DEMO_PROJECT_ID, name="Demo", token=DEMO_TOKEN)
         if registry.find_key(DEMO_KEY) is None:
             registry.create_key([DEMO_PROJECT_ID], ["insight:read", "insight:write"], DEMO_KEY)

@@ -27,6 +27,7 @@ from prometheus_client import Counter
 from schemas.dates import DateParseError
 from schemas.errors import RequestError
 from serving.errors import ApiError, unavailable, validation
+from state.connection import connect
 from state.reads import StateReader
 
 log = logging.getLogger("insightflow.compute")
@@ -71,7 +72,7 @@ def _worker(conn: Connection, redis_url: str, cache_mb: int) -> None:
     from state.summaries import SUMMARIES
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _worker_client = redis.Redis.from_url(redis_url)
+    _worker_client = connect(redis_url)
     SUMMARIES.configure(cache_mb)
     conn.send_bytes(b"ready")
     while True:

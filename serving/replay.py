@@ -12,11 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
-import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from rich.progress import Progress
 
 from schemas.events import InvalidEvent, TopicEvent, parse_topic_event
+from state.connection import connect
 from state.stream import Stream
 from state.topics import partition_count
 
@@ -70,7 +70,7 @@ def _produce(records: Iterable[bytes], total: int | None, bootstrap: str, topic:
     if failures:
         raise RuntimeError(f"{len(failures)} event(s) not acknowledged by the broker: {failures[0]}")
     if redis_url and ends:  # so /readyz counts them as lag until applied (the broker may under-report)
-        Stream(redis.Redis.from_url(redis_url), topic).record({}, ends)
+        Stream(connect(redis_url), topic).record({}, ends)
     return sent, bad
 
 

@@ -146,6 +146,39 @@ def start_redis(data_dir: Path, log_dir: Path, port: int | None = None, wait_loa
     return managed, url
 
 
+def start_redis_cluster(data_dir: Path, log_dir: Path, masters: int = 3) -> tuple[list[Managed], str]:
+    """`masters` Redis servers in cluster mode, the 16,384 slots spread evenly over them, joined into
+    one cluster; returns the processes and the URL clients use (`redis+cluster://` one of them)."""
+    procs: list[Managed] = []
+    ports, buses = [], []
+    for i in range(masters):
+        port, bus = free_port(), free_port()
+        node_dir = data_dir / f"node-{i}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        argv = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+                "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "5000", "--appendonly", "yes", "--appendfsync", "everysec",
+                "--save", "", "--protected-mode", "no", "--daemonize", "no"]
+        procs.append(spawn(f"redis-{i}", argv, log_dir))
+        wait_port(port, 15, procs[-1].proc, "redis")
+        ports.append(port)
+        buses.append(bus)
+    clients = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
+    if clients[0].cluster("info").get("cluster_state") != "ok":  # new: hand out the slots, meet
+        for i, client in enumerate(clients):
+            client.cluster("addslots", *range(i * 16384 // masters, (i + 1) * 16384 // masters))
+        for port, bus in zip(ports[1:], buses[1:], strict=True):
+            clients[0].cluster("meet", "127.0.0.1", port, bus)
+    deadline = time.monotonic() + 30
+    while not all(c.cluster("info").get("cluster_state") == "ok" for c in clients):
+        if time.monotonic() > deadline:
+            raise StackError("the Redis cluster did not become ready within 30 s")
+        time.sleep(0.1)
+    for c in clients:
+        c.close()
+    return procs, f"redis+cluster://127.0.0.1:{ports[0]}"
+
+
 def start_tansu(log_dir: Path, port: int | None = None) -> tuple[Managed, str]:
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"

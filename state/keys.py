@@ -1,7 +1,13 @@
 """Every Redis key the project uses, declared once.
 
-Keys of a project carry the hash tag `{p<id>}` so a Redis Cluster keeps a project on one shard, and
-the state-layout version, so a layout change starts fresh instead of mixing meanings.
+Keys of a project carry a hash tag, so every script and multi-key call stays within one Redis Cluster
+slot, and the state-layout version, so a layout change starts fresh instead of mixing meanings.
+
+A project's state is spread over `shards` state shards (`INSIGHTFLOW_STATE_SHARDS`, fixed when the
+state is first written, `LAYOUT_KEY`): person p's event state (counts, person sets, first times, and
+definitions' state: `SHARDED_PARTS`, `SHARDED_DEFINITION_PARTS`) lives in shard `p % shards`, tagged
+`{p<id>.<shard>}`; shard 0 is the project's home `{p<id>}`, which also keeps everything else (persons,
+uuid guards, definitions, saved insights). Counts add up over shards, person sets are disjoint.
 
 The parts after a project's prefix (`PROJECT_PARTS`) and after a definition's prefix
 (`DEFINITION_PARTS`) are tables the Lua scripts receive as `K` and `DK` (state/scripts.py), so a key
@@ -23,6 +29,7 @@ TOKENS = "insightflow:tokens"              # hash token -> id
 API_KEYS = "insightflow:apikeys"           # hash sha256(key) -> key JSON
 BACKFILLS = "insightflow:backfills"        # set of "project:hash" definitions still building
 SUMMARISED = "insightflow:summarised"      # set of "project:hash" definitions that keep summaries
+LAYOUT_KEY = "insightflow:layout"          # hash: shards -> state shards per project
 
 # A project's keys after its prefix, by name; a part ending in ':' is followed by a suffix.
 PROJECT_PARTS: dict[str, str] = {
@@ -44,6 +51,8 @@ PROJECT_PARTS: dict[str, str] = {
     "first_time_day_counts": "fd:",
     "first_time_hour_persons": "fuh:",
     "first_time_day_persons": "fud:",
+    "shard_applied": "sapplied",           # per shard: hash partition -> next offset applied there
+    "shard_generation": "sdefgen",         # per shard: definitions generation its batches must carry
     "meta": "meta",                        # hash: earliest_ms
     "applied": "applied",                  # hash partition -> next offset applied (with the state)
     "definitions": "defs",                 # hash definition hash -> JSON
@@ -67,9 +76,9 @@ SUMMARY_KINDS: dict[str, str] = {
 # A definition's keys after its prefix, by name.
 DEFINITION_PARTS: dict[str, str] = {
     "meta": "meta",                        # status, registered_at, summaries, to_summarise, reason
-    "handover": "ho",                      # hash partition -> first offset applied live
-    "backfill_fence": "bf",                # hash partition -> last offset the backfill applied
-    "backfill_bound": "bound",             # hash partition -> where the backfill stops
+    "handover": "ho",                      # per shard: hash partition -> first offset applied live
+    "backfill_fence": "bf",                # per shard: hash partition -> last offset the backfill applied
+    "backfill_bound": "bound",             # per shard: hash partition -> where the backfill stops
     "backfill_done": "done",               # set of partitions finished
     "hour_counts": "ch:",                  # per breakdown value
     "day_counts": "cd:",
@@ -90,17 +99,27 @@ DEFINITION_PARTS: dict[str, str] = {
 }
 
 
+# Parts kept per state shard (the person's); the rest of a project's keys live in its home.
+SHARDED_PARTS = ("hour_counts", "day_counts", "day_persons", "hour_persons", "first_seen", "first_time_hour_counts",
+                 "first_time_day_counts", "first_time_hour_persons", "first_time_day_persons", "shard_applied",
+                 "shard_generation")
+SHARDED_DEFINITION_PARTS = tuple(n for n in DEFINITION_PARTS if n not in ("meta", "backfill_done"))
+
+
 def _alternatives(parts: dict[str, str], but: str = "") -> str:
     return "|".join(re.escape(p) + (".*" if p.endswith(":") else "") for n, p in parts.items() if n != but)
 
 
 _DECLARED = re.compile(
     "(?:" + "|".join([
-        "|".join(re.escape(k) for k in (PROJECTS, TOKENS, API_KEYS, BACKFILLS, SUMMARISED)),
+        "|".join(re.escape(k) for k in (PROJECTS, TOKENS, API_KEYS, BACKFILLS, SUMMARISED, LAYOUT_KEY)),
         r"insightflow:(?:stream|dlqseen):\{[^}]+\}",
         r"insightflow:throttle:[^:]+:\d+",
         r"\{p\d+\}:" + LAYOUT + r":d:[0-9a-f]+:(?:" + _alternatives(DEFINITION_PARTS) + ")",
         r"\{p\d+\}:" + LAYOUT + ":(?:" + _alternatives(PROJECT_PARTS, but="definition") + ")",
+        r"\{p\d+\.\d+\}:" + LAYOUT + r":d:[0-9a-f]+:(?:" + _alternatives(
+            {n: DEFINITION_PARTS[n] for n in SHARDED_DEFINITION_PARTS}) + ")",
+        r"\{p\d+\.\d+\}:" + LAYOUT + ":(?:" + _alternatives({n: PROJECT_PARTS[n] for n in SHARDED_PARTS}) + ")",
     ]) + ")",
     re.DOTALL,
 )
@@ -131,7 +150,50 @@ def dlq_seen(topic: str) -> str:
 
 
 def project_prefix(project_id: int) -> str:
+    """The prefix of a project's home keys (and of its state shard 0)."""
     return f"{{p{project_id}}}:{LAYOUT}:"
+
+
+def shard_prefix(project_id: int, shard: int) -> str:
+    """The prefix of a project's keys in one state shard."""
+    return project_prefix(project_id) if shard == 0 else f"{{p{project_id}.{shard}}}:{LAYOUT}:"
+
+
+def topic_tag(topic_id: str) -> str:
+    """A short tag of a topic's identity: uuid guards and shard fences name offsets with it, so a
+    recreated topic (its offsets start again) is never mistaken for the old one."""
+    return format(zlib.crc32(topic_id.encode()), "08x")
+
+
+def shard_of(person: int | str, shards: int) -> int:
+    """The state shard that keeps a person's event state."""
+    return int(person) % shards
+
+
+_TAG = re.compile(r"^\{p(\d+)(?:\.\d+)?\}:")
+_SHARDED = re.compile(r"^\{p\d+(?:\.\d+)?\}:" + LAYOUT + ":(?:d:[0-9a-f]+:(?:" + _alternatives(
+    {n: DEFINITION_PARTS[n] for n in SHARDED_DEFINITION_PARTS}) + ")|(?:" + _alternatives(
+    {n: PROJECT_PARTS[n] for n in SHARDED_PARTS}) + "))$", re.DOTALL)
+
+
+def sharded(key: str) -> bool:
+    """Whether a project key is kept per state shard."""
+    return _SHARDED.match(key) is not None
+
+
+def in_shard(key: str, shard: int) -> str:
+    """The same key in another state shard (a key named with any shard's prefix)."""
+    found = _TAG.match(key)
+    if found is None:
+        raise ValueError(f"not a project key: {key!r}")
+    return shard_prefix(int(found.group(1)), shard) + key[found.end() + len(LAYOUT) + 1:]
+
+
+def in_shards(key: str, shards: int) -> list[str]:
+    """Every shard's copy of a sharded key (the key alone when it is kept in the home)."""
+    if shards == 1 or not sharded(key):
+        return [key]
+    return [in_shard(key, s) for s in range(shards)]
 
 
 def seen_bucket(uuid: str) -> str:
@@ -247,6 +309,17 @@ def failed_definitions(pid: int) -> str:
     return _k(pid, "failed_definitions")
 
 
+def shard_applied(pid: int, shard: int) -> str:
+    """Hash: partition -> next offset whose events are applied to this state shard (its fence)."""
+    return shard_prefix(pid, shard) + PROJECT_PARTS["shard_applied"]
+
+
+def shard_generation(pid: int, shard: int) -> str:
+    """The definitions generation a batch applied to this shard must have been planned with (raised
+    when a backfill fixes its bound there, state/lua/fix_bound.lua)."""
+    return shard_prefix(pid, shard) + PROJECT_PARTS["shard_generation"]
+
+
 def project_applied(pid: int) -> str:
     """Hash: partition -> next offset whose events of this project are applied (atomic with state)."""
     return _k(pid, "applied")
@@ -312,7 +385,7 @@ def definition_meta(prefix: str) -> str:
 
 
 def handover(prefix: str) -> str:
-    """Hash: partition -> the first offset this definition was applied live."""
+    """Hash: partition -> the first offset a state shard applied this definition live."""
     return definition_part(prefix, "handover")
 
 

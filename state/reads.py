@@ -14,6 +14,7 @@ import orjson
 import redis
 
 from state import keys
+from state.connection import state_shards
 from state.records import read_first_seen
 
 Bucket = str | int  # a project-zone day (YYYYMMDD) or hour start (epoch s)
@@ -69,10 +70,16 @@ def _field(bucket: Bucket) -> str:
 
 
 class StateReader:
-    """Bulk reads of one Redis: each method is one round trip."""
+    """Bulk reads of one Redis: each method is one round trip. Event state spread over a project's
+    state shards (state/keys.py) is read from every shard and combined here: counts add up, person
+    sets are disjoint (a person is kept in one shard), values and kept events are concatenated."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self.shards = state_shards(client)
+
+    def _each(self, key: str) -> list[str]:
+        return keys.in_shards(key, self.shards)
 
     # --- the project ---------------------------------------------------------------------------
     def event_names(self, pid: int) -> list[str]:
@@ -85,7 +92,10 @@ class StateReader:
 
     def breakdown_values(self, prefix: str) -> list[str]:
         """Every breakdown value a definition has seen."""
-        return sorted(m.decode() for m in self.redis.smembers(keys.definition_key(prefix, "bv")))
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._each(keys.definition_key(prefix, "bv")):
+            pipe.smembers(key)
+        return sorted({m.decode() for members in pipe.execute() for m in members})
 
     def persons(self, pid: int, persons: list[str]) -> list[tuple[list[str], dict[str, Any]]]:
         """Each person's distinct ids (sorted) and properties."""
@@ -101,103 +111,137 @@ class StateReader:
         """Each person's first event time (ms) of that name, None if it has none."""
         if not persons:
             return []
-        return [read_first_seen(raw) if raw else None for raw in self.redis.hmget(keys.first_seen(pid, name), persons)]
+        key = keys.first_seen(pid, name)
+        pipe = self.redis.pipeline(transaction=False)
+        for person in persons:
+            pipe.hget(keys.in_shard(key, keys.shard_of(person, self.shards)), person)
+        return [read_first_seen(raw) if raw else None for raw in pipe.execute()]
 
     # --- series buckets ------------------------------------------------------------------------
     def counts(self, source: Source, names: list[str], days: list[str], hours: list[int]) -> list[dict[Bucket, int]]:
-        """Per name, the stored count of each asked day and hour (0 where none)."""
+        """Per name, the stored count of each asked day and hour (0 where none), over every shard."""
         pipe = self.redis.pipeline(transaction=False)
+        asked = []
         for name in names:
-            if days:
-                pipe.hmget(source.day_counts(name), days)
-            if hours:
-                pipe.hmget(source.hour_counts(name), hours)
-        replies = iter(pipe.execute() if names and (days or hours) else [])
-        out: list[dict[Bucket, int]] = []
-        for _name in names:
-            found: dict[Bucket, int] = {}
-            if days:
-                found.update((d, int(v or 0)) for d, v in zip(days, next(replies), strict=True))
-            if hours:
-                found.update((h, int(v or 0)) for h, v in zip(hours, next(replies), strict=True))
-            out.append(found)
-        return out
+            for buckets, key in ((days, source.day_counts(name)), (hours, source.hour_counts(name))):
+                if buckets:
+                    for shard_key in self._each(key):
+                        pipe.hmget(shard_key, buckets)
+                        asked.append((name, buckets))
+        out: dict[str, dict[Bucket, int]] = {name: {} for name in names}
+        for (name, buckets), reply in zip(asked, pipe.execute() if asked else [], strict=True):
+            found = out[name]
+            for b, v in zip(buckets, reply, strict=True):
+                found[b] = found.get(b, 0) + int(v or 0)
+        return [out[name] for name in names]
 
     def bitcounts(self, person_keys: list[str | None]) -> list[int]:
-        """Persons in each bitmap (None: no bitmap, 0), counted in Redis."""
+        """Persons in each bitmap (None: no bitmap, 0), counted in Redis over every shard."""
         pipe = self.redis.pipeline(transaction=False)
+        widths = []
         for key in person_keys:
-            if key is None:
-                pipe.echo("0")
-            else:
-                pipe.bitcount(key)
-        return [int(v) for v in pipe.execute()] if person_keys else []
+            each = self._each(key) if key is not None else []
+            widths.append(len(each))
+            for shard_key in each:
+                pipe.bitcount(shard_key)
+        replies = iter(pipe.execute() if any(widths) else [])
+        return [sum(int(next(replies)) for _ in range(width)) for width in widths]
 
     def bitmaps(self, key_lists: Iterable[Iterable[str]]) -> dict[str, int]:
-        """Each person bitmap named once, as an integer with bit i = person i."""
+        """Each person bitmap named once, as an integer with bit i = person i (every shard's persons)."""
         unique = list(dict.fromkeys(k for members in key_lists for k in members))
         pipe = self.redis.pipeline(transaction=False)
+        widths = []
         for key in unique:
-            pipe.get(key)
-        return {k: read_bitmap(v) for k, v in zip(unique, pipe.execute() if unique else [], strict=True)}
+            each = self._each(key)
+            widths.append(len(each))
+            for shard_key in each:
+                pipe.get(shard_key)
+        replies = iter(pipe.execute() if unique else [])
+        out = {}
+        for key, width in zip(unique, widths, strict=True):
+            value = 0
+            for _ in range(width):
+                value |= read_bitmap(next(replies))
+            out[key] = value
+        return out
 
     # --- a definition's property values and events per person ----------------------------------------
     def value_stats(self, prefix: str, names: list[str], groups: list[list[Bucket]]
                     ) -> list[list[list[tuple[float, int, float, float]]]]:
-        """Per name and group of buckets: (sum, count, min, max) of the property in each bucket of the
-        group that has values (the caller adds them up, in this order)."""
+        """Per name and group of buckets: (sum, count, min, max) of the property in each bucket and
+        shard of the group that has values (the caller adds them up, in this order)."""
         pipe = self.redis.pipeline(transaction=False)
+        width = 0
         for name in names:
             for group in groups:
                 fields = [f"{_field(b)}:{x}" for b in group for x in ("s", "n", "min", "max")]
-                pipe.hmget(keys.definition_key(prefix, "vs", name), fields)
+                each = self._each(keys.definition_key(prefix, "vs", name))
+                width = len(each)
+                for key in each:
+                    pipe.hmget(key, fields)
         replies = iter(pipe.execute() if names and groups else [])
         out = []
         for _name in names:
             per_group = []
             for _group in groups:
-                reply = next(replies)
-                per_group.append([(float(reply[j]), int(reply[j + 1]), float(reply[j + 2]), float(reply[j + 3]))
-                                  for j in range(0, len(reply), 4) if reply[j + 1] is not None])
+                found = []
+                for _ in range(width):
+                    reply = next(replies)
+                    found += [(float(reply[j]), int(reply[j + 1]), float(reply[j + 2]), float(reply[j + 3]))
+                              for j in range(0, len(reply), 4) if reply[j + 1] is not None]
+                per_group.append(found)
             out.append(per_group)
         return out
 
     def values(self, prefix: str, names: list[str], groups: list[list[Bucket]]) -> list[list[float]]:
-        """Per group of buckets: every property value kept, over all names."""
+        """Per group of buckets: every property value kept, over all names and shards."""
         pipe = self.redis.pipeline(transaction=False)
+        counts = []
         for group in groups:
+            n = 0
             for name in names:
                 for b in group:
-                    pipe.lrange(keys.definition_key(prefix, "vlh" if isinstance(b, int) else "vl", name, b), 0, -1)
-        replies = iter(pipe.execute() if names and groups else [])
+                    for key in self._each(keys.definition_key(prefix, "vlh" if isinstance(b, int) else "vl", name, b)):
+                        pipe.lrange(key, 0, -1)
+                        n += 1
+            counts.append(n)
+        replies = iter(pipe.execute() if any(counts) else [])
         out = []
-        for group in groups:
+        for n in counts:
             found: list[float] = []
-            for _ in range(len(names) * len(group)):
+            for _ in range(n):
                 found += [float(v) for v in next(replies)]
             out.append(found)
         return out
 
     def events_per_person(self, prefix: str, names: list[str], groups: list[list[Bucket]]) -> list[dict[int, int]]:
-        """Per group of buckets: each person's events, over all names."""
+        """Per group of buckets: each person's events, over all names (and the person's shard)."""
         pipe = self.redis.pipeline(transaction=False)
+        sizes = []
         for group in groups:
+            n = 0
             for name in names:
                 for b in group:
-                    pipe.hgetall(keys.definition_key(prefix, "pah" if isinstance(b, int) else "pa", name, b))
-        replies = iter(pipe.execute() if names and groups else [])
+                    for key in self._each(keys.definition_key(prefix, "pah" if isinstance(b, int) else "pa", name, b)):
+                        pipe.hgetall(key)
+                        n += 1
+            sizes.append(n)
+        replies = iter(pipe.execute() if any(sizes) else [])
         out = []
-        for group in groups:
+        for n in sizes:
             counts: dict[int, int] = {}
-            for _ in range(len(names) * len(group)):
+            for _ in range(n):
                 for person, count in next(replies).items():
                     counts[int(person)] = counts.get(int(person), 0) + int(count)
             out.append(counts)
         return out
 
     def day_events(self, prefix: str, days: list[str]) -> list[bytes]:
-        """The events a funnel definition keeps for those days (state/records.py decodes them)."""
+        """The events a funnel definition keeps for those days, from every shard (state/records.py
+        decodes them)."""
         pipe = self.redis.pipeline(transaction=False)
         for day in days:
-            pipe.lrange(keys.definition_events(prefix, day), 0, -1)
+            for key in self._each(keys.definition_events(prefix, day)):
+                pipe.lrange(key, 0, -1)
         return [raw for entries in (pipe.execute() if days else []) for raw in entries]

@@ -13,7 +13,8 @@ import redis
 
 from schemas.dates import DateParseError, zone
 from schemas.projects import VALID_SCOPES, ApiKey, Project, RegistryError, hash_key
-from state import keys
+from state import keys, scripts
+from state.connection import mget, pipeline, run_scripts, state_shards
 
 
 class Registry:
@@ -68,7 +69,7 @@ class Registry:
             path_cleaning_filters=path_cleaning_filters if path_cleaning_filters is not None else
             (existing.path_cleaning_filters if existing else []),
         )
-        pipe = self.redis.pipeline()
+        pipe = pipeline(self.redis)
         if existing and existing.token != new_token:
             pipe.hdel(keys.TOKENS, existing.token)
         pipe.hset(keys.PROJECTS, str(project_id), project.to_json())
@@ -100,7 +101,7 @@ class Registry:
     def count_request(self, key_hash: str, window: int) -> int:
         """Count one request of a key in a minute window; the requests so far in it (rate limit)."""
         counter = keys.throttle(key_hash, window)
-        pipe = self.redis.pipeline()
+        pipe = pipeline(self.redis)
         pipe.incr(counter)
         pipe.expire(counter, 120)
         return int(pipe.execute()[0])
@@ -150,25 +151,31 @@ class ProjectCache:
 class DefinitionRegistry:
     """Registered insight definitions and the state of their backfills.
 
-    Per definition (hash h) under the project's tag: `defs` (h -> definition JSON), and the
-    definition's meta, handover offsets, backfill fences, bounds and finished partitions
-    (state/keys.py). `keys.BACKFILLS` lists definitions still building.
+    Per definition (hash h) in the project's home: `defs` (h -> definition JSON), the definition's
+    meta and finished partitions; per state shard: its backfill bounds and fences (state/keys.py).
+    `keys.BACKFILLS` lists definitions still building.
     """
 
     PENDING = keys.BACKFILLS
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, shards: int | None = None) -> None:
         self.redis = client
+        self._shards = shards
+        self._fix_bound = client.register_script(scripts.FIX_BOUND.source)
 
     _d = staticmethod(keys.definition_prefix)
     defs_key = staticmethod(keys.definitions)
+
+    @property
+    def shards(self) -> int:
+        return self._shards or state_shards(self.redis)
 
     def register(self, definition: Any) -> bool:
         """Idempotent; True when this call registered it (and queued its backfill)."""
         h = definition.hash
         if not self.redis.hsetnx(self.defs_key(definition.project_id), h, definition.to_json()):
             return False
-        pipe = self.redis.pipeline()
+        pipe = pipeline(self.redis)
         summaries = int(definition.summaries)
         pipe.hset(keys.definition_meta(self._d(definition.project_id, h)), mapping={
             "status": "backfilling", "registered_at": int(time.time() * 1000), "summaries": summaries})
@@ -180,7 +187,7 @@ class DefinitionRegistry:
         return True
 
     def generations(self, project_ids: list[int]) -> dict[int, int]:
-        values = self.redis.mget([keys.definitions_generation(p) for p in project_ids])
+        values = mget(self.redis, [keys.definitions_generation(p) for p in project_ids])
         return {p: int(v or 0) for p, v in zip(project_ids, values, strict=True)}
 
     def for_project(self, project_id: int) -> dict[str, bytes]:
@@ -196,7 +203,7 @@ class DefinitionRegistry:
         """Stop keeping a definition whose state cannot be kept, and remember why: its requests answer
         the reason instead of a number, and ingestion goes on without it. True if newly failed."""
         d = self._d(project_id, h)
-        pipe = self.redis.pipeline()
+        pipe = pipeline(self.redis)
         pipe.hsetnx(keys.failed_definitions(project_id), h, reason[:2000])
         pipe.hset(keys.definition_meta(d), mapping={"status": "failed", "reason": reason[:2000]})
         pipe.srem(self.PENDING, f"{project_id}:{h}")
@@ -219,22 +226,25 @@ class DefinitionRegistry:
             out.append((int(project_id), h))
         return out
 
+    def _in_shards(self, key: str) -> list[str]:
+        return keys.in_shards(key, self.shards)
+
     def fence(self, project_id: int, h: str, partition: int) -> int:
-        raw = self.redis.hget(keys.backfill_fence(self._d(project_id, h)), str(partition))
-        return int(raw) if raw is not None else -1
+        """The last offset of the partition every state shard has taken the backfill through."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._in_shards(keys.backfill_fence(self._d(project_id, h))):
+            pipe.hget(key, str(partition))
+        return min(int(raw) if raw is not None else -1 for raw in pipe.execute())
 
-    def bound(self, project_id: int, h: str, partition: int) -> int:
-        """Where this partition's backfill stops, fixed the first time it is asked: the project's
-        applied offset then. Everything below was applied before (with or without the definition);
-        everything from there on is applied live with it."""
-        key = keys.backfill_bound(self._d(project_id, h))
-        applied = int(self.redis.hget(keys.project_applied(project_id), str(partition)) or 0)
-        self.redis.hsetnx(key, str(partition), applied)
-        return int(self.redis.hget(key, str(partition)) or 0)
-
-    def handover(self, project_id: int, h: str, partition: int) -> int | None:
-        raw = self.redis.hget(keys.handover(self._d(project_id, h)), str(partition))
-        return int(raw) if raw is not None else None
+    def bounds(self, project_id: int, h: str, partition: int, tag: str) -> list[int]:
+        """Where this partition's backfill stops in each state shard, fixed the first time it is asked
+        (fix_bound.lua): what the shard had applied then. Everything below was applied without the
+        definition; everything from there on is applied live with it."""
+        generation = int(self.redis.get(keys.definitions_generation(project_id)) or 0)
+        calls = [([keys.shard_applied(project_id, s)],
+                  [keys.shard_prefix(project_id, s), h, partition, f"{tag}:{partition}", generation])
+                 for s in range(self.shards)]
+        return [int(b) for b in run_scripts(self.redis, self._fix_bound, calls)]
 
     def done(self, project_id: int, h: str) -> set[int]:
         """Partitions whose backfill is finished."""
@@ -249,10 +259,10 @@ class DefinitionRegistry:
             return False
         if self.redis.scard(keys.backfill_done(d)) >= partitions:
             summaries = self.redis.hget(keys.definition_meta(d), "summaries") == b"1"
-            pipe = self.redis.pipeline()
+            dirty = sum(self.redis.scard(k) for k in self._in_shards(keys.summary_dirty(d))) if summaries else 0
+            pipe = pipeline(self.redis)
             if summaries:
-                pipe.hset(keys.definition_meta(d), mapping={"status": "summarising",
-                                               "to_summarise": max(1, self.redis.scard(keys.summary_dirty(d)))})
+                pipe.hset(keys.definition_meta(d), mapping={"status": "summarising", "to_summarise": max(1, dirty)})
             else:
                 pipe.hset(keys.definition_meta(d), "status", "ready")
             pipe.srem(self.PENDING, f"{project_id}:{h}")
@@ -275,18 +285,22 @@ class DefinitionRegistry:
         d = self._d(project_id, h)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hget(keys.definition_meta(d), "status")
-        pipe.hgetall(keys.backfill_bound(d))
-        pipe.hgetall(keys.backfill_fence(d))
         pipe.hmget(keys.definition_meta(d), "to_summarise", "summaries")
-        pipe.scard(keys.summary_dirty(d))
-        status, bounds, fences, (to_summarise, summaries), dirty = pipe.execute()
+        for s in range(self.shards):
+            pipe.hgetall(keys.in_shard(keys.backfill_bound(d), s))
+            pipe.hgetall(keys.in_shard(keys.backfill_fence(d), s))
+            pipe.scard(keys.in_shard(keys.summary_dirty(d), s))
+        status, (to_summarise, summaries), *per_shard = pipe.execute()
         if status is None:
             return None, 0.0
         if status == b"ready":
             return "ready", 1.0
+        dirty = sum(per_shard[2::3])
         if status == b"summarising":
             return "summarising", 0.9 + 0.1 * max(0.0, 1 - dirty / max(1, int(to_summarise or 1)))
-        total = sum(int(v) for v in bounds.values())
-        done = sum(min(int(fences.get(k, -1)) + 1, int(v)) for k, v in bounds.items())
+        total = done = 0
+        for bounds, fences in zip(per_shard[0::3], per_shard[1::3], strict=True):
+            total += sum(int(v) for v in bounds.values())
+            done += sum(min(int(fences.get(k, -1)) + 1, int(v)) for k, v in bounds.items())
         share = 0.9 if summaries == b"1" else 1.0  # the last tenth is the summariser's
         return status.decode(), share * (done / total if total else 0.0)

@@ -86,30 +86,36 @@ def _header_then(header: tuple[str, ...], item: tuple[str, ...], trailer: tuple[
 
 
 # A live batch of one project, planned by the worker (dataflows/operators/batch.py): the header, and
-# the batch as one JSON object whose sections (keyed by letter) are lists of rows named by a layout.
-BATCH_SECTIONS = (
-    Layout("G", ("bucket", "uuid", "copy")),
+# the batch as one JSON object whose sections (keyed by letter) are lists of rows named by a layout;
+# the home part (apply_batch.lua) and each state shard's part (apply_shard.lua).
+HOME_SECTIONS = (
+    Layout("G", ("bucket", "uuid", "copy", "person")),
+    Layout("U", ("person", "ts", "set", "set_once", "unset")),
+    Layout("O", ("partition", "next_offset")),
+)
+SHARD_SECTIONS = (
+    Layout("R", ("fence", "first", "next_offset")),
     Layout("C", ("kind", "event", "bucket", "events")),
     Layout("B", ("kind", "event", "bucket", "persons")),
     Layout("F", ("event", "candidates")),
     Layout("FP", ("person", "ts", "hour", "day")),
-    Layout("U", ("person", "ts", "set", "set_once", "unset")),
-    Layout("O", ("partition", "next_offset")),
     Layout("H", ("definition", "partition", "offset")),
     Layout("KD", ("definition", "day", "rows")),
     Layout("KP", ("definition", "person", "kept")),
     Layout("D", ("definition", "breakdown", "value", "person", "hour", "day", "ts", "uuid")),
 )
-APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "generation", "flags", "batch")), *BATCH_SECTIONS))
+APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "batch")), *HOME_SECTIONS))
+APPLY_SHARD = Script("apply_shard.lua", (Layout("A", ("prefix", "generation", "flags", "batch")), *SHARD_SECTIONS))
+FIX_BOUND = Script("fix_bound.lua", (Layout("A", ("prefix", "definition", "partition", "fence", "generation")),))
 
 # Events whose persons the worker cannot tell alone: unknown distinct ids and identity links.
 PERSON_FIELDS = ("bucket", "uuid", "distinct_id", "link_kind", "link_other")
 RESOLVE_PERSONS = Script("resolve_persons.lua", _header_then(("prefix", "count"), PERSON_FIELDS))
 
-# One offset of a partition's history for a definition's backfill ('' fields: nothing to apply).
-BACKFILL_FIELDS = ("bucket", "uuid", "offset", "distinct_id", "hour", "day", "ts", "contribution")
+# One event of a partition's history to apply to a definition in one state shard.
+BACKFILL_FIELDS = ("offset", "person", "hour", "day", "ts", "uuid", "contribution")
 BACKFILL_EVENTS = Script("backfill_events.lua", _header_then(
-    ("prefix", "definition", "flags", "partition", "count"), BACKFILL_FIELDS, ("written_up_to",)))
+    ("prefix", "definition", "flags", "partition", "through", "count"), BACKFILL_FIELDS, ("written_up_to",)))
 
 RAISE_FIELDS = Script("raise_fields.lua", (Layout("E", ("field", "value"), first=1),))
 COUNT_DEAD_LETTERS = Script("count_dead_letters.lua", (Layout("E", ("record",), first=1),))
@@ -122,4 +128,5 @@ WRITE_SUMMARIES = Script("write_summaries.lua", (
     Layout("A", ("prefix", "count")), Layout("S", SUMMARY_PERSON_FIELDS, first=3),
     Layout("SE", SUMMARY_ENTRY_FIELDS, first=0)))
 
-ALL = (APPLY_BATCH, RESOLVE_PERSONS, BACKFILL_EVENTS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES)
+ALL = (APPLY_BATCH, APPLY_SHARD, FIX_BOUND, RESOLVE_PERSONS,
+       BACKFILL_EVENTS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES)

@@ -1,10 +1,12 @@
 """Applying planned events to Redis: the only place the dataflow writes project state.
 
-The worker sums a project's batch per key (dataflows/operators/batch.py); one Lua call applies it
-atomically with the uuid guard of each of its events (`apply_batch.lua`). A batch holding an event
-applied already writes nothing and is summed again without it, so a replay after a crash, an SDK
-resend or an overlapping backfill never applies an event twice: counts may use HINCRBY because the
-guards and the increments commit together (ARCHITECTURE rule 2). Every other write is
+The worker sums a project's batch per key (dataflows/operators/batch.py). One Lua call takes the
+uuid guards of its events in the project's home (`apply_batch.lua`): a batch holding an event applied
+already from another copy (an SDK resend, an overlapping replay) writes nothing and is summed again
+without it. Then one call per state shard applies what the events add there (`apply_shard.lua`),
+with that shard's per-partition fence in the same call: a replay of events a shard holds already is
+refused and summed again without them. So every event counts once, after a crash at any point
+between the calls too, and counts may use HINCRBY (ARCHITECTURE rule 2). Every other write is
 order-insensitive: set membership, minimum first-seen time, and person properties ordered by event
 time rather than arrival.
 """
@@ -20,9 +22,10 @@ import redis
 from schemas.definitions import Definition
 from schemas.events import TopicEvent
 from state import keys, scripts
+from state.connection import run_scripts, state_shards
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
-    from dataflows.operators.batch import BatchEffects
+    from dataflows.operators.batch import BatchEffects, ShardEffects
 
 
 @dataclass
@@ -62,30 +65,42 @@ def _json_values(values: dict[str, object]) -> str:
     return orjson.dumps({str(k): orjson.dumps(v).decode() for k, v in values.items()}).decode()
 
 
-def batch_args(project_id: int, generation: int, flags: dict[str, str], effects: BatchEffects) -> list[Any]:
-    """The arguments of `apply_batch.lua`: its header, and the batch as one JSON object of sections
-    whose rows follow `scripts.BATCH_SECTIONS` (one argument: the client encodes it in one go)."""
+def home_args(project_id: int, effects: BatchEffects, tag: str) -> list[Any]:
+    """The arguments of `apply_batch.lua`: its header, and the home part of the batch as one JSON
+    object of sections whose rows follow `scripts.HOME_SECTIONS`. `tag`: the topic's
+    (`keys.topic_tag`); a copy is `tag:partition:offset`."""
+    batch = {
+        "G": [[keys.seen_bucket(uuid), uuid, f"{tag}:{partition}:{offset}", person]
+              for uuid, partition, offset, person in effects.guards],
+        "N": sorted(effects.names),
+        "U": [[o.person, o.ts, _json_values(o.update.set), _json_values(o.update.set_once),
+               orjson.dumps(o.update.unset).decode() if o.update.unset else ""] for o in effects.updates],
+        "O": [[partition, nxt] for partition, nxt in effects.reached.items()],
+        "earliest": effects.earliest,
+    }
+    return [keys.project_prefix(project_id), orjson.dumps(batch)]
+
+
+def shard_args(project_id: int, shard: int, generation: int, flags: dict[str, str], effects: ShardEffects,
+               tag: str) -> list[Any]:
+    """The arguments of `apply_shard.lua` for one state shard (rows follow `scripts.SHARD_SECTIONS`;
+    fences are named `tag:partition`)."""
     bits = [["h", ev, hour, list(persons)] for (ev, hour), persons in effects.hour_persons.items()]
     bits += [["d", ev, day, list(persons)] for (ev, day), persons in effects.day_persons.items()]
     counts = [["h", ev, hour, n] for (ev, hour), n in effects.hour_counts.items()]
     counts += [["d", ev, day, n] for (ev, day), n in effects.day_counts.items()]
     batch = {
-        "G": [[keys.seen_bucket(uuid), uuid, f"{partition}:{offset}"] for uuid, partition, offset in effects.guards],
+        "R": [[f"{tag}:{partition}", first, nxt] for partition, (first, nxt) in effects.ranges.items()],
         "C": counts,
         "B": bits,
         "F": [[ev, [[p, ts, hour, day] for p, (ts, hour, day) in persons.items()]]
               for ev, persons in effects.firsts.items() if persons],
-        "N": sorted(effects.names),
-        "U": [[o.person, o.ts, _json_values(o.update.set), _json_values(o.update.set_once),
-               orjson.dumps(o.update.unset).decode() if o.update.unset else ""] for o in effects.updates],
-        "O": [[partition, nxt] for partition, nxt in effects.reached.items()],
         "H": [[h, partition, offset] for (h, partition), offset in effects.handovers.items()],
         "KD": [[h, day, rows] for (h, day), rows in effects.kept_days.items()],
         "KP": [[h, person, "".join(kept)] for (h, person), kept in effects.kept_persons.items()],
         "D": [[h, bv, v, o.person, o.hour, o.day, o.ts, o.uuid] for o, (h, bv, v) in effects.contributions],
-        "earliest": effects.earliest,
     }
-    return [keys.project_prefix(project_id), generation, orjson.dumps(flags), orjson.dumps(batch)]
+    return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(flags), orjson.dumps(batch)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,23 +117,39 @@ class BackfillRow:
 @dataclass
 class ProjectBatch:
     """One project's batch, summed (dataflows/operators/batch.py) against the definitions of
-    `generation` (their flags: definition hash -> flags)."""
+    `generation` (their flags: definition hash -> flags). `home_done`: its home part was applied by
+    an earlier attempt; `shards_done`: so were these shards' parts."""
 
     project_id: int
     effects: BatchEffects
     flags: dict[str, str] = field(default_factory=dict)
     generation: int = 0
+    tag: str = ""
+    home_done: bool = False
+    shards_done: set[int] = field(default_factory=set)
 
 
 @dataclass
 class BatchOutcome:
-    """What one apply call did with each project: applied, refused as planned against outdated
-    definitions (`stale`: plan again), or refused because some of its events were applied already
-    (`repeated`: plan again without them). Refused batches wrote nothing."""
+    """What one apply did with each project. Home parts: applied (`home`), or refused because some
+    events were applied already from another copy (`repeated`: plan again without them; nothing of
+    that project was written). Shard parts, sent once the home part is in: applied (`shards`), or
+    refused as planned with outdated definitions (`stale`: reload and plan again) or as holding
+    events the shard has (`held`: shard -> partition -> next offset it holds; plan again without
+    the events below). A refused part wrote nothing."""
 
     applied: Applied = field(default_factory=Applied)
-    stale: set[int] = field(default_factory=set)
+    home: set[int] = field(default_factory=set)
     repeated: dict[int, set[str]] = field(default_factory=dict)
+    shards: dict[int, set[int]] = field(default_factory=dict)
+    stale: set[int] = field(default_factory=set)
+    held: dict[int, dict[int, dict[int, int]]] = field(default_factory=dict)
+
+    def finished(self, batch: ProjectBatch) -> bool:
+        """Every part of the batch is applied."""
+        pid = batch.project_id
+        done = batch.shards_done | self.shards.get(pid, set())
+        return (batch.home_done or pid in self.home) and set(batch.effects.shards) <= done
 
 
 @dataclass
@@ -133,26 +164,32 @@ class Resolved:
 class StateStore:
     """Redis-backed insight state for the dataflow."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, shards: int | None = None) -> None:
         self.redis = client
+        self._shards = shards
         self._apply = client.register_script(scripts.APPLY_BATCH.source)
+        self._apply_shard = client.register_script(scripts.APPLY_SHARD.source)
         self._resolve = client.register_script(scripts.RESOLVE_PERSONS.source)
         self._backfill = client.register_script(scripts.BACKFILL_EVENTS.source)
+
+    @property
+    def shards(self) -> int:
+        return self._shards or state_shards(self.redis)
 
     def resolve_persons(self, asks: dict[int, list[tuple[str, str, str, str]]]) -> dict[int, Resolved]:
         """Per project, (uuid, distinct id, link kind or '', other distinct id or '') of events in batch
         order whose persons the worker cannot tell alone: creates persons for new distinct ids and
         applies identity links, skipping events already applied."""
-        pipe = self.redis.pipeline(transaction=False)
+        calls = []
         owners = []
         for project_id, items in asks.items():
             args: list[str | int] = [keys.project_prefix(project_id), len(items)]
             for uuid, did, kind, other in items:
                 args += [keys.seen_bucket(uuid), uuid, did, kind, other]
-            self._resolve(keys=[keys.distinct_ids(project_id)], args=args, client=pipe)
+            calls.append(([keys.distinct_ids(project_id)], args))
             owners.append(project_id)
         out: dict[int, Resolved] = {}
-        for project_id, answer in zip(owners, pipe.execute() if owners else [], strict=True):
+        for project_id, answer in zip(owners, run_scripts(self.redis, self._resolve, calls), strict=True):
             pairs = int(answer[0])
             flat = answer[1:]
             persons = {_text(flat[2 * i]): int(flat[2 * i + 1]) for i in range(pairs)}
@@ -181,42 +218,79 @@ class StateStore:
         return {pid: {p: _final(m, p) for p in m} for pid, m in out.items()}
 
     def apply(self, batches: Iterable[ProjectBatch]) -> BatchOutcome:
-        """Apply each project's summed batch in one atomic call (pipelined over projects)."""
+        """Apply the home parts (one atomic call per project), then the shard parts of the projects
+        whose home part is in (one atomic call per project and shard); each step one round trip per
+        Redis server."""
         outcome = BatchOutcome()
-        pipe = self.redis.pipeline(transaction=False)
-        owners: list[int] = []
-        for batch in batches:
-            args = batch_args(batch.project_id, batch.generation, batch.flags, batch.effects)
-            self._apply(keys=[keys.distinct_ids(batch.project_id)], args=args, client=pipe)
-            owners.append(batch.project_id)
-        for owner, answer in zip(owners, pipe.execute() if owners else [], strict=True):
+        batches = list(batches)
+        homes = [b for b in batches if not b.home_done]
+        calls = [([keys.distinct_ids(b.project_id)], home_args(b.project_id, b.effects, b.tag)) for b in homes]
+        for batch, answer in zip(homes, run_scripts(self.redis, self._apply, calls), strict=True):
             code = int(answer[0])
-            if code == -1:
-                outcome.stale.add(owner)
-            elif code == -2:
-                outcome.repeated[owner] = {_text(u) for u in answer[1:]}
+            if code == -2:
+                outcome.repeated[batch.project_id] = {_text(u) for u in answer[1:]}
             else:
+                outcome.home.add(batch.project_id)
                 outcome.applied.events += code
-                outcome.applied.failed.update(_failures(owner, answer))
+        parts = [(b, shard, effects) for b in batches if b.home_done or b.project_id in outcome.home
+                 for shard, effects in b.effects.shards.items() if shard not in b.shards_done]
+        calls = [([keys.shard_applied(b.project_id, shard)],
+                  shard_args(b.project_id, shard, b.generation, b.flags, effects, b.tag))
+                 for b, shard, effects in parts]
+        for (batch, shard, _), answer in zip(parts, run_scripts(self.redis, self._apply_shard, calls), strict=True):
+            pid, code = batch.project_id, int(answer[0])
+            if code == -1:
+                outcome.stale.add(pid)
+            elif code == -3:
+                outcome.held.setdefault(pid, {})[shard] = {int(_text(answer[i]).rpartition(":")[2]): int(answer[i + 1])
+                                                            for i in range(1, len(answer), 2)}
+            else:
+                outcome.shards.setdefault(pid, set()).add(shard)
+                outcome.applied.failed.update(_failures(pid, answer))
         return outcome
 
-    def backfill(self, definition: Definition, partition: int, items: list[BackfillRow],
+    def backfill(self, definition: Definition, partition: int, items: list[BackfillRow], tag: str,
                  written_up_to: int = -1) -> Applied:
-        """Apply one partition's history to a definition, offset by offset (a row without an event is
-        an offset of nothing to apply). `written_up_to` is the last offset this process wrote for it;
-        a fence behind it means Redis lost writes (`RedisLostWrites`)."""
-        args: list[str | int] = [keys.project_prefix(definition.project_id), definition.hash,
-                                 definition.flags, partition, len(items)]
-        for row in items:
-            if row.event is None or row.contribution is None:
-                args += ["", "", row.offset, "", 0, "", 0, ""]
+        """Apply one partition's history to a definition: each event live counted from this copy (its
+        uuid guard holds this partition:offset), for the person live counted it for, in that person's
+        state shard; every shard's fence moves to the last offset given. `written_up_to` is the last
+        offset this process wrote for it; a fence behind it means Redis lost writes
+        (`RedisLostWrites`)."""
+        pid, h = definition.project_id, definition.hash
+        candidates = [row for row in items if row.event is not None and row.contribution is not None]
+        guards = self.redis.pipeline(transaction=False)
+        for row in candidates:
+            assert row.event is not None
+            guards.hget(keys.seen(pid, keys.seen_bucket(row.event.uuid)), row.event.uuid)
+        counted: list[tuple[BackfillRow, str | None]] = []
+        for row, held in zip(candidates, guards.execute() if candidates else [], strict=True):
+            parts = _text(held).split(":") if held is not None else []
+            if parts[:3] == [tag, str(partition), str(row.offset)]:  # the guard: tag:partition:offset:person
+                counted.append((row, parts[3]))
+            elif len(parts) in (2, 3) and parts[:2] == [str(partition), str(row.offset)]:  # by an older version
+                counted.append((row, parts[2] if len(parts) == 3 else None))
+        unknown = [row.event.distinct_id for row, person in counted if person is None and row.event]
+        if unknown:  # guards written before they named the person: the distinct id's person now
+            found = dict(zip(unknown, self.redis.hmget(keys.distinct_ids(pid), unknown), strict=True))
+            counted = [(row, person or (_text(found[row.event.distinct_id]) if row.event and
+                                        found.get(row.event.distinct_id) else None)) for row, person in counted]
+        by_shard: dict[int, list[Any]] = {s: [] for s in range(self.shards)}
+        for row, person in counted:
+            if person is None or row.event is None or row.contribution is None:
                 continue
-            event = row.event
-            args += [keys.seen_bucket(event.uuid), event.uuid, row.offset, event.distinct_id, row.hour, row.day,
-                     event.ts_ms, orjson.dumps(list(row.contribution)).decode()]
-        args.append(written_up_to)
-        answer = self._backfill(keys=[keys.distinct_ids(definition.project_id)], args=args)
-        if int(answer[0]) == -2:
-            raise RedisLostWrites(f"the backfill fence of {definition.hash} on partition {partition} is behind "
-                                  f"offset {written_up_to}, which this process wrote")
-        return Applied(int(answer[0]), _failures(definition.project_id, answer))
+            by_shard[keys.shard_of(person, self.shards)] += [
+                row.offset, person, row.hour, row.day, row.event.ts_ms, row.event.uuid,
+                orjson.dumps(list(row.contribution)).decode()]
+        through = max((row.offset for row in items), default=-1)
+        width = len(scripts.BACKFILL_FIELDS)
+        calls = [([keys.shard_applied(pid, s)], [keys.shard_prefix(pid, s), h, definition.flags, partition, through,
+                                                 len(rows) // width, *rows, written_up_to])
+                 for s, rows in by_shard.items()]
+        result = Applied()
+        for answer in run_scripts(self.redis, self._backfill, calls):
+            if int(answer[0]) == -2:
+                raise RedisLostWrites(f"the backfill fence of {h} on partition {partition} is behind "
+                                      f"offset {written_up_to}, which this process wrote")
+            result.events += int(answer[0])
+            result.failed.update(_failures(pid, answer))
+        return result

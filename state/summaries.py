@@ -18,50 +18,80 @@ import numpy as np
 import redis
 
 from state import keys, scripts
+from state.connection import run_scripts, state_shards
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value)
 
 
 class SummaryStore:
-    """The Redis edge of one project's summaries: what is dirty, what a person kept, what to write."""
+    """The Redis edge of one project's summaries: what is dirty, what a person kept, what to write.
+    Each person's are kept in its state shard (state/keys.py)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, shards: int | None = None) -> None:
         self.redis = client
+        self._shards = shards
         self._write = client.register_script(scripts.WRITE_SUMMARIES.source)
 
+    @property
+    def shards(self) -> int:
+        return self._shards or state_shards(self.redis)
+
+    def _dirty_keys(self, project_id: int, h: str) -> list[str]:
+        return keys.in_shards(keys.summary_dirty(keys.definition_prefix(project_id, h)), self.shards)
+
+    def _in_shard(self, key: str, person: str | int) -> str:
+        return keys.in_shard(key, keys.shard_of(person, self.shards))
+
     def pending(self, project_id: int, h: str) -> int:
-        return int(self.redis.scard(keys.summary_dirty(keys.definition_prefix(project_id, h))))
+        return sum(int(self.redis.scard(key)) for key in self._dirty_keys(project_id, h))
 
     def dirty(self, project_id: int, h: str, budget: int | None = None) -> list[str]:
         """Persons whose kept events changed since they were summarised (a random `budget` of them)."""
-        key = keys.summary_dirty(keys.definition_prefix(project_id, h))
-        found = self.redis.smembers(key) if budget is None else self.redis.srandmember(key, budget)
+        found: list[bytes] = []
+        for key in self._dirty_keys(project_id, h):
+            share = None if budget is None else max(1, budget // self.shards)
+            found += self.redis.smembers(key) if share is None else self.redis.srandmember(key, share)
         return [p.decode() for p in found]
 
     def kept_events(self, project_id: int, h: str, persons: list[str]) -> list[bytes]:
         prefix = keys.definition_prefix(project_id, h)
-        return [raw or b"" for raw in self.redis.mget([keys.person_events(prefix, p) for p in persons])] \
-            if persons else []
+        by_shard: dict[int, list[int]] = {}
+        for i, person in enumerate(persons):
+            by_shard.setdefault(keys.shard_of(person, self.shards), []).append(i)
+        out: list[bytes] = [b""] * len(persons)
+        for shard, indexes in by_shard.items():
+            names = [keys.in_shard(keys.person_events(prefix, persons[i]), shard) for i in indexes]
+            for i, raw in zip(indexes, self.redis.mget(names), strict=True):
+                out[i] = raw or b""
+        return out
 
     def irregular(self, project_id: int, h: str) -> list[str]:
-        return [p.decode() for p in self.redis.hkeys(keys.irregular_persons(keys.definition_prefix(project_id, h)))]
+        prefix = keys.definition_prefix(project_id, h)
+        return [p.decode() for key in keys.in_shards(keys.irregular_persons(prefix), self.shards)
+                for p in self.redis.hkeys(key)]
 
     def write(self, project_id: int, h: str,
               planned: list[tuple[str, int, bool, bytes | None, list[Entry]]], chunk: int = 500) -> int:
-        """Write (person, version read, irregular, replacement kept events or None, entries) each; a
-        person whose kept events moved since is left dirty. Returns how many were written."""
+        """Write (person, version read, irregular, replacement kept events or None, entries) each, in
+        the person's state shard; a person whose kept events moved since is left dirty. Returns how
+        many were written."""
         prefix = keys.definition_prefix(project_id, h)
-        pipe = self.redis.pipeline(transaction=False)
-        for start in range(0, len(planned), chunk):
-            args: list[str | int | bytes] = [prefix, 0]
-            for person, version, irregular, replacement, entries in planned[start:start + chunk]:
-                args += [person, version, int(irregular), int(replacement is not None), replacement or b"",
-                         len(entries)]
-                for entry in entries:
-                    args += entry
-                args[1] = int(args[1]) + 1
-            self._write(keys=[keys.summary_dirty(prefix)], args=args, client=pipe)
-        return sum(int(result) for result in pipe.execute()) if planned else 0
+        by_shard: dict[int, list[tuple[str, int, bool, bytes | None, list[Entry]]]] = {}
+        for plan in planned:
+            by_shard.setdefault(keys.shard_of(plan[0], self.shards), []).append(plan)
+        calls = []
+        for shard, plans in by_shard.items():
+            shard_prefix = keys.in_shard(prefix, shard)
+            for start in range(0, len(plans), chunk):
+                args: list[str | int | bytes] = [shard_prefix, 0]
+                for person, version, irregular, replacement, entries in plans[start:start + chunk]:
+                    args += [person, version, int(irregular), int(replacement is not None), replacement or b"",
+                             len(entries)]
+                    for entry in entries:
+                        args += entry
+                    args[1] = int(args[1]) + 1
+                calls.append(([keys.summary_dirty(shard_prefix)], args))
+        return sum(int(result) for result in run_scripts(self.redis, self._write, calls))
 
 
 def size_of(value: Any) -> int:
@@ -106,13 +136,23 @@ class DaySummaries:
         self._days = _Bounded(budget_mb << 20)
         self._combined = _Bounded(budget_mb << 20)
 
+    @staticmethod
+    def _versions(client: redis.Redis, prefix: str, kind: str, days: list[str]) -> list[tuple[bytes | None, ...]]:
+        """Each day's version in every state shard (None where a shard has none of that day)."""
+        shards = state_shards(client)
+        pipe = client.pipeline(transaction=False)
+        for key in keys.in_shards(keys.summary_versions(prefix, kind), shards):
+            pipe.hmget(key, days)
+        per_shard = pipe.execute() if days else [[] for _ in range(shards)]
+        return list(zip(*per_shard, strict=True)) if days else []
+
     def read_combined(self, client: redis.Redis, definition: Any, days: list[str],
                       decode: Callable[[list[bytes]], Any], combine: Callable[[list[Any]], Any],
                       kind: str | None = None) -> Any:
         """`combine` of the days' summaries, kept while none of the days changes (a polled range)."""
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
         kind = kind or definition.summary_kind
-        versions = client.hmget(keys.summary_versions(prefix, kind), days)
+        versions = self._versions(client, prefix, kind, days)
         key = (definition.project_id, definition.hash, kind, tuple(days), tuple(versions))
         value = self._combined.get(key)
         if value is None:
@@ -121,37 +161,41 @@ class DaySummaries:
         return value
 
     def read(self, client: redis.Redis, definition: Any, days: list[str], decode: Callable[[list[bytes]], Any],
-             kind: str | None = None, versions: list[bytes | None] | None = None) -> list[Any]:
-        """The decoded summaries of the given days that have any (decode gets a day's hash values);
-        `versions`: the days' versions when the caller has just read them."""
+             kind: str | None = None, versions: list[tuple[bytes | None, ...]] | None = None) -> list[Any]:
+        """The decoded summaries of the given days that have any (decode gets a day's hash values, of
+        every state shard); `versions`: the days' versions when the caller has just read them."""
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
         kind = kind or definition.summary_kind
         if versions is None:
-            versions = client.hmget(keys.summary_versions(prefix, kind), days)
+            versions = self._versions(client, prefix, kind, days)
         for _ in range(5):
             found = self._read(client, definition, prefix, kind, days, versions, decode)
-            again = client.hmget(keys.summary_versions(prefix, kind), days)
+            again = self._versions(client, prefix, kind, days)
             if again == versions:  # no day changed while reading: one consistent snapshot
                 return found
             versions = again
         return found
 
     def _read(self, client: redis.Redis, definition: Any, prefix: str, kind: str, days: list[str],
-              versions: list[bytes | None], decode: Callable[[list[bytes]], Any]) -> list[Any]:
+              versions: list[tuple[bytes | None, ...]], decode: Callable[[list[bytes]], Any]) -> list[Any]:
         found, missing = [], []
         for day, version in zip(days, versions, strict=True):
-            if version is None:
+            if all(v is None for v in version):
                 continue
             cached = self._days.get((definition.project_id, definition.hash, kind, day))
-            if cached is not None and cached[0] == int(version):
+            if cached is not None and cached[0] == version:
                 found.append(cached[1])
             else:
-                missing.append((day, int(version)))
+                missing.append((day, version))
         if missing:
+            shards = state_shards(client)
             pipe = client.pipeline(transaction=False)
             for day, _ in missing:
-                pipe.hvals(keys.summary_rows(prefix, kind, day))
-            for (day, version), values in zip(missing, pipe.execute(), strict=True):
+                for key in keys.in_shards(keys.summary_rows(prefix, kind, day), shards):
+                    pipe.hvals(key)
+            replies = iter(pipe.execute())
+            for day, version in missing:
+                values = [v for _ in range(shards) for v in next(replies)]
                 decoded = decode(values)
                 self._days.put((definition.project_id, definition.hash, kind, day), (version, decoded))
                 found.append(decoded)

@@ -10,6 +10,7 @@ uses. Tests isolate themselves by project id, not by restarting services.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import redis
 
 from schemas.projects import Project
 from serving import stack
+from state.connection import connect
 from state.registry import Registry
 from tests.upstack import wait_lag_zero
 
@@ -58,7 +60,7 @@ class Stack:
 
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.services.redis_url)
+        return connect(self.services.redis_url)
 
     def restart_dataflow(self, kill9: bool = True) -> None:
         if kill9:
@@ -108,12 +110,19 @@ def _tail(path: Path | None, lines: int = 40) -> str:
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """One Redis server, or with `INSIGHTFLOW_TEST_REDIS=cluster` a Redis Cluster of 3 masters (the
+    whole suite then runs on the cluster; tests that stop Redis stop its first node)."""
     workdir = tmp_path_factory.mktemp("services")
-    redis_proc, redis_url = stack.start_redis(workdir / "redis", workdir / "logs")
+    if os.environ.get("INSIGHTFLOW_TEST_REDIS") == "cluster":
+        nodes, redis_url = stack.start_redis_cluster(workdir / "redis", workdir / "logs")
+    else:
+        node, redis_url = stack.start_redis(workdir / "redis", workdir / "logs")
+        nodes = [node]
     broker_proc, bootstrap = stack.start_tansu(workdir / "logs")
-    yield Services(redis_url, bootstrap, redis_proc, broker_proc, workdir)
+    yield Services(redis_url, bootstrap, nodes[0], broker_proc, workdir)
     broker_proc.stop()
-    redis_proc.stop()
+    for node in nodes:
+        node.stop()
 
 
 @pytest.fixture(scope="session")

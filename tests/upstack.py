@@ -22,6 +22,7 @@ import redis
 
 from serving import stack
 from state import keys
+from state.connection import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +95,7 @@ class Up:
     @property
     def redis(self) -> redis.Redis:
         env = json.loads((self.data_dir / "stack.json").read_text())
-        return redis.Redis.from_url(env["INSIGHTFLOW_REDIS_URL"])
+        return connect(env["INSIGHTFLOW_REDIS_URL"])
 
     def readyz(self) -> dict[str, Any]:
         try:

@@ -47,23 +47,41 @@ class Occurrence:
 
 
 @dataclass
-class BatchEffects:
-    """A batch's writes, summed: what `apply_batch.lua` takes."""
+class ShardEffects:
+    """What a batch adds to one state shard (the persons kept there), summed per key."""
 
-    guards: list[tuple[str, int, int]] = field(default_factory=list)  # uuid, partition, offset
     hour_counts: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
     day_counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     hour_persons: dict[tuple[str, int], set[int]] = field(default_factory=lambda: defaultdict(set))
     day_persons: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
     firsts: dict[str, dict[int, tuple[int, int, str]]] = field(default_factory=lambda: defaultdict(dict))
+    contributions: list[tuple[Occurrence, Contribution]] = field(default_factory=list)  # applied one by one
+    kept_days: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+    kept_persons: dict[tuple[str, int], list[str]] = field(default_factory=lambda: defaultdict(list))
+    ranges: dict[int, list[int]] = field(default_factory=dict)  # partition -> [first offset, next offset]
+    handovers: dict[tuple[str, int], int] = field(default_factory=dict)  # (definition, partition) -> first offset
+
+
+@dataclass
+class BatchEffects:
+    """A batch's writes, summed: the project's home part (`apply_batch.lua`: uuid guards, event names,
+    person updates, offsets) and each state shard's part (`apply_shard.lua`)."""
+
+    guards: list[tuple[str, int, int, int]] = field(default_factory=list)  # uuid, partition, offset, person
     names: set[str] = field(default_factory=set)
     updates: list[Occurrence] = field(default_factory=list)  # events that set person properties, in order
     reached: dict[int, int] = field(default_factory=dict)  # partition -> next offset
-    contributions: list[tuple[Occurrence, Contribution]] = field(default_factory=list)  # applied one by one
-    handovers: dict[tuple[str, int], int] = field(default_factory=dict)  # (definition, partition) -> first offset
-    kept_days: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
-    kept_persons: dict[tuple[str, int], list[str]] = field(default_factory=lambda: defaultdict(list))
     earliest: int | None = None
+    shards: dict[int, ShardEffects] = field(default_factory=dict)
+
+    @property
+    def firsts(self) -> dict[str, dict[int, tuple[int, int, str]]]:
+        """First-time candidates of every shard (persons are in one shard each)."""
+        out: dict[str, dict[int, tuple[int, int, str]]] = defaultdict(dict)
+        for shard in self.shards.values():
+            for event, persons in shard.firsts.items():
+                out[event].update(persons)
+        return out
 
 
 class KnownFirsts:
@@ -92,11 +110,14 @@ class KnownFirsts:
 
 
 def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[str] | None = None,
-                  flags: dict[str, str] | None = None) -> BatchEffects:
+                  flags: dict[str, str] | None = None, shards: int = 1,
+                  fences: dict[int, dict[int, int]] | None = None) -> BatchEffects:
     """Sum a project's batch. Occurrences whose uuid is in `skip` (already applied) or repeats an
-    earlier one of the batch, or without a person, only move the offsets. Contributions to
-    definitions that keep events (`flags` with 'f': per day, 's': per person for summaries) become
-    the rows and strings they keep, in event order; others are applied one by one by the script."""
+    earlier one of the batch, or without a person, only move the offsets. Person p's event state goes
+    to shard p % shards, except below that shard's `fences` (shard -> partition -> next offset it
+    has applied: a replay of what it holds). Contributions to definitions that keep events (`flags`
+    with 'f': per day, 's': per person for summaries) become the rows and strings they keep, in event
+    order; others are applied one by one by the script."""
     out = BatchEffects()
     keeps = {h: ("f" in f, "s" in f) for h, f in (flags or {}).items() if "f" in f or "s" in f}
     taken: set[str] = set()
@@ -108,33 +129,44 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
             continue
         taken.add(o.uuid)
         p, ev = o.person, o.event
-        out.guards.append((o.uuid, o.partition, o.offset))
-        out.hour_counts[(ev, o.hour)] += 1
-        out.day_counts[(ev, o.day)] += 1
-        out.hour_persons[(ev, o.hour)].add(p)
-        out.day_persons[(ev, o.day)].add(p)
+        out.guards.append((o.uuid, o.partition, o.offset, p))
         out.names.add(ev)
         if out.earliest is None or o.ts < out.earliest:
             out.earliest = o.ts
+        if o.updates_person:
+            out.updates.append(o)
+        s = p % shards
+        if fences and o.offset < fences.get(s, {}).get(o.partition, 0):
+            continue
+        sh = out.shards.get(s)
+        if sh is None:
+            sh = out.shards[s] = ShardEffects()
+        span = sh.ranges.get(o.partition)
+        if span is None:
+            sh.ranges[o.partition] = [o.offset, nxt]
+        else:
+            span[0], span[1] = min(span[0], o.offset), max(span[1], nxt)
+        sh.hour_counts[(ev, o.hour)] += 1
+        sh.day_counts[(ev, o.day)] += 1
+        sh.hour_persons[(ev, o.hour)].add(p)
+        sh.day_persons[(ev, o.day)].add(p)
         if known.needed(ev, p, o.ts):
-            firsts = out.firsts[ev]
+            firsts = sh.firsts[ev]
             current = firsts.get(p)
             if current is None or o.ts < current[0]:
                 firsts[p] = (o.ts, o.hour, o.day)
-        if o.updates_person:
-            out.updates.append(o)
         if o.contributions:
             for c in o.contributions:
                 h, _, v = c
-                if (h, o.partition) not in out.handovers:
-                    out.handovers[(h, o.partition)] = o.offset
+                if (h, o.partition) not in sh.handovers:
+                    sh.handovers[(h, o.partition)] = o.offset
                 kept = keeps.get(h)
                 if kept is None or not isinstance(v, str):
-                    out.contributions.append((o, c))
+                    sh.contributions.append((o, c))
                     continue
                 per_day, per_person = kept
                 if per_day:
-                    out.kept_days[(h, o.day)].append(f"{p}|{o.ts}|{o.uuid}|{v}")
+                    sh.kept_days[(h, o.day)].append(f"{p}|{o.ts}|{o.uuid}|{v}")
                 if per_person:
-                    out.kept_persons[(h, p)].append(f"{o.ts},{o.day},{o.uuid},{len(v.encode())}:{v}")
+                    sh.kept_persons[(h, p)].append(f"{o.ts},{o.day},{o.uuid},{len(v.encode())}:{v}")
     return out

@@ -1,20 +1,20 @@
 """The Lua scripts of state/lua/ against a real Redis, called with arguments built by name from their
-layouts (state/scripts.py), the live batch through the store's encoder: guards, sums per key, person
-resolution, property order, first-time moves, offsets, definition failures, the backfill fence,
-stream bookkeeping and summary writes."""
+layouts (state/scripts.py), the live batch through the store's encoder: guards, sums per key, state
+shards and their fences, person resolution, property order, first-time moves, offsets, definition
+failures, backfill bounds and fences, stream bookkeeping and summary writes."""
 
 from __future__ import annotations
 
 import itertools
 from typing import Any
 
-import orjson
 import pytest
 import redis
 
 from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
 from schemas.events import TopicEvent
 from state import keys, scripts
+from state.connection import connect
 from state.store import BatchOutcome, ProjectBatch, Resolved, StateStore
 from tests.conftest import Services
 
@@ -24,7 +24,7 @@ DAY_MS = 86_400_000
 
 @pytest.fixture
 def client(services: Services) -> redis.Redis:
-    return redis.Redis.from_url(services.redis_url)
+    return connect(services.redis_url)
 
 
 def _args(script: scripts.Script, header: dict[str, Any], items: list[dict[str, Any]] = (),
@@ -52,14 +52,14 @@ def _event(uuid: str, distinct_id: str, ts: int, event: str = "view", offset: in
 class Project:
     """A project's batches through the store as the dataflow sends them: persons resolved by
     `resolve_persons.lua` (every event asked, as a worker that knows no one), then the batch summed
-    by the pure operator and applied by `apply_batch.lua`."""
+    by the pure operator and applied by `apply_batch.lua` and `apply_shard.lua`."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, shards: int = 1, tag: str = "t1") -> None:
         self.id = next(_projects)
+        self.tag = tag  # the topic's (keys.topic_tag)
         self.client = client
         self.prefix = keys.project_prefix(self.id)
-        self.store = StateStore(client)
-        self._backfill = client.register_script(scripts.BACKFILL_EVENTS.source)
+        self.store = StateStore(client, shards)
 
     def resolve(self, events: list[Occurrence]) -> Resolved:
         asks = [(o.uuid, o.distinct_id, o.update.link_kind or "", o.update.other_distinct_id or "") for o in events]
@@ -69,19 +69,18 @@ class Project:
         return resolved
 
     def apply(self, events: list[Occurrence], flags: dict[str, str] | None = None, generation: int = 0,
-              skip: set[str] | None = None) -> BatchOutcome:
+              skip: set[str] | None = None, fences: dict[int, dict[int, int]] | None = None,
+              home_only: bool = False) -> BatchOutcome:
+        """`home_only`: the home part alone, as when a worker dies before sending the shards' parts."""
         self.resolve(events)
-        effects = batch_effects(events, KnownFirsts(), skip, flags)
-        return self.store.apply([ProjectBatch(self.id, effects, flags or {}, generation)])
+        effects = batch_effects(events, KnownFirsts(), skip, flags, self.store.shards, fences)
+        if home_only:
+            effects.shards = {}
+        return self.store.apply([ProjectBatch(self.id, effects, flags or {}, generation, self.tag)])
 
     def person(self, distinct_id: str) -> bytes | None:
         return self.client.hget(keys.distinct_ids(self.id), distinct_id)
 
-    def backfill(self, h: str, flags: str, partition: int, rows: list[dict[str, Any]], written: int) -> list[Any]:
-        header = {"prefix": self.prefix, "definition": h, "flags": flags, "partition": partition,
-                  "count": len(rows)}
-        return self._backfill(keys=[keys.distinct_ids(self.id)], args=_args(
-            scripts.BACKFILL_EVENTS, header, rows, {"written_up_to": written}))
 
 
 def test_guards_apply_each_uuid_once_and_a_batch_with_a_repeat_writes_nothing(client: redis.Redis) -> None:
@@ -95,7 +94,7 @@ def test_guards_apply_each_uuid_once_and_a_batch_with_a_repeat_writes_nothing(cl
     assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"1"}
     # ... and planned again without it: the rest counts once, the first copy's guard is kept.
     assert project.apply(again, skip={"u-1"}).applied.events == 1
-    assert client.hget(keys.seen(project.id, keys.seen_bucket("u-1")), "u-1") == b"2:5"
+    assert client.hget(keys.seen(project.id, keys.seen_bucket("u-1")), "u-1") == b"t1:2:5:" + project.person("a")
     assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"2"}
     assert client.bitcount(keys.day_persons(project.id, "view", "20240101")) == 1
     # Applied offsets are the next offset per partition and only rise.
@@ -133,13 +132,27 @@ def test_a_batch_of_any_size_applies(client: redis.Redis) -> None:
     assert client.hlen(keys.first_seen(project.id, "e1")) == 3 and client.scard(keys.event_names(project.id)) == 9000
     kept = keys.definition_events(keys.definition_prefix(project.id, "aa"), "20240101")
     assert client.llen(kept) == 20_000
-    assert project.apply(events, flags={"aa": "f"}).repeated[project.id] == {o.uuid for o in events}
+    resent = [_event(o.uuid, o.distinct_id, o.ts, event=o.event, offset=1) for o in events]  # other copies
+    assert project.apply(resent, flags={"aa": "f"}).repeated[project.id] == {o.uuid for o in events}
     # One event name with 5,000 first-time candidates: read and written in slices, pairs kept together.
-    many = [_event(f"one-{i}", f"d{i}", 2 * DAY_MS + i, event="one") for i in range(5_000)]
+    many = [_event(f"one-{i}", f"d{i}", 2 * DAY_MS + i, event="one", offset=10 + i) for i in range(5_000)]
     assert project.apply(many).applied.events == 5_000
     firsts = client.hgetall(keys.first_seen(project.id, "one"))
     assert len(firsts) == 5_000 and firsts[project.person("d4321")] == f"{2 * DAY_MS + 4321}:".encode() + \
         f"{(2 * DAY_MS + 4321) // 3_600_000 * 3600}:20240103".encode()
+
+
+def test_a_recreated_topic_starts_its_own_fences(client: redis.Redis) -> None:
+    """A broker that lost its topics starts offsets again from 0: events there are new copies, not a
+    replay of what the old topic's offsets fenced (and an old event resent there is a repeat)."""
+    project = Project(client, shards=2)
+    assert project.apply([_event(f"o-{i}", f"d{i}", 1000, offset=i) for i in range(10)]).applied.events == 10
+    project.tag = "t2"
+    fresh = project.apply([_event("n-1", "d1", 1000, offset=0), _event("n-2", "d2", 1000, offset=1)])
+    assert fresh.held == {} and fresh.applied.events == 2
+    assert project.apply([_event("o-3", "d3", 1000, offset=2)]).repeated == {project.id: {"o-3"}}
+    assert sum(int(client.hget(keys.in_shard(keys.day_counts(project.id, "view"), s), "20240101") or 0)
+               for s in range(2)) == 12
 
 
 def test_identify_links_and_merges_only_unidentified_persons(client: redis.Redis) -> None:
@@ -179,23 +192,53 @@ def test_person_properties_follow_event_time_not_arrival(client: redis.Redis) ->
 
 def test_a_late_earlier_event_moves_first_time(client: redis.Redis) -> None:
     project = Project(client)
-    project.apply([_event("f1", "a", 2 * DAY_MS)])
+    project.apply([_event("f1", "a", 2 * DAY_MS)])  # offsets rise, as on a partition
     assert client.hgetall(keys.first_time_day_counts(project.id, "view")) == {b"20240103": b"1"}
-    project.apply([_event("f2", "a", DAY_MS), _event("f3", "a", DAY_MS + 5)])
+    project.apply([_event("f2", "a", DAY_MS, offset=1), _event("f3", "a", DAY_MS + 5, offset=2)])
     assert client.hgetall(keys.first_time_day_counts(project.id, "view")) == {b"20240103": b"0", b"20240102": b"1"}
     assert client.bitcount(keys.first_time_day_persons(project.id, "view", "20240103")) == 0
     assert client.bitcount(keys.first_time_day_persons(project.id, "view", "20240102")) == 1
-    project.apply([_event("f4", "a", 3 * DAY_MS)])  # later: nothing moves
+    project.apply([_event("f4", "a", 3 * DAY_MS, offset=3)])  # later: nothing moves
     assert client.hget(keys.first_time_day_counts(project.id, "view"), "20240102") == b"1"
 
 
-def test_stale_generation_is_refused_and_writes_nothing(client: redis.Redis) -> None:
+def test_a_shard_refuses_a_batch_planned_before_its_generation(client: redis.Redis) -> None:
+    """A backfill fixing its bound raised the shard's generation: a batch planned before is refused
+    there (the home part, which no definition changes, is in) and counts once when planned again."""
     project = Project(client)
-    client.incr(keys.definitions_generation(project.id))
-    assert project.apply([_event("g1", "a", 1000)], generation=0).stale == {project.id}
+    client.set(keys.shard_generation(project.id, 0), 1)
+    refused = project.apply([_event("g1", "a", 1000)], generation=0)
+    assert refused.stale == {project.id} and refused.home == {project.id} and refused.shards == {}
     assert client.exists(keys.day_counts(project.id, "view")) == 0
-    assert client.hget(keys.seen(project.id, keys.seen_bucket("g1")), "g1") is None
-    assert project.apply([_event("g1", "a", 1000)], generation=1).applied.events == 1
+    assert project.apply([_event("g1", "a", 1000)], generation=1).shards == {project.id: {0}}
+    assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"1"}
+
+
+def test_state_shards_keep_each_persons_events_and_count_each_event_once(client: redis.Redis) -> None:
+    """Three shards: each person's counts and person sets in shard person % 3 only; a replay after a
+    crash between the home part and the shards' parts, and one after every part, count once."""
+    project = Project(client, shards=3)
+    events = [_event(f"sh-{i}", f"d{i % 7}", 1000 + i, offset=i, partition=1) for i in range(60)]
+    project.apply(events[:30], home_only=True)  # the worker died before the shards' parts
+    assert client.exists(keys.day_counts(project.id, "view")) == 0
+    outcome = project.apply(events)  # replayed with more: the guards are its own copies
+    assert outcome.repeated == {} and outcome.shards == {project.id: {0, 1, 2}}
+    persons = {o.distinct_id: int(project.person(o.distinct_id) or 0) for o in events}
+    for shard in range(3):
+        mine = [o for o in events if persons[o.distinct_id] % 3 == shard]
+        counts = client.hgetall(keys.in_shard(keys.day_counts(project.id, "view"), shard))
+        assert counts == ({b"20240101": str(len(mine)).encode()} if mine else {})
+        day = keys.in_shard(keys.day_persons(project.id, "view", "20240101"), shard)
+        assert client.bitcount(day) == len({o.distinct_id for o in mine})
+        assert client.hget(keys.shard_applied(project.id, shard), "t1:1") == (
+            str(max(o.offset for o in mine) + 1).encode() if mine else None)
+    # Every part applied, then the batch again (a restart from an older snapshot): each shard names
+    # what it holds, and planned again without those events nothing is added.
+    again = project.apply(events)
+    assert again.repeated == {} and set(again.held[project.id]) == {keys.shard_of(p, 3) for p in persons.values()}
+    assert project.apply(events, fences=again.held[project.id]).shards == {}
+    assert sum(int(client.hget(keys.in_shard(keys.day_counts(project.id, "view"), s), "20240101") or 0)
+               for s in range(3)) == 60
 
 
 def test_a_refused_definition_write_fails_that_definition_only(client: redis.Redis) -> None:
@@ -208,7 +251,6 @@ def test_a_refused_definition_write_fails_that_definition_only(client: redis.Red
     assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"1"}  # the event counts
     other = keys.definition_prefix(project.id, "cd34")
     assert client.hgetall(keys.definition_key(other, "cd", "y")) == {b"20240101": b"1"}
-    assert client.hget(keys.handover(prefix), "0") == b"0"
 
 
 def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None:
@@ -224,20 +266,43 @@ def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None
     assert client.smembers(keys.summary_dirty(b)) == {person.encode()}
 
 
-def test_backfill_applies_the_counted_copy_below_handover_once(client: redis.Redis) -> None:
-    project = Project(client)
-    project.apply([_event("b1", "a", 1000, offset=0), _event("b2", "a", 2000, offset=1),
-                   _event("b1", "a", 1000, offset=2)])  # a resend in the batch: the guard keeps offset 0
-    h, prefix = "beef", keys.definition_prefix(project.id, "beef")
-    client.hset(keys.handover(prefix), "0", 3)  # live from offset 3 on
-    rows = [{"bucket": keys.seen_bucket(u), "uuid": u, "offset": o, "distinct_id": "a", "hour": 0,
-             "day": "20240101", "ts": ts, "contribution": orjson.dumps(["v", None]).decode()}
-            for u, o, ts in (("b1", 0, 1000), ("b2", 1, 2000), ("b1", 2, 1000))]
-    assert project.backfill(h, "", 0, rows, -1)[0] == 2  # offset 2 is not the counted copy
-    assert client.hget(keys.backfill_fence(prefix), "0") == b"2"
-    assert client.hgetall(keys.definition_key(prefix, "cd", "v")) == {b"20240101": b"2"}
-    assert project.backfill(h, "", 0, rows, 2)[0] == 0  # again: below the fence, nothing
-    assert project.backfill(h, "", 0, rows, 7) == [-2]  # the fence is behind what we wrote: lost writes
+def test_backfill_applies_the_counted_copy_below_each_shards_bound_once(client: redis.Redis) -> None:
+    """Bounds are what each shard applied when first asked (and raise its generation); the backfill
+    applies each event's counted copy, in the shard of the person it was counted for, below that
+    shard's bound and live handover and above its fence, once."""
+    from schemas.definitions import Definition
+    from schemas.filters import parse_filters
+    from state.registry import DefinitionRegistry
+    from state.store import BackfillRow, RedisLostWrites
+
+    project = Project(client, shards=2)
+    definition = Definition(project_id=project.id, event="view", filters=parse_filters(None))
+    h = definition.hash
+    events = [_event("b1", "a", 1000, offset=0), _event("b2", "b", 2000, offset=1),
+              _event("b1", "a", 1000, offset=2),  # a resend in the batch: the guard keeps offset 0
+              _event("b3", "a", 3000, offset=3, contributions=[(h, "v", None)])]
+    project.apply(events[:3])
+    project.apply([events[3]], flags={h: ""})  # live saw the registration before the backfill's bound
+    client.set(keys.definitions_generation(project.id), 4)
+    registry = DefinitionRegistry(client, 2)
+    a, b = int(project.person("a") or 0), int(project.person("b") or 0)
+    assert a % 2 != b % 2
+    bounds = {a % 2: 4, b % 2: 2}  # the next offset of what each shard counted (offset 2 counted nowhere)
+    assert registry.bounds(project.id, h, 0, "t1") == [bounds[0], bounds[1]]
+    assert all(client.get(keys.shard_generation(project.id, s)) == b"4" for s in range(2))
+    assert project.apply([_event("b4", "b", 4000, offset=5)], generation=3).stale == {project.id}  # planned before
+    rows = [BackfillRow(o.offset, o.source, o.hour, o.day, ("v", None)) for o in events]
+    store = StateStore(client, 2)
+    assert store.backfill(definition, 0, rows, "t1").events == 2  # offset 2 is not the counted copy; 3 is live's
+    prefix = keys.definition_prefix(project.id, h)
+    assert [client.hget(keys.in_shard(keys.backfill_fence(prefix), s), "0") for s in range(2)] == [b"3", b"3"]
+    assert registry.fence(project.id, h, 0) == 3
+    assert sum(int(client.hget(keys.in_shard(keys.definition_key(prefix, "cd", "v"), s), "20240101") or 0)
+               for s in range(2)) == 3  # b1, b2 by the backfill; b3 live
+    assert store.backfill(definition, 0, rows, "t1", 3).events == 0  # again: below the fences, nothing
+    with pytest.raises(RedisLostWrites):
+        store.backfill(definition, 0, rows, "t1", 7)  # the fence is behind what we wrote: lost writes
+    assert registry.bounds(project.id, h, 0, "t1") == [bounds[0], bounds[1]]  # fixed once
 
 
 def test_stream_bookkeeping_scripts(client: redis.Redis) -> None:

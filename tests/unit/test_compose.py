@@ -12,16 +12,27 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+SINGLE = ("dataflow", "api")            # profile `single`: one Redis
+SCALE = ("dataflow-0", "dataflow-1", "api-scale")  # profile `scale`: a Redis Cluster
+CLUSTER = ("redis-0", "redis-1", "redis-2")
+
+
 def test_services_and_dependencies() -> None:
     services = COMPOSE["services"]
-    assert set(services) == {"kafka", "redis", "topics", "dataflow", "dataflow-0", "dataflow-1", "api"}
-    for name in ("dataflow", "dataflow-0", "dataflow-1", "api"):
+    assert set(services) == {"kafka", "redis", "topics", *SINGLE, *SCALE, *CLUSTER, "redis-cluster"}
+    for name in (*SINGLE, *SCALE):
         deps = services[name]["depends_on"]
-        assert deps["redis"]["condition"] == "service_healthy"
+        if name in SINGLE:
+            assert deps["redis"]["condition"] == "service_healthy"
+        else:  # the cluster is formed first
+            assert deps["redis-cluster"]["condition"] == "service_completed_successfully"
         assert deps["kafka"]["condition"] == "service_healthy"
         assert deps["topics"]["condition"] == "service_completed_successfully"
-    for name in ("kafka", "redis", "api"):
+    for name in ("kafka", "redis", "api", "api-scale", *CLUSTER):
         assert services[name]["healthcheck"]["test"]
+    for name in CLUSTER:
+        assert {d: c["condition"] for d, c in services["redis-cluster"]["depends_on"].items()}[name] == \
+            "service_healthy"
 
 
 def test_kafka_is_single_node_kraft() -> None:
@@ -31,10 +42,18 @@ def test_kafka_is_single_node_kraft() -> None:
 
 
 def test_redis_persists_with_aof_on_a_volume() -> None:
-    redis = COMPOSE["services"]["redis"]
-    command = redis["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
-    assert any(v.endswith(":/data") and v.split(":")[0] in COMPOSE["volumes"] for v in redis["volumes"])
+    volumes = set()
+    for name in ("redis", *CLUSTER):
+        redis = COMPOSE["services"][name]
+        command = redis["command"]
+        assert command[command.index("--appendonly") + 1] == "yes"
+        assert next(v.split(":")[0] for v in redis["volumes"] if v.endswith(":/data")) in COMPOSE["volumes"]
+        volumes.add(redis["volumes"][0])
+        if name in CLUSTER:
+            assert command[command.index("--cluster-enabled") + 1] == "yes"
+    assert len(volumes) == 4  # a volume each
+    create = " ".join(COMPOSE["services"]["redis-cluster"]["command"])
+    assert "--cluster create " + " ".join(f"{n}:6379" for n in CLUSTER) in create
 
 
 def test_environment_matches_settings() -> None:
@@ -44,15 +63,17 @@ def test_environment_matches_settings() -> None:
         assert f"--topic {topic} --partitions {defaults.partitions}" in topics_cmd
     redis_port = COMPOSE["services"]["redis"]["ports"][0].split(":")[1]
     kafka_port = COMPOSE["services"]["kafka"]["ports"][0].split(":")[1]
-    for name in ("dataflow", "dataflow-0", "dataflow-1", "api"):
+    for name in (*SINGLE, *SCALE):
         env = COMPOSE["services"][name]["environment"]
         assert set(env) <= set(ENV_VARS), set(env) - set(ENV_VARS)
-        assert env["INSIGHTFLOW_REDIS_URL"] == f"redis://redis:{redis_port}/0"
+        assert env["INSIGHTFLOW_REDIS_URL"] == (f"redis://redis:{redis_port}/0" if name in SINGLE
+                                                else "redis+cluster://redis-0:6379")
         assert env["INSIGHTFLOW_KAFKA_BOOTSTRAP"] == f"kafka:{kafka_port}"
         assert env["INSIGHTFLOW_TOPIC"] == defaults.topic and env["INSIGHTFLOW_DLQ_TOPIC"] == defaults.dlq_topic
-    api = COMPOSE["services"]["api"]
-    assert api["ports"] == [f"{defaults.api_port}:{defaults.api_port}"]
-    assert api["command"][-1] == str(defaults.api_port)
+    for name in ("api", "api-scale"):
+        api = COMPOSE["services"][name]
+        assert api["ports"] == [f"{defaults.api_port}:{defaults.api_port}"]
+        assert api["command"][-1] == str(defaults.api_port)
 
 
 def test_scale_profile_is_one_bytewax_cluster_instead_of_the_single_dataflow() -> None:
@@ -75,5 +96,10 @@ def test_scale_profile_is_one_bytewax_cluster_instead_of_the_single_dataflow() -
         assert command[command.index("--process-id") + 1] == str(index)
         addresses = command[command.index("--addresses") + 1].split(";")
         assert [a.split(":")[0] for a in addresses] == members
-        assert service["environment"] == services["dataflow"]["environment"]
+        assert service["environment"] == {**services["dataflow"]["environment"], "INSIGHTFLOW_STATE_SHARDS": "6",
+                                          "INSIGHTFLOW_REDIS_URL": "redis+cluster://redis-0:6379"}
         assert service["volumes"] == services["dataflow"]["volumes"]  # one shared recovery store
+    for name in ("redis", "api"):
+        assert services[name]["profiles"] == ["single"]
+    for name in (*CLUSTER, "redis-cluster", "api-scale"):
+        assert services[name]["profiles"] == ["scale"]

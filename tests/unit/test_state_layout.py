@@ -9,7 +9,7 @@ import pytest
 
 from schemas.events import TopicEvent
 from state import keys, scripts
-from state.store import batch_args
+from state.store import home_args, shard_args
 
 
 @pytest.mark.parametrize("script", scripts.ALL, ids=lambda s: s.file)
@@ -25,8 +25,9 @@ def test_every_name_a_script_reads_is_declared(script: scripts.Script) -> None:
 
 
 def test_batch_rows_follow_the_layouts() -> None:
-    """`batch_args` against the layouts `apply_batch.lua` reads: every row of every section read back
-    by field name holds what the pure operator summed."""
+    """`home_args` and `shard_args` against the layouts `apply_batch.lua` and `apply_shard.lua` read:
+    every row of every section read back by field name holds what the pure operator summed, each
+    person's event state in its shard (person % 2)."""
     import orjson
 
     from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
@@ -38,37 +39,58 @@ def test_batch_rows_follow_the_layouts() -> None:
         return o
 
     batch = [occurrence("u1", "a", "x", 1000, 7, {"$set": {"plan": "pro"}}, [("h1", "Chrome", 2.5)]),
-             occurrence("u2", "a", "y", 2000, 9, contributions=[("h2", "", '{"s":1}')]),
+             occurrence("u2", "a", "y", 2000, 8, contributions=[("h2", "", '{"s":1}')]),
              occurrence("u1", "a", "x", 1000, 7),  # a repeat in the batch: counted once
              occurrence("u3", "b", "x", 500, 7)]
     kinds = {"h1": "l", "h2": "fs"}  # h2 keeps events per day and per person (a funnel with summaries)
-    effects = batch_effects(batch, KnownFirsts(), flags=kinds)
-    prefix, generation, flags, body = batch_args(5, 2, kinds, effects)
-    assert (prefix, generation, orjson.loads(flags)) == (keys.project_prefix(5), 2, kinds)
-    sections = {layout.name: layout.fields for layout in scripts.APPLY_BATCH.layouts}
-    raw = orjson.loads(body)
+    effects = batch_effects(batch, KnownFirsts(), flags=kinds, shards=2)
+    assert sorted(effects.shards) == [0, 1]
 
-    def rows(name: str) -> list[dict]:
-        return [dict(zip(sections[name], row, strict=True)) for row in raw[name]]
+    def rows(layouts: tuple[scripts.Layout, ...], raw: dict, name: str) -> list[dict]:
+        fields = {layout.name: layout.fields for layout in layouts}[name]
+        return [dict(zip(fields, row, strict=True)) for row in raw[name]]
 
-    assert [(g["uuid"], g["copy"], g["bucket"]) for g in rows("G")] == [
-        (u, f"3:{ts}", keys.seen_bucket(u)) for u, ts in (("u1", 1000), ("u2", 2000), ("u3", 500))]
-    assert sorted((c["kind"], c["event"], c["events"]) for c in rows("C")) == [
-        ("d", "a", 2), ("d", "b", 1), ("h", "a", 2), ("h", "b", 1)]
-    assert sorted((b["kind"], b["event"], sorted(b["persons"])) for b in rows("B")) == [
-        ("d", "a", [7, 9]), ("d", "b", [7]), ("h", "a", [7, 9]), ("h", "b", [7])]
-    firsts = {f["event"]: [dict(zip(sections["FP"], c, strict=True)) for c in f["candidates"]] for f in rows("F")}
-    assert {ev: [(c["person"], c["ts"]) for c in cs] for ev, cs in firsts.items()} == {
-        "a": [(7, 1000), (9, 2000)], "b": [(7, 500)]}
-    assert raw["N"] == ["a", "b"] and raw["earliest"] == 500
-    assert rows("U") == [{"person": 7, "ts": 1000, "set": '{"plan":"\\"pro\\""}', "set_once": "", "unset": ""}]
-    assert rows("O") == [{"partition": 3, "next_offset": 2001}]
-    assert [(d["definition"], d["breakdown"], d["value"], d["person"], d["uuid"]) for d in rows("D")] == [
+    prefix, body = home_args(5, effects, "t1")
+    assert prefix == keys.project_prefix(5)
+    home = orjson.loads(body)
+    assert [(g["uuid"], g["copy"], g["bucket"], g["person"]) for g in rows(scripts.HOME_SECTIONS, home, "G")] == [
+        (u, f"t1:3:{ts}", keys.seen_bucket(u), p) for u, ts, p in (("u1", 1000, 7), ("u2", 2000, 8), ("u3", 500, 7))]
+    assert home["N"] == ["a", "b"] and home["earliest"] == 500
+    assert rows(scripts.HOME_SECTIONS, home, "U") == [
+        {"person": 7, "ts": 1000, "set": '{"plan":"\\"pro\\""}', "set_once": "", "unset": ""}]
+    assert rows(scripts.HOME_SECTIONS, home, "O") == [{"partition": 3, "next_offset": 2001}]
+
+    parts = {}
+    for shard in (0, 1):
+        prefix, generation, flags, body = shard_args(5, shard, 2, kinds, effects.shards[shard], "t1")
+        assert (prefix, generation, orjson.loads(flags)) == (keys.shard_prefix(5, shard), 2, kinds)
+        parts[shard] = orjson.loads(body)
+    odd, even = parts[1], parts[0]  # person 7, person 8
+
+    def shard_rows(raw: dict, name: str) -> list[dict]:
+        return rows(scripts.SHARD_SECTIONS, raw, name)
+
+    assert shard_rows(odd, "R") == [{"fence": "t1:3", "first": 500, "next_offset": 1001}]
+    assert shard_rows(even, "R") == [{"fence": "t1:3", "first": 2000, "next_offset": 2001}]
+    assert sorted((c["kind"], c["event"], c["events"]) for c in shard_rows(odd, "C")) == [
+        ("d", "a", 1), ("d", "b", 1), ("h", "a", 1), ("h", "b", 1)]
+    assert sorted((b["kind"], b["event"], sorted(b["persons"])) for b in shard_rows(even, "B")) == [
+        ("d", "a", [8]), ("h", "a", [8])]
+    fp = next(layout.fields for layout in scripts.SHARD_SECTIONS if layout.name == "FP")
+    firsts = {f["event"]: [dict(zip(fp, c, strict=True)) for c in f["candidates"]] for f in shard_rows(odd, "F")}
+    assert {ev: [(c["person"], c["ts"]) for c in cs] for ev, cs in firsts.items()} == {"a": [(7, 1000)],
+                                                                                          "b": [(7, 500)]}
+    assert [(d["definition"], d["breakdown"], d["value"], d["person"], d["uuid"]) for d in shard_rows(odd, "D")] == [
         ("h1", "Chrome", 2.5, 7, "u1")]  # a counting definition: applied one by one
-    assert rows("H") == [{"definition": "h1", "partition": 3, "offset": 1000},
-                         {"definition": "h2", "partition": 3, "offset": 2000}]
-    assert rows("KD") == [{"definition": "h2", "day": "20240101", "rows": ['9|2000|u2|{"s":1}']}]
-    assert rows("KP") == [{"definition": "h2", "person": 9, "kept": '2000,20240101,u2,7:{"s":1}'}]
+    assert shard_rows(even, "D") == [] and shard_rows(odd, "KD") == []
+    assert shard_rows(even, "KD") == [{"definition": "h2", "day": "20240101", "rows": ['8|2000|u2|{"s":1}']}]
+    assert shard_rows(even, "KP") == [{"definition": "h2", "person": 8, "kept": '2000,20240101,u2,7:{"s":1}'}]
+    assert shard_rows(odd, "H") == [{"definition": "h1", "partition": 3, "offset": 1000}]
+    assert shard_rows(even, "H") == [{"definition": "h2", "partition": 3, "offset": 2000}]
+
+    # A shard holding the events below its fence gets none of them again; the home part is unchanged.
+    fenced = batch_effects(batch, KnownFirsts(), flags=kinds, shards=2, fences={1: {3: 1001}})
+    assert sorted(fenced.shards) == [0] and len(fenced.guards) == 3
 
 
 def test_key_functions_yield_declared_keys() -> None:
@@ -83,6 +105,23 @@ def test_key_functions_yield_declared_keys() -> None:
             keys.summary_rows(d, "ps", "20240101"), keys.summary_versions(d, "fb"), keys.irregular_persons(d),
             keys.definition_meta(d), keys.handover(d), keys.backfill_fence(d), keys.backfill_bound(d),
             keys.backfill_done(d)]
+    made += [keys.shard_applied(7, 0), keys.shard_generation(7, 2), keys.LAYOUT_KEY]
     assert [k for k in made if not keys.declared(k)] == []
-    for undeclared in ("{p7}:v1:nope", "{p7}:v1:d:0abc:zz", "{p7}:v2:events", "insightflow:other", "events"):
+    for undeclared in ("{p7}:v1:nope", "{p7}:v1:d:0abc:zz", "{p7}:v2:events", "insightflow:other", "events",
+                       "{p7.1}:v1:pdi", "{p7.1}:v1:d:0abc:meta", "{p7.1}:v1:seen:00ff"):
         assert not keys.declared(undeclared), undeclared
+
+
+def test_event_state_spreads_over_shards_and_the_rest_stays_home() -> None:
+    d = keys.definition_prefix(7, "0abc")
+    for key in (keys.day_persons(7, "e", "20240101"), keys.first_seen(7, "e"), keys.person_events(d, 3),
+                keys.summary_rows(d, "fa", "20240101"), keys.definition_key(d, "vs", "x"), keys.backfill_bound(d)):
+        spread = keys.in_shards(key, 3)
+        assert spread[0] == key and len(set(spread)) == 3 and all(keys.declared(k) for k in spread), key
+        assert [keys.in_shard(k, 0) for k in spread] == [key] * 3
+        assert spread[2].startswith("{p7.2}:")
+    for key in (keys.distinct_ids(7), keys.seen(7, "00ff"), keys.event_names(7), keys.definition_meta(d),
+                keys.definitions_generation(7), keys.person_properties(7, 3)):
+        assert keys.in_shards(key, 3) == [key], key
+    assert keys.in_shards(keys.first_seen(7, "e"), 1) == [keys.first_seen(7, "e")]
+    assert [keys.shard_of(p, 3) for p in (3, 4, "5")] == [0, 1, 2]

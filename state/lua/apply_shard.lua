@@ -1,0 +1,138 @@
+-- Applies one state shard's part of a project's batch (state/store.py, StateStore.apply), after the
+-- home part (apply_batch.lua) took the events' guards: what they add, summed per key by the worker, to
+-- the counts, person sets and first times of the persons kept in this shard, and their contributions
+-- to registered definitions. Refused, writing nothing:
+--   {-1}  when the batch was planned with definitions older than this shard's generation (raised
+--         when a backfill fixes its bound here, fix_bound.lua): the worker reloads and plans again;
+--   {-3, partition, next offset, ...}  when this shard holds some of the events already (a replay
+--         after a crash): the worker plans again without the events below those offsets.
+-- Otherwise it applies everything and raises its per-partition fence in the same call. Arguments:
+-- the header A; A.batch is a JSON object of sections, each a list of rows named by its layout:
+--   R  ranges:          fence (`topic tag:partition`), first offset, next offset (of this shard's events)
+--   C  counts:          kind ('h' hour, 'd' day), event, bucket, events
+--   B  person sets:     kind, event, bucket, persons (a list of person ids)
+--   F  first times:     event, candidates (a list of FP rows: person, ts, hour, day)
+--   H  handovers:       definition, partition, first offset applied live here (backfill_events.lua)
+--   KD kept per day:    definition, day, rows (funnel events, `person|ts|uuid|value`)
+--   KP kept per person: definition, person, kept (`ts,day,uuid,len:value` appended)
+--   D  contributions:   definition, breakdown, value (number, text or null), person, hour, day, ts,
+--                       uuid (applied one by one)
+local P = ARGV[A.prefix]
+-- include: definition_state.lua
+
+if tonumber(redis.call('GET', P .. K.shard_generation) or '0') > tonumber(ARGV[A.generation]) then return {-1} end
+local DEFS = cjson.decode(ARGV[A.flags])
+local batch = cjson.decode(ARGV[A.batch])
+
+local held = {}
+for _, r in ipairs(batch.R) do
+  local fence = redis.call('HGET', P .. K.shard_applied, r[R.fence])
+  if fence and tonumber(fence) > r[R.first] then
+    held[#held + 1] = r[R.fence]; held[#held + 1] = tonumber(fence)
+  end
+end
+if #held > 0 then
+  table.insert(held, 1, -3)
+  return held
+end
+
+local COUNTS = {h = K.hour_counts, d = K.day_counts}
+for _, c in ipairs(batch.C) do
+  redis.call('HINCRBY', P .. COUNTS[c[C.kind]] .. c[C.event], c[C.bucket], c[C.events])
+end
+
+-- Person sets: a bit per person id; several persons of one key in one BITFIELD, in chunks Lua's
+-- unpack can take.
+local PERSONS = {h = K.hour_persons, d = K.day_persons}
+for _, b in ipairs(batch.B) do
+  local key, persons = P .. PERSONS[b[B.kind]] .. b[B.event] .. ':' .. b[B.bucket], b[B.persons]
+  if #persons == 1 then
+    redis.call('SETBIT', key, persons[1], 1)
+  else
+    local ops = {}
+    for _, p in ipairs(persons) do
+      ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = 1
+      if #ops >= 4000 then redis.call('BITFIELD', key, unpack(ops)); ops = {} end
+    end
+    if #ops > 0 then redis.call('BITFIELD', key, unpack(ops)) end
+  end
+end
+
+-- First time per person and event, stored as 'ts:hour:day' so a later batch holding an earlier
+-- event can move the person's first-time count from the old buckets to the new ones.
+local moved = {}
+local function move(key, field, by)
+  local t = moved[key]
+  if not t then t = {}; moved[key] = t end
+  t[field] = (t[field] or 0) + by
+end
+for _, f in ipairs(batch.F) do
+  local ev, candidates = f[F.event], f[F.candidates]
+  local fkey = P .. K.first_seen .. ev
+  local fields = {}
+  for j, c in ipairs(candidates) do fields[j] = c[FP.person] end
+  local current = sliced('HMGET', fkey, fields)
+  local updates = {}
+  for j, c in ipairs(candidates) do
+    local p, ts, hour, day = c[FP.person], c[FP.ts], c[FP.hour], c[FP.day]
+    local cur = current[j]
+    local old_ts, old_hour, old_day
+    if cur then
+      old_ts, old_hour, old_day = string.match(cur, '^(-?%d+):(-?%d+):(%d+)$')
+      old_ts = tonumber(old_ts)
+    end
+    if not cur or ts < old_ts then
+      if cur then
+        move(P .. K.first_time_hour_counts .. ev, old_hour, -1)
+        move(P .. K.first_time_day_counts .. ev, old_day, -1)
+        redis.call('SETBIT', P .. K.first_time_hour_persons .. ev .. ':' .. old_hour, p, 0)
+        redis.call('SETBIT', P .. K.first_time_day_persons .. ev .. ':' .. old_day, p, 0)
+      end
+      move(P .. K.first_time_hour_counts .. ev, hour, 1)
+      move(P .. K.first_time_day_counts .. ev, day, 1)
+      redis.call('SETBIT', P .. K.first_time_hour_persons .. ev .. ':' .. hour, p, 1)
+      redis.call('SETBIT', P .. K.first_time_day_persons .. ev .. ':' .. day, p, 1)
+      updates[#updates + 1] = p; updates[#updates + 1] = ts .. ':' .. hour .. ':' .. day
+    end
+  end
+  if #updates > 0 then sliced('HSET', fkey, updates) end
+end
+for key, fields in pairs(moved) do
+  for field, by in pairs(fields) do
+    if by ~= 0 then redis.call('HINCRBY', key, field, by) end
+  end
+end
+
+for _, o in ipairs(batch.H) do
+  redis.call('HSETNX', P .. K.definition .. o[H.definition] .. ':' .. DK.handover, o[H.partition], o[H.offset])
+end
+-- Events kept by funnels (per day) and by summarised definitions (per person, the person marked
+-- for the summariser), as the worker wrote them out (dataflows/operators/batch.py).
+for _, k in ipairs(batch.KD) do
+  local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]
+  each_slice(k[KD.rows], function(...) write(key, 'RPUSH', key, ...) end)
+end
+local dirty = {}
+for _, k in ipairs(batch.KP) do
+  local h, p = k[KP.definition], k[KP.person]
+  local key = P .. K.definition .. h .. ':' .. DK.person_events .. p
+  if write(key, 'APPEND', key, k[KP.kept]) then
+    local d = dirty[h]
+    if not d then d = {}; dirty[h] = d end
+    d[#d + 1] = p
+  end
+end
+for h, persons in pairs(dirty) do
+  local key = P .. K.definition .. h .. ':' .. DK.dirty
+  each_slice(persons, function(...) write(key, 'SADD', key, ...) end)
+end
+-- Contributions applied one by one: definitions that count (trends, property maths, retention).
+for _, d in ipairs(batch.D) do
+  local v = d[D.value]
+  if v == cjson.null then v = nil end
+  apply_definition(d[D.definition], DEFS[d[D.definition]] or '', d[D.breakdown], v, d[D.person], d[D.hour],
+    d[D.day], d[D.ts], d[D.uuid])
+end
+flush()
+for _, r in ipairs(batch.R) do redis.call('HSET', P .. K.shard_applied, r[R.fence], r[R.next_offset]) end
+return answer(0)

@@ -12,6 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -103,8 +104,9 @@ class Definition:
             **({"steps": [[s.event, s.filters.canonical()] for s in self.steps]} if self.steps else {}),
         }
 
-    @property
+    @cached_property
     def hash(self) -> str:
+        """The definition's identity (its state's key part); computed once, the definition is frozen."""
         return hashlib.sha256(orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
     @property

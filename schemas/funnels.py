@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import orjson
@@ -129,8 +130,9 @@ class FunnelDefinition:
             **({"summaries": 2} if self.summaries else {}),  # 2: the layout of the attempt rows
         }
 
-    @property
+    @cached_property
     def hash(self) -> str:
+        """The definition's identity (its state's key part); computed once, the definition is frozen."""
         return hashlib.sha256(orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
     @property

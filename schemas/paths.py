@@ -11,6 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -60,8 +61,9 @@ class PathDefinition:
                 "custom_events": sorted(self.custom_events), "filters": self.filters.canonical(),
                 "timezone": self.timezone, "summaries": True}
 
-    @property
+    @cached_property
     def hash(self) -> str:
+        """The definition's identity (its state's key part); computed once, the definition is frozen."""
         return hashlib.sha256(orjson.dumps(self.canonical(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
     @property

@@ -18,8 +18,9 @@ import redis
 import typer
 
 from schemas.projects import RegistryError
+from schemas.settings import Settings
 from serving import stack
-from state.connection import connect
+from state.connection import LayoutMismatch, claim_state_shards, connect
 from state.registry import Registry
 
 app = typer.Typer(help="Insightflow: PostHog's insight API from incrementally maintained state.",
@@ -143,6 +144,11 @@ def dataflow(
     """Run only the dataflow (containers, clusters): recovery on, 1 s snapshot interval. Processes of
     one cluster share the recovery directory and fail and restart together."""
     peers = [a.strip() for a in addresses.split(";") if a.strip()]
+    try:
+        _check_state_shards(os.environ.get("INSIGHTFLOW_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    except stack.StackError as exc:
+        _say(f"error: {exc}")
+        raise typer.Exit(2) from exc
     if peers and not 0 <= process_id < len(peers):
         _say(f"error: --process-id {process_id} is not an index of the {len(peers)} addresses given")
         raise typer.Exit(2)
@@ -185,6 +191,18 @@ def up(
 
 
 DRAIN_TIMEOUT_S = float(os.environ.get("INSIGHTFLOW_DRAIN_TIMEOUT", "120"))
+
+
+def _check_state_shards(redis_url: str) -> None:
+    """Refuse to start a dataflow whose INSIGHTFLOW_STATE_SHARDS disagrees with the state in Redis,
+    saying so, instead of failing inside the dataflow. Redis not reachable yet: the dataflow waits
+    for it and checks then."""
+    try:
+        claim_state_shards(connect(redis_url), Settings.from_env().state_shards)
+    except LayoutMismatch as exc:
+        raise stack.StackError(str(exc)) from exc
+    except (redis.RedisError, ValueError):
+        return
 
 
 def _dataflow_processes() -> int:
@@ -319,6 +337,7 @@ class Supervisor:
         self.topics = [topic, os.environ.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq")]
         self._create_topics()
         _stack_file(self.data_dir).write_text(json.dumps({**self.env, "api": self.url}))
+        _check_state_shards(redis_url)
         for managed in self._start_dataflow():
             self._record(managed)
         self._record(stack.start_api(self.api_port, self.logs, self.env))

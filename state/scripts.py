@@ -75,7 +75,18 @@ class Script:
 
 @cache
 def _body(file: str) -> str:
-    return _INCLUDE.sub(lambda m: (LUA / m.group(1)).read_text(), (LUA / file).read_text())
+    """The file with its includes in place (an included file may include others, each once)."""
+    text, seen = (LUA / file).read_text(), set()
+
+    def include(m: re.Match[str]) -> str:
+        if m.group(1) in seen:
+            return ""
+        seen.add(m.group(1))
+        return (LUA / m.group(1)).read_text()
+
+    while _INCLUDE.search(text):
+        text = _INCLUDE.sub(include, text)
+    return text
 
 
 def _header_then(header: tuple[str, ...], item: tuple[str, ...], trailer: tuple[str, ...] = ()) -> tuple[Layout, ...]:
@@ -102,10 +113,14 @@ SHARD_SECTIONS = (
     Layout("H", ("definition", "partition", "offset")),
     Layout("KD", ("definition", "day", "rows")),
     Layout("KP", ("definition", "person", "kept")),
-    Layout("D", ("definition", "breakdown", "value", "person", "hour", "day", "ts", "uuid")),
+    Layout("DC", ("definition", "kind", "breakdown", "bucket", "events", "persons")),
+    Layout("DV", ("definition", "breakdowns")),
+    Layout("DS", ("definition", "breakdown", "field", "sums", "count", "min", "max")),
+    Layout("DL", ("definition", "kind", "breakdown", "bucket", "values")),
+    Layout("DA", ("definition", "kind", "breakdown", "bucket", "persons")),
 )
 APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "batch")), *HOME_SECTIONS))
-APPLY_SHARD = Script("apply_shard.lua", (Layout("A", ("prefix", "generation", "flags", "batch")), *SHARD_SECTIONS))
+APPLY_SHARD = Script("apply_shard.lua", (Layout("A", ("prefix", "generation", "batch")), *SHARD_SECTIONS))
 FIX_BOUND = Script("fix_bound.lua", (Layout("A", ("prefix", "definition", "partition", "fence", "generation")),))
 
 # Events whose persons the worker cannot tell alone: unknown distinct ids and identity links.

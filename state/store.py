@@ -81,8 +81,7 @@ def home_args(project_id: int, effects: BatchEffects, tag: str) -> list[Any]:
     return [keys.project_prefix(project_id), orjson.dumps(batch)]
 
 
-def shard_args(project_id: int, shard: int, generation: int, flags: dict[str, str], effects: ShardEffects,
-               tag: str) -> list[Any]:
+def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffects, tag: str) -> list[Any]:
     """The arguments of `apply_shard.lua` for one state shard (rows follow `scripts.SHARD_SECTIONS`;
     fences are named `tag:partition`)."""
     bits = [["h", ev, hour, list(persons)] for (ev, hour), persons in effects.hour_persons.items()]
@@ -98,9 +97,16 @@ def shard_args(project_id: int, shard: int, generation: int, flags: dict[str, st
         "H": [[h, partition, offset] for (h, partition), offset in effects.handovers.items()],
         "KD": [[h, day, rows] for (h, day), rows in effects.kept_days.items()],
         "KP": [[h, person, "".join(kept)] for (h, person), kept in effects.kept_persons.items()],
-        "D": [[h, bv, v, o.person, o.hour, o.day, o.ts, o.uuid] for o, (h, bv, v) in effects.contributions],
+        "DC": [[h, kind, bv, bucket, n, list(sums.persons[(kind, bv, bucket)])]
+               for h, sums in effects.sums.items() for (kind, bv, bucket), n in sums.counts.items()],
+        "DV": [[h, sorted(sums.breakdowns)] for h, sums in effects.sums.items()],
+        "DS": [[h, bv, f, *stat] for h, sums in effects.sums.items() for (bv, f), stat in sums.stats.items()],
+        "DL": [[h, kind, bv, bucket, values] for h, sums in effects.sums.items()
+               for (kind, bv, bucket), values in sums.values.items()],
+        "DA": [[h, kind, bv, bucket, [x for pc in actors.items() for x in pc]] for h, sums in effects.sums.items()
+               for (kind, bv, bucket), actors in sums.actors.items()],
     }
-    return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(flags), orjson.dumps(batch)]
+    return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(batch)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +241,7 @@ class StateStore:
         parts = [(b, shard, effects) for b in batches if b.home_done or b.project_id in outcome.home
                  for shard, effects in b.effects.shards.items() if shard not in b.shards_done]
         calls = [([keys.shard_applied(b.project_id, shard)],
-                  shard_args(b.project_id, shard, b.generation, b.flags, effects, b.tag))
+                  shard_args(b.project_id, shard, b.generation, effects, b.tag))
                  for b, shard, effects in parts]
         for (batch, shard, _), answer in zip(parts, run_scripts(self.redis, self._apply_shard, calls), strict=True):
             pid, code = batch.project_id, int(answer[0])

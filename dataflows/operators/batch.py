@@ -7,6 +7,7 @@ so an event counts once whatever is replayed or resent (state/lua/apply_batch.lu
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,51 @@ class Occurrence:
 
 
 @dataclass
+class DefinitionSums:
+    """What a batch adds to a counting definition (trends, property maths, retention) in one shard,
+    summed per key as `apply_definition` (definition_state.lua) would per event: events and persons
+    per breakdown value and bucket, the values seen, property sums (partial sums where a double
+    would overflow, so Redis adds them in long double), and with flags `l` every value, `a` events
+    per person."""
+
+    keep_values: bool = False
+    per_actor: bool = False
+    counts: dict[tuple[str, str, int | str], int] = field(default_factory=lambda: defaultdict(int))  # kind, bv, bucket
+    persons: dict[tuple[str, str, int | str], set[int]] = field(default_factory=lambda: defaultdict(set))
+    breakdowns: set[str] = field(default_factory=set)
+    stats: dict[tuple[str, str], list[Any]] = field(default_factory=dict)  # (bv, h<hour>|d<day>) -> [sums, n, min, max]
+    values: dict[tuple[str, str, int | str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    actors: dict[tuple[str, str, int | str], dict[int, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+
+    def add(self, o: Occurrence, bv: str, v: Any, person: int) -> None:
+        for kind, bucket in (("h", o.hour), ("d", o.day)):
+            self.counts[(kind, bv, bucket)] += 1
+            self.persons[(kind, bv, bucket)].add(person)
+            if self.per_actor:
+                self.actors[(kind, bv, bucket)][person] += 1
+        self.breakdowns.add(bv)
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return
+        for kind, bucket in (("h", o.hour), ("d", o.day)):
+            key = (bv, f"{kind}{bucket}")
+            found = self.stats.get(key)
+            if found is None:
+                self.stats[key] = [[v], 1, v, v]
+            else:
+                sums = found[0]
+                total = sums[-1] + v
+                if math.isinf(total) or math.isnan(total):
+                    sums.append(v)  # past a double: Redis adds the parts in long double
+                else:
+                    sums[-1] = total
+                found[1] += 1
+                found[2], found[3] = min(found[2], v), max(found[3], v)
+            if self.keep_values:
+                self.values[(kind, bv, bucket)].append(v)
+
+
+@dataclass
 class ShardEffects:
     """What a batch adds to one state shard (the persons kept there), summed per key."""
 
@@ -55,11 +101,11 @@ class ShardEffects:
     hour_persons: dict[tuple[str, int], set[int]] = field(default_factory=lambda: defaultdict(set))
     day_persons: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
     firsts: dict[str, dict[int, tuple[int, int, str]]] = field(default_factory=lambda: defaultdict(dict))
-    contributions: list[tuple[Occurrence, Contribution]] = field(default_factory=list)  # applied one by one
     kept_days: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
     kept_persons: dict[tuple[str, int], list[str]] = field(default_factory=lambda: defaultdict(list))
     ranges: dict[int, list[int]] = field(default_factory=dict)  # partition -> [first offset, next offset]
     handovers: dict[tuple[str, int], int] = field(default_factory=dict)  # (definition, partition) -> first offset
+    sums: dict[str, DefinitionSums] = field(default_factory=dict)  # counting definitions
 
 
 @dataclass
@@ -117,7 +163,7 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
     to shard p % shards, except below that shard's `fences` (shard -> partition -> next offset it
     has applied: a replay of what it holds). Contributions to definitions that keep events (`flags`
     with 'f': per day, 's': per person for summaries) become the rows and strings they keep, in event
-    order; others are applied one by one by the script."""
+    order; those to counting definitions are summed per key (`DefinitionSums`)."""
     out = BatchEffects()
     keeps = {h: ("f" in f, "s" in f) for h, f in (flags or {}).items() if "f" in f or "s" in f}
     taken: set[str] = set()
@@ -162,7 +208,11 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
                     sh.handovers[(h, o.partition)] = o.offset
                 kept = keeps.get(h)
                 if kept is None or not isinstance(v, str):
-                    sh.contributions.append((o, c))
+                    sums = sh.sums.get(h)
+                    if sums is None:
+                        f = (flags or {}).get(h, "")
+                        sums = sh.sums[h] = DefinitionSums("l" in f, "a" in f)
+                    sums.add(o, c[1], v, p)
                     continue
                 per_day, per_person = kept
                 if per_day:

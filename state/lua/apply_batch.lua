@@ -12,7 +12,7 @@
 --   U  person-property updates: person, ts, set, set_once, unset (JSON or '')
 --   O  offsets:         partition, next offset
 local P = ARGV[A.prefix]
--- include: definition_state.lua
+-- include: slices.lua
 -- include: persons.lua
 
 local batch = cjson.decode(ARGV[A.batch])

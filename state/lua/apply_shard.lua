@@ -15,13 +15,16 @@
 --   H  handovers:       definition, partition, first offset applied live here (backfill_events.lua)
 --   KD kept per day:    definition, day, rows (funnel events, `person|ts|uuid|value`)
 --   KP kept per person: definition, person, kept (`ts,day,uuid,len:value` appended)
---   D  contributions:   definition, breakdown, value (number, text or null), person, hour, day, ts,
---                       uuid (applied one by one)
+--   DC definition sums:  definition, kind ('h'/'d'), breakdown, bucket, events, persons (a list)
+--   DV breakdowns seen:  definition, breakdowns (a list)
+--   DS property values:  definition, breakdown, field (h<hour>/d<day>), sums (partial sums: each fits a
+--                        double; Redis adds them in long double), count, min, max
+--   DL values kept:      definition, kind, breakdown, bucket, values (quantile maths)
+--   DA events per person: definition, kind, breakdown, bucket, persons (person, events, person, ...)
 local P = ARGV[A.prefix]
 -- include: definition_state.lua
 
 if tonumber(redis.call('GET', P .. K.shard_generation) or '0') > tonumber(ARGV[A.generation]) then return {-1} end
-local DEFS = cjson.decode(ARGV[A.flags])
 local batch = cjson.decode(ARGV[A.batch])
 
 local held = {}
@@ -126,12 +129,45 @@ for h, persons in pairs(dirty) do
   local key = P .. K.definition .. h .. ':' .. DK.dirty
   each_slice(persons, function(...) write(key, 'SADD', key, ...) end)
 end
--- Contributions applied one by one: definitions that count (trends, property maths, retention).
-for _, d in ipairs(batch.D) do
-  local v = d[D.value]
-  if v == cjson.null then v = nil end
-  apply_definition(d[D.definition], DEFS[d[D.definition]] or '', d[D.breakdown], v, d[D.person], d[D.hour],
-    d[D.day], d[D.ts], d[D.uuid])
+-- What counting definitions (trends, property maths, retention) add, summed per key by the worker;
+-- a write Redis refuses fails that definition only (write, definition_state.lua).
+local DEF_COUNTS = {h = DK.hour_counts, d = DK.day_counts}
+local DEF_PERSONS = {h = DK.hour_persons, d = DK.day_persons}
+local DEF_VALUES = {h = DK.hour_values, d = DK.day_values}
+local DEF_ACTORS = {h = DK.hour_person_events, d = DK.day_person_events}
+for _, c in ipairs(batch.DC) do
+  local D = P .. K.definition .. c[DC.definition] .. ':'
+  count(D .. DEF_COUNTS[c[DC.kind]] .. c[DC.breakdown], c[DC.bucket], c[DC.events])
+  local key = D .. DEF_PERSONS[c[DC.kind]] .. c[DC.breakdown] .. ':' .. c[DC.bucket]
+  local ops = {}
+  for _, p in ipairs(c[DC.persons]) do
+    ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = 1
+    if #ops >= 4000 then write(key, 'BITFIELD', key, unpack(ops)); ops = {} end
+  end
+  if #ops > 0 then write(key, 'BITFIELD', key, unpack(ops)) end
+end
+for _, v in ipairs(batch.DV) do
+  local key = P .. K.definition .. v[DV.definition] .. ':' .. DK.breakdown_values
+  for _, bv in ipairs(v[DV.breakdowns]) do member(key, bv) end
+end
+for _, s in ipairs(batch.DS) do
+  local key = P .. K.definition .. s[DS.definition] .. ':' .. DK.value_stats .. s[DS.breakdown]
+  local sums, field = s[DS.sums], s[DS.field]
+  for j = 1, #sums - 1 do write(key, 'HINCRBYFLOAT', key, field .. ':s', sums[j]) end
+  local t = values[key]
+  if not t then t = {}; values[key] = t end
+  t[field] = {sums[#sums], s[DS.count], s[DS.min], s[DS.max]}
+end
+for _, l in ipairs(batch.DL) do
+  local key = P .. K.definition .. l[DL.definition] .. ':' .. DEF_VALUES[l[DL.kind]] .. l[DL.breakdown] .. ':' ..
+    l[DL.bucket]
+  each_slice(l[DL.values], function(...) write(key, 'RPUSH', key, ...) end)
+end
+for _, a in ipairs(batch.DA) do
+  local key = P .. K.definition .. a[DA.definition] .. ':' .. DEF_ACTORS[a[DA.kind]] .. a[DA.breakdown] .. ':' ..
+    a[DA.bucket]
+  local persons = a[DA.persons]
+  for j = 1, #persons, 2 do count(key, persons[j], persons[j + 1]) end
 end
 flush()
 for _, r in ipairs(batch.R) do redis.call('HSET', P .. K.shard_applied, r[R.fence], r[R.next_offset]) end

@@ -4,8 +4,12 @@
 -- its kept events become S.replacement (events the summariser could not use were dead-lettered). An
 -- empty value removes the person from that day; a day's version moves only when its value changes.
 local D = ARGV[A.prefix]
+-- include: slices.lua
 local n = tonumber(ARGV[A.count])
 local i, written = S_FIRST, 0
+-- Gathered over the call and written once each at its end: days whose value changed (their version
+-- moves once), persons summarised (no longer dirty), persons irregular or not.
+local changed, done, irregular_now, regular_now = {}, {}, {}, {}
 for _ = 1, n do
   local p, version = ARGV[i + S.person], tonumber(ARGV[i + S.version])
   local irregular, replaced, replacement = ARGV[i + S.irregular], ARGV[i + S.replaced], ARGV[i + S.replacement]
@@ -20,19 +24,34 @@ for _ = 1, n do
       local kind, day, value = ARGV[i + SE.kind], ARGV[i + SE.day], ARGV[i + SE.value]
       i = i + SE_WIDTH
       local key = D .. DK[kind .. '_rows'] .. day
-      local versions = D .. DK[kind .. '_versions']
+      local moved
       if value == '' then
-        if redis.call('HDEL', key, p) == 1 then redis.call('HINCRBY', versions, day, 1) end
+        moved = redis.call('HDEL', key, p) == 1
       elseif redis.call('HGET', key, p) ~= value then
         redis.call('HSET', key, p, value)
-        redis.call('HINCRBY', versions, day, 1)
+        moved = true
+      end
+      if moved then
+        local days = changed[kind]
+        if not days then days = {}; changed[kind] = days end
+        days[day] = true
       end
     end
-    if irregular == '1' then redis.call('HSET', D .. DK.irregular, p, 1) else redis.call('HDEL', D .. DK.irregular, p) end
-    redis.call('SREM', D .. DK.dirty, p)
+    if irregular == '1' then
+      irregular_now[#irregular_now + 1] = p; irregular_now[#irregular_now + 1] = 1
+    else
+      regular_now[#regular_now + 1] = p
+    end
+    done[#done + 1] = p
     written = written + 1
   else
     i = i + SE_WIDTH * entries
   end
 end
+for kind, days in pairs(changed) do
+  for day, _ in pairs(days) do redis.call('HINCRBY', D .. DK[kind .. '_versions'], day, 1) end
+end
+if #irregular_now > 0 then sliced('HSET', D .. DK.irregular, irregular_now) end
+if #regular_now > 0 then sliced('HDEL', D .. DK.irregular, regular_now) end
+if #done > 0 then sliced('SREM', D .. DK.dirty, done) end
 return written

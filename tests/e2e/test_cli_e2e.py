@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from serving import stack
 from serving.demo import DEMO_KEY, demo_events
+from state.connection import claim_state_shards, connect, state_shards
 from tests.upstack import ROOT, Up, clean_env
 
 
@@ -130,3 +132,21 @@ def test_cluster_settings_that_cannot_work_are_refused_before_anything_starts(tm
                          capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=60)
     assert run.returncode == 2 and "--process-id 2 is not an index of the 2 addresses given" in run.stdout + run.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_dataflow_with_another_number_of_state_shards_is_refused(tmp_path: Path) -> None:
+    """The state was written with three state shards: a dataflow configured with two would read and
+    write it in the wrong places, so it refuses to start and says what to do."""
+    node, url = stack.start_redis(tmp_path / "redis", tmp_path / "logs")
+    try:
+        assert claim_state_shards(connect(url), 3) == 3
+        for shards in ("2", "1"):
+            env = {**clean_env(), "INSIGHTFLOW_REDIS_URL": url, "INSIGHTFLOW_STATE_SHARDS": shards}
+            run = subprocess.run([sys.executable, "-m", "serving.cli", "dataflow", "--recovery-dir",
+                                  str(tmp_path / "r")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert (f"keeps each project's state in 3 state shard(s), but INSIGHTFLOW_STATE_SHARDS is {shards}"
+                    in run.stdout)
+        assert state_shards(connect(url)) == 3 and not (tmp_path / "r").exists()
+    finally:
+        node.stop()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 from confluent_kafka import Producer
 
 from state import keys
+from state.connection import is_cluster
 from state.registry import Registry
 from tests.conftest import Stack, make_project
 
@@ -65,23 +67,28 @@ QUERIES: list[tuple[str, dict]] = [
 ]
 
 
-def _written(pubsub: object, until: float) -> set[str]:
+def _written(pubsubs: list[Any], until: float) -> set[str]:
     found: set[str] = set()
-    while time.monotonic() < until:
-        message = pubsub.get_message(timeout=0.2)  # type: ignore[attr-defined]
-        if message is None:
-            break
-        if message["type"] == "pmessage":
-            found.add(message["channel"].decode(errors="replace").split(":", 1)[1])
+    for pubsub in pubsubs:
+        while time.monotonic() < until:
+            message = pubsub.get_message(timeout=0.2)
+            if message is None:
+                break
+            if message["type"] == "pmessage":
+                found.add(message["channel"].decode(errors="replace").split(":", 1)[1])
     return found
 
 
 def test_every_key_written_is_declared(running: Stack) -> None:
     client = running.redis
-    previous = client.config_get("notify-keyspace-events")["notify-keyspace-events"]
-    client.config_set("notify-keyspace-events", "KA")
-    pubsub = client.pubsub()
-    pubsub.psubscribe("__keyspace@*__:*")
+    # Every server's keyspace events (each master of a cluster publishes its own keys').
+    servers = [client.get_redis_connection(n) for n in client.get_primaries()] if is_cluster(client) else [client]
+    previous = servers[0].config_get("notify-keyspace-events")["notify-keyspace-events"]
+    pubsubs = []
+    for server in servers:
+        server.config_set("notify-keyspace-events", "KA")
+        pubsubs.append(server.pubsub())
+        pubsubs[-1].psubscribe("__keyspace@*__:*")
     written: set[str] = set()
     try:
         project = make_project(running)
@@ -110,10 +117,11 @@ def test_every_key_written_is_declared(running: Stack) -> None:
         while any(client.scard(keys.summary_dirty(keys.definition_prefix(project.id, h.decode())))
                   for h in client.hkeys(keys.definitions(project.id))) and time.monotonic() < deadline:
             time.sleep(0.1)
-        written = _written(pubsub, time.monotonic() + 30)
+        written = _written(pubsubs, time.monotonic() + 30)
     finally:
-        pubsub.close()
-        client.config_set("notify-keyspace-events", previous)
+        for pubsub, server in zip(pubsubs, servers, strict=True):
+            pubsub.close()
+            server.config_set("notify-keyspace-events", previous)
 
     left = {k.decode(errors="replace") for k in client.scan_iter(count=10_000)}
     undeclared = sorted(k for k in written | left if not keys.declared(k))

@@ -44,3 +44,30 @@ def test_parse_record_never_raises() -> None:
     assert bad.event is None and "JSON" in (bad.reason or "")
     good = parse_record(Record(0, 6, 7, _event({"event": "e"}).to_json(), None))
     assert good.event is not None and good.event.event == "e" and good.reason is None
+
+
+def test_definition_sums_add_per_key_as_the_script_did_per_event() -> None:
+    """A counting definition's contributions summed in the worker: events and persons per breakdown
+    and bucket, property sums with partial sums where a double overflows, min/max, every value
+    (flag `l`) and events per person (flag `a`)."""
+    from dataflows.operators.batch import DefinitionSums, KnownFirsts, Occurrence, batch_effects
+    from schemas.events import TopicEvent
+
+    def occurrence(uuid: str, person: int, ts: int, value: float | None, bv: str = "x") -> Occurrence:
+        o = Occurrence.of(TopicEvent(uuid, "buy", f"d{person}", ts, {}), ts // 3_600_000 * 3600, "20240101", 0, ts)
+        o.person, o.contributions = person, [("h", bv, value)]
+        return o
+
+    big = 1.5e308
+    events = [occurrence("a", 3, 1000, big), occurrence("b", 3, 2000, big), occurrence("c", 5, 3000, -2.0),
+              occurrence("d", 5, 4000, None, "y")]
+    sums = batch_effects(events, KnownFirsts(), flags={"h": "la"}).shards[0].sums["h"]
+    assert isinstance(sums, DefinitionSums) and (sums.keep_values, sums.per_actor) == (True, True)
+    assert dict(sums.counts) == {("h", "x", 0): 3, ("d", "x", "20240101"): 3, ("h", "y", 0): 1,
+                                 ("d", "y", "20240101"): 1}
+    assert sums.persons[("d", "x", "20240101")] == {3, 5} and sums.breakdowns == {"x", "y"}
+    assert sums.stats[("x", "d20240101")] == [[big, big - 2.0], 3, -2.0, big]  # the second big would overflow
+    assert sums.values[("h", "x", 0)] == [big, big, -2.0] and ("h", "y", 0) not in sums.values
+    assert sums.actors[("d", "x", "20240101")] == {3: 2, 5: 1}
+    plain = batch_effects(events, KnownFirsts(), flags={"h": ""}).shards[0].sums["h"]
+    assert not plain.values and not plain.actors and plain.stats == sums.stats

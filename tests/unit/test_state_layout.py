@@ -62,8 +62,8 @@ def test_batch_rows_follow_the_layouts() -> None:
 
     parts = {}
     for shard in (0, 1):
-        prefix, generation, flags, body = shard_args(5, shard, 2, kinds, effects.shards[shard], "t1")
-        assert (prefix, generation, orjson.loads(flags)) == (keys.shard_prefix(5, shard), 2, kinds)
+        prefix, generation, body = shard_args(5, shard, 2, effects.shards[shard], "t1")
+        assert (prefix, generation) == (keys.shard_prefix(5, shard), 2)
         parts[shard] = orjson.loads(body)
     odd, even = parts[1], parts[0]  # person 7, person 8
 
@@ -80,9 +80,14 @@ def test_batch_rows_follow_the_layouts() -> None:
     firsts = {f["event"]: [dict(zip(fp, c, strict=True)) for c in f["candidates"]] for f in shard_rows(odd, "F")}
     assert {ev: [(c["person"], c["ts"]) for c in cs] for ev, cs in firsts.items()} == {"a": [(7, 1000)],
                                                                                           "b": [(7, 500)]}
-    assert [(d["definition"], d["breakdown"], d["value"], d["person"], d["uuid"]) for d in shard_rows(odd, "D")] == [
-        ("h1", "Chrome", 2.5, 7, "u1")]  # a counting definition: applied one by one
-    assert shard_rows(even, "D") == [] and shard_rows(odd, "KD") == []
+    # A counting definition (h1 keeps every value: `l`), summed per key.
+    assert sorted((c["definition"], c["kind"], c["breakdown"], c["events"], c["persons"])
+                  for c in shard_rows(odd, "DC")) == [("h1", "d", "Chrome", 1, [7]), ("h1", "h", "Chrome", 1, [7])]
+    assert shard_rows(odd, "DV") == [{"definition": "h1", "breakdowns": ["Chrome"]}]
+    assert sorted((s["field"], s["sums"], s["count"], s["min"], s["max"]) for s in shard_rows(odd, "DS")) == [
+        ("d20240101", [2.5], 1, 2.5, 2.5), ("h0", [2.5], 1, 2.5, 2.5)]
+    assert sorted((v["kind"], v["values"]) for v in shard_rows(odd, "DL")) == [("d", [2.5]), ("h", [2.5])]
+    assert shard_rows(odd, "DA") == [] and shard_rows(even, "DC") == [] and shard_rows(odd, "KD") == []
     assert shard_rows(even, "KD") == [{"definition": "h2", "day": "20240101", "rows": ['8|2000|u2|{"s":1}']}]
     assert shard_rows(even, "KP") == [{"definition": "h2", "person": 8, "kept": '2000,20240101,u2,7:{"s":1}'}]
     assert shard_rows(odd, "H") == [{"definition": "h1", "partition": 3, "offset": 1000}]

@@ -182,8 +182,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 for h, reason in failed.items():
                     self._fail(pid, h, reason)
                 effects = batch_effects(pending[pid], self.firsts[pid], skip.get(pid), flags, shards, fences.get(pid))
-                batches.append(ProjectBatch(pid, effects, flags, generation, self.tag, pid in home_done,
-                                            shards_done[pid]))
+                batches.append(ProjectBatch(pid, effects, generation, self.tag, pid in home_done, shards_done[pid]))
             outcome = self.store.apply(batches)
             total.events += outcome.applied.events
             total.failed.update(outcome.applied.failed)

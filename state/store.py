@@ -123,12 +123,11 @@ class BackfillRow:
 @dataclass
 class ProjectBatch:
     """One project's batch, summed (dataflows/operators/batch.py) against the definitions of
-    `generation` (their flags: definition hash -> flags). `home_done`: its home part was applied by
-    an earlier attempt; `shards_done`: so were these shards' parts."""
+    `generation`, on the topic of `tag`. `home_done`: its home part was applied by an earlier
+    attempt; `shards_done`: so were these shards' parts."""
 
     project_id: int
     effects: BatchEffects
-    flags: dict[str, str] = field(default_factory=dict)
     generation: int = 0
     tag: str = ""
     home_done: bool = False

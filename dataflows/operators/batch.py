@@ -1,8 +1,9 @@
-"""What a live batch adds to one project's always-on state, summed per key in the worker (no I/O).
+"""What a live batch adds to one project's state, summed per key in the worker (no I/O).
 
-Redis then receives one write per key touched (a count, a person set, a first-time candidate)
-instead of a script step per event; the uuid guards travel with the sums in the same atomic call,
-so an event counts once whatever is replayed or resent (state/lua/apply_batch.lua).
+Redis then receives one write per key touched (a count, a person set, a first-time candidate, a
+definition's sums) instead of a script step per event: the home part (uuid guards, names, person
+updates, offsets: state/lua/apply_batch.lua), then each state shard's part with its offset fence
+(state/lua/apply_shard.lua), so an event counts once whatever is replayed or resent.
 """
 
 from __future__ import annotations

@@ -79,22 +79,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class _Client:
-    def __init__(self, up: Up) -> None:
-        registry = Registry(up.redis)
-        self.token = f"phc_cluster_{PROJECT}"
-        registry.save_project(PROJECT, token=self.token)
+class StackClient:
+    """One project's capture and insight requests against one stack (its API and its Redis)."""
+
+    def __init__(self, url: str, client: Any, token: str) -> None:
+        registry = Registry(client)
+        self.url, self.redis, self.token = url, client, token
+        registry.save_project(PROJECT, token=token)
         self.key, _ = registry.create_key([PROJECT], ["insight:read"])
-        self.up = up
 
     def capture(self, events: list[dict[str, Any]]) -> None:
         for i in range(0, len(events), 500):
-            reply = httpx.post(f"{self.up.url}/batch/", json={"api_key": self.token, "batch": events[i:i + 500]},
+            reply = httpx.post(f"{self.url}/batch/", json={"api_key": self.token, "batch": events[i:i + 500]},
                                timeout=30)
             assert reply.status_code == 200, reply.text
 
     def ask(self, path: str, body: dict[str, Any]) -> Any:
-        reply = httpx.post(f"{self.up.url}/api/environments/{PROJECT}/insights/{path}",
+        reply = httpx.post(f"{self.url}/api/environments/{PROJECT}/insights/{path}",
                            json={**body, "refresh": "blocking"}, timeout=300,
                            headers={"Authorization": f"Bearer {self.key}", "X-Insightflow-Now": NOW})
         assert reply.status_code == 200, reply.text
@@ -103,7 +104,7 @@ class _Client:
     def state(self) -> dict[str, Any]:
         """State that does not depend on which person ids were handed out: counts as stored, and
         persons as their sets of distinct ids with their properties."""
-        client = self.up.redis
+        client = self.redis
         names = sorted(n.decode() for n in client.smembers(keys.event_names(PROJECT)))
         by_person: dict[bytes, set[str]] = defaultdict(set)
         for did, person in client.hgetall(keys.distinct_ids(PROJECT)).items():
@@ -119,7 +120,7 @@ def _run(data_dir: Path, processes: int, events: list[dict[str, Any]]) -> tuple[
     up = Up.start(data_dir, env={"INSIGHTFLOW_DATAFLOW_PROCESSES": str(processes), "INSIGHTFLOW_TEST_CLOCK": "1",
                                  "INSIGHTFLOW_PARTITIONS": "4"})
     try:
-        client = _Client(up)
+        client = StackClient(up.url, up.redis, f"phc_cluster_{PROJECT}")
         early = [client.ask("funnel/", FUNNEL), client.ask("trend/", FILTERED)]  # kept live from here on
         half = len(events) // 2
         client.capture(events[:half])

@@ -9,7 +9,6 @@ definitions kept live while the events arrive, and definitions built afterwards 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,47 +18,20 @@ import pytest
 from serving import stack
 from state import keys
 from state.connection import connect, is_cluster
-from state.registry import Registry
 from state.topics import ensure_topics
 from tests.conftest import Services, Stack
-from tests.e2e.test_cluster_e2e import FILTERED, FUNNEL, LATER, NOW, _events, _plain
+from tests.e2e.test_cluster_e2e import FILTERED, FUNNEL, LATER, PROJECT, StackClient, _events
 from tests.upstack import wait_lag_zero
 
 pytestmark = pytest.mark.e2e
 
-PROJECT = 43
 
-
-@dataclass
-class _Target:
-    url: str
-    redis_url: str
-
-    def setup(self) -> None:
-        registry = Registry(connect(self.redis_url))
-        self.token = f"phc_rc_{PROJECT}"
-        registry.save_project(PROJECT, token=self.token)
-        self.key, _ = registry.create_key([PROJECT], ["insight:read"])
-
-    def capture(self, events: list[dict[str, Any]]) -> None:
-        for i in range(0, len(events), 500):
-            reply = httpx.post(f"{self.url}/batch/", json={"api_key": self.token, "batch": events[i:i + 500]},
-                               timeout=30)
-            assert reply.status_code == 200, reply.text
-
-    def ask(self, path: str, body: dict[str, Any]) -> Any:
-        reply = httpx.post(f"{self.url}/api/environments/{PROJECT}/insights/{path}",
-                           json={**body, "refresh": "blocking"}, timeout=300,
-                           headers={"Authorization": f"Bearer {self.key}", "X-Insightflow-Now": NOW})
-        assert reply.status_code == 200, reply.text
-        return _plain(reply.json())
-
-    def wait_applied(self) -> None:
-        wait_lag_zero(lambda: httpx.get(f"{self.url}/readyz", timeout=5).json(), 180, lambda: "", lambda: None)
+def _wait_applied(url: str) -> None:
+    wait_lag_zero(lambda: httpx.get(f"{url}/readyz", timeout=5).json(), 180, lambda: "", lambda: None)
 
 
 @pytest.fixture(scope="module")
-def cluster_stack(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Target]:
+def cluster_stack(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     workdir: Path = tmp_path_factory.mktemp("redis-cluster")
     nodes, url = stack.start_redis_cluster(workdir / "redis", workdir / "logs")
     env = {"INSIGHTFLOW_REDIS_URL": url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": services.bootstrap,
@@ -70,7 +42,7 @@ def cluster_stack(services: Services, tmp_path_factory: pytest.TempPathFactory) 
     port = stack.free_port()
     api = stack.start_api(port, workdir / "logs", env)
     try:
-        yield _Target(f"http://127.0.0.1:{port}", url)
+        yield f"http://127.0.0.1:{port}", url
     finally:
         api.stop()
         dataflow.stop()
@@ -78,22 +50,21 @@ def cluster_stack(services: Services, tmp_path_factory: pytest.TempPathFactory) 
             node.stop()
 
 
-def test_a_cluster_answers_what_one_redis_answers(cluster_stack: _Target, running: Stack) -> None:
-    assert is_cluster(connect(cluster_stack.redis_url))
-    single = _Target(running.api_url, running.services.redis_url)
-    targets = [cluster_stack, single]
+def test_a_cluster_answers_what_one_redis_answers(cluster_stack: tuple[str, str], running: Stack) -> None:
+    api, url = cluster_stack
+    cluster = connect(url)
+    assert is_cluster(cluster)
+    targets = [StackClient(api, cluster, "phc_rc"), StackClient(running.api_url, running.redis, "phc_rc_single")]
     events = _events()
     answers: list[list[Any]] = [[], []]
     for target, found in zip(targets, answers, strict=True):
-        target.setup()
         found += [target.ask("funnel/", FUNNEL), target.ask("trend/", FILTERED)]  # kept live from here
         target.capture(events)
     for target, found in zip(targets, answers, strict=True):
-        target.wait_applied()
+        _wait_applied(target.url)
         found += [target.ask("funnel/", FUNNEL), target.ask("trend/", FILTERED)]
         found += [target.ask(path, body) for path, body in LATER]
-    cluster = connect(cluster_stack.redis_url)
-    spread = keys.in_shards(keys.day_counts(PROJECT, "$pageview"), 3)
+    spread = keys.in_shards(keys.day_counts(PROJECT, "$pageview"), 3)  # project 41 on both stacks
     assert all(cluster.exists(key) for key in spread)  # every shard holds some persons' counts
     assert len({cluster.get_node_from_key(key).name for key in spread}) >= 2  # on more than one master
     on_cluster, on_one = answers

@@ -76,7 +76,7 @@ class Project:
         effects = batch_effects(events, KnownFirsts(), skip, flags, self.store.shards, fences)
         if home_only:
             effects.shards = {}
-        return self.store.apply([ProjectBatch(self.id, effects, flags or {}, generation, self.tag)])
+        return self.store.apply([ProjectBatch(self.id, effects, generation, self.tag)])
 
     def person(self, distinct_id: str) -> bytes | None:
         return self.client.hget(keys.distinct_ids(self.id), distinct_id)

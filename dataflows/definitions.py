@@ -186,6 +186,14 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
     def _pick(self) -> _Task | None:
         mine = [p for p in range(self.partitions) if p % self.workers == self.worker]
         for project_id, h in self.registry.pending():
+            if self.registry.history_lost(project_id, self.tag):
+                self.registry.fail(project_id, h, "the project's events from before the events topic was recreated "
+                                   "(a broker that lost its topics, or a topic deleted by hand) are no longer in "
+                                   "the topic, so a new definition cannot be built from all of them; the "
+                                   "always-on state still answers everything that needs no registration")
+                log.error("definition %s of project %s cannot be built: its history left with the old topic", h,
+                          project_id)
+                continue
             done = self.registry.done(project_id, h)
             for partition in mine:
                 if partition in done:

@@ -236,6 +236,14 @@ class DefinitionRegistry:
             pipe.hget(key, str(partition))
         return min(int(raw) if raw is not None else -1 for raw in pipe.execute())
 
+    def history_lost(self, project_id: int, tag: str) -> bool:
+        """Whether the project has events applied from another topic than the one of `tag` (the
+        topic was recreated: its history is gone, so no backfill can read it)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for s in range(self.shards):
+            pipe.hkeys(keys.shard_applied(project_id, s))
+        return any(not field.decode().startswith(f"{tag}:") for fields in pipe.execute() for field in fields)
+
     def bounds(self, project_id: int, h: str, partition: int, tag: str) -> list[int]:
         """Where this partition's backfill stops in each state shard, fixed the first time it is asked
         (fix_bound.lua): what the shard had applied then. Everything below was applied without the

@@ -36,8 +36,9 @@ def is_cluster(client: Client) -> bool:
 
 def pipeline(client: Client, atomic: bool = True) -> Any:
     """A pipeline; `atomic` (MULTI/EXEC) on one server. A cluster cannot run one transaction over
-    keys of several slots, so there the commands are sent together but each stands alone; callers
-    order them so that a stop between two leaves nothing unrecoverable."""
+    keys of several slots, so there the commands are sent together but each stands alone: a process
+    stopped between two can leave the group half-applied (the registry's writes that mix global keys
+    with a project's; everything that counts events runs in scripts within one slot)."""
     return client.pipeline(transaction=atomic and not is_cluster(client))
 
 

@@ -213,12 +213,20 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
 
     def _summaries(self) -> list[SummaryWork]:
         """Idle: hand out summaries to build (definitions summarising after their backfill, and ready
-        ones whose persons moved since). Every worker does, each taking random dirty persons: two
-        workers summarising one person write the same thing, so more processes summarise faster."""
+        ones whose persons moved since). Every worker does, each for its own share of the persons
+        (person % workers, `Summariser`), so no two summarise one person; a worker hands out work only
+        while a sample of the dirty persons holds some of its share, so one whose share is done does
+        not spin on the others'."""
         work = []
         for project_id, h in self.registry.summarised():
             status, _ = self.registry.status(project_id, h)
-            if status == "summarising" or (status == "ready" and self.summaries.pending(project_id, h)):
+            if status not in ("summarising", "ready"):
+                continue
+            if not self.summaries.pending(project_id, h):
+                if status == "summarising":  # every person summarised: the sink marks it ready
+                    work.append(SummaryWork(project_id, h))
+            elif self.workers == 1 or any(int(p) % self.workers == self.worker
+                                          for p in self.summaries.dirty(project_id, h, 500)):
                 work.append(SummaryWork(project_id, h))
         return work
 
@@ -297,13 +305,13 @@ class BackfillSource(DynamicSource[BackfillItem | SummaryWork]):
 
 
 class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork]):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: int = 0, workers: int = 1) -> None:
         self.client = connect(settings.redis_url)
         wait_for_redis(self.client, "backfill sink")
         shards = claim_state_shards(self.client, settings.state_shards)
         self.store = StateStore(self.client, shards)
         self.dead = DeadLetters(settings.kafka_bootstrap, settings.dlq_topic, Stream(self.client, settings.topic))
-        self.summariser = Summariser(SummaryStore(self.client, shards), self.dead.send)
+        self.summariser = Summariser(SummaryStore(self.client, shards), self.dead.send, worker, workers)
         self.registry = DefinitionRegistry(self.client, shards)
         self.projects = ProjectCache(Registry(self.client))
         self._definitions: dict[tuple[int, str], Definition] = {}
@@ -407,4 +415,4 @@ class BackfillSink(DynamicSink[BackfillItem | SummaryWork]):
         self.settings = settings
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _BackfillSinkPartition:
-        return _BackfillSinkPartition(self.settings)
+        return _BackfillSinkPartition(self.settings, worker_index, worker_count)

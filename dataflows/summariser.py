@@ -2,7 +2,8 @@
 
 Kept events it cannot use (stored by an older version, or damaged) are dead-lettered before they are
 dropped from the person, so nothing leaves unrecorded. Every dataflow worker summarises when idle,
-taking random dirty persons: two workers summarising one person write the same thing.
+taking random dirty persons of its own share (person % workers == its index), so no two workers
+summarise one person (two that did would write the same thing, twice the work).
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from state.summaries import SummaryStore
 
 
 class Summariser:
-    def __init__(self, store: SummaryStore, dead_letters: Callable[[list[Letter]], None]) -> None:
+    def __init__(self, store: SummaryStore, dead_letters: Callable[[list[Letter]], None], worker: int = 0,
+                 workers: int = 1) -> None:
         self.store, self.dead_letters = store, dead_letters
+        self.worker, self.workers = worker, workers
 
     def pending(self, project_id: int, h: str) -> int:
         return self.store.pending(project_id, h)
 
     def drain(self, definition: Any, budget: int = 5000) -> int:
-        """Summarise up to `budget` dirty persons; returns how many were written."""
-        return self.summarise(definition, self.store.dirty(definition.project_id, definition.hash, budget))
+        """Summarise up to `budget` of this worker's dirty persons; returns how many were written."""
+        found = self.store.dirty(definition.project_id, definition.hash, budget * self.workers)
+        return self.summarise(definition, [p for p in found if int(p) % self.workers == self.worker][:budget])
 
     def summarise(self, definition: Any, persons: Iterable[str]) -> int:
         persons = list(persons)

@@ -8,6 +8,7 @@ several projects, global keys with a project's) goes through the helpers here.
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -83,20 +84,32 @@ class LayoutMismatch(RuntimeError):
     """The state was written with another number of state shards than configured."""
 
 
-_claimed: dict[int, int] = {}  # id(client) -> state shards, once Redis has them recorded
+_claimed: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # client -> state shards, once recorded
 
 
 def state_shards(client: Client) -> int:
     """State shards per project, as the stored state is written with (1 until the dataflow records
     its number). Once recorded it never changes, so it is read once per client."""
-    known = _claimed.get(id(client))
+    known = _claimed.get(client)
     if known is not None:
         return known
     raw = client.hget(keys.LAYOUT_KEY, "shards")
     if raw is None:
         return 1
-    _claimed[id(client)] = int(raw)
+    _claimed[client] = int(raw)
     return int(raw)
+
+
+class ShardedStore:
+    """Base of the stores that read or write a project's state shards: the number given, or the one
+    recorded in Redis."""
+
+    redis: Client
+    _shards: int | None = None
+
+    @property
+    def shards(self) -> int:
+        return self._shards or state_shards(self.redis)
 
 
 def claim_state_shards(client: Client, shards: int) -> int:

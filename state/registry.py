@@ -14,7 +14,7 @@ import redis
 from schemas.dates import DateParseError, zone
 from schemas.projects import VALID_SCOPES, ApiKey, Project, RegistryError, hash_key
 from state import keys, scripts
-from state.connection import mget, pipeline, run_scripts, state_shards
+from state.connection import ShardedStore, mget, pipeline, run_scripts
 
 
 class Registry:
@@ -148,7 +148,7 @@ class ProjectCache:
         return project
 
 
-class DefinitionRegistry:
+class DefinitionRegistry(ShardedStore):
     """Registered insight definitions and the state of their backfills.
 
     Per definition (hash h) in the project's home: `defs` (h -> definition JSON), the definition's
@@ -165,10 +165,6 @@ class DefinitionRegistry:
 
     _d = staticmethod(keys.definition_prefix)
     defs_key = staticmethod(keys.definitions)
-
-    @property
-    def shards(self) -> int:
-        return self._shards or state_shards(self.redis)
 
     def register(self, definition: Any) -> bool:
         """Idempotent; True when this call registered it (and queued its backfill)."""

@@ -22,7 +22,7 @@ import redis
 from schemas.definitions import Definition
 from schemas.events import TopicEvent
 from state import keys, scripts
-from state.connection import run_scripts, state_shards
+from state.connection import ShardedStore, run_scripts
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, ShardEffects
@@ -166,7 +166,7 @@ class Resolved:
     merges: list[tuple[int, int]] = field(default_factory=list)
 
 
-class StateStore:
+class StateStore(ShardedStore):
     """Redis-backed insight state for the dataflow."""
 
     def __init__(self, client: redis.Redis, shards: int | None = None) -> None:
@@ -176,10 +176,6 @@ class StateStore:
         self._apply_shard = client.register_script(scripts.APPLY_SHARD.source)
         self._resolve = client.register_script(scripts.RESOLVE_PERSONS.source)
         self._backfill = client.register_script(scripts.BACKFILL_EVENTS.source)
-
-    @property
-    def shards(self) -> int:
-        return self._shards or state_shards(self.redis)
 
     def resolve_persons(self, asks: dict[int, list[tuple[str, str, str, str]]]) -> dict[int, Resolved]:
         """Per project, (uuid, distinct id, link kind or '', other distinct id or '') of events in batch

@@ -18,12 +18,12 @@ import numpy as np
 import redis
 
 from state import keys, scripts
-from state.connection import run_scripts, state_shards
+from state.connection import ShardedStore, run_scripts, state_shards
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value)
 
 
-class SummaryStore:
+class SummaryStore(ShardedStore):
     """The Redis edge of one project's summaries: what is dirty, what a person kept, what to write.
     Each person's are kept in its state shard (state/keys.py)."""
 
@@ -31,10 +31,6 @@ class SummaryStore:
         self.redis = client
         self._shards = shards
         self._write = client.register_script(scripts.WRITE_SUMMARIES.source)
-
-    @property
-    def shards(self) -> int:
-        return self._shards or state_shards(self.redis)
 
     def _dirty_keys(self, project_id: int, h: str) -> list[str]:
         return keys.in_shards(keys.summary_dirty(keys.definition_prefix(project_id, h)), self.shards)

@@ -44,21 +44,10 @@ for _, c in ipairs(batch.C) do
   redis.call('HINCRBY', P .. COUNTS[c[C.kind]] .. c[C.event], c[C.bucket], c[C.events])
 end
 
--- Person sets: a bit per person id; several persons of one key in one BITFIELD, in chunks Lua's
--- unpack can take.
+-- Person sets: a bit per person id, the persons of one key in as few BITFIELDs as Lua allows.
 local PERSONS = {h = K.hour_persons, d = K.day_persons}
 for _, b in ipairs(batch.B) do
-  local key, persons = P .. PERSONS[b[B.kind]] .. b[B.event] .. ':' .. b[B.bucket], b[B.persons]
-  if #persons == 1 then
-    redis.call('SETBIT', key, persons[1], 1)
-  else
-    local ops = {}
-    for _, p in ipairs(persons) do
-      ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = 1
-      if #ops >= 4000 then redis.call('BITFIELD', key, unpack(ops)); ops = {} end
-    end
-    if #ops > 0 then redis.call('BITFIELD', key, unpack(ops)) end
-  end
+  set_bits(P .. PERSONS[b[B.kind]] .. b[B.event] .. ':' .. b[B.bucket], b[B.persons])
 end
 
 -- First time per person and event, stored as 'ts:hour:day' so a later batch holding an earlier
@@ -138,13 +127,7 @@ local DEF_ACTORS = {h = DK.hour_person_events, d = DK.day_person_events}
 for _, c in ipairs(batch.DC) do
   local D = P .. K.definition .. c[DC.definition] .. ':'
   count(D .. DEF_COUNTS[c[DC.kind]] .. c[DC.breakdown], c[DC.bucket], c[DC.events])
-  local key = D .. DEF_PERSONS[c[DC.kind]] .. c[DC.breakdown] .. ':' .. c[DC.bucket]
-  local ops = {}
-  for _, p in ipairs(c[DC.persons]) do
-    ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = 1
-    if #ops >= 4000 then write(key, 'BITFIELD', key, unpack(ops)); ops = {} end
-  end
-  if #ops > 0 then write(key, 'BITFIELD', key, unpack(ops)) end
+  set_bits(D .. DEF_PERSONS[c[DC.kind]] .. c[DC.breakdown] .. ':' .. c[DC.bucket], c[DC.persons])
 end
 for _, v in ipairs(batch.DV) do
   local key = P .. K.definition .. v[DV.definition] .. ':' .. DK.breakdown_values

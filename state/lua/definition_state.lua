@@ -94,6 +94,16 @@ local function write(key, ...)
   return r
 end
 
+-- Marks persons in a person-set bitmap: one BITFIELD per 1,000 persons (what Lua's unpack takes).
+local function set_bits(key, persons)
+  local ops = {}
+  for _, p in ipairs(persons) do
+    ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = 1
+    if #ops >= 4000 then write(key, 'BITFIELD', key, unpack(ops)); ops = {} end
+  end
+  if #ops > 0 then write(key, 'BITFIELD', key, unpack(ops)) end
+end
+
 local function flush()
   for key, fields in pairs(counts) do
     for field, c in pairs(fields) do write(key, 'HINCRBY', key, field, c) end
@@ -104,7 +114,9 @@ local function flush()
     each_slice(list, function(...) write(key, 'SADD', key, ...) end)
   end
   for key, set in pairs(bits) do
-    for p, _ in pairs(set) do write(key, 'SETBIT', key, p, 1) end
+    local persons = {}
+    for p, _ in pairs(set) do persons[#persons + 1] = p end
+    set_bits(key, persons)
   end
   for key, fields in pairs(values) do
     for field, a in pairs(fields) do

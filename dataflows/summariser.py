@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dataflows.operators.summaries import summarise_person
+from dataflows.operators.summaries import summarise_group
 from dataflows.services import Letter
 from state.summaries import SummaryStore
 
@@ -31,13 +31,21 @@ class Summariser:
         return self.summarise(definition, [p for p in found if int(p) % self.workers == self.worker][:budget])
 
     def summarise(self, definition: Any, persons: Iterable[str]) -> int:
-        persons = list(persons)
-        raws = self.store.kept_events(definition.project_id, definition.hash, persons)
-        plans = [(person, raw, summarise_person(definition, person, raw)) for person, raw in
-                 zip(persons, raws, strict=True)]
-        letters = [Letter(value, f"kept event of definition {definition.hash}: {reason}", rid, {"source": "summariser"})
-                   for _, _, plan in plans for value, reason, rid in plan.dropped]
+        """Summarise the groups of these persons: each survivor of merges with everyone merged into it
+        (state/summaries.py); merges whose persons were all written are recorded as folded."""
+        pid, h = definition.project_id, definition.hash
+        overrides = self.store.overrides(pid)
+        survivors = list(dict.fromkeys(str(overrides.person(int(p))) for p in persons))
+        groups = self.store.group_kept(pid, h, survivors, overrides)
+        planned = []
+        for survivor, raws in groups.items():
+            for member, plan in summarise_group(definition, survivor, raws).items():
+                planned.append((member, raws[member], plan))
+        letters = [Letter(value, f"kept event of definition {h}: {reason}", rid, {"source": "summariser"})
+                   for _, _, plan in planned for value, reason, rid in plan.dropped]
         self.dead_letters(letters)  # before the events leave the person: never lost unrecorded
-        return self.store.write(definition.project_id, definition.hash,
-                                [(person, len(raw), plan.irregular, plan.replacement, plan.entries)
-                                 for person, raw, plan in plans])
+        written = self.store.write(pid, h, [(member, len(raw), plan.irregular, plan.replacement, plan.entries)
+                                            for member, raw, plan in planned])
+        self.store.fold(pid, h, {m: int(survivor) for survivor, raws in groups.items() for m in raws
+                                 if m != survivor and m in written})
+        return len(written)

@@ -49,15 +49,21 @@ class Computation:
     """Base of the query classes: pickled without their Redis client, given the worker's on arrival."""
 
     redis: redis.Redis
+    project: Any
 
     @property
     def state(self) -> StateReader:
-        """Reads of the insight state (state/reads.py) through this process's client."""
-        return StateReader(self.redis)
+        """Reads of the project's insight state (state/reads.py) through this process's client, merged
+        persons read as the person they became. Kept for the query: one read of the merges."""
+        reader = self.__dict__.get("_state")
+        if reader is None:
+            reader = self.__dict__["_state"] = StateReader(self.redis, self.project.id)
+        return reader
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("redis", None)
+        state.pop("_state", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ import redis
 
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts
-from dataflows.operators.summaries import PersonSummary, summarise_person, unusable
+from dataflows.operators.summaries import PersonSummary, summarise_group, unusable
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
 from schemas.fields import decode_json_field
 from schemas.filters import as_text
@@ -114,7 +114,8 @@ class FunnelQuery(Computation):
         self.steps = len(request.definition.steps)
         self._actors: dict[str, list[StepEvent]] | None = None
         self._fresh_summaries: dict[str, PersonSummary] | None = None
-        self._kept: dict[str, bytes] = {}
+        self._kept: dict[str, bytes] = {}  # survivors summarised here: their group's kept events
+        self._stale: set[str] = set()  # persons whose stored summaries those replace
 
     def definitions(self) -> list[Any]:
         return [self.request.definition]
@@ -129,6 +130,7 @@ class FunnelQuery(Computation):
         actors: dict[str, list[StepEvent]] = defaultdict(list)
         for raw in self.state.day_events(prefix, self._days()):
             person, ts_ms, uuid, payload = read_day_event(raw)
+            person = self.state.person(person)  # a merged person's events are its survivor's
             if low <= ts_ms <= high:
                 kept = read_kept(payload)
                 actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(kept.steps), _bits(kept.excluded),
@@ -161,15 +163,19 @@ class FunnelQuery(Computation):
                 math.floor(self.range.date_to.timestamp() * 1000))
 
     def _fresh(self) -> dict[str, PersonSummary]:
-        """Summaries of the persons whose kept events changed since they were summarised, computed
-        here (a query writes nothing): with them, the answer includes every applied event."""
+        """Summaries of the persons whose kept events changed since they were summarised (and of
+        survivors of merges not folded yet), computed here (a query writes nothing): with them, the
+        answer includes every applied event. Each is made from its whole group's events."""
         if self._fresh_summaries is None:
             definition = self.request.definition
             store = SummaryStore(self.redis)
+            overrides = self.state.overrides
             dirty = store.dirty(self.project.id, definition.hash)
-            raws = store.kept_events(self.project.id, definition.hash, dirty)
-            self._kept = dict(zip(dirty, raws, strict=True))
-            self._fresh_summaries = {p: summarise_person(definition, p, raw) for p, raw in self._kept.items()}
+            survivors = list(dict.fromkeys(self.state.person(p) for p in dirty))
+            groups = store.group_kept(self.project.id, definition.hash, survivors, overrides)
+            self._kept = {s: b"".join(raws.values()) for s, raws in groups.items()}
+            self._stale = {m for raws in groups.values() for m in raws}
+            self._fresh_summaries = {s: summarise_group(definition, s, raws)[s] for s, raws in groups.items()}
         return self._fresh_summaries
 
     def _fresh_values(self, kind: str) -> list[bytes]:
@@ -187,16 +193,17 @@ class FunnelQuery(Computation):
             lambda days: np.concatenate(days) if days else np.zeros((0, self.steps + 1), dtype=np.int64))
         fresh = self._fresh()
         if fresh:
-            stale = np.isin(rows[:, 0], np.array([int(p) for p in fresh], dtype=np.int64))
+            stale = np.isin(rows[:, 0], np.array([int(p) for p in self._stale], dtype=np.int64))
             rows = np.concatenate([rows[~stale], read_attempt_rows(self._fresh_values("fa"), self.steps)])
         store = SummaryStore(self.redis)
-        irregular = [p for p in store.irregular(project_id, definition.hash) if p not in fresh]
+        irregular = [p for p in store.irregular(project_id, definition.hash) if p not in self._stale]
         irregular += [p for p, plan in fresh.items() if plan.irregular]
         _, low, high = self._bounds_ms
         events: dict[str, list[StepEvent]] = {}
         if irregular:
             stored = [p for p in irregular if p not in self._kept]
-            raws = dict(zip(stored, store.kept_events(project_id, definition.hash, stored), strict=True))
+            raws = {s: b"".join(group.values()) for s, group in
+                    store.group_kept(project_id, definition.hash, stored, self.state.overrides).items()}
             for person in irregular:
                 raw = self._kept[person] if person in self._kept else raws[person]
                 inside = []
@@ -246,7 +253,7 @@ class FunnelQuery(Computation):
                                         _combine_touches, kind="fb")
         fresh = self._fresh()
         if fresh:
-            stale = np.array([int(p) for p in fresh], dtype=np.int64)
+            stale = np.array([int(p) for p in self._stale], dtype=np.int64)
             kept = tuple(tuple(a[~np.isin(side[2], stale)] for a in side) for side in sides)
             sides = _combine_touches([kept, _decode_touches(self._fresh_values("fb"))])  # type: ignore[list-item]
         touch_ms, touch_values, who = sides[last]

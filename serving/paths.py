@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from dataflows.operators.path_sessions import sessions
-from dataflows.operators.summaries import summarise_person
+from dataflows.operators.summaries import summarise_group
 from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
 from schemas.projects import Project
@@ -42,16 +42,18 @@ class PathsQuery(Computation):
 
     def _raw_sessions(self) -> list[list[tuple[int, str, str]]]:
         """The kept sessions touching the range, each trimmed to it: (ms, uuid, raw item). Persons
-        whose kept events changed since they were summarised have their sessions computed here (a
-        query writes nothing), replacing what is stored for them."""
+        whose kept events changed since they were summarised (or whose merges are not folded yet) have
+        their sessions computed here from their whole group's events (a query writes nothing),
+        replacing what is stored for them."""
         definition = self.request.definition
         days = day_keys(self.range.date_from, self.range.date_to)
         low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000
         store = SummaryStore(self.redis)
         dirty = store.dirty(self.project.id, definition.hash)
-        raws = store.kept_events(self.project.id, definition.hash, dirty)
-        fresh = [summarise_person(definition, p, raw) for p, raw in zip(dirty, raws, strict=True)]
-        stale = {e.uuid for raw in raws for e in read_person_events(raw)[0]}
+        survivors = list(dict.fromkeys(self.state.person(p) for p in dirty))
+        groups = store.group_kept(self.project.id, definition.hash, survivors, self.state.overrides)
+        fresh = [summarise_group(definition, s, raws)[s] for s, raws in groups.items()]
+        stale = {e.uuid for raws in groups.values() for raw in raws.values() for e in read_person_events(raw)[0]}
         wanted = set(days)
         recomputed = read_sessions([v for plan in fresh for kind, day, v in plan.entries if day in wanted and v])
         seen: set[str] = set(stale)  # a dirty person's stored sessions are replaced by `recomputed`

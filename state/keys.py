@@ -94,6 +94,7 @@ DEFINITION_PARTS: dict[str, str] = {
     "person_events": "pe:",                # a person's kept events (summaries)
     "dirty": "dirty",                      # persons to summarise
     "irregular": "irr",                    # funnel persons with two step events at one instant
+    "folded": "mf",                        # hash merged person -> survivor whose summaries hold its events
     **{f"{kind}_rows": f"{kind}:" for kind in SUMMARY_KINDS},
     **{f"{kind}_versions": f"{kind}v" for kind in SUMMARY_KINDS},
 }
@@ -103,7 +104,7 @@ DEFINITION_PARTS: dict[str, str] = {
 SHARDED_PARTS = ("hour_counts", "day_counts", "day_persons", "hour_persons", "first_seen", "first_time_hour_counts",
                  "first_time_day_counts", "first_time_hour_persons", "first_time_day_persons", "shard_applied",
                  "shard_generation")
-SHARDED_DEFINITION_PARTS = tuple(n for n in DEFINITION_PARTS if n not in ("meta", "backfill_done"))
+SHARDED_DEFINITION_PARTS = tuple(n for n in DEFINITION_PARTS if n not in ("meta", "backfill_done", "folded"))
 
 
 def _alternatives(parts: dict[str, str], but: str = "") -> str:
@@ -260,6 +261,17 @@ def distinct_ids(pid: int) -> str:
     return _k(pid, "distinct_ids")
 
 
+def first_time_persons_bucket(pid: int, key: str) -> tuple[str, str | int] | None:
+    """(event, bucket) of one of the project's first-time person sets (a day YYYYMMDD or an hour
+    start), None for any other key."""
+    for part, bucket_type in (("first_time_day_persons", str), ("first_time_hour_persons", int)):
+        prefix = _k(pid, part)
+        if key.startswith(prefix):
+            name, _, bucket = key[len(prefix):].rpartition(":")
+            return name, bucket_type(bucket)
+    return None
+
+
 def merged(pid: int) -> str:
     """Hash: merged person -> the person it became."""
     return _k(pid, "merged")
@@ -372,6 +384,11 @@ def summary_rows(prefix: str, kind: str, day: str) -> str:
 def summary_versions(prefix: str, kind: str) -> str:
     """Hash: day -> version, raised whenever that day's summaries change (query caches key on it)."""
     return definition_part(prefix, f"{kind}_versions")
+
+
+def folded_merges(prefix: str) -> str:
+    """Hash: merged person -> the survivor whose summaries were last written with its events."""
+    return definition_part(prefix, "folded")
 
 
 def irregular_persons(prefix: str) -> str:

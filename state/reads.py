@@ -15,6 +15,8 @@ import redis
 
 from state import keys
 from state.connection import state_shards
+from state.overrides import Overrides
+from state.overrides import load as load_overrides
 from state.records import read_first_seen
 
 Bucket = str | int  # a project-zone day (YYYYMMDD) or hour start (epoch s)
@@ -39,6 +41,7 @@ class Source:
     hour_persons: Callable[[str, int], str]
     day_persons: Callable[[str, str], str]
     prefix: str = ""
+    of_first_times: bool = False  # each person counted in the bucket of its first event of a name
 
     @classmethod
     def always_on(cls, pid: int) -> Source:
@@ -57,7 +60,7 @@ class Source:
         """Persons and counts by the bucket of each person's first event of a name."""
         return cls(lambda n: keys.first_time_hour_counts(pid, n), lambda n: keys.first_time_day_counts(pid, n),
                    lambda n, h: keys.first_time_hour_persons(pid, n, h),
-                   lambda n, d: keys.first_time_day_persons(pid, n, d))
+                   lambda n, d: keys.first_time_day_persons(pid, n, d), of_first_times=True)
 
     def persons(self, name: str, bucket: Bucket) -> str:
         """The person bitmap of a series in an hour (int) or a day (str)."""
@@ -69,14 +72,42 @@ def _field(bucket: Bucket) -> str:
     return f"h{bucket}" if isinstance(bucket, int) else f"d{bucket}"
 
 
+@dataclass
+class FirstTimeFix:
+    """What merges change in one event name's first-time state: a merged group counts once, in the
+    bucket of its earliest first event, under its survivor (per bucket: count change, persons to
+    clear, persons to set)."""
+
+    counts: dict[Bucket, int]
+    cleared: dict[Bucket, set[int]]
+    set: dict[Bucket, set[int]]
+
+
 class StateReader:
     """Bulk reads of one Redis: each method is one round trip. Event state spread over a project's
     state shards (state/keys.py) is read from every shard and combined here: counts add up, person
-    sets are disjoint (a person is kept in one shard), values and kept events are concatenated."""
+    sets are disjoint (a person is kept in one shard), values and kept events are concatenated.
 
-    def __init__(self, client: redis.Redis) -> None:
+    Given the project, persons merged into others are read as the person they became
+    (state/overrides.py): person sets, counts per person, first times and first-time buckets."""
+
+    def __init__(self, client: redis.Redis, project_id: int | None = None) -> None:
         self.redis = client
         self.shards = state_shards(client)
+        self.project_id = project_id
+        self._overrides: Overrides | None = None
+        self._first_time_fixes: dict[str, FirstTimeFix] = {}
+
+    @property
+    def overrides(self) -> Overrides:
+        if self._overrides is None:
+            self._overrides = Overrides() if self.project_id is None else load_overrides(self.redis, self.project_id)
+        return self._overrides
+
+    def person(self, person: str) -> str:
+        """The person `person` is now (itself unless it was merged into another)."""
+        found = self.overrides.final.get(int(person))
+        return person if found is None else str(found)
 
     def _each(self, key: str) -> list[str]:
         return keys.in_shards(key, self.shards)
@@ -107,15 +138,52 @@ class StateReader:
         return [(sorted(d.decode() for d in replies[2 * i]),
                  {k.decode(): orjson.loads(v) for k, v in replies[2 * i + 1].items()}) for i in range(len(persons))]
 
-    def first_seen(self, pid: int, name: str, persons: list[str]) -> list[int | None]:
-        """Each person's first event time (ms) of that name, None if it has none."""
-        if not persons:
-            return []
+    def _first_seen_raw(self, pid: int, name: str, persons: list[int]) -> list[bytes | None]:
         key = keys.first_seen(pid, name)
         pipe = self.redis.pipeline(transaction=False)
         for person in persons:
             pipe.hget(keys.in_shard(key, keys.shard_of(person, self.shards)), person)
-        return [read_first_seen(raw) if raw else None for raw in pipe.execute()]
+        return pipe.execute() if persons else []
+
+    def first_seen(self, pid: int, name: str, persons: list[str]) -> list[int | None]:
+        """Each person's first event time (ms) of that name, None if it has none (a survivor of
+        merges: the earliest of everyone merged into it)."""
+        groups = [self.overrides.group(int(p)) for p in persons]
+        flat = [m for group in groups for m in group]
+        raws = iter(self._first_seen_raw(pid, name, flat))
+        out = []
+        for group in groups:
+            found = [read_first_seen(raw) for raw in (next(raws) for _ in group) if raw]
+            out.append(min(found) if found else None)
+        return out
+
+    def first_time_fix(self, pid: int, name: str) -> FirstTimeFix:
+        """How merges change the first-time state of `name` (nothing without merges)."""
+        if name in self._first_time_fixes:
+            return self._first_time_fixes[name]
+        fix = FirstTimeFix({}, {}, {})
+        groups = [(t, (t, *sources)) for t, sources in self.overrides.members.items()]
+        flat = [m for _, group in groups for m in group]
+        raws = iter(self._first_seen_raw(pid, name, flat))
+        for survivor, group in groups:
+            found = []
+            for member in group:
+                raw = next(raws)
+                if raw:
+                    ts, hour, day = raw.decode().split(":")
+                    found.append((int(ts), int(hour), day, member))
+            if not found or (len(found) == 1 and found[0][3] == survivor):
+                continue
+            for _, hour, day, member in found:
+                for bucket in (hour, day):
+                    fix.counts[bucket] = fix.counts.get(bucket, 0) - 1
+                    fix.cleared.setdefault(bucket, set()).add(member)
+            _, hour, day, _ = min(found)
+            for bucket in (hour, day):
+                fix.counts[bucket] = fix.counts.get(bucket, 0) + 1
+                fix.set.setdefault(bucket, set()).add(survivor)
+        self._first_time_fixes[name] = fix
+        return fix
 
     # --- series buckets ------------------------------------------------------------------------
     def counts(self, source: Source, names: list[str], days: list[str], hours: list[int]) -> list[dict[Bucket, int]]:
@@ -133,10 +201,20 @@ class StateReader:
             found = out[name]
             for b, v in zip(buckets, reply, strict=True):
                 found[b] = found.get(b, 0) + int(v or 0)
+        if source.of_first_times and self.overrides and self.project_id is not None:
+            for name in names:
+                changes = self.first_time_fix(self.project_id, name).counts
+                found = out[name]
+                for b in found:
+                    found[b] += changes.get(b, 0)
         return [out[name] for name in names]
 
     def bitcounts(self, person_keys: list[str | None]) -> list[int]:
-        """Persons in each bitmap (None: no bitmap, 0), counted in Redis over every shard."""
+        """Persons in each bitmap (None: no bitmap, 0), counted in Redis over every shard (with
+        merges: read and counted here)."""
+        if self.overrides:
+            sets = self.bitmaps([[k] for k in person_keys if k is not None])
+            return [sets[k].bit_count() if k is not None else 0 for k in person_keys]
         pipe = self.redis.pipeline(transaction=False)
         widths = []
         for key in person_keys:
@@ -163,8 +241,22 @@ class StateReader:
             value = 0
             for _ in range(width):
                 value |= read_bitmap(next(replies))
-            out[key] = value
+            out[key] = self._merged(key, value) if self.overrides else value
         return out
+
+    def _merged(self, key: str, value: int) -> int:
+        """A person set with merged persons folded into their survivors (first-time sets: each group
+        in the bucket of its earliest first event)."""
+        value = self.overrides.bitmap(value)
+        first_time = keys.first_time_persons_bucket(self.project_id, key) if self.project_id is not None else None
+        if first_time is not None:
+            name, bucket = first_time
+            fix = self.first_time_fix(self.project_id, name)  # type: ignore[arg-type]
+            for person in fix.cleared.get(bucket, ()):
+                value &= ~(1 << person)
+            for person in fix.set.get(bucket, ()):
+                value |= 1 << person
+        return value
 
     # --- a definition's property values and events per person ----------------------------------------
     def value_stats(self, prefix: str, names: list[str], groups: list[list[Bucket]]
@@ -234,7 +326,7 @@ class StateReader:
             for _ in range(n):
                 for person, count in next(replies).items():
                     counts[int(person)] = counts.get(int(person), 0) + int(count)
-            out.append(counts)
+            out.append(self.overrides.per_person(counts))
         return out
 
     def day_events(self, prefix: str, days: list[str]) -> list[bytes]:

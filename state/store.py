@@ -23,6 +23,7 @@ from schemas.definitions import Definition
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import ShardedStore, run_scripts
+from state.overrides import final_person
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, ShardEffects
@@ -44,14 +45,6 @@ class RedisLostWrites(RuntimeError):
 def _failures(project_id: int, answer: list[object]) -> dict[tuple[int, str], str]:
     pairs = answer[1:]
     return {(project_id, _text(pairs[i])): _text(pairs[i + 1]) for i in range(0, len(pairs), 2)}
-
-
-def _final(merged: dict[int, int], person: int) -> int:
-    seen = {person}
-    while person in merged and merged[person] not in seen:
-        person = merged[person]
-        seen.add(person)
-    return person
 
 
 def _text(value: object) -> str:
@@ -216,7 +209,7 @@ class StateStore(ShardedStore):
                         merged[p] = int(target)
                         found.setdefault(pid, []).append(int(target))
             pending = {pid: sorted(set(ts)) for pid, ts in found.items()}
-        return {pid: {p: _final(m, p) for p in m} for pid, m in out.items()}
+        return {pid: {p: final_person(m, p) for p in m} for pid, m in out.items()}
 
     def apply(self, batches: Iterable[ProjectBatch]) -> BatchOutcome:
         """Apply the home parts (one atomic call per project), then the shard parts of the projects

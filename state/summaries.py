@@ -6,6 +6,11 @@ Both read caches are bounded by size (least recently used first out): `summary_c
 settings (`INSIGHTFLOW_SUMMARY_CACHE_MB`, default 1024) for the days, as much for combined ranges.
 A summary write is refused when the person's kept events grew since they were read (their length is
 the version), and the person stays dirty for the next pass.
+
+Merged persons (state/overrides.py): a survivor's summaries are made from the kept events of its
+whole group (itself and everyone merged into it), each member's own summaries are emptied, and the
+merge is then recorded as folded for the definition. A merge not folded yet counts as a dirty person,
+for the summariser and for queries alike, so an answer never depends on whether it was.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import redis
 
 from state import keys, scripts
 from state.connection import ShardedStore, run_scripts, state_shards
+from state.overrides import Overrides
+from state.overrides import load as load_overrides
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value)
 
@@ -38,16 +45,44 @@ class SummaryStore(ShardedStore):
     def _in_shard(self, key: str, person: str | int) -> str:
         return keys.in_shard(key, keys.shard_of(person, self.shards))
 
+    def overrides(self, project_id: int) -> Overrides:
+        return load_overrides(self.redis, project_id)
+
+    def _unfolded(self, project_id: int, h: str) -> list[str]:
+        """Merged persons whose survivor's summaries were not yet written with their events."""
+        folded_key = keys.folded_merges(keys.definition_prefix(project_id, h))
+        if self.redis.hlen(keys.merged(project_id)) == self.redis.hlen(folded_key):
+            return []
+        folded = self.redis.hgetall(folded_key)
+        overrides = self.overrides(project_id)
+        return [str(p) for p, survivor in overrides.final.items()
+                if int(folded.get(str(p).encode(), -1)) != survivor]
+
     def pending(self, project_id: int, h: str) -> int:
-        return sum(int(self.redis.scard(key)) for key in self._dirty_keys(project_id, h))
+        dirty = sum(int(self.redis.scard(key)) for key in self._dirty_keys(project_id, h))
+        return dirty + len(self._unfolded(project_id, h))
 
     def dirty(self, project_id: int, h: str, budget: int | None = None) -> list[str]:
-        """Persons whose kept events changed since they were summarised (a random `budget` of them)."""
+        """Persons whose kept events changed since they were summarised (a random `budget` of them),
+        and merged persons not folded yet."""
         found: list[bytes] = []
         for key in self._dirty_keys(project_id, h):
             share = None if budget is None else max(1, budget // self.shards)
             found += self.redis.smembers(key) if share is None else self.redis.srandmember(key, share)
-        return [p.decode() for p in found]
+        return list(dict.fromkeys([p.decode() for p in found] + self._unfolded(project_id, h)))
+
+    def fold(self, project_id: int, h: str, merges: dict[str, int]) -> None:
+        """Record that these merged persons' events are in their survivors' summaries."""
+        if merges:
+            self.redis.hset(keys.folded_merges(keys.definition_prefix(project_id, h)), mapping=merges)
+
+    def group_kept(self, project_id: int, h: str, survivors: list[str], overrides: Overrides
+                   ) -> dict[str, dict[str, bytes]]:
+        """Each survivor's group (itself, then the persons merged into it) with each one's kept events."""
+        groups = {s: [str(m) for m in overrides.group(int(s))] for s in survivors}
+        members = list(dict.fromkeys(m for group in groups.values() for m in group))
+        raws = dict(zip(members, self.kept_events(project_id, h, members), strict=True))
+        return {s: {m: raws[m] for m in group} for s, group in groups.items()}
 
     def kept_events(self, project_id: int, h: str, persons: list[str]) -> list[bytes]:
         prefix = keys.definition_prefix(project_id, h)
@@ -67,10 +102,10 @@ class SummaryStore(ShardedStore):
                 for p in self.redis.hkeys(key)]
 
     def write(self, project_id: int, h: str,
-              planned: list[tuple[str, int, bool, bytes | None, list[Entry]]], chunk: int = 500) -> int:
+              planned: list[tuple[str, int, bool, bytes | None, list[Entry]]], chunk: int = 500) -> set[str]:
         """Write (person, version read, irregular, replacement kept events or None, entries) each, in
-        the person's state shard; a person whose kept events moved since is left dirty. Returns how
-        many were written."""
+        the person's state shard; a person whose kept events moved since is left dirty. Returns the
+        persons written."""
         prefix = keys.definition_prefix(project_id, h)
         by_shard: dict[int, list[tuple[str, int, bool, bytes | None, list[Entry]]]] = {}
         for plan in planned:
@@ -87,7 +122,7 @@ class SummaryStore(ShardedStore):
                         args += entry
                     args[1] = int(args[1]) + 1
                 calls.append(([keys.summary_dirty(shard_prefix)], args))
-        return sum(int(result) for result in run_scripts(self.redis, self._write, calls))
+        return {p.decode() for result in run_scripts(self.redis, self._write, calls) for p in result}
 
 
 def size_of(value: Any) -> int:

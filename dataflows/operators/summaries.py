@@ -100,9 +100,9 @@ class PersonSummary:
     dropped: list[tuple[bytes, str, str]] = field(default_factory=list)  # (record, reason, id) to dead-letter
 
 
-def summarise_person(definition: Any, person: str, raw: bytes) -> PersonSummary:
-    """A person's summaries from its kept events. Events that cannot be summarised are dropped (and
-    returned to be dead-lettered) rather than stopping the summariser: the rest are summarised."""
+def _usable(definition: Any, person: str, raw: bytes
+            ) -> tuple[list[StoredEvent], list[StoredEvent], list[tuple[bytes, str, str]]]:
+    """(every kept event, those that can be summarised, the rest as letters to dead-letter)."""
     kind = definition.summary_kind
     events, rest = read_person_events(raw)
     dropped: list[tuple[bytes, str, str]] = []
@@ -116,18 +116,44 @@ def summarise_person(definition: Any, person: str, raw: bytes) -> PersonSummary:
             good.append(event)
         else:
             dropped.append((_letter_value(definition, person, event), reason, f"{ident}:{event.uuid}"))
+    return events, good, dropped
+
+
+def summarise_person(definition: Any, person: str, raw: bytes) -> PersonSummary:
+    """A person's summaries from its kept events. Events that cannot be summarised are dropped (and
+    returned to be dead-lettered) rather than stopping the summariser: the rest are summarised."""
+    return summarise_group(definition, person, {person: raw})[person]
+
+
+def summarise_group(definition: Any, survivor: str, raws: dict[str, bytes]) -> dict[str, PersonSummary]:
+    """Summaries of a survivor of merges and of each person merged into it (`raws`: each member's
+    kept events): the survivor's are made from the events of the whole group, the others' are
+    emptied on every day they kept events of."""
+    kinds = ("fa", "fb") if definition.summary_kind == "fa" and definition.breakdown is not None else (
+        definition.summary_kind,)
+    read = {m: _usable(definition, m, raw) for m, raw in raws.items()}
+    good = [e for _, usable, _ in read.values() for e in usable]
+    failed: str | None = None
     try:
-        irregular, entries = _entries(definition, person, good)
-    except Exception as exc:  # not about one event: none of the person's events can be used
-        reason = f"the person's summary failed: {type(exc).__name__}: {exc}"
-        dropped += [(_letter_value(definition, person, e), reason, f"{ident}:{e.uuid}") for e in good]
-        good, irregular, entries = [], False, []
-    if not dropped:
-        return PersonSummary(irregular, entries)
-    kinds = ("fa", "fb") if kind == "fa" and definition.breakdown is not None else (kind,)
-    present = {(k, day) for k, day, _ in entries}
-    entries += [(k, e.day, b"") for e in events for k in kinds if (k, e.day) not in present]
-    return PersonSummary(irregular, list(dict.fromkeys(entries)), encode_person_events(good), dropped)
+        irregular, entries = _entries(definition, survivor, good)
+    except Exception as exc:  # not about one event: none of the group's events can be used
+        failed = f"the person's summary failed: {type(exc).__name__}: {exc}"
+        irregular, entries = False, []
+    out = {}
+    for member, (events, usable, dropped) in read.items():
+        ident = f"summary:{definition.project_id}:{definition.hash}:{member}"
+        if failed is not None:
+            dropped = dropped + [(_letter_value(definition, member, e), failed, f"{ident}:{e.uuid}") for e in usable]
+            usable = []
+        mine: list[Entry] = entries if member == survivor else []
+        if not dropped and member == survivor:
+            out[member] = PersonSummary(irregular, mine)
+            continue
+        present = {(k, day) for k, day, _ in mine}
+        mine = list(dict.fromkeys(mine + [(k, e.day, b"") for e in events for k in kinds if (k, e.day) not in present]))
+        out[member] = PersonSummary(irregular and member == survivor, mine,
+                                    encode_person_events(usable) if dropped else None, dropped)
+    return out
 
 
 def _entries(definition: Any, person: str, events: list[StoredEvent]) -> tuple[bool, list[Entry]]:

@@ -14,12 +14,39 @@ local function attach(p, did)
   redis.call('SADD', P .. K.person_distinct_ids .. p, did)
 end
 
+-- Person property times: '<ts>' set by $set, 'o<ts>' by $set_once, 'u<ts>' unset.
+local function stamp_of(cur)
+  if not cur then return nil, nil end
+  local c = string.sub(cur, 1, 1)
+  if c == 'o' or c == 'u' then return c, tonumber(string.sub(cur, 2)) end
+  return 's', tonumber(cur)
+end
+
+-- Whether a property stamped (a_kind, a_t) on a merged person replaces the survivor's (b_kind, b_t):
+-- the value the two persons' updates give applied in time order, whichever person holds which.
+local function replaces(a_kind, a_t, b_kind, b_t)
+  if not b_kind then return true end
+  if a_kind == 'o' and b_kind == 'o' then return a_t < b_t end
+  if a_kind == 'o' then return b_kind == 'u' and a_t > b_t end
+  if b_kind == 'o' then return a_kind == 's' or a_t > b_t end
+  return a_t > b_t
+end
+
 local function merge_into(target, source)
   for _, d in ipairs(redis.call('SMEMBERS', P .. K.person_distinct_ids .. source)) do attach(target, d) end
-  local props = redis.call('HGETALL', P .. K.person_properties .. source)
-  for i = 1, #props, 2 do redis.call('HSETNX', P .. K.person_properties .. target, props[i], props[i + 1]) end
-  local times = redis.call('HGETALL', P .. K.person_property_times .. source)
-  for i = 1, #times, 2 do redis.call('HSETNX', P .. K.person_property_times .. target, times[i], times[i + 1]) end
+  local sp, st = P .. K.person_properties .. source, P .. K.person_property_times .. source
+  local tp, tt = P .. K.person_properties .. target, P .. K.person_property_times .. target
+  local times = redis.call('HGETALL', st)
+  for i = 1, #times, 2 do
+    local k, stamp = times[i], times[i + 1]
+    local a_kind, a_t = stamp_of(stamp)
+    local b_kind, b_t = stamp_of(redis.call('HGET', tt, k))
+    if replaces(a_kind, a_t, b_kind, b_t) then
+      redis.call('HSET', tt, k, stamp)
+      local v = redis.call('HGET', sp, k)
+      if v then redis.call('HSET', tp, k, v) else redis.call('HDEL', tp, k) end
+    end
+  end
   if redis.call('SREM', P .. K.identified, source) == 1 then redis.call('SADD', P .. K.identified, target) end
   redis.call('DEL', P .. K.person_distinct_ids .. source, P .. K.person_properties .. source,
     P .. K.person_property_times .. source)
@@ -48,14 +75,6 @@ local function resolve(did, kind, other)
   end
   if kind == 'identify' then redis.call('SADD', P .. K.identified, p) end
   return p
-end
-
--- Person property times: '<ts>' set by $set, 'o<ts>' by $set_once, 'u<ts>' unset.
-local function stamp_of(cur)
-  if not cur then return nil, nil end
-  local c = string.sub(cur, 1, 1)
-  if c == 'o' or c == 'u' then return c, tonumber(string.sub(cur, 2)) end
-  return 's', tonumber(cur)
 end
 
 local function apply_props(p, setj, oncej, unsetj, ts)

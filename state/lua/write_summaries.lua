@@ -1,4 +1,5 @@
--- Writes persons' summaries of one definition (state/summaries.py, SummaryStore.write).
+-- Writes persons' summaries of one definition (state/summaries.py, SummaryStore.write); answers the
+-- persons written.
 -- Arguments: A, then A.count persons, each S then S.entries entries named by SE. A person is written
 -- only if its kept events still have the length it was summarised from (S.version); `replaced` 1:
 -- its kept events become S.replacement (events the summariser could not use were dead-lettered). An
@@ -6,7 +7,7 @@
 local D = ARGV[A.prefix]
 -- include: slices.lua
 local n = tonumber(ARGV[A.count])
-local i, written = S_FIRST, 0
+local i = S_FIRST
 -- Gathered over the call and written once each at its end: days whose value changed (their version
 -- moves once), persons summarised (no longer dirty), persons irregular or not.
 local changed, done, irregular_now, regular_now = {}, {}, {}, {}
@@ -43,7 +44,6 @@ for _ = 1, n do
       regular_now[#regular_now + 1] = p
     end
     done[#done + 1] = p
-    written = written + 1
   else
     i = i + SE_WIDTH * entries
   end
@@ -54,4 +54,4 @@ end
 if #irregular_now > 0 then sliced('HSET', D .. DK.irregular, irregular_now) end
 if #regular_now > 0 then sliced('HDEL', D .. DK.irregular, regular_now) end
 if #done > 0 then sliced('SREM', D .. DK.dirty, done) end
-return written
+return done

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
@@ -190,6 +191,24 @@ def test_person_properties_follow_event_time_not_arrival(client: redis.Redis) ->
     assert client.hgetall(keys.person_properties(project.id, person)) == {b"first": b'"early"'}
 
 
+def test_a_merge_combines_person_properties_by_event_time_whoever_survives(client: redis.Redis) -> None:
+    """The merged person's properties and the survivor's combine as their updates applied in time
+    order would: the later `$set` or `$unset` wins, `$set` beats `$set_once`, the earlier `$set_once` wins."""
+    early = {"$set": {"plan": "free", "gone": 1}, "$set_once": {"source": "ads", "ref": "a"}}
+    late = {"$set": {"plan": "pro", "ref": "b"}, "$set_once": {"source": "seo"}, "$unset": ["gone"]}
+    for merged_has_early in (True, False):  # the early updates on the merged person, or on the survivor
+        project = Project(client)
+        anon = _event("m1", "anon", 1000 if merged_has_early else 9000, properties=early if merged_has_early else late)
+        user = _event("m2", "user", 9000 if merged_has_early else 1000, properties=late if merged_has_early else early)
+        project.apply([anon, user])
+        project.apply([_event("m3", "user", 10_000, event="$identify", properties={"$anon_distinct_id": "anon"})])
+        person = project.person("user").decode()
+        assert project.person("anon").decode() == person
+        raw = client.hgetall(keys.person_properties(project.id, person))
+        stored = {k.decode(): orjson.loads(v) for k, v in raw.items()}
+        assert stored == {"plan": "pro", "source": "ads", "ref": "b"}
+
+
 def test_a_late_earlier_event_moves_first_time(client: redis.Redis) -> None:
     project = Project(client)
     project.apply([_event("f1", "a", 2 * DAY_MS)])  # offsets rise, as on a partition
@@ -334,7 +353,7 @@ def test_summary_writes_are_fenced_by_kept_length(client: redis.Redis) -> None:
     client.set(keys.person_events(prefix, "7"), b"12345")
     client.sadd(keys.summary_dirty(prefix), "7")
 
-    def write(version: int, entries: list[tuple[str, str, bytes]], replacement: bytes | None = None) -> int:
+    def write(version: int, entries: list[tuple[str, str, bytes]], replacement: bytes | None = None) -> list[bytes]:
         layout = scripts.WRITE_SUMMARIES.layout
         person = {"person": "7", "version": version, "irregular": 1, "replaced": int(replacement is not None),
                   "replacement": replacement or b"", "entries": len(entries)}
@@ -342,18 +361,18 @@ def test_summary_writes_are_fenced_by_kept_length(client: redis.Redis) -> None:
         args += [person[f] for f in layout("S").fields]
         for kind, day, value in entries:
             args += [{"kind": kind, "day": day, "value": value}[f] for f in layout("SE").fields]
-        return int(script(keys=[keys.summary_dirty(prefix)], args=args))
+        return script(keys=[keys.summary_dirty(prefix)], args=args)
 
-    assert write(4, [("fa", "20240101", b"row")]) == 0  # the kept events grew since: left dirty
+    assert write(4, [("fa", "20240101", b"row")]) == []  # the kept events grew since: left dirty
     assert client.sismember(keys.summary_dirty(prefix), "7")
-    assert write(5, [("fa", "20240101", b"row")]) == 1
+    assert write(5, [("fa", "20240101", b"row")]) == [b"7"]  # the persons written
     assert client.hget(keys.summary_rows(prefix, "fa", "20240101"), "7") == b"row"
     assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"1"
     assert not client.sismember(keys.summary_dirty(prefix), "7")
     assert client.hget(keys.irregular_persons(prefix), "7") == b"1"
-    assert write(5, [("fa", "20240101", b"row")]) == 1  # unchanged value: the day's version stays
+    assert write(5, [("fa", "20240101", b"row")]) == [b"7"]  # unchanged value: the day's version stays
     assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"1"
-    assert write(5, [("fa", "20240101", b""), ("ps", "20240102", b"s")], replacement=b"123") == 1
+    assert write(5, [("fa", "20240101", b""), ("ps", "20240102", b"s")], replacement=b"123") == [b"7"]
     assert client.hexists(keys.summary_rows(prefix, "fa", "20240101"), "7") is False
     assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"2"
     assert client.hget(keys.summary_rows(prefix, "ps", "20240102"), "7") == b"s"

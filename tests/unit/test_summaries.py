@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from dataflows.operators.funnel_attempts import RANK_BITS
-from dataflows.operators.summaries import summarise_person
+from dataflows.operators.summaries import summarise_group, summarise_person
 from schemas.errors import RequestError
 from schemas.funnels import parse_funnel_request
 from state.records import StoredEvent, encode_person_events, read_person_events
@@ -66,3 +66,25 @@ def test_funnels_over_posthogs_step_limit_are_refused() -> None:
         _funnel(33)
     with pytest.raises(RequestError, match="at most 32 steps; this one has 64"):
         _funnel(64)
+
+
+def test_a_survivor_is_summarised_from_its_whole_group_and_the_merged_person_emptied() -> None:
+    """Person 7 was merged into 5: 5's attempt rows come from both persons' kept events (7's step 1,
+    then 5's step 2 convert), 7 keeps nothing on the days it had events."""
+    first = StoredEvent(DAY_MS, "20231114", "u1", _kept(0b10))
+    later = StoredEvent(DAY_MS + 86_400_000, "20231115", "u2", _kept(0b100))
+    plans = summarise_group(_funnel(), "5", {"5": encode_person_events([later]), "7": encode_person_events([first])})
+    together = summarise_person(_funnel(), "5", encode_person_events([first, later]))
+    assert plans["5"].entries == together.entries and plans["5"].replacement is None
+    assert plans["7"].entries == [("fa", "20231114", b"")] and not plans["7"].irregular
+    assert plans["7"].replacement is None and plans["7"].dropped == []
+
+
+def test_an_unusable_event_of_a_merged_person_is_dropped_from_that_person_only() -> None:
+    poison = StoredEvent(DAY_MS + 7, "20231114", "wide", _kept(1 << 40))
+    plans = summarise_group(_funnel(), "5", {"5": encode_person_events(GOOD[:1]),
+                                             "7": encode_person_events([poison, *GOOD[1:]])})
+    assert plans["5"].dropped == [] and plans["5"].replacement is None
+    assert [rid for _, _, rid in plans["7"].dropped] == [f"summary:7:{_funnel().hash}:7:wide"]
+    assert read_person_events(plans["7"].replacement or b"") == (GOOD[1:], b"")
+    assert plans["5"].entries == summarise_person(_funnel(), "5", encode_person_events(GOOD)).entries

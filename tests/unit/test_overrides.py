@@ -1,0 +1,39 @@
+"""Merged persons folded into their survivors at query time (state/overrides.py; no services)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from state.overrides import Overrides
+
+
+def _bits(persons: set[int]) -> int:
+    return sum(1 << p for p in persons)
+
+
+def test_merges_of_merges_end_at_the_last_survivor() -> None:
+    overrides = Overrides.from_merges({3: 2, 2: 1, 9: 4})
+    assert overrides.final == {3: 1, 2: 1, 9: 4}
+    assert overrides.members == {1: (2, 3), 4: (9,)}
+    assert overrides.group(3) == (1, 2, 3) and overrides.group(1) == (1, 2, 3) and overrides.group(7) == (7,)
+
+
+def test_a_person_set_moves_merged_bits_to_survivors() -> None:
+    overrides = Overrides.from_merges({3: 1, 6: 100})
+    assert overrides.bitmap(_bits({3, 5})) == _bits({1, 5})
+    assert overrides.bitmap(_bits({1, 3})) == _bits({1})  # two persons of one group count once
+    assert overrides.bitmap(_bits({6})) == _bits({100})  # a survivor past the set's last byte
+    assert overrides.bitmap(_bits({5})) == _bits({5}) and overrides.bitmap(0) == 0
+    assert Overrides().bitmap(_bits({3})) == _bits({3})
+
+
+def test_counts_per_person_add_up_under_the_survivor() -> None:
+    assert Overrides.from_merges({3: 1}).per_person({1: 2, 3: 5, 4: 1}) == {1: 7, 4: 1}
+
+
+@given(st.dictionaries(st.integers(0, 300), st.integers(0, 300), max_size=40), st.sets(st.integers(0, 300)))
+def test_a_person_set_equals_the_set_of_final_persons(merged: dict[int, int], persons: set[int]) -> None:
+    merged = {s: t for s, t in merged.items() if s != t}
+    overrides = Overrides.from_merges(merged)
+    assert overrides.bitmap(_bits(persons)) == _bits({overrides.person(p) for p in persons})

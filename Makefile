@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: up test bench bench-ingest lint setup
+.PHONY: up test bench bench-ingest bench-merges lint setup
 
 setup: $(STAMP)
 
@@ -33,3 +33,6 @@ bench: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(VENV)/bin/python -m bench.ingest $(ARGS)
+
+bench-merges: $(STAMP)
+	$(VENV)/bin/python -m bench.merges $(ARGS)

@@ -65,25 +65,40 @@ class Overrides:
         sources = np.array(sorted(self.final), dtype=np.int64)
         return sources, np.array([self.final[s] for s in sources.tolist()], dtype=np.int64)
 
-    def bitmap(self, value: int) -> int:
-        """A person set (bit i = person i) with each merged person's bit moved to its survivor."""
-        if not self.final or not value:
-            return value
-        raw = value.to_bytes((value.bit_length() + 7) // 8, "little")
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    def _present(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(merged persons set in a stored person set, their survivors)."""
         sources, targets = self._arrays
-        inside = sources < len(bits)
+        inside = sources < len(raw) * 8
         sources, targets = sources[inside], targets[inside]
-        present = bits[sources].astype(bool)
-        if not present.any():
-            return value
-        moved = targets[present]
-        size = max(len(bits), int(moved.max()) + 1)
-        if size > len(bits):
-            bits = np.concatenate([bits, np.zeros(-(-size // 8) * 8 - len(bits), dtype=np.uint8)])
-        bits[sources[present]] = 0
-        bits[moved] = 1
-        return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little")
+        present = (raw[sources >> 3] >> (7 - (sources & 7)) & 1).astype(bool)
+        return sources[present], targets[present]
+
+    def person_set(self, raw: np.ndarray) -> np.ndarray:
+        """A stored person set (Redis bit order: person i is bit 7 - i % 8 of byte i // 8) with each
+        merged person's bit moved to its survivor."""
+        if not self.final:
+            return raw
+        sources, targets = self._present(raw)
+        if not len(sources):
+            return raw
+        size = max(len(raw), (int(targets.max()) >> 3) + 1)
+        out = np.zeros(size, dtype=np.uint8)
+        out[:len(raw)] = raw
+        np.bitwise_and.at(out, sources >> 3, ~(np.uint8(1) << (7 - (sources & 7)).astype(np.uint8)))
+        np.bitwise_or.at(out, targets >> 3, (np.uint8(1) << (7 - (targets & 7)).astype(np.uint8)))
+        return out
+
+    def count(self, raw: np.ndarray) -> int:
+        """Persons in a stored person set, each group of merged persons counted once."""
+        total = int.from_bytes(raw.tobytes(), "big").bit_count()
+        if not self.final or not total:
+            return total
+        sources, targets = self._present(raw)
+        inside = targets < len(raw) * 8
+        already = np.zeros(len(targets), dtype=bool)
+        kept = targets[inside]
+        already[inside] = (raw[kept >> 3] >> (7 - (kept & 7)) & 1).astype(bool)
+        return total - len(sources) + len(set(targets[~already].tolist()))
 
     def per_person(self, counts: dict[int, int]) -> dict[int, int]:
         """Counts per person with each merged person's added to its survivor's."""

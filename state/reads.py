@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 
@@ -211,10 +212,13 @@ class StateReader:
 
     def bitcounts(self, person_keys: list[str | None]) -> list[int]:
         """Persons in each bitmap (None: no bitmap, 0), counted in Redis over every shard (with
-        merges: read and counted here)."""
+        merges: read and counted here, each merged group once)."""
         if self.overrides:
-            sets = self.bitmaps([[k] for k in person_keys if k is not None])
-            return [sets[k].bit_count() if k is not None else 0 for k in person_keys]
+            stored = self._person_sets([k for k in person_keys if k is not None])
+            fixed = [k for k in stored if self._first_time(k) is not None]
+            sets = self.bitmaps([[k] for k in fixed]) if fixed else {}
+            return [0 if k is None else sets[k].bit_count() if k in sets else self.overrides.count(stored[k])
+                    for k in person_keys]
         pipe = self.redis.pipeline(transaction=False)
         widths = []
         for key in person_keys:
@@ -225,37 +229,52 @@ class StateReader:
         replies = iter(pipe.execute() if any(widths) else [])
         return [sum(int(next(replies)) for _ in range(width)) for width in widths]
 
-    def bitmaps(self, key_lists: Iterable[Iterable[str]]) -> dict[str, int]:
-        """Each person bitmap named once, as an integer with bit i = person i (every shard's persons)."""
-        unique = list(dict.fromkeys(k for members in key_lists for k in members))
+    def _person_sets(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """Each person bitmap named once, as stored (Redis bit order), every shard's persons in one."""
+        unique = list(dict.fromkeys(names))
         pipe = self.redis.pipeline(transaction=False)
-        widths = []
         for key in unique:
-            each = self._each(key)
-            widths.append(len(each))
-            for shard_key in each:
+            for shard_key in self._each(key):
                 pipe.get(shard_key)
         replies = iter(pipe.execute() if unique else [])
         out = {}
-        for key, width in zip(unique, widths, strict=True):
-            value = 0
-            for _ in range(width):
-                value |= read_bitmap(next(replies))
-            out[key] = self._merged(key, value) if self.overrides else value
+        for key in unique:
+            parts = [np.frombuffer(next(replies) or b"", dtype=np.uint8) for _ in range(self.shards)]
+            if len(parts) == 1:
+                out[key] = parts[0]
+                continue
+            combined = np.zeros(max(len(p) for p in parts), dtype=np.uint8)
+            for part in parts:
+                combined[:len(part)] |= part
+            out[key] = combined
         return out
 
-    def _merged(self, key: str, value: int) -> int:
-        """A person set with merged persons folded into their survivors (first-time sets: each group
-        in the bucket of its earliest first event)."""
-        value = self.overrides.bitmap(value)
-        first_time = keys.first_time_persons_bucket(self.project_id, key) if self.project_id is not None else None
-        if first_time is not None:
-            name, bucket = first_time
-            fix = self.first_time_fix(self.project_id, name)  # type: ignore[arg-type]
-            for person in fix.cleared.get(bucket, ()):
-                value &= ~(1 << person)
-            for person in fix.set.get(bucket, ()):
-                value |= 1 << person
+    def bitmaps(self, key_lists: Iterable[Iterable[str]]) -> dict[str, int]:
+        """Each person bitmap named once, as an integer with bit i = person i (every shard's persons;
+        merged persons as their survivors)."""
+        stored = self._person_sets(k for members in key_lists for k in members)
+        if not self.overrides:
+            return {key: read_bitmap(raw.tobytes()) for key, raw in stored.items()}
+        out = {}
+        for key, raw in stored.items():
+            first_time = self._first_time(key)
+            if first_time is None:
+                out[key] = read_bitmap(self.overrides.person_set(raw).tobytes())
+            else:  # the group's members leave their buckets, the survivor joins the earliest one
+                out[key] = self._first_time_set(read_bitmap(raw.tobytes()), *first_time)
+        return out
+
+    def _first_time(self, key: str) -> tuple[str, Bucket] | None:
+        return keys.first_time_persons_bucket(self.project_id, key) if self.project_id is not None else None
+
+    def _first_time_set(self, value: int, name: str, bucket: Bucket) -> int:
+        """A first-time person set with each merged group in the bucket of its earliest first event,
+        under its survivor (every member with a first time of `name` leaves its own bucket)."""
+        fix = self.first_time_fix(self.project_id, name)  # type: ignore[arg-type]
+        for person in fix.cleared.get(bucket, ()):
+            value &= ~(1 << person)
+        for person in fix.set.get(bucket, ()):
+            value |= 1 << person
         return value
 
     # --- a definition's property values and events per person ----------------------------------------

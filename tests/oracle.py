@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 
@@ -24,3 +25,29 @@ def trend_by_breakdown(events: Iterable[dict[str, Any]], event: str, days: list[
     totals = {bv: [by_day.get(d, 0) for d in days] for bv, by_day in counts.items()}
     uniques = {bv: [len(by_day.get(d, ())) for d in days] for bv, by_day in persons.items()}
     return totals, uniques
+
+
+def default_paths(events: Iterable[dict[str, Any]], person: Callable[[dict[str, Any]], str]
+                  ) -> dict[tuple[str, str], int]:
+    """Edges of default $pageview paths: each person's events (ties broken by uuid) cut into
+    30-minute sessions, repeats collapsed, first 5 items."""
+    visits: dict[str, list[tuple[datetime, str, str]]] = defaultdict(list)
+    for e in events:
+        if e["event"] == "$pageview":
+            moment = datetime.fromisoformat(e["timestamp"])
+            visits[person(e)].append((moment, e["uuid"], e["properties"]["$current_url"]))
+    edges: dict[tuple[str, str], int] = defaultdict(int)
+    for found in visits.values():
+        sessions: list[list[str]] = []
+        last = None
+        for moment, _uuid, url in sorted(found):
+            if last is None or (moment - last).total_seconds() >= 1800:
+                sessions.append([])
+            last = moment
+            if not sessions[-1] or sessions[-1][-1] != url:
+                sessions[-1].append(url)
+        for items in sessions:
+            items = items[:5]
+            for i in range(len(items) - 1):
+                edges[(f"{i + 1}_{items[i]}", f"{i + 2}_{items[i + 1]}")] += 1
+    return dict(edges)

@@ -82,11 +82,11 @@ def _plain(value: Any) -> Any:
 class StackClient:
     """One project's capture and insight requests against one stack (its API and its Redis)."""
 
-    def __init__(self, url: str, client: Any, token: str) -> None:
+    def __init__(self, url: str, client: Any, token: str, project_id: int = PROJECT) -> None:
         registry = Registry(client)
-        self.url, self.redis, self.token = url, client, token
-        registry.save_project(PROJECT, token=token)
-        self.key, _ = registry.create_key([PROJECT], ["insight:read"])
+        self.url, self.redis, self.token, self.project_id = url, client, token, project_id
+        registry.save_project(project_id, token=token)
+        self.key, _ = registry.create_key([project_id], ["insight:read"])
 
     def capture(self, events: list[dict[str, Any]]) -> None:
         for i in range(0, len(events), 500):
@@ -95,7 +95,7 @@ class StackClient:
             assert reply.status_code == 200, reply.text
 
     def ask(self, path: str, body: dict[str, Any]) -> Any:
-        reply = httpx.post(f"{self.url}/api/environments/{PROJECT}/insights/{path}",
+        reply = httpx.post(f"{self.url}/api/environments/{self.project_id}/insights/{path}",
                            json={**body, "refresh": "blocking"}, timeout=300,
                            headers={"Authorization": f"Bearer {self.key}", "X-Insightflow-Now": NOW})
         assert reply.status_code == 200, reply.text

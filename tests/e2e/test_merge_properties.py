@@ -3,11 +3,12 @@
 Random streams of anonymous ids, `$identify`, `$create_alias`, `$merge_dangerously`, `$set`/`$set_once`
 and ordinary events over several days are produced straight onto the topic, each event on a random
 partition, in a random order, with the dataflow killed (kill -9) mid-stream. Trends (total, dau,
-weekly_active, first_time_for_user), an ordered funnel, retention, paths and the funnel's people list
-must equal a batch computation that first resolves every distinct id to its final person (the linked
-ids' connected component: the streams never ask for a merge PostHog would refuse). An ordered funnel
-broken down by `$browser` is compared with the same question on a second project that received the
-events already resolved (one id per person, no links).
+weekly_active, first_time_for_user), an ordered funnel, retention (recurring and first time), paths
+and the funnel's people list must equal a batch computation that first resolves every distinct id to
+its final person (the linked ids' connected component: the streams never ask for a merge PostHog
+would refuse). An ordered funnel broken down by `$browser` and the funnel's event correlation are
+compared with the same questions on a second project that received the events already resolved (one
+id per person, no links).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from state import keys
 from state.stream import Stream
 from state.summaries import SummaryStore
 from tests.conftest import ProjectHandle, Stack, make_project
+from tests.oracle import default_paths
 
 BASE = datetime(2024, 11, 4, tzinfo=UTC)
 DAYS = 8
@@ -40,7 +42,7 @@ FUNNEL = ["$pageview", "signed up", "purchase"]
 LINKS = ("$identify", "$create_alias", "$merge_dangerously")
 
 
-def _stream(rng: random.Random, personas: int = 14) -> list[dict[str, Any]]:
+def stream(rng: random.Random, personas: int = 14) -> list[dict[str, Any]]:
     """Events of `personas` people, each through one sign-up flow, and a few dangerous merges."""
     events: list[dict[str, Any]] = []
 
@@ -82,7 +84,7 @@ def _stream(rng: random.Random, personas: int = 14) -> list[dict[str, Any]]:
     return events
 
 
-def _persons(events: list[dict[str, Any]]) -> dict[str, str]:
+def final_persons(events: list[dict[str, Any]]) -> dict[str, str]:
     """Distinct id -> its final person (the smallest id of its connected component)."""
     parent: dict[str, str] = {}
 
@@ -108,7 +110,7 @@ def _day(e: dict[str, Any]) -> int:
     return (datetime.fromisoformat(e["timestamp"]) - BASE).days
 
 
-def _oracle(events: list[dict[str, Any]], person: dict[str, str]) -> dict[str, Any]:
+def oracle(events: list[dict[str, Any]], person: dict[str, str]) -> dict[str, Any]:
     active: dict[int, set[str]] = defaultdict(set)
     totals = [0] * DAYS
     first: dict[str, int] = {}
@@ -121,6 +123,9 @@ def _oracle(events: list[dict[str, Any]], person: dict[str, str]) -> dict[str, A
     weekly = [len(set().union(*(active[k] for k in range(max(0, d - 6), d + 1)))) for d in range(DAYS)]
     firsts = [sum(1 for f in first.values() if f == d) for d in range(DAYS)]
     retention = [[len(active[c])] + [len(active[c] & active[c + k]) for k in range(1, DAYS - c)] for c in range(DAYS)]
+    cohorts = [{p for p, f in first.items() if f == c} for c in range(DAYS)]
+    first_retention = [[len(cohorts[c])] + [len(cohorts[c] & active[c + k]) for k in range(1, DAYS - c)]
+                       for c in range(DAYS)]
     steps: dict[str, list[StepEvent]] = defaultdict(list)
     for e in events:
         if e["event"] in FUNNEL:
@@ -135,33 +140,10 @@ def _oracle(events: list[dict[str, Any]], person: dict[str, str]) -> dict[str, A
     for did, p in person.items():
         ids[p].add(did)
     return {"total": totals, "dau": [len(active[d]) for d in range(DAYS)], "weekly": weekly, "first": firsts,
-            "retention": retention, "funnel": [sum(1 for r in reached.values() if r >= k) for k in (1, 2, 3)],
+            "retention": retention, "first_retention": first_retention,
+            "funnel": [sum(1 for r in reached.values() if r >= k) for k in (1, 2, 3)],
             "people": sorted(sorted(ids[p]) for p, r in reached.items() if r >= 2),
-            "paths": _paths(events, person)}
-
-
-def _paths(events: list[dict[str, Any]], person: dict[str, str]) -> dict[tuple[str, str], int]:
-    """Default $pageview paths: 30-minute sessions, repeats collapsed, first 5 items."""
-    visits: dict[str, list[tuple[datetime, str, str]]] = defaultdict(list)
-    for e in events:
-        if e["event"] == "$pageview":
-            visits[person[e["distinct_id"]]].append((datetime.fromisoformat(e["timestamp"]), e["uuid"],
-                                                     e["properties"]["$current_url"]))
-    edges: dict[tuple[str, str], int] = defaultdict(int)
-    for found in visits.values():
-        sessions: list[list[str]] = []
-        last = None
-        for moment, _uuid, url in sorted(found):
-            if last is None or (moment - last).total_seconds() >= 1800:
-                sessions.append([])
-            last = moment
-            if not sessions[-1] or sessions[-1][-1] != url:
-                sessions[-1].append(url)
-        for items in sessions:
-            items = items[:5]
-            for i in range(len(items) - 1):
-                edges[(f"{i + 1}_{items[i]}", f"{i + 2}_{items[i + 1]}")] += 1
-    return dict(edges)
+            "paths": default_paths(events, lambda e: person[e["distinct_id"]])}
 
 
 def _produce(running: Stack, project: ProjectHandle, events: list[dict[str, Any]], rng: random.Random) -> None:
@@ -181,10 +163,12 @@ def _produce(running: Stack, project: ProjectHandle, events: list[dict[str, Any]
     Stream(running.redis, "events").record({}, ends)
 
 
-class _Api:
-    def __init__(self, running: Stack, project: ProjectHandle) -> None:
-        self.url = f"{running.api_url}/api/environments/{project.id}/insights"
-        self.headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": "2024-12-01T00:00:00Z"}
+class Api:
+    """One project's insight requests against one stack."""
+
+    def __init__(self, api_url: str, project_id: int, key: str) -> None:
+        self.url = f"{api_url}/api/environments/{project_id}/insights"
+        self.headers = {"Authorization": f"Bearer {key}", "X-Insightflow-Now": "2024-12-01T00:00:00Z"}
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         deadline = time.monotonic() + 120
@@ -214,19 +198,30 @@ PATHS = {"include_event_types": ["$pageview"], "date_from": RANGE["date_from"],
          "date_to": (BASE + timedelta(days=DAYS)).date().isoformat(), "edge_limit": 1000}
 
 
-def _answers(api: _Api) -> dict[str, Any]:
+def answers(api: Api) -> dict[str, Any]:
     trends = [s["data"] for s in api.post("trend/", TRENDS)["result"]]
     steps = [s["count"] for s in api.post("funnel/", ORDERED)["result"]]
     people = api.get("funnel/people/", {**ORDERED, "funnel_step": 2, "limit": 1000})["results"][0]["people"]
     rows = api.post("retention/", RETENTION)["result"]
+    first_rows = api.post("retention/", {**RETENTION, "retention_type": "retention_first_time"})["result"]
     edges = api.post("path/", PATHS)["result"]
     return {"total": trends[0], "dau": trends[1], "weekly": trends[2], "first": trends[3],
             "funnel": steps, "people": sorted(sorted(p["distinct_ids"]) for p in people),
             "retention": [[v["count"] for v in row["values"]] for row in rows],
+            "first_retention": [[v["count"] for v in row["values"]] for row in first_rows],
             "paths": {(e["source"], e["target"]): e["value"] for e in edges}}
 
 
-def _by_browser(api: _Api) -> Any:
+def correlation(api: Api) -> Any:
+    """Which events go with converting in the ordered funnel (§8.3): a person's events are its group's
+    (the identity events themselves left out: the resolved project has none)."""
+    query = {**ORDERED, "funnel_correlation_exclude_event_names": list(LINKS)}
+    result = api.post("funnel/correlation/", query)["result"]
+    return sorted((r["event"]["event"], r["success_count"], r["failure_count"], r["correlation_type"])
+                  for r in result["events"])
+
+
+def by_browser(api: Api) -> Any:
     groups = api.post("funnel/", BY_BROWSER)["result"]
     return sorted([[s["breakdown_value"], s["count"]] for s in group] for group in groups)
 
@@ -237,11 +232,11 @@ def _by_browser(api: _Api) -> Any:
 @example(seed=1, kill_at=0.5)
 def test_merged_persons_count_once_in_any_order(running: Stack, seed: int, kill_at: float) -> None:
     rng = random.Random(seed)
-    events = _stream(rng)
-    person = _persons(events)
-    expected = _oracle(events, person)
+    events = stream(rng)
+    person = final_persons(events)
+    expected = oracle(events, person)
     project, resolved = make_project(running), make_project(running)
-    api, resolved_api = _Api(running, project), _Api(running, resolved)
+    api, resolved_api = Api(running.api_url, project.id, project.key), Api(running.api_url, resolved.id, resolved.key)
     # Definitions registered first (the funnels' and paths' summaries are then kept live).
     for query in (ORDERED, BY_BROWSER):
         api.post("funnel/", query)
@@ -256,23 +251,25 @@ def test_merged_persons_count_once_in_any_order(running: Stack, seed: int, kill_
     _produce(running, resolved, [{**e, "distinct_id": person[e["distinct_id"]]} for e in events
                                  if e["event"] not in LINKS], rng)
     running.wait_applied(timeout=120)
-    assert _answers(api) == expected  # summaries of persons not summarised yet are computed by the query
-    assert _by_browser(api) == _by_browser(resolved_api)
-    _wait_summarised(running, project)  # and once the summariser folded every merge, from stored state
-    assert _answers(api) == expected
-    assert _by_browser(api) == _by_browser(resolved_api)
+    assert answers(api) == expected  # summaries of persons not summarised yet are computed by the query
+    assert by_browser(api) == by_browser(resolved_api)
+    assert correlation(api) == correlation(resolved_api)
+    wait_summarised(running.redis, project.id)  # and once the summariser folded every merge, from stored state
+    assert answers(api) == expected
+    assert by_browser(api) == by_browser(resolved_api)
 
 
-def _wait_summarised(running: Stack, project: ProjectHandle) -> None:
-    client = running.redis
+def wait_summarised(client: Any, project_id: int) -> None:
+    """Until the summariser wrote every dirty person and folded every merge of the project's three
+    summarised definitions."""
     store = SummaryStore(client)
     summarised = [m.decode().split(":")[1] for m in client.smembers(keys.SUMMARISED)
-                  if m.decode().startswith(f"{project.id}:")]
+                  if m.decode().startswith(f"{project_id}:")]
     assert len(summarised) == 3
     deadline = time.monotonic() + 60
-    while any(store.pending(project.id, h) for h in summarised):
+    while any(store.pending(project_id, h) for h in summarised):
         assert time.monotonic() < deadline, "summaries not written"
         time.sleep(0.1)
-    merged = client.hlen(keys.merged(project.id))
-    assert merged and all(client.hlen(keys.folded_merges(keys.definition_prefix(project.id, h))) == merged
+    merged = client.hlen(keys.merged(project_id))
+    assert merged and all(client.hlen(keys.folded_merges(keys.definition_prefix(project_id, h))) == merged
                           for h in summarised)

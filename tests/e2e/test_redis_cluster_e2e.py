@@ -8,6 +8,7 @@ definitions kept live while the events arrive, and definitions built afterwards 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,17 @@ from state.connection import connect, is_cluster
 from state.topics import ensure_topics
 from tests.conftest import Services, Stack
 from tests.e2e.test_cluster_e2e import FILTERED, FUNNEL, LATER, PROJECT, StackClient, _events
+from tests.e2e.test_merge_properties import (
+    BY_BROWSER,
+    ORDERED,
+    PATHS,
+    Api,
+    answers,
+    final_persons,
+    oracle,
+    stream,
+    wait_summarised,
+)
 from tests.upstack import wait_lag_zero
 
 pytestmark = pytest.mark.e2e
@@ -74,3 +86,27 @@ def test_a_cluster_answers_what_one_redis_answers(cluster_stack: tuple[str, str]
     assert sum(trend["data"]) > 0  # real numbers, not two empty answers
     funnel = on_one[2]["result"]
     assert sum(b[0]["count"] for b in funnel) > sum(b[2]["count"] for b in funnel) > 0
+
+
+def test_merged_persons_spread_over_state_shards_count_once(cluster_stack: tuple[str, str]) -> None:
+    """Sign-up flows and dangerous merges captured in a shuffled order: a merged person and its
+    survivor usually sit in different state shards (on different masters), and every answer still
+    equals the batch computation over final persons, before and after the summariser folds them."""
+    api_url, url = cluster_stack
+    cluster = connect(url)
+    rng = random.Random(14)
+    events = stream(rng, personas=40)
+    expected = oracle(events, final_persons(events))
+    target = StackClient(api_url, cluster, "phc_rc_merges", project_id=PROJECT + 1)
+    api = Api(api_url, target.project_id, target.key)
+    for path, body in (("funnel/", ORDERED), ("funnel/", BY_BROWSER), ("path/", PATHS)):
+        api.post(path, body)
+    shuffled = events[:]
+    rng.shuffle(shuffled)
+    target.capture(shuffled)
+    _wait_applied(api_url)
+    assert answers(api) == expected
+    merged = {int(s): int(t) for s, t in cluster.hgetall(keys.merged(target.project_id)).items()}
+    assert any(s % 3 != t % 3 for s, t in merged.items())  # some merges cross state shards
+    wait_summarised(cluster, target.project_id)
+    assert answers(api) == expected

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Stack, make_project
+from tests.oracle import default_paths
 
 BASE = datetime(2024, 9, 1, tzinfo=UTC)
 PAGES = ["/", "/docs", "/pricing", "/signup"]
@@ -25,30 +26,6 @@ def _retention_oracle(events: list[dict], days: int) -> list[list[int]]:
         if e["event"] == "$pageview":
             active[(datetime.fromisoformat(e["timestamp"]) - BASE).days].add(e["distinct_id"])
     return [[len(active[c])] + [len(active[c] & active[c + k]) for k in range(1, days - c)] for c in range(days)]
-
-
-def _paths_oracle(events: list[dict]) -> dict[tuple[str, str], int]:
-    """Default $pageview paths: 30-minute sessions, repeats collapsed, first 5 items."""
-    per_person: dict[str, list[tuple[datetime, str, str]]] = defaultdict(list)
-    for e in events:
-        if e["event"] == "$pageview":  # ties broken by (timestamp, uuid), as everywhere
-            per_person[e["distinct_id"]].append((datetime.fromisoformat(e["timestamp"]), e["uuid"],
-                                                 e["properties"]["$current_url"]))
-    edges: dict[tuple[str, str], int] = defaultdict(int)
-    for visits in per_person.values():
-        sessions: list[list[str]] = []
-        last = None
-        for moment, _uuid, url in sorted(visits):
-            if last is None or (moment - last).total_seconds() >= 1800:
-                sessions.append([])
-            last = moment
-            if not sessions[-1] or sessions[-1][-1] != url:
-                sessions[-1].append(url)
-        for items in sessions:
-            items = items[:5]
-            for i in range(len(items) - 1):
-                edges[(f"{i + 1}_{items[i]}", f"{i + 2}_{items[i + 1]}")] += 1
-    return edges
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -81,4 +58,5 @@ def test_retention_and_paths_match_batch(running: Stack, seed: int, kill_at: flo
     rows = httpx.post(f"{api}/retention/", json=retention, headers=headers, timeout=60).json()["result"]
     assert [[v["count"] for v in row["values"]] for row in rows] == _retention_oracle(events, days)
     edges = httpx.post(f"{api}/path/", json={**paths, "refresh": "blocking"}, headers=headers, timeout=60).json()
-    assert {(e["source"], e["target"]): e["value"] for e in edges["result"]} == _paths_oracle(events)
+    expected = default_paths(events, lambda e: e["distinct_id"])
+    assert {(e["source"], e["target"]): e["value"] for e in edges["result"]} == expected

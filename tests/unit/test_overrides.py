@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
 from state.overrides import Overrides
+from state.reads import read_bitmap
+
+
+def _stored(persons: set[int]) -> np.ndarray:
+    """A person set as Redis stores it (SETBIT: person i is bit 7 - i % 8 of byte i // 8)."""
+    out = np.zeros(max(persons, default=-1) // 8 + 1, dtype=np.uint8)
+    for p in persons:
+        out[p >> 3] |= 1 << (7 - (p & 7))
+    return out
+
+
+def _persons(overrides: Overrides, persons: set[int]) -> int:
+    """The set as queries read it: an integer with bit i = person i."""
+    return read_bitmap(overrides.person_set(_stored(persons)).tobytes())
 
 
 def _bits(persons: set[int]) -> int:
@@ -21,11 +36,12 @@ def test_merges_of_merges_end_at_the_last_survivor() -> None:
 
 def test_a_person_set_moves_merged_bits_to_survivors() -> None:
     overrides = Overrides.from_merges({3: 1, 6: 100})
-    assert overrides.bitmap(_bits({3, 5})) == _bits({1, 5})
-    assert overrides.bitmap(_bits({1, 3})) == _bits({1})  # two persons of one group count once
-    assert overrides.bitmap(_bits({6})) == _bits({100})  # a survivor past the set's last byte
-    assert overrides.bitmap(_bits({5})) == _bits({5}) and overrides.bitmap(0) == 0
-    assert Overrides().bitmap(_bits({3})) == _bits({3})
+    assert _persons(overrides, {3, 5}) == _bits({1, 5})
+    assert _persons(overrides, {1, 3}) == _bits({1})  # two persons of one group count once
+    assert overrides.count(_stored({1, 3})) == 1 and overrides.count(_stored({3, 5, 6})) == 3
+    assert _persons(overrides, {6}) == _bits({100})  # a survivor past the set's last byte
+    assert _persons(overrides, {5}) == _bits({5}) and _persons(overrides, set()) == 0
+    assert _persons(Overrides(), {3}) == _bits({3})
 
 
 def test_counts_per_person_add_up_under_the_survivor() -> None:
@@ -36,4 +52,6 @@ def test_counts_per_person_add_up_under_the_survivor() -> None:
 def test_a_person_set_equals_the_set_of_final_persons(merged: dict[int, int], persons: set[int]) -> None:
     merged = {s: t for s, t in merged.items() if s != t}
     overrides = Overrides.from_merges(merged)
-    assert overrides.bitmap(_bits(persons)) == _bits({overrides.person(p) for p in persons})
+    finals = {overrides.person(p) for p in persons}
+    assert _persons(overrides, persons) == _bits(finals)
+    assert overrides.count(_stored(persons)) == len(finals)

@@ -41,6 +41,7 @@ PROJECT_PARTS: dict[str, str] = {
     "person_property_times": "pt:",        # hash per person: property -> '<ts>' | 'o<ts>' | 'u<ts>'
     "identified": "identified",            # set of identified persons
     "merged": "pmerged",                   # hash merged person -> the person it became
+    "merge_log": "pmlog",                  # list of 'merged:became', in the order merges were made
     "event_names": "events",               # set of event names seen
     "hour_counts": "ch:",                  # hash per event: hour -> events
     "day_counts": "cd:",                   # hash per event: day -> events
@@ -259,6 +260,11 @@ def first_time_hour_persons(pid: int, event: str, hour: int) -> str:
 def distinct_ids(pid: int) -> str:
     """Hash: distinct_id -> person id."""
     return _k(pid, "distinct_ids")
+
+
+def merge_log(pid: int) -> str:
+    """List of `<merged person>:<the person it became>`, in the order the merges were made."""
+    return _k(pid, "merge_log")
 
 
 def first_time_persons_bucket(pid: int, key: str) -> tuple[str, str | int] | None:

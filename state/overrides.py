@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from state import keys
+from state.connection import is_cluster
 
 
 def final_person(merged: dict[int, int], person: int) -> int:
@@ -31,15 +30,32 @@ def final_person(merged: dict[int, int], person: int) -> int:
     return person
 
 
-@dataclass(frozen=True)
 class Overrides:
-    """The merges of one project: merged person -> the person it is now (chains followed)."""
+    """The merges of one project: merged person -> the person it is now (chains followed), and each
+    survivor's merged persons. Kept up to date merge by merge, in the order Redis made them."""
 
-    final: dict[int, int] = field(default_factory=dict)
+    def __init__(self, final: dict[int, int] | None = None) -> None:
+        self.final: dict[int, int] = {}
+        self._members: dict[int, list[int]] = defaultdict(list)
+        self._arrays_cache: tuple[np.ndarray, np.ndarray] | None = None
+        for source, target in (final or {}).items():
+            self.final[source] = target
+            self._members[target].append(source)
 
     @classmethod
     def from_merges(cls, merged: dict[int, int]) -> Overrides:
         return cls({p: final_person(merged, p) for p in merged})
+
+    def merge(self, source: int, target: int) -> None:
+        """`source` (and everyone merged into it) became `target`."""
+        survivor = self.final.get(target, target)
+        if survivor == source or source in self.final:
+            return
+        moved = [source, *self._members.pop(source, ())]
+        for person in moved:
+            self.final[person] = survivor
+        self._members[survivor].extend(moved)
+        self._arrays_cache = None
 
     def __bool__(self) -> bool:
         return bool(self.final)
@@ -47,23 +63,23 @@ class Overrides:
     def person(self, person: int) -> int:
         return self.final.get(person, person)
 
-    @cached_property
-    def members(self) -> dict[int, tuple[int, ...]]:
+    @property
+    def members(self) -> dict[int, list[int]]:
         """Survivor -> the persons merged into it (not itself)."""
-        out: dict[int, list[int]] = defaultdict(list)
-        for source, target in self.final.items():
-            out[target].append(source)
-        return {t: tuple(sorted(s)) for t, s in out.items()}
+        return self._members
 
     def group(self, person: int) -> tuple[int, ...]:
         """The person this one is now, first, then every person merged into it."""
         survivor = self.person(person)
-        return (survivor, *self.members.get(survivor, ()))
+        return (survivor, *sorted(self._members.get(survivor, ())))
 
-    @cached_property
+    @property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        sources = np.array(sorted(self.final), dtype=np.int64)
-        return sources, np.array([self.final[s] for s in sources.tolist()], dtype=np.int64)
+        if self._arrays_cache is None:
+            sources = np.fromiter(self.final, dtype=np.int64, count=len(self.final))
+            targets = np.fromiter(self.final.values(), dtype=np.int64, count=len(self.final))
+            self._arrays_cache = (sources, targets)
+        return self._arrays_cache
 
     def _present(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(merged persons set in a stored person set, their survivors)."""
@@ -115,15 +131,30 @@ _cache: weakref.WeakKeyDictionary[Any, dict[int, tuple[int, Overrides]]] = weakr
 
 
 def load(client: Any, project_id: int) -> Overrides:
-    """The project's merges. Merges are only ever added, so the decoded map is kept per client and
-    read again only when their number grew (one HLEN per query otherwise)."""
+    """The project's merges, kept per client: each call reads the length of the merge log
+    (`pmlog`, appended by `persons.lua` in the order merges are made) and applies only the merges
+    added since. State older than the log (merges recorded in `pmerged` alone) is read whole once."""
     known = _cache.setdefault(client, {})
-    key = keys.merged(project_id)
-    size = int(client.hlen(key))
+    log = keys.merge_log(project_id)
     found = known.get(project_id)
-    if found is not None and found[0] == size:
-        return found[1]
-    merged = {int(s): int(t) for s, t in client.hgetall(key).items()}
-    overrides = Overrides.from_merges(merged)
-    known[project_id] = (len(merged), overrides)
+    if found is None:
+        pipe = client.pipeline(transaction=not is_cluster(client))
+        pipe.hlen(keys.merged(project_id))
+        pipe.llen(log)
+        merged, logged = pipe.execute()
+        if int(merged) > int(logged):  # merges made before the log existed
+            pipe = client.pipeline(transaction=not is_cluster(client))
+            pipe.hgetall(keys.merged(project_id))
+            pipe.llen(log)
+            everything, logged = pipe.execute()
+            overrides = Overrides.from_merges({int(s): int(t) for s, t in everything.items()})
+            known[project_id] = (int(logged), overrides)
+            return overrides
+        found = (0, Overrides())
+    read, overrides = found
+    for entry in client.lrange(log, read, -1):
+        source, _, target = entry.decode().partition(":")
+        overrides.merge(int(source), int(target))
+        read += 1
+    known[project_id] = (read, overrides)
     return overrides

@@ -18,7 +18,7 @@ from state import keys
 from state.connection import state_shards
 from state.overrides import Overrides
 from state.overrides import load as load_overrides
-from state.records import read_first_seen
+from state.records import read_first_seen, read_first_time
 
 Bucket = str | int  # a project-zone day (YYYYMMDD) or hour start (epoch s)
 
@@ -171,8 +171,7 @@ class StateReader:
             for member in group:
                 raw = next(raws)
                 if raw:
-                    ts, hour, day = raw.decode().split(":")
-                    found.append((int(ts), int(hour), day, member))
+                    found.append((*read_first_time(raw), member))
             if not found or (len(found) == 1 and found[0][3] == survivor):
                 continue
             for _, hour, day, member in found:

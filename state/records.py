@@ -98,3 +98,9 @@ def read_sessions(values: list[bytes]) -> list[Any]:
 def read_first_seen(raw: bytes) -> int:
     """The ms of a person's first event of a name (`ts_ms:hour:day`)."""
     return int(raw.decode().split(":")[0])
+
+
+def read_first_time(raw: bytes) -> tuple[int, int, str]:
+    """A person's first event of a name: (ms, project-zone hour start, project-zone day YYYYMMDD)."""
+    ts, hour, day = raw.decode().split(":")
+    return int(ts), int(hour), day

@@ -51,6 +51,7 @@ local function merge_into(target, source)
   redis.call('DEL', P .. K.person_distinct_ids .. source, P .. K.person_properties .. source,
     P .. K.person_property_times .. source)
   redis.call('HSET', P .. K.merged, source, target)
+  redis.call('RPUSH', P .. K.merge_log, source .. ':' .. target)
   merges[#merges + 1] = source
   merges[#merges + 1] = target
 end

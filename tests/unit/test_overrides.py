@@ -30,7 +30,7 @@ def _bits(persons: set[int]) -> int:
 def test_merges_of_merges_end_at_the_last_survivor() -> None:
     overrides = Overrides.from_merges({3: 2, 2: 1, 9: 4})
     assert overrides.final == {3: 1, 2: 1, 9: 4}
-    assert overrides.members == {1: (2, 3), 4: (9,)}
+    assert {t: sorted(m) for t, m in overrides.members.items()} == {1: [2, 3], 4: [9]}
     assert overrides.group(3) == (1, 2, 3) and overrides.group(1) == (1, 2, 3) and overrides.group(7) == (7,)
 
 
@@ -55,3 +55,19 @@ def test_a_person_set_equals_the_set_of_final_persons(merged: dict[int, int], pe
     finals = {overrides.person(p) for p in persons}
     assert _persons(overrides, persons) == _bits(finals)
     assert overrides.count(_stored(persons)) == len(finals)
+
+
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 60)), max_size=60))
+def test_merges_applied_one_by_one_equal_the_merges_read_whole(made: list[tuple[int, int]]) -> None:
+    """As `persons.lua` makes them: a person is merged once, into a person not merged yet."""
+    merged: dict[int, int] = {}
+    incremental = Overrides()
+    for source, target in made:
+        if source == target or source in merged or target in merged:
+            continue
+        merged[source] = target
+        incremental.merge(source, target)
+    whole = Overrides.from_merges(merged)
+    assert incremental.final == whole.final
+    assert {t: sorted(m) for t, m in incremental.members.items() if m} == {
+        t: sorted(m) for t, m in whole.members.items()}

@@ -27,12 +27,13 @@ class Summariser:
 
     def drain(self, definition: Any, budget: int = 5000) -> int:
         """Summarise up to `budget` of this worker's dirty persons; returns how many were written."""
+        self.store.mark_merges(definition.project_id, definition.hash)
         found = self.store.dirty(definition.project_id, definition.hash, budget * self.workers)
         return self.summarise(definition, [p for p in found if int(p) % self.workers == self.worker][:budget])
 
     def summarise(self, definition: Any, persons: Iterable[str]) -> int:
         """Summarise the groups of these persons: each survivor of merges with everyone merged into it
-        (state/summaries.py); merges whose persons were all written are recorded as folded."""
+        (state/summaries.py)."""
         pid, h = definition.project_id, definition.hash
         overrides = self.store.overrides(pid)
         survivors = list(dict.fromkeys(str(overrides.person(int(p))) for p in persons))
@@ -46,6 +47,4 @@ class Summariser:
         self.dead_letters(letters)  # before the events leave the person: never lost unrecorded
         written = self.store.write(pid, h, [(member, len(raw), plan.irregular, plan.replacement, plan.entries)
                                             for member, raw, plan in planned])
-        self.store.fold(pid, h, {m: int(survivor) for survivor, raws in groups.items() for m in raws
-                                 if m != survivor and m in written})
         return len(written)

@@ -164,7 +164,7 @@ class FunnelQuery(Computation):
 
     def _fresh(self) -> dict[str, PersonSummary]:
         """Summaries of the persons whose kept events changed since they were summarised (and of
-        survivors of merges not folded yet), computed here (a query writes nothing): with them, the
+        survivors of merges not summarised yet), computed here (a query writes nothing): with them, the
         answer includes every applied event. Each is made from its whole group's events."""
         if self._fresh_summaries is None:
             definition = self.request.definition

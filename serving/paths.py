@@ -42,7 +42,7 @@ class PathsQuery(Computation):
 
     def _raw_sessions(self) -> list[list[tuple[int, str, str]]]:
         """The kept sessions touching the range, each trimmed to it: (ms, uuid, raw item). Persons
-        whose kept events changed since they were summarised (or whose merges are not folded yet) have
+        whose kept events changed since they were summarised (or merged since, not marked yet) have
         their sessions computed here from their whole group's events (a query writes nothing),
         replacing what is stored for them."""
         definition = self.request.definition

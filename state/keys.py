@@ -95,7 +95,7 @@ DEFINITION_PARTS: dict[str, str] = {
     "person_events": "pe:",                # a person's kept events (summaries)
     "dirty": "dirty",                      # persons to summarise
     "irregular": "irr",                    # funnel persons with two step events at one instant
-    "folded": "mf",                        # hash merged person -> survivor whose summaries hold its events
+    "merges_marked": "mcur",               # how much of the project's merge log was marked dirty here
     **{f"{kind}_rows": f"{kind}:" for kind in SUMMARY_KINDS},
     **{f"{kind}_versions": f"{kind}v" for kind in SUMMARY_KINDS},
 }
@@ -105,7 +105,7 @@ DEFINITION_PARTS: dict[str, str] = {
 SHARDED_PARTS = ("hour_counts", "day_counts", "day_persons", "hour_persons", "first_seen", "first_time_hour_counts",
                  "first_time_day_counts", "first_time_hour_persons", "first_time_day_persons", "shard_applied",
                  "shard_generation")
-SHARDED_DEFINITION_PARTS = tuple(n for n in DEFINITION_PARTS if n not in ("meta", "backfill_done", "folded"))
+SHARDED_DEFINITION_PARTS = tuple(n for n in DEFINITION_PARTS if n not in ("meta", "backfill_done", "merges_marked"))
 
 
 def _alternatives(parts: dict[str, str], but: str = "") -> str:
@@ -392,9 +392,10 @@ def summary_versions(prefix: str, kind: str) -> str:
     return definition_part(prefix, f"{kind}_versions")
 
 
-def folded_merges(prefix: str) -> str:
-    """Hash: merged person -> the survivor whose summaries were last written with its events."""
-    return definition_part(prefix, "folded")
+def merges_marked(prefix: str) -> str:
+    """String: the length of the project's merge log whose merged persons were marked dirty for this
+    definition (absent: none yet, not even those merged before the log existed)."""
+    return definition_part(prefix, "merges_marked")
 
 
 def irregular_persons(prefix: str) -> str:

@@ -6,7 +6,7 @@ merged person into the person it became, from the merges recorded (`pmerged`, wr
 `persons.lua`): person sets move its bit to the survivor, counts per person add up, first times
 take the earliest of the group. The answer then depends only on which merges happened, not on the
 order merges and events arrived in, and its cost grows with the merged persons, not all persons.
-Summaries (funnels, paths) are folded by the summariser instead (state/summaries.py).
+Summaries (funnels, paths) are rebuilt for the whole group by the summariser (state/summaries.py).
 """
 
 from __future__ import annotations

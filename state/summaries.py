@@ -8,9 +8,10 @@ A summary write is refused when the person's kept events grew since they were re
 the version), and the person stays dirty for the next pass.
 
 Merged persons (state/overrides.py): a survivor's summaries are made from the kept events of its
-whole group (itself and everyone merged into it), each member's own summaries are emptied, and the
-merge is then recorded as folded for the definition. A merge not folded yet counts as a dirty person,
-for the summariser and for queries alike, so an answer never depends on whether it was.
+whole group (itself and everyone merged into it), and each member's own summaries are emptied. Each
+merge makes its merged person dirty: the summariser marks the persons of the merge log's new entries
+in the dirty sets (a cursor per definition), and until it has, queries count them as dirty too, so
+an answer never depends on whether it did.
 """
 
 from __future__ import annotations
@@ -48,33 +49,44 @@ class SummaryStore(ShardedStore):
     def overrides(self, project_id: int) -> Overrides:
         return load_overrides(self.redis, project_id)
 
-    def _unfolded(self, project_id: int, h: str) -> list[str]:
-        """Merged persons whose survivor's summaries were not yet written with their events."""
-        folded_key = keys.folded_merges(keys.definition_prefix(project_id, h))
-        if self.redis.hlen(keys.merged(project_id)) == self.redis.hlen(folded_key):
-            return []
-        folded = self.redis.hgetall(folded_key)
-        overrides = self.overrides(project_id)
-        return [str(p) for p, survivor in overrides.final.items()
-                if int(folded.get(str(p).encode(), -1)) != survivor]
+    def _unmarked(self, project_id: int, h: str) -> tuple[int, list[str]]:
+        """(the merge log's length, merged persons not marked dirty yet for the definition): the log's
+        entries past the definition's cursor; every merged person while it has none."""
+        cursor = self.redis.get(keys.merges_marked(keys.definition_prefix(project_id, h)))
+        log = keys.merge_log(project_id)
+        if cursor is None:
+            length = int(self.redis.llen(log))  # first: a merge made meanwhile is then marked, maybe twice
+            return length, [m.decode() for m in self.redis.hkeys(keys.merged(project_id))]
+        entries = self.redis.lrange(log, int(cursor), -1)
+        return int(cursor) + len(entries), [e.decode().partition(":")[0] for e in entries]
 
     def pending(self, project_id: int, h: str) -> int:
         dirty = sum(int(self.redis.scard(key)) for key in self._dirty_keys(project_id, h))
-        return dirty + len(self._unfolded(project_id, h))
+        cursor = self.redis.get(keys.merges_marked(keys.definition_prefix(project_id, h)))
+        if cursor is None:
+            return dirty + int(self.redis.hlen(keys.merged(project_id)))
+        return dirty + max(0, int(self.redis.llen(keys.merge_log(project_id))) - int(cursor))
 
     def dirty(self, project_id: int, h: str, budget: int | None = None) -> list[str]:
         """Persons whose kept events changed since they were summarised (a random `budget` of them),
-        and merged persons not folded yet."""
+        and merged persons not marked yet."""
         found: list[bytes] = []
         for key in self._dirty_keys(project_id, h):
             share = None if budget is None else max(1, budget // self.shards)
             found += self.redis.smembers(key) if share is None else self.redis.srandmember(key, share)
-        return list(dict.fromkeys([p.decode() for p in found] + self._unfolded(project_id, h)))
+        return list(dict.fromkeys([p.decode() for p in found] + self._unmarked(project_id, h)[1]))
 
-    def fold(self, project_id: int, h: str, merges: dict[str, int]) -> None:
-        """Record that these merged persons' events are in their survivors' summaries."""
-        if merges:
-            self.redis.hset(keys.folded_merges(keys.definition_prefix(project_id, h)), mapping=merges)
+    def mark_merges(self, project_id: int, h: str) -> None:
+        """Mark the persons merged since the definition's cursor dirty, then move the cursor (marking
+        twice is harmless, so two workers may both do it)."""
+        length, persons = self._unmarked(project_id, h)
+        prefix = keys.definition_prefix(project_id, h)
+        if persons:
+            pipe = self.redis.pipeline(transaction=False)
+            for person in persons:
+                pipe.sadd(self._in_shard(keys.summary_dirty(prefix), person), person)
+            pipe.execute()
+        self.redis.set(keys.merges_marked(prefix), length)
 
     def group_kept(self, project_id: int, h: str, survivors: list[str], overrides: Overrides
                    ) -> dict[str, dict[str, bytes]]:

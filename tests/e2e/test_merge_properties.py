@@ -254,13 +254,13 @@ def test_merged_persons_count_once_in_any_order(running: Stack, seed: int, kill_
     assert answers(api) == expected  # summaries of persons not summarised yet are computed by the query
     assert by_browser(api) == by_browser(resolved_api)
     assert correlation(api) == correlation(resolved_api)
-    wait_summarised(running.redis, project.id)  # and once the summariser folded every merge, from stored state
+    wait_summarised(running.redis, project.id)  # and from stored state, once every merge is summarised
     assert answers(api) == expected
     assert by_browser(api) == by_browser(resolved_api)
 
 
 def wait_summarised(client: Any, project_id: int) -> None:
-    """Until the summariser wrote every dirty person and folded every merge of the project's three
+    """Until the summariser marked every merge and wrote every dirty person of the project's three
     summarised definitions."""
     store = SummaryStore(client)
     summarised = [m.decode().split(":")[1] for m in client.smembers(keys.SUMMARISED)
@@ -270,6 +270,6 @@ def wait_summarised(client: Any, project_id: int) -> None:
     while any(store.pending(project_id, h) for h in summarised):
         assert time.monotonic() < deadline, "summaries not written"
         time.sleep(0.1)
-    merged = client.hlen(keys.merged(project_id))
-    assert merged and all(client.hlen(keys.folded_merges(keys.definition_prefix(project_id, h))) == merged
+    logged = client.llen(keys.merge_log(project_id))
+    assert logged and all(int(client.get(keys.merges_marked(keys.definition_prefix(project_id, h))) or 0) == logged
                           for h in summarised)

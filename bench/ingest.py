@@ -27,11 +27,10 @@ import orjson
 import redis
 
 from bench.bare import DONE
-from bench.run import END, PROJECT, applied, produce, synthetic
+from bench.run import END, PROJECT, applied, backlog_arguments, bench_project, produce, synthetic
 from serving import stack
 from state import keys
 from state.connection import connect
-from state.registry import Registry
 from state.topics import ensure_topics
 
 DEFINITIONS = [
@@ -130,10 +129,7 @@ def dataflow(workdir: Path, events_path: Path, total: int, partitions: int, proc
     procs: list[stack.Managed] = []
     try:
         client = connect(url)
-        registry = Registry(client)
-        registry.save_project(PROJECT, token="phc_bench")
-        key, _ = registry.create_key([PROJECT], ["insight:read"], "phx_bench")
-        ensure_topics(bootstrap, ["events", "events_dlq"], partitions)
+        _, key = bench_project(client, bootstrap, partitions)
         env = {"INSIGHTFLOW_REDIS_URL": url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap, "INSIGHTFLOW_TOPIC": "events",
                "INSIGHTFLOW_TEST_CLOCK": "1"}
         procs = stack.start_dataflow_cluster(run / "recovery", logs, env, processes)
@@ -164,9 +160,7 @@ def dataflow(workdir: Path, events_path: Path, total: int, partitions: int, proc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--persons", type=int, default=200_000)
-    parser.add_argument("--partitions", type=int, default=4)
+    backlog_arguments(parser, 1_000_000, 200_000)
     parser.add_argument("--order", choices=("time", "random"), default="time")
     parser.add_argument("--definitions", type=int, default=len(DEFINITIONS), help="how many of the six to register")
     args = parser.parse_args()

@@ -27,7 +27,9 @@ from bench.run import (
     END,
     PROJECT,
     applied,
+    backlog_arguments,
     bench_funnel,
+    bench_project,
     bench_retention,
     chdb_session,
     median_ms,
@@ -37,8 +39,6 @@ from bench.run import (
 from serving import stack
 from state import keys
 from state.connection import connect
-from state.registry import Registry
-from state.topics import ensure_topics
 
 
 def _dau(http: httpx.Client, url: str, headers: dict[str, str], chdb: Any, date_from: str, date_to: str
@@ -68,10 +68,7 @@ def variant(workdir: Path, events: list[dict[str, Any]], partitions: int) -> dic
                               "create_alias_events": sum(1 for e in events if e["event"] == "$create_alias")}
     try:
         client = connect(redis_url)
-        registry = Registry(client)
-        registry.save_project(PROJECT, token="phc_bench")
-        key, _ = registry.create_key([PROJECT], ["insight:read"], "phx_bench")
-        ensure_topics(bootstrap, ["events", "events_dlq"], partitions)
+        _, key = bench_project(client, bootstrap, partitions)
         produce(bootstrap, "events", events)
         dataflow = stack.start_dataflow(workdir / "recovery", logs, env)
         procs.insert(0, dataflow)
@@ -104,9 +101,7 @@ def variant(workdir: Path, events: list[dict[str, Any]], partitions: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--persons", type=int, default=50_000)
-    parser.add_argument("--partitions", type=int, default=4)
+    backlog_arguments(parser, 1_000_000, 50_000)
     parser.add_argument("--merged", type=float, default=0.05, help="share of persons signing up through alias")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="insightflow-merges-"))

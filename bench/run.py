@@ -71,6 +71,23 @@ def synthetic(n: int, persons: int, days: int = 30, seed: int = 1, merged: float
     return out
 
 
+def backlog_arguments(parser: argparse.ArgumentParser, events: int, persons: int) -> None:
+    """The synthetic backlog every benchmark takes: its size, its persons, the topic's partitions."""
+    parser.add_argument("--events", type=int, default=events)
+    parser.add_argument("--persons", type=int, default=persons)
+    parser.add_argument("--partitions", type=int, default=4)
+
+
+def bench_project(client: redis.Redis, bootstrap: str, partitions: int, topic: str = "events") -> tuple[Any, str]:
+    """The benchmarks' project (token `phc_bench`), a personal API key to read it, and the topic with its
+    dead-letter topic: (project, key)."""
+    registry = Registry(client)
+    project = registry.save_project(PROJECT, token="phc_bench")
+    key, _ = registry.create_key([PROJECT], ["insight:read"], "phx_bench")
+    ensure_topics(bootstrap, [topic, f"{topic}_dlq"], partitions)
+    return project, key
+
+
 def produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> float:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 100, "batch.num.messages": 10_000,
                          "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000})
@@ -308,9 +325,7 @@ def funnel_freshness(http: httpx.Client, capture_url: str, url: str, headers: di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=500_000)
-    parser.add_argument("--persons", type=int, default=50_000)
-    parser.add_argument("--partitions", type=int, default=4)
+    backlog_arguments(parser, 500_000, 50_000)
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--load", type=int, default=1000, help="background capture events/s during probes")
     parser.add_argument("--funnel", action="store_true", help="also benchmark a 3-step funnel against windowFunnel")
@@ -327,10 +342,7 @@ def main() -> None:
     report: dict[str, Any] = {"events": args.events, "persons": args.persons, "partitions": args.partitions}
     try:
         client = connect(redis_url)
-        registry = Registry(client)
-        project = registry.save_project(PROJECT, token="phc_bench")
-        key, _ = registry.create_key([PROJECT], ["insight:read"], "phx_bench")
-        ensure_topics(bootstrap, [topic, f"{topic}_dlq"], args.partitions)
+        project, key = bench_project(client, bootstrap, args.partitions, topic)
         events = synthetic(args.events, args.persons)
         produce_s = produce(bootstrap, topic, events)
         report["produce_events_per_s"] = round(args.events / produce_s)

@@ -35,9 +35,7 @@ class Summariser:
         """Summarise the groups of these persons: each survivor of merges with everyone merged into it
         (state/summaries.py)."""
         pid, h = definition.project_id, definition.hash
-        overrides = self.store.overrides(pid)
-        survivors = list(dict.fromkeys(str(overrides.person(int(p))) for p in persons))
-        groups = self.store.group_kept(pid, h, survivors, overrides)
+        groups = self.store.group_kept(pid, h, persons, self.store.overrides(pid))
         planned = []
         for survivor, raws in groups.items():
             for member, plan in summarise_group(definition, survivor, raws).items():

@@ -169,10 +169,8 @@ class FunnelQuery(Computation):
         if self._fresh_summaries is None:
             definition = self.request.definition
             store = SummaryStore(self.redis)
-            overrides = self.state.overrides
             dirty = store.dirty(self.project.id, definition.hash)
-            survivors = list(dict.fromkeys(self.state.person(p) for p in dirty))
-            groups = store.group_kept(self.project.id, definition.hash, survivors, overrides)
+            groups = store.group_kept(self.project.id, definition.hash, dirty, self.state.overrides)
             self._kept = {s: b"".join(raws.values()) for s, raws in groups.items()}
             self._stale = {m for raws in groups.values() for m in raws}
             self._fresh_summaries = {s: summarise_group(definition, s, raws)[s] for s, raws in groups.items()}

@@ -50,8 +50,7 @@ class PathsQuery(Computation):
         low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000
         store = SummaryStore(self.redis)
         dirty = store.dirty(self.project.id, definition.hash)
-        survivors = list(dict.fromkeys(self.state.person(p) for p in dirty))
-        groups = store.group_kept(self.project.id, definition.hash, survivors, self.state.overrides)
+        groups = store.group_kept(self.project.id, definition.hash, dirty, self.state.overrides)
         fresh = [summarise_group(definition, s, raws)[s] for s, raws in groups.items()]
         stale = {e.uuid for raws in groups.values() for raw in raws.values() for e in read_person_events(raw)[0]}
         wanted = set(days)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from state import keys
-from state.connection import is_cluster
+from state.connection import pipeline
 
 
 def final_person(merged: dict[int, int], person: int) -> int:
@@ -28,6 +28,16 @@ def final_person(merged: dict[int, int], person: int) -> int:
         person = merged[person]
         seen.add(person)
     return person
+
+
+def _members_of(raw: np.ndarray, persons: np.ndarray) -> np.ndarray:
+    """Which of `persons` a stored person set holds (Redis bit order: person i is bit 7 - i % 8 of
+    byte i // 8; persons past its end are not in it)."""
+    found = np.zeros(len(persons), dtype=bool)
+    inside = persons < len(raw) * 8
+    kept = persons[inside]
+    found[inside] = (raw[kept >> 3] >> (7 - (kept & 7)) & 1).astype(bool)
+    return found
 
 
 class Overrides:
@@ -84,14 +94,11 @@ class Overrides:
     def _present(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(merged persons set in a stored person set, their survivors)."""
         sources, targets = self._arrays
-        inside = sources < len(raw) * 8
-        sources, targets = sources[inside], targets[inside]
-        present = (raw[sources >> 3] >> (7 - (sources & 7)) & 1).astype(bool)
+        present = _members_of(raw, sources)
         return sources[present], targets[present]
 
     def person_set(self, raw: np.ndarray) -> np.ndarray:
-        """A stored person set (Redis bit order: person i is bit 7 - i % 8 of byte i // 8) with each
-        merged person's bit moved to its survivor."""
+        """A stored person set with each merged person's bit moved to its survivor."""
         if not self.final:
             return raw
         sources, targets = self._present(raw)
@@ -110,10 +117,7 @@ class Overrides:
         if not self.final or not total:
             return total
         sources, targets = self._present(raw)
-        inside = targets < len(raw) * 8
-        already = np.zeros(len(targets), dtype=bool)
-        kept = targets[inside]
-        already[inside] = (raw[kept >> 3] >> (7 - (kept & 7)) & 1).astype(bool)
+        already = _members_of(raw, targets)
         return total - len(sources) + len(set(targets[~already].tolist()))
 
     def per_person(self, counts: dict[int, int]) -> dict[int, int]:
@@ -131,26 +135,20 @@ _cache: weakref.WeakKeyDictionary[Any, dict[int, tuple[int, Overrides]]] = weakr
 
 
 def load(client: Any, project_id: int) -> Overrides:
-    """The project's merges, kept per client: each call reads the length of the merge log
-    (`pmlog`, appended by `persons.lua` in the order merges are made) and applies only the merges
+    """The project's merges, kept per client: each call reads the merge log (`pmlog`, appended by
+    `persons.lua` in the order merges are made) from where it stopped and applies only the merges
     added since. State older than the log (merges recorded in `pmerged` alone) is read whole once."""
     known = _cache.setdefault(client, {})
     log = keys.merge_log(project_id)
     found = known.get(project_id)
     if found is None:
-        pipe = client.pipeline(transaction=not is_cluster(client))
-        pipe.hlen(keys.merged(project_id))
-        pipe.llen(log)
-        merged, logged = pipe.execute()
-        if int(merged) > int(logged):  # merges made before the log existed
-            pipe = client.pipeline(transaction=not is_cluster(client))
+        found = (0, Overrides())
+        if int(client.hlen(keys.merged(project_id))) > int(client.llen(log)):  # merges older than the log
+            pipe = pipeline(client)  # the merges and the log's length as of one moment
             pipe.hgetall(keys.merged(project_id))
             pipe.llen(log)
             everything, logged = pipe.execute()
-            overrides = Overrides.from_merges({int(s): int(t) for s, t in everything.items()})
-            known[project_id] = (int(logged), overrides)
-            return overrides
-        found = (0, Overrides())
+            found = (int(logged), Overrides.from_merges({int(s): int(t) for s, t in everything.items()}))
     read, overrides = found
     for entry in client.lrange(log, read, -1):
         source, _, target = entry.decode().partition(":")

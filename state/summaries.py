@@ -17,7 +17,7 @@ an answer never depends on whether it did.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -88,9 +88,11 @@ class SummaryStore(ShardedStore):
             pipe.execute()
         self.redis.set(keys.merges_marked(prefix), length)
 
-    def group_kept(self, project_id: int, h: str, survivors: list[str], overrides: Overrides
+    def group_kept(self, project_id: int, h: str, persons: Iterable[str], overrides: Overrides
                    ) -> dict[str, dict[str, bytes]]:
-        """Each survivor's group (itself, then the persons merged into it) with each one's kept events."""
+        """The groups of these persons, by survivor: the survivor, then everyone merged into it, each
+        with its kept events."""
+        survivors = dict.fromkeys(str(overrides.person(int(p))) for p in persons)
         groups = {s: [str(m) for m in overrides.group(int(s))] for s in survivors}
         members = list(dict.fromkeys(m for group in groups.values() for m in group))
         raws = dict(zip(members, self.kept_events(project_id, h, members), strict=True))

@@ -26,10 +26,12 @@ def demo_events(persons: int = 2000, days: int = 30, today: datetime | None = No
     rng = random.Random(f"{seed}:{today.date()}")
     namespace = uuid.uuid5(uuid.NAMESPACE_DNS, f"insightflow-demo-{today.date()}")
     counter = 0
+    last_moment = today + timedelta(days=1, microseconds=-1)
 
     def event(name: str, distinct_id: str, at: datetime, props: dict[str, Any]) -> dict[str, Any]:
         nonlocal counter
         counter += 1
+        at = min(at, last_moment)  # a day's events stay on their day (capture clamps the far future)
         return {"event": name, "distinct_id": distinct_id, "timestamp": at.isoformat(),
                 "uuid": str(uuid.uuid5(namespace, str(counter))), "properties": props}
 

@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: up test bench bench-ingest bench-merges lint setup
+.PHONY: up test bench bench-ingest bench-merges bench-archive lint setup
 
 setup: $(STAMP)
 
@@ -36,3 +36,6 @@ bench-ingest: $(STAMP)
 
 bench-merges: $(STAMP)
 	$(VENV)/bin/python -m bench.merges $(ARGS)
+
+bench-archive: $(STAMP)
+	$(VENV)/bin/python -m bench.archive $(ARGS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +32,7 @@ from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
 from schemas.registered import load_definition
 from schemas.settings import Settings
 from state import keys
+from state.archive import Archive, iter_events
 from state.connection import claim_state_shards, connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.store import BackfillRow, StateStore
@@ -40,6 +41,7 @@ from state.summaries import SummaryStore
 from state.topics import partition_count, topic_id
 
 log = logging.getLogger("insightflow.definitions")
+ARCHIVE_CHUNK = 2000  # archived events per backfill item batch
 
 
 class DefinitionCache:
@@ -143,10 +145,16 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
 
 @dataclass
 class BackfillItem:
+    """One offset of topic partition `name` (`tag:partition`) for a definition's backfill: from the
+    archive with the person live counted it for, or from the topic (`person` None: its uuid guard
+    tells whether it is the copy live counted); `event` None only moves the backfill's fence."""
+
     project_id: int
     h: str
+    name: str
     record: Record
     event: TopicEvent | None
+    person: int | None = None
 
 
 @dataclass
@@ -159,10 +167,17 @@ class SummaryWork:
 
 @dataclass
 class _Task:
+    """One topic partition of a definition's backfill: the archived events below `archived_to`, then
+    the topic from there up to `bound` (events of the current topic not archived yet)."""
+
     project_id: int
     h: str
+    name: str
     partition: int
     bound: int
+    names: int  # topic partitions the definition's backfill covers in all
+    archived: list[BackfillItem]
+    archived_to: int
     consumer: Consumer | None
     last_emitted: int
 
@@ -175,6 +190,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         self.registry = DefinitionRegistry(self.client, claim_state_shards(self.client, settings.state_shards))
         self.partitions = partition_count(settings.kafka_bootstrap, settings.topic)
         self.tag = keys.topic_tag(topic_id(settings.kafka_bootstrap, settings.topic))
+        self.archive = Archive(settings.archive_dir) if settings.archive_dir else None  # '': off
         self.task: _Task | None = None
         self.summaries = SummaryStore(self.client)
         self._awake: datetime | None = None
@@ -183,33 +199,67 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         self._awake = datetime.now(UTC) + timedelta(seconds=seconds)
         return []
 
+    def _fail(self, project_id: int, h: str, reason: str) -> None:
+        if self.registry.fail(project_id, h, reason):
+            log.error("definition %s of project %s cannot be built: %s", h, project_id, reason)
+
     def _pick(self) -> _Task | None:
-        mine = [p for p in range(self.partitions) if p % self.workers == self.worker]
+        """The next topic partition of a pending definition this worker builds (partition % workers):
+        every partition of the current topic, and every partition of earlier topics (a broker that
+        lost its topics, a topic recreated) that state holds events of, whose history is the archive."""
         for project_id, h in self.registry.pending():
-            if self.registry.history_lost(project_id, self.tag):
-                self.registry.fail(project_id, h, "the project's events from before the events topic was recreated "
-                                   "(a broker that lost its topics, or a topic deleted by hand) are no longer in "
-                                   "the topic, so a new definition cannot be built from all of them; the "
-                                   "always-on state still answers everything that needs no registration")
-                log.error("definition %s of project %s cannot be built: its history left with the old topic", h,
-                          project_id)
-                continue
+            names = {f"{self.tag}:{p}" for p in range(self.partitions)} | self.registry.applied_fences(project_id)
             done = self.registry.done(project_id, h)
-            for partition in mine:
-                if partition in done:
+            archived = self.archive.fences(project_id) if self.archive is not None else {}
+            for name in sorted(names - done):
+                tag, _, part = name.rpartition(":")
+                partition = int(part)
+                if partition % self.workers != self.worker:
                     continue
-                bound = max(self.registry.bounds(project_id, h, partition, self.tag))
-                start = self.registry.fence(project_id, h, partition) + 1
+                bound = max(self.registry.bounds(project_id, h, name))
+                start = self.registry.fence(project_id, h, name) + 1
+                kept = min(archived.get(name, 0), bound)
+                if tag != self.tag and kept < bound:
+                    self._fail(project_id, h, f"events of an earlier events topic (partition {partition}, offsets "
+                               f"{kept} to {bound - 1}) are neither in the topic, which was recreated (a broker that "
+                               "lost its topics, or a topic deleted by hand), nor in the archive, so a new definition "
+                               "cannot be built from all of them; the always-on state still answers everything "
+                               "that needs no registration")
+                    break
+                items = self._archived(project_id, h, name, tag, partition, start, kept)
                 consumer = None
-                if start < bound:
+                topic_start = max(start, kept)
+                if tag == self.tag and topic_start < bound:
                     consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
                                          "group.id": "insightflow-backfill", "enable.auto.commit": False,
                                          "queued.min.messages": 100_000})
-                    consumer.assign([TopicPartition(self.settings.topic, partition, start)])
-                log.info("backfill of %s for project %s: partition %s from %s to %s", h, project_id, partition,
-                         start, bound)
-                return _Task(project_id, h, partition, bound, consumer, start - 1)
+                    low, _ = consumer.get_watermark_offsets(TopicPartition(self.settings.topic, partition), timeout=10)
+                    if low > topic_start:
+                        consumer.close()
+                        self._fail(project_id, h, f"events of partition {partition} from offset {topic_start} to "
+                                   f"{low - 1} left the topic (its retention) before they were archived, so a new "
+                                   "definition cannot be built from all of them")
+                        break
+                    consumer.assign([TopicPartition(self.settings.topic, partition, topic_start)])
+                log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
+                         h, project_id, name, start, bound, len(items), topic_start)
+                return _Task(project_id, h, name, partition, bound, len(names), items, kept, consumer, start - 1)
         return None
+
+    def _archived(self, project_id: int, h: str, name: str, tag: str, partition: int, start: int, stop: int
+                  ) -> list[BackfillItem]:
+        """The archive's events of a topic partition with start <= offset < stop, then a mark at
+        stop - 1: below it the archive holds every event of the project, so the fence moves there."""
+        if start >= stop or self.archive is None:
+            return []
+        table = self.archive.partition_events(project_id, tag, partition, start, stop)
+        offsets = table.column("offset").to_pylist()
+        persons = table.column("person").to_pylist()
+        items = [BackfillItem(project_id, h, name, Record(partition, offset, stop, b"", None), event, person)
+                 for offset, person, event in zip(offsets, persons, iter_events(table, project_id), strict=True)]
+        if not offsets or offsets[-1] < stop - 1:
+            items.append(BackfillItem(project_id, h, name, Record(partition, stop - 1, stop, b"", None), None))
+        return items
 
     def _summaries(self) -> list[SummaryWork]:
         """Idle: hand out summaries to build (definitions summarising after their backfill, and ready
@@ -258,6 +308,11 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
                     return work
                 return self._sleep(0.5)
         task = self.task
+        if task.archived:
+            out: list[BackfillItem | SummaryWork] = list(task.archived[:ARCHIVE_CHUNK])
+            del task.archived[:ARCHIVE_CHUNK]
+            task.last_emitted = out[-1].record.offset  # type: ignore[union-attr]
+            return out
         if task.consumer is not None and task.last_emitted < task.bound - 1:
             out = []
             for message in task.consumer.consume(2000, timeout=0.05):
@@ -274,14 +329,14 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
                     event = None
                 except Exception:
                     event = None
-                out.append(BackfillItem(task.project_id, task.h, record, event))
+                out.append(BackfillItem(task.project_id, task.h, task.name, record, event))
                 task.last_emitted = offset
             return out
         # Everything below the bound was emitted: finished once the sink's fence has caught up.
-        if task.bound == 0 or self.registry.fence(task.project_id, task.h, task.partition) >= task.last_emitted:
+        if task.bound == 0 or self.registry.fence(task.project_id, task.h, task.name) >= task.last_emitted:
             if task.consumer is not None:
                 task.consumer.close()
-            ready = self.registry.partition_done(task.project_id, task.h, task.partition, self.partitions)
+            ready = self.registry.partition_done(task.project_id, task.h, task.name, task.names)
             if ready:
                 log.info("definition %s of project %s is ready", task.h, task.project_id)
             self.task = None
@@ -356,14 +411,14 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
                 wait_for_redis(self.client, "backfill sink")
 
     def _write(self, items: list[BackfillItem | SummaryWork]) -> None:
-        groups: dict[tuple[int, str, int], list[BackfillItem]] = {}
+        groups: dict[tuple[int, str, str], list[BackfillItem]] = {}
         for item in items:
             if isinstance(item, SummaryWork):
                 self._summarise(item)
                 continue
-            groups.setdefault((item.project_id, item.h, item.record.partition), []).append(item)
+            groups.setdefault((item.project_id, item.h, item.name), []).append(item)
         now = datetime.now(UTC)
-        for (project_id, h, partition), group in groups.items():
+        for (project_id, h, name), group in groups.items():
             definition = self._definition(project_id, h)
             if definition is None:
                 continue
@@ -372,14 +427,16 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             except Exception as exc:
                 self._fail(project_id, h, f"an event could not be applied to it: {type(exc).__name__}: {exc}")
                 continue
-            written = self._written.get((project_id, h, partition), -1)
-            result = self.store.backfill(definition, partition, rows, self.tag, written)
+            written = self._written.get((project_id, h, name), -1)
+            result = self.store.backfill(definition, name, rows, written)
             for (pid, failed_h), reason in result.failed.items():
                 self._fail(pid, failed_h, f"Redis refused its state: {reason}")
-            self._written[(project_id, h, partition)] = max(written, group[-1].record.offset)
+            self._written[(project_id, h, name)] = max(written, group[-1].record.offset)
 
     def _rows(self, definition: Definition, project_id: int, group: list[BackfillItem], now: datetime
               ) -> list[BackfillRow]:
+        """Each item's contribution and buckets, with the person live counted it for: the archive's,
+        or for events read from the topic the one their uuid guard names, if it is this copy."""
         ours = [i for i in group if i.event is not None and self._belongs(i.event, project_id)]
         snapshot: dict[str, dict[str, Any]] = {}
         if definition.uses_person and ours:
@@ -397,7 +454,13 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             except (ValueError, OverflowError):  # the live path dead-lettered it: nothing to apply
                 rows.append(BackfillRow(item.record.offset))
                 continue
-            rows.append(BackfillRow(item.record.offset, event, buckets.hour, buckets.day, hit))
+            rows.append(BackfillRow(item.record.offset, event, buckets.hour, buckets.day, hit, item.person))
+        topic = [r for r, item in zip(rows, group, strict=True) if item.person is None and r.event is not None]
+        if topic:
+            tag, _, partition = group[0].name.rpartition(":")
+            checked = {r.offset: r for r in self.store.counted_copies(project_id, tag, int(partition), topic)}
+            rows = [checked.get(r.offset, replace(r, contribution=None)) if item.person is None and r.event
+                    else r for r, item in zip(rows, group, strict=True)]
         return rows
 
     def _belongs(self, event: TopicEvent, project_id: int) -> bool:

@@ -29,11 +29,12 @@ from schemas.dates import zone
 from schemas.events import Record
 from schemas.settings import Settings
 from state import keys
+from state.archive import ArchivedEvent, ArchiveWriter
 from state.connection import claim_state_shards, connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.store import Applied, ProjectBatch, RedisLostWrites, StateStore
 from state.stream import Stream
-from state.topics import ensure_topics, topic_id
+from state.topics import end_offsets, ensure_topics, topic_id
 
 log = logging.getLogger("insightflow.dataflow")
 
@@ -49,7 +50,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
     dead-lettered with the reason, and a definition that cannot keep its state is marked failed.
     Redis being away is waited out; the broker being away restarts the dataflow (with backoff)."""
 
-    def __init__(self, settings: Settings, workers: int = 1) -> None:
+    def __init__(self, settings: Settings, worker: int = 0, workers: int = 1) -> None:
         self.settings = settings
         self.alone = workers == 1  # no other worker can merge persons behind this one's back
         self.client = client = connect(settings.redis_url)
@@ -61,11 +62,19 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         self.topic_id = topic_id(settings.kafka_bootstrap, settings.topic)
         self.tag = keys.topic_tag(self.topic_id)
         self.stream = Stream(client, settings.topic)
-        self.stream.reset(self.topic_id)
+        if self.stream.reset(self.topic_id):
+            log.warning("the events topic %s is new (id %s): it replaced one whose events are gone (a broker that "
+                        "lost its topics, or a topic recreated by hand); ingestion reads it from its start, and new "
+                        "definitions read earlier history from the archive in %s", settings.topic, self.topic_id,
+                        settings.archive_dir)
+            # What capture acknowledged on the new topic before now was counted under the old one's
+            # offsets, which the reset forgot: the broker's ends stand for it, so lag stays honest.
+            self.stream.record({}, end_offsets(settings.kafka_bootstrap, settings.topic))
         self.dead = DeadLetters(settings.kafka_bootstrap, settings.dlq_topic, self.stream)
         self.recorded: dict[int, int] = {}  # partition -> next offset this process recorded as applied
         self.persons: dict[int, KnownPersons] = defaultdict(KnownPersons)  # per project
         self.firsts: dict[int, KnownFirsts] = defaultdict(KnownFirsts)
+        self.archive = ArchiveWriter(settings.archive_dir, worker) if settings.archive_dir else None  # '': off
 
     def write_batch(self, items: list[Parsed]) -> None:
         while True:
@@ -124,16 +133,18 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
             except Exception as exc:
                 dead(rec, f"cannot be applied: {type(exc).__name__}: {exc}")
         result = Applied()
+        counted: dict[int, list[tuple[str, int, int, int]]] = defaultdict(list)
         longest = max((len(o) for o in by_project.values()), default=0)
         for start in range(0, longest, APPLY_CHUNK):  # bounded script calls: Redis serves queries between
             part = {pid: o[start:start + APPLY_CHUNK] for pid, o in by_project.items() if len(o) > start}
-            applied_part = self._apply(part)
+            applied_part = self._apply(part, counted)
             result.events += applied_part.events
             result.failed.update(applied_part.failed)
         for (project_id, h), reason in result.failed.items():
             self._fail(project_id, h, f"Redis refused its state: {reason}")
+        self._archive(by_project, counted)
         self.dead.send(list(letters.values()))
-        self.stream.record(applied, ends)
+        self.stream.record(applied, ends)  # last: what is recorded applied is archived too
         for partition, offset in applied.items():
             self.recorded[partition] = max(self.recorded.get(partition, 0), offset)
 
@@ -161,11 +172,31 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
             for o in occurrences:
                 o.person = known.get(o.distinct_id)  # None: applied already, nothing to count
 
-    def _apply(self, by_project: dict[int, list[Occurrence]]) -> Applied:
+    def _archive(self, by_project: dict[int, list[Occurrence]],
+                 counted: dict[int, list[tuple[str, int, int, int]]]) -> None:
+        """Append the events state counted from these copies to the archive (those below the
+        archive's fence are in already: a replay after a crash), and raise its fences to the batch."""
+        if self.archive is None:
+            return
+        for pid, occurrences in by_project.items():
+            at = {(o.partition, o.offset): o for o in occurrences}
+            fences = {p: self.archive.fence(pid, self.tag, p) for p in {o.partition for o in occurrences}}
+            events = [ArchivedEvent(self.tag, partition, offset, person, at[(partition, offset)].day,
+                                    at[(partition, offset)].source)
+                      for _, partition, offset, person in counted.get(pid, ()) if offset >= fences[partition]]
+            reached: dict[str, int] = {}
+            for o in occurrences:
+                name = f"{self.tag}:{o.partition}"
+                reached[name] = max(reached.get(name, 0), o.offset + 1)
+            self.archive.append(pid, events, reached)
+
+    def _apply(self, by_project: dict[int, list[Occurrence]],
+               counted: dict[int, list[tuple[str, int, int, int]]]) -> Applied:
         """Resolve persons, then plan each project's batch against its current definitions and apply
         it: the home part, then the state shards' parts. A part refused (events applied already from
         another copy, definitions that moved meanwhile, events a shard holds already after a replay)
-        wrote nothing and is planned again; parts applied stay applied."""
+        wrote nothing and is planned again; parts applied stay applied. The copies whose guards the
+        home part took (the events counted) are added to `counted` per project."""
         self._resolve(by_project)
         total = Applied()
         pending = dict(by_project)
@@ -191,6 +222,8 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 if pid in outcome.repeated:
                     skip[pid] |= outcome.repeated[pid]
                     continue
+                if pid not in home_done:
+                    counted[pid].extend(batch.effects.guards)
                 home_done.add(pid)
                 shards_done[pid] |= outcome.shards.get(pid, set())
                 if outcome.finished(batch):
@@ -219,7 +252,7 @@ class StateSink(DynamicSink[Parsed]):
         self.settings = settings
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _StatePartition:
-        return _StatePartition(self.settings, worker_count)
+        return _StatePartition(self.settings, worker_index, worker_count)
 
 
 def _applied_offsets(settings: Settings, topic_id: str) -> dict[int, int] | None:

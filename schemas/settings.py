@@ -19,6 +19,7 @@ ENV_VARS = {
     "INSIGHTFLOW_QUERY_WORKERS": "query_workers",
     "INSIGHTFLOW_QUERY_TIMEOUT": "query_timeout_s",
     "INSIGHTFLOW_STATE_SHARDS": "state_shards",
+    "INSIGHTFLOW_ARCHIVE_DIR": "archive_dir",
 }
 
 
@@ -37,6 +38,8 @@ class Settings:
     query_workers: int = 2  # processes computing insights off the API's event loop
     query_timeout_s: float = 60.0  # a computation's time budget (504 timeout beyond it)
     state_shards: int = 1  # Redis hash tags one project's event state is spread over (state/keys.py)
+    archive_dir: str = ".insightflow/archive"  # the event archive (state/archive.py); `up` puts it in its data
+    # dir; '' turns it off (to measure what it costs: definitions then need the topic's whole history)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,4 +58,5 @@ class Settings:
             query_workers=int(env.get("INSIGHTFLOW_QUERY_WORKERS", os.cpu_count() or cls.query_workers)),
             query_timeout_s=float(env.get("INSIGHTFLOW_QUERY_TIMEOUT", cls.query_timeout_s)),
             state_shards=int(env.get("INSIGHTFLOW_STATE_SHARDS", cls.state_shards)),
+            archive_dir=env.get("INSIGHTFLOW_ARCHIVE_DIR", cls.archive_dir),
         )

@@ -29,6 +29,7 @@ from serving.errors import (
 from state.connection import connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.stream import Stream
+from state.topics import TopicIdentity
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logging.getLogger("insightflow.api").info("draining: capture answers 503 from now on")
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, drain)
+        app.state.topic = TopicIdentity(settings.kafka_bootstrap, settings.topic)
         app.state.watermarks = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                                          "group.id": "insightflow-readyz", "enable.auto.commit": False})
         yield

@@ -20,6 +20,7 @@ import typer
 from schemas.projects import RegistryError
 from schemas.settings import Settings
 from serving import stack
+from state.archive import Archive
 from state.connection import LayoutMismatch, claim_state_shards, connect
 from state.registry import Registry
 
@@ -129,6 +130,45 @@ def replay(
     _say(f"replayed {sent} events into {topic}; {bad} unusable line(s) skipped with their reasons above")
     if bad and not sent:
         raise typer.Exit(1)
+
+
+@app.command()
+def archive(
+    project: Annotated[int | None, typer.Option("--project", help="Only this project.")] = None,
+    export: Annotated[Path | None, typer.Option("--export", help="Write the project's events as NDJSON to this "
+                                                "file ('-': standard output); `replay --file` reads it back.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per project instead of a table.")] = False,
+    data_dir: DataDir = DEFAULT_DIR,
+) -> None:
+    """What the event archive holds per project (days, events, bytes), or export a project's events."""
+    found = Archive(stack.archive_dir(data_dir))
+    if export is not None:
+        if project is None:
+            raise typer.BadParameter("--export needs --project")
+        if project not in found.projects():
+            raise typer.BadParameter(f"the archive in {found.root} holds no events of project {project}")
+        if str(export) == "-":
+            written = found.export(project, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        else:
+            with open(export, "wb") as out:
+                written = found.export(project, out)
+            _say(f"exported {written} events of project {project} to {export}")
+        return
+    projects = [project] if project is not None else found.projects()
+    rows = [found.coverage(p) for p in projects if p in found.projects()]
+    if as_json:
+        for c in rows:
+            _say(orjson.dumps({"project": c.project_id, "events": c.events, "bytes": c.bytes, "days": c.days,
+                               "first_day": c.first_day, "last_day": c.last_day, "segments": c.segments}).decode())
+        return
+    if not rows:
+        _say(f"the archive in {found.root} holds no events" + (f" of project {project}" if project else ""))
+        return
+    _say(f"{'project':>8} {'events':>12} {'bytes':>14} {'B/event':>8} {'days':>6}  first day   last day    segments")
+    for c in rows:
+        _say(f"{c.project_id:>8} {c.events:>12,} {c.bytes:>14,} {c.bytes / max(1, c.events):>8.1f} {c.days:>6}  "
+             f"{c.first_day or '-':<11} {c.last_day or '-':<11} {c.segments}")
 
 
 @app.command()
@@ -336,6 +376,7 @@ class Supervisor:
                     "INSIGHTFLOW_TOPIC": topic}
         self.topics = [topic, os.environ.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq")]
         self._create_topics()
+        self._say_if_topic_new(redis_url)
         _stack_file(self.data_dir).write_text(json.dumps({**self.env, "api": self.url}))
         _check_state_shards(redis_url)
         for managed in self._start_dataflow():
@@ -345,6 +386,24 @@ class Supervisor:
         if self.demo:
             self._load_demo(redis_url)
         _say(f"ready: {self.url}")
+
+    def _say_if_topic_new(self, redis_url: str) -> None:
+        """State holds events of an events topic the broker no longer has (the embedded broker keeps
+        no topics across restarts): say so, and where history now comes from."""
+        from state.stream import Stream
+        from state.topics import topic_id
+
+        try:
+            known = Stream(connect(redis_url), self.env["INSIGHTFLOW_TOPIC"]).progress().topic_id
+        except redis.RedisError:
+            return
+        if known is None or known == topic_id(self.env["INSIGHTFLOW_KAFKA_BOOTSTRAP"], self.env["INSIGHTFLOW_TOPIC"]):
+            return
+        archive = stack.archive_dir(self.data_dir)
+        projects, events, size = Archive(archive).totals()
+        _say(f"the events topic is new (the broker kept none of its events: the embedded one keeps nothing across "
+             f"restarts); the dataflow reads it from its start, and new definitions read the history before it from "
+             f"the archive in {archive} ({events} events of {projects} projects, {size / 1e6:.1f} MB)")
 
     @property
     def url(self) -> str:
@@ -447,8 +506,8 @@ class Supervisor:
         if name == "redis":
             return " (state from its append-only file; the dataflow re-applies what it had not synced)"
         if name == "broker":
-            return (" (the embedded broker keeps nothing: events acknowledged but not yet applied were lost; "
-                    "run Apache Kafka to keep them)")
+            return (" (the embedded broker keeps nothing: events acknowledged but not yet applied were lost, "
+                    "run Apache Kafka to keep them; history already applied stays in the archive)")
         return ""
 
     def _drain(self) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from confluent_kafka import TopicPartition
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from schemas.events import iso_ms
 from serving.errors import JSON
 
 router = APIRouter(tags=["health"])
@@ -21,7 +25,9 @@ def readyz(request: Request) -> JSON:
     """Redis and the broker reachable, and how many accepted events are not yet in served state.
 
     503 with the reason (`redis_error`, `kafka_error`) while a dependency is away; `draining` while
-    `insightflow up` is stopping (capture refuses new events, the dataflow applies the rest).
+    `insightflow up` is stopping (capture refuses new events, the dataflow applies the rest);
+    `topic_recreated` (when, and the topic it replaced) once the dataflow found the events topic new
+    under existing state: its offsets start again, and earlier history is read from the archive.
     """
     state = request.app.state
     body: dict[str, object] = {"redis": False, "kafka": False, "lag_events": None}
@@ -30,7 +36,18 @@ def readyz(request: Request) -> JSON:
         progress = state.stream.progress()
         body["redis"] = True
         body["lag_events"] = progress.lag(dict(state.offsets.unrecorded))
+        current = state.topic.current()
+        if progress.topic_id is not None and current is not None and current != progress.topic_id:
+            # The topic was recreated and the dataflow has not taken it up yet: nothing in it is applied
+            # (the offsets Redis holds are the old topic's, and would hide the new one's events).
+            try:
+                body["lag_events"] = _broker_ends(state)
+            except Exception:  # the broker went away meanwhile: unknown, and not 0
+                body["lag_events"] = None
         body["dlq_events"] = progress.dlq_events
+        if progress.recreated_at_ms is not None:  # history before it is read from the archive
+            body["topic_recreated"] = {"at": iso_ms(progress.recreated_at_ms),
+                                       "previous_topic_id": progress.previous_topic_id}
     except Exception as exc:
         body["redis_error"] = f"Redis is unreachable: {exc}"
     try:
@@ -42,6 +59,13 @@ def readyz(request: Request) -> JSON:
         body["draining"] = True
     ready = body["redis"] and body["kafka"]
     return JSON(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "2"})
+
+
+def _broker_ends(state: Any) -> int:
+    """Events in the topic: the sum of its partitions' high watermarks."""
+    topic = state.settings.topic
+    partitions = state.producer.producer.list_topics(topic, timeout=2).topics[topic].partitions
+    return sum(state.watermarks.get_watermark_offsets(TopicPartition(topic, p), timeout=2)[1] for p in partitions)
 
 
 @router.get("/metrics", response_class=PlainTextResponse,

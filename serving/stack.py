@@ -227,9 +227,21 @@ def api_argv(port: int) -> list[str]:
             "--port", str(port), "--no-access-log", "--log-level", "warning"]
 
 
+def archive_dir(data_dir: Path) -> Path:
+    """The event archive of a data dir: `INSIGHTFLOW_ARCHIVE_DIR` (a volume of its own), else DIR/archive."""
+    return Path(os.environ.get("INSIGHTFLOW_ARCHIVE_DIR") or data_dir / "archive")
+
+
+def archive_env(recovery_dir: Path, env: dict[str, str]) -> dict[str, str]:
+    """The dataflow's environment, with the archive next to its recovery state unless it names one."""
+    if "INSIGHTFLOW_ARCHIVE_DIR" in env:
+        return env
+    return {**env, "INSIGHTFLOW_ARCHIVE_DIR": str(archive_dir(recovery_dir.parent))}
+
+
 def start_dataflow(recovery_dir: Path, log_dir: Path, env: dict[str, str]) -> Managed:
     init_recovery(recovery_dir)
-    return spawn("dataflow", dataflow_argv(recovery_dir), log_dir, env)
+    return spawn("dataflow", dataflow_argv(recovery_dir), log_dir, archive_env(recovery_dir, env))
 
 
 def start_dataflow_cluster(recovery_dir: Path, log_dir: Path, env: dict[str, str], processes: int) -> list[Managed]:
@@ -239,7 +251,7 @@ def start_dataflow_cluster(recovery_dir: Path, log_dir: Path, env: dict[str, str
         return [start_dataflow(recovery_dir, log_dir, env)]
     init_recovery(recovery_dir)
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(processes)]
-    return [spawn(name, dataflow_argv(recovery_dir, i, addresses), log_dir, env)
+    return [spawn(name, dataflow_argv(recovery_dir, i, addresses), log_dir, archive_env(recovery_dir, env))
             for i, name in enumerate(dataflow_names(processes))]
 
 

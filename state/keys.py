@@ -77,10 +77,10 @@ SUMMARY_KINDS: dict[str, str] = {
 # A definition's keys after its prefix, by name.
 DEFINITION_PARTS: dict[str, str] = {
     "meta": "meta",                        # status, registered_at, summaries, to_summarise, reason
-    "handover": "ho",                      # per shard: hash partition -> first offset applied live
-    "backfill_fence": "bf",                # per shard: hash partition -> last offset the backfill applied
-    "backfill_bound": "bound",             # per shard: hash partition -> where the backfill stops
-    "backfill_done": "done",               # set of partitions finished
+    "handover": "ho",                      # per shard: hash tag:partition -> first offset applied live
+    "backfill_fence": "bf",                # per shard: hash tag:partition -> last offset the backfill applied
+    "backfill_bound": "bound",             # per shard: hash tag:partition -> where the backfill stops
+    "backfill_done": "done",               # set of topic partitions (tag:partition) finished
     "hour_counts": "ch:",                  # per breakdown value
     "day_counts": "cd:",
     "hour_persons": "uh:",                 # per breakdown value and hour

@@ -225,43 +225,44 @@ class DefinitionRegistry(ShardedStore):
     def _in_shards(self, key: str) -> list[str]:
         return keys.in_shards(key, self.shards)
 
-    def fence(self, project_id: int, h: str, partition: int) -> int:
-        """The last offset of the partition every state shard has taken the backfill through."""
+    def fence(self, project_id: int, h: str, name: str) -> int:
+        """The last offset of the topic partition `name` (`tag:partition`) every state shard has taken
+        the backfill through."""
         pipe = self.redis.pipeline(transaction=False)
         for key in self._in_shards(keys.backfill_fence(self._d(project_id, h))):
-            pipe.hget(key, str(partition))
+            pipe.hget(key, name)
         return min(int(raw) if raw is not None else -1 for raw in pipe.execute())
 
-    def history_lost(self, project_id: int, tag: str) -> bool:
-        """Whether the project has events applied from another topic than the one of `tag` (the
-        topic was recreated: its history is gone, so no backfill can read it)."""
+    def applied_fences(self, project_id: int) -> set[str]:
+        """Every topic partition (`tag:partition`) the project's state holds events of, from the
+        current topic and from topics since recreated."""
         pipe = self.redis.pipeline(transaction=False)
         for s in range(self.shards):
             pipe.hkeys(keys.shard_applied(project_id, s))
-        return any(not field.decode().startswith(f"{tag}:") for fields in pipe.execute() for field in fields)
+        return {field.decode() for fields in pipe.execute() for field in fields}
 
-    def bounds(self, project_id: int, h: str, partition: int, tag: str) -> list[int]:
-        """Where this partition's backfill stops in each state shard, fixed the first time it is asked
-        (fix_bound.lua): what the shard had applied then. Everything below was applied without the
-        definition; everything from there on is applied live with it."""
+    def bounds(self, project_id: int, h: str, name: str) -> list[int]:
+        """Where the backfill of topic partition `name` (`tag:partition`) stops in each state shard,
+        fixed the first time it is asked (fix_bound.lua): what the shard had applied then. Everything
+        below was applied without the definition; everything from there on is applied live with it."""
         generation = int(self.redis.get(keys.definitions_generation(project_id)) or 0)
-        calls = [([keys.shard_applied(project_id, s)],
-                  [keys.shard_prefix(project_id, s), h, partition, f"{tag}:{partition}", generation])
+        calls = [([keys.shard_applied(project_id, s)], [keys.shard_prefix(project_id, s), h, name, name, generation])
                  for s in range(self.shards)]
         return [int(b) for b in run_scripts(self.redis, self._fix_bound, calls)]
 
-    def done(self, project_id: int, h: str) -> set[int]:
-        """Partitions whose backfill is finished."""
-        return {int(m) for m in self.redis.smembers(keys.backfill_done(self._d(project_id, h)))}
+    def done(self, project_id: int, h: str) -> set[str]:
+        """Topic partitions (`tag:partition`) whose backfill is finished."""
+        return {m.decode() for m in self.redis.smembers(keys.backfill_done(self._d(project_id, h)))}
 
-    def partition_done(self, project_id: int, h: str, partition: int, partitions: int) -> bool:
-        """Mark a partition finished; when all are, the definition is ready (or, when it keeps attempt
-        summaries, summarising until the persons the backfill marked are summarised). True if so."""
+    def partition_done(self, project_id: int, h: str, name: str, names: int) -> bool:
+        """Mark a topic partition finished; when all `names` are, the definition is ready (or, when it
+        keeps attempt summaries, summarising until the persons the backfill marked are summarised).
+        True if so."""
         d = self._d(project_id, h)
-        self.redis.sadd(keys.backfill_done(d), partition)
+        self.redis.sadd(keys.backfill_done(d), name)
         if self.redis.hget(keys.definition_meta(d), "status") == b"failed":
             return False
-        if self.redis.scard(keys.backfill_done(d)) >= partitions:
+        if self.redis.scard(keys.backfill_done(d)) >= names:
             summaries = self.redis.hget(keys.definition_meta(d), "summaries") == b"1"
             dirty = sum(self.redis.scard(k) for k in self._in_shards(keys.summary_dirty(d))) if summaries else 0
             pipe = pipeline(self.redis)

@@ -110,7 +110,7 @@ SHARD_SECTIONS = (
     Layout("B", ("kind", "event", "bucket", "persons")),
     Layout("F", ("event", "candidates")),
     Layout("FP", ("person", "ts", "hour", "day")),
-    Layout("H", ("definition", "partition", "offset")),
+    Layout("H", ("definition", "fence", "offset")),
     Layout("KD", ("definition", "day", "rows")),
     Layout("KP", ("definition", "person", "kept")),
     Layout("DC", ("definition", "kind", "breakdown", "bucket", "events", "persons")),
@@ -134,7 +134,7 @@ BACKFILL_EVENTS = Script("backfill_events.lua", _header_then(
 
 RAISE_FIELDS = Script("raise_fields.lua", (Layout("E", ("field", "value"), first=1),))
 COUNT_DEAD_LETTERS = Script("count_dead_letters.lua", (Layout("E", ("record",), first=1),))
-RESET_STREAM = Script("reset_stream.lua", (Layout("A", ("topic_id",)),))
+RESET_STREAM = Script("reset_stream.lua", (Layout("A", ("topic_id", "now_ms")),))
 
 # A person's summaries: header S, then `entries` entries SE.
 SUMMARY_PERSON_FIELDS = ("person", "version", "irregular", "replaced", "replacement", "entries")

@@ -13,7 +13,7 @@ time rather than arrival.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -87,7 +87,7 @@ def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffec
         "B": bits,
         "F": [[ev, [[p, ts, hour, day] for p, (ts, hour, day) in persons.items()]]
               for ev, persons in effects.firsts.items() if persons],
-        "H": [[h, partition, offset] for (h, partition), offset in effects.handovers.items()],
+        "H": [[h, f"{tag}:{partition}", offset] for (h, partition), offset in effects.handovers.items()],
         "KD": [[h, day, rows] for (h, day), rows in effects.kept_days.items()],
         "KP": [[h, person, "".join(kept)] for (h, person), kept in effects.kept_persons.items()],
         "DC": [[h, kind, bv, bucket, n, list(sums.persons[(kind, bv, bucket)])]
@@ -111,6 +111,7 @@ class BackfillRow:
     hour: int = 0
     day: str = ""
     contribution: tuple[str, float | None] | None = None
+    person: int | None = None  # the person live counted it for (None: not the copy live counted)
 
 
 @dataclass
@@ -243,14 +244,11 @@ class StateStore(ShardedStore):
                 outcome.applied.failed.update(_failures(pid, answer))
         return outcome
 
-    def backfill(self, definition: Definition, partition: int, items: list[BackfillRow], tag: str,
-                 written_up_to: int = -1) -> Applied:
-        """Apply one partition's history to a definition: each event live counted from this copy (its
-        uuid guard holds this partition:offset), for the person live counted it for, in that person's
-        state shard; every shard's fence moves to the last offset given. `written_up_to` is the last
-        offset this process wrote for it; a fence behind it means Redis lost writes
-        (`RedisLostWrites`)."""
-        pid, h = definition.project_id, definition.hash
+    def counted_copies(self, project_id: int, tag: str, partition: int, items: list[BackfillRow]
+                       ) -> list[BackfillRow]:
+        """The rows of a partition's history read from the topic whose uuid guard holds this copy (the
+        copy live counted), each with the person live counted it for; the others are left out."""
+        pid = project_id
         candidates = [row for row in items if row.event is not None and row.contribution is not None]
         guards = self.redis.pipeline(transaction=False)
         for row in candidates:
@@ -268,22 +266,32 @@ class StateStore(ShardedStore):
             found = dict(zip(unknown, self.redis.hmget(keys.distinct_ids(pid), unknown), strict=True))
             counted = [(row, person or (_text(found[row.event.distinct_id]) if row.event and
                                         found.get(row.event.distinct_id) else None)) for row, person in counted]
+        return [replace(row, person=int(person)) for row, person in counted if person is not None]
+
+    def backfill(self, definition: Definition, name: str, items: list[BackfillRow], written_up_to: int = -1
+                 ) -> Applied:
+        """Apply history of topic partition `name` (`tag:partition`) to a definition: rows with a person
+        (the copy live counted, from the archive or checked by `counted_copies`), each in its person's
+        state shard; every shard's fence moves to the last offset given (rows without a person only
+        move it). `written_up_to` is the last offset this process wrote for it; a fence behind it
+        means Redis lost writes (`RedisLostWrites`)."""
+        pid, h = definition.project_id, definition.hash
         by_shard: dict[int, list[Any]] = {s: [] for s in range(self.shards)}
-        for row, person in counted:
-            if person is None or row.event is None or row.contribution is None:
+        for row in items:
+            if row.person is None or row.event is None or row.contribution is None:
                 continue
-            by_shard[keys.shard_of(person, self.shards)] += [
-                row.offset, person, row.hour, row.day, row.event.ts_ms, row.event.uuid,
+            by_shard[keys.shard_of(row.person, self.shards)] += [
+                row.offset, row.person, row.hour, row.day, row.event.ts_ms, row.event.uuid,
                 orjson.dumps(list(row.contribution)).decode()]
         through = max((row.offset for row in items), default=-1)
         width = len(scripts.BACKFILL_FIELDS)
-        calls = [([keys.shard_applied(pid, s)], [keys.shard_prefix(pid, s), h, definition.flags, partition, through,
+        calls = [([keys.shard_applied(pid, s)], [keys.shard_prefix(pid, s), h, definition.flags, name, through,
                                                  len(rows) // width, *rows, written_up_to])
                  for s, rows in by_shard.items()]
         result = Applied()
         for answer in run_scripts(self.redis, self._backfill, calls):
             if int(answer[0]) == -2:
-                raise RedisLostWrites(f"the backfill fence of {h} on partition {partition} is behind "
+                raise RedisLostWrites(f"the backfill fence of {h} on {name} is behind "
                                       f"offset {written_up_to}, which this process wrote")
             result.events += int(answer[0])
             result.failed.update(_failures(pid, answer))

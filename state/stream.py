@@ -4,6 +4,7 @@ The dataflow's sources resume from it; /readyz answers lag from it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ class StreamProgress:
     applied: dict[int, int] = field(default_factory=dict)  # partition -> next offset applied
     ends: dict[int, int] = field(default_factory=dict)  # partition -> end offset known
     dlq_events: int = 0
+    previous_topic_id: str | None = None  # the topic this one replaced (a broker that lost its topics)
+    recreated_at_ms: int | None = None  # when the dataflow noticed
 
     def lag(self, broker_ends: dict[int, int] | None = None) -> int:
         """Events known to be in the topic but not yet applied. What is known: offsets capture saw
@@ -41,9 +44,10 @@ def read_progress(raw: dict[bytes, bytes]) -> StreamProgress:
             applied[int(partition)] = int(value)
         elif name == "end":
             ends[int(partition)] = int(value)
-    topic_id = raw.get(b"topic_id")
+    topic_id, previous, at = raw.get(b"topic_id"), raw.get(b"previous_topic_id"), raw.get(b"recreated_at_ms")
     return StreamProgress(topic_id.decode() if topic_id is not None else None, applied, ends,
-                          int(raw.get(b"dlq_events", 0)))
+                          int(raw.get(b"dlq_events", 0)), previous.decode() if previous is not None else None,
+                          int(at) if at is not None else None)
 
 
 class Stream:
@@ -72,10 +76,12 @@ class Stream:
             return 0
         return int(self._count_dlq(keys=[keys.dlq_seen(self.topic), keys.stream(self.topic)], args=list(record_ids)))
 
-    def reset(self, topic_id: str) -> None:
+    def reset(self, topic_id: str) -> bool:
         """The topic was recreated (Tansu restart, or by hand): its offsets mean something new. The
-        dead-letter count is a count of what happened, not of this topic's offsets: it stays."""
-        self._reset(keys=[keys.stream(self.topic), keys.dlq_seen(self.topic)], args=[topic_id])
+        dead-letter count is a count of what happened, not of this topic's offsets: it stays. True
+        when this call noticed a topic that replaced another."""
+        return bool(self._reset(keys=[keys.stream(self.topic), keys.dlq_seen(self.topic)],
+                                args=[topic_id, int(time.time() * 1000)]))
 
     def progress(self) -> StreamProgress:
         return read_progress(self.redis.hgetall(keys.stream(self.topic)))

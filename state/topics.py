@@ -45,6 +45,36 @@ def topic_id(bootstrap: str, topic: str) -> str:
     return str(result.topic_id)
 
 
+class TopicIdentity:
+    """The topic's current id, asked of the broker at most once per `ttl` seconds (for /readyz)."""
+
+    def __init__(self, bootstrap: str, topic: str, ttl: float = 1.0) -> None:
+        self.bootstrap, self.topic, self.ttl = bootstrap, topic, ttl
+        self._seen: tuple[float, str | None] = (0.0, None)
+
+    def current(self) -> str | None:
+        at, found = self._seen
+        if time.monotonic() - at > self.ttl:
+            try:
+                found = topic_id(self.bootstrap, self.topic)
+            except KafkaException:
+                found = None
+            self._seen = (time.monotonic(), found)
+        return found
+
+
 def partition_count(bootstrap: str, topic: str) -> int:
     client = admin(bootstrap)
     return len(client.list_topics(topic, timeout=10).topics[topic].partitions)
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Partition -> the broker's high watermark (the next offset it will write)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "insightflow-ends", "enable.auto.commit": False})
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in range(partition_count(bootstrap, topic))}
+    finally:
+        consumer.close()

@@ -27,10 +27,10 @@ def trend_by_breakdown(events: Iterable[dict[str, Any]], event: str, days: list[
     return totals, uniques
 
 
-def default_paths(events: Iterable[dict[str, Any]], person: Callable[[dict[str, Any]], str]
+def default_paths(events: Iterable[dict[str, Any]], person: Callable[[dict[str, Any]], str], steps: int = 5
                   ) -> dict[tuple[str, str], int]:
     """Edges of default $pageview paths: each person's events (ties broken by uuid) cut into
-    30-minute sessions, repeats collapsed, first 5 items."""
+    30-minute sessions, repeats collapsed, first `steps` items."""
     visits: dict[str, list[tuple[datetime, str, str]]] = defaultdict(list)
     for e in events:
         if e["event"] == "$pageview":
@@ -47,7 +47,7 @@ def default_paths(events: Iterable[dict[str, Any]], person: Callable[[dict[str, 
             if not sessions[-1] or sessions[-1][-1] != url:
                 sessions[-1].append(url)
         for items in sessions:
-            items = items[:5]
+            items = items[:steps]
             for i in range(len(items) - 1):
                 edges[(f"{i + 1}_{items[i]}", f"{i + 2}_{items[i + 1]}")] += 1
     return dict(edges)

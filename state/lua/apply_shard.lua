@@ -12,7 +12,7 @@
 --   C  counts:          kind ('h' hour, 'd' day), event, bucket, events
 --   B  person sets:     kind, event, bucket, persons (a list of person ids)
 --   F  first times:     event, candidates (a list of FP rows: person, ts, hour, day)
---   H  handovers:       definition, partition, first offset applied live here (backfill_events.lua)
+--   H  handovers:       definition, fence (`topic tag:partition`), first offset applied live here (backfill_events.lua)
 --   KD kept per day:    definition, day, rows (funnel events, `person|ts|uuid|value`)
 --   KP kept per person: definition, person, kept (`ts,day,uuid,len:value` appended)
 --   DC definition sums:  definition, kind ('h'/'d'), breakdown, bucket, events, persons (a list)
@@ -96,7 +96,7 @@ for key, fields in pairs(moved) do
 end
 
 for _, o in ipairs(batch.H) do
-  redis.call('HSETNX', P .. K.definition .. o[H.definition] .. ':' .. DK.handover, o[H.partition], o[H.offset])
+  redis.call('HSETNX', P .. K.definition .. o[H.definition] .. ':' .. DK.handover, o[H.fence], o[H.offset])
 end
 -- Events kept by funnels (per day) and by summarised definitions (per person, the person marked
 -- for the summariser), as the worker wrote them out (dataflows/operators/batch.py).

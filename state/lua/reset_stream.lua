@@ -1,4 +1,5 @@
--- A recreated topic: forget its offsets and counted records, keep the dead-letter count.
+-- A recreated topic: forget its offsets and counted records, keep the dead-letter count, and note
+-- when it was noticed and which topic it replaced (/readyz reports it).
 -- KEYS: the topic's stream hash (KEYS[1]) and its dead-letter ids (KEYS[2]).
 local current = redis.call('HGET', KEYS[1], 'topic_id')
 if current == ARGV[A.topic_id] then return 0 end
@@ -6,10 +7,10 @@ if current == ARGV[A.topic_id] then return 0 end
 -- (capture can run before the dataflow first starts); keep them, or lag would read 0 too early.
 if not current then
   redis.call('HSET', KEYS[1], 'topic_id', ARGV[A.topic_id])
-  return 1
+  return 0
 end
 local dlq = redis.call('HGET', KEYS[1], 'dlq_events')
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], 'topic_id', ARGV[A.topic_id])
+redis.call('HSET', KEYS[1], 'topic_id', ARGV[A.topic_id], 'previous_topic_id', current, 'recreated_at_ms', ARGV[A.now_ms])
 if dlq then redis.call('HSET', KEYS[1], 'dlq_events', dlq) end
 return 1

@@ -6,6 +6,7 @@ failures, backfill bounds and fences, stream bookkeeping and summary writes."""
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import orjson
@@ -307,21 +308,24 @@ def test_backfill_applies_the_counted_copy_below_each_shards_bound_once(client: 
     a, b = int(project.person("a") or 0), int(project.person("b") or 0)
     assert a % 2 != b % 2
     bounds = {a % 2: 4, b % 2: 2}  # the next offset of what each shard counted (offset 2 counted nowhere)
-    assert registry.bounds(project.id, h, 0, "t1") == [bounds[0], bounds[1]]
+    assert registry.bounds(project.id, h, "t1:0") == [bounds[0], bounds[1]]
     assert all(client.get(keys.shard_generation(project.id, s)) == b"4" for s in range(2))
     assert project.apply([_event("b4", "b", 4000, offset=5)], generation=3).stale == {project.id}  # planned before
     rows = [BackfillRow(o.offset, o.source, o.hour, o.day, ("v", None)) for o in events]
     store = StateStore(client, 2)
-    assert store.backfill(definition, 0, rows, "t1").events == 2  # offset 2 is not the counted copy; 3 is live's
+    counted = store.counted_copies(project.id, "t1", 0, rows)
+    assert [(r.offset, r.person) for r in counted] == [(0, a), (1, b), (3, a)]  # offset 2 is not the counted copy
+    marks = [BackfillRow(r.offset) for r in rows if r.offset not in {c.offset for c in counted}]
+    assert store.backfill(definition, "t1:0", counted + marks).events == 2  # 3 is live's (its handover)
     prefix = keys.definition_prefix(project.id, h)
-    assert [client.hget(keys.in_shard(keys.backfill_fence(prefix), s), "0") for s in range(2)] == [b"3", b"3"]
-    assert registry.fence(project.id, h, 0) == 3
+    assert [client.hget(keys.in_shard(keys.backfill_fence(prefix), s), "t1:0") for s in range(2)] == [b"3", b"3"]
+    assert registry.fence(project.id, h, "t1:0") == 3
     assert sum(int(client.hget(keys.in_shard(keys.definition_key(prefix, "cd", "v"), s), "20240101") or 0)
                for s in range(2)) == 3  # b1, b2 by the backfill; b3 live
-    assert store.backfill(definition, 0, rows, "t1", 3).events == 0  # again: below the fences, nothing
+    assert store.backfill(definition, "t1:0", counted, 3).events == 0  # again: below the fences, nothing
     with pytest.raises(RedisLostWrites):
-        store.backfill(definition, 0, rows, "t1", 7)  # the fence is behind what we wrote: lost writes
-    assert registry.bounds(project.id, h, 0, "t1") == [bounds[0], bounds[1]]  # fixed once
+        store.backfill(definition, "t1:0", counted, 7)  # the fence is behind what we wrote: lost writes
+    assert registry.bounds(project.id, h, "t1:0") == [bounds[0], bounds[1]]  # fixed once
 
 
 def test_stream_bookkeeping_scripts(client: redis.Redis) -> None:
@@ -329,7 +333,7 @@ def test_stream_bookkeeping_scripts(client: redis.Redis) -> None:
 
     stream = Stream(client, f"topic-{next(_projects)}")
     stream.record({}, {1: 2})  # capture acknowledged events before the dataflow first started
-    stream.reset("id-1")
+    assert not stream.reset("id-1")  # the first topic replaces none
     assert stream.progress().ends == {1: 2}  # kept: they are this topic's
     stream.record({0: 5}, {0: 9, 1: 4})
     stream.record({0: 3}, {0: 7})  # late and lower: nothing moves back
@@ -339,11 +343,13 @@ def test_stream_bookkeeping_scripts(client: redis.Redis) -> None:
     assert stream.count_dead_letters(["r2", "r3"]) == 1
     assert stream.progress().dlq_events == 3
     assert stream.applied_offsets("id-1") == {0: 5}
-    stream.reset("id-1")  # same topic: nothing forgotten
+    assert not stream.reset("id-1")  # same topic: nothing forgotten
     assert stream.applied_offsets("id-1") == {0: 5}
-    stream.reset("id-2")  # recreated: offsets forgotten, the dead-letter count kept
+    assert stream.reset("id-2")  # recreated: offsets forgotten, the dead-letter count kept
     assert stream.applied_offsets("id-1") is None
-    assert stream.progress() == type(progress)("id-2", {}, {}, 3)
+    recreated = stream.progress()
+    assert recreated == type(progress)("id-2", {}, {}, 3, "id-1", recreated.recreated_at_ms)
+    assert abs((recreated.recreated_at_ms or 0) / 1000 - time.time()) < 60
     assert stream.count_dead_letters(["r1"]) == 1  # its records are new records
 
 

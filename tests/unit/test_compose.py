@@ -103,3 +103,15 @@ def test_scale_profile_is_one_bytewax_cluster_instead_of_the_single_dataflow() -
         assert services[name]["profiles"] == ["single"]
     for name in (*CLUSTER, "redis-cluster", "api-scale"):
         assert services[name]["profiles"] == ["scale"]
+
+
+def test_every_dataflow_archives_onto_one_volume_and_the_topic_is_a_buffer() -> None:
+    """The archive is the history (state/archive.py): on a named volume every dataflow process shares
+    (each writes its own manifests), and the events topic keeps a week, not forever."""
+    services = COMPOSE["services"]
+    for name in ("dataflow", "dataflow-0", "dataflow-1"):
+        target = services[name]["environment"]["INSIGHTFLOW_ARCHIVE_DIR"]
+        assert f"archive:{target}" in services[name]["volumes"]
+    assert "archive" in COMPOSE["volumes"]
+    topics_cmd = " ".join(COMPOSE["services"]["topics"]["command"])
+    assert "--topic events --partitions 8 --replication-factor 1 --config retention.ms=604800000" in topics_cmd

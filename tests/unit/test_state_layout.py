@@ -90,8 +90,8 @@ def test_batch_rows_follow_the_layouts() -> None:
     assert shard_rows(odd, "DA") == [] and shard_rows(even, "DC") == [] and shard_rows(odd, "KD") == []
     assert shard_rows(even, "KD") == [{"definition": "h2", "day": "20240101", "rows": ['8|2000|u2|{"s":1}']}]
     assert shard_rows(even, "KP") == [{"definition": "h2", "person": 8, "kept": '2000,20240101,u2,7:{"s":1}'}]
-    assert shard_rows(odd, "H") == [{"definition": "h1", "partition": 3, "offset": 1000}]
-    assert shard_rows(even, "H") == [{"definition": "h2", "partition": 3, "offset": 2000}]
+    assert shard_rows(odd, "H") == [{"definition": "h1", "fence": "t1:3", "offset": 1000}]
+    assert shard_rows(even, "H") == [{"definition": "h2", "fence": "t1:3", "offset": 2000}]
 
     # A shard holding the events below its fence gets none of them again; the home part is unchanged.
     fenced = batch_effects(batch, KnownFirsts(), flags=kinds, shards=2, fences={1: {3: 1001}})

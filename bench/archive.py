@@ -1,0 +1,162 @@
+"""Archive benchmark (issue 15): `make bench-archive ARGS="--events 5000000 --persons 200000"`.
+
+In one run, over the same synthetic history (bench/run.py's events, time order), each on a fresh
+Redis and broker: the dataflow's ingest rate over the backlog with the event archive off and on; the
+archive's bytes per event; then, with the archive on, the embedded broker restarted empty (its topic
+and every event in it gone, as after a restart of `up`) and the time until each new definition is
+queryable (first 200 of a blocking request), built from the archive alone: an ordered 3-step
+funnel, a filtered trend broken down by a property, 5-step paths and the funnel's event
+correlation. chdb answers the same questions from scratch over the same events, side by side, and
+the run checks the numbers are equal where it computes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.run import (
+    END,
+    PROJECT,
+    applied,
+    backlog_arguments,
+    bench_funnel,
+    bench_paths,
+    bench_project,
+    chdb_session,
+    median_ms,
+    produce,
+    synthetic,
+)
+from serving import stack
+from state.archive import Archive
+from state.connection import connect
+from state.stream import Stream
+from state.topics import ensure_topics
+
+
+def _ingest(workdir: Path, events: list[dict[str, Any]], partitions: int, archive: Path | None
+            ) -> tuple[dict[str, Any], list[stack.Managed], dict[str, str], Any, str]:
+    """Produce the backlog, run the dataflow over it; the processes are left running."""
+    logs = workdir / "logs"
+    redis_proc, redis_url = stack.start_redis(workdir / "redis", logs)
+    broker, bootstrap = stack.start_tansu(logs)
+    procs: list[stack.Managed] = [broker, redis_proc]
+    env = {"INSIGHTFLOW_REDIS_URL": redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap, "INSIGHTFLOW_TOPIC": "events",
+           "INSIGHTFLOW_TEST_CLOCK": "1", "INSIGHTFLOW_ARCHIVE_DIR": str(archive) if archive else ""}
+    client = connect(redis_url)
+    _, key = bench_project(client, bootstrap, partitions)
+    produce(bootstrap, "events", events)
+    dataflow = stack.start_dataflow(workdir / "recovery", logs, env)
+    procs.insert(0, dataflow)
+    while applied(client, "events") == 0:
+        time.sleep(0.01)
+    started, first = time.perf_counter(), applied(client, "events")
+    while applied(client, "events") < len(events):
+        if not dataflow.alive():
+            raise RuntimeError(f"dataflow died; see {dataflow.log_path}")
+        time.sleep(0.05)
+    rate = (len(events) - first) / (time.perf_counter() - started)
+    return {"dataflow_events_per_s": round(rate)}, procs, env, client, key
+
+
+def _until_ready(http: httpx.Client, url: str, query: dict[str, Any], headers: dict[str, str]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    while True:
+        reply = http.post(url, json={**query, "refresh": "blocking"}, headers=headers, timeout=600)
+        if reply.status_code == 200:
+            return round(time.perf_counter() - started, 2), reply.json()
+        if reply.status_code != 202:
+            raise RuntimeError(f"{url}: {reply.status_code} {reply.text}")
+
+
+def _filtered_breakdown(http: httpx.Client, url: str, headers: dict[str, str], chdb: Any, date_from: str,
+                        date_to: str) -> dict[str, Any]:
+    """$pageview without Edge, per day, broken down by `$current_url`, against chdb."""
+    query = {"events": [{"id": "$pageview", "properties": [
+        {"key": "$browser", "value": ["Edge"], "operator": "is_not", "type": "event"}]}],
+        "breakdown": "$current_url", "breakdown_type": "event", "breakdown_limit": 100,
+        "date_from": date_from, "date_to": date_to}
+    build_s, body = _until_ready(http, url, query, headers)
+    ours = {r["breakdown_value"]: {d: v for d, v in zip(r["days"], r["data"], strict=True) if v}
+            for r in body["result"]}
+    sql = (f"SELECT JSONExtractString(properties, '$current_url') AS u, toDate(timestamp) AS d, count() FROM events "
+           f"WHERE event = '$pageview' AND JSONExtractString(properties, '$browser') != 'Edge' AND timestamp >= "
+           f"'{date_from} 00:00:00' AND timestamp < toDateTime64('{date_to} 00:00:00', 6) + INTERVAL 1 DAY "
+           f"GROUP BY u, d")
+    theirs: dict[str, dict[str, int]] = {}
+    for line in str(chdb.query(sql, "CSV")).strip().splitlines():
+        u, d, c = line.replace('"', "").rsplit(",", 2)
+        theirs.setdefault(u, {})[d] = int(c)
+    http_ms = median_ms(lambda: http.post(url, json=query, headers=headers).raise_for_status(), 5)
+    chdb_ms = median_ms(lambda: chdb.query(sql, "CSV"), 5)
+    return {"build_s": build_s, "insightflow_http_ms": round(http_ms, 1), "chdb_ms": round(chdb_ms, 1),
+            "chdb_over_insightflow_http": round(chdb_ms / http_ms, 2), "same_numbers": ours == theirs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    backlog_arguments(parser, 1_000_000, 50_000)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="insightflow-archive-"))
+    report: dict[str, Any] = {"events": args.events, "persons": args.persons}
+    events = synthetic(args.events, args.persons)
+    procs: list[stack.Managed] = []
+    try:
+        off, procs, *_ = _ingest(workdir / "off", events, args.partitions, None)
+        report["archive_off"] = off
+        for managed in procs:
+            managed.stop()
+        archive = workdir / "on" / "archive"
+        on, procs, env, client, key = _ingest(workdir / "on", events, args.partitions, archive)
+        report["archive_on"] = on
+        report["archive_on_over_off"] = round(on["dataflow_events_per_s"] / off["dataflow_events_per_s"], 3)
+        coverage = Archive(archive).coverage(PROJECT)
+        report["archive"] = {"events": coverage.events, "bytes": coverage.bytes, "segments": coverage.segments,
+                             "bytes_per_event": round(coverage.bytes / max(1, coverage.events), 1)}
+        # The broker comes back empty: every definition below is built from the archive alone.
+        broker = procs[1]
+        broker.stop()
+        port = int(env["INSIGHTFLOW_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1])
+        procs[1], _ = stack.start_tansu(workdir / "on" / "logs", port)
+        ensure_topics(env["INSIGHTFLOW_KAFKA_BOOTSTRAP"], ["events", "events_dlq"], args.partitions)
+        procs[0].stop()
+        procs[0] = stack.start_dataflow(workdir / "on" / "recovery", workdir / "on" / "logs", env)
+        api_port = stack.free_port()
+        procs.append(stack.start_api(api_port, workdir / "on" / "logs", env))
+        url = f"http://127.0.0.1:{api_port}/api/environments/{PROJECT}/insights/trend/"
+        headers = {"Authorization": f"Bearer {key}", "X-Insightflow-Now": END.isoformat()}
+        date_from = (END - timedelta(days=30)).date().isoformat()
+        date_to = (END - timedelta(days=1)).date().isoformat()
+        chdb = chdb_session(events, workdir)
+        del events
+        with httpx.Client(timeout=600) as http:
+            funnel_url = url.replace("/trend/", "/funnel/")
+            report["funnel_3_steps_30d"] = bench_funnel(http, funnel_url, headers, client, chdb, date_from, date_to)
+            report["trend_filtered_by_url_30d"] = _filtered_breakdown(http, url, headers, chdb, date_from, date_to)
+            report.update(bench_paths(http, url, headers, chdb))
+            correlation = {"events": [{"id": e, "order": i} for i, e in enumerate(("$pageview", "signed up",
+                                                                                    "purchase"))],
+                           "date_from": date_from, "date_to": date_to, "funnel_window_interval": 14,
+                           "funnel_window_interval_unit": "day", "funnel_correlation_type": "events"}
+            build_s, body = _until_ready(http, url.replace("/trend/", "/funnel/correlation/"), correlation, headers)
+            report["funnel_correlation_events"] = {"build_s": build_s,
+                                                   "events": len(body["result"]["events"])}
+        report["topic_recreated"] = Stream(client, "events").progress().previous_topic_id is not None
+    finally:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        for managed in procs:
+            managed.stop()
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""The event archive: every event state counted, as columnar segments on disk (Parquet).
+
+The topic is a buffer; the archive is the history new definitions are built from and the user's own
+copy of their events (`insightflow archive`). The dataflow's state sink appends each batch after
+Redis applied it, before it records the batch's offsets as applied, so everything state reflects
+is archived (what a crash leaves out is read from the topic again: the source resumes from the
+offsets recorded).
+
+Layout under the root (`INSIGHTFLOW_ARCHIVE_DIR`), per project:
+
+    v1/p<project>/manifest-w<worker>.json      the segments and fences of one dataflow worker
+    v1/p<project>/landing/w<worker>-<n>.parquet  one per batch, any days
+    v1/p<project>/day=<YYYY-MM-DD>/w<worker>-<n>.parquet  compacted, one project-zone day
+
+A segment exists once its worker's manifest names it: data files are written first (temp file,
+fsync, rename), then the manifest the same way, so a kill -9 at any point leaves either the old or the
+new manifest, and files no manifest names are removed when the worker starts again. Each manifest
+also records, per `topic tag:partition`, the next offset its batches covered (the fence): an event
+below it is archived already, so a replay after a crash appends only what is missing. An event is
+archived from the copy state counted (its uuid guard), with the person state counted it for, so
+the archive and state agree on every event, resends and replays included.
+
+Why Parquet through pyarrow: columnar and compressed (a few dozen bytes per event), read column by
+column and filtered without parsing JSON, and readable by every tool a user has (pandas, DuckDB,
+ClickHouse's `file()`), so the archive is their data, not ours.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuidlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.events import TopicEvent
+
+VERSION = "v1"
+# Properties kept as their own string columns as well (the ones breakdowns, filters and paths use
+# most): readers filter and group on them without parsing the JSON.
+HOT_PROPERTIES = ("$browser", "$os", "$device_type", "$current_url", "$pathname", "$screen_name",
+                  "$referring_domain")
+COMPACT_AFTER = 32  # landing segments of one worker and project before they are compacted into days
+
+SCHEMA = pa.schema([
+    ("topic", pa.string()),          # topic tag (state/keys.py topic_tag): offsets mean something per topic
+    ("partition", pa.int32()),
+    ("offset", pa.int64()),
+    ("uuid", pa.string()),
+    ("event", pa.string()),
+    ("distinct_id", pa.string()),
+    ("person", pa.int64()),          # the person state counted the event for (merges apply at query time)
+    ("timestamp", pa.int64()),       # ms since the epoch, UTC
+    ("day", pa.date32()),            # the project-zone day it was bucketed in when archived
+    ("properties", pa.string()),     # the event's properties as JSON
+    *[(name, pa.string()) for name in HOT_PROPERTIES],
+])
+_SEGMENT_NAME = re.compile(r"^w(\d+)-")
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedEvent:
+    """One event as state counted it: its copy on the topic, its person and its day."""
+
+    topic: str
+    partition: int
+    offset: int
+    person: int
+    day: str
+    event: TopicEvent
+
+
+@dataclass
+class Segment:
+    path: str  # relative to the project's directory
+    rows: int
+    bytes: int
+    first_day: str
+    last_day: str
+
+
+@dataclass
+class Manifest:
+    segments: list[Segment] = field(default_factory=list)
+    fences: dict[str, int] = field(default_factory=dict)  # "tag:partition" -> next offset covered
+    seq: int = 0
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"version": VERSION, "seq": self.seq, "fences": self.fences,
+                             "segments": [asdict(s) for s in self.segments]})
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            raw = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return cls()
+        return cls([Segment(**s) for s in raw["segments"]], {k: int(v) for k, v in raw["fences"].items()},
+                   int(raw["seq"]))
+
+
+def fence_name(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+def _write_atomic(path: Path, data: bytes | None = None, table: pa.Table | None = None) -> int:
+    """Write a file so that it exists whole or not at all: temp file, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuidlib.uuid4().hex}.tmp")
+    if table is not None:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    else:
+        with open(tmp, "wb") as f:
+            f.write(data or b"")
+            f.flush()
+            os.fsync(f.fileno())
+    size = tmp.stat().st_size
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return size
+
+
+def table_of(events: list[ArchivedEvent]) -> pa.Table:
+    """The segment rows of some events."""
+    props = [e.event.properties for e in events]
+    columns: dict[str, list[Any]] = {
+        "topic": [e.topic for e in events],
+        "partition": [e.partition for e in events],
+        "offset": [e.offset for e in events],
+        "uuid": [e.event.uuid for e in events],
+        "event": [e.event.event for e in events],
+        "distinct_id": [e.event.distinct_id for e in events],
+        "person": [e.person for e in events],
+        "timestamp": [e.event.ts_ms for e in events],
+        "day": [date.fromisoformat(e.day) for e in events],
+        "properties": [orjson.dumps(p).decode() for p in props],
+    }
+    for name in HOT_PROPERTIES:
+        columns[name] = [v if isinstance(v := p.get(name), str) else None for p in props]
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+class _Project:
+    """One project's folder as one worker sees it."""
+
+    def __init__(self, root: Path, project_id: int) -> None:
+        self.dir = root / VERSION / f"p{project_id}"
+
+    def manifests(self) -> list[Path]:
+        return sorted(self.dir.glob("manifest-w*.json")) if self.dir.exists() else []
+
+    def manifest_path(self, worker: int) -> Path:
+        return self.dir / f"manifest-w{worker}.json"
+
+
+class ArchiveWriter:
+    """Appends one dataflow worker's batches to the archive, and compacts its small segments."""
+
+    def __init__(self, root: Path | str, worker: int = 0, compact_after: int = COMPACT_AFTER) -> None:
+        self.root, self.worker, self.compact_after = Path(root), worker, compact_after
+        self._manifests: dict[int, Manifest] = {}
+        self._others: dict[int, dict[str, int]] = {}  # fences other workers' manifests hold
+
+    def _manifest(self, project_id: int) -> Manifest:
+        found = self._manifests.get(project_id)
+        if found is None:
+            project = _Project(self.root, project_id)
+            found = Manifest.load(project.manifest_path(self.worker))
+            others: dict[str, int] = {}
+            for path in project.manifests():
+                if path != project.manifest_path(self.worker):
+                    for name, nxt in Manifest.load(path).fences.items():
+                        others[name] = max(others.get(name, 0), nxt)
+            self._others[project_id] = others
+            self._remove_unnamed(project, found)
+            self._manifests[project_id] = found
+        return found
+
+    def _remove_unnamed(self, project: _Project, manifest: Manifest) -> None:
+        """Files of this worker that its manifest does not name: a write a crash interrupted."""
+        if not project.dir.exists():
+            return
+        named = {s.path for s in manifest.segments}
+        for path in project.dir.rglob("*"):
+            if not path.is_file() or path.name.startswith("manifest-"):
+                continue
+            rel = str(path.relative_to(project.dir))
+            match = _SEGMENT_NAME.match(path.name)
+            if path.name.startswith(f".w{self.worker}-") or (
+                    match and int(match.group(1)) == self.worker and rel not in named):
+                path.unlink(missing_ok=True)
+
+    def fence(self, project_id: int, topic: str, partition: int) -> int:
+        """The next offset of the partition whose events of the project are archived (0: none)."""
+        name = fence_name(topic, partition)
+        return max(self._manifest(project_id).fences.get(name, 0), self._others[project_id].get(name, 0))
+
+    def append(self, project_id: int, events: list[ArchivedEvent], reached: dict[str, int]) -> None:
+        """Archive a batch's events of the project and raise its fences to `reached` (fence name ->
+        next offset the batch covered), in one manifest write."""
+        manifest = self._manifest(project_id)
+        project = _Project(self.root, project_id)
+        fresh = Manifest(list(manifest.segments), dict(manifest.fences), manifest.seq)
+        if events:
+            fresh.seq += 1
+            rel = f"landing/w{self.worker}-{fresh.seq}.parquet"
+            table = table_of(events)
+            size = _write_atomic(project.dir / rel, table=table)
+            days = sorted({e.day for e in events})
+            fresh.segments.append(Segment(rel, len(events), size, days[0], days[-1]))
+        for name, nxt in reached.items():
+            fresh.fences[name] = max(fresh.fences.get(name, 0), nxt)
+        if fresh.fences == manifest.fences and not events:
+            return
+        _write_atomic(project.manifest_path(self.worker), fresh.to_json())
+        self._manifests[project_id] = fresh
+        if sum(1 for s in fresh.segments if s.path.startswith("landing/")) >= self.compact_after:
+            self.compact(project_id)
+
+    def compact(self, project_id: int) -> None:
+        """Rewrite this worker's landing segments of the project as one segment per day (merged with
+        the day's earlier compacted segment of this worker), in one manifest write; the replaced
+        files are removed after it."""
+        manifest = self._manifest(project_id)
+        project = _Project(self.root, project_id)
+        landing = [s for s in manifest.segments if s.path.startswith("landing/")]
+        if not landing:
+            return
+        table = pa.concat_tables([pq.read_table(project.dir / s.path, schema=SCHEMA) for s in landing])
+        days = sorted({d.isoformat() for d in table.column("day").to_pylist()})
+        day_segments = {s.first_day: s for s in manifest.segments
+                        if not s.path.startswith("landing/") and s.first_day in days}
+        fresh = Manifest([s for s in manifest.segments if s not in landing and s not in day_segments.values()],
+                         dict(manifest.fences), manifest.seq)
+        for day in days:
+            part = table.filter(pc.equal(table.column("day"), pa.scalar(date.fromisoformat(day), pa.date32())))
+            earlier = day_segments.get(day)
+            if earlier is not None:
+                part = pa.concat_tables([pq.read_table(project.dir / earlier.path, schema=SCHEMA), part])
+            part = part.sort_by([("timestamp", "ascending"), ("uuid", "ascending")])
+            fresh.seq += 1
+            rel = f"day={day}/w{self.worker}-{fresh.seq}.parquet"
+            size = _write_atomic(project.dir / rel, table=part)
+            fresh.segments.append(Segment(rel, part.num_rows, size, day, day))
+        _write_atomic(project.manifest_path(self.worker), fresh.to_json())
+        self._manifests[project_id] = fresh
+        for s in [*landing, *day_segments.values()]:
+            (project.dir / s.path).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the archive holds of one project."""
+
+    project_id: int
+    events: int
+    bytes: int
+    segments: int
+    days: int
+    first_day: str | None
+    last_day: str | None
+    fences: dict[str, int]
+
+
+class Archive:
+    """Reads the archive: its projects, what each covers, and its events (for backfills and export)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def projects(self) -> list[int]:
+        base = self.root / VERSION
+        if not base.exists():
+            return []
+        return sorted(int(p.name[1:]) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"p\d+", p.name))
+
+    def totals(self) -> tuple[int, int, int]:
+        """(projects, events, bytes) over the whole archive, from the manifests alone."""
+        projects = self.projects()
+        segments = [s for p in projects for m in self._manifests(p) for s in m.segments]
+        return len(projects), sum(s.rows for s in segments), sum(s.bytes for s in segments)
+
+    def _manifests(self, project_id: int) -> list[Manifest]:
+        return [Manifest.load(path) for path in _Project(self.root, project_id).manifests()]
+
+    def fences(self, project_id: int) -> dict[str, int]:
+        """Per `tag:partition`, the next offset below which the project's events are all archived."""
+        out: dict[str, int] = {}
+        for manifest in self._manifests(project_id):
+            for name, nxt in manifest.fences.items():
+                out[name] = max(out.get(name, 0), nxt)
+        return out
+
+    def coverage(self, project_id: int) -> Coverage:
+        manifests = self._manifests(project_id)
+        segments = [s for m in manifests for s in m.segments]
+        table = self._read(project_id, ["day"])
+        days = pc.unique(table.column("day")).to_pylist() if table.num_rows else []
+        fences: dict[str, int] = {}
+        for manifest in manifests:
+            for name, nxt in manifest.fences.items():
+                fences[name] = max(fences.get(name, 0), nxt)
+        return Coverage(project_id, sum(s.rows for s in segments), sum(s.bytes for s in segments), len(segments),
+                        len(days), min(days).isoformat() if days else None, max(days).isoformat() if days else None,
+                        fences)
+
+    def _read(self, project_id: int, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
+        """Every segment the manifests name, read consistently: a segment removed by a compaction
+        between reading a manifest and opening it means reading the manifests again."""
+        project = _Project(self.root, project_id)
+        fields = [SCHEMA.field(c) for c in columns] if columns else list(SCHEMA)
+        for _ in range(20):
+            paths = [project.dir / s.path for m in self._manifests(project_id) for s in m.segments]
+            try:
+                tables = [pq.read_table(p, columns=columns, filters=filters, schema=SCHEMA) for p in paths]
+            except FileNotFoundError:
+                continue
+            if not tables:
+                return pa.schema(fields).empty_table()
+            return pa.concat_tables(tables)
+        raise RuntimeError(f"the archive of project {project_id} kept changing while it was read")
+
+    def partition_events(self, project_id: int, topic: str, partition: int, start: int, stop: int) -> pa.Table:
+        """The project's archived events of one topic partition with start <= offset < stop, by offset."""
+        filters = [("topic", "=", topic), ("partition", "=", partition), ("offset", ">=", start),
+                   ("offset", "<", stop)]
+        return self._read(project_id, filters=filters).sort_by("offset")
+
+    def events(self, project_id: int) -> pa.Table:
+        """Every archived event of the project, in time order."""
+        return self._read(project_id).sort_by([("timestamp", "ascending"), ("uuid", "ascending")])
+
+    def export(self, project_id: int, out: IO[bytes], batch: int = 50_000) -> int:
+        """Write the project's events as NDJSON, one topic event per line (what `insightflow replay
+        --file` reads back); returns the events written."""
+        written = 0
+        for event in iter_events(self.events(project_id), project_id, batch):
+            out.write(event.to_json() + b"\n")
+            written += 1
+        return written
+
+
+def iter_events(table: pa.Table, project_id: int, batch: int = 50_000) -> Iterator[TopicEvent]:
+    """The rows of a segment table as topic events."""
+    for chunk in table.to_batches(batch):
+        cols = chunk.to_pydict()
+        for uuid, name, did, ts, props in zip(cols["uuid"], cols["event"], cols["distinct_id"], cols["timestamp"],
+                                              cols["properties"], strict=True):
+            yield TopicEvent(uuid, name, did, ts, orjson.loads(props), project_id)

@@ -1,0 +1,112 @@
+"""The event archive's segments and manifests (state/archive.py), on a temporary directory."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.events import TopicEvent, parse_topic_event
+from state.archive import Archive, ArchivedEvent, ArchiveWriter, Manifest, table_of
+
+pytestmark = pytest.mark.unit
+DAY_MS = 86_400_000
+
+
+def _event(i: int, day: int = 0, **props: object) -> TopicEvent:
+    return TopicEvent(f"00000000-0000-4000-8000-{i:012d}", "view" if i % 3 else "buy", f"d{i % 5}",
+                      1_700_006_400_000 + day * DAY_MS + i, {"$browser": "Chrome" if i % 2 else "Safari", "n": i,
+                                                             **props}, 7)
+
+
+def _archived(i: int, day: int = 0, partition: int = 0, offset: int | None = None) -> ArchivedEvent:
+    event = _event(i, day)
+    return ArchivedEvent("t1", partition, i if offset is None else offset, 100 + i % 5,
+                         f"2023-11-{15 + day:02d}", event)
+
+
+def test_a_batch_is_archived_with_its_fences_and_read_back_by_partition_and_offset(tmp_path: Path) -> None:
+    writer = ArchiveWriter(tmp_path, worker=0)
+    writer.append(7, [_archived(i, partition=i % 2) for i in range(10)], {"t1:0": 9, "t1:1": 10})
+    writer.append(7, [], {"t1:0": 15})  # a batch with none of the project's events still moves its fence
+    assert (writer.fence(7, "t1", 0), writer.fence(7, "t1", 1), writer.fence(7, "t2", 0)) == (15, 10, 0)
+    archive = Archive(tmp_path)
+    assert archive.projects() == [7] and archive.fences(7) == {"t1:0": 15, "t1:1": 10}
+    table = archive.partition_events(7, "t1", 1, 3, 9)
+    assert table.column("offset").to_pylist() == [3, 5, 7]
+    assert table.column("person").to_pylist() == [103, 100, 102]
+    assert table.column("$browser").to_pylist() == ["Chrome"] * 3
+    coverage = archive.coverage(7)
+    assert (coverage.events, coverage.days, coverage.first_day, coverage.segments) == (10, 1, "2023-11-15", 1)
+    assert coverage.bytes == sum(p.stat().st_size for p in tmp_path.rglob("*.parquet"))
+
+
+def test_export_is_ndjson_that_replay_reads_back_as_the_same_events(tmp_path: Path) -> None:
+    writer = ArchiveWriter(tmp_path)
+    events = [_archived(i, day=i % 3) for i in range(12)]
+    writer.append(7, events, {"t1:0": 12})
+    out = io.BytesIO()
+    assert Archive(tmp_path).export(7, out) == 12
+    lines = out.getvalue().splitlines()
+    back = [parse_topic_event(line) for line in lines]
+    assert back == sorted((e.event for e in events), key=lambda e: (e.ts_ms, e.uuid))
+    assert orjson.loads(lines[0])["project_id"] == 7
+
+
+def test_landing_segments_are_compacted_into_one_segment_per_day(tmp_path: Path) -> None:
+    writer = ArchiveWriter(tmp_path, compact_after=4)
+    expected = []
+    for batch in range(9):  # compacted after the 4th and the 8th: days merged with the earlier day segment
+        events = [_archived(batch * 10 + i, day=i % 2, offset=batch * 10 + i) for i in range(10)]
+        expected += events
+        writer.append(7, events, {"t1:0": batch * 10 + 10})
+    project = tmp_path / "v1" / "p7"
+    files = sorted(str(p.relative_to(project)) for p in project.rglob("*.parquet"))
+    assert [f.split("/")[0] for f in files] == ["day=2023-11-15", "day=2023-11-16", "landing"]
+    assert pq.read_table(project / files[0]).num_rows == 40  # 8 batches of 5 events that day
+    table = Archive(tmp_path).events(7)
+    assert table.column("uuid").to_pylist() == [e.event.uuid for e in sorted(expected, key=lambda e: (
+        e.event.ts_ms, e.event.uuid))]
+    assert Archive(tmp_path).coverage(7).events == 90
+
+
+def test_a_write_a_crash_interrupted_is_removed_and_never_read(tmp_path: Path) -> None:
+    """kill -9 between a segment's rename and its manifest: the segment is not in the archive (the
+    batch's fence did not move, so the replay appends it again), and the next writer removes it."""
+    writer = ArchiveWriter(tmp_path)
+    writer.append(7, [_archived(i) for i in range(3)], {"t1:0": 3})
+    project = tmp_path / "v1" / "p7"
+    before = (project / "manifest-w0.json").read_bytes()
+    writer.append(7, [_archived(i) for i in range(3, 6)], {"t1:0": 6})
+    (project / "manifest-w0.json").write_bytes(before)  # the manifest of the crashed append never landed
+    (project / "landing" / ".w0-9.parquet.abc.tmp").write_bytes(b"partial")
+    assert Archive(tmp_path).coverage(7).events == 3
+    again = ArchiveWriter(tmp_path)
+    assert again.fence(7, "t1", 0) == 3
+    again.append(7, [_archived(i) for i in range(3, 6)], {"t1:0": 6})
+    assert sorted(p.name for p in (project / "landing").iterdir()) == ["w0-1.parquet", "w0-2.parquet"]
+    assert Archive(tmp_path).partition_events(7, "t1", 0, 0, 10).column("offset").to_pylist() == list(range(6))
+
+
+def test_a_worker_resumes_from_the_fences_another_worker_archived(tmp_path: Path) -> None:
+    """A cluster restarted with its partitions spread differently: a worker takes another's fences."""
+    ArchiveWriter(tmp_path, worker=1).append(7, [_archived(0, partition=2)], {"t1:2": 40})
+    writer = ArchiveWriter(tmp_path, worker=0)
+    assert writer.fence(7, "t1", 2) == 40
+    writer.append(7, [_archived(50, partition=2)], {"t1:2": 51})
+    assert Archive(tmp_path).fences(7) == {"t1:2": 51}
+    assert Archive(tmp_path).partition_events(7, "t1", 2, 0, 100).column("offset").to_pylist() == [0, 50]
+    shutil.rmtree(tmp_path / "v1" / "p7" / "landing")
+    assert Manifest.load(tmp_path / "v1" / "p7" / "manifest-w9.json") == Manifest()
+
+
+def test_hot_properties_are_their_own_columns_only_when_text() -> None:
+    table = table_of([ArchivedEvent("t", 0, 0, 1, "2024-01-01", TopicEvent(
+        "u", "e", "d", 0, {"$browser": 3, "$os": "Mac", "x": {"y": 1}}, 1))])
+    row = table.to_pylist()[0]
+    assert (row["$browser"], row["$os"], orjson.loads(row["properties"])) == (None, "Mac", {
+        "$browser": 3, "$os": "Mac", "x": {"y": 1}})

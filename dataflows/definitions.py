@@ -13,9 +13,11 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import redis
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -176,7 +178,7 @@ class _Task:
     partition: int
     bound: int
     names: int  # topic partitions the definition's backfill covers in all
-    archived: list[BackfillItem]
+    archived: pa.Table | None  # the archive's events of this partition still to hand out, by offset
     archived_to: int
     consumer: Consumer | None
     last_emitted: int
@@ -226,7 +228,8 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
                                "cannot be built from all of them; the always-on state still answers everything "
                                "that needs no registration")
                     break
-                items = self._archived(project_id, h, name, tag, partition, start, kept)
+                archived = (self.archive.partition_events(project_id, tag, partition, start, kept)
+                            if self.archive is not None and start < kept else None)
                 consumer = None
                 topic_start = max(start, kept)
                 if tag == self.tag and topic_start < bound:
@@ -242,24 +245,27 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
                         break
                     consumer.assign([TopicPartition(self.settings.topic, partition, topic_start)])
                 log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
-                         h, project_id, name, start, bound, len(items), topic_start)
-                return _Task(project_id, h, name, partition, bound, len(names), items, kept, consumer, start - 1)
+                         h, project_id, name, start, bound, archived.num_rows if archived is not None else 0,
+                         topic_start)
+                return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1)
         return None
 
-    def _archived(self, project_id: int, h: str, name: str, tag: str, partition: int, start: int, stop: int
-                  ) -> list[BackfillItem]:
-        """The archive's events of a topic partition with start <= offset < stop, then a mark at
-        stop - 1: below it the archive holds every event of the project, so the fence moves there."""
-        if start >= stop or self.archive is None:
-            return []
-        table = self.archive.partition_events(project_id, tag, partition, start, stop)
-        offsets = table.column("offset").to_pylist()
-        persons = table.column("person").to_pylist()
-        items = [BackfillItem(project_id, h, name, Record(partition, offset, stop, b"", None), event, person)
-                 for offset, person, event in zip(offsets, persons, iter_events(table, project_id), strict=True)]
-        if not offsets or offsets[-1] < stop - 1:
-            items.append(BackfillItem(project_id, h, name, Record(partition, stop - 1, stop, b"", None), None))
-        return items
+    @staticmethod
+    def _archived(task: _Task) -> list[BackfillItem | SummaryWork]:
+        """The next archived events of the task, and after the last one a mark at `archived_to` - 1:
+        below it the archive holds every event of the project, so the fence moves there."""
+        assert task.archived is not None
+        chunk = task.archived.slice(0, ARCHIVE_CHUNK)
+        task.archived = task.archived.slice(chunk.num_rows) if chunk.num_rows < task.archived.num_rows else None
+        record = partial(Record, task.partition, high_watermark=task.archived_to, value=b"", timestamp_ms=None)
+        out: list[BackfillItem | SummaryWork] = [
+            BackfillItem(task.project_id, task.h, task.name, record(offset), event, person)
+            for offset, person, event in zip(chunk.column("offset").to_pylist(), chunk.column("person").to_pylist(),
+                                             iter_events(chunk, task.project_id), strict=True)]
+        if task.archived is None and (not out or out[-1].record.offset < task.archived_to - 1):  # type: ignore[union-attr]
+            out.append(BackfillItem(task.project_id, task.h, task.name, record(task.archived_to - 1), None))
+        task.last_emitted = out[-1].record.offset  # type: ignore[union-attr]
+        return out
 
     def _summaries(self) -> list[SummaryWork]:
         """Idle: hand out summaries to build (definitions summarising after their backfill, and ready
@@ -308,11 +314,8 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
                     return work
                 return self._sleep(0.5)
         task = self.task
-        if task.archived:
-            out: list[BackfillItem | SummaryWork] = list(task.archived[:ARCHIVE_CHUNK])
-            del task.archived[:ARCHIVE_CHUNK]
-            task.last_emitted = out[-1].record.offset  # type: ignore[union-attr]
-            return out
+        if task.archived is not None:
+            return self._archived(task)
         if task.consumer is not None and task.last_emitted < task.bound - 1:
             out = []
             for message in task.consumer.consume(2000, timeout=0.05):

@@ -31,19 +31,12 @@ def readyz(request: Request) -> JSON:
     """
     state = request.app.state
     body: dict[str, object] = {"redis": False, "kafka": False, "lag_events": None}
+    progress = None
     try:
         state.offsets.flush()
         progress = state.stream.progress()
         body["redis"] = True
         body["lag_events"] = progress.lag(dict(state.offsets.unrecorded))
-        current = state.topic.current()
-        if progress.topic_id is not None and current is not None and current != progress.topic_id:
-            # The topic was recreated and the dataflow has not taken it up yet: nothing in it is applied
-            # (the offsets Redis holds are the old topic's, and would hide the new one's events).
-            try:
-                body["lag_events"] = _broker_ends(state)
-            except Exception:  # the broker went away meanwhile: unknown, and not 0
-                body["lag_events"] = None
         body["dlq_events"] = progress.dlq_events
         if progress.recreated_at_ms is not None:  # history before it is read from the archive
             body["topic_recreated"] = {"at": iso_ms(progress.recreated_at_ms),
@@ -55,6 +48,15 @@ def readyz(request: Request) -> JSON:
         body["kafka"] = True
     except Exception as exc:
         body["kafka_error"] = f"the broker is unreachable: {exc}"
+    if body["kafka"] and progress is not None and progress.topic_id is not None:
+        current = state.topic.current()
+        if current is not None and current != progress.topic_id:
+            # The topic was recreated and the dataflow has not taken it up yet: nothing in it is applied
+            # (the offsets Redis holds are the old topic's, and would hide the new one's events).
+            try:
+                body["lag_events"] = _broker_ends(state)
+            except Exception:  # the broker went away meanwhile: unknown, and not 0
+                body["lag_events"] = None
     if state.draining:
         body["draining"] = True
     ready = body["redis"] and body["kafka"]

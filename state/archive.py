@@ -49,6 +49,7 @@ VERSION = "v1"
 HOT_PROPERTIES = ("$browser", "$os", "$device_type", "$current_url", "$pathname", "$screen_name",
                   "$referring_domain")
 COMPACT_AFTER = 32  # landing segments of one worker and project before they are compacted into days
+DAY_SEGMENT_ROWS = 1_000_000  # a day's compacted segment takes more rows until it has this many
 
 SCHEMA = pa.schema([
     ("topic", pa.string()),          # topic tag (state/keys.py topic_tag): offsets mean something per topic
@@ -233,8 +234,9 @@ class ArchiveWriter:
 
     def compact(self, project_id: int) -> None:
         """Rewrite this worker's landing segments of the project as one segment per day (merged with
-        the day's earlier compacted segment of this worker), in one manifest write; the replaced
-        files are removed after it."""
+        the day's earlier compacted segment of this worker while that is small, so a busy day is not
+        rewritten whole at every compaction), in one manifest write; the replaced files are removed
+        after it."""
         manifest = self._manifest(project_id)
         project = _Project(self.root, project_id)
         landing = [s for s in manifest.segments if s.path.startswith("landing/")]
@@ -243,7 +245,7 @@ class ArchiveWriter:
         table = pa.concat_tables([pq.read_table(project.dir / s.path, schema=SCHEMA) for s in landing])
         days = sorted({d.isoformat() for d in table.column("day").to_pylist()})
         day_segments = {s.first_day: s for s in manifest.segments
-                        if not s.path.startswith("landing/") and s.first_day in days}
+                        if not s.path.startswith("landing/") and s.first_day in days and s.rows < DAY_SEGMENT_ROWS}
         fresh = Manifest([s for s in manifest.segments if s not in landing and s not in day_segments.values()],
                          dict(manifest.fences), manifest.seq)
         for day in days:

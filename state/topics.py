@@ -39,9 +39,12 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int, timeout: f
                 log.info("topic %s created concurrently", name)
 
 
-def topic_id(bootstrap: str, topic: str) -> str:
+def topic_id(bootstrap: str, topic: str, timeout: float | None = None) -> str:
     client = admin(bootstrap)  # keep the handle alive until the future resolves
-    result = client.describe_topics(TopicCollection([topic]))[topic].result()
+    if timeout is None:
+        result = client.describe_topics(TopicCollection([topic]))[topic].result()
+    else:
+        result = client.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic].result(timeout)
     return str(result.topic_id)
 
 
@@ -56,8 +59,8 @@ class TopicIdentity:
         at, found = self._seen
         if time.monotonic() - at > self.ttl:
             try:
-                found = topic_id(self.bootstrap, self.topic)
-            except KafkaException:
+                found = topic_id(self.bootstrap, self.topic, timeout=2.0)
+            except Exception:  # the broker away or slow: not known this time
                 found = None
             self._seen = (time.monotonic(), found)
         return found

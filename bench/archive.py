@@ -105,6 +105,7 @@ def _filtered_breakdown(http: httpx.Client, url: str, headers: dict[str, str], c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     backlog_arguments(parser, 1_000_000, 50_000)
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, archive) and print it")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="insightflow-archive-"))
     report: dict[str, Any] = {"events": args.events, "persons": args.persons}
@@ -155,7 +156,10 @@ def main() -> None:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         for managed in procs:
             managed.stop()
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+        if args.keep:
+            print(f"work dir kept: {workdir}")
+        else:
+            subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import redis
@@ -24,6 +25,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.operators.batch import Occurrence
+from dataflows.operators.history import history_sums
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
@@ -34,16 +36,18 @@ from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
 from schemas.registered import load_definition
 from schemas.settings import Settings
 from state import keys
-from state.archive import Archive, iter_events
+from state.archive import HOT_PROPERTIES, Archive, iter_events, partition_rows
 from state.connection import claim_state_shards, connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
-from state.store import BackfillRow, StateStore
+from state.store import BackfillRow, FenceMoved, StateStore
 from state.stream import Stream
 from state.summaries import SummaryStore
 from state.topics import partition_count, topic_id
 
 log = logging.getLogger("insightflow.definitions")
+HOT = set(HOT_PROPERTIES)
 ARCHIVE_CHUNK = 2000  # archived events per backfill item batch
+SUMMED_CHUNK = 250_000  # archived events summed per call (what one Lua call of a few hundred ms writes)
 
 
 class DefinitionCache:
@@ -160,6 +164,18 @@ class BackfillItem:
 
 
 @dataclass
+class ArchivedSums:
+    """Archived events of topic partition `name` for a counting definition's backfill, summed in one
+    go by the sink (dataflows/operators/history.py); the backfill's fence moves to `through`."""
+
+    project_id: int
+    h: str
+    name: str
+    table: pa.Table
+    through: int
+
+
+@dataclass
 class SummaryWork:
     """Summarise a batch of a definition's dirty persons (attempt summaries, state/summaries.py)."""
 
@@ -182,9 +198,10 @@ class _Task:
     archived_to: int
     consumer: Consumer | None
     last_emitted: int
+    summed: bool = False  # a counting definition: archived events go as `ArchivedSums`
 
 
-class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
+class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | ArchivedSums]):
     def __init__(self, settings: Settings, worker: int, workers: int) -> None:
         self.settings, self.worker, self.workers = settings, worker, workers
         self.client = connect(settings.redis_url)
@@ -194,6 +211,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         self.tag = keys.topic_tag(topic_id(settings.kafka_bootstrap, settings.topic))
         self.archive = Archive(settings.archive_dir) if settings.archive_dir else None  # '': off
         self.task: _Task | None = None
+        self._read: tuple[tuple[int, str], dict[str, int], pa.Table] | None = None  # see `_history`
         self.summaries = SummaryStore(self.client)
         self._awake: datetime | None = None
 
@@ -212,7 +230,14 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         for project_id, h in self.registry.pending():
             names = {f"{self.tag}:{p}" for p in range(self.partitions)} | self.registry.applied_fences(project_id)
             done = self.registry.done(project_id, h)
-            archived = self.archive.fences(project_id) if self.archive is not None else {}
+            summed = self._summed(project_id, h)
+            history: pa.Table | None = None
+            if self.archive is None:
+                fences: dict[str, int] = {}
+            elif summed is not None:  # rows below these fences are all in `history`
+                fences, history = self._history(project_id, h, summed)
+            else:
+                fences = self.archive.fences(project_id)
             for name in sorted(names - done):
                 tag, _, part = name.rpartition(":")
                 partition = int(part)
@@ -220,7 +245,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
                     continue
                 bound = max(self.registry.bounds(project_id, h, name))
                 start = self.registry.fence(project_id, h, name) + 1
-                kept = min(archived.get(name, 0), bound)
+                kept = min(fences.get(name, 0), bound)
                 if tag != self.tag and kept < bound:
                     self._fail(project_id, h, f"events of an earlier events topic (partition {partition}, offsets "
                                f"{kept} to {bound - 1}) are neither in the topic, which was recreated (a broker that "
@@ -228,8 +253,10 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
                                "cannot be built from all of them; the always-on state still answers everything "
                                "that needs no registration")
                     break
-                archived = (self.archive.partition_events(project_id, tag, partition, start, kept)
-                            if self.archive is not None and start < kept else None)
+                archived = None
+                if self.archive is not None and start < kept:
+                    archived = (partition_rows(history, tag, partition, start, kept) if history is not None else
+                                self.archive.partition_events(project_id, tag, partition, start, kept))
                 consumer = None
                 topic_start = max(start, kept)
                 if tag == self.tag and topic_start < bound:
@@ -247,8 +274,42 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
                 log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
                          h, project_id, name, start, bound, archived.num_rows if archived is not None else 0,
                          topic_start)
-                return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1)
+                return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1,
+                             summed is not None)
         return None
+
+    def _summed(self, project_id: int, h: str) -> Definition | None:
+        """The definition, if it is a counting one whose archived events are summed over columns."""
+        raw = self.registry.get(project_id, h)
+        try:
+            definition = load_definition(raw) if raw is not None else None
+        except Exception:  # the sink fails it with the reason
+            return None
+        return definition if isinstance(definition, Definition) and definition.counts_only else None
+
+    def _history(self, project_id: int, h: str, definition: Definition) -> tuple[dict[str, int], pa.Table]:
+        """The archive's fences and the project's archived events a counting definition can count (its
+        event names), read once for all its topic partitions (each is then cut from it in memory).
+        The fences are read first, so every event below them is in the table."""
+        if self._read is None or self._read[0] != (project_id, h):
+            assert self.archive is not None
+            names = ([definition.event] if definition.event is not None else
+                     sorted({s.event for s in definition.steps if s.event is not None})
+                     if definition.steps and all(s.event is not None for s in definition.steps) else None)
+            fences = self.archive.fences(project_id)
+            self._read = ((project_id, h), fences, self.archive.event_rows(project_id, names))
+        return self._read[1], self._read[2]
+
+    @staticmethod
+    def _archived_sums(task: _Task) -> list[BackfillItem | SummaryWork | ArchivedSums]:
+        """The next chunk of the task's archived events, summed by the sink; the last one moves the
+        fence to `archived_to` - 1 (below it the archive holds every event of the project)."""
+        assert task.archived is not None
+        chunk = task.archived.slice(0, SUMMED_CHUNK)
+        task.archived = task.archived.slice(chunk.num_rows) if chunk.num_rows < task.archived.num_rows else None
+        through = task.archived_to - 1 if task.archived is None else int(chunk.column("offset")[-1].as_py())
+        task.last_emitted = through
+        return [ArchivedSums(task.project_id, task.h, task.name, chunk, through)]
 
     @staticmethod
     def _archived(task: _Task) -> list[BackfillItem | SummaryWork]:
@@ -309,13 +370,14 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork]):
         if self.task is None:
             self.task = self._pick()
             if self.task is None:
+                self._read = None  # every backfill is done: let its archived events go
                 work = self._summaries()
                 if work:
                     return work
                 return self._sleep(0.5)
         task = self.task
         if task.archived is not None:
-            return self._archived(task)
+            return self._archived_sums(task) if task.summed else self._archived(task)
         if task.consumer is not None and task.last_emitted < task.bound - 1:
             out = []
             for message in task.consumer.consume(2000, timeout=0.05):
@@ -419,6 +481,9 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             if isinstance(item, SummaryWork):
                 self._summarise(item)
                 continue
+            if isinstance(item, ArchivedSums):
+                self._sum_archived(item)
+                continue
             groups.setdefault((item.project_id, item.h, item.name), []).append(item)
         now = datetime.now(UTC)
         for (project_id, h, name), group in groups.items():
@@ -435,6 +500,40 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             for (pid, failed_h), reason in result.failed.items():
                 self._fail(pid, failed_h, f"Redis refused its state: {reason}")
             self._written[(project_id, h, name)] = max(written, group[-1].record.offset)
+
+    def _sum_archived(self, item: ArchivedSums) -> None:
+        """Apply a chunk of archived events to a counting definition, summed over its columns, above
+        each shard's fence and below its limit (bound and live handover), in one call per shard."""
+        definition = self._definition(item.project_id, item.h)
+        if definition is None:
+            return
+        assert isinstance(definition, Definition)
+        key = (item.project_id, item.h, item.name)
+        written = self._written.get(key, -1)
+        while True:
+            limits = self.store.backfill_limits(item.project_id, item.h, item.name)
+
+            def takes(offsets: np.ndarray, shard: int, limits: dict[int, tuple[int, int]] = limits) -> np.ndarray:
+                return (offsets > limits[shard][0]) & (offsets < limits[shard][1])
+
+            try:
+                sums = history_sums(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes)
+            except Exception as exc:
+                self._fail(item.project_id, item.h,
+                           f"an event could not be applied to it: {type(exc).__name__}: {exc}")
+                return
+            try:
+                result = self.store.backfill_sums(definition, item.name, sums,
+                                                  {s: fence for s, (fence, _) in limits.items()}, item.through, written)
+            except FenceMoved as exc:
+                log.info("%s: summing again", exc)
+                continue
+            break
+        for (pid, failed_h), reason in result.failed.items():
+            self._fail(pid, failed_h, f"Redis refused its state: {reason}")
+        self._written[key] = max(written, item.through)
+        log.info("backfill of %s for project %s: %d archived events of %s summed, %d applied", item.h,
+                 item.project_id, item.table.num_rows, item.name, result.events)
 
     def _rows(self, definition: Definition, project_id: int, group: list[BackfillItem], now: datetime
               ) -> list[BackfillRow]:

@@ -122,6 +122,21 @@ class Definition:
         return (self.filters.uses_person() or person_breakdown or person_value
                 or any(s.filters.uses_person() for s in self.steps))
 
+    @property
+    def counts_only(self) -> bool:
+        """Its contribution depends on the event's name and properties alone and carries no value: a
+        backfill may evaluate it once per distinct (name, `event_keys` values) and count (history.py)."""
+        return not (self.uses_person or self.value_property or self.keep_values or self.per_actor)
+
+    def event_keys(self) -> set[str]:
+        """The event properties `contribution` reads."""
+        keys = self.filters.event_keys().union(*(s.filters.event_keys() for s in self.steps))
+        if self.breakdown:
+            keys |= {key for kind, key in self.breakdown.properties if kind == "event"}
+        if self.value_property and self.value_property[0] == "event":
+            keys.add(self.value_property[1])
+        return keys
+
     def to_json(self) -> bytes:
         raw = {**self.raw, "filters": self.filters.to_raw(),
                "steps": [[s.event, s.filters.to_raw()] for s in self.steps]}

@@ -78,6 +78,9 @@ class PropertyFilter:
     def uses_person(self) -> bool:
         return self.type == "person"
 
+    def event_keys(self) -> set[str]:
+        return {self.key} if self.type == "event" else set()
+
     def to_raw(self) -> dict[str, Any]:
         return {"key": self.key, "operator": self.operator, "value": self.value, "type": self.type}
 
@@ -153,6 +156,10 @@ class FilterGroup:
 
     def uses_person(self) -> bool:
         return any(item.uses_person() for item in self.items)
+
+    def event_keys(self) -> set[str]:
+        """The event properties the filters read (what `matches` depends on, with `now`)."""
+        return set().union(*(item.event_keys() for item in self.items))
 
     def to_raw(self) -> dict[str, Any]:
         return {"type": self.kind, "values": [item.to_raw() for item in self.items]}

@@ -342,6 +342,11 @@ class Archive:
                    ("offset", "<", stop)]
         return self._read(project_id, filters=filters).sort_by("offset")
 
+    def event_rows(self, project_id: int, events: list[str] | None = None) -> pa.Table:
+        """The project's archived events (only these event names, if given), in no particular order:
+        read once for a backfill over every topic partition (`partition_rows`)."""
+        return self._read(project_id, filters=[("event", "in", events)] if events else None)
+
     def events(self, project_id: int) -> pa.Table:
         """Every archived event of the project, in time order."""
         return self._read(project_id).sort_by([("timestamp", "ascending"), ("uuid", "ascending")])
@@ -363,3 +368,11 @@ def iter_events(table: pa.Table, project_id: int, batch: int = 50_000) -> Iterat
         for uuid, name, did, ts, props in zip(cols["uuid"], cols["event"], cols["distinct_id"], cols["timestamp"],
                                               cols["properties"], strict=True):
             yield TopicEvent(uuid, name, did, ts, orjson.loads(props), project_id)
+
+
+def partition_rows(table: pa.Table, topic: str, partition: int, start: int, stop: int) -> pa.Table:
+    """The rows of one topic partition with start <= offset < stop, by offset."""
+    offsets = table.column("offset")
+    keep = pc.and_(pc.and_(pc.equal(table.column("topic"), topic), pc.equal(table.column("partition"), partition)),
+                   pc.and_(pc.greater_equal(offsets, start), pc.less(offsets, stop)))
+    return table.filter(keep).sort_by("offset")

@@ -104,6 +104,13 @@ HOME_SECTIONS = (
     Layout("U", ("person", "ts", "set", "set_once", "unset")),
     Layout("O", ("partition", "next_offset")),
 )
+DEFINITION_SECTIONS = (
+    Layout("DC", ("definition", "kind", "breakdown", "bucket", "events", "persons")),
+    Layout("DV", ("definition", "breakdowns")),
+    Layout("DS", ("definition", "breakdown", "field", "sums", "count", "min", "max")),
+    Layout("DL", ("definition", "kind", "breakdown", "bucket", "values")),
+    Layout("DA", ("definition", "kind", "breakdown", "bucket", "persons")),
+)
 SHARD_SECTIONS = (
     Layout("R", ("fence", "first", "next_offset")),
     Layout("C", ("kind", "event", "bucket", "events")),
@@ -113,11 +120,7 @@ SHARD_SECTIONS = (
     Layout("H", ("definition", "fence", "offset")),
     Layout("KD", ("definition", "day", "rows")),
     Layout("KP", ("definition", "person", "kept")),
-    Layout("DC", ("definition", "kind", "breakdown", "bucket", "events", "persons")),
-    Layout("DV", ("definition", "breakdowns")),
-    Layout("DS", ("definition", "breakdown", "field", "sums", "count", "min", "max")),
-    Layout("DL", ("definition", "kind", "breakdown", "bucket", "values")),
-    Layout("DA", ("definition", "kind", "breakdown", "bucket", "persons")),
+    *DEFINITION_SECTIONS,
 )
 APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "batch")), *HOME_SECTIONS))
 APPLY_SHARD = Script("apply_shard.lua", (Layout("A", ("prefix", "generation", "batch")), *SHARD_SECTIONS))
@@ -132,6 +135,11 @@ BACKFILL_FIELDS = ("offset", "person", "hour", "day", "ts", "uuid", "contributio
 BACKFILL_EVENTS = Script("backfill_events.lua", _header_then(
     ("prefix", "definition", "flags", "partition", "through", "count"), BACKFILL_FIELDS, ("written_up_to",)))
 
+# A definition's backfill from the archive in one state shard, summed by the worker.
+BACKFILL_SUMS = Script("backfill_sums.lua", (
+    Layout("A", ("prefix", "definition", "fence", "expected", "through", "written_up_to", "batch")),
+    *DEFINITION_SECTIONS))
+
 RAISE_FIELDS = Script("raise_fields.lua", (Layout("E", ("field", "value"), first=1),))
 COUNT_DEAD_LETTERS = Script("count_dead_letters.lua", (Layout("E", ("record",), first=1),))
 RESET_STREAM = Script("reset_stream.lua", (Layout("A", ("topic_id", "now_ms")),))
@@ -144,4 +152,4 @@ WRITE_SUMMARIES = Script("write_summaries.lua", (
     Layout("SE", SUMMARY_ENTRY_FIELDS, first=0)))
 
 ALL = (APPLY_BATCH, APPLY_SHARD, FIX_BOUND, RESOLVE_PERSONS,
-       BACKFILL_EVENTS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES)
+       BACKFILL_EVENTS, BACKFILL_SUMS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES)

@@ -26,7 +26,7 @@ from state.connection import ShardedStore, run_scripts
 from state.overrides import final_person
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
-    from dataflows.operators.batch import BatchEffects, ShardEffects
+    from dataflows.operators.batch import BatchEffects, DefinitionSums, ShardEffects
 
 
 @dataclass
@@ -35,6 +35,11 @@ class Applied:
 
     events: int = 0
     failed: dict[tuple[int, str], str] = field(default_factory=dict)  # (project, hash) -> reason
+
+
+class FenceMoved(RuntimeError):
+    """A backfill fence moved between reading it and writing what was summed above it (another
+    worker's copy of the same task): read the fences again and sum again."""
 
 
 class RedisLostWrites(RuntimeError):
@@ -90,16 +95,25 @@ def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffec
         "H": [[h, f"{tag}:{partition}", offset] for (h, partition), offset in effects.handovers.items()],
         "KD": [[h, day, rows] for (h, day), rows in effects.kept_days.items()],
         "KP": [[h, person, "".join(kept)] for (h, person), kept in effects.kept_persons.items()],
-        "DC": [[h, kind, bv, bucket, n, list(sums.persons[(kind, bv, bucket)])]
-               for h, sums in effects.sums.items() for (kind, bv, bucket), n in sums.counts.items()],
-        "DV": [[h, sorted(sums.breakdowns)] for h, sums in effects.sums.items()],
-        "DS": [[h, bv, f, *stat] for h, sums in effects.sums.items() for (bv, f), stat in sums.stats.items()],
-        "DL": [[h, kind, bv, bucket, values] for h, sums in effects.sums.items()
-               for (kind, bv, bucket), values in sums.values.items()],
-        "DA": [[h, kind, bv, bucket, [x for pc in actors.items() for x in pc]] for h, sums in effects.sums.items()
-               for (kind, bv, bucket), actors in sums.actors.items()],
+        **definition_sections(effects.sums),
     }
     return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(batch)]
+
+
+def definition_sections(by_definition: dict[str, DefinitionSums]) -> dict[str, list[Any]]:
+    """What counting definitions add, as the sections `definition_sums.lua` applies (rows follow
+    `scripts.DEFINITION_SECTIONS`)."""
+    items = by_definition.items()
+    return {
+        "DC": [[h, kind, bv, bucket, n, list(sums.persons[(kind, bv, bucket)])]
+               for h, sums in items for (kind, bv, bucket), n in sums.counts.items()],
+        "DV": [[h, sorted(sums.breakdowns)] for h, sums in items if sums.breakdowns],
+        "DS": [[h, bv, f, *stat] for h, sums in items for (bv, f), stat in sums.stats.items()],
+        "DL": [[h, kind, bv, bucket, values] for h, sums in items
+               for (kind, bv, bucket), values in sums.values.items()],
+        "DA": [[h, kind, bv, bucket, [x for pc in actors.items() for x in pc]] for h, sums in items
+               for (kind, bv, bucket), actors in sums.actors.items()],
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +184,7 @@ class StateStore(ShardedStore):
         self._apply_shard = client.register_script(scripts.APPLY_SHARD.source)
         self._resolve = client.register_script(scripts.RESOLVE_PERSONS.source)
         self._backfill = client.register_script(scripts.BACKFILL_EVENTS.source)
+        self._backfill_sums = client.register_script(scripts.BACKFILL_SUMS.source)
 
     def resolve_persons(self, asks: dict[int, list[tuple[str, str, str, str]]]) -> dict[int, Resolved]:
         """Per project, (uuid, distinct id, link kind or '', other distinct id or '') of events in batch
@@ -295,4 +310,49 @@ class StateStore(ShardedStore):
                                       f"offset {written_up_to}, which this process wrote")
             result.events += int(answer[0])
             result.failed.update(_failures(pid, answer))
+        return result
+
+    def backfill_limits(self, project_id: int, h: str, name: str) -> dict[int, tuple[int, int]]:
+        """Per state shard, (fence, limit) of a definition's backfill on topic partition `name`: the
+        backfill applies the offsets above the fence and below the limit (its bound, or the live
+        handover if lower)."""
+        d = keys.definition_prefix(project_id, h)
+        pipe = self.redis.pipeline(transaction=False)
+        for s in range(self.shards):
+            for key in (keys.backfill_fence(d), keys.backfill_bound(d), keys.handover(d)):
+                pipe.hget(keys.in_shard(key, s), name)
+        raw = pipe.execute()
+        out = {}
+        for s in range(self.shards):
+            fence, bound, handover = raw[3 * s: 3 * s + 3]
+            limit = int(bound or 0) if handover is None else min(int(bound or 0), int(handover))
+            out[s] = (int(fence) if fence is not None else -1, limit)
+        return out
+
+    def backfill_sums(self, definition: Definition, name: str, sums: dict[int, DefinitionSums],
+                      fences: dict[int, int], through: int, written_up_to: int = -1) -> Applied:
+        """Apply what archived events of topic partition `name` add to a counting definition, summed
+        per state shard above the fences read (`backfill_limits`), and move every shard's fence to
+        `through`, each shard in one call (`backfill_sums.lua`). `FenceMoved` if a fence moved
+        since it was read (nothing of that shard written); `RedisLostWrites` if one is behind what
+        this process wrote."""
+        pid, h = definition.project_id, definition.hash
+        calls = [([keys.shard_applied(pid, s)],
+                  [keys.shard_prefix(pid, s), h, name, fences[s], through, written_up_to,
+                   orjson.dumps(definition_sections({h: sums[s]}))])
+                 for s in range(self.shards)]
+        result = Applied()
+        moved = []
+        for s, answer in zip(range(self.shards), run_scripts(self.redis, self._backfill_sums, calls), strict=True):
+            code = int(answer[0])
+            if code == -2:
+                raise RedisLostWrites(f"the backfill fence of {h} on {name} is behind offset {written_up_to}, "
+                                      "which this process wrote")
+            if code == -4:
+                moved.append(s)
+                continue
+            result.events += sum(sums[s].counts[k] for k in sums[s].counts if k[0] == "d")
+            result.failed.update(_failures(pid, answer))
+        if moved:
+            raise FenceMoved(f"the backfill fences of {h} on {name} moved in shards {moved}")
         return result

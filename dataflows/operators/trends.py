@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
+import numpy as np
+
 from schemas.dates import bucket_day, bucket_hour
 from schemas.events import TopicEvent
 
@@ -32,3 +34,15 @@ def _slot_buckets(slot: int, tz: ZoneInfo) -> TrendBuckets:
 def trend_buckets(event: TopicEvent, tz: ZoneInfo) -> TrendBuckets:
     """Buckets are constant within a 15-minute slot, so they are computed once per slot and zone."""
     return _slot_buckets(event.ts_ms // _SLOT_MS, tz)
+
+
+def slot_buckets(ts_ms: np.ndarray, tz: ZoneInfo) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Buckets of many event times at once: (hour start per event, day index per event, the days),
+    each 15-minute slot computed once."""
+    slots, where = np.unique(ts_ms // _SLOT_MS, return_inverse=True)
+    found = [_slot_buckets(int(s), tz) for s in slots]
+    days = sorted({b.day for b in found})
+    day_index = {d: i for i, d in enumerate(days)}
+    hours = np.array([b.hour for b in found], dtype=np.int64)
+    day_of = np.array([day_index[b.day] for b in found], dtype=np.int64)
+    return hours[where], day_of[where], days

@@ -1,0 +1,156 @@
+"""What archived events add to a counting definition, computed over columns (no I/O).
+
+A backfill from the archive (state/archive.py) does not run each event through the per-event path:
+a definition whose contribution depends only on the event's name and a few of its properties
+(`Definition.counts_only`) is evaluated once per distinct (name, values of those properties), and
+the events are then counted per breakdown value and bucket with array operations. The rule applied
+is the definition's own `contribution`, so the numbers are the live path's: only how often it runs
+changes. Properties the archive keeps as their own columns are read from there; the JSON of an
+event is parsed only when one it needs is not (or is not text there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from functools import reduce
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dataflows.operators.batch import DefinitionSums
+from dataflows.operators.trends import slot_buckets
+from schemas.definitions import Definition
+
+_SEPARATOR = "\x1f"
+Found = tuple[Any, ...]  # (event name, then per key: ('h', text) from a column, ('j', JSON) parsed, None absent)
+
+
+def _distinct_inputs(table: pa.Table, keys: list[str], hot: set[str]) -> tuple[np.ndarray, list[Found]]:
+    """Per row, the index of its distinct (name, values of `keys`), and those distinct inputs."""
+    n = table.num_rows
+    codes = np.empty(n, dtype=np.int64)
+    found: list[Found] = []
+    seen: dict[Found, int] = {}
+    columns = [table.column("event"), *(table.column(k) for k in keys if k in hot)]
+    fast = np.zeros(n, dtype=bool)
+    if all(k in hot for k in keys):  # every input is a column: distinct rows by dictionary encoding
+        present = reduce(pc.and_, [pc.is_valid(c) for c in columns])
+        fast = np.array(present.to_numpy(zero_copy_only=False), dtype=bool)
+        if fast.any():
+            rows = np.flatnonzero(fast)
+            taken = columns if len(rows) == n else [c.take(rows) for c in columns]
+            joined = pc.binary_join_element_wise(*taken, _SEPARATOR)
+            encoded = pc.dictionary_encode(joined).combine_chunks()
+            codes[rows] = encoded.indices.to_numpy(zero_copy_only=False)
+            for text in encoded.dictionary.to_pylist():
+                name, *values = text.split(_SEPARATOR)
+                key = (name, *(("h", v) for v in values))
+                seen[key] = len(found)
+                found.append(key)
+            if any(len(k) != len(columns) for k in found):  # a value holding the separator: the slow way
+                fast[:] = False
+                seen.clear()
+                found.clear()
+    slow = np.flatnonzero(~fast)
+    if len(slow):
+        names = table.column("event").take(slow).to_pylist()
+        props = table.column("properties").take(slow).to_pylist()
+        hot_values = {k: table.column(k).take(slow).to_pylist() for k in keys if k in hot}
+        for i, (name, raw) in enumerate(zip(names, props, strict=True)):
+            parts: list[Any] = [name]
+            parsed: dict[str, Any] | None = None
+            for k in keys:
+                text = hot_values[k][i] if k in hot_values else None
+                if text is not None:
+                    parts.append(("h", text))
+                    continue
+                if parsed is None:
+                    parsed = orjson.loads(raw)
+                parts.append(("j", orjson.dumps(parsed[k]).decode()) if k in parsed else None)
+            key = tuple(parts)
+            code = seen.get(key)
+            if code is None:
+                code = seen[key] = len(found)
+                found.append(key)
+            codes[slow[i]] = code
+    return codes, found
+
+
+def _properties(keys: list[str], found: Found) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    for k, part in zip(keys, found[1:], strict=True):
+        if part is not None:
+            props[k] = part[1] if part[0] == "h" else orjson.loads(part[1])
+    return props
+
+
+def _group(values: np.ndarray, persons: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """For values in range(size): (each value present, its rows, the distinct persons of its rows)."""
+    counts = np.bincount(values, minlength=size)
+    present = np.flatnonzero(counts)
+    stride = int(persons.max()) + 1
+    pairs = np.unique(values.astype(np.int64) * stride + persons)
+    of_value = pairs // stride
+    starts = np.searchsorted(of_value, present)
+    return present, counts[present], np.split(pairs % stride, starts[1:])
+
+
+def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: set[str], shards: int,
+                 takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, DefinitionSums]:
+    """What the archived rows of `table` add to a `counts_only` definition, per state shard of their
+    persons; `takes(offsets, shard)` says which rows each shard takes (above its backfill fence,
+    below its bound and live handover). Raises what `contribution` raises."""
+    out = {s: DefinitionSums() for s in range(shards)}
+    if table.num_rows == 0:
+        return out
+    names = table.column("event")
+    wanted = None
+    if definition.event is not None:
+        wanted = pc.equal(names, definition.event)
+    elif definition.steps and all(s.event is not None for s in definition.steps):
+        wanted = pc.is_in(names, pa.array(sorted({s.event for s in definition.steps})))
+    if wanted is not None and not pc.all(wanted).as_py():  # read already for these names, mostly
+        table = table.filter(wanted)
+    if table.num_rows == 0:
+        return out
+    keys = sorted(definition.event_keys())
+    codes, found = _distinct_inputs(table, keys, hot)
+    breakdowns: list[str] = []
+    index: dict[str, int] = {}
+    outcome = np.full(len(found), -1, dtype=np.int64)  # breakdown index, -1: does not count
+    for i, inputs in enumerate(found):
+        hit = definition.contribution(inputs[0], _properties(keys, inputs), {}, now)
+        if hit is not None:
+            bv = hit[0]
+            if bv not in index:
+                index[bv] = len(breakdowns)
+                breakdowns.append(bv)
+            outcome[i] = index[bv]
+    bv_of = outcome[codes]
+    persons = table.column("person").to_numpy()
+    offsets = table.column("offset").to_numpy()
+    hours, day_of, days = slot_buckets(table.column("timestamp").to_numpy(), ZoneInfo(definition.timezone))
+    shard_of = persons % shards
+    for s in range(shards):
+        rows = (bv_of >= 0) & (shard_of == s)
+        rows[rows] = takes(offsets[rows], s)
+        if not rows.any():
+            continue
+        sums, bv, p = out[s], bv_of[rows], persons[rows]
+        hour_list = np.unique(hours[rows])
+        for kind, bucket_of, names_of in (("d", day_of[rows], days),
+                                          ("h", np.searchsorted(hour_list, hours[rows]), hour_list.tolist())):
+            width = len(names_of)
+            keys_of = bv * width + bucket_of
+            distinct, counts, members = _group(keys_of, p, len(breakdowns) * width)
+            for key, n, who in zip(distinct.tolist(), counts.tolist(), members, strict=True):
+                b, bucket = breakdowns[key // width], names_of[key % width]
+                sums.counts[(kind, b, bucket)] += n
+                sums.persons[(kind, b, bucket)].update(who.tolist())
+        sums.breakdowns.update(breakdowns[i] for i in np.unique(bv).tolist())
+    return out

@@ -26,46 +26,18 @@ import orjson
 from bench.run import (
     END,
     PROJECT,
-    applied,
     backlog_arguments,
     bench_funnel,
     bench_paths,
-    bench_project,
     chdb_session,
+    ingest_backlog,
     median_ms,
-    produce,
     synthetic,
 )
 from serving import stack
 from state.archive import Archive
-from state.connection import connect
 from state.stream import Stream
 from state.topics import ensure_topics
-
-
-def _ingest(workdir: Path, events: list[dict[str, Any]], partitions: int, archive: Path | None
-            ) -> tuple[dict[str, Any], list[stack.Managed], dict[str, str], Any, str]:
-    """Produce the backlog, run the dataflow over it; the processes are left running."""
-    logs = workdir / "logs"
-    redis_proc, redis_url = stack.start_redis(workdir / "redis", logs)
-    broker, bootstrap = stack.start_tansu(logs)
-    procs: list[stack.Managed] = [broker, redis_proc]
-    env = {"INSIGHTFLOW_REDIS_URL": redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap, "INSIGHTFLOW_TOPIC": "events",
-           "INSIGHTFLOW_TEST_CLOCK": "1", "INSIGHTFLOW_ARCHIVE_DIR": str(archive) if archive else ""}
-    client = connect(redis_url)
-    _, key = bench_project(client, bootstrap, partitions)
-    produce(bootstrap, "events", events)
-    dataflow = stack.start_dataflow(workdir / "recovery", logs, env)
-    procs.insert(0, dataflow)
-    while applied(client, "events") == 0:
-        time.sleep(0.01)
-    started, first = time.perf_counter(), applied(client, "events")
-    while applied(client, "events") < len(events):
-        if not dataflow.alive():
-            raise RuntimeError(f"dataflow died; see {dataflow.log_path}")
-        time.sleep(0.05)
-    rate = (len(events) - first) / (time.perf_counter() - started)
-    return {"dataflow_events_per_s": round(rate)}, procs, env, client, key
 
 
 def _until_ready(http: httpx.Client, url: str, query: dict[str, Any], headers: dict[str, str]) -> tuple[float, Any]:
@@ -112,14 +84,15 @@ def main() -> None:
     events = synthetic(args.events, args.persons)
     procs: list[stack.Managed] = []
     try:
-        off, procs, *_ = _ingest(workdir / "off", events, args.partitions, None)
-        report["archive_off"] = off
-        for managed in procs:
+        off = ingest_backlog(workdir / "off", events, args.partitions, {"INSIGHTFLOW_ARCHIVE_DIR": ""})
+        report["archive_off"] = {"dataflow_events_per_s": off.events_per_s}
+        for managed in off.procs:
             managed.stop()
         archive = workdir / "on" / "archive"
-        on, procs, env, client, key = _ingest(workdir / "on", events, args.partitions, archive)
-        report["archive_on"] = on
-        report["archive_on_over_off"] = round(on["dataflow_events_per_s"] / off["dataflow_events_per_s"], 3)
+        on = ingest_backlog(workdir / "on", events, args.partitions, {"INSIGHTFLOW_ARCHIVE_DIR": str(archive)})
+        procs, env, client, key = on.procs, on.env, on.client, on.key
+        report["archive_on"] = {"dataflow_events_per_s": on.events_per_s}
+        report["archive_on_over_off"] = round(on.events_per_s / off.events_per_s, 3)
         coverage = Archive(archive).coverage(PROJECT)
         report["archive"] = {"events": coverage.events, "bytes": coverage.bytes, "segments": coverage.segments,
                              "bytes_per_event": round(coverage.bytes / max(1, coverage.events), 1)}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,16 @@ import orjson
 from bench.run import (
     END,
     PROJECT,
-    applied,
     backlog_arguments,
     bench_funnel,
-    bench_project,
     bench_retention,
     chdb_session,
+    ingest_backlog,
     median_ms,
-    produce,
     synthetic,
 )
 from serving import stack
 from state import keys
-from state.connection import connect
 
 
 def _dau(http: httpx.Client, url: str, headers: dict[str, str], chdb: Any, date_from: str, date_to: str
@@ -58,28 +54,12 @@ def _dau(http: httpx.Client, url: str, headers: dict[str, str], chdb: Any, date_
 
 
 def variant(workdir: Path, events: list[dict[str, Any]], partitions: int) -> dict[str, Any]:
-    logs = workdir / "logs"
-    redis_proc, redis_url = stack.start_redis(workdir / "redis", logs)
-    broker, bootstrap = stack.start_tansu(logs)
-    procs: list[stack.Managed] = [broker, redis_proc]
-    env = {"INSIGHTFLOW_REDIS_URL": redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap, "INSIGHTFLOW_TOPIC": "events",
-           "INSIGHTFLOW_TEST_CLOCK": "1"}
     report: dict[str, Any] = {"events": len(events),
                               "create_alias_events": sum(1 for e in events if e["event"] == "$create_alias")}
+    backlog = ingest_backlog(workdir, events, partitions)
+    procs, env, client, key, logs = backlog.procs, backlog.env, backlog.client, backlog.key, workdir / "logs"
     try:
-        client = connect(redis_url)
-        _, key = bench_project(client, bootstrap, partitions)
-        produce(bootstrap, "events", events)
-        dataflow = stack.start_dataflow(workdir / "recovery", logs, env)
-        procs.insert(0, dataflow)
-        while applied(client, "events") == 0:
-            time.sleep(0.01)
-        started, first = time.perf_counter(), applied(client, "events")
-        while applied(client, "events") < len(events):
-            if not dataflow.alive():
-                raise RuntimeError(f"dataflow died; see {dataflow.log_path}")
-            time.sleep(0.05)
-        report["dataflow_events_per_s"] = round((len(events) - first) / (time.perf_counter() - started))
+        report["dataflow_events_per_s"] = backlog.events_per_s
         report["persons_merged"] = client.hlen(keys.merged(PROJECT))
         port = stack.free_port()
         procs.insert(0, stack.start_api(port, logs, env))

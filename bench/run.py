@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,47 @@ def raw_consume(bootstrap: str, topic: str, partitions: int, total: int) -> floa
 
 def applied(client: redis.Redis, topic: str) -> int:
     return sum(Stream(client, topic).progress().applied.values())
+
+
+@dataclass
+class Backlog:
+    """A fresh Redis and broker with the backlog applied by one dataflow (processes left running)."""
+
+    events_per_s: int
+    procs: list[stack.Managed]  # dataflow, broker, Redis
+    env: dict[str, str]
+    client: redis.Redis
+    key: str
+
+
+def ingest_backlog(workdir: Path, events: list[dict[str, Any]], partitions: int,
+                   extra_env: dict[str, str] | None = None) -> Backlog:
+    """Produce the backlog, then run the dataflow over it: the rate it applied events at."""
+    logs = workdir / "logs"
+    redis_proc, redis_url = stack.start_redis(workdir / "redis", logs)
+    broker, bootstrap = stack.start_tansu(logs)
+    procs: list[stack.Managed] = [broker, redis_proc]
+    env = {"INSIGHTFLOW_REDIS_URL": redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap, "INSIGHTFLOW_TOPIC": "events",
+           "INSIGHTFLOW_TEST_CLOCK": "1", **(extra_env or {})}
+    try:
+        client = connect(redis_url)
+        _, key = bench_project(client, bootstrap, partitions)
+        produce(bootstrap, "events", events)
+        dataflow = stack.start_dataflow(workdir / "recovery", logs, env)
+        procs.insert(0, dataflow)
+        while applied(client, "events") == 0:
+            time.sleep(0.01)
+        started, first = time.perf_counter(), applied(client, "events")
+        while applied(client, "events") < len(events):
+            if not dataflow.alive():
+                raise RuntimeError(f"dataflow died; see {dataflow.log_path}")
+            time.sleep(0.05)
+    except BaseException:
+        for managed in procs:
+            managed.stop()
+        raise
+    rate = round((len(events) - first) / (time.perf_counter() - started))
+    return Backlog(rate, procs, env, client, key)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -297,7 +297,12 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                      sorted({s.event for s in definition.steps if s.event is not None})
                      if definition.steps and all(s.event is not None for s in definition.steps) else None)
             fences = self.archive.fences(project_id)
-            self._read = ((project_id, h), fences, self.archive.event_rows(project_id, names))
+            wanted = definition.event_keys()
+            columns = ["topic", "partition", "offset", "person", "event", "timestamp", *sorted(wanted & HOT)]
+            table = self.archive.event_rows(project_id, names, columns)
+            if wanted - HOT or any(table.column(k).null_count for k in wanted & HOT):  # some need the JSON
+                table = self.archive.event_rows(project_id, names, [*columns, "properties"])
+            self._read = ((project_id, h), fences, table)
         return self._read[1], self._read[2]
 
     @staticmethod

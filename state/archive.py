@@ -342,10 +342,11 @@ class Archive:
                    ("offset", "<", stop)]
         return self._read(project_id, filters=filters).sort_by("offset")
 
-    def event_rows(self, project_id: int, events: list[str] | None = None) -> pa.Table:
-        """The project's archived events (only these event names, if given), in no particular order:
-        read once for a backfill over every topic partition (`partition_rows`)."""
-        return self._read(project_id, filters=[("event", "in", events)] if events else None)
+    def event_rows(self, project_id: int, events: list[str] | None = None, columns: list[str] | None = None
+                   ) -> pa.Table:
+        """The project's archived events (only these event names, and columns, if given), in no
+        particular order: read once for a backfill over every topic partition (`partition_rows`)."""
+        return self._read(project_id, columns, [("event", "in", events)] if events else None)
 
     def events(self, project_id: int) -> pa.Table:
         """Every archived event of the project, in time order."""

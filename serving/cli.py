@@ -231,6 +231,7 @@ def up(
 
 
 DRAIN_TIMEOUT_S = float(os.environ.get("INSIGHTFLOW_DRAIN_TIMEOUT", "120"))
+DRAIN_SETTLE_S = 1.0  # lag must read 0 this long before the stop goes on
 
 
 def _check_state_shards(redis_url: str) -> None:
@@ -522,14 +523,22 @@ class Supervisor:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         lag: Any = None
         said = 0.0
+        settled: float | None = None  # since when lag has read 0
         while time.monotonic() < deadline and self.signals < 2:
             self._supervise()
             body = self._readyz()
             lag = body.get("lag_events")
-            if lag == 0:
+            if lag != 0:
+                settled = None
+            elif settled is None:
+                settled = time.monotonic()
+            elif time.monotonic() - settled >= DRAIN_SETTLE_S:
+                # Still 0 a moment later: a capture request that passed the check before it was told
+                # to refuse has been acknowledged and applied too, so the dataflow is idle when stopped
+                # (the embedded broker forgets what was not applied, and the archive what was not written).
                 _say("stopping: every acknowledged event is applied")
                 return
-            if time.monotonic() - said >= 5:
+            if lag != 0 and time.monotonic() - said >= 5:
                 _say(f"stopping: {lag if lag is not None else 'unknown (Redis or the API is away)'} "
                      "acknowledged event(s) still to apply")
                 said = time.monotonic()

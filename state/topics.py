@@ -39,27 +39,29 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int, timeout: f
                 log.info("topic %s created concurrently", name)
 
 
-def topic_id(bootstrap: str, topic: str, timeout: float | None = None) -> str:
+def topic_id(bootstrap: str, topic: str) -> str:
     client = admin(bootstrap)  # keep the handle alive until the future resolves
-    if timeout is None:
-        result = client.describe_topics(TopicCollection([topic]))[topic].result()
-    else:
-        result = client.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic].result(timeout)
+    result = client.describe_topics(TopicCollection([topic]))[topic].result()
     return str(result.topic_id)
 
 
 class TopicIdentity:
-    """The topic's current id, asked of the broker at most once per `ttl` seconds (for /readyz)."""
+    """The topic's current id, asked of the broker at most once per `ttl` seconds (for /readyz), with
+    one admin client kept for it."""
 
     def __init__(self, bootstrap: str, topic: str, ttl: float = 1.0) -> None:
         self.bootstrap, self.topic, self.ttl = bootstrap, topic, ttl
+        self._admin: AdminClient | None = None
         self._seen: tuple[float, str | None] = (0.0, None)
 
     def current(self) -> str | None:
         at, found = self._seen
         if time.monotonic() - at > self.ttl:
             try:
-                found = topic_id(self.bootstrap, self.topic, timeout=2.0)
+                if self._admin is None:
+                    self._admin = admin(self.bootstrap)
+                described = self._admin.describe_topics(TopicCollection([self.topic]), request_timeout=2.0)
+                found = str(described[self.topic].result(2.0).topic_id)
             except Exception:  # the broker away or slow: not known this time
                 found = None
             self._seen = (time.monotonic(), found)

@@ -78,3 +78,48 @@ def test_api_and_dataflow_commands_start(running: Stack, tmp_path: Path) -> None
     finally:
         api.stop()
         flow.stop()
+
+
+def test_archive_shows_and_exports_what_replay_archived(project: ProjectHandle, running: Stack,
+                                                         tmp_path: Path) -> None:
+    """Replayed events are archived once each (a second replay adds nothing); `insightflow archive`
+    shows the project's coverage and exports its events as NDJSON that replay reads back."""
+    sent = [{"event": "kept", "distinct_id": f"k{i % 4}", "uuid": str(uuid.uuid4()),
+             "timestamp": f"2024-02-0{1 + i % 2}T08:00:{i:02d}Z", "properties": {"n": i, "$browser": "Chrome"}}
+            for i in range(20)]
+    export = tmp_path / "history.ndjson"
+    export.write_bytes(b"\n".join(orjson.dumps(e) for e in sent) + b"\n")
+    for _ in range(2):
+        assert _cli(running, "replay", "--file", str(export), "--project", str(project.id)).returncode == 0
+    running.wait_applied()
+    archive_env = {"INSIGHTFLOW_ARCHIVE_DIR": str(running.services.workdir / "archive")}
+
+    def archive(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "serving.cli", "archive", *args], capture_output=True, text=True,
+                              env={**os.environ, **running.env, **archive_env}, cwd=ROOT, timeout=120)
+
+    shown = archive("--project", str(project.id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    coverage = orjson.loads(shown.stdout)
+    assert (coverage["project"], coverage["events"], coverage["days"]) == (project.id, 20, 2)
+    assert (coverage["first_day"], coverage["last_day"]) == ("2024-02-01", "2024-02-02") and coverage["bytes"] > 0
+    table = archive("--project", str(project.id))
+    assert table.returncode == 0 and f"{project.id:>8} {20:>12,}" in table.stdout, table.stdout
+    mine = tmp_path / "mine.ndjson"
+    done = archive("--project", str(project.id), "--export", str(mine))
+    assert done.returncode == 0 and f"exported 20 events of project {project.id}" in done.stdout, done.stderr
+    exported = [orjson.loads(line) for line in mine.read_bytes().splitlines()]
+    assert sorted((e["uuid"], e["event"], e["distinct_id"], e["properties"]["n"], e["project_id"])
+                  for e in exported) == sorted((e["uuid"], e["event"], e["distinct_id"], e["properties"]["n"],
+                                                project.id) for e in sent)
+    assert [e["timestamp"] for e in exported] == sorted(e["timestamp"] for e in exported)
+    assert _cli(running, "replay", "--file", str(mine)).returncode == 0  # read back: the same events, once
+    running.wait_applied()
+    assert _count(project, "kept") == [10, 10, 0]
+    assert orjson.loads(archive("--project", str(project.id), "--json").stdout)["events"] == 20
+    for args, says in ((["--export", str(mine)], "--export needs --project"),
+                       (["--project", "987654", "--export", str(mine)], "holds no events of project 987654"),
+                       (["--project", "abc"], "Invalid value for '--project'")):
+        refused = archive(*args)
+        said = " ".join(refused.stderr.replace("│", " ").split())  # typer boxes and wraps the message
+        assert refused.returncode == 2 and says in said, refused.stderr

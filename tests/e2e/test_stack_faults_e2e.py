@@ -57,7 +57,7 @@ def test_stop_drains_then_a_restart_has_every_acknowledged_event(tmp_path: Path)
         up.kill()
     assert code == 0, up.seen
     assert any(line.startswith("stopping: capture refuses new events") for line in up.seen), up.seen
-    assert "stopping: every acknowledged event is applied" in up.seen, up.seen
+    assert "stopping: every acknowledged event is applied" in up.seen, "\n".join(up.seen)
     assert set(sender.statuses) <= {"200", "503", "ConnectError", "RemoteProtocolError", "ReadError"}, sender.statuses
     # Whether a sender's request fell inside the drain depends on how fast the dataflow caught up;
     # what capture answers once draining is checked on the restarted stack below.

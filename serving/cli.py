@@ -148,12 +148,18 @@ def archive(
         if project not in found.projects():
             raise typer.BadParameter(f"the archive in {found.root} holds no events of project {project}")
         if str(export) == "-":
-            written = found.export(project, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
-        else:
+            try:
+                found.export(project, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return
+        try:
             with open(export, "wb") as out:
                 written = found.export(project, out)
-            _say(f"exported {written} events of project {project} to {export}")
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot write {export}: {exc.strerror or exc}") from exc
+        _say(f"exported {written} events of project {project} to {export}")
         return
     projects = [project] if project is not None else found.projects()
     rows = [found.coverage(p) for p in projects if p in found.projects()]
@@ -404,7 +410,7 @@ class Supervisor:
         projects, events, size = Archive(archive).totals()
         _say(f"the events topic is new (the broker kept none of its events: the embedded one keeps nothing across "
              f"restarts); the dataflow reads it from its start, and new definitions read the history before it from "
-             f"the archive in {archive} ({events} events of {projects} projects, {size / 1e6:.1f} MB)")
+             f"the archive in {archive} ({events} events of {projects} project(s), {size / 1e6:.1f} MB)")
 
     @property
     def url(self) -> str:

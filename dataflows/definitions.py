@@ -228,7 +228,8 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         every partition of the current topic, and every partition of earlier topics (a broker that
         lost its topics, a topic recreated) that state holds events of, whose history is the archive."""
         for project_id, h in self.registry.pending():
-            names = {f"{self.tag}:{p}" for p in range(self.partitions)} | self.registry.applied_fences(project_id)
+            names = ({keys.partition_fence(self.tag, p) for p in range(self.partitions)}
+                     | self.registry.applied_fences(project_id))
             done = self.registry.done(project_id, h)
             summed = self._summed(project_id, h)
             history: pa.Table | None = None
@@ -293,9 +294,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         The fences are read first, so every event below them is in the table."""
         if self._read is None or self._read[0] != (project_id, h):
             assert self.archive is not None
-            names = ([definition.event] if definition.event is not None else
-                     sorted({s.event for s in definition.steps if s.event is not None})
-                     if definition.steps and all(s.event is not None for s in definition.steps) else None)
+            names = definition.event_names()
             fences = self.archive.fences(project_id)
             wanted = definition.event_keys()
             columns = ["topic", "partition", "offset", "person", "event", "timestamp", *sorted(wanted & HOT)]

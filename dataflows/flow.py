@@ -186,7 +186,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                       for _, partition, offset, person in counted.get(pid, ()) if offset >= fences[partition]]
             reached: dict[str, int] = {}
             for o in occurrences:
-                name = f"{self.tag}:{o.partition}"
+                name = keys.partition_fence(self.tag, o.partition)
                 reached[name] = max(reached.get(name, 0), o.offset + 1)
             self.archive.append(pid, events, reached)
 

@@ -128,6 +128,14 @@ class Definition:
         backfill may evaluate it once per distinct (name, `event_keys` values) and count (history.py)."""
         return not (self.uses_person or self.value_property or self.keep_values or self.per_actor)
 
+    def event_names(self) -> list[str] | None:
+        """The event names that can count (None: any)."""
+        if self.event is not None:
+            return [self.event]
+        if self.steps and all(s.event is not None for s in self.steps):
+            return sorted({s.event for s in self.steps if s.event is not None})
+        return None
+
     def event_keys(self) -> set[str]:
         """The event properties `contribution` reads."""
         keys = self.filters.event_keys().union(*(s.filters.event_keys() for s in self.steps))

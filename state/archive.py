@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.events import TopicEvent
+from state import keys
 
 VERSION = "v1"
 # Properties kept as their own string columns as well (the ones breakdowns, filters and paths use
@@ -91,7 +92,7 @@ class Segment:
 @dataclass
 class Manifest:
     segments: list[Segment] = field(default_factory=list)
-    fences: dict[str, int] = field(default_factory=dict)  # "tag:partition" -> next offset covered
+    fences: dict[str, int] = field(default_factory=dict)  # keys.partition_fence -> next offset covered
     seq: int = 0
 
     def to_json(self) -> bytes:
@@ -106,10 +107,6 @@ class Manifest:
             return cls()
         return cls([Segment(**s) for s in raw["segments"]], {k: int(v) for k, v in raw["fences"].items()},
                    int(raw["seq"]))
-
-
-def fence_name(topic: str, partition: int) -> str:
-    return f"{topic}:{partition}"
 
 
 def _write_atomic(path: Path, data: bytes | None = None, table: pa.Table | None = None) -> int:
@@ -207,7 +204,7 @@ class ArchiveWriter:
 
     def fence(self, project_id: int, topic: str, partition: int) -> int:
         """The next offset of the partition whose events of the project are archived (0: none)."""
-        name = fence_name(topic, partition)
+        name = keys.partition_fence(topic, partition)
         return max(self._manifest(project_id).fences.get(name, 0), self._others[project_id].get(name, 0))
 
     def append(self, project_id: int, events: list[ArchivedEvent], reached: dict[str, int]) -> None:
@@ -221,7 +218,7 @@ class ArchiveWriter:
             rel = f"landing/w{self.worker}-{fresh.seq}.parquet"
             table = table_of(events)
             size = _write_atomic(project.dir / rel, table=table)
-            days = sorted({e.day for e in events})
+            days = sorted({date.fromisoformat(e.day).isoformat() for e in events})
             fresh.segments.append(Segment(rel, len(events), size, days[0], days[-1]))
         for name, nxt in reached.items():
             fresh.fences[name] = max(fresh.fences.get(name, 0), nxt)
@@ -233,10 +230,11 @@ class ArchiveWriter:
             self.compact(project_id)
 
     def compact(self, project_id: int) -> None:
-        """Rewrite this worker's landing segments of the project as one segment per day (merged with
-        the day's earlier compacted segment of this worker while that is small, so a busy day is not
-        rewritten whole at every compaction), in one manifest write; the replaced files are removed
-        after it."""
+        """Rewrite this worker's landing segments of the project as one segment per day, in one
+        manifest write; the replaced files are removed after it. A day's new rows are merged with the
+        day's smallest compacted segment of this worker only when that is at most twice as big, so
+        segments grow geometrically and a row is rewritten a logarithmic number of times, not at
+        every compaction of a busy day."""
         manifest = self._manifest(project_id)
         project = _Project(self.root, project_id)
         landing = [s for s in manifest.segments if s.path.startswith("landing/")]
@@ -244,23 +242,28 @@ class ArchiveWriter:
             return
         table = pa.concat_tables([pq.read_table(project.dir / s.path, schema=SCHEMA) for s in landing])
         days = sorted({d.isoformat() for d in table.column("day").to_pylist()})
-        day_segments = {s.first_day: s for s in manifest.segments
-                        if not s.path.startswith("landing/") and s.first_day in days and s.rows < DAY_SEGMENT_ROWS}
-        fresh = Manifest([s for s in manifest.segments if s not in landing and s not in day_segments.values()],
-                         dict(manifest.fences), manifest.seq)
+        smallest: dict[str, Segment] = {}
+        for seg in manifest.segments:
+            if not seg.path.startswith("landing/") and seg.first_day in days and seg.rows < DAY_SEGMENT_ROWS:
+                if seg.first_day not in smallest or seg.rows < smallest[seg.first_day].rows:
+                    smallest[seg.first_day] = seg
+        merged: list[Segment] = []
+        fresh = Manifest([], dict(manifest.fences), manifest.seq)
         for day in days:
             part = table.filter(pc.equal(table.column("day"), pa.scalar(date.fromisoformat(day), pa.date32())))
-            earlier = day_segments.get(day)
-            if earlier is not None:
+            earlier = smallest.get(day)
+            if earlier is not None and earlier.rows <= 2 * part.num_rows:
+                merged.append(earlier)
                 part = pa.concat_tables([pq.read_table(project.dir / earlier.path, schema=SCHEMA), part])
             part = part.sort_by([("timestamp", "ascending"), ("uuid", "ascending")])
             fresh.seq += 1
             rel = f"day={day}/w{self.worker}-{fresh.seq}.parquet"
             size = _write_atomic(project.dir / rel, table=part)
             fresh.segments.append(Segment(rel, part.num_rows, size, day, day))
+        fresh.segments[:0] = [s for s in manifest.segments if s not in landing and s not in merged]
         _write_atomic(project.manifest_path(self.worker), fresh.to_json())
         self._manifests[project_id] = fresh
-        for s in [*landing, *day_segments.values()]:
+        for s in [*landing, *merged]:
             (project.dir / s.path).unlink(missing_ok=True)
 
 

@@ -167,6 +167,11 @@ def topic_tag(topic_id: str) -> str:
     return format(zlib.crc32(topic_id.encode()), "08x")
 
 
+def partition_fence(tag: str, partition: int) -> str:
+    """A topic partition as fences, bounds, handovers and the archive name it: `tag:partition`."""
+    return f"{tag}:{partition}"
+
+
 def shard_of(person: int | str, shards: int) -> int:
     """The state shard that keeps a person's event state."""
     return int(person) % shards

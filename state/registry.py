@@ -246,7 +246,7 @@ class DefinitionRegistry(ShardedStore):
         fixed the first time it is asked (fix_bound.lua): what the shard had applied then. Everything
         below was applied without the definition; everything from there on is applied live with it."""
         generation = int(self.redis.get(keys.definitions_generation(project_id)) or 0)
-        calls = [([keys.shard_applied(project_id, s)], [keys.shard_prefix(project_id, s), h, name, name, generation])
+        calls = [([keys.shard_applied(project_id, s)], [keys.shard_prefix(project_id, s), h, name, generation])
                  for s in range(self.shards)]
         return [int(b) for b in run_scripts(self.redis, self._fix_bound, calls)]
 

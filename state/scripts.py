@@ -124,7 +124,7 @@ SHARD_SECTIONS = (
 )
 APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "batch")), *HOME_SECTIONS))
 APPLY_SHARD = Script("apply_shard.lua", (Layout("A", ("prefix", "generation", "batch")), *SHARD_SECTIONS))
-FIX_BOUND = Script("fix_bound.lua", (Layout("A", ("prefix", "definition", "partition", "fence", "generation")),))
+FIX_BOUND = Script("fix_bound.lua", (Layout("A", ("prefix", "definition", "fence", "generation")),))
 
 # Events whose persons the worker cannot tell alone: unknown distinct ids and identity links.
 PERSON_FIELDS = ("bucket", "uuid", "distinct_id", "link_kind", "link_other")
@@ -133,7 +133,7 @@ RESOLVE_PERSONS = Script("resolve_persons.lua", _header_then(("prefix", "count")
 # One event of a partition's history to apply to a definition in one state shard.
 BACKFILL_FIELDS = ("offset", "person", "hour", "day", "ts", "uuid", "contribution")
 BACKFILL_EVENTS = Script("backfill_events.lua", _header_then(
-    ("prefix", "definition", "flags", "partition", "through", "count"), BACKFILL_FIELDS, ("written_up_to",)))
+    ("prefix", "definition", "flags", "fence", "through", "count"), BACKFILL_FIELDS, ("written_up_to",)))
 
 # A definition's backfill from the archive in one state shard, summed by the worker.
 BACKFILL_SUMS = Script("backfill_sums.lua", (

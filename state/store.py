@@ -87,12 +87,13 @@ def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffec
     counts = [["h", ev, hour, n] for (ev, hour), n in effects.hour_counts.items()]
     counts += [["d", ev, day, n] for (ev, day), n in effects.day_counts.items()]
     batch = {
-        "R": [[f"{tag}:{partition}", first, nxt] for partition, (first, nxt) in effects.ranges.items()],
+        "R": [[keys.partition_fence(tag, partition), first, nxt] for partition, (first, nxt) in effects.ranges.items()],
         "C": counts,
         "B": bits,
         "F": [[ev, [[p, ts, hour, day] for p, (ts, hour, day) in persons.items()]]
               for ev, persons in effects.firsts.items() if persons],
-        "H": [[h, f"{tag}:{partition}", offset] for (h, partition), offset in effects.handovers.items()],
+        "H": [[h, keys.partition_fence(tag, partition), offset]
+              for (h, partition), offset in effects.handovers.items()],
         "KD": [[h, day, rows] for (h, day), rows in effects.kept_days.items()],
         "KP": [[h, person, "".join(kept)] for (h, person), kept in effects.kept_persons.items()],
         **definition_sections(effects.sums),

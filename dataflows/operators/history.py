@@ -108,14 +108,11 @@ def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: se
     out = {s: DefinitionSums() for s in range(shards)}
     if table.num_rows == 0:
         return out
-    names = table.column("event")
-    wanted = None
-    if definition.event is not None:
-        wanted = pc.equal(names, definition.event)
-    elif definition.steps and all(s.event is not None for s in definition.steps):
-        wanted = pc.is_in(names, pa.array(sorted({s.event for s in definition.steps})))
-    if wanted is not None and not pc.all(wanted).as_py():  # read already for these names, mostly
-        table = table.filter(wanted)
+    names = definition.event_names()
+    if names is not None:
+        wanted = pc.is_in(table.column("event"), pa.array(names))
+        if not pc.all(wanted).as_py():  # read for these names already, mostly
+            table = table.filter(wanted)
     if table.num_rows == 0:
         return out
     keys = sorted(definition.event_keys())

@@ -8,7 +8,7 @@
 local P = ARGV[A.prefix]
 -- include: definition_state.lua
 
-local h, flags, part = ARGV[A.definition], ARGV[A.flags], ARGV[A.partition]
+local h, flags, part = ARGV[A.definition], ARGV[A.flags], ARGV[A.fence]
 local n = tonumber(ARGV[A.count])
 local D = P .. K.definition .. h .. ':'
 local fence = tonumber(redis.call('HGET', D .. DK.backfill_fence, part) or '-1')

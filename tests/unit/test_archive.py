@@ -110,3 +110,18 @@ def test_hot_properties_are_their_own_columns_only_when_text() -> None:
     row = table.to_pylist()[0]
     assert (row["$browser"], row["$os"], orjson.loads(row["properties"])) == (None, "Mac", {
         "$browser": 3, "$os": "Mac", "x": {"y": 1}})
+
+
+def test_a_big_day_segment_is_not_rewritten_for_a_few_new_rows(tmp_path: Path) -> None:
+    """Segments of a day grow geometrically: new rows merge with the day's segment only when it is at
+    most twice their number, so a busy day is not rewritten whole at every compaction."""
+    writer = ArchiveWriter(tmp_path, compact_after=2)
+    writer.append(7, [_archived(i, offset=i) for i in range(50)], {"t1:0": 50})
+    writer.append(7, [_archived(50 + i, offset=50 + i) for i in range(50)], {"t1:0": 100})  # compacted: 100 rows
+    day = tmp_path / "v1" / "p7" / "day=2023-11-15"
+    big = sorted(p.name for p in day.iterdir())
+    writer.append(7, [_archived(100, offset=100)], {"t1:0": 101})
+    writer.append(7, [_archived(101, offset=101)], {"t1:0": 102})  # 2 rows: a segment of their own
+    assert set(big) < {p.name for p in day.iterdir()} and len(list(day.iterdir())) == 2
+    assert Archive(tmp_path).coverage(7).events == 102
+    assert Archive(tmp_path).partition_events(7, "t1", 0, 0, 200).column("offset").to_pylist() == list(range(102))

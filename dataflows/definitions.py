@@ -50,6 +50,12 @@ ARCHIVE_CHUNK = 2000  # archived events per backfill item batch
 SUMMED_CHUNK = 250_000  # archived events summed per call (what one Lua call of a few hundred ms writes)
 
 
+def fail_definition(registry: DefinitionRegistry, project_id: int, h: str, reason: str) -> None:
+    """Stop keeping a definition (its requests answer the reason), saying so once in the log."""
+    if registry.fail(project_id, h, reason):
+        log.error("definition %s of project %s failed and is no longer kept: %s", h, project_id, reason)
+
+
 class DefinitionCache:
     """Each project's definitions, reloaded when its definitions generation moves.
 
@@ -220,8 +226,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         return []
 
     def _fail(self, project_id: int, h: str, reason: str) -> None:
-        if self.registry.fail(project_id, h, reason):
-            log.error("definition %s of project %s cannot be built: %s", h, project_id, reason)
+        fail_definition(self.registry, project_id, h, reason)
 
     def _pick(self) -> _Task | None:
         """The next topic partition of a pending definition this worker builds (partition % workers):
@@ -459,8 +464,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         return self._definitions[key]
 
     def _fail(self, project_id: int, h: str, reason: str) -> None:
-        if self.registry.fail(project_id, h, reason):
-            log.error("definition %s of project %s failed and is no longer kept: %s", h, project_id, reason)
+        fail_definition(self.registry, project_id, h, reason)
 
     def _summarise(self, work: SummaryWork) -> None:
         definition = self._definition(work.project_id, work.h)

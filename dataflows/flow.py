@@ -18,7 +18,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from dataflows.definitions import BackfillSink, BackfillSource, DefinitionCache, contributions
+from dataflows.definitions import BackfillSink, BackfillSource, DefinitionCache, contributions, fail_definition
 from dataflows.kafka import EventsSource
 from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
 from dataflows.operators.persons import KnownPersons
@@ -240,8 +240,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         raise RuntimeError("a batch could not be applied: its definitions kept changing")
 
     def _fail(self, project_id: int, h: str, reason: str) -> None:
-        if self.registry.fail(project_id, h, reason):
-            log.error("definition %s of project %s failed and is no longer kept: %s", h, project_id, reason)
+        fail_definition(self.registry, project_id, h, reason)
 
     def close(self) -> None:
         self.dead.close()

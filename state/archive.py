@@ -109,6 +109,13 @@ class Manifest:
                    int(raw["seq"]))
 
 
+def raise_fences(into: dict[str, int], fences: dict[str, int]) -> dict[str, int]:
+    """Fences only move up: each topic partition keeps the highest next offset either names."""
+    for name, nxt in fences.items():
+        into[name] = max(into.get(name, 0), nxt)
+    return into
+
+
 def _write_atomic(path: Path, data: bytes | None = None, table: pa.Table | None = None) -> int:
     """Write a file so that it exists whole or not at all: temp file, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +142,7 @@ def _write_atomic(path: Path, data: bytes | None = None, table: pa.Table | None 
 def table_of(events: list[ArchivedEvent]) -> pa.Table:
     """The segment rows of some events."""
     props = [e.event.properties for e in events]
+    days = {d: date.fromisoformat(d) for d in {e.day for e in events}}  # a batch has few days: parse each once
     columns: dict[str, list[Any]] = {
         "topic": [e.topic for e in events],
         "partition": [e.partition for e in events],
@@ -144,7 +152,7 @@ def table_of(events: list[ArchivedEvent]) -> pa.Table:
         "distinct_id": [e.event.distinct_id for e in events],
         "person": [e.person for e in events],
         "timestamp": [e.event.ts_ms for e in events],
-        "day": [date.fromisoformat(e.day) for e in events],
+        "day": [days[e.day] for e in events],
         "properties": [orjson.dumps(p).decode() for p in props],
     }
     for name in HOT_PROPERTIES:
@@ -181,8 +189,7 @@ class ArchiveWriter:
             others: dict[str, int] = {}
             for path in project.manifests():
                 if path != project.manifest_path(self.worker):
-                    for name, nxt in Manifest.load(path).fences.items():
-                        others[name] = max(others.get(name, 0), nxt)
+                    raise_fences(others, Manifest.load(path).fences)
             self._others[project_id] = others
             self._remove_unnamed(project, found)
             self._manifests[project_id] = found
@@ -220,8 +227,7 @@ class ArchiveWriter:
             size = _write_atomic(project.dir / rel, table=table)
             days = sorted({date.fromisoformat(e.day).isoformat() for e in events})
             fresh.segments.append(Segment(rel, len(events), size, days[0], days[-1]))
-        for name, nxt in reached.items():
-            fresh.fences[name] = max(fresh.fences.get(name, 0), nxt)
+        raise_fences(fresh.fences, reached)
         if fresh.fences == manifest.fences and not events:
             return
         _write_atomic(project.manifest_path(self.worker), fresh.to_json())
@@ -306,8 +312,7 @@ class Archive:
         """Per `tag:partition`, the next offset below which the project's events are all archived."""
         out: dict[str, int] = {}
         for manifest in self._manifests(project_id):
-            for name, nxt in manifest.fences.items():
-                out[name] = max(out.get(name, 0), nxt)
+            raise_fences(out, manifest.fences)
         return out
 
     def coverage(self, project_id: int) -> Coverage:
@@ -317,8 +322,7 @@ class Archive:
         days = pc.unique(table.column("day")).to_pylist() if table.num_rows else []
         fences: dict[str, int] = {}
         for manifest in manifests:
-            for name, nxt in manifest.fences.items():
-                fences[name] = max(fences.get(name, 0), nxt)
+            raise_fences(fences, manifest.fences)
         return Coverage(project_id, sum(s.rows for s in segments), sum(s.bytes for s in segments), len(segments),
                         len(days), min(days).isoformat() if days else None, max(days).isoformat() if days else None,
                         fences)

@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.computations.close()
         app.state.watermarks.close()
         app.state.producer.close()
+        app.state.offsets.close()
         client.close()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

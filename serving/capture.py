@@ -114,27 +114,42 @@ def _encoded(raw: Any, project_id: int, now: datetime, sent_at: Any) -> tuple[by
 class AcknowledgedOffsets:
     """End offsets the broker acknowledged to capture, recorded in Redis for `/readyz`'s lag.
 
-    Recording happens after the answer is decided: an event the broker acknowledged is accepted
-    whatever Redis does. While Redis is unreachable the ends wait here (`/readyz` counts them) and
-    are recorded with the next capture or readiness check.
+    Recording happens after the answer is decided, on a thread of its own: an event the broker
+    acknowledged is accepted whatever Redis does, and a capture never waits on a Redis busy with a
+    heavy query. Until recorded (Redis slow or unreachable) the ends wait here, and `/readyz`, which
+    flushes them itself, counts them.
     """
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.unrecorded: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._pending = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._record, name="capture-offsets", daemon=True)
+        self._thread.start()
 
     def acknowledged(self, ends: dict[int, int]) -> None:
         with self._lock:
             for partition, end in ends.items():
                 self.unrecorded[partition] = max(self.unrecorded.get(partition, 0), end)
-            pending = dict(self.unrecorded)
-        self.flush(pending)
+        self._pending.set()
 
-    def flush(self, pending: dict[int, int] | None = None) -> None:
-        if pending is None:
-            with self._lock:
-                pending = dict(self.unrecorded)
+    def _record(self) -> None:
+        while not self._stop.is_set():
+            self._pending.wait(0.5)  # woken by a capture; otherwise a retry while Redis was away
+            self._pending.clear()
+            self.flush()
+
+    def snapshot(self) -> dict[int, int]:
+        """The ends not yet recorded. Taken before reading the recorded ones, it misses nothing: an
+        end leaves here only once Redis has it."""
+        with self._lock:
+            return dict(self.unrecorded)
+
+    def flush(self) -> None:
+        with self._lock:
+            pending = dict(self.unrecorded)
         if not pending:
             return
         try:
@@ -145,6 +160,13 @@ class AcknowledgedOffsets:
             for partition, end in pending.items():
                 if self.unrecorded.get(partition) == end:
                     del self.unrecorded[partition]
+
+    def close(self) -> None:
+        """Record what is left (a stop that drains relies on it), then end the thread."""
+        self._stop.set()
+        self._pending.set()
+        self._thread.join(5)
+        self.flush()
 
 
 def _settle(fut: asyncio.Future, result: Any) -> None:

@@ -34,9 +34,10 @@ def readyz(request: Request) -> JSON:
     progress = None
     try:
         state.offsets.flush()
+        unrecorded = state.offsets.snapshot()
         progress = state.stream.progress()
         body["redis"] = True
-        body["lag_events"] = progress.lag(dict(state.offsets.unrecorded))
+        body["lag_events"] = progress.lag(unrecorded)
         body["dlq_events"] = progress.dlq_events
         if progress.recreated_at_ms is not None:  # history before it is read from the archive
             body["topic_recreated"] = {"at": iso_ms(progress.recreated_at_ms),

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import orjson
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
@@ -42,7 +43,7 @@ def test_a_batch_is_archived_with_its_fences_and_read_back_by_partition_and_offs
     assert table.column("$browser").to_pylist() == ["Chrome"] * 3
     coverage = archive.coverage(7)
     assert (coverage.events, coverage.days, coverage.first_day, coverage.segments) == (10, 1, "2023-11-15", 1)
-    assert coverage.bytes == sum(p.stat().st_size for p in tmp_path.rglob("*.parquet"))
+    assert coverage.bytes == sum(p.stat().st_size for p in tmp_path.rglob("*.arrow"))
 
 
 def test_export_is_ndjson_that_replay_reads_back_as_the_same_events(tmp_path: Path) -> None:
@@ -65,8 +66,9 @@ def test_landing_segments_are_compacted_into_one_segment_per_day(tmp_path: Path)
         expected += events
         writer.append(7, events, {"t1:0": batch * 10 + 10})
     project = tmp_path / "v1" / "p7"
-    files = sorted(str(p.relative_to(project)) for p in project.rglob("*.parquet"))
+    files = sorted(str(p.relative_to(project)) for p in project.rglob("w*.*"))
     assert [f.split("/")[0] for f in files] == ["day=2023-11-15", "day=2023-11-16", "landing"]
+    assert files[2].endswith(".arrow") and files[0].endswith(".parquet")  # landing: Arrow IPC; days: Parquet
     assert pq.read_table(project / files[0]).num_rows == 40  # 8 batches of 5 events that day
     table = Archive(tmp_path).events(7)
     assert table.column("uuid").to_pylist() == [e.event.uuid for e in sorted(expected, key=lambda e: (
@@ -83,12 +85,12 @@ def test_a_write_a_crash_interrupted_is_removed_and_never_read(tmp_path: Path) -
     before = (project / "manifest-w0.json").read_bytes()
     writer.append(7, [_archived(i) for i in range(3, 6)], {"t1:0": 6})
     (project / "manifest-w0.json").write_bytes(before)  # the manifest of the crashed append never landed
-    (project / "landing" / ".w0-9.parquet.abc.tmp").write_bytes(b"partial")
+    (project / "landing" / ".w0-9.arrow.abc.tmp").write_bytes(b"partial")
     assert Archive(tmp_path).coverage(7).events == 3
     again = ArchiveWriter(tmp_path)
     assert again.fence(7, "t1", 0) == 3
     again.append(7, [_archived(i) for i in range(3, 6)], {"t1:0": 6})
-    assert sorted(p.name for p in (project / "landing").iterdir()) == ["w0-1.parquet", "w0-2.parquet"]
+    assert sorted(p.name for p in (project / "landing").iterdir()) == ["w0-1.arrow", "w0-2.arrow"]
     assert Archive(tmp_path).partition_events(7, "t1", 0, 0, 10).column("offset").to_pylist() == list(range(6))
 
 
@@ -125,3 +127,21 @@ def test_a_big_day_segment_is_not_rewritten_for_a_few_new_rows(tmp_path: Path) -
     assert set(big) < {p.name for p in day.iterdir()} and len(list(day.iterdir())) == 2
     assert Archive(tmp_path).coverage(7).events == 102
     assert Archive(tmp_path).partition_events(7, "t1", 0, 0, 200).column("offset").to_pylist() == list(range(102))
+
+
+def test_landing_segments_an_earlier_version_wrote_as_parquet_are_read_and_compacted(tmp_path: Path) -> None:
+    writer = ArchiveWriter(tmp_path, compact_after=3)
+    writer.append(7, [_archived(i, offset=i) for i in range(4)], {"t1:0": 4})
+    project = tmp_path / "v1" / "p7"
+    old = project / "landing" / "w0-1.arrow"
+    pq.write_table(feather.read_table(old), project / "landing" / "w0-1.parquet")
+    old.unlink()
+    manifest = orjson.loads((project / "manifest-w0.json").read_bytes())
+    manifest["segments"][0]["path"] = "landing/w0-1.parquet"
+    (project / "manifest-w0.json").write_bytes(orjson.dumps(manifest))
+    again = ArchiveWriter(tmp_path, compact_after=3)
+    assert Archive(tmp_path).partition_events(7, "t1", 0, 1, 3).column("offset").to_pylist() == [1, 2]
+    again.append(7, [_archived(i, offset=i) for i in range(4, 6)], {"t1:0": 6})
+    again.append(7, [_archived(i, offset=i) for i in range(6, 8)], {"t1:0": 8})  # the third: compacted
+    assert not list((project / "landing").iterdir())
+    assert Archive(tmp_path).partition_events(7, "t1", 0, 0, 10).column("offset").to_pylist() == list(range(8))

@@ -131,7 +131,9 @@ def _write_atomic(path: Path, data: bytes | None = None, table: pa.Table | None 
     tmp = path.with_name(f".{path.name}.{uuidlib.uuid4().hex}.tmp")
     if table is not None:
         if path.suffix == ".arrow":
-            feather.write_feather(table, tmp, compression="uncompressed")
+            # zstd pays from a few dozen rows (a 5 k-event batch: 42 instead of 230 B/event, and faster
+            # than Parquet); a live batch of a few events is cheaper to write as it is.
+            feather.write_feather(table, tmp, compression="zstd" if table.num_rows >= 64 else "uncompressed")
         else:
             pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as f:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
@@ -145,3 +146,22 @@ def test_landing_segments_an_earlier_version_wrote_as_parquet_are_read_and_compa
     again.append(7, [_archived(i, offset=i) for i in range(6, 8)], {"t1:0": 8})  # the third: compacted
     assert not list((project / "landing").iterdir())
     assert Archive(tmp_path).partition_events(7, "t1", 0, 0, 10).column("offset").to_pylist() == list(range(8))
+
+
+def test_a_large_batch_lands_compressed_and_a_small_one_as_it_is(tmp_path: Path) -> None:
+    writer = ArchiveWriter(tmp_path)
+    writer.append(7, [_archived(i, offset=i) for i in range(2000)], {"t1:0": 2000})
+    writer.append(7, [_archived(2000, offset=2000)], {"t1:0": 2001})
+    landing = sorted((tmp_path / "v1" / "p7" / "landing").iterdir(), key=lambda p: int(p.stem.split("-")[1]))
+    assert [p.name for p in landing] == ["w0-1.arrow", "w0-2.arrow"]
+    assert feather.read_table(landing[0]).num_rows == 2000
+    assert [_compressed(p) for p in landing] == [True, False]
+    assert Archive(tmp_path).partition_events(7, "t1", 0, 1998, 2001).column("offset").to_pylist() == [1998, 1999, 2000]
+
+
+def _compressed(path: Path) -> bool:
+    """Whether an Arrow IPC file is much smaller than the buffers it decodes to."""
+    with pa.ipc.open_file(path) as reader:
+        decoded = sum(b.size for i in range(reader.num_record_batches)
+                      for column in reader.get_batch(i).columns for b in column.buffers() if b is not None)
+    return path.stat().st_size < decoded / 2

@@ -25,7 +25,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.operators.batch import Occurrence
-from dataflows.operators.history import history_sums
+from dataflows.operators.history import history_kept, history_sums
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
@@ -48,6 +48,16 @@ log = logging.getLogger("insightflow.definitions")
 HOT = set(HOT_PROPERTIES)
 ARCHIVE_CHUNK = 2000  # archived events per backfill item batch
 SUMMED_CHUNK = 250_000  # archived events summed per call (what one Lua call of a few hundred ms writes)
+KEPT_CHUNK = 50_000  # archived events a funnel or paths keep per call (each written out, not summed)
+
+
+def _by_columns(definition: Any) -> bool:
+    """Whether a backfill evaluates the definition over the archive's columns (history.py): counting
+    definitions, and funnels and paths whose contribution reads only the event's name and a few of
+    its properties; the others go event by event."""
+    if isinstance(definition, Definition):
+        return definition.counts_only
+    return bool(getattr(definition, "columnar", False))
 
 
 def fail_definition(registry: DefinitionRegistry, project_id: int, h: str, reason: str) -> None:
@@ -171,8 +181,9 @@ class BackfillItem:
 
 @dataclass
 class ArchivedSums:
-    """Archived events of topic partition `name` for a counting definition's backfill, summed in one
-    go by the sink (dataflows/operators/history.py); the backfill's fence moves to `through`."""
+    """Archived events of topic partition `name` for the backfill of a definition evaluated over
+    columns, applied in one go by the sink (dataflows/operators/history.py: summed for a counting
+    definition, written out per day and person for a funnel or paths); the fence moves to `through`."""
 
     project_id: int
     h: str
@@ -204,7 +215,7 @@ class _Task:
     archived_to: int
     consumer: Consumer | None
     last_emitted: int
-    summed: bool = False  # a counting definition: archived events go as `ArchivedSums`
+    columnar: int = 0  # archived events per `ArchivedSums` chunk (evaluated over columns); 0: event by event
 
 
 class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | ArchivedSums]):
@@ -281,28 +292,30 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                          h, project_id, name, start, bound, archived.num_rows if archived is not None else 0,
                          topic_start)
                 return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1,
-                             summed is not None)
+                             0 if summed is None else SUMMED_CHUNK if isinstance(summed, Definition) else KEPT_CHUNK)
         return None
 
-    def _summed(self, project_id: int, h: str) -> Definition | None:
-        """The definition, if it is a counting one whose archived events are summed over columns."""
+    def _summed(self, project_id: int, h: str) -> Any:
+        """The definition, if its archived events are evaluated over columns (history.py): a counting
+        one (summed), or a `columnar` funnel or paths (their kept events written out)."""
         raw = self.registry.get(project_id, h)
         try:
             definition = load_definition(raw) if raw is not None else None
         except Exception:  # the sink fails it with the reason
             return None
-        return definition if isinstance(definition, Definition) and definition.counts_only else None
+        return definition if _by_columns(definition) else None
 
-    def _history(self, project_id: int, h: str, definition: Definition) -> tuple[dict[str, int], pa.Table]:
-        """The archive's fences and the project's archived events a counting definition can count (its
-        event names), read once for all its topic partitions (each is then cut from it in memory).
+    def _history(self, project_id: int, h: str, definition: Any) -> tuple[dict[str, int], pa.Table]:
+        """The archive's fences and the project's archived events a definition can use (its event
+        names), read once for all its topic partitions (each is then cut from it in memory).
         The fences are read first, so every event below them is in the table."""
         if self._read is None or self._read[0] != (project_id, h):
             assert self.archive is not None
             names = definition.event_names()
             fences = self.archive.fences(project_id)
             wanted = definition.event_keys()
-            columns = ["topic", "partition", "offset", "person", "event", "timestamp", *sorted(wanted & HOT)]
+            kept = [] if isinstance(definition, Definition) else ["uuid"]  # kept events name their uuid
+            columns = ["topic", "partition", "offset", "person", "event", "timestamp", *kept, *sorted(wanted & HOT)]
             table = self.archive.event_rows(project_id, names, columns)
             if wanted - HOT or any(table.column(k).null_count for k in wanted & HOT):  # some need the JSON
                 table = self.archive.event_rows(project_id, names, [*columns, "properties"])
@@ -311,10 +324,10 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
 
     @staticmethod
     def _archived_sums(task: _Task) -> list[BackfillItem | SummaryWork | ArchivedSums]:
-        """The next chunk of the task's archived events, summed by the sink; the last one moves the
-        fence to `archived_to` - 1 (below it the archive holds every event of the project)."""
+        """The next chunk of the task's archived events, evaluated over columns by the sink; the last
+        one moves the fence to `archived_to` - 1 (below it the archive holds every event of the project)."""
         assert task.archived is not None
-        chunk = task.archived.slice(0, SUMMED_CHUNK)
+        chunk = task.archived.slice(0, task.columnar)
         task.archived = task.archived.slice(chunk.num_rows) if chunk.num_rows < task.archived.num_rows else None
         through = task.archived_to - 1 if task.archived is None else int(chunk.column("offset")[-1].as_py())
         task.last_emitted = through
@@ -386,7 +399,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                 return self._sleep(0.5)
         task = self.task
         if task.archived is not None:
-            return self._archived_sums(task) if task.summed else self._archived(task)
+            return self._archived_sums(task) if task.columnar else self._archived(task)
         if task.consumer is not None and task.last_emitted < task.bound - 1:
             out = []
             for message in task.consumer.consume(2000, timeout=0.05):
@@ -510,12 +523,12 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             self._written[(project_id, h, name)] = max(written, group[-1].record.offset)
 
     def _sum_archived(self, item: ArchivedSums) -> None:
-        """Apply a chunk of archived events to a counting definition, summed over its columns, above
+        """Apply a chunk of archived events to a definition, evaluated over its columns, above
         each shard's fence and below its limit (bound and live handover), in one call per shard."""
         definition = self._definition(item.project_id, item.h)
         if definition is None:
             return
-        assert isinstance(definition, Definition)
+        evaluate = history_sums if isinstance(definition, Definition) else history_kept
         key = (item.project_id, item.h, item.name)
         written = self._written.get(key, -1)
         while True:
@@ -525,7 +538,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
                 return (offsets > limits[shard][0]) & (offsets < limits[shard][1])
 
             try:
-                sums = history_sums(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes)
+                sums = evaluate(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes)
             except Exception as exc:
                 self._fail(item.project_id, item.h,
                            f"an event could not be applied to it: {type(exc).__name__}: {exc}")
@@ -540,7 +553,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         for (pid, failed_h), reason in result.failed.items():
             self._fail(pid, failed_h, f"Redis refused its state: {reason}")
         self._written[key] = max(written, item.through)
-        log.info("backfill of %s for project %s: %d archived events of %s summed, %d applied", item.h,
+        log.info("backfill of %s for project %s: %d archived events of %s evaluated by columns, %d applied", item.h,
                  item.project_id, item.table.num_rows, item.name, result.events)
 
     def _rows(self, definition: Definition, project_id: int, group: list[BackfillItem], now: datetime

@@ -142,6 +142,37 @@ class FunnelDefinition:
         person_breakdown = bool(self.breakdown and any(k == "person" for k, _ in self.breakdown.properties))
         return person_breakdown or any(g.uses_person() for g in groups)
 
+    @property
+    def columnar(self) -> bool:
+        """Its contribution depends on the event's name and `event_keys` properties alone, so a
+        backfill may evaluate it once per distinct (name, values) (dataflows/operators/history.py):
+        not when it reads the person, nor the whole properties (correlation's property events)."""
+        return not self.uses_person and not self.property_events
+
+    def _matchers(self) -> list[FunnelStep]:
+        return [*self.steps, *(x.step for x in self.exclusions)]
+
+    def event_names(self) -> list[str] | None:
+        """The event names it keeps (None: any)."""
+        if self.every_event:
+            return None
+        names: set[str] = set()
+        for step in self._matchers():
+            wanted = [a.event for a in step.actions] if step.actions else [step.event]
+            if any(name is None for name in wanted):
+                return None
+            names.update(name for name in wanted if name is not None)
+        return sorted(names)
+
+    def event_keys(self) -> set[str]:
+        """The event properties `contribution` reads (all of them for correlation's property events)."""
+        groups = [self.filters, *(s.filters for s in self._matchers()),
+                  *(a.filters for s in self._matchers() for a in s.actions)]
+        found = set().union(*(g.event_keys() for g in groups))
+        if self.breakdown:
+            found |= {key for kind, key in self.breakdown.properties if kind == "event"}
+        return found
+
     def to_json(self) -> bytes:
         raw = {"steps": [s.to_raw() for s in self.steps],
                "exclusions": [[x.step.to_raw(), x.from_step, x.to_step] for x in self.exclusions],

@@ -70,6 +70,22 @@ class PathDefinition:
     def uses_person(self) -> bool:
         return self.filters.uses_person()
 
+    @property
+    def columnar(self) -> bool:
+        """Its contribution depends on the event's name and `event_keys` properties alone (see
+        FunnelDefinition.columnar)."""
+        return not self.uses_person
+
+    def event_names(self) -> list[str] | None:
+        """The event names it keeps (None: any)."""
+        if (not self.event_types and not self.custom_events) or "custom_event" in self.event_types:
+            return None
+        return sorted({*self.custom_events, *(t for t in self.event_types if t in ("$pageview", "$screen"))})
+
+    def event_keys(self) -> set[str]:
+        """The event properties `contribution` reads: its filters', and what a path item is named by."""
+        return self.filters.event_keys() | {"$current_url", "$screen_name"}
+
     def to_json(self) -> bytes:
         return orjson.dumps({"project_id": self.project_id, "raw": {"filters": self.filters.to_raw()},
                              **self.canonical()})

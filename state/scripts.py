@@ -110,6 +110,8 @@ DEFINITION_SECTIONS = (
     Layout("DS", ("definition", "breakdown", "field", "sums", "count", "min", "max")),
     Layout("DL", ("definition", "kind", "breakdown", "bucket", "values")),
     Layout("DA", ("definition", "kind", "breakdown", "bucket", "persons")),
+    Layout("KD", ("definition", "day", "rows")),
+    Layout("KP", ("definition", "person", "kept")),
 )
 SHARD_SECTIONS = (
     Layout("R", ("fence", "first", "next_offset")),
@@ -118,8 +120,6 @@ SHARD_SECTIONS = (
     Layout("F", ("event", "candidates")),
     Layout("FP", ("person", "ts", "hour", "day")),
     Layout("H", ("definition", "fence", "offset")),
-    Layout("KD", ("definition", "day", "rows")),
-    Layout("KP", ("definition", "person", "kept")),
     *DEFINITION_SECTIONS,
 )
 APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "batch")), *HOME_SECTIONS))

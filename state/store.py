@@ -27,6 +27,7 @@ from state.overrides import final_person
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, DefinitionSums, ShardEffects
+    from dataflows.operators.history import KeptHistory
 
 
 @dataclass
@@ -330,17 +331,24 @@ class StateStore(ShardedStore):
             out[s] = (int(fence) if fence is not None else -1, limit)
         return out
 
-    def backfill_sums(self, definition: Definition, name: str, sums: dict[int, DefinitionSums],
+    def backfill_sums(self, definition: Any, name: str, sums: dict[int, DefinitionSums] | dict[int, KeptHistory],
                       fences: dict[int, int], through: int, written_up_to: int = -1) -> Applied:
-        """Apply what archived events of topic partition `name` add to a counting definition, summed
-        per state shard above the fences read (`backfill_limits`), and move every shard's fence to
-        `through`, each shard in one call (`backfill_sums.lua`). `FenceMoved` if a fence moved
-        since it was read (nothing of that shard written); `RedisLostWrites` if one is behind what
-        this process wrote."""
+        """Apply what archived events of topic partition `name` add to a definition, per state shard
+        above the fences read (`backfill_limits`): summed for a counting definition, the events it
+        keeps for a funnel or paths (`KeptHistory`). Every shard's fence moves to `through`, each
+        shard in one call (`backfill_sums.lua`). `FenceMoved` if a fence moved since it was read
+        (nothing of that shard written); `RedisLostWrites` if one is behind what this process wrote."""
         pid, h = definition.project_id, definition.hash
+
+        def sections(part: Any) -> dict[str, list[Any]]:
+            if hasattr(part, "counts"):
+                return {**definition_sections({h: part}), "KD": [], "KP": []}
+            return {**definition_sections({}), "KD": [[h, day, rows] for day, rows in part.days.items()],
+                    "KP": [[h, person, "".join(kept)] for person, kept in part.persons.items()]}
+
         calls = [([keys.shard_applied(pid, s)],
                   [keys.shard_prefix(pid, s), h, name, fences[s], through, written_up_to,
-                   orjson.dumps(definition_sections({h: sums[s]}))])
+                   orjson.dumps(sections(sums[s]))])
                  for s in range(self.shards)]
         result = Applied()
         moved = []
@@ -352,7 +360,9 @@ class StateStore(ShardedStore):
             if code == -4:
                 moved.append(s)
                 continue
-            result.events += sum(sums[s].counts[k] for k in sums[s].counts if k[0] == "d")
+            part = sums[s]
+            result.events += (sum(part.counts[k] for k in part.counts if k[0] == "d") if hasattr(part, "counts")
+                              else part.events)
             result.failed.update(_failures(pid, answer))
         if moved:
             raise FenceMoved(f"the backfill fences of {h} on {name} moved in shards {moved}")

@@ -2,8 +2,10 @@
 
 A backfill from the archive (state/archive.py) does not run each event through the per-event path:
 a definition whose contribution depends only on the event's name and a few of its properties
-(`Definition.counts_only`) is evaluated once per distinct (name, values of those properties), and
-the events are then counted per breakdown value and bucket with array operations. The rule applied
+(`Definition.counts_only`, and funnels and paths that are `columnar`) is evaluated once per distinct
+(name, values of those properties); a counting definition's events are then counted per breakdown
+value and bucket with array operations, and the events a funnel or paths keep are written out per
+day and person as the live batch writes them. The rule applied
 is the definition's own `contribution`, so the numbers are the live path's: only how often it runs
 changes. Properties the archive keeps as their own columns are read from there; the JSON of an
 event is parsed only when one it needs is not (or is not text there).
@@ -11,7 +13,9 @@ event is parsed only when one it needs is not (or is not text there).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import reduce
 from typing import Any
@@ -27,6 +31,7 @@ from dataflows.operators.trends import slot_buckets
 from schemas.definitions import Definition
 
 _SEPARATOR = "\x1f"
+_ABSENT = "\x1e"  # in a hot column: the event has no such property
 Found = tuple[Any, ...]  # (event name, then per key: ('h', text) from a column, ('j', JSON) parsed, None absent)
 
 
@@ -36,11 +41,15 @@ def _distinct_inputs(table: pa.Table, keys: list[str], hot: set[str]) -> tuple[n
     codes = np.empty(n, dtype=np.int64)
     found: list[Found] = []
     seen: dict[Found, int] = {}
-    columns = [table.column("event"), *(table.column(k) for k in keys if k in hot)]
+    columns = [table.column("event"), *(_known(table, k) for k in keys if k in hot)]
     fast = np.zeros(n, dtype=bool)
     if all(k in hot for k in keys):  # every input is a column: distinct rows by dictionary encoding
         present = reduce(pc.and_, [pc.is_valid(c) for c in columns])
         fast = np.array(present.to_numpy(zero_copy_only=False), dtype=bool)
+        for column in [table.column("event"), *(table.column(k) for k in keys)]:
+            for marker in (_SEPARATOR, _ABSENT):  # a text holding one: that row the slow way
+                holds = pc.fill_null(pc.match_substring(column, marker), False)
+                fast &= ~np.array(holds.to_numpy(zero_copy_only=False), dtype=bool)
         if fast.any():
             rows = np.flatnonzero(fast)
             taken = columns if len(rows) == n else [c.take(rows) for c in columns]
@@ -49,13 +58,9 @@ def _distinct_inputs(table: pa.Table, keys: list[str], hot: set[str]) -> tuple[n
             codes[rows] = encoded.indices.to_numpy(zero_copy_only=False)
             for text in encoded.dictionary.to_pylist():
                 name, *values = text.split(_SEPARATOR)
-                key = (name, *(("h", v) for v in values))
+                key = (name, *(None if v == _ABSENT else ("h", v) for v in values))
                 seen[key] = len(found)
                 found.append(key)
-            if any(len(k) != len(columns) for k in found):  # a value holding the separator: the slow way
-                fast[:] = False
-                seen.clear()
-                found.clear()
     slow = np.flatnonzero(~fast)
     if len(slow):
         names = table.column("event").take(slow).to_pylist()
@@ -81,6 +86,17 @@ def _distinct_inputs(table: pa.Table, keys: list[str], hot: set[str]) -> tuple[n
     return codes, found
 
 
+def _known(table: pa.Table, key: str) -> pa.ChunkedArray:
+    """A hot column with the rows where the event has no such property at all marked `_ABSENT`, so
+    only rows whose value is not text (null, a number, an object) need their JSON parsed. The
+    properties JSON is orjson's, which spells a key one way: without `"key":` in it, the key is absent."""
+    column = table.column(key)
+    if not column.null_count or "properties" not in table.column_names:
+        return column
+    mentioned = pc.match_substring(table.column("properties"), orjson.dumps(key).decode() + ":")
+    return pc.if_else(pc.and_(pc.is_null(column), pc.invert(mentioned)), _ABSENT, column)
+
+
 def _properties(keys: list[str], found: Found) -> dict[str, Any]:
     props: dict[str, Any] = {}
     for k, part in zip(keys, found[1:], strict=True):
@@ -100,28 +116,82 @@ def _group(values: np.ndarray, persons: np.ndarray, size: int) -> tuple[np.ndarr
     return present, counts[present], np.split(pairs % stride, starts[1:])
 
 
+def _evaluated(definition: Any, table: pa.Table, now: datetime, hot: set[str]
+               ) -> tuple[pa.Table, np.ndarray, list[tuple[str, Any] | None]]:
+    """The rows of the definition's event names, each row's distinct input, and the definition's
+    contribution for each distinct input. Raises what `contribution` raises."""
+    names = definition.event_names()
+    if names is not None and table.num_rows:
+        wanted = pc.is_in(table.column("event"), pa.array(names))
+        if not pc.all(wanted).as_py():  # read for these names already, mostly
+            table = table.filter(wanted)
+    if table.num_rows == 0:
+        return table, np.empty(0, dtype=np.int64), []
+    keys = sorted(definition.event_keys())
+    codes, found = _distinct_inputs(table, keys, hot)
+    return table, codes, [definition.contribution(inputs[0], _properties(keys, inputs), {}, now) for inputs in found]
+
+
+@dataclass
+class KeptHistory:
+    """What archived events add to a definition that keeps events, in one state shard: per day the
+    funnel's rows (`person|ts|uuid|value`), per person the kept events (`ts,day,uuid,len:value`),
+    each in offset order, as the live batch writes them (batch.py)."""
+
+    days: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    persons: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    events: int = 0
+
+
+def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str], shards: int,
+                 takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, KeptHistory]:
+    """What the archived rows of `table` (in offset order) add to a `columnar` funnel or paths
+    definition, per state shard of their persons; `takes` as for `history_sums`."""
+    out = {s: KeptHistory() for s in range(shards)}
+    table, codes, hits = _evaluated(definition, table, now, hot)
+    if table.num_rows == 0:
+        return out
+    per_day, per_person = "f" in definition.flags, "s" in definition.flags
+    values = [hit[1] if hit is not None else None for hit in hits]
+    prefixes = [f"{len(v.encode())}:{v}" if isinstance(v, str) else None for v in values]
+    kept = np.array([p is not None for p in prefixes], dtype=bool)[codes]
+    persons = table.column("person").to_numpy()
+    offsets = table.column("offset").to_numpy()
+    stamps = table.column("timestamp").to_numpy()
+    _, day_of, days = slot_buckets(stamps, ZoneInfo(definition.timezone))
+    uuids = table.column("uuid")
+    shard_of = persons % shards
+    for s in range(shards):
+        rows = kept & (shard_of == s)
+        rows[rows] = takes(offsets[rows], s)
+        where = np.flatnonzero(rows)
+        if not len(where):
+            continue
+        part = out[s]
+        part.events = len(where)
+        for p, ts, d, u, c in zip(persons[where].tolist(), stamps[where].tolist(), day_of[where].tolist(),
+                                  uuids.take(where).to_pylist(), codes[where].tolist(), strict=True):
+            day = days[d]
+            if per_day:
+                part.days[day].append(f"{p}|{ts}|{u}|{values[c]}")
+            if per_person:
+                part.persons[p].append(f"{ts},{day},{u},{prefixes[c]}")
+    return out
+
+
 def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: set[str], shards: int,
                  takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, DefinitionSums]:
     """What the archived rows of `table` add to a `counts_only` definition, per state shard of their
     persons; `takes(offsets, shard)` says which rows each shard takes (above its backfill fence,
     below its bound and live handover). Raises what `contribution` raises."""
     out = {s: DefinitionSums() for s in range(shards)}
+    table, codes, hits = _evaluated(definition, table, now, hot)
     if table.num_rows == 0:
         return out
-    names = definition.event_names()
-    if names is not None:
-        wanted = pc.is_in(table.column("event"), pa.array(names))
-        if not pc.all(wanted).as_py():  # read for these names already, mostly
-            table = table.filter(wanted)
-    if table.num_rows == 0:
-        return out
-    keys = sorted(definition.event_keys())
-    codes, found = _distinct_inputs(table, keys, hot)
     breakdowns: list[str] = []
     index: dict[str, int] = {}
-    outcome = np.full(len(found), -1, dtype=np.int64)  # breakdown index, -1: does not count
-    for i, inputs in enumerate(found):
-        hit = definition.contribution(inputs[0], _properties(keys, inputs), {}, now)
+    outcome = np.full(len(hits), -1, dtype=np.int64)  # breakdown index, -1: does not count
+    for i, hit in enumerate(hits):
         if hit is not None:
             bv = hit[0]
             if bv not in index:

@@ -99,26 +99,7 @@ end
 for _, o in ipairs(batch.H) do
   redis.call('HSETNX', P .. K.definition .. o[H.definition] .. ':' .. DK.handover, o[H.fence], o[H.offset])
 end
--- Events kept by funnels (per day) and by summarised definitions (per person, the person marked
--- for the summariser), as the worker wrote them out (dataflows/operators/batch.py).
-for _, k in ipairs(batch.KD) do
-  local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]
-  each_slice(k[KD.rows], function(...) write(key, 'RPUSH', key, ...) end)
-end
-local dirty = {}
-for _, k in ipairs(batch.KP) do
-  local h, p = k[KP.definition], k[KP.person]
-  local key = P .. K.definition .. h .. ':' .. DK.person_events .. p
-  if write(key, 'APPEND', key, k[KP.kept]) then
-    local d = dirty[h]
-    if not d then d = {}; dirty[h] = d end
-    d[#d + 1] = p
-  end
-end
-for h, persons in pairs(dirty) do
-  local key = P .. K.definition .. h .. ':' .. DK.dirty
-  each_slice(persons, function(...) write(key, 'SADD', key, ...) end)
-end
+apply_kept(batch)
 apply_sums(batch)
 flush()
 for _, r in ipairs(batch.R) do redis.call('HSET', P .. K.shard_applied, r[R.fence], r[R.next_offset]) end

@@ -1,7 +1,8 @@
 -- A definition's backfill from the archive in one state shard, summed by the worker
 -- (dataflows/operators/history.py, state/store.py StateStore.backfill_sums): what the archived events
 -- of topic partition A.fence between the shard's backfill fence and its bound (and live handover) add,
--- as the DC/DV/DS/DL/DA sections of apply_shard.lua, with the fence moved to A.through in the same
+-- as the DC/DV/DS/DL/DA sections of apply_shard.lua for a counting definition, its KD/KP sections for
+-- one that keeps events, with the fence moved to A.through in the same
 -- call. The worker read the fence (A.expected) and summed only the events above it; a fence that
 -- moved since answers {-4} and writes nothing (the worker reads it again), one behind what this
 -- process wrote (A.written_up_to) answers {-2}: Redis lost writes. Arguments: the header A; A.batch
@@ -17,6 +18,7 @@ if fence < tonumber(ARGV[A.written_up_to]) then return {-2} end
 if fence ~= tonumber(ARGV[A.expected]) then return {-4} end
 local batch = cjson.decode(ARGV[A.batch])
 apply_sums(batch)
+apply_kept(batch)
 flush()
 local through = tonumber(ARGV[A.through])
 if through > fence then redis.call('HSET', D .. DK.backfill_fence, part, through) end

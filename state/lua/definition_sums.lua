@@ -1,6 +1,7 @@
 -- Included by apply_shard.lua and backfill_sums.lua (after definition_state.lua): what counting
 -- definitions (trends, property maths, retention) add, summed per key by the worker (the DC, DV, DS,
--- DL and DA sections of a batch); a write Redis refuses fails that definition only (write).
+-- DL and DA sections of a batch), and the events definitions keep, as the worker wrote them out (KD,
+-- KP); a write Redis refuses fails that definition only (write).
 local function apply_sums(batch)
   local DEF_COUNTS = {h = DK.hour_counts, d = DK.day_counts}
   local DEF_PERSONS = {h = DK.hour_persons, d = DK.day_persons}
@@ -33,5 +34,28 @@ local function apply_sums(batch)
       a[DA.bucket]
     local persons = a[DA.persons]
     for j = 1, #persons, 2 do count(key, persons[j], persons[j + 1]) end
+  end
+end
+
+-- Events kept by funnels (per day) and by summarised definitions (per person, the person marked for
+-- the summariser), as the worker wrote them out (dataflows/operators/batch.py and history.py).
+local function apply_kept(batch)
+  for _, k in ipairs(batch.KD) do
+    local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]
+    each_slice(k[KD.rows], function(...) write(key, 'RPUSH', key, ...) end)
+  end
+  local dirty = {}
+  for _, k in ipairs(batch.KP) do
+    local h, p = k[KP.definition], k[KP.person]
+    local key = P .. K.definition .. h .. ':' .. DK.person_events .. p
+    if write(key, 'APPEND', key, k[KP.kept]) then
+      local d = dirty[h]
+      if not d then d = {}; dirty[h] = d end
+      d[#d + 1] = p
+    end
+  end
+  for h, persons in pairs(dirty) do
+    local key = P .. K.definition .. h .. ':' .. DK.dirty
+    each_slice(persons, function(...) write(key, 'SADD', key, ...) end)
   end
 end

@@ -11,12 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.operators.batch import DefinitionSums, Occurrence
-from dataflows.operators.history import history_sums
+from dataflows.operators.batch import DefinitionSums, KnownFirsts, Occurrence, batch_effects
+from dataflows.operators.history import history_kept, history_sums
 from dataflows.operators.trends import trend_buckets
 from schemas.definitions import Breakdown, Definition
 from schemas.events import TopicEvent
 from schemas.filters import parse_filters
+from schemas.funnels import Exclusion, FunnelDefinition, FunnelStep
+from schemas.paths import PathDefinition
 from state.archive import HOT_PROPERTIES, ArchivedEvent, table_of
 
 pytestmark = pytest.mark.unit
@@ -31,11 +33,13 @@ def _events(rng: random.Random, n: int) -> list[ArchivedEvent]:
         for key, values in (("$browser", ["Chrome", "Safari", "", 3, None, "a\x1fb"]),
                             ("$current_url", ["/", "/docs/", "/docs", "https://x.y/?"]),
                             ("plan", ["free", "pro", 7, 7.0, True, None, ["pro"]]),
-                            ("amount", [1, 50, 51, "60", None, "x"])):
+                            ("amount", [1, 50, 51, "60", None, "x"]),
+                            ("$screen_name", ["Home", 4, "Cart"])):
             if rng.random() < 0.8:
                 props[key] = rng.choice(values)
         ts = int(datetime(2024, 6, 1, tzinfo=UTC).timestamp() * 1000) + rng.randrange(20 * 86_400_000)
-        event = TopicEvent(f"u{i}", rng.choice(["view", "view", "buy", "other"]), f"d{i % 17}", ts, props, 1)
+        name = rng.choice(["view", "view", "buy", "other", "$pageview", "$screen"])
+        event = TopicEvent(f"u{i}", name, f"d{i % 17}", ts, props, 1)
         out.append(ArchivedEvent("t", 0, i, rng.randrange(1, 40), "2024-06-01", event))
     return out
 
@@ -97,3 +101,60 @@ def test_a_definition_reading_a_column_is_evaluated_once_per_distinct_value() ->
     definition = Counting(1, "view", parse_filters(None), Breakdown((("event", "$browser"),)))
     got = history_sums(definition, table_of(events), NOW, HOT, 1, lambda offsets, s: np.ones(len(offsets), bool))
     assert len(calls) == 2 and sum(got[0].counts.values()) == 2000  # hour and day
+
+
+def _step(event: str | None, filters: object = None) -> FunnelStep:
+    return FunnelStep(event, (), parse_filters(filters))
+
+
+KEEPING = [
+    FunnelDefinition(1, (_step("view"), _step("buy", [{"key": "amount", "value": 50, "operator": "gt",
+                                                        "type": "event"}])), summaries=True),
+    FunnelDefinition(1, (_step("view", [{"key": "$browser", "value": ["Chrome"], "operator": "exact",
+                                          "type": "event"}]), _step("buy")), summaries=True,
+                     breakdown=Breakdown((("event", "plan"),)), timezone="Asia/Kathmandu"),
+    FunnelDefinition(1, (_step("view"), _step(None, [{"key": "plan", "value": "pro", "operator": "icontains",
+                                                      "type": "event"}])),
+                     exclusions=(Exclusion(_step("other"), 0, 1),), timezone="America/Sao_Paulo"),
+    FunnelDefinition(1, (_step("view"), _step("buy")), every_event=True, keep_names=True, summaries=True),
+    PathDefinition(1, ("$pageview", "custom_event"), (), parse_filters([
+        {"key": "$browser", "operator": "is_set", "type": "event"}])),
+    PathDefinition(1, (), ("buy", "view")),
+]
+
+
+def _kept_per_event(definition: object, events: list[ArchivedEvent], shards: int, fence: dict[int, int]
+                    ) -> dict[int, tuple[dict, dict]]:
+    """The live batch's rule (batch.py `batch_effects`) over the same events, in offset order."""
+    occurrences = []
+    for e in events:
+        b = trend_buckets(e.event, ZoneInfo(definition.timezone))  # type: ignore[attr-defined]
+        o = Occurrence.of(e.event, b.hour, b.day, 0, e.offset)
+        o.person = e.person
+        hit = definition.contribution(e.event.event, e.event.properties, {}, NOW)  # type: ignore[attr-defined]
+        o.contributions = [("h", hit[0], hit[1])] if hit is not None else None
+        occurrences.append(o)
+    effects = batch_effects(occurrences, KnownFirsts(), flags={"h": definition.flags},  # type: ignore[attr-defined]
+                            shards=shards, fences={s: {0: f + 1} for s, f in fence.items()})
+    out: dict[int, tuple[dict, dict]] = {s: ({}, {}) for s in range(shards)}
+    for s, sh in effects.shards.items():
+        out[s] = ({day: rows for (_, day), rows in sh.kept_days.items()},
+                  {p: kept for (_, p), kept in sh.kept_persons.items()})
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), which=st.integers(0, len(KEEPING) - 1), shards=st.integers(1, 3))
+def test_history_kept_equals_the_live_batch_rule(seed: int, which: int, shards: int) -> None:
+    rng = random.Random(seed)
+    events = _events(rng, rng.randrange(0, 300))
+    for e in events[::7]:
+        e.event.properties.pop("$current_url", None)
+    definition = KEEPING[which]
+    assert definition.columnar
+    fence = {s: rng.randrange(-1, 200) for s in range(shards)}
+    got = history_kept(definition, table_of(events), NOW, HOT, shards, lambda offsets, s: offsets > fence[s])
+    expected = _kept_per_event(definition, events, shards, fence)
+    for s in range(shards):
+        assert (dict(got[s].days), dict(got[s].persons)) == expected[s]
+        assert got[s].events == sum(len(v) for v in (expected[s][1] or expected[s][0]).values())

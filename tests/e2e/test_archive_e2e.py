@@ -76,14 +76,16 @@ def _filtered_trend(events: list[dict[str, Any]], person: dict[str, str], browse
     return [totals, [len(p) for p in persons]]
 
 
-def _two_step_funnel(events: list[dict[str, Any]], person: dict[str, str]) -> list[int]:
-    """Ordered $pageview -> purchase, 7-day window."""
+def _two_step_funnel(events: list[dict[str, Any]], person: dict[str, str], order: str = "ordered") -> list[int]:
+    """$pageview -> purchase, 7-day window (a strict funnel sees the person's other events too)."""
     steps: dict[str, list[StepEvent]] = defaultdict(list)
     for e in events:
+        ts = datetime.fromisoformat(e["timestamp"]).timestamp()
         if e["event"] in ("$pageview", "purchase"):
-            ts = datetime.fromisoformat(e["timestamp"]).timestamp()
             steps[person[e["distinct_id"]]].append(StepEvent(ts, e["uuid"], (1 if e["event"] == "$pageview" else 2,)))
-    reached = [r.steps_reached for found in steps.values() if (r := funnel(found, 2, 7 * 86400, "ordered"))]
+        elif order == "strict":
+            steps[person[e["distinct_id"]]].append(StepEvent(ts, e["uuid"], ()))
+    reached = [r.steps_reached for found in steps.values() if (r := funnel(found, 2, 7 * 86400, order))]
     return [sum(1 for r in reached if r >= k) for k in (1, 2)]
 
 
@@ -164,6 +166,9 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
         expected = oracle(everything, person)
         assert _ask_filtered(api, "Safari") == _filtered_trend(everything, person, "Safari")
         assert _ask_funnel(api, TWO_STEPS) == _two_step_funnel(everything, person)
+        for order in ("unordered", "strict"):  # funnels that keep their events per day, not per person
+            assert _ask_funnel(api, {**TWO_STEPS, "funnel_order_type": order}) == _two_step_funnel(
+                everything, person, order), order
         assert _ask_paths(api, FOUR_STEP_PATHS) == default_paths(everything, lambda e: person[e["distinct_id"]], 4)
         # The definitions of the first restart were kept live through the second batch.
         assert _ask_filtered(api, "Chrome") == _filtered_trend(everything, person, "Chrome")

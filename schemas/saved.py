@@ -54,7 +54,10 @@ def validate(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def iso_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1_000_000:06d}Z"
+    """Now in UTC to the microsecond, seconds and fraction from one reading of the clock (two readings
+    straddling a second gave a time up to a second early)."""
+    micros = time.time_ns() // 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(micros // 1_000_000)) + f".{micros % 1_000_000:06d}Z"
 
 
 def owner_of(key_hash: str, label: str = "") -> dict[str, Any]:

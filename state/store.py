@@ -340,8 +340,10 @@ class StateStore(ShardedStore):
         (nothing of that shard written); `RedisLostWrites` if one is behind what this process wrote."""
         pid, h = definition.project_id, definition.hash
 
+        counting = isinstance(definition, Definition)
+
         def sections(part: Any) -> dict[str, list[Any]]:
-            if hasattr(part, "counts"):
+            if counting:
                 return {**definition_sections({h: part}), "KD": [], "KP": []}
             return {**definition_sections({}), "KD": [[h, day, rows] for day, rows in part.days.items()],
                     "KP": [[h, person, "".join(kept)] for person, kept in part.persons.items()]}
@@ -361,8 +363,7 @@ class StateStore(ShardedStore):
                 moved.append(s)
                 continue
             part = sums[s]
-            result.events += (sum(part.counts[k] for k in part.counts if k[0] == "d") if hasattr(part, "counts")
-                              else part.events)
+            result.events += sum(part.counts[k] for k in part.counts if k[0] == "d") if counting else part.events
             result.failed.update(_failures(pid, answer))
         if moved:
             raise FenceMoved(f"the backfill fences of {h} on {name} moved in shards {moved}")

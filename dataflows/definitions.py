@@ -247,12 +247,12 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
             names = ({keys.partition_fence(self.tag, p) for p in range(self.partitions)}
                      | self.registry.applied_fences(project_id))
             done = self.registry.done(project_id, h)
-            summed = self._summed(project_id, h)
+            evaluated = self._columnar_definition(project_id, h)
             history: pa.Table | None = None
             if self.archive is None:
                 fences: dict[str, int] = {}
-            elif summed is not None:  # rows below these fences are all in `history`
-                fences, history = self._history(project_id, h, summed)
+            elif evaluated is not None:  # rows below these fences are all in `history`
+                fences, history = self._history(project_id, h, evaluated)
             else:
                 fences = self.archive.fences(project_id)
             for name in sorted(names - done):
@@ -291,11 +291,12 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                 log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
                          h, project_id, name, start, bound, archived.num_rows if archived is not None else 0,
                          topic_start)
+                chunk = 0 if evaluated is None else SUMMED_CHUNK if isinstance(evaluated, Definition) else KEPT_CHUNK
                 return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1,
-                             0 if summed is None else SUMMED_CHUNK if isinstance(summed, Definition) else KEPT_CHUNK)
+                             chunk)
         return None
 
-    def _summed(self, project_id: int, h: str) -> Any:
+    def _columnar_definition(self, project_id: int, h: str) -> Any:
         """The definition, if its archived events are evaluated over columns (history.py): a counting
         one (summed), or a `columnar` funnel or paths (their kept events written out)."""
         raw = self.registry.get(project_id, h)

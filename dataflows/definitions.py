@@ -424,9 +424,10 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         if task.bound == 0 or self.registry.fence(task.project_id, task.h, task.name) >= task.last_emitted:
             if task.consumer is not None:
                 task.consumer.close()
-            ready = self.registry.partition_done(task.project_id, task.h, task.name, task.names)
-            if ready:
-                log.info("definition %s of project %s is ready", task.h, task.project_id)
+            if self.registry.partition_done(task.project_id, task.h, task.name, task.names):
+                status, _ = self.registry.status(task.project_id, task.h)
+                log.info("definition %s of project %s is %s", task.h, task.project_id,
+                         "backfilled, its persons' summaries next" if status == "summarising" else "ready")
             self.task = None
             return []
         return self._sleep(0.05)
@@ -485,8 +486,9 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         if definition is None:
             return
         self.summariser.drain(definition)
-        if not self.summariser.pending(work.project_id, work.h):
-            self.registry.summaries_built(work.project_id, work.h)
+        done = not self.summariser.pending(work.project_id, work.h)
+        if done and self.registry.summaries_built(work.project_id, work.h):
+            log.info("definition %s of project %s is ready (its persons are summarised)", work.h, work.project_id)
 
     def write_batch(self, items: list[BackfillItem | SummaryWork]) -> None:
         while True:

@@ -279,11 +279,14 @@ class DefinitionRegistry(ShardedStore):
         """Definitions that keep attempt summaries, for the summariser."""
         return [(int(p), h) for p, _, h in (m.decode().partition(":") for m in self.redis.smembers(keys.SUMMARISED))]
 
-    def summaries_built(self, project_id: int, h: str) -> None:
-        """The backfill's persons are summarised: a summarising definition becomes ready."""
+    def summaries_built(self, project_id: int, h: str) -> bool:
+        """The backfill's persons are summarised: a summarising definition becomes ready (True if it
+        was summarising)."""
         d = self._d(project_id, h)
         if self.redis.hget(keys.definition_meta(d), "status") == b"summarising":
             self.redis.hset(keys.definition_meta(d), "status", "ready")
+            return True
+        return False
 
     def status(self, project_id: int, h: str) -> tuple[str | None, float]:
         """(status, progress 0..1) of a definition; status None when never registered."""

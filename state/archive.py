@@ -249,7 +249,7 @@ class ArchiveWriter:
             rel = f"landing/w{self.worker}-{fresh.seq}.arrow"
             table = table_of(events)
             size = _write_atomic(project.dir / rel, table=table)
-            days = sorted({date.fromisoformat(e.day).isoformat() for e in events})
+            days = sorted(date.fromisoformat(d).isoformat() for d in {e.day for e in events})  # each day once
             fresh.segments.append(Segment(rel, len(events), size, days[0], days[-1]))
         raise_fences(fresh.fences, reached)
         if fresh.fences == manifest.fences and not events:

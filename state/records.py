@@ -57,6 +57,22 @@ def parse_person_events(raw: bytes) -> list[StoredEvent]:
     return events
 
 
+def day_row(person: int, ts_ms: int, uuid: str, value: str) -> str:
+    """One entry of a day's funnel events, as the worker writes it (`read_day_event` reads it)."""
+    return f"{person}|{ts_ms}|{uuid}|{value}"
+
+
+def sized_value(value: str) -> str:
+    """A kept value as a person's record ends with it: its length in bytes, then the value."""
+    return f"{len(value.encode())}:{value}"
+
+
+def person_record(ts_ms: int, day: str, uuid: str, sized: str) -> str:
+    """One kept event of a person, as the worker appends it (`read_person_events` reads it); `sized`
+    is `sized_value(value)`, computed once per distinct value by a caller that has few."""
+    return f"{ts_ms},{day},{uuid},{sized}"
+
+
 def encode_person_events(events: Iterable[StoredEvent]) -> bytes:
     """The stored form `read_person_events` reads (the apply script appends the same records)."""
     return b"".join(b"%d,%s,%s,%d:%s" % (e.ts_ms, e.day.encode(), e.uuid.encode(), len(e.value), e.value)

@@ -95,8 +95,8 @@ def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffec
               for ev, persons in effects.firsts.items() if persons],
         "H": [[h, keys.partition_fence(tag, partition), offset]
               for (h, partition), offset in effects.handovers.items()],
-        "KD": [[h, day, rows] for (h, day), rows in effects.kept_days.items()],
-        "KP": [[h, person, "".join(kept)] for (h, person), kept in effects.kept_persons.items()],
+        **kept_sections(((h, day, rows) for (h, day), rows in effects.kept_days.items()),
+                        ((h, person, kept) for (h, person), kept in effects.kept_persons.items())),
         **definition_sections(effects.sums),
     }
     return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(batch)]
@@ -116,6 +116,14 @@ def definition_sections(by_definition: dict[str, DefinitionSums]) -> dict[str, l
         "DA": [[h, kind, bv, bucket, [x for pc in actors.items() for x in pc]] for h, sums in items
                for (kind, bv, bucket), actors in sums.actors.items()],
     }
+
+
+def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[tuple[str, int, list[str]]]
+                  ) -> dict[str, list[Any]]:
+    """Events definitions keep, as the KD and KP sections `definition_sums.lua` applies: per
+    (definition, day) the funnel rows, per (definition, person) the records to append."""
+    return {"KD": [[h, day, rows] for h, day, rows in days],
+            "KP": [[h, person, "".join(kept)] for h, person, kept in persons]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,9 +352,9 @@ class StateStore(ShardedStore):
 
         def sections(part: Any) -> dict[str, list[Any]]:
             if counting:
-                return {**definition_sections({h: part}), "KD": [], "KP": []}
-            return {**definition_sections({}), "KD": [[h, day, rows] for day, rows in part.days.items()],
-                    "KP": [[h, person, "".join(kept)] for person, kept in part.persons.items()]}
+                return {**definition_sections({h: part}), **kept_sections((), ())}
+            return {**definition_sections({}), **kept_sections(((h, day, rows) for day, rows in part.days.items()),
+                                                               ((h, p, kept) for p, kept in part.persons.items()))}
 
         calls = [([keys.shard_applied(pid, s)],
                   [keys.shard_prefix(pid, s), h, name, fences[s], through, written_up_to,

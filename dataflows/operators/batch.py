@@ -15,6 +15,7 @@ from typing import Any
 
 from dataflows.operators.persons import PersonUpdate, person_update
 from schemas.events import TopicEvent
+from state.records import day_row, person_record, sized_value
 
 Contribution = tuple[str, str, Any]  # definition hash, breakdown value, value (number, text or None)
 
@@ -217,7 +218,7 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
                     continue
                 per_day, per_person = kept
                 if per_day:
-                    sh.kept_days[(h, o.day)].append(f"{p}|{o.ts}|{o.uuid}|{v}")
+                    sh.kept_days[(h, o.day)].append(day_row(p, o.ts, o.uuid, v))
                 if per_person:
-                    sh.kept_persons[(h, p)].append(f"{o.ts},{o.day},{o.uuid},{len(v.encode())}:{v}")
+                    sh.kept_persons[(h, p)].append(person_record(o.ts, o.day, o.uuid, sized_value(v)))
     return out

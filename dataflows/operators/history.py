@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from dataflows.operators.batch import DefinitionSums
 from dataflows.operators.trends import slot_buckets
 from schemas.definitions import Definition
+from state.records import day_row, person_record, sized_value
 
 _SEPARATOR = "\x1f"
 _ABSENT = "\x1e"  # in a hot column: the event has no such property
@@ -153,7 +154,7 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
         return out
     per_day, per_person = "f" in definition.flags, "s" in definition.flags
     values = [hit[1] if hit is not None else None for hit in hits]
-    prefixes = [f"{len(v.encode())}:{v}" if isinstance(v, str) else None for v in values]
+    prefixes = [sized_value(v) if isinstance(v, str) else None for v in values]
     kept = np.array([p is not None for p in prefixes], dtype=bool)[codes]
     persons = table.column("person").to_numpy()
     offsets = table.column("offset").to_numpy()
@@ -173,9 +174,9 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
                                   uuids.take(where).to_pylist(), codes[where].tolist(), strict=True):
             day = days[d]
             if per_day:
-                part.days[day].append(f"{p}|{ts}|{u}|{values[c]}")
+                part.days[day].append(day_row(p, ts, u, values[c]))
             if per_person:
-                part.persons[p].append(f"{ts},{day},{u},{prefixes[c]}")
+                part.persons[p].append(person_record(ts, day, u, prefixes[c]))
     return out
 
 

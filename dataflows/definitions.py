@@ -10,6 +10,7 @@ offset is counted by exactly one of the two (see `state/store.py`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,8 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.operators.batch import Occurrence
-from dataflows.operators.history import history_kept, history_sums
+from dataflows.operators.history import KeptHistory, history_kept, history_sums
+from dataflows.operators.history_summaries import KeptColumns, by_columns
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
@@ -460,6 +462,9 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         self.projects = ProjectCache(Registry(self.client))
         self._definitions: dict[tuple[int, str], Definition] = {}
         self._written: dict[tuple[int, str, int], int] = {}  # last offset this process wrote per backfill
+        # Per definition backfilled from the archive: the kept events this process applied, as columns,
+        # and the bytes each person got, summarised over columns once the backfill is done.
+        self._kept: dict[tuple[int, str], tuple[list[KeptColumns], dict[int, int]]] = {}
         self.tag = keys.topic_tag(topic_id(settings.kafka_bootstrap, settings.topic))
 
     def _definition(self, project_id: int, h: str) -> Definition | None:
@@ -483,8 +488,14 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
 
     def _summarise(self, work: SummaryWork) -> None:
         definition = self._definition(work.project_id, work.h)
+        kept = self._kept.pop((work.project_id, work.h), None)
         if definition is None:
             return
+        if kept is not None and kept[0]:
+            started = time.perf_counter()
+            written = self.summariser.summarise_backfilled(definition, KeptColumns.concat(kept[0]), kept[1])
+            log.info("definition %s of project %s: %d of its %d backfilled persons summarised over columns in %.1f s",
+                     work.h, work.project_id, written, len(kept[1]), time.perf_counter() - started)
         self.summariser.drain(definition)
         done = not self.summariser.pending(work.project_id, work.h)
         if done and self.registry.summaries_built(work.project_id, work.h):
@@ -555,9 +566,19 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             break
         for (pid, failed_h), reason in result.failed.items():
             self._fail(pid, failed_h, f"Redis refused its state: {reason}")
+        if by_columns(definition) and not result.failed:
+            self._keep_columns(item.project_id, item.h, sums.values())  # type: ignore[arg-type]
         self._written[key] = max(written, item.through)
         log.info("backfill of %s for project %s: %d archived events of %s evaluated by columns, %d applied", item.h,
                  item.project_id, item.table.num_rows, item.name, result.events)
+
+    def _keep_columns(self, project_id: int, h: str, parts: Iterable[KeptHistory]) -> None:
+        columns, sizes = self._kept.setdefault((project_id, h), ([], {}))
+        for part in parts:
+            if part.columns is not None:
+                columns.append(part.columns)
+            for person, size in part.sizes.items():
+                sizes[person] = sizes.get(person, 0) + size
 
     def _rows(self, definition: Definition, project_id: int, group: list[BackfillItem], now: datetime
               ) -> list[BackfillRow]:

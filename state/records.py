@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,16 @@ def person_record(ts_ms: int, day: str, uuid: str, sized: str) -> str:
     """One kept event of a person, as the worker appends it (`read_person_events` reads it); `sized`
     is `sized_value(value)`, computed once per distinct value by a caller that has few."""
     return f"{ts_ms},{day},{uuid},{sized}"
+
+
+def person_records(stamps: pa.Array, days: pa.Array, uuids: pa.Array, sized: pa.Array) -> pa.Array:
+    """`person_record` of each row, over text columns."""
+    return pc.binary_join_element_wise(stamps, days, uuids, sized, ",")
+
+
+def day_rows(persons: pa.Array, stamps: pa.Array, uuids: pa.Array, values: pa.Array) -> pa.Array:
+    """`day_row` of each row, over text columns."""
+    return pc.binary_join_element_wise(persons, stamps, uuids, values, "|")
 
 
 def encode_person_events(events: Iterable[StoredEvent]) -> bytes:

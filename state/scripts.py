@@ -151,5 +151,12 @@ WRITE_SUMMARIES = Script("write_summaries.lua", (
     Layout("A", ("prefix", "count")), Layout("S", SUMMARY_PERSON_FIELDS, first=3),
     Layout("SE", SUMMARY_ENTRY_FIELDS, first=0)))
 
+# Summaries a backfill computed over columns: header A, `persons` persons S, then `days` days SD (a
+# day's persons and their values' lengths, comma-separated, and the values back to back).
+BACKFILL_SUMMARIES = Script("backfill_summaries.lua", (
+    Layout("A", ("prefix", "persons", "days")), Layout("S", ("person", "version", "irregular"), first=4),
+    Layout("SD", ("kind", "day", "persons", "lengths", "values"), first=0)))
+
 ALL = (APPLY_BATCH, APPLY_SHARD, FIX_BOUND, RESOLVE_PERSONS,
-       BACKFILL_EVENTS, BACKFILL_SUMS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES)
+       BACKFILL_EVENTS, BACKFILL_SUMS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES,
+       BACKFILL_SUMMARIES)

@@ -354,7 +354,7 @@ class StateStore(ShardedStore):
             if counting:
                 return {**definition_sections({h: part}), **kept_sections((), ())}
             return {**definition_sections({}), **kept_sections(((h, day, rows) for day, rows in part.days.items()),
-                                                               ((h, p, kept) for p, kept in part.persons.items()))}
+                                                               ((h, p, [kept]) for p, kept in part.persons.items()))}
 
         calls = [([keys.shard_applied(pid, s)],
                   [keys.shard_prefix(pid, s), h, name, fences[s], through, written_up_to,

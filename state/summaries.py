@@ -39,6 +39,7 @@ class SummaryStore(ShardedStore):
         self.redis = client
         self._shards = shards
         self._write = client.register_script(scripts.WRITE_SUMMARIES.source)
+        self._backfilled = client.register_script(scripts.BACKFILL_SUMMARIES.source)
 
     def _dirty_keys(self, project_id: int, h: str) -> list[str]:
         return keys.in_shards(keys.summary_dirty(keys.definition_prefix(project_id, h)), self.shards)
@@ -137,6 +138,38 @@ class SummaryStore(ShardedStore):
                     args[1] = int(args[1]) + 1
                 calls.append(([keys.summary_dirty(shard_prefix)], args))
         return {p.decode() for result in run_scripts(self.redis, self._write, calls) for p in result}
+
+    def write_backfilled(self, project_id: int, h: str, summarised: Any, sizes: dict[int, int],
+                         chunk: int = 5000) -> int:
+        """Write summaries a backfill computed over columns (`Summarised`, history_summaries.py),
+        grouped by day (`backfill_summaries.lua`); `sizes`: the bytes of kept events the backfill gave
+        each person, so a person whose kept events are not exactly those is left dirty. Returns how
+        many persons were written."""
+        prefix = keys.definition_prefix(project_id, h)
+        persons, entry_persons = summarised.persons, summarised.entry_persons
+        calls = []
+        for shard in range(self.shards):
+            shard_prefix = keys.in_shard(prefix, shard)
+            mine = np.flatnonzero(persons % self.shards == shard)
+            for start in range(0, len(mine), chunk):
+                who = persons[mine[start:start + chunk]]
+                first = int(np.searchsorted(entry_persons, who[0], side="left"))
+                end = int(np.searchsorted(entry_persons, who[-1], side="right"))
+                chosen = first + np.flatnonzero(entry_persons[first:end] % self.shards == shard)
+                header: list[Any] = []
+                for person, irregular in zip(who.tolist(), summarised.irregular[mine[start:start + chunk]].tolist(),
+                                             strict=True):
+                    header += [person, sizes[person], int(irregular)]
+                days: dict[str, list[int]] = {}
+                for i in chosen.tolist():
+                    days.setdefault(summarised.entry_days[i], []).append(i)
+                args: list[Any] = [shard_prefix, len(who), len(days), *header]
+                for day, entries in days.items():
+                    values = [summarised.values[i] for i in entries]
+                    args += [summarised.kind, day, ",".join(map(str, entry_persons[entries].tolist())),
+                             ",".join(str(len(v)) for v in values), b"".join(values)]
+                calls.append(([keys.summary_dirty(shard_prefix)], args))
+        return sum(len(result) for result in run_scripts(self.redis, self._backfilled, calls))
 
 
 def size_of(value: Any) -> int:

@@ -13,11 +13,11 @@ event is parsed only when one it needs is not (or is not text there).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import reduce
+from itertools import pairwise
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -27,9 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataflows.operators.batch import DefinitionSums
+from dataflows.operators.history_summaries import KeptColumns
 from dataflows.operators.trends import slot_buckets
 from schemas.definitions import Definition
-from state.records import day_row, person_record, sized_value
+from state.records import day_rows, person_records, sized_value
 
 _SEPARATOR = "\x1f"
 _ABSENT = "\x1e"  # in a hot column: the event has no such property
@@ -136,30 +137,46 @@ def _evaluated(definition: Any, table: pa.Table, now: datetime, hot: set[str]
 @dataclass
 class KeptHistory:
     """What archived events add to a definition that keeps events, in one state shard: per day the
-    funnel's rows (`person|ts|uuid|value`), per person the kept events (`ts,day,uuid,len:value`),
-    each in offset order, as the live batch writes them (batch.py)."""
+    funnel's rows (`person|ts|uuid|value`), per person the kept events (`ts,day,uuid,len:value`
+    back to back), each in offset order, as the live batch writes them (batch.py); and, for the
+    summaries, those kept events as columns and the bytes each person's got."""
 
-    days: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    persons: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    days: dict[str, list[str]] = field(default_factory=dict)
+    persons: dict[int, str] = field(default_factory=dict)
     events: int = 0
+    columns: KeptColumns | None = None
+    sizes: dict[int, int] = field(default_factory=dict)
+
+
+def _by_group(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, list[list[bytes]]]:
+    """Texts grouped by an integer, each group's in the texts' order (one stable sort)."""
+    order = np.argsort(groups, kind="stable")
+    ordered = texts.take(pa.array(order)).cast(pa.binary()).to_pylist()
+    sorted_groups = groups[order]
+    first = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    bounds = np.append(first, len(order)).tolist()
+    return sorted_groups[first], [ordered[a:b] for a, b in pairwise(bounds)]
 
 
 def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str], shards: int,
                  takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, KeptHistory]:
     """What the archived rows of `table` (in offset order) add to a `columnar` funnel or paths
-    definition, per state shard of their persons; `takes` as for `history_sums`."""
+    definition, per state shard of their persons; `takes` as for `history_sums`. The records are
+    built over columns: one text per row, grouped by person (or day) with one sort."""
     out = {s: KeptHistory() for s in range(shards)}
     table, codes, hits = _evaluated(definition, table, now, hot)
     if table.num_rows == 0:
         return out
     per_day, per_person = "f" in definition.flags, "s" in definition.flags
     values = [hit[1] if hit is not None else None for hit in hits]
-    prefixes = [sized_value(v) if isinstance(v, str) else None for v in values]
-    kept = np.array([p is not None for p in prefixes], dtype=bool)[codes]
+    kept = np.array([v is not None for v in values], dtype=bool)[codes]
+    sized = pa.array([sized_value(v) if v is not None else None for v in values], pa.string())
+    value_texts = pa.array(values, pa.string())
     persons = table.column("person").to_numpy()
     offsets = table.column("offset").to_numpy()
     stamps = table.column("timestamp").to_numpy()
     _, day_of, days = slot_buckets(stamps, ZoneInfo(definition.timezone))
+    day_texts = pa.array(days, pa.string())
     uuids = table.column("uuid")
     shard_of = persons % shards
     for s in range(shards):
@@ -170,14 +187,26 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
             continue
         part = out[s]
         part.events = len(where)
-        for p, ts, d, u, c in zip(persons[where].tolist(), stamps[where].tolist(), day_of[where].tolist(),
-                                  uuids.take(where).to_pylist(), codes[where].tolist(), strict=True):
-            day = days[d]
-            if per_day:
-                part.days[day].append(day_row(p, ts, u, values[c]))
-            if per_person:
-                part.persons[p].append(person_record(ts, day, u, prefixes[c]))
+        who, when, day, code = persons[where], stamps[where], day_of[where], codes[where]
+        stamp_texts, uuid_texts = pc.cast(pa.array(when), pa.string()), _flat(uuids.take(pa.array(where)))
+        kept_values = value_texts.take(pa.array(code))
+        if per_day:
+            texts = day_rows(pc.cast(pa.array(who), pa.string()), stamp_texts, uuid_texts, kept_values)
+            found, grouped = _by_group(texts, day)
+            part.days = {days[d]: [t.decode() for t in rows] for d, rows in zip(found.tolist(), grouped, strict=True)}
+        if per_person:
+            day_names = day_texts.take(pa.array(day))
+            texts = person_records(stamp_texts, day_names, uuid_texts, sized.take(pa.array(code)))
+            found, grouped = _by_group(texts, who)
+            joined = [b"".join(rows) for rows in grouped]
+            part.persons = {p: text.decode() for p, text in zip(found.tolist(), joined, strict=True)}
+            part.sizes = {p: len(text) for p, text in zip(found.tolist(), joined, strict=True)}
+            part.columns = KeptColumns(who, when, uuid_texts, day_names, kept_values)
     return out
+
+
+def _flat(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
 def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: set[str], shards: int,

@@ -1,7 +1,8 @@
 """The Lua scripts of state/lua/ against a real Redis, called with arguments built by name from their
 layouts (state/scripts.py), the live batch through the store's encoder: guards, sums per key, state
 shards and their fences, person resolution, property order, first-time moves, offsets, definition
-failures, backfill bounds and fences, stream bookkeeping and summary writes."""
+failures, backfill bounds and fences, stream bookkeeping and summary writes (the summariser's and a
+backfill's)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import itertools
 import time
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 import redis
 
 from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
+from dataflows.operators.history_summaries import Summarised
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import connect
 from state.store import BatchOutcome, ProjectBatch, Resolved, StateStore
+from state.summaries import SummaryStore
 from tests.conftest import Services
 
 _projects = itertools.count(900_000)
@@ -389,3 +393,24 @@ def test_summary_writes_are_fenced_by_kept_length(client: redis.Redis) -> None:
 def test_every_script_compiles(client: redis.Redis, script: scripts.Script) -> None:
     digest = client.script_load(script.source)
     assert client.script_exists(digest) == [True]
+
+
+def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_are_the_backfills(
+        client: redis.Redis) -> None:
+    """backfill_summaries.lua through SummaryStore.write_backfilled: a person whose kept events grew
+    past what the backfill gave it stays dirty and unwritten; the rest are written, one hash per day."""
+    project = next(_projects)
+    prefix = keys.definition_prefix(project, "5b")
+    for person, kept in (("7", b"12345"), ("8", b"1234567"), ("9", b"12")):
+        client.set(keys.person_events(prefix, person), kept)
+        client.sadd(keys.summary_dirty(prefix), person)
+    client.hset(keys.summary_rows(prefix, "fa", "20240102"), "9", b"old")
+    summarised = Summarised("fa", np.array([7, 8, 9]), np.array([False, False, True]), np.array([7, 7, 8, 9]),
+                            ["20240101", "20240102", "20240101", "20240102"], [b"r\x00w", b"row2", b"x", b""])
+    written = SummaryStore(client, 1).write_backfilled(project, "5b", summarised, {7: 5, 8: 5, 9: 2})
+    assert written == 2
+    assert client.smembers(keys.summary_dirty(prefix)) == {b"8"}
+    assert client.hgetall(keys.summary_rows(prefix, "fa", "20240101")) == {b"7": b"r\x00w"}
+    assert client.hgetall(keys.summary_rows(prefix, "fa", "20240102")) == {b"7": b"row2"}  # 9's emptied
+    assert client.hgetall(keys.summary_versions(prefix, "fa")) == {b"20240101": b"1", b"20240102": b"1"}
+    assert client.hgetall(keys.irregular_persons(prefix)) == {b"9": b"1"}

@@ -156,5 +156,7 @@ def test_history_kept_equals_the_live_batch_rule(seed: int, which: int, shards: 
     got = history_kept(definition, table_of(events), NOW, HOT, shards, lambda offsets, s: offsets > fence[s])
     expected = _kept_per_event(definition, events, shards, fence)
     for s in range(shards):
-        assert (dict(got[s].days), dict(got[s].persons)) == expected[s]
-        assert got[s].events == sum(len(v) for v in (expected[s][1] or expected[s][0]).values())
+        days, persons = expected[s]
+        assert (got[s].days, got[s].persons) == (days, {p: "".join(kept) for p, kept in persons.items()})
+        assert got[s].events == sum(len(v) for v in (persons or days).values())
+        assert got[s].sizes == {p: len("".join(kept).encode()) for p, kept in persons.items()}

@@ -1,0 +1,262 @@
+"""Per-person summaries of a backfill's kept events, computed over columns (no I/O).
+
+After a funnel or paths definition is backfilled from the archive, every person it kept events of
+is dirty, and summarising them one by one (parse the kept string, one `orjson` per event, the
+attempt chain in Python) took most of the build. The backfill already holds those events as
+columns, so their summaries are computed here for all persons at once, with sorts and binary
+searches instead of per-person loops. The result is byte for byte what `summaries.py` makes from the
+same events: attempt rows (`fa`) of ordered funnels, sessions (`ps`) of paths.
+
+Only the simple cases are taken, and the rest stay dirty for the summariser: funnels broken down
+(first/last touches), persons with two step events at one instant (irregular: they keep no rows,
+which the summariser writes), persons of a merge (their summaries are made from a group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dataflows.operators.funnel_attempts import MISSING, RANK_BITS
+from dataflows.operators.path_sessions import SESSION_GAP_MS
+from schemas.events import in_event_range
+from schemas.funnels import read_kept
+from state.records import encode_sessions
+
+Entry = tuple[str, str, bytes]  # (summary kind, day, value), as summaries.py makes them
+
+
+@dataclass
+class KeptColumns:
+    """Kept events as columns, one row each: person, ms, uuid, project-zone day (YYYYMMDD) and the
+    kept value (the definition's contribution, JSON)."""
+
+    persons: np.ndarray  # int64
+    stamps: np.ndarray   # int64 ms
+    uuids: pa.Array      # string
+    days: pa.Array       # string
+    values: pa.Array     # string
+
+    @staticmethod
+    def concat(parts: list[KeptColumns]) -> KeptColumns:
+        def strings(arrays: list[pa.Array]) -> pa.Array:
+            return pa.chunked_array(arrays, pa.string()).combine_chunks()
+
+        return KeptColumns(np.concatenate([p.persons for p in parts]), np.concatenate([p.stamps for p in parts]),
+                           strings([p.uuids for p in parts]), strings([p.days for p in parts]),
+                           strings([p.values for p in parts]))
+
+    def __len__(self) -> int:
+        return len(self.persons)
+
+
+@dataclass
+class Summarised:
+    """Summaries of many persons of one kind: the persons summarised (ascending), which of them are
+    irregular, and the entries, (person, day, value), in person order."""
+
+    kind: str
+    persons: np.ndarray
+    irregular: np.ndarray
+    entry_persons: np.ndarray
+    entry_days: list[str]
+    values: list[bytes]
+
+    @staticmethod
+    def empty(kind: str) -> Summarised:
+        nothing = np.zeros(0, dtype=np.int64)
+        return Summarised(kind, nothing, nothing.astype(bool), nothing, [], [])
+
+    def per_person(self) -> dict[int, tuple[bool, list[Entry]]]:
+        """{person: (irregular, entries)}, as the summariser makes them (summaries.py)."""
+        out: dict[int, tuple[bool, list[Entry]]] = {
+            p: (irregular, []) for p, irregular in zip(self.persons.tolist(), self.irregular.tolist(), strict=True)}
+        for p, day, value in zip(self.entry_persons.tolist(), self.entry_days, self.values, strict=True):
+            out[p][1].append((self.kind, day, value))
+        return out
+
+
+@dataclass
+class _Sorted:
+    """The rows in PostHog's order per person, (person, time, uuid), with what both summaries need."""
+
+    order: np.ndarray      # sorted row -> row of `kept`
+    persons: np.ndarray
+    stamps: np.ndarray
+    position: np.ndarray   # one sortable number per (person, time): person-major, its times in order
+    days: list[str]        # the distinct days
+    day_of: np.ndarray     # each row's index into `days`
+    value_of: np.ndarray   # each row's index into `values`
+    values: list[str]      # the distinct kept values
+
+
+def _sorted(kept: KeptColumns) -> _Sorted:
+    """Sorted over integers; only rows of one person at one instant are ordered by uuid, in Python
+    (they are few)."""
+    p, t = kept.persons, kept.stamps
+    if int(p.max()) < 4 * len(p) + (1 << 20):  # person ids are dense: number them without a sort
+        present = np.zeros(int(p.max()) + 1, dtype=np.int64)
+        present[p] = 1
+        persons, dense = np.flatnonzero(present), (np.cumsum(present) - 1)[p]
+    else:
+        persons, dense = np.unique(p, return_inverse=True)
+    low, span = int(t.min()), int(t.max()) - int(t.min()) + 1
+    if len(persons) * span >= 1 << 62:
+        raise ValueError("the kept events span too long a time to be sorted as one number")
+    position = dense.astype(np.int64) * span + (t - low)
+    order = np.argsort(position)  # rows of one position are put in uuid order below
+    position = position[order]
+    tied = np.flatnonzero(position[1:] == position[:-1])
+    if len(tied):
+        rows = np.unique(np.concatenate([tied, tied + 1]))
+        uuids = kept.uuids.take(pa.array(order[rows])).to_pylist()
+        at = position[rows].tolist()
+        by_uuid = sorted(range(len(rows)), key=lambda i: (at[i], uuids[i]))
+        order[rows] = order[rows][by_uuid]
+    days = _flat(pc.dictionary_encode(kept.days))
+    values = _flat(pc.dictionary_encode(kept.values))
+    return _Sorted(order, p[order], t[order], position, days.dictionary.to_pylist(),
+                   days.indices.to_numpy(zero_copy_only=False).astype(np.int64)[order],
+                   values.indices.to_numpy(zero_copy_only=False).astype(np.int64)[order], values.dictionary.to_pylist())
+
+
+def _flat(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def _starts(*columns: np.ndarray) -> np.ndarray:
+    """Where a run of equal rows (over all columns) starts, in sorted rows."""
+    new = np.zeros(len(columns[0]), dtype=bool)
+    new[:1] = True
+    for column in columns:
+        new[1:] |= column[1:] != column[:-1]
+    return new
+
+
+def _person_runs(persons: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(each person, first row, end row) of rows sorted by person."""
+    first = np.flatnonzero(_starts(persons))
+    return persons[first], first, np.append(first[1:], len(persons))
+
+
+def _out_of_range(s: _Sorted) -> set[int]:
+    """Persons with a kept event outside the range events can have: the summariser dead-letters it."""
+    low, high = int(s.stamps.min()), int(s.stamps.max())
+    if in_event_range(low) and in_event_range(high):
+        return set()
+    return {p for p, t in zip(s.persons.tolist(), s.stamps.tolist(), strict=True) if not in_event_range(t)}
+
+
+def attempt_summaries(kept: KeptColumns, steps: int, skip: set[int]) -> Summarised:
+    """The summaries of every person of `kept` not in `skip`, as `funnel_summary`
+    makes them without a breakdown: for a regular person step k is the first step-k event strictly
+    after step k-1 (no two of its step events share an instant, so no event of the chain can be
+    taken again), found for every attempt at once by a binary search per step."""
+    if not len(kept):
+        return Summarised.empty("fa")
+    s = _sorted(kept)
+    skip = skip | _out_of_range(s)
+    masks = np.array([read_kept(v).steps for v in s.values], dtype=np.int64)[s.value_of]
+    p, t = s.persons, s.stamps
+    same_instant = ~_starts(p, t)
+    first_of_instant = np.maximum.accumulate(np.where(same_instant, 0, np.arange(len(p))))
+    rank = np.arange(len(p)) - first_of_instant
+    if rank.max() >= 1 << RANK_BITS:
+        raise ValueError("more kept events at one instant of one person than attempt rows can rank")
+    key = t << RANK_BITS | rank
+    step_rows = np.flatnonzero(masks != 0)
+    clash = (p[step_rows[1:]] == p[step_rows[:-1]]) & (t[step_rows[1:]] == t[step_rows[:-1]])
+    irregular = set(np.unique(p[step_rows[1:][clash]]).tolist())
+    persons, first, end = _person_runs(p)
+    dense = np.repeat(np.arange(len(persons)), end - first)
+    usable = ~np.isin(p, np.array(sorted(skip | irregular), dtype=np.int64))
+    position = s.position
+    starts = np.flatnonzero(usable & (masks >> 1 & 1).astype(bool))
+    chains = np.full((len(starts), steps), MISSING, dtype=np.int64)
+    chains[:, 0] = key[starts]
+    current, alive = position[starts], np.ones(len(starts), dtype=bool)
+    for k in range(2, steps + 1):
+        candidates = np.flatnonzero(usable & (masks >> k & 1).astype(bool))
+        if not len(candidates):
+            break
+        at = np.searchsorted(position[candidates], current, side="right")
+        alive &= at < len(candidates)
+        at = np.minimum(at, len(candidates) - 1)
+        found = candidates[at]
+        alive &= dense[found] == dense[starts]
+        chains[alive, k - 1] = key[found[alive]]
+        current = np.where(alive, position[found], current)
+    rows = np.column_stack([p[starts], chains]).astype("<i8")
+    packed, width = rows.tobytes(), rows.shape[1] * 8
+    cut = np.flatnonzero(_starts(p[starts], s.day_of[starts]))
+    bounds = (np.append(cut, len(starts)) * width).tolist()
+    values = [packed[a:b] for a, b in pairwise(bounds)]
+    entry_persons, entry_days = p[starts][cut], s.day_of[starts][cut]
+    if irregular:  # no rows, each day of a step event emptied
+        mine = step_rows[np.isin(p[step_rows], np.array(sorted(irregular), dtype=np.int64))]
+        pairs = np.unique(np.column_stack([p[mine], s.day_of[mine]]), axis=0)
+        entry_persons = np.concatenate([entry_persons, pairs[:, 0]])
+        entry_days = np.concatenate([entry_days, pairs[:, 1]])
+        values += [b""] * len(pairs)
+    return _summarised("fa", persons, np.isin(persons, np.array(sorted(irregular), dtype=np.int64)), skip,
+                       entry_persons, [s.days[d] for d in entry_days.tolist()], values)
+
+
+def _summarised(kind: str, persons: np.ndarray, irregular: np.ndarray, skip: set[int], entry_persons: np.ndarray,
+                entry_days: list[str], values: list[bytes]) -> Summarised:
+    """The persons not in `skip`, with their entries in person order."""
+    keep = ~np.isin(persons, np.array(sorted(skip), dtype=np.int64))
+    order = np.argsort(entry_persons, kind="stable")
+    order = order[~np.isin(entry_persons[order], np.array(sorted(skip), dtype=np.int64))]
+    return Summarised(kind, persons[keep], irregular[keep], entry_persons[order],
+                      [entry_days[i] for i in order.tolist()], [values[i] for i in order.tolist()])
+
+
+def session_summaries(kept: KeptColumns, skip: set[int]) -> Summarised:
+    """The summaries of every person of `kept` not in `skip`, as `path_summary` makes
+    them: sessions of two or more events, cut where consecutive events are 30 minutes apart, each
+    under every day it touches."""
+    if not len(kept):
+        return Summarised.empty("ps")
+    s = _sorted(kept)
+    skip = skip | _out_of_range(s)
+    items = [orjson.loads(v)[0] for v in s.values]
+    p, t = s.persons, s.stamps
+    new = _starts(p)
+    new[1:] |= (t[1:] - t[:-1]) >= SESSION_GAP_MS
+    first = np.flatnonzero(new)
+    end = np.append(first[1:], len(p))
+    long = (end - first) > 1
+    first, end = first[long], end[long]
+    stamps, item_of, day_of = t.tolist(), s.value_of.tolist(), s.day_of.tolist()
+    uuids = kept.uuids.take(pa.array(s.order)).to_pylist()
+    by_person: dict[int, dict[str, list[list[list[object]]]]] = {}
+    for a, b, who in zip(first.tolist(), end.tolist(), p[first].tolist(), strict=True):
+        encoded = [stamps[a:b], uuids[a:b], [items[i] for i in item_of[a:b]]]
+        days = by_person.setdefault(who, {})
+        for d in dict.fromkeys(day_of[a:b]):
+            days.setdefault(s.days[d], []).append(encoded)
+    entries = [(who, day, encode_sessions(found)) for who, days in by_person.items() for day, found in days.items()]
+    persons, _, _ = _person_runs(p)
+    return _summarised("ps", persons, np.zeros(len(persons), dtype=bool), skip,
+                       np.array([e[0] for e in entries], dtype=np.int64), [e[1] for e in entries],
+                       [e[2] for e in entries])
+
+def by_columns(definition: Any) -> bool:
+    """Whether the backfill summarises this definition's persons over columns: ordered funnels not
+    broken down, and paths."""
+    kind = getattr(definition, "summary_kind", None)
+    return kind == "ps" or (kind == "fa" and definition.breakdown is None)
+
+
+def summaries_by_columns(definition: Any, kept: KeptColumns, skip: set[int]) -> Summarised:
+    """The summaries of every person of `kept` not in `skip` (`by_columns` definitions)."""
+    if definition.summary_kind == "fa":
+        return attempt_summaries(kept, len(definition.steps), skip)
+    return session_summaries(kept, skip)

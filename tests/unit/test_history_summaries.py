@@ -1,0 +1,90 @@
+"""Summaries computed over a backfill's columns equal the per-person summariser's, byte for byte
+(dataflows/operators/history_summaries.py against dataflows/operators/summaries.py)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataflows.operators.history_summaries import KeptColumns, attempt_summaries, session_summaries
+from dataflows.operators.summaries import summarise_person
+from schemas.filters import NO_FILTERS
+from schemas.funnels import FunnelDefinition, FunnelStep
+from schemas.paths import PathDefinition
+from state.records import StoredEvent, encode_person_events
+
+pytestmark = pytest.mark.unit
+BASE = int(datetime(2024, 6, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+def _kept(rng: random.Random, n: int, steps: int, paths: bool) -> tuple[KeptColumns, dict[int, list[StoredEvent]]]:
+    """Random kept events of a few persons: clustered times (some persons with two step events at
+    one instant), days from the time, funnel step masks or path items."""
+    persons, stamps, uuids, days, values = [], [], [], [], []
+    for i in range(n):
+        person = rng.randrange(1, 12)
+        ts = BASE + rng.choice([rng.randrange(6 * 86_400_000), rng.randrange(40) * 600_000, 1_000 * rng.randrange(5)])
+        if paths:
+            value = orjson.dumps([rng.choice(["/", "/a", "/b", "Home"])]).decode()
+        else:
+            value = orjson.dumps([rng.randrange(1 << (steps + 1)) & ~1, 0, ""]).decode()
+        persons.append(person)
+        stamps.append(ts)
+        uuids.append(f"{rng.randrange(1 << 32):08x}-{i}")
+        days.append(datetime.fromtimestamp(ts / 1000, UTC).strftime("%Y%m%d"))
+        values.append(value)
+    kept = KeptColumns(np.array(persons, dtype=np.int64), np.array(stamps, dtype=np.int64),
+                       pa.array(uuids, pa.string()), pa.array(days, pa.string()), pa.array(values, pa.string()))
+    by_person: dict[int, list[StoredEvent]] = {}
+    for p, t, u, d, v in zip(persons, stamps, uuids, days, values, strict=True):
+        by_person.setdefault(p, []).append(StoredEvent(t, d, u, v.encode()))
+    return kept, by_person
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 100_000), steps=st.integers(1, 4), skipped=st.integers(0, 3))
+def test_attempt_summaries_equal_the_summariser(seed: int, steps: int, skipped: int) -> None:
+    rng = random.Random(seed)
+    kept, by_person = _kept(rng, rng.randrange(0, 300), steps, paths=False)
+    definition = FunnelDefinition(1, tuple(FunnelStep(f"s{k}", (), NO_FILTERS) for k in range(steps)), summaries=True)
+    skip = set(rng.sample(sorted(by_person), min(skipped, len(by_person))))
+    found = {p: (irregular, sorted(entries)) for p, (irregular, entries)
+             in attempt_summaries(kept, steps, skip).per_person().items()}
+    expected = {}
+    for person, events in by_person.items():
+        if person not in skip:
+            summary = summarise_person(definition, str(person), encode_person_events(events))
+            expected[person] = (summary.irregular, sorted(summary.entries))
+    assert found == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 100_000), skipped=st.integers(0, 3))
+def test_session_summaries_equal_the_summariser(seed: int, skipped: int) -> None:
+    rng = random.Random(seed)
+    kept, by_person = _kept(rng, rng.randrange(0, 300), 0, paths=True)
+    definition = PathDefinition(1, ("$pageview",), ())
+    skip = set(rng.sample(sorted(by_person), min(skipped, len(by_person))))
+    found = {p: sorted(entries) for p, (_, entries) in session_summaries(kept, skip).per_person().items()}
+    expected = {person: sorted(summarise_person(definition, str(person), encode_person_events(events)).entries)
+                for person, events in by_person.items() if person not in skip}
+    assert found == expected
+
+
+def test_a_person_with_two_step_events_at_one_instant_keeps_no_rows() -> None:
+    """Irregular: the summariser's rule (empty rows on each day of a step event, flagged)."""
+    rows = [(5, BASE, "a", "[2,0,\"\"]"), (5, BASE, "b", "[4,0,\"\"]"), (6, BASE, "c", "[2,0,\"\"]"),
+            (6, BASE + 1000, "d", "[4,0,\"\"]")]
+    kept = KeptColumns(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), pa.array([r[2] for r in rows]),
+                       pa.array(["20240601"] * 4), pa.array([r[3] for r in rows]))
+    found = attempt_summaries(kept, 2, set()).per_person()
+    assert found[5] == (True, [("fa", "20240601", b"")])
+    row = np.frombuffer(found[6][1][0][2], dtype="<i8")
+    assert found[6][0] is False and row.tolist() == [6, BASE << 20, (BASE + 1000) << 20]

@@ -218,6 +218,7 @@ class _Task:
     consumer: Consumer | None
     last_emitted: int
     columnar: int = 0  # archived events per `ArchivedSums` chunk (evaluated over columns); 0: event by event
+    rows: np.ndarray | None = None  # columnar: `archived` is the definition's history, these its rows left
 
 
 class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | ArchivedSums]):
@@ -272,10 +273,11 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                                "cannot be built from all of them; the always-on state still answers everything "
                                "that needs no registration")
                     break
-                archived = None
-                if self.archive is not None and start < kept:
-                    archived = (partition_rows(history, tag, partition, start, kept) if history is not None else
-                                self.archive.partition_events(project_id, tag, partition, start, kept))
+                archived, rows = None, None
+                if self.archive is not None and start < kept and history is not None:
+                    archived, rows = history, partition_rows(history, tag, partition, start, kept)
+                elif self.archive is not None and start < kept:
+                    archived = self.archive.partition_events(project_id, tag, partition, start, kept)
                 consumer = None
                 topic_start = max(start, kept)
                 if tag == self.tag and topic_start < bound:
@@ -290,12 +292,12 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                                    "definition cannot be built from all of them")
                         break
                     consumer.assign([TopicPartition(self.settings.topic, partition, topic_start)])
+                found = len(rows) if rows is not None else archived.num_rows if archived is not None else 0
                 log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
-                         h, project_id, name, start, bound, archived.num_rows if archived is not None else 0,
-                         topic_start)
+                         h, project_id, name, start, bound, found, topic_start)
                 chunk = 0 if evaluated is None else SUMMED_CHUNK if isinstance(evaluated, Definition) else KEPT_CHUNK
                 return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1,
-                             chunk)
+                             chunk, rows)
         return None
 
     def _columnar_definition(self, project_id: int, h: str) -> Any:
@@ -329,9 +331,11 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
     def _archived_sums(task: _Task) -> list[BackfillItem | SummaryWork | ArchivedSums]:
         """The next chunk of the task's archived events, evaluated over columns by the sink; the last
         one moves the fence to `archived_to` - 1 (below it the archive holds every event of the project)."""
-        assert task.archived is not None
-        chunk = task.archived.slice(0, task.columnar)
-        task.archived = task.archived.slice(chunk.num_rows) if chunk.num_rows < task.archived.num_rows else None
+        assert task.archived is not None and task.rows is not None
+        chunk = task.archived.take(pa.array(task.rows[:task.columnar]))
+        task.rows = task.rows[task.columnar:]
+        if not len(task.rows):
+            task.archived, task.rows = None, None
         through = task.archived_to - 1 if task.archived is None else int(chunk.column("offset")[-1].as_py())
         task.last_emitted = through
         return [ArchivedSums(task.project_id, task.h, task.name, chunk, through)]

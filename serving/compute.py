@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
 import pickle
 import threading
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -37,6 +39,20 @@ SHARED = Counter("insightflow_computations_shared", "Requests answered by an ide
 TIMED_OUT = Counter("insightflow_computations_timed_out", "Computations over their time budget (worker replaced)")
 
 WORKER_NICENESS = 10
+
+
+@contextlib.contextmanager
+def no_collection() -> Iterator[None]:
+    """Build many small objects without the cyclic collector: each of its passes over the oldest
+    generation rescans every object built so far, which made reading millions of kept events
+    quadratic. What they hold has no cycles, so nothing is left for it to free."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 _worker_client: redis.Redis | None = None
 
 

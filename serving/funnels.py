@@ -30,7 +30,7 @@ from schemas.filters import as_text
 from schemas.funnels import FunnelRequest, read_kept
 from schemas.projects import Project
 from schemas.trends import RequestError
-from serving.compute import Computation
+from serving.compute import Computation, no_collection
 from serving.people import person_details
 from serving.trends import quantile
 from state import keys
@@ -128,13 +128,18 @@ class FunnelQuery(Computation):
         prefix = keys.definition_prefix(self.project.id, self.request.definition.hash)
         low, high = self.lower.timestamp() * 1000, self.range.date_to.timestamp() * 1000
         actors: dict[str, list[StepEvent]] = defaultdict(list)
-        for raw in self.state.day_events(prefix, self._days()):
-            person, ts_ms, uuid, payload = read_day_event(raw)
-            person = self.state.person(person)  # a merged person's events are its survivor's
-            if low <= ts_ms <= high:
-                kept = read_kept(payload)
-                actors[person].append(StepEvent(ts_ms / 1000, uuid, _bits(kept.steps), _bits(kept.excluded),
-                                                kept.breakdown, kept.name, kept.properties))
+        parsed: dict[str, tuple[Any, ...]] = {}  # a definition keeps few distinct values: each read once
+        with no_collection():
+            for raw in self.state.day_events(prefix, self._days()):
+                person, ts_ms, uuid, payload = read_day_event(raw)
+                person = self.state.person(person)  # a merged person's events are its survivor's
+                if low <= ts_ms <= high:
+                    fields = parsed.get(payload)
+                    if fields is None:
+                        kept = read_kept(payload)
+                        fields = parsed[payload] = (_bits(kept.steps), _bits(kept.excluded), kept.breakdown,
+                                                    kept.name, kept.properties)
+                    actors[person].append(StepEvent(ts_ms / 1000, uuid, *fields))
         self._actors = self._first_times(dict(actors))
         return self._actors
 

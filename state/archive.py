@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather
@@ -405,9 +406,11 @@ def iter_events(table: pa.Table, project_id: int, batch: int = 50_000) -> Iterat
             yield TopicEvent(uuid, name, did, ts, orjson.loads(props), project_id)
 
 
-def partition_rows(table: pa.Table, topic: str, partition: int, start: int, stop: int) -> pa.Table:
-    """The rows of one topic partition with start <= offset < stop, by offset."""
+def partition_rows(table: pa.Table, topic: str, partition: int, start: int, stop: int) -> np.ndarray:
+    """The indices of the rows of one topic partition with start <= offset < stop, by offset: a
+    backfill takes its chunks from them, so the table (with its JSON) is never copied whole."""
     offsets = table.column("offset")
     keep = pc.and_(pc.and_(pc.equal(table.column("topic"), topic), pc.equal(table.column("partition"), partition)),
                    pc.and_(pc.greater_equal(offsets, start), pc.less(offsets, stop)))
-    return table.filter(keep).sort_by("offset")
+    rows = np.flatnonzero(np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool))
+    return rows[np.argsort(offsets.to_numpy()[rows], kind="stable")]

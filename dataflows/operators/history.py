@@ -158,6 +158,20 @@ def _by_group(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, list[lis
     return sorted_groups[first], [ordered[a:b] for a, b in pairwise(bounds)]
 
 
+def _joined_by_group(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+    """Texts joined per integer group, each group's in the texts' order: slices of the grouped
+    texts' one buffer, so no Python object per text."""
+    order = np.argsort(groups, kind="stable")
+    ordered = _flat(texts.take(pa.array(order)))
+    _, offsets_buffer, data = ordered.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[ordered.offset:ordered.offset + len(ordered) + 1]
+    sorted_groups = groups[order]
+    first = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    raw = data.to_pybytes()[offsets[0]:offsets[-1]] if data is not None else b""
+    cut = (offsets[np.append(first, len(order))] - offsets[0]).tolist()
+    return sorted_groups[first], [raw[a:b] for a, b in pairwise(cut)]
+
+
 def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str], shards: int,
                  takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, KeptHistory]:
     """What the archived rows of `table` (in offset order) add to a `columnar` funnel or paths
@@ -197,8 +211,7 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
         if per_person:
             day_names = day_texts.take(pa.array(day))
             texts = person_records(stamp_texts, day_names, uuid_texts, sized.take(pa.array(code)))
-            found, grouped = _by_group(texts, who)
-            joined = [b"".join(rows) for rows in grouped]
+            found, joined = _joined_by_group(texts, who)
             part.persons = {p: text.decode() for p, text in zip(found.tolist(), joined, strict=True)}
             part.sizes = {p: len(text) for p, text in zip(found.tolist(), joined, strict=True)}
             part.columns = KeptColumns(who, when, uuid_texts, day_names, kept_values)

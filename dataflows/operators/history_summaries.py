@@ -96,18 +96,20 @@ class _Sorted:
     values: list[str]      # the distinct kept values
 
 
-def _sorted(kept: KeptColumns) -> _Sorted:
-    """Sorted over integers; only rows of one person at one instant are ordered by uuid, in Python
-    (they are few)."""
-    p, t = kept.persons, kept.stamps
+def person_order(persons: np.ndarray, stamps: np.ndarray, uuids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(rows in PostHog's order per person, (person, time, uuid); each sorted row's position, one
+    sortable number per (person, time): person-major, its times in order). Sorted over integers;
+    only rows of one person at one instant are ordered by uuid, in Python (they are few)."""
+    p, t = persons, stamps
     if int(p.max()) < 4 * len(p) + (1 << 20):  # person ids are dense: number them without a sort
         present = np.zeros(int(p.max()) + 1, dtype=np.int64)
         present[p] = 1
-        persons, dense = np.flatnonzero(present), (np.cumsum(present) - 1)[p]
+        count, dense = int(present.sum()), (np.cumsum(present) - 1)[p]
     else:
-        persons, dense = np.unique(p, return_inverse=True)
+        found, dense = np.unique(p, return_inverse=True)
+        count = len(found)
     low, span = int(t.min()), int(t.max()) - int(t.min()) + 1
-    if len(persons) * span >= 1 << 62:
+    if count * span >= 1 << 62:
         raise ValueError("the kept events span too long a time to be sorted as one number")
     position = dense.astype(np.int64) * span + (t - low)
     order = np.argsort(position)  # rows of one position are put in uuid order below
@@ -115,13 +117,18 @@ def _sorted(kept: KeptColumns) -> _Sorted:
     tied = np.flatnonzero(position[1:] == position[:-1])
     if len(tied):
         rows = np.unique(np.concatenate([tied, tied + 1]))
-        uuids = kept.uuids.take(pa.array(order[rows])).to_pylist()
+        found_uuids = uuids.take(pa.array(order[rows])).to_pylist()
         at = position[rows].tolist()
-        by_uuid = sorted(range(len(rows)), key=lambda i: (at[i], uuids[i]))
+        by_uuid = sorted(range(len(rows)), key=lambda i: (at[i], found_uuids[i]))
         order[rows] = order[rows][by_uuid]
+    return order, position
+
+
+def _sorted(kept: KeptColumns) -> _Sorted:
+    order, position = person_order(kept.persons, kept.stamps, kept.uuids)
     days = _flat(pc.dictionary_encode(kept.days))
     values = _flat(pc.dictionary_encode(kept.values))
-    return _Sorted(order, p[order], t[order], position, days.dictionary.to_pylist(),
+    return _Sorted(order, kept.persons[order], kept.stamps[order], position, days.dictionary.to_pylist(),
                    days.indices.to_numpy(zero_copy_only=False).astype(np.int64)[order],
                    values.indices.to_numpy(zero_copy_only=False).astype(np.int64)[order], values.dictionary.to_pylist())
 
@@ -154,29 +161,52 @@ def _out_of_range(s: _Sorted) -> set[int]:
 
 
 def attempt_summaries(kept: KeptColumns, steps: int, skip: set[int]) -> Summarised:
-    """The summaries of every person of `kept` not in `skip`, as `funnel_summary`
-    makes them without a breakdown: for a regular person step k is the first step-k event strictly
-    after step k-1 (no two of its step events share an instant, so no event of the chain can be
-    taken again), found for every attempt at once by a binary search per step."""
+    """The summaries of every person of `kept` not in `skip`, as `funnel_summary` makes them without
+    a breakdown, from `chains_by_columns`."""
     if not len(kept):
         return Summarised.empty("fa")
     s = _sorted(kept)
     skip = skip | _out_of_range(s)
     masks = np.array([read_kept(v).steps for v in s.values], dtype=np.int64)[s.value_of]
-    p, t = s.persons, s.stamps
+    p = s.persons
+    starts, chains, irregular = chains_by_columns(p, s.stamps, s.position, masks, steps, skip)
+    rows = np.column_stack([p[starts], chains]).astype("<i8")
+    packed, width = rows.tobytes(), rows.shape[1] * 8
+    cut = np.flatnonzero(_starts(p[starts], s.day_of[starts]))
+    bounds = (np.append(cut, len(starts)) * width).tolist()
+    values = [packed[a:b] for a, b in pairwise(bounds)]
+    entry_persons, entry_days = p[starts][cut], s.day_of[starts][cut]
+    if irregular:  # no rows, each day of a step event emptied
+        step_rows = np.flatnonzero(masks != 0)
+        mine = step_rows[np.isin(p[step_rows], np.array(sorted(irregular), dtype=np.int64))]
+        pairs = np.unique(np.column_stack([p[mine], s.day_of[mine]]), axis=0)
+        entry_persons = np.concatenate([entry_persons, pairs[:, 0]])
+        entry_days = np.concatenate([entry_days, pairs[:, 1]])
+        values += [b""] * len(pairs)
+    persons, _, _ = _person_runs(p)
+    return _summarised("fa", persons, np.isin(persons, np.array(sorted(irregular), dtype=np.int64)), skip,
+                       entry_persons, [s.days[d] for d in entry_days.tolist()], values)
+
+
+def chains_by_columns(p: np.ndarray, t: np.ndarray, position: np.ndarray, masks: np.ndarray, steps: int,
+                      skip: set[int]) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """`attempt_chains` of every person at once, over rows in `person_order` (persons, times,
+    positions and step masks of the sorted rows): (the rows that start an attempt, each attempt's
+    (start, g_2, ..., g_n) as `ms << RANK_BITS | rank`, the irregular persons, who get none). For a
+    regular person step k is the first step-k event strictly after step k-1: no two of its step
+    events share an instant, so no event of the chain can be taken again."""
     same_instant = ~_starts(p, t)
     first_of_instant = np.maximum.accumulate(np.where(same_instant, 0, np.arange(len(p))))
     rank = np.arange(len(p)) - first_of_instant
-    if rank.max() >= 1 << RANK_BITS:
+    if len(rank) and rank.max() >= 1 << RANK_BITS:
         raise ValueError("more kept events at one instant of one person than attempt rows can rank")
     key = t << RANK_BITS | rank
     step_rows = np.flatnonzero(masks != 0)
     clash = (p[step_rows[1:]] == p[step_rows[:-1]]) & (t[step_rows[1:]] == t[step_rows[:-1]])
     irregular = set(np.unique(p[step_rows[1:][clash]]).tolist())
-    persons, first, end = _person_runs(p)
-    dense = np.repeat(np.arange(len(persons)), end - first)
+    _, first, end = _person_runs(p)
+    dense = np.repeat(np.arange(len(first)), end - first)
     usable = ~np.isin(p, np.array(sorted(skip | irregular), dtype=np.int64))
-    position = s.position
     starts = np.flatnonzero(usable & (masks >> 1 & 1).astype(bool))
     chains = np.full((len(starts), steps), MISSING, dtype=np.int64)
     chains[:, 0] = key[starts]
@@ -192,20 +222,7 @@ def attempt_summaries(kept: KeptColumns, steps: int, skip: set[int]) -> Summaris
         alive &= dense[found] == dense[starts]
         chains[alive, k - 1] = key[found[alive]]
         current = np.where(alive, position[found], current)
-    rows = np.column_stack([p[starts], chains]).astype("<i8")
-    packed, width = rows.tobytes(), rows.shape[1] * 8
-    cut = np.flatnonzero(_starts(p[starts], s.day_of[starts]))
-    bounds = (np.append(cut, len(starts)) * width).tolist()
-    values = [packed[a:b] for a, b in pairwise(bounds)]
-    entry_persons, entry_days = p[starts][cut], s.day_of[starts][cut]
-    if irregular:  # no rows, each day of a step event emptied
-        mine = step_rows[np.isin(p[step_rows], np.array(sorted(irregular), dtype=np.int64))]
-        pairs = np.unique(np.column_stack([p[mine], s.day_of[mine]]), axis=0)
-        entry_persons = np.concatenate([entry_persons, pairs[:, 0]])
-        entry_days = np.concatenate([entry_days, pairs[:, 1]])
-        values += [b""] * len(pairs)
-    return _summarised("fa", persons, np.isin(persons, np.array(sorted(irregular), dtype=np.int64)), skip,
-                       entry_persons, [s.days[d] for d in entry_days.tolist()], values)
+    return starts, chains, irregular
 
 
 def _summarised(kind: str, persons: np.ndarray, irregular: np.ndarray, skip: set[int], entry_persons: np.ndarray,

@@ -19,9 +19,12 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
+from dataflows.operators.funnel_correlation import CorrelationEvents, event_correlation
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts
 from dataflows.operators.summaries import PersonSummary, summarise_group, unusable
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
@@ -142,6 +145,21 @@ class FunnelQuery(Computation):
                     actors[person].append(StepEvent(ts_ms / 1000, uuid, *fields))
         self._actors = self._first_times(dict(actors))
         return self._actors
+
+    def correlation_events(self) -> CorrelationEvents | None:
+        """The kept events in the range as columns, for event correlation over columns
+        (dataflows/operators/funnel_correlation.py): ordered funnels without exclusions or first-time
+        steps. None otherwise, or if a kept event cannot be read so (the per-person path reads it)."""
+        request = self.request
+        if request.order != "ordered" or request.definition.exclusions or request.first_time_steps:
+            return None
+        prefix = keys.definition_prefix(self.project.id, request.definition.hash)
+        raws = self.state.day_events(prefix, self._days())
+        try:
+            return _event_columns(raws, self.state.overrides.final, self.lower.timestamp() * 1000,
+                                  self.range.date_to.timestamp() * 1000)
+        except (ValueError, TypeError, pa.ArrowException):
+            return None
 
     def _days(self) -> list[str]:
         """The project-zone days the range touches (YYYYMMDD)."""
@@ -565,12 +583,42 @@ def parse_correlation(data: dict[str, Any]) -> CorrelationRequest:
     return request
 
 
-def correlation(query: FunnelQuery, request: CorrelationRequest, person_properties: Any) -> dict[str, Any]:
-    """Which events or properties go with converting (§8.3): +1-smoothed odds ratios, top 10 each side."""
+def _event_columns(raws: list[bytes], merged: dict[int, int], low: float, high: float) -> CorrelationEvents | None:
+    """A funnel's kept day rows (`person|ts|uuid|value`, state/records.py) as columns, merged
+    persons as the person they became, only those in [low, high] ms; None if one hit an exclusion."""
+    parts = pc.split_pattern(pa.array(raws, pa.binary()).cast(pa.string()), "|", max_splits=3)
+    if len(raws) and pc.min(pc.list_value_length(parts)).as_py() != 4:
+        raise ValueError("a kept day row without its four fields")
+    flat, n = parts.flatten(), len(raws)
+
+    def field(i: int) -> pa.Array:
+        return flat.take(pa.array(np.arange(i, 4 * n, 4, dtype=np.int64)))
+
+    persons = pc.cast(field(0), pa.int64()).to_numpy(zero_copy_only=False)
+    stamps = pc.cast(field(1), pa.int64()).to_numpy(zero_copy_only=False)
+    if merged:
+        found, back = np.unique(persons, return_inverse=True)
+        persons = np.array([merged.get(p, p) for p in found.tolist()], dtype=np.int64)[back]
+    keep = np.flatnonzero((stamps >= low) & (stamps <= high))
+    values = pc.dictionary_encode(field(3).take(pa.array(keep)))
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    kept = [read_kept(v) for v in values.dictionary.to_pylist()]
+    if any(k.excluded for k in kept):
+        return None
+    names = sorted({k.name for k in kept})
+    name_index = {name: i for i, name in enumerate(names)}
+    codes = values.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return CorrelationEvents(persons[keep], stamps[keep], field(2).take(pa.array(keep)),
+                             np.array([k.steps for k in kept], dtype=np.int64)[codes],
+                             np.array([name_index[k.name] for k in kept], dtype=np.int64)[codes], names)
+
+
+def _counted_by_person(query: FunnelQuery, request: CorrelationRequest, person_properties: Any, step_names: set[Any]
+                       ) -> tuple[int, int, dict[str, tuple[int, int]]]:
+    """(converted persons, the others, {candidate: (converted, others) persons with it}), running the
+    funnel UDF over each person's events."""
     funnel_request = query.request
-    step_names = {e.id for e in funnel_request.entities if e.id is not None}
-    window = funnel_request.window_s
-    date_to = query.range.date_to.timestamp()
+    window, date_to = funnel_request.window_s, query.range.date_to.timestamp()
     success: set[str] = set()
     failure: set[str] = set()
     seen: dict[str, dict[str, bool]] = defaultdict(dict)  # candidate -> person -> converted
@@ -601,13 +649,28 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
                 wanted = "$all" in request.names or prop in request.names
                 if wanted and prop not in request.exclude_names:
                     seen[f"{prop}::{as_text(value)}"][person] = person in success
-    big_s, big_f = len(success), len(failure)
+    counts = {key: (sum(people.values()), len(people) - sum(people.values())) for key, people in seen.items()}
+    return len(success), len(failure), counts
+
+
+def correlation(query: FunnelQuery, request: CorrelationRequest, person_properties: Any) -> dict[str, Any]:
+    """Which events or properties go with converting (§8.3): +1-smoothed odds ratios, top 10 each side."""
+    funnel_request = query.request
+    step_names = {e.id for e in funnel_request.entities if e.id is not None}
+    window = funnel_request.window_s
+    date_to = query.range.date_to.timestamp()
+    columns = query.correlation_events() if request.kind == "events" else None
+    if columns is not None:
+        ignored = {n for n in step_names if isinstance(n, str)} | set(request.exclude_event_names)
+        _, lo_ms, hi_ms = query._bounds_ms
+        counted = event_correlation(columns, query.steps, window, lo_ms, hi_ms, date_to, ignored)
+        big_s, big_f, counts = counted.success, counted.failure, counted.by_name
+    else:
+        big_s, big_f, counts = _counted_by_person(query, request, person_properties, step_names)
     if not big_s or not big_f:
         return {"events": [], "skewed": True}
     rows = []
-    for key, people in seen.items():
-        s = sum(1 for converted in people.values() if converted)
-        f = len(people) - s
+    for key, (s, f) in counts.items():
         if s + f < min(25, 0.02 * (big_s + big_f)):
             continue
         if request.kind == "event_with_properties" and s + f <= 2:

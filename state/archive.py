@@ -40,8 +40,8 @@ from datetime import date
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.feather as feather

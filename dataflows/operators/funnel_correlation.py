@@ -1,0 +1,103 @@
+"""Funnel event correlation (spec §8.3) over columns, for ordered funnels without exclusions (no I/O).
+
+A correlation reads every event of every person in the range. Building one Python object per event
+and running the funnel UDF person by person took most of a query over millions of events, so here
+each person's counted attempt comes from the attempt chains of all persons at once
+(`history_summaries.chains_by_columns`, the rule the summarised funnel path answers with, chosen by
+`funnel_attempts.best_attempts`), and the events between an attempt's start and its end are
+counted per event name with array operations. Persons with two step events at one instant
+(irregular) go through the UDF itself. The numbers are those of `serving/funnels.py correlation`'s
+per-person loop; only how they are computed changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from dataflows.operators.funnel_attempts import best_attempts
+from dataflows.operators.funnels import StepEvent, funnel
+from dataflows.operators.history_summaries import chains_by_columns, person_order
+
+
+@dataclass
+class CorrelationEvents:
+    """A correlation funnel's kept events in the query range, one row each: the person (as merges
+    made it), ms, uuid, the steps mask (bit k: step k) and the event name (an index into `names`)."""
+
+    persons: np.ndarray
+    stamps: np.ndarray
+    uuids: pa.Array
+    masks: np.ndarray
+    name_of: np.ndarray
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class Counted:
+    """Persons who converted, who did not, and per event name the persons of each kind who did it
+    between their attempt's start and end."""
+
+    success: int
+    failure: int
+    by_name: dict[str, tuple[int, int]]
+
+
+def _bits(mask: int) -> tuple[int, ...]:
+    return tuple(k for k in range(1, mask.bit_length()) if mask >> k & 1)
+
+
+def event_correlation(events: CorrelationEvents, steps: int, window_s: float, lo_ms: int, hi_ms: int,
+                      date_to_s: float, ignored: set[str]) -> Counted:
+    """The counts `correlation` ranks, for `events` already in [lo_ms, hi_ms]; `ignored`: names not
+    counted (the steps' and the request's excluded ones)."""
+    if not len(events.persons):
+        return Counted(0, 0, {})
+    order, position = person_order(events.persons, events.stamps, events.uuids)
+    p, t, masks = events.persons[order], events.stamps[order], events.masks[order]
+    starts, chains, irregular = chains_by_columns(p, t, position, masks, steps, set())
+    who, reached, times = best_attempts(p[starts], chains, int(window_s * 1000), lo_ms, hi_ms)
+    times = times.reshape(-1, steps)
+    first, converted = times[:, 0] / 1000, reached == steps
+    last = np.where(converted, times[:, -1] / 1000, np.minimum(first + window_s, date_to_s))
+    if irregular:  # the UDF itself over each such person's events
+        mine = np.flatnonzero(np.isin(p, np.array(sorted(irregular), dtype=np.int64)))
+        uuids = events.uuids.take(pa.array(order[mine])).to_pylist()
+        by_person: dict[int, list[StepEvent]] = {}
+        for person, ts, uuid, mask in zip(p[mine].tolist(), t[mine].tolist(), uuids, masks[mine].tolist(),
+                                          strict=True):
+            by_person.setdefault(person, []).append(StepEvent(ts / 1000, uuid, _bits(mask)))
+        extra = [(person, result) for person, found in by_person.items()
+                 if (result := funnel(found, steps, window_s, "ordered")) is not None and result.steps_reached]
+        if extra:
+            stamps = [r.timestamps for _, r in extra]
+            done = np.array([r.steps_reached == steps for _, r in extra])
+            starts_s = np.array([s[0] for s in stamps])
+            ends_s = np.array([s[-1] if d else min(s[0] + window_s, date_to_s)
+                               for s, d in zip(stamps, done, strict=True)])
+            who = np.concatenate([who, np.array([person for person, _ in extra], dtype=np.int64)])
+            converted = np.concatenate([converted, done])
+            first, last = np.concatenate([first, starts_s]), np.concatenate([last, ends_s])
+    success = int(converted.sum())
+    by_name: dict[str, tuple[int, int]] = {}
+    if not len(who):
+        return Counted(0, 0, by_name)
+    counted = np.array([bool(name) and name not in ignored for name in events.names], dtype=bool)
+    rank = np.argsort(who)
+    at = np.searchsorted(who[rank], events.persons)
+    at = np.minimum(at, len(who) - 1)
+    has = who[rank][at] == events.persons
+    index = rank[at]
+    seconds = events.stamps / 1000
+    inside = has & counted[events.name_of] & (first[index] < seconds) & (seconds < last[index])
+    rows = np.flatnonzero(inside)
+    pairs = np.unique(np.column_stack([events.name_of[rows], index[rows]]), axis=0).reshape(-1, 2)
+    persons = np.bincount(pairs[:, 0], minlength=len(events.names))
+    converting = np.bincount(pairs[:, 0], weights=converted[pairs[:, 1]], minlength=len(events.names))
+    for code in np.flatnonzero(persons).tolist():
+        s = int(converting[code])
+        by_name[events.names[code]] = (s, int(persons[code]) - s)
+    return Counted(success, len(who) - success, by_name)
+

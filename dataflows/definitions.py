@@ -549,6 +549,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         evaluate = history_sums if isinstance(definition, Definition) else history_kept
         key = (item.project_id, item.h, item.name)
         written = self._written.get(key, -1)
+        started = time.perf_counter()
         while True:
             limits = self.store.backfill_limits(item.project_id, item.h, item.name)
 
@@ -561,6 +562,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
                 self._fail(item.project_id, item.h,
                            f"an event could not be applied to it: {type(exc).__name__}: {exc}")
                 return
+            evaluated = time.perf_counter()
             try:
                 result = self.store.backfill_sums(definition, item.name, sums,
                                                   {s: fence for s, (fence, _) in limits.items()}, item.through, written)
@@ -573,8 +575,9 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         if by_columns(definition) and not result.failed:
             self._keep_columns(item.project_id, item.h, sums.values())  # type: ignore[arg-type]
         self._written[key] = max(written, item.through)
-        log.info("backfill of %s for project %s: %d archived events of %s evaluated by columns, %d applied", item.h,
-                 item.project_id, item.table.num_rows, item.name, result.events)
+        log.info("backfill of %s for project %s: %d archived events of %s evaluated by columns, %d applied (%.2f s "
+                 "evaluating, %.2f s writing)", item.h, item.project_id, item.table.num_rows, item.name, result.events,
+                 evaluated - started, time.perf_counter() - evaluated)
 
     def _keep_columns(self, project_id: int, h: str, parts: Iterable[KeptHistory]) -> None:
         columns, sizes = self._kept.setdefault((project_id, h), ([], {}))

@@ -488,6 +488,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         return self._definitions[key]
 
     def _fail(self, project_id: int, h: str, reason: str) -> None:
+        self._kept.pop((project_id, h), None)
         fail_definition(self.registry, project_id, h, reason)
 
     def _summarise(self, work: SummaryWork) -> None:
@@ -545,6 +546,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         each shard's fence and below its limit (bound and live handover), in one call per shard."""
         definition = self._definition(item.project_id, item.h)
         if definition is None:
+            self._kept.pop((item.project_id, item.h), None)  # failed or gone: nothing to summarise
             return
         evaluate = history_sums if isinstance(definition, Definition) else history_kept
         key = (item.project_id, item.h, item.name)

@@ -25,7 +25,7 @@ import redis
 
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
 from dataflows.operators.funnel_correlation import CorrelationEvents, event_correlation
-from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts
+from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts, step_bits
 from dataflows.operators.summaries import PersonSummary, summarise_group, unusable
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
 from schemas.fields import decode_json_field
@@ -51,10 +51,6 @@ class ActorResult:
 
 
 @lru_cache(maxsize=4096)
-def _bits(mask: int) -> tuple[int, ...]:
-    return tuple(k for k in range(1, mask.bit_length()) if mask >> k & 1)
-
-
 def _outcomes(actors: list[ActorResult], steps: int) -> Outcomes:
     reached = np.array([a.result.steps_reached for a in actors], dtype=np.int64)
     times = np.full((len(actors), steps), np.nan)
@@ -140,7 +136,7 @@ class FunnelQuery(Computation):
                     fields = parsed.get(payload)
                     if fields is None:
                         kept = read_kept(payload)
-                        fields = parsed[payload] = (_bits(kept.steps), _bits(kept.excluded), kept.breakdown,
+                        fields = parsed[payload] = (step_bits(kept.steps), step_bits(kept.excluded), kept.breakdown,
                                                     kept.name, kept.properties)
                     actors[person].append(StepEvent(ts_ms / 1000, uuid, *fields))
         self._actors = self._first_times(dict(actors))
@@ -231,7 +227,8 @@ class FunnelQuery(Computation):
                 for e in read_person_events(raw)[0]:
                     if low <= e.ts_ms <= high and unusable("fa", e) is None:
                         kept = read_kept(e.value)
-                        inside.append(StepEvent(e.ts_ms / 1000, e.uuid, _bits(kept.steps), breakdown=kept.breakdown))
+                        inside.append(StepEvent(e.ts_ms / 1000, e.uuid, step_bits(kept.steps),
+                                                breakdown=kept.breakdown))
                 if inside:
                     events[person] = inside
         return rows, events
@@ -600,8 +597,7 @@ def _event_columns(raws: list[bytes], merged: dict[int, int], low: float, high: 
         found, back = np.unique(persons, return_inverse=True)
         persons = np.array([merged.get(p, p) for p in found.tolist()], dtype=np.int64)[back]
     keep = np.flatnonzero((stamps >= low) & (stamps <= high))
-    values = pc.dictionary_encode(field(3).take(pa.array(keep)))
-    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    values = flat(pc.dictionary_encode(field(3).take(pa.array(keep))))
     kept = [read_kept(v) for v in values.dictionary.to_pylist()]
     if any(k.excluded for k in kept):
         return None

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from dataflows.operators.funnel_attempts import best_attempts
-from dataflows.operators.funnels import StepEvent, funnel
+from dataflows.operators.funnels import StepEvent, funnel, step_bits
 from dataflows.operators.history_summaries import chains_by_columns, person_order
 
 
@@ -45,10 +45,6 @@ class Counted:
     by_name: dict[str, tuple[int, int]]
 
 
-def _bits(mask: int) -> tuple[int, ...]:
-    return tuple(k for k in range(1, mask.bit_length()) if mask >> k & 1)
-
-
 def event_correlation(events: CorrelationEvents, steps: int, window_s: float, lo_ms: int, hi_ms: int,
                       date_to_s: float, ignored: set[str]) -> Counted:
     """The counts `correlation` ranks, for `events` already in [lo_ms, hi_ms]; `ignored`: names not
@@ -68,7 +64,7 @@ def event_correlation(events: CorrelationEvents, steps: int, window_s: float, lo
         by_person: dict[int, list[StepEvent]] = {}
         for person, ts, uuid, mask in zip(p[mine].tolist(), t[mine].tolist(), uuids, masks[mine].tolist(),
                                           strict=True):
-            by_person.setdefault(person, []).append(StepEvent(ts / 1000, uuid, _bits(mask)))
+            by_person.setdefault(person, []).append(StepEvent(ts / 1000, uuid, step_bits(mask)))
         extra = [(person, result) for person, found in by_person.items()
                  if (result := funnel(found, steps, window_s, "ordered")) is not None and result.steps_reached]
         if extra:

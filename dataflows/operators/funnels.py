@@ -22,6 +22,11 @@ class StepEvent:
     properties: dict | None = None   # kept for correlation's event_with_properties only
 
 
+def step_bits(mask: int) -> tuple[int, ...]:
+    """The 1-based steps (or exclusion tags) a kept mask holds: bit k is k."""
+    return tuple(k for k in range(1, mask.bit_length()) if mask >> k & 1)
+
+
 @dataclass(frozen=True, slots=True)
 class FunnelResult:
     steps_reached: int           # 1-based count of steps completed (0: never entered)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataflows.operators.batch import DefinitionSums
-from dataflows.operators.history_summaries import KeptColumns
+from dataflows.operators.history_summaries import KeptColumns, flat
 from dataflows.operators.trends import slot_buckets
 from schemas.definitions import Definition
 from state.records import day_rows, person_records, sized_value
@@ -162,7 +162,7 @@ def _joined_by_group(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, l
     """Texts joined per integer group, each group's in the texts' order: slices of the grouped
     texts' one buffer, so no Python object per text."""
     order = np.argsort(groups, kind="stable")
-    ordered = _flat(texts.take(pa.array(order)))
+    ordered = flat(texts.take(pa.array(order)))
     _, offsets_buffer, data = ordered.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[ordered.offset:ordered.offset + len(ordered) + 1]
     sorted_groups = groups[order]
@@ -202,7 +202,7 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
         part = out[s]
         part.events = len(where)
         who, when, day, code = persons[where], stamps[where], day_of[where], codes[where]
-        stamp_texts, uuid_texts = pc.cast(pa.array(when), pa.string()), _flat(uuids.take(pa.array(where)))
+        stamp_texts, uuid_texts = pc.cast(pa.array(when), pa.string()), flat(uuids.take(pa.array(where)))
         kept_values = value_texts.take(pa.array(code))
         if per_day:
             texts = day_rows(pc.cast(pa.array(who), pa.string()), stamp_texts, uuid_texts, kept_values)
@@ -216,10 +216,6 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
             part.sizes = {p: len(text) for p, text in zip(found.tolist(), joined, strict=True)}
             part.columns = KeptColumns(who, when, uuid_texts, day_names, kept_values)
     return out
-
-
-def _flat(array: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
 def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: set[str], shards: int,

@@ -126,14 +126,15 @@ def person_order(persons: np.ndarray, stamps: np.ndarray, uuids: pa.Array) -> tu
 
 def _sorted(kept: KeptColumns) -> _Sorted:
     order, position = person_order(kept.persons, kept.stamps, kept.uuids)
-    days = _flat(pc.dictionary_encode(kept.days))
-    values = _flat(pc.dictionary_encode(kept.values))
+    days = flat(pc.dictionary_encode(kept.days))
+    values = flat(pc.dictionary_encode(kept.values))
     return _Sorted(order, kept.persons[order], kept.stamps[order], position, days.dictionary.to_pylist(),
                    days.indices.to_numpy(zero_copy_only=False).astype(np.int64)[order],
                    values.indices.to_numpy(zero_copy_only=False).astype(np.int64)[order], values.dictionary.to_pylist())
 
 
-def _flat(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+def flat(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One array, whether pyarrow handed back one or a chunked one."""
     return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
@@ -268,8 +269,9 @@ def session_summaries(kept: KeptColumns, skip: set[int]) -> Summarised:
 def by_columns(definition: Any) -> bool:
     """Whether the backfill summarises this definition's persons over columns: ordered funnels not
     broken down, and paths."""
-    kind = getattr(definition, "summary_kind", None)
-    return kind == "ps" or (kind == "fa" and definition.breakdown is None)
+    if not getattr(definition, "summaries", False):
+        return False
+    return definition.summary_kind == "ps" or (definition.summary_kind == "fa" and definition.breakdown is None)
 
 
 def summaries_by_columns(definition: Any, kept: KeptColumns, skip: set[int]) -> Summarised:

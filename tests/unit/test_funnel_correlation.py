@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflows.operators.funnel_correlation import CorrelationEvents, event_correlation
-from dataflows.operators.funnels import StepEvent
+from dataflows.operators.funnels import StepEvent, step_bits
 from serving.funnels import CorrelationRequest, _counted_by_person
 
 pytestmark = pytest.mark.unit
@@ -47,10 +47,6 @@ class _Query:
         return self.events
 
 
-def _bits(mask: int) -> tuple[int, ...]:
-    return tuple(k for k in range(1, mask.bit_length()) if mask >> k & 1)
-
-
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 100_000), steps=st.integers(1, 3), window_h=st.sampled_from([1, 24, 24 * 14]))
 def test_event_correlation_equals_the_per_person_path(seed: int, steps: int, window_h: int) -> None:
@@ -77,7 +73,7 @@ def test_event_correlation_equals_the_per_person_path(seed: int, steps: int, win
     found = event_correlation(columns, steps, window_s, lo_ms, hi_ms, date_to.timestamp(), step_names | set(excluded))
     actors: dict[str, list[StepEvent]] = {}
     for person, ts, uuid, mask, name in inside:
-        actors.setdefault(str(person), []).append(StepEvent(ts / 1000, uuid, _bits(mask), name=name))
+        actors.setdefault(str(person), []).append(StepEvent(ts / 1000, uuid, step_bits(mask), name=name))
     query: Any = _Query(_Request(window_s), steps, _Range(date_to), actors)
     request = CorrelationRequest("events", (), (), (), excluded, ())
     success, failure, counts = _counted_by_person(query, request, None, step_names)

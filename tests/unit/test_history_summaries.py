@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.operators.history_summaries import KeptColumns, attempt_summaries, session_summaries
+from dataflows.operators.history_summaries import KeptColumns, attempt_summaries, by_columns, session_summaries
 from dataflows.operators.summaries import summarise_person
+from schemas.definitions import Breakdown
 from schemas.filters import NO_FILTERS
 from schemas.funnels import FunnelDefinition, FunnelStep
 from schemas.paths import PathDefinition
@@ -88,3 +89,11 @@ def test_a_person_with_two_step_events_at_one_instant_keeps_no_rows() -> None:
     assert found[5] == (True, [("fa", "20240601", b"")])
     row = np.frombuffer(found[6][1][0][2], dtype="<i8")
     assert found[6][0] is False and row.tolist() == [6, BASE << 20, (BASE + 1000) << 20]
+
+
+def test_only_definitions_keeping_summaries_are_summarised_by_columns() -> None:
+    steps = tuple(FunnelStep(f"s{k}", (), NO_FILTERS) for k in range(2))
+    assert by_columns(FunnelDefinition(1, steps, summaries=True))
+    assert by_columns(PathDefinition(1, ("$pageview",), ()))
+    assert not by_columns(FunnelDefinition(1, steps))  # strict, unordered, correlation: rows per day only
+    assert not by_columns(FunnelDefinition(1, steps, summaries=True, breakdown=Breakdown((("event", "$browser"),))))

@@ -15,7 +15,6 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,6 @@ class ActorResult:
     result: FunnelResult
 
 
-@lru_cache(maxsize=4096)
 def _outcomes(actors: list[ActorResult], steps: int) -> Outcomes:
     reached = np.array([a.result.steps_reached for a in actors], dtype=np.int64)
     times = np.full((len(actors), steps), np.nan)

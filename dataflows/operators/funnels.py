@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,7 @@ class StepEvent:
     properties: dict | None = None   # kept for correlation's event_with_properties only
 
 
+@lru_cache(maxsize=4096)
 def step_bits(mask: int) -> tuple[int, ...]:
     """The 1-based steps (or exclusion tags) a kept mask holds: bit k is k."""
     return tuple(k for k in range(1, mask.bit_length()) if mask >> k & 1)

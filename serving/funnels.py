@@ -25,6 +25,7 @@ import redis
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
 from dataflows.operators.funnel_correlation import CorrelationEvents, event_correlation
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts, step_bits
+from dataflows.operators.history_summaries import flat
 from dataflows.operators.summaries import PersonSummary, summarise_group, unusable
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
 from schemas.fields import decode_json_field
@@ -36,7 +37,7 @@ from serving.compute import Computation, no_collection
 from serving.people import person_details
 from serving.trends import quantile
 from state import keys
-from state.records import read_attempt_rows, read_day_event, read_person_events, read_touches
+from state.records import read_attempt_rows, read_day_event, read_day_rows, read_person_events, read_touches
 from state.summaries import SUMMARIES, SummaryStore
 
 OTHER = "Other"
@@ -152,7 +153,7 @@ class FunnelQuery(Computation):
         try:
             return _event_columns(raws, self.state.overrides.final, self.lower.timestamp() * 1000,
                                   self.range.date_to.timestamp() * 1000)
-        except (ValueError, TypeError, pa.ArrowException):
+        except (ValueError, pa.ArrowInvalid):  # a row the per-person path reads (and reports) itself
             return None
 
     def _days(self) -> list[str]:
@@ -581,28 +582,19 @@ def parse_correlation(data: dict[str, Any]) -> CorrelationRequest:
 def _event_columns(raws: list[bytes], merged: dict[int, int], low: float, high: float) -> CorrelationEvents | None:
     """A funnel's kept day rows (`person|ts|uuid|value`, state/records.py) as columns, merged
     persons as the person they became, only those in [low, high] ms; None if one hit an exclusion."""
-    parts = pc.split_pattern(pa.array(raws, pa.binary()).cast(pa.string()), "|", max_splits=3)
-    if len(raws) and pc.min(pc.list_value_length(parts)).as_py() != 4:
-        raise ValueError("a kept day row without its four fields")
-    flat, n = parts.flatten(), len(raws)
-
-    def field(i: int) -> pa.Array:
-        return flat.take(pa.array(np.arange(i, 4 * n, 4, dtype=np.int64)))
-
-    persons = pc.cast(field(0), pa.int64()).to_numpy(zero_copy_only=False)
-    stamps = pc.cast(field(1), pa.int64()).to_numpy(zero_copy_only=False)
+    persons, stamps, uuids, payloads = read_day_rows(raws)
     if merged:
         found, back = np.unique(persons, return_inverse=True)
         persons = np.array([merged.get(p, p) for p in found.tolist()], dtype=np.int64)[back]
     keep = np.flatnonzero((stamps >= low) & (stamps <= high))
-    values = flat(pc.dictionary_encode(field(3).take(pa.array(keep))))
+    values = flat(pc.dictionary_encode(payloads.take(pa.array(keep))))
     kept = [read_kept(v) for v in values.dictionary.to_pylist()]
     if any(k.excluded for k in kept):
         return None
     names = sorted({k.name for k in kept})
     name_index = {name: i for i, name in enumerate(names)}
     codes = values.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    return CorrelationEvents(persons[keep], stamps[keep], field(2).take(pa.array(keep)),
+    return CorrelationEvents(persons[keep], stamps[keep], uuids.take(pa.array(keep)),
                              np.array([k.steps for k in kept], dtype=np.int64)[codes],
                              np.array([name_index[k.name] for k in kept], dtype=np.int64)[codes], names)
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dataflows.operators.batch import DefinitionSums
-from dataflows.operators.history_summaries import KeptColumns, flat
+from dataflows.operators.history_summaries import KeptColumns, flat, run_starts
 from dataflows.operators.trends import slot_buckets
 from schemas.definitions import Definition
 from state.records import day_rows, person_records, sized_value
@@ -145,31 +145,37 @@ class KeptHistory:
     persons: dict[int, str] = field(default_factory=dict)
     events: int = 0
     columns: KeptColumns | None = None
-    sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> dict[int, int]:
+        """The bytes of kept events each person got (the version its summaries are written at)."""
+        return {p: len(text.encode()) for p, text in self.persons.items()}
 
 
-def _by_group(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, list[list[bytes]]]:
-    """Texts grouped by an integer, each group's in the texts' order (one stable sort)."""
+def _grouped(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, pa.Array, list[int]]:
+    """Texts sorted by an integer group, each group's in the texts' order (one stable sort): (the
+    groups, the sorted texts, each group's row bounds)."""
     order = np.argsort(groups, kind="stable")
-    ordered = texts.take(pa.array(order)).cast(pa.binary()).to_pylist()
     sorted_groups = groups[order]
-    first = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-    bounds = np.append(first, len(order)).tolist()
-    return sorted_groups[first], [ordered[a:b] for a, b in pairwise(bounds)]
+    first = np.flatnonzero(run_starts(sorted_groups))
+    return sorted_groups[first], flat(texts.take(pa.array(order))), np.append(first, len(order)).tolist()
+
+
+def _listed_by_group(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
+    """Each group's texts, as a list."""
+    found, ordered, bounds = _grouped(texts, groups)
+    rows = ordered.to_pylist()
+    return found, [rows[a:b] for a, b in pairwise(bounds)]
 
 
 def _joined_by_group(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
-    """Texts joined per integer group, each group's in the texts' order: slices of the grouped
-    texts' one buffer, so no Python object per text."""
-    order = np.argsort(groups, kind="stable")
-    ordered = flat(texts.take(pa.array(order)))
+    """Each group's texts joined: slices of the sorted texts' one buffer, no Python object per text."""
+    found, ordered, bounds = _grouped(texts, groups)
     _, offsets_buffer, data = ordered.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[ordered.offset:ordered.offset + len(ordered) + 1]
-    sorted_groups = groups[order]
-    first = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     raw = data.to_pybytes()[offsets[0]:offsets[-1]] if data is not None else b""
-    cut = (offsets[np.append(first, len(order))] - offsets[0]).tolist()
-    return sorted_groups[first], [raw[a:b] for a, b in pairwise(cut)]
+    cut = (offsets[bounds] - offsets[0]).tolist()
+    return found, [raw[a:b] for a, b in pairwise(cut)]
 
 
 def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str], shards: int,
@@ -206,14 +212,13 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
         kept_values = value_texts.take(pa.array(code))
         if per_day:
             texts = day_rows(pc.cast(pa.array(who), pa.string()), stamp_texts, uuid_texts, kept_values)
-            found, grouped = _by_group(texts, day)
-            part.days = {days[d]: [t.decode() for t in rows] for d, rows in zip(found.tolist(), grouped, strict=True)}
+            found, listed = _listed_by_group(texts, day)
+            part.days = {days[d]: rows for d, rows in zip(found.tolist(), listed, strict=True)}
         if per_person:
             day_names = day_texts.take(pa.array(day))
             texts = person_records(stamp_texts, day_names, uuid_texts, sized.take(pa.array(code)))
             found, joined = _joined_by_group(texts, who)
             part.persons = {p: text.decode() for p, text in zip(found.tolist(), joined, strict=True)}
-            part.sizes = {p: len(text) for p, text in zip(found.tolist(), joined, strict=True)}
             part.columns = KeptColumns(who, when, uuid_texts, day_names, kept_values)
     return out
 

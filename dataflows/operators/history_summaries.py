@@ -138,7 +138,7 @@ def flat(array: pa.Array | pa.ChunkedArray) -> pa.Array:
     return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
 
 
-def _starts(*columns: np.ndarray) -> np.ndarray:
+def run_starts(*columns: np.ndarray) -> np.ndarray:
     """Where a run of equal rows (over all columns) starts, in sorted rows."""
     new = np.zeros(len(columns[0]), dtype=bool)
     new[:1] = True
@@ -149,7 +149,7 @@ def _starts(*columns: np.ndarray) -> np.ndarray:
 
 def _person_runs(persons: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(each person, first row, end row) of rows sorted by person."""
-    first = np.flatnonzero(_starts(persons))
+    first = np.flatnonzero(run_starts(persons))
     return persons[first], first, np.append(first[1:], len(persons))
 
 
@@ -173,7 +173,7 @@ def attempt_summaries(kept: KeptColumns, steps: int, skip: set[int]) -> Summaris
     starts, chains, irregular = chains_by_columns(p, s.stamps, s.position, masks, steps, skip)
     rows = np.column_stack([p[starts], chains]).astype("<i8")
     packed, width = rows.tobytes(), rows.shape[1] * 8
-    cut = np.flatnonzero(_starts(p[starts], s.day_of[starts]))
+    cut = np.flatnonzero(run_starts(p[starts], s.day_of[starts]))
     bounds = (np.append(cut, len(starts)) * width).tolist()
     values = [packed[a:b] for a, b in pairwise(bounds)]
     entry_persons, entry_days = p[starts][cut], s.day_of[starts][cut]
@@ -196,7 +196,7 @@ def chains_by_columns(p: np.ndarray, t: np.ndarray, position: np.ndarray, masks:
     (start, g_2, ..., g_n) as `ms << RANK_BITS | rank`, the irregular persons, who get none). For a
     regular person step k is the first step-k event strictly after step k-1: no two of its step
     events share an instant, so no event of the chain can be taken again."""
-    same_instant = ~_starts(p, t)
+    same_instant = ~run_starts(p, t)
     first_of_instant = np.maximum.accumulate(np.where(same_instant, 0, np.arange(len(p))))
     rank = np.arange(len(p)) - first_of_instant
     if len(rank) and rank.max() >= 1 << RANK_BITS:
@@ -246,7 +246,7 @@ def session_summaries(kept: KeptColumns, skip: set[int]) -> Summarised:
     skip = skip | _out_of_range(s)
     items = [orjson.loads(v)[0] for v in s.values]
     p, t = s.persons, s.stamps
-    new = _starts(p)
+    new = run_starts(p)
     new[1:] |= (t[1:] - t[:-1]) >= SESSION_GAP_MS
     first = np.flatnonzero(new)
     end = np.append(first[1:], len(p))

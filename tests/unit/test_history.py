@@ -20,6 +20,7 @@ from schemas.filters import parse_filters
 from schemas.funnels import Exclusion, FunnelDefinition, FunnelStep
 from schemas.paths import PathDefinition
 from state.archive import HOT_PROPERTIES, ArchivedEvent, table_of
+from state.records import day_row, read_day_event, read_day_rows
 
 pytestmark = pytest.mark.unit
 NOW = datetime(2024, 7, 1, tzinfo=UTC)
@@ -160,3 +161,10 @@ def test_history_kept_equals_the_live_batch_rule(seed: int, which: int, shards: 
         assert (got[s].days, got[s].persons) == (days, {p: "".join(kept) for p, kept in persons.items()})
         assert got[s].events == sum(len(v) for v in (persons or days).values())
         assert got[s].sizes == {p: len("".join(kept).encode()) for p, kept in persons.items()}
+
+
+def test_day_rows_read_as_columns_equal_each_row_read_alone() -> None:
+    rows = [day_row(7, 1_717_200_000_123, "u-1", '[2,0,"a|b"]').encode(), day_row(12, -5, "u2", "[4,0,\"\"]").encode()]
+    persons, stamps, uuids, values = read_day_rows(rows)
+    assert list(zip(map(str, persons.tolist()), stamps.tolist(), uuids.to_pylist(), values.to_pylist(),
+                    strict=True)) == [read_day_event(r) for r in rows]

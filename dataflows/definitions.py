@@ -62,6 +62,14 @@ def _by_columns(definition: Any) -> bool:
     return bool(getattr(definition, "columnar", False))
 
 
+def _by_persons(definition: Any) -> bool:
+    """Whether a backfill writes the definition's archived history person by person: one that keeps
+    events per person only (ordered funnels not broken down, paths: flags 's'). Each topic partition's
+    archived events are evaluated at once and every person gets them in one append
+    (backfill_persons.lua), instead of one append per person and chunk of events."""
+    return not isinstance(definition, Definition) and definition.flags == "s"
+
+
 def fail_definition(registry: DefinitionRegistry, project_id: int, h: str, reason: str) -> None:
     """Stop keeping a definition (its requests answer the reason), saying so once in the log."""
     if registry.fail(project_id, h, reason):
@@ -295,7 +303,8 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                 found = len(rows) if rows is not None else archived.num_rows if archived is not None else 0
                 log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
                          h, project_id, name, start, bound, found, topic_start)
-                chunk = 0 if evaluated is None else SUMMED_CHUNK if isinstance(evaluated, Definition) else KEPT_CHUNK
+                chunk = (0 if evaluated is None else SUMMED_CHUNK if isinstance(evaluated, Definition)
+                         else max(1, len(rows) if rows is not None else 0) if _by_persons(evaluated) else KEPT_CHUNK)
                 return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1,
                              chunk, rows)
         return None
@@ -378,7 +387,11 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
 
     def next_batch(self) -> list[BackfillItem | SummaryWork]:
         try:
-            return self._next_batch()
+            for _ in range(16):  # a finished task: pick the next one now, not on a later call
+                out = self._next_batch()
+                if out or self._awake is not None or self.task is not None:
+                    return out
+            return []
         except REDIS_DOWN as exc:
             log.warning("backfill: Redis went away (%s)", exc)
             wait_for_redis(self.client, "backfill")
@@ -543,17 +556,20 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
 
     def _sum_archived(self, item: ArchivedSums) -> None:
         """Apply a chunk of archived events to a definition, evaluated over its columns, above
-        each shard's fence and below its limit (bound and live handover), in one call per shard."""
+        each shard's fence and below its limit (bound and live handover): in one call per shard, or
+        for a definition written person by person (`_by_persons`) in calls of a few thousand persons."""
         definition = self._definition(item.project_id, item.h)
         if definition is None:
             self._kept.pop((item.project_id, item.h), None)  # failed or gone: nothing to summarise
             return
         evaluate = history_sums if isinstance(definition, Definition) else history_kept
+        per_person = _by_persons(definition)
         key = (item.project_id, item.h, item.name)
         written = self._written.get(key, -1)
         started = time.perf_counter()
         while True:
             limits = self.store.backfill_limits(item.project_id, item.h, item.name)
+            progress = self.store.backfill_progress(item.project_id, item.h, item.name) if per_person else {}
 
             def takes(offsets: np.ndarray, shard: int, limits: dict[int, tuple[int, int]] = limits) -> np.ndarray:
                 return (offsets > limits[shard][0]) & (offsets < limits[shard][1])
@@ -566,10 +582,17 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
                 return
             evaluated = time.perf_counter()
             try:
-                result = self.store.backfill_sums(definition, item.name, sums,
-                                                  {s: fence for s, (fence, _) in limits.items()}, item.through, written)
+                if per_person:
+                    result = self.store.backfill_persons(
+                        definition, item.name, {s: part.persons for s, part in sums.items()},  # type: ignore[union-attr]
+                        limits, progress, item.through, written)
+                    result.events = sum(part.events for part in sums.values())  # type: ignore[union-attr]
+                else:
+                    result = self.store.backfill_sums(definition, item.name, sums,
+                                                      {s: fence for s, (fence, _) in limits.items()}, item.through,
+                                                      written)
             except FenceMoved as exc:
-                log.info("%s: summing again", exc)
+                log.info("%s: evaluating again", exc)
                 continue
             break
         for (pid, failed_h), reason in result.failed.items():

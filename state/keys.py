@@ -81,6 +81,7 @@ DEFINITION_PARTS: dict[str, str] = {
     "backfill_fence": "bf",                # per shard: hash tag:partition -> last offset the backfill applied
     "backfill_bound": "bound",             # per shard: hash tag:partition -> where the backfill stops
     "backfill_done": "done",               # set of topic partitions (tag:partition) finished
+    "backfill_progress": "bp",             # per shard: hash tag:partition -> last person written (persons' backfill)
     "hour_counts": "ch:",                  # per breakdown value
     "day_counts": "cd:",
     "hour_persons": "uh:",                 # per breakdown value and hour
@@ -426,6 +427,12 @@ def backfill_fence(prefix: str) -> str:
 def backfill_bound(prefix: str) -> str:
     """Hash: partition -> where the backfill stops."""
     return definition_part(prefix, "backfill_bound")
+
+
+def backfill_progress(prefix: str) -> str:
+    """Hash: partition -> the last person whose archived kept events are written, while a backfill
+    written person by person has not moved its fence yet (backfill_persons.lua)."""
+    return definition_part(prefix, "backfill_progress")
 
 
 def backfill_done(prefix: str) -> str:

@@ -140,6 +140,11 @@ BACKFILL_SUMS = Script("backfill_sums.lua", (
     Layout("A", ("prefix", "definition", "fence", "expected", "through", "written_up_to", "batch")),
     *DEFINITION_SECTIONS))
 
+# A summarised definition's archived kept events, person by person (backfill_persons.lua).
+BACKFILL_PERSONS = Script("backfill_persons.lua", _header_then(
+    ("prefix", "definition", "fence", "expected", "limit", "progress", "last", "through", "written_up_to", "count"),
+    ("person", "kept")))
+
 RAISE_FIELDS = Script("raise_fields.lua", (Layout("E", ("field", "value"), first=1),))
 COUNT_DEAD_LETTERS = Script("count_dead_letters.lua", (Layout("E", ("record",), first=1),))
 RESET_STREAM = Script("reset_stream.lua", (Layout("A", ("topic_id", "now_ms")),))
@@ -158,5 +163,5 @@ BACKFILL_SUMMARIES = Script("backfill_summaries.lua", (
     Layout("SD", ("kind", "day", "persons", "lengths", "values"), first=0)))
 
 ALL = (APPLY_BATCH, APPLY_SHARD, FIX_BOUND, RESOLVE_PERSONS,
-       BACKFILL_EVENTS, BACKFILL_SUMS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM, WRITE_SUMMARIES,
-       BACKFILL_SUMMARIES)
+       BACKFILL_EVENTS, BACKFILL_SUMS, BACKFILL_PERSONS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM,
+       WRITE_SUMMARIES, BACKFILL_SUMMARIES)

@@ -195,6 +195,7 @@ class StateStore(ShardedStore):
         self._resolve = client.register_script(scripts.RESOLVE_PERSONS.source)
         self._backfill = client.register_script(scripts.BACKFILL_EVENTS.source)
         self._backfill_sums = client.register_script(scripts.BACKFILL_SUMS.source)
+        self._backfill_persons = client.register_script(scripts.BACKFILL_PERSONS.source)
 
     def resolve_persons(self, asks: dict[int, list[tuple[str, str, str, str]]]) -> dict[int, Resolved]:
         """Per project, (uuid, distinct id, link kind or '', other distinct id or '') of events in batch
@@ -338,6 +339,59 @@ class StateStore(ShardedStore):
             limit = int(bound or 0) if handover is None else min(int(bound or 0), int(handover))
             out[s] = (int(fence) if fence is not None else -1, limit)
         return out
+
+    def backfill_progress(self, project_id: int, h: str, name: str) -> dict[int, int]:
+        """Per state shard, the last person a backfill written person by person has written on topic
+        partition `name` (-1: none), while its fence has not moved (`backfill_persons`)."""
+        d = keys.definition_prefix(project_id, h)
+        pipe = self.redis.pipeline(transaction=False)
+        for s in range(self.shards):
+            pipe.hget(keys.in_shard(keys.backfill_progress(d), s), name)
+        return {s: int(raw) if raw is not None else -1 for s, raw in enumerate(pipe.execute())}
+
+    def backfill_persons(self, definition: Any, name: str, kept: dict[int, dict[int, str]],
+                         limits: dict[int, tuple[int, int]], progress: dict[int, int], through: int,
+                         written_up_to: int = -1, batch_bytes: int = 4 << 20) -> Applied:
+        """Append to each person of each state shard the kept events `kept[shard][person]` its archived
+        history on topic partition `name` gives a summarised definition, the persons above the shard's
+        progress in ascending order, about `batch_bytes` per call; each shard's last call moves its
+        fence to `through` (`backfill_persons.lua`). `limits` and `progress` as read before evaluating
+        (`backfill_limits`, `backfill_progress`): `FenceMoved` if any moved since (what was written
+        stays, and the progress says so); `RedisLostWrites` if a fence is behind what this process wrote.
+        The answer's `events` stays 0: the caller knows the events it evaluated."""
+        pid, h = definition.project_id, definition.hash
+        calls: list[tuple[list[str], list[Any]]] = []
+        for s in range(self.shards):
+            fence, limit = limits[s]
+            persons = sorted(p for p in kept.get(s, {}) if p > progress[s])
+            batches: list[list[int]] = [[]]
+            size = 0
+            for person in persons:
+                if size >= batch_bytes:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(person)
+                size += len(kept[s][person])
+            last_written = progress[s]
+            for i, batch in enumerate(batches):
+                args: list[Any] = [keys.shard_prefix(pid, s), h, name, fence, limit, last_written,
+                                   int(i == len(batches) - 1), through, written_up_to, len(batch)]
+                for person in batch:
+                    args += [person, kept[s][person]]
+                calls.append(([keys.shard_applied(pid, s)], args))
+                if batch:
+                    last_written = batch[-1]
+        result = Applied()
+        for start in range(0, len(calls), 8):  # a few calls per round trip, each of a few MB
+            for answer in run_scripts(self.redis, self._backfill_persons, calls[start:start + 8]):
+                code = int(answer[0])
+                if code == -2:
+                    raise RedisLostWrites(f"the backfill fence of {h} on {name} is behind offset {written_up_to}, "
+                                          "which this process wrote")
+                if code == -4:
+                    raise FenceMoved(f"the backfill of {h} on {name} moved since it was read")
+                result.failed.update(_failures(pid, answer))
+        return result
 
     def backfill_sums(self, definition: Any, name: str, sums: dict[int, DefinitionSums] | dict[int, KeptHistory],
                       fences: dict[int, int], through: int, written_up_to: int = -1) -> Applied:

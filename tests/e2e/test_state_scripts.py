@@ -414,3 +414,49 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240102")) == {b"7": b"row2"}  # 9's emptied
     assert client.hgetall(keys.summary_versions(prefix, "fa")) == {b"20240101": b"1", b"20240102": b"1"}
     assert client.hgetall(keys.irregular_persons(prefix)) == {b"9": b"1"}
+
+
+def test_a_backfill_written_person_by_person_gives_each_person_its_events_once(client: redis.Redis) -> None:
+    """backfill_persons.lua through StateStore.backfill_persons: persons above the shard's progress are
+    appended in ascending order over several calls, the last moving the fence; a backfill that restarts
+    after a crash skips the persons written; a fence, limit or progress that moved writes nothing."""
+    from types import SimpleNamespace
+
+    from state.store import FenceMoved, RedisLostWrites
+
+    project = next(_projects)
+    definition = SimpleNamespace(project_id=project, hash="5c")
+    prefix = keys.definition_prefix(project, "5c")
+    store = StateStore(client, 2)
+    for s in range(2):
+        client.hset(keys.in_shard(keys.backfill_bound(prefix), s), "t1:0", 10)
+    # A run that died after its first call in shard 0: person 2 has its events, the progress says so.
+    client.append(keys.in_shard(keys.person_events(prefix, 2), 0), "a")
+    client.hset(keys.in_shard(keys.backfill_progress(prefix), 0), "t1:0", 2)
+    kept = {0: {6: "c", 2: "a", 4: "bb"}, 1: {3: "yy", 1: "x"}}
+    limits, progress = store.backfill_limits(project, "5c", "t1:0"), store.backfill_progress(project, "5c", "t1:0")
+    assert limits == {0: (-1, 10), 1: (-1, 10)} and progress == {0: 2, 1: -1}
+    store.backfill_persons(definition, "t1:0", kept, limits, progress, 9, batch_bytes=1)  # a call per person
+
+    def events(person: int) -> bytes | None:
+        return client.get(keys.in_shard(keys.person_events(prefix, person), person % 2))
+
+    assert [events(p) for p in range(1, 7)] == [b"x", b"a", b"yy", b"bb", None, b"c"]
+    assert [client.hget(keys.in_shard(keys.backfill_fence(prefix), s), "t1:0") for s in range(2)] == [b"9", b"9"]
+    assert [client.hlen(keys.in_shard(keys.backfill_progress(prefix), s)) for s in range(2)] == [0, 0]
+    assert client.smembers(keys.in_shard(keys.summary_dirty(prefix), 0)) == {b"4", b"6"}
+    assert client.smembers(keys.in_shard(keys.summary_dirty(prefix), 1)) == {b"1", b"3"}
+    with pytest.raises(FenceMoved):  # the fences moved since `limits` was read: nothing written again
+        store.backfill_persons(definition, "t1:0", kept, limits, progress, 9)
+    assert [events(p) for p in (2, 4)] == [b"a", b"bb"]
+    with pytest.raises(RedisLostWrites):
+        store.backfill_persons(definition, "t1:0", kept, store.backfill_limits(project, "5c", "t1:0"),
+                               store.backfill_progress(project, "5c", "t1:0"), 12, written_up_to=11)
+    # A live handover below the bound lowers the limit: a backfill evaluated before it writes nothing.
+    for s in range(2):
+        client.hset(keys.in_shard(keys.backfill_bound(prefix), s), "t1:1", 10)
+    limits = store.backfill_limits(project, "5c", "t1:1")
+    client.hset(keys.in_shard(keys.handover(prefix), 1), "t1:1", 5)
+    with pytest.raises(FenceMoved):
+        store.backfill_persons(definition, "t1:1", {1: {7: "z"}}, limits, {0: -1, 1: -1}, 4)
+    assert events(7) is None

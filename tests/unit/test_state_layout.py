@@ -109,7 +109,7 @@ def test_key_functions_yield_declared_keys() -> None:
             keys.definition_key(d, "ud", "x", "20240101"), keys.person_events(d, 3), keys.summary_dirty(d),
             keys.summary_rows(d, "ps", "20240101"), keys.summary_versions(d, "fb"), keys.irregular_persons(d),
             keys.definition_meta(d), keys.handover(d), keys.backfill_fence(d), keys.backfill_bound(d),
-            keys.backfill_done(d)]
+            keys.backfill_done(d), keys.backfill_progress(d)]
     made += [keys.shard_applied(7, 0), keys.shard_generation(7, 2), keys.LAYOUT_KEY]
     assert [k for k in made if not keys.declared(k)] == []
     for undeclared in ("{p7}:v1:nope", "{p7}:v1:d:0abc:zz", "{p7}:v2:events", "insightflow:other", "events",

@@ -1,9 +1,10 @@
 """The ingestion dataflow: Kafka `events` -> parse/validate -> per-project state in Redis.
 
-Run with recovery on and a snapshot (epoch) interval of 1 s, as `insightflow up` does:
+Run with recovery on and 0.2 s epochs (the snapshot interval), as `insightflow up` does
+(dataflows/run.py says why not Bytewax's own runner):
 
     python -m bytewax.recovery .insightflow/recovery 1
-    python -m bytewax.run dataflows.flow:flow -r .insightflow/recovery -s 1 -b 10
+    python -m dataflows.run .insightflow/recovery
 """
 
 from __future__ import annotations

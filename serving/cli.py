@@ -187,7 +187,7 @@ def dataflow(
                                            help="host:port of every process of the cluster, ';'-separated "
                                                 "(empty: a single process).")] = "",
 ) -> None:
-    """Run only the dataflow (containers, clusters): recovery on, 1 s snapshot interval. Processes of
+    """Run only the dataflow (containers, clusters): recovery on, 0.2 s snapshot interval. Processes of
     one cluster share the recovery directory and fail and restart together."""
     peers = [a.strip() for a in addresses.split(";") if a.strip()]
     try:

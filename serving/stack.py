@@ -210,8 +210,7 @@ def recovery_ready(recovery_dir: Path) -> bool:
 def dataflow_argv(recovery_dir: Path, process: int = 0, addresses: list[str] | None = None) -> list[str]:
     """One dataflow process; with `addresses` (one per process), process `process` of a Bytewax
     cluster that shares the work (the topic's partitions, backfills, summaries)."""
-    argv = [sys.executable, "-m", "bytewax.run", "dataflows.flow:flow_from_env()",
-            "-r", str(recovery_dir), "-s", "1", "-b", "10"]
+    argv = [sys.executable, "-m", "dataflows.run", str(recovery_dir)]
     if addresses and len(addresses) > 1:
         argv += ["-i", str(process), "-a", ";".join(addresses)]
     return argv

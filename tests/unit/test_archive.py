@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.events import TopicEvent, parse_topic_event
-from state.archive import Archive, ArchivedEvent, ArchiveWriter, Manifest, table_of
+from state.archive import Archive, ArchivedEvent, ArchiveWriter, Manifest, contiguous, partition_rows, table_of
 
 pytestmark = pytest.mark.unit
 DAY_MS = 86_400_000
@@ -165,3 +165,17 @@ def _compressed(path: Path) -> bool:
         decoded = sum(b.size for i in range(reader.num_record_batches)
                       for column in reader.get_batch(i).columns for b in column.buffers() if b is not None)
     return path.stat().st_size < decoded / 2
+
+
+def test_a_history_read_from_many_segments_is_made_one_chunk_and_gives_the_same_rows() -> None:
+    """`contiguous`: taking a backfill's rows from it copies only those rows, and they are the rows
+    the segments' chunks held."""
+    parts = [pa.table({"topic": ["t"] * 3, "partition": [p, 0, 1], "offset": [5 + i, 9 - i, i],
+                       "properties": [f'{{"i":{i}}}', "{}", '{"x":"|"}']}) for i, p in enumerate((0, 1))]
+    table = pa.concat_tables(parts)
+    assert table.column("properties").num_chunks == 2
+    one = contiguous(table)
+    assert all(one.column(c).num_chunks == 1 for c in one.column_names)
+    rows = partition_rows(one, "t", 0, 0, 10)
+    assert one.take(pa.array(rows)).to_pylist() == table.take(pa.array(rows)).to_pylist()
+    assert one.take(pa.array(rows)).column("offset").to_pylist() == [5, 8, 9]

@@ -160,7 +160,7 @@ WRITE_SUMMARIES = Script("write_summaries.lua", (
 # day's persons and their values' lengths, comma-separated, and the values back to back).
 BACKFILL_SUMMARIES = Script("backfill_summaries.lua", (
     Layout("A", ("prefix", "persons", "days")), Layout("S", ("person", "version", "irregular"), first=4),
-    Layout("SD", ("kind", "day", "persons", "lengths", "values"), first=0)))
+    Layout("SD", ("kind", "day", "count", "plain"), first=0)))
 
 ALL = (APPLY_BATCH, APPLY_SHARD, FIX_BOUND, RESOLVE_PERSONS,
        BACKFILL_EVENTS, BACKFILL_SUMS, BACKFILL_PERSONS, RAISE_FIELDS, COUNT_DEAD_LETTERS, RESET_STREAM,

@@ -166,8 +166,9 @@ class SummaryStore(ShardedStore):
                 args: list[Any] = [shard_prefix, len(who), len(days), *header]
                 for day, entries in days.items():
                     values = [summarised.values[i] for i in entries]
-                    args += [summarised.kind, day, ",".join(map(str, entry_persons[entries].tolist())),
-                             ",".join(str(len(v)) for v in values), b"".join(values)]
+                    args += [summarised.kind, day, len(entries), int(all(values))]
+                    for person, value in zip(entry_persons[entries].tolist(), values, strict=True):
+                        args += [person, value]
                 calls.append(([keys.summary_dirty(shard_prefix)], args))
         return sum(len(result) for result in run_scripts(self.redis, self._backfilled, calls))
 

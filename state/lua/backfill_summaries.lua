@@ -1,13 +1,14 @@
 -- Writes the summaries a backfill computed over columns for persons it kept every event of
 -- (state/summaries.py, SummaryStore.write_backfilled); answers the persons written.
--- Arguments: A, then A.persons persons S, then A.days days SD: a day's persons and the lengths of
--- their values (comma-separated), and the values back to back. A person is written only if its kept
+-- Arguments: A, then A.persons persons S, then A.days days SD, each followed by SD.count pairs (a
+-- person, its value; SD.plain: no value is empty). A person is written only if its kept
 -- events still have the length the backfill gave them (S.version): otherwise it stays dirty for the
 -- summariser. Written by day, one HSET per day and slice; an empty value removes the person from
 -- that day; a written day's version moves.
 local D = ARGV[A.prefix]
 -- include: slices.lua
 local written, done, irregular_now, regular_now = {}, {}, {}, {}
+local S_COUNT = tonumber(ARGV[A.persons])
 local i = S_FIRST
 for _ = 1, tonumber(ARGV[A.persons]) do
   local p = ARGV[i + S.person]
@@ -23,26 +24,28 @@ for _ = 1, tonumber(ARGV[A.persons]) do
   i = i + S_WIDTH
 end
 for _ = 1, tonumber(ARGV[A.days]) do
-  local kind, day, values = ARGV[i + SD.kind], ARGV[i + SD.day], ARGV[i + SD.values]
-  local lengths, set, removed, at = string.gmatch(ARGV[i + SD.lengths], '%d+'), {}, {}, 1
-  for p in string.gmatch(ARGV[i + SD.persons], '%d+') do
-    local size = tonumber(lengths())
-    if written[p] then
-      if size == 0 then
-        removed[#removed + 1] = p
-      else
-        set[#set + 1] = p; set[#set + 1] = string.sub(values, at, at + size - 1)
+  local kind, day, count = ARGV[i + SD.kind], ARGV[i + SD.day], tonumber(ARGV[i + SD.count])
+  local first, last = i + SD_WIDTH, i + SD_WIDTH + 2 * count - 1
+  local key = D .. DK[kind .. '_rows'] .. day
+  local changed = false
+  if count > 0 and #done == S_COUNT and ARGV[i + SD.plain] == '1' then
+    -- Every person is written and no value is empty: the pairs go to HSET as they are.
+    for a = first, last, 4000 do redis.call('HSET', key, unpack(ARGV, a, math.min(a + 3999, last))) end
+    changed = true
+  elseif count > 0 then
+    local set, removed = {}, {}
+    for j = first, last, 2 do
+      local p = ARGV[j]
+      if written[p] then
+        if ARGV[j + 1] == '' then removed[#removed + 1] = p else set[#set + 1] = p; set[#set + 1] = ARGV[j + 1] end
       end
     end
-    at = at + size
-  end
-  i = i + SD_WIDTH
-  if #set > 0 or #removed > 0 then
-    local key = D .. DK[kind .. '_rows'] .. day
     if #set > 0 then sliced('HSET', key, set) end
     if #removed > 0 then sliced('HDEL', key, removed) end
-    redis.call('HINCRBY', D .. DK[kind .. '_versions'], day, 1)
+    changed = #set > 0 or #removed > 0
   end
+  if changed then redis.call('HINCRBY', D .. DK[kind .. '_versions'], day, 1) end
+  i = last + 1
 end
 if #irregular_now > 0 then sliced('HSET', D .. DK.irregular, irregular_now) end
 if #regular_now > 0 then sliced('HDEL', D .. DK.irregular, regular_now) end

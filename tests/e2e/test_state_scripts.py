@@ -414,6 +414,15 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240102")) == {b"7": b"row2"}  # 9's emptied
     assert client.hgetall(keys.summary_versions(prefix, "fa")) == {b"20240101": b"1", b"20240102": b"1"}
     assert client.hgetall(keys.irregular_persons(prefix)) == {b"9": b"1"}
+    # Every person written and no value empty: a day's pairs go to HSET as they are.
+    summarised = Summarised("fa", np.array([7, 9]), np.array([False, False]), np.array([7, 9, 9]),
+                            ["20240102", "20240102", "20240103"], [b"r7", b"r9", b"s9"])
+    assert SummaryStore(client, 1).write_backfilled(project, "5b", summarised, {7: 5, 9: 2}) == 2
+    assert client.hgetall(keys.summary_rows(prefix, "fa", "20240102")) == {b"7": b"r7", b"9": b"r9"}
+    assert client.hgetall(keys.summary_rows(prefix, "fa", "20240103")) == {b"9": b"s9"}
+    assert client.hgetall(keys.summary_versions(prefix, "fa")) == {b"20240101": b"1", b"20240102": b"2",
+                                                                    b"20240103": b"1"}
+    assert client.hgetall(keys.irregular_persons(prefix)) == {}
 
 
 def test_a_backfill_written_person_by_person_gives_each_person_its_events_once(client: redis.Redis) -> None:

@@ -65,6 +65,7 @@ PROJECT_PARTS: dict[str, str] = {
     "insight_short": "insight_short",      # hash short_id -> id
     "insight_views": "views:",             # sorted set per owner: insight id -> last viewed
     "insight_access": "acl:",              # hash per insight of access entries
+    "scratch": "scratch",                  # per shard: a person set a backfill call ORs in (gone when it returns)
 }
 
 # Summaries kept per person and day (dataflows/operators/summaries.py): kind -> what it holds.
@@ -105,7 +106,7 @@ DEFINITION_PARTS: dict[str, str] = {
 # Parts kept per state shard (the person's); the rest of a project's keys live in its home.
 SHARDED_PARTS = ("hour_counts", "day_counts", "day_persons", "hour_persons", "first_seen", "first_time_hour_counts",
                  "first_time_day_counts", "first_time_hour_persons", "first_time_day_persons", "shard_applied",
-                 "shard_generation")
+                 "shard_generation", "scratch")
 SHARDED_DEFINITION_PARTS = tuple(n for n in DEFINITION_PARTS if n not in ("meta", "backfill_done", "merges_marked"))
 
 

@@ -6,7 +6,7 @@
 -- call. The worker read the fence (A.expected) and summed only the events above it; a fence that
 -- moved since answers {-4} and writes nothing (the worker reads it again), one behind what this
 -- process wrote (A.written_up_to) answers {-2}: Redis lost writes. Arguments: the header A; A.batch
--- is a JSON object of those sections.
+-- is a JSON object of those sections, and of DB rows naming the later arguments that hold bitmaps.
 local P = ARGV[A.prefix]
 -- include: definition_state.lua
 -- include: definition_sums.lua
@@ -20,6 +20,16 @@ local batch = cjson.decode(ARGV[A.batch])
 apply_sums(batch)
 apply_kept(batch)
 flush()
+-- Dense person sets come whole, as bitmaps: one OR each instead of a BITFIELD operation per person.
+local DEF_PERSONS = {h = DK.hour_persons, d = DK.day_persons}
+local scratch = P .. K.scratch
+for _, b in ipairs(batch.DB or {}) do
+  local key = P .. K.definition .. b[DB.definition] .. ':' .. DEF_PERSONS[b[DB.kind]] .. b[DB.breakdown] .. ':' ..
+    b[DB.bucket]
+  redis.call('SET', scratch, ARGV[b[DB.argument]])
+  write(key, 'BITOP', 'OR', key, key, scratch)
+end
+if batch.DB and #batch.DB > 0 then redis.call('DEL', scratch) end
 local through = tonumber(ARGV[A.through])
 if through > fence then redis.call('HSET', D .. DK.backfill_fence, part, through) end
 return answer(0)

@@ -130,10 +130,14 @@ def test_every_key_written_is_declared(running: Stack) -> None:
     mine = {k[len(keys.project_prefix(project.id)):] for k in written if k.startswith(keys.project_prefix(project.id))}
     project_parts = {name for name, part in keys.PROJECT_PARTS.items()
                      if any(k == part or (part.endswith(":") and k.startswith(part)) for k in mine)}
-    # A failure reason is written when Redis refuses a definition's state (test_poison_e2e).
-    assert set(keys.PROJECT_PARTS) - project_parts == {"failed_definitions"}, project_parts
+    # A failure reason is written when Redis refuses a definition's state (test_poison_e2e); the scratch
+    # key only while a backfill from the archive ORs in a dense person set (test_state_scripts.py).
+    assert set(keys.PROJECT_PARTS) - project_parts <= {"failed_definitions", "scratch"}, project_parts
+    assert "failed_definitions" not in project_parts
     in_definitions = {k.split(":", 2)[2] for k in mine if k.startswith(keys.PROJECT_PARTS["definition"])}
     definition_parts = {name for name, part in keys.DEFINITION_PARTS.items()
                         if any(k == part or (part.endswith(":") and k.startswith(part)) for k in in_definitions)}
-    assert set(keys.DEFINITION_PARTS) - definition_parts == set(), set(keys.DEFINITION_PARTS) - definition_parts
+    # A backfill's progress is written only when a partition's archived history takes several calls of
+    # a few MB (test_state_scripts.py covers it).
+    assert set(keys.DEFINITION_PARTS) - definition_parts == {"backfill_progress"}, definition_parts
     assert keys.stream("events") in written and keys.dlq_seen("events") in written

@@ -469,3 +469,31 @@ def test_a_backfill_written_person_by_person_gives_each_person_its_events_once(c
     with pytest.raises(FenceMoved):
         store.backfill_persons(definition, "t1:1", {1: {7: "z"}}, limits, {0: -1, 1: -1}, 4)
     assert events(7) is None
+
+
+def test_a_backfill_ors_dense_person_sets_in_whole_and_sets_sparse_ones_bit_by_bit(client: redis.Redis) -> None:
+    """backfill_sums.lua through StateStore.backfill_sums: a person set dense enough goes as a bitmap
+    (section DB), ORed into what live set already; a sparse one as bits; both equal SETBIT's."""
+    from dataflows.operators.batch import DefinitionSums
+    from schemas.definitions import Definition
+    from schemas.filters import parse_filters
+    from state.store import person_bitmap
+
+    project = next(_projects)
+    definition = Definition(project_id=project, event="view", filters=parse_filters(None))
+    prefix = keys.definition_prefix(project, definition.hash)
+    dense, sparse = set(range(3, 300, 2)), {5, 150_000}
+    sums = DefinitionSums()
+    sums.counts[("d", "v", "20240101")], sums.persons[("d", "v", "20240101")] = 200, dense
+    sums.counts[("h", "v", 3600)], sums.persons[("h", "v", 3600)] = 2, sparse
+    dense_key = keys.definition_key(prefix, "ud", "v", "20240101")
+    client.setbit(dense_key, 1000, 1)  # a person live counted that day
+    store = StateStore(client, 1)
+    store.backfill_sums(definition, "t1:0", {0: sums}, {0: -1}, 9)
+    reference = {1000, *dense}
+    assert [p for p in range(1200) if client.getbit(dense_key, p)] == sorted(reference)
+    sparse_key = keys.definition_key(prefix, "uh", "v", "3600")
+    assert client.bitcount(sparse_key) == 2 and client.getbit(sparse_key, 150_000) == 1
+    assert client.hget(keys.definition_key(prefix, "cd", "v"), "20240101") == b"200"
+    assert not client.exists(keys.project_prefix(project) + keys.PROJECT_PARTS["scratch"])
+    assert person_bitmap([0, 9]) == bytes([0b1000_0000, 0b0100_0000])  # Redis's bit order

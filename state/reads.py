@@ -32,6 +32,14 @@ def read_bitmap(raw: bytes | None) -> int:
     return int.from_bytes((raw or b"").translate(_REVERSED), "little")
 
 
+def person_bitmap(persons: list[int]) -> bytes:
+    """Persons as the stored bitmap `read_bitmap` reads (person p is bit 7 - p % 8 of byte p // 8): a
+    backfill ORs a dense set in whole, where setting each person's bit costs about 1 µs of BITFIELD."""
+    bits = np.zeros(max(persons) + 1, dtype=bool)
+    bits[np.asarray(persons, dtype=np.int64)] = True
+    return np.packbits(bits).tobytes()
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a series' buckets live: the always-on state (names = event names) or a definition's

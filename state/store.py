@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 import redis
 
@@ -25,6 +24,7 @@ from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import ShardedStore, run_scripts
 from state.overrides import final_person
+from state.reads import person_bitmap
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, DefinitionSums, ShardEffects
@@ -120,14 +120,6 @@ def definition_sections(by_definition: dict[str, DefinitionSums]) -> dict[str, l
 
 
 DENSE_BYTES_PER_PERSON = 32  # a backfill sends a person set whole once it has a person per 32 bytes of bitmap
-
-
-def person_bitmap(persons: list[int]) -> bytes:
-    """A person set as the Redis bitmap of its persons' bits (person p is bit 7 - p % 8 of byte p // 8):
-    a backfill ORs a dense set in whole, where setting its bits one by one costs about 1 µs each."""
-    bits = np.zeros(max(persons) + 1, dtype=bool)
-    bits[np.asarray(persons, dtype=np.int64)] = True
-    return np.packbits(bits).tobytes()
 
 
 def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[tuple[str, int, list[str]]]

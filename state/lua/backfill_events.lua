@@ -15,9 +15,7 @@ local fence = tonumber(redis.call('HGET', D .. DK.backfill_fence, part) or '-1')
 -- The fence is behind what this process already wrote: Redis lost its last writes (a crash between
 -- AOF syncs). Applying on from here would leave a gap, so the caller restarts from the fence.
 if fence < tonumber(ARGV[E_FIRST + n * E_WIDTH + T.written_up_to]) then return {-2} end
-local bound = tonumber(redis.call('HGET', D .. DK.backfill_bound, part) or '0')
-local ho = redis.call('HGET', D .. DK.handover, part)
-if ho and tonumber(ho) < bound then bound = tonumber(ho) end
+local bound = backfill_limit(D, part)
 local applied = 0
 for i = 0, n - 1 do
   local b = E_FIRST + i * E_WIDTH

@@ -15,10 +15,7 @@ local D = P .. K.definition .. h .. ':'
 local fence = tonumber(redis.call('HGET', D .. DK.backfill_fence, part) or '-1')
 if fence < tonumber(ARGV[A.written_up_to]) then return {-2} end
 if fence ~= tonumber(ARGV[A.expected]) then return {-4} end
-local limit = tonumber(redis.call('HGET', D .. DK.backfill_bound, part) or '0')
-local ho = redis.call('HGET', D .. DK.handover, part)
-if ho and tonumber(ho) < limit then limit = tonumber(ho) end
-if limit ~= tonumber(ARGV[A.limit]) then return {-4} end
+if backfill_limit(D, part) ~= tonumber(ARGV[A.limit]) then return {-4} end
 local progress = tonumber(redis.call('HGET', D .. DK.backfill_progress, part) or '-1')
 if progress ~= tonumber(ARGV[A.progress]) then return {-4} end
 local n = tonumber(ARGV[A.count])

@@ -21,7 +21,6 @@ apply_sums(batch)
 apply_kept(batch)
 flush()
 -- Dense person sets come whole, as bitmaps: one OR each instead of a BITFIELD operation per person.
-local DEF_PERSONS = {h = DK.hour_persons, d = DK.day_persons}
 local scratch = P .. K.scratch
 for _, b in ipairs(batch.DB or {}) do
   local key = P .. K.definition .. b[DB.definition] .. ':' .. DEF_PERSONS[b[DB.kind]] .. b[DB.breakdown] .. ':' ..

@@ -74,6 +74,15 @@ local function apply_definition(h, flags, bv, v, p, hour, day, ts, uuid)
   end
 end
 
+-- Where a definition's backfill stops on a topic partition in this shard (its definition prefix D):
+-- below its bound, or below the live handover if that is lower.
+local function backfill_limit(D, part)
+  local limit = tonumber(redis.call('HGET', D .. DK.backfill_bound, part) or '0')
+  local ho = redis.call('HGET', D .. DK.handover, part)
+  if ho and tonumber(ho) < limit then limit = tonumber(ho) end
+  return limit
+end
+
 -- A write to a definition's keys that Redis refuses (a property sum leaving the float range, a
 -- person's kept events passing Redis's string limit) fails that definition, not the batch: the
 -- caller marks it failed and ingestion goes on. Any other refusal is an error of the state itself.

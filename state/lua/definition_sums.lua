@@ -2,11 +2,11 @@
 -- definitions (trends, property maths, retention) add, summed per key by the worker (the DC, DV, DS,
 -- DL and DA sections of a batch), and the events definitions keep, as the worker wrote them out (KD,
 -- KP); a write Redis refuses fails that definition only (write).
+local DEF_COUNTS = {h = DK.hour_counts, d = DK.day_counts}
+local DEF_PERSONS = {h = DK.hour_persons, d = DK.day_persons}
+local DEF_VALUES = {h = DK.hour_values, d = DK.day_values}
+local DEF_ACTORS = {h = DK.hour_person_events, d = DK.day_person_events}
 local function apply_sums(batch)
-  local DEF_COUNTS = {h = DK.hour_counts, d = DK.day_counts}
-  local DEF_PERSONS = {h = DK.hour_persons, d = DK.day_persons}
-  local DEF_VALUES = {h = DK.hour_values, d = DK.day_values}
-  local DEF_ACTORS = {h = DK.hour_person_events, d = DK.day_person_events}
   for _, c in ipairs(batch.DC) do
     local D = P .. K.definition .. c[DC.definition] .. ':'
     count(D .. DEF_COUNTS[c[DC.kind]] .. c[DC.breakdown], c[DC.bucket], c[DC.events])

@@ -477,7 +477,7 @@ def test_a_backfill_ors_dense_person_sets_in_whole_and_sets_sparse_ones_bit_by_b
     from dataflows.operators.batch import DefinitionSums
     from schemas.definitions import Definition
     from schemas.filters import parse_filters
-    from state.store import person_bitmap
+    from state.reads import person_bitmap
 
     project = next(_projects)
     definition = Definition(project_id=project, event="view", filters=parse_filters(None))

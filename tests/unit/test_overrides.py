@@ -71,3 +71,10 @@ def test_merges_applied_one_by_one_equal_the_merges_read_whole(made: list[tuple[
     assert incremental.final == whole.final
     assert {t: sorted(m) for t, m in incremental.members.items() if m} == {
         t: sorted(m) for t, m in whole.members.items()}
+
+
+def test_a_person_bitmap_written_whole_reads_back_as_its_persons() -> None:
+    from state.reads import person_bitmap
+
+    for persons in ([0], [7, 8], [3, 150_000, 9, 64], list(range(0, 1000, 3))):
+        assert read_bitmap(person_bitmap(persons)) == sum(1 << p for p in set(persons))

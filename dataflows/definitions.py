@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.operators.batch import Occurrence
 from dataflows.operators.history import KeptHistory, history_kept, history_sums
-from dataflows.operators.history_summaries import KeptColumns, by_columns
+from dataflows.operators.history_summaries import KeptColumns, Summarised, by_columns
 from dataflows.operators.persons import person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
@@ -51,6 +51,7 @@ HOT = set(HOT_PROPERTIES)
 ARCHIVE_CHUNK = 2000  # archived events per backfill item batch
 SUMMED_CHUNK = 250_000  # archived events summed per call (what one Lua call of a few hundred ms writes)
 KEPT_CHUNK = 50_000  # archived events a funnel or paths keep per call (each written out, not summed)
+SUMMARY_SLICE = 25_000  # backfilled persons whose summaries one sink call writes (about half a second)
 
 
 def _by_columns(definition: Any) -> bool:
@@ -208,6 +209,17 @@ class SummaryWork:
 
     project_id: int
     h: str
+
+
+@dataclass
+class _Summarising:
+    """A backfill's summaries computed over columns, written a slice of persons per sink call."""
+
+    summarised: Summarised
+    sizes: dict[int, int]  # the bytes of kept events the backfill gave each person
+    started: float
+    next: int = 0  # the index in `summarised.persons` of the next person to write
+    written: int = 0
 
 
 @dataclass
@@ -482,6 +494,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         # Per definition backfilled from the archive: the kept events this process applied, as columns,
         # and the bytes each person got, summarised over columns once the backfill is done.
         self._kept: dict[tuple[int, str], tuple[list[KeptColumns], dict[int, int]]] = {}
+        self._summarising: dict[tuple[int, str], _Summarising] = {}  # their summaries, being written
         self.tag = keys.topic_tag(topic_id(settings.kafka_bootstrap, settings.topic))
 
     def _definition(self, project_id: int, h: str) -> Definition | None:
@@ -502,18 +515,34 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
 
     def _fail(self, project_id: int, h: str, reason: str) -> None:
         self._kept.pop((project_id, h), None)
+        self._summarising.pop((project_id, h), None)
         fail_definition(self.registry, project_id, h, reason)
 
     def _summarise(self, work: SummaryWork) -> None:
+        """Summarise a definition's persons: first those its backfill kept over columns, written
+        `SUMMARY_SLICE` persons per call so the live input runs between slices, then (once they are
+        all written) the dirty persons left, by the summariser."""
         definition = self._definition(work.project_id, work.h)
-        kept = self._kept.pop((work.project_id, work.h), None)
+        key = (work.project_id, work.h)
+        kept = self._kept.pop(key, None)
         if definition is None:
+            self._summarising.pop(key, None)
             return
         if kept is not None and kept[0]:
             started = time.perf_counter()
-            written = self.summariser.summarise_backfilled(definition, KeptColumns.concat(kept[0]), kept[1])
+            summarised = self.summariser.backfilled_summaries(definition, KeptColumns.concat(kept[0]))
+            self._summarising[key] = _Summarising(summarised, kept[1], started)
+        slices = self._summarising.get(key)
+        if slices is not None:
+            end = min(slices.next + SUMMARY_SLICE, len(slices.summarised.persons))
+            slices.written += self.summariser.store.write_backfilled(
+                work.project_id, work.h, slices.summarised, slices.sizes, slices.next, end)
+            slices.next = end
+            if end < len(slices.summarised.persons):
+                return  # the next SummaryWork writes the next slice
+            del self._summarising[key]
             log.info("definition %s of project %s: %d of its %d backfilled persons summarised over columns in %.1f s",
-                     work.h, work.project_id, written, len(kept[1]), time.perf_counter() - started)
+                     work.h, work.project_id, slices.written, len(slices.sizes), time.perf_counter() - slices.started)
         self.summariser.drain(definition)
         done = not self.summariser.pending(work.project_id, work.h)
         if done and self.registry.summaries_built(work.project_id, work.h):

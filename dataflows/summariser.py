@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dataflows.operators.history_summaries import KeptColumns, summaries_by_columns
+from dataflows.operators.history_summaries import KeptColumns, Summarised, summaries_by_columns
 from dataflows.operators.summaries import summarise_group
 from dataflows.services import Letter
 from state.summaries import SummaryStore
@@ -48,12 +48,11 @@ class Summariser:
                                             for member, raw, plan in planned])
         return len(written)
 
-    def summarise_backfilled(self, definition: Any, kept: KeptColumns, sizes: dict[int, int]) -> int:
-        """Summarise the persons of a backfill from its kept events as columns (`sizes`: the bytes of
-        kept events it gave each person). A person is written only if those are all its kept events,
-        so a person live or the topic's tail added to stays dirty, as do persons of a merge (their
-        summaries are made from their group's events). Returns how many were written."""
+    def backfilled_summaries(self, definition: Any, kept: KeptColumns) -> Summarised:
+        """The summaries of a backfill's persons from its kept events as columns, to write with
+        `SummaryStore.write_backfilled` (which writes a person only if those are all its kept events,
+        so a person live or the topic's tail added to stays dirty). Persons of a merge are left out:
+        their summaries are made from their group's events, by the summariser."""
         overrides = self.store.overrides(definition.project_id)
         merged = set(overrides.final) | set(overrides.members)
-        summarised = summaries_by_columns(definition, kept, merged)
-        return self.store.write_backfilled(definition.project_id, definition.hash, summarised, sizes)
+        return summaries_by_columns(definition, kept, merged)

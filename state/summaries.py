@@ -139,18 +139,21 @@ class SummaryStore(ShardedStore):
                 calls.append(([keys.summary_dirty(shard_prefix)], args))
         return {p.decode() for result in run_scripts(self.redis, self._write, calls) for p in result}
 
-    def write_backfilled(self, project_id: int, h: str, summarised: Any, sizes: dict[int, int],
-                         chunk: int = 5000) -> int:
-        """Write summaries a backfill computed over columns (`Summarised`, history_summaries.py),
-        grouped by day (`backfill_summaries.lua`); `sizes`: the bytes of kept events the backfill gave
-        each person, so a person whose kept events are not exactly those is left dirty. Returns how
-        many persons were written."""
+    def write_backfilled(self, project_id: int, h: str, summarised: Any, sizes: dict[int, int], start: int = 0,
+                         stop: int | None = None, chunk: int = 5000) -> int:
+        """Write summaries a backfill computed over columns (`Summarised`, history_summaries.py) of
+        its persons `start` to `stop` (indexes in `summarised.persons`), grouped by day
+        (`backfill_summaries.lua`); `sizes`: the bytes of kept events the backfill gave each person,
+        so a person whose kept events are not exactly those is left dirty. Returns how many persons
+        were written."""
         prefix = keys.definition_prefix(project_id, h)
         persons, entry_persons = summarised.persons, summarised.entry_persons
+        index = np.arange(len(persons))
+        chosen_persons = (index >= start) & (index < (len(persons) if stop is None else stop))
         calls = []
         for shard in range(self.shards):
             shard_prefix = keys.in_shard(prefix, shard)
-            mine = np.flatnonzero(persons % self.shards == shard)
+            mine = np.flatnonzero(chosen_persons & (persons % self.shards == shard))
             for start in range(0, len(mine), chunk):
                 who = persons[mine[start:start + chunk]]
                 first = int(np.searchsorted(entry_persons, who[0], side="left"))

@@ -423,6 +423,15 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
     assert client.hgetall(keys.summary_versions(prefix, "fa")) == {b"20240101": b"1", b"20240102": b"2",
                                                                     b"20240103": b"1"}
     assert client.hgetall(keys.irregular_persons(prefix)) == {}
+    # Written a slice of persons at a time: each call writes only its persons.
+    summarised = Summarised("fa", np.array([7, 8, 9]), np.array([False, False, False]), np.array([7, 8, 9]),
+                            ["20240104"] * 3, [b"a", b"b", b"c"])
+    client.set(keys.person_events(prefix, "8"), b"12345")
+    store = SummaryStore(client, 1)
+    assert store.write_backfilled(project, "5b", summarised, {7: 5, 8: 5, 9: 2}, 0, 2) == 2
+    assert client.hgetall(keys.summary_rows(prefix, "fa", "20240104")) == {b"7": b"a", b"8": b"b"}
+    assert store.write_backfilled(project, "5b", summarised, {7: 5, 8: 5, 9: 2}, 2, 3) == 1
+    assert client.hgetall(keys.summary_rows(prefix, "fa", "20240104")) == {b"7": b"a", b"8": b"b", b"9": b"c"}
 
 
 def test_a_backfill_written_person_by_person_gives_each_person_its_events_once(client: redis.Redis) -> None:

@@ -51,6 +51,7 @@ HOT = set(HOT_PROPERTIES)
 ARCHIVE_CHUNK = 2000  # archived events per backfill item batch
 SUMMED_CHUNK = 250_000  # archived events summed per call (what one Lua call of a few hundred ms writes)
 KEPT_CHUNK = 50_000  # archived events a funnel or paths keep per call (each written out, not summed)
+PERSONS_CHUNK = 250_000  # archived events (whole persons) per call of a definition written person by person
 SUMMARY_SLICE = 25_000  # backfilled persons whose summaries one sink call writes (about half a second)
 
 
@@ -65,9 +66,10 @@ def _by_columns(definition: Any) -> bool:
 
 def _by_persons(definition: Any) -> bool:
     """Whether a backfill writes the definition's archived history person by person: one that keeps
-    events per person only (ordered funnels not broken down, paths: flags 's'). Each topic partition's
-    archived events are evaluated at once and every person gets them in one append
-    (backfill_persons.lua), instead of one append per person and chunk of events."""
+    events per person only (ordered funnels not broken down, paths: flags 's'). A topic partition's
+    archived events are taken by person, in chunks of whole persons, so every person gets them in one
+    append (backfill_persons.lua), instead of one append per person and chunk of events; the fence
+    moves with the last chunk."""
     return not isinstance(definition, Definition) and definition.flags == "s"
 
 
@@ -201,6 +203,7 @@ class ArchivedSums:
     name: str
     table: pa.Table
     through: int
+    final: bool = True  # the task's last chunk (a definition written person by person moves its fence only then)
 
 
 @dataclass
@@ -239,6 +242,7 @@ class _Task:
     last_emitted: int
     columnar: int = 0  # archived events per `ArchivedSums` chunk (evaluated over columns); 0: event by event
     rows: np.ndarray | None = None  # columnar: `archived` is the definition's history, these its rows left
+    by_persons: bool = False  # written person by person: `rows` are by person, chunks of whole persons
 
 
 class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | ArchivedSums]):
@@ -315,10 +319,13 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                 found = len(rows) if rows is not None else archived.num_rows if archived is not None else 0
                 log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
                          h, project_id, name, start, bound, found, topic_start)
-                chunk = (0 if evaluated is None else SUMMED_CHUNK if isinstance(evaluated, Definition)
-                         else max(1, len(rows) if rows is not None else 0) if _by_persons(evaluated) else KEPT_CHUNK)
+                chunk = 0 if evaluated is None else SUMMED_CHUNK if isinstance(evaluated, Definition) else KEPT_CHUNK
+                if evaluated is not None and _by_persons(evaluated) and rows is not None and archived is not None:
+                    chunk = PERSONS_CHUNK  # each chunk whole persons: by person, then offset
+                    rows = rows[np.lexsort((archived.column("offset").to_numpy()[rows],
+                                            archived.column("person").to_numpy()[rows]))]
                 return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1,
-                             chunk, rows)
+                             chunk, rows, evaluated is not None and _by_persons(evaluated))
         return None
 
     def _columnar_definition(self, project_id: int, h: str) -> Any:
@@ -353,13 +360,23 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         """The next chunk of the task's archived events, evaluated over columns by the sink; the last
         one moves the fence to `archived_to` - 1 (below it the archive holds every event of the project)."""
         assert task.archived is not None and task.rows is not None
-        chunk = task.archived.take(pa.array(task.rows[:task.columnar]))
-        task.rows = task.rows[task.columnar:]
+        size = task.columnar
+        if task.by_persons and size < len(task.rows):  # a chunk of whole persons (rows are by person)
+            persons = task.archived.column("person").to_numpy()[task.rows]
+            size = int(np.searchsorted(persons, persons[size - 1], side="right"))
+        chunk = task.archived.take(pa.array(task.rows[:size]))
+        task.rows = task.rows[size:]
         if not len(task.rows):
             task.archived, task.rows = None, None
-        through = task.archived_to - 1 if task.archived is None else int(chunk.column("offset")[-1].as_py())
+        final = task.archived is None
+        if final:
+            through = task.archived_to - 1
+        elif task.by_persons:
+            through = task.last_emitted  # the fence moves with the last chunk only
+        else:
+            through = int(chunk.column("offset")[-1].as_py())
         task.last_emitted = through
-        return [ArchivedSums(task.project_id, task.h, task.name, chunk, through)]
+        return [ArchivedSums(task.project_id, task.h, task.name, chunk, through, final)]
 
     @staticmethod
     def _archived(task: _Task) -> list[BackfillItem | SummaryWork]:
@@ -614,7 +631,7 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
                 if per_person:
                     result = self.store.backfill_persons(
                         definition, item.name, {s: part.persons for s, part in sums.items()},  # type: ignore[union-attr]
-                        limits, progress, item.through, written)
+                        limits, progress, item.through, written, last=item.final)
                     result.events = sum(part.events for part in sums.values())  # type: ignore[union-attr]
                 else:
                     result = self.store.backfill_sums(definition, item.name, sums,

@@ -355,11 +355,12 @@ class StateStore(ShardedStore):
 
     def backfill_persons(self, definition: Any, name: str, kept: dict[int, dict[int, str]],
                          limits: dict[int, tuple[int, int]], progress: dict[int, int], through: int,
-                         written_up_to: int = -1, batch_bytes: int = 4 << 20) -> Applied:
+                         written_up_to: int = -1, batch_bytes: int = 4 << 20, last: bool = True) -> Applied:
         """Append to each person of each state shard the kept events `kept[shard][person]` its archived
         history on topic partition `name` gives a summarised definition, the persons above the shard's
-        progress in ascending order, about `batch_bytes` per call; each shard's last call moves its
-        fence to `through` (`backfill_persons.lua`). `limits` and `progress` as read before evaluating
+        progress in ascending order, about `batch_bytes` per call; with `last` (the partition's last
+        persons; else every person here is below those of later calls) each shard's last call moves
+        its fence to `through` (`backfill_persons.lua`). `limits` and `progress` as read before evaluating
         (`backfill_limits`, `backfill_progress`): `FenceMoved` if any moved since (what was written
         stays, and the progress says so); `RedisLostWrites` if a fence is behind what this process wrote.
         The answer's `events` stays 0: the caller knows the events it evaluated."""
@@ -378,8 +379,10 @@ class StateStore(ShardedStore):
                 size += len(kept[s][person])
             last_written = progress[s]
             for i, batch in enumerate(batches):
+                if not batch and not last:
+                    continue
                 args: list[Any] = [keys.shard_prefix(pid, s), h, name, fence, limit, last_written,
-                                   int(i == len(batches) - 1), through, written_up_to, len(batch)]
+                                   int(last and i == len(batches) - 1), through, written_up_to, len(batch)]
                 for person in batch:
                     args += [person, kept[s][person]]
                 calls.append(([keys.shard_applied(pid, s)], args))

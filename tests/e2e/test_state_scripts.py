@@ -470,6 +470,19 @@ def test_a_backfill_written_person_by_person_gives_each_person_its_events_once(c
     with pytest.raises(RedisLostWrites):
         store.backfill_persons(definition, "t1:0", kept, store.backfill_limits(project, "5c", "t1:0"),
                                store.backfill_progress(project, "5c", "t1:0"), 12, written_up_to=11)
+    # A partition written in chunks of whole persons: only the last chunk moves the fence.
+    for s in range(2):
+        client.hset(keys.in_shard(keys.backfill_bound(prefix), s), "t1:2", 10)
+    limits = store.backfill_limits(project, "5c", "t1:2")
+    store.backfill_persons(definition, "t1:2", {0: {10: "p"}, 1: {11: "q"}}, limits,
+                           store.backfill_progress(project, "5c", "t1:2"), -1, last=False)
+    assert store.backfill_progress(project, "5c", "t1:2") == {0: 10, 1: 11}
+    assert [client.hget(keys.in_shard(keys.backfill_fence(prefix), s), "t1:2") for s in range(2)] == [None, None]
+    store.backfill_persons(definition, "t1:2", {0: {12: "r"}}, limits,
+                           store.backfill_progress(project, "5c", "t1:2"), 9)
+    assert [events(p) for p in (10, 11, 12)] == [b"p", b"q", b"r"]
+    assert [client.hget(keys.in_shard(keys.backfill_fence(prefix), s), "t1:2") for s in range(2)] == [b"9", b"9"]
+    assert store.backfill_progress(project, "5c", "t1:2") == {0: -1, 1: -1}
     # A live handover below the bound lowers the limit: a backfill evaluated before it writes nothing.
     for s in range(2):
         client.hset(keys.in_shard(keys.backfill_bound(prefix), s), "t1:1", 10)

@@ -258,6 +258,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         self._read: tuple[tuple[int, str], dict[str, int], pa.Table] | None = None  # see `_history`
         self.summaries = SummaryStore(self.client)
         self._awake: datetime | None = None
+        self._summaries_due = 0.0  # when an idle source next looks for summaries to hand out (monotonic)
 
     def _sleep(self, seconds: float) -> list[BackfillItem]:
         self._awake = datetime.now(UTC) + timedelta(seconds=seconds)
@@ -442,9 +443,12 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
             self.task = self._pick()
             if self.task is None:
                 self._read = None  # every backfill is done: let its archived events go
-                work = self._summaries()
-                if work:
-                    return work
+                now = time.monotonic()
+                if now >= self._summaries_due:
+                    work = self._summaries()
+                    if work:
+                        return work  # and again on the next call, until none is left
+                    self._summaries_due = now + 0.5  # nothing to summarise: look again in half a second
                 return self._sleep(0.1)  # idle: a new definition starts within 0.1 s
         task = self.task
         if task.archived is not None:

@@ -242,7 +242,7 @@ class _Task:
     last_emitted: int
     columnar: int = 0  # archived events per `ArchivedSums` chunk (evaluated over columns); 0: event by event
     rows: np.ndarray | None = None  # columnar: `archived` is the definition's history, these its rows left
-    by_persons: bool = False  # written person by person: `rows` are by person, chunks of whole persons
+    row_persons: np.ndarray | None = None  # written person by person: the persons of `rows`, ascending
 
 
 class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | ArchivedSums]):
@@ -321,12 +321,14 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                 log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
                          h, project_id, name, start, bound, found, topic_start)
                 chunk = 0 if evaluated is None else SUMMED_CHUNK if isinstance(evaluated, Definition) else KEPT_CHUNK
+                row_persons = None
                 if evaluated is not None and _by_persons(evaluated) and rows is not None and archived is not None:
                     chunk = PERSONS_CHUNK  # each chunk whole persons: by person, then offset
-                    rows = rows[np.lexsort((archived.column("offset").to_numpy()[rows],
-                                            archived.column("person").to_numpy()[rows]))]
+                    persons = archived.column("person").to_numpy()[rows]
+                    order = np.lexsort((archived.column("offset").to_numpy()[rows], persons))
+                    rows, row_persons = rows[order], persons[order]
                 return _Task(project_id, h, name, partition, bound, len(names), archived, kept, consumer, start - 1,
-                             chunk, rows, evaluated is not None and _by_persons(evaluated))
+                             chunk, rows, row_persons)
         return None
 
     def _columnar_definition(self, project_id: int, h: str) -> Any:
@@ -361,10 +363,11 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         """The next chunk of the task's archived events, evaluated over columns by the sink; the last
         one moves the fence to `archived_to` - 1 (below it the archive holds every event of the project)."""
         assert task.archived is not None and task.rows is not None
-        size = task.columnar
-        if task.by_persons and size < len(task.rows):  # a chunk of whole persons (rows are by person)
-            persons = task.archived.column("person").to_numpy()[task.rows]
-            size = int(np.searchsorted(persons, persons[size - 1], side="right"))
+        size, by_persons = task.columnar, task.row_persons is not None
+        if task.row_persons is not None:  # a chunk of whole persons
+            if size < len(task.rows):
+                size = int(np.searchsorted(task.row_persons, task.row_persons[size - 1], side="right"))
+            task.row_persons = task.row_persons[size:]
         chunk = task.archived.take(pa.array(task.rows[:size]))
         task.rows = task.rows[size:]
         if not len(task.rows):
@@ -372,7 +375,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         final = task.archived is None
         if final:
             through = task.archived_to - 1
-        elif task.by_persons:
+        elif by_persons:
             through = task.last_emitted  # the fence moves with the last chunk only
         else:
             through = int(chunk.column("offset")[-1].as_py())
@@ -556,8 +559,8 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         slices = self._summarising.get(key)
         if slices is not None:
             end = min(slices.next + SUMMARY_SLICE, len(slices.summarised.persons))
-            slices.written += self.summariser.store.write_backfilled(
-                work.project_id, work.h, slices.summarised, slices.sizes, slices.next, end)
+            slices.written += self.summariser.write_backfilled(definition, slices.summarised, slices.sizes,
+                                                               slices.next, end)
             slices.next = end
             if end < len(slices.summarised.persons):
                 return  # the next SummaryWork writes the next slice

@@ -56,3 +56,9 @@ class Summariser:
         overrides = self.store.overrides(definition.project_id)
         merged = set(overrides.final) | set(overrides.members)
         return summaries_by_columns(definition, kept, merged)
+
+    def write_backfilled(self, definition: Any, summarised: Summarised, sizes: dict[int, int], start: int,
+                         stop: int) -> int:
+        """Write the summaries of `summarised.persons[start:stop]` (`SummaryStore.write_backfilled`);
+        returns how many persons were written."""
+        return self.store.write_backfilled(definition.project_id, definition.hash, summarised, sizes, start, stop)

@@ -238,6 +238,7 @@ def up(
 
 DRAIN_TIMEOUT_S = float(os.environ.get("INSIGHTFLOW_DRAIN_TIMEOUT", "120"))
 DRAIN_SETTLE_S = 1.0  # lag must read 0 this long before the stop goes on
+DRAIN_RESIGNAL_S = 2.0  # how long the API may take to report it refuses events before it is told again
 
 
 def _check_state_shards(redis_url: str) -> None:
@@ -528,13 +529,22 @@ class Supervisor:
              "to apply every acknowledged event (Ctrl-C again to stop at once)")
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         lag: Any = None
-        said = 0.0
+        said, signalled = 0.0, time.monotonic()
         settled: float | None = None  # since when lag has read 0
         while time.monotonic() < deadline and self.signals < 2:
             self._supervise()
             body = self._readyz()
             lag = body.get("lag_events")
-            if lag != 0:
+            refusing = bool(body.get("draining"))
+            if body and not refusing and time.monotonic() - signalled >= DRAIN_RESIGNAL_S:
+                # The API has not taken the signal, or was restarted meanwhile and never had it: capture
+                # still accepts, so no lag reading means the end. Tell it again.
+                api = self.procs.get("api")
+                if api is not None and api.alive():
+                    _say("stopping: the API does not report that it refuses events yet; telling it again")
+                    os.kill(api.proc.pid, signal.SIGUSR1)
+                signalled = time.monotonic()
+            if lag != 0 or not refusing:
                 settled = None
             elif settled is None:
                 settled = time.monotonic()

@@ -89,6 +89,11 @@ class Up:
             self.seen.append(self.lines.get())
         return self.seen
 
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        """The last lines of one process's log (`logs/<name>.log`), for a failure's message."""
+        path = self.data_dir / "logs" / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else f"no {path}"
+
     def pids(self) -> dict[str, int]:
         return {p.stem: int(p.read_text()) for p in (self.data_dir / "pids").glob("*.pid")}
 

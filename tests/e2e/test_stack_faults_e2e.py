@@ -57,7 +57,9 @@ def test_stop_drains_then_a_restart_has_every_acknowledged_event(tmp_path: Path)
         up.kill()
     assert code == 0, up.seen
     assert any(line.startswith("stopping: capture refuses new events") for line in up.seen), up.seen
-    assert "stopping: every acknowledged event is applied" in up.seen, "\n".join(up.seen)
+    assert "stopping: every acknowledged event is applied" in up.seen, "\n".join(
+        [*up.seen, f"sender: {sender.statuses}", "api.log:", up.log_tail("api"),
+         "dataflow.log:", up.log_tail("dataflow")])
     assert set(sender.statuses) <= {"200", "503", "ConnectError", "RemoteProtocolError", "ReadError"}, sender.statuses
     # Whether a sender's request fell inside the drain depends on how fast the dataflow caught up;
     # what capture answers once draining is checked on the restarted stack below.
@@ -100,6 +102,39 @@ def test_stop_drains_then_a_restart_has_every_acknowledged_event(tmp_path: Path)
                 break
         assert refused.status_code == 503 and refused.json()["code"] == "draining", refused.text
         assert refused.headers["retry-after"]
+    finally:
+        again.kill()
+
+
+def test_an_api_restarted_while_draining_is_told_again_to_refuse_events(tmp_path: Path) -> None:
+    """The API dies just after the stop began (it took the signal, then was killed): `up` restarts it,
+    and the new one knows nothing of the stop. A lag of 0 then means nothing while capture accepts, so
+    `up` tells it again and only ends once it refuses and every acknowledged event is applied."""
+    data_dir = tmp_path / "data"
+    up = Up.start(data_dir)
+    try:
+        token = _project(up, 34)
+        sender = Sender(up.url, token, batch=200, threads=2, retry=False)
+        while len(sender.acknowledged) < 5_000:
+            time.sleep(0.05)
+        api = up.pids()["api"]
+        os.kill(up.proc.pid, signal.SIGINT)
+        up.wait_for("stopping: capture refuses new events", 30)
+        os.kill(api, signal.SIGKILL)
+        up.wait_for("restarted api", 30)
+        up.wait_for("stopping: the API does not report that it refuses events yet; telling it again", 30)
+        code = up.proc.wait(180)  # already stopping (a second Ctrl-C would stop at once)
+        time.sleep(0.2)
+        up.output()
+    finally:
+        sender.stop()
+        up.kill()
+    assert code == 0, up.seen
+    assert "stopping: every acknowledged event is applied" in up.seen, "\n".join(up.seen)
+    again = Up.start(data_dir)
+    try:
+        again.wait_applied()
+        assert day_total(again.redis, 34, "burst") == len(sender.acknowledged)
     finally:
         again.kill()
 

@@ -50,11 +50,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.draining = False
         app.state.producer = capture.EventProducer(settings.kafka_bootstrap, settings.topic)
 
-        def drain() -> None:  # `insightflow up` is stopping: accept no more events
-            app.state.draining = True
-            logging.getLogger("insightflow.api").info("draining: capture answers 503 from now on")
+        loop = asyncio.get_running_loop()
 
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, drain)
+        def drain(*_: object) -> None:  # `insightflow up` is stopping: accept no more events
+            app.state.draining = True
+            loop.call_soon_threadsafe(logging.getLogger("insightflow.api").info,
+                                      "draining: capture answers 503 from now on")
+
+        # A plain handler, not the event loop's: the loop learns of its signals through its self-pipe,
+        # which drops them when full, and a signal lost here would leave capture accepting all through
+        # the stop. A plain handler runs on the main thread at its next bytecode whatever the pipe holds.
+        signal.signal(signal.SIGUSR1, drain)
         app.state.topic = TopicIdentity(settings.kafka_bootstrap, settings.topic)
         app.state.watermarks = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
                                          "group.id": "insightflow-readyz", "enable.auto.commit": False})

@@ -67,30 +67,20 @@ class EventProducer:
         -> next offset reached. Nothing here can fail because of an event: they were all encoded
         before the first was produced, so only the broker can make a batch fail."""
         loop = asyncio.get_running_loop()
-        futures = []
+        done: asyncio.Future = loop.create_future()
+        delivery = _Delivery(len(records), loop, done)
         for key, value in records:
-            fut: asyncio.Future = loop.create_future()
-
-            def delivered(err: KafkaError | None, msg: Any, fut: asyncio.Future = fut) -> None:
-                result = err if err is not None else (msg.partition(), msg.offset())
-                loop.call_soon_threadsafe(_settle, fut, result)
-
             while True:
                 try:
-                    self.producer.produce(self.topic, key=key, value=value, on_delivery=delivered)
+                    self.producer.produce(self.topic, key=key, value=value, on_delivery=delivery.delivered)
                     break
                 except BufferError:
                     await asyncio.sleep(0.01)
-            futures.append(fut)
-        results = await asyncio.gather(*futures)
-        errors = [r for r in results if isinstance(r, KafkaError)]
-        if errors:
+        error, ends = await done
+        if error is not None:
             raise ApiError(503, "server_error", "broker_unavailable",
-                           f"The event broker did not acknowledge the events: {errors[0].str()}. Retry later.",
+                           f"The event broker did not acknowledge the events: {error.str()}. Retry later.",
                            headers={"Retry-After": "2"})
-        ends: dict[int, int] = {}
-        for partition, offset in results:
-            ends[partition] = max(ends.get(partition, 0), offset + 1)
         return ends
 
     def close(self) -> None:
@@ -167,6 +157,31 @@ class AcknowledgedOffsets:
         self._pending.set()
         self._thread.join(5)
         self.flush()
+
+
+class _Delivery:
+    """The broker's acknowledgements of one request's records, gathered on the producer's poll thread
+    and handed to the event loop once, when the last arrives. One cross-thread wake-up per record
+    floods the loop's self-pipe under load, and a full self-pipe drops signals too."""
+
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        self.left, self.loop, self.done = count, loop, done
+        self.error: KafkaError | None = None
+        self.ends: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def delivered(self, err: KafkaError | None, msg: Any) -> None:
+        with self._lock:
+            if err is not None:
+                self.error = self.error or err
+            else:
+                partition, end = msg.partition(), msg.offset() + 1
+                if end > self.ends.get(partition, 0):
+                    self.ends[partition] = end
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.loop.call_soon_threadsafe(_settle, self.done, (self.error, self.ends))
 
 
 def _settle(fut: asyncio.Future, result: Any) -> None:

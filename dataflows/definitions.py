@@ -38,7 +38,7 @@ from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
 from schemas.registered import load_definition
 from schemas.settings import Settings
 from state import keys
-from state.archive import HOT_PROPERTIES, Archive, contiguous, iter_events, partition_rows
+from state.archive import HOT_PROPERTIES, Archive, contiguous, hot_in_json_only, iter_events, partition_rows
 from state.connection import claim_state_shards, connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.store import BackfillRow, FenceMoved, StateStore
@@ -352,9 +352,10 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
             wanted = definition.event_keys()
             kept = [] if isinstance(definition, Definition) else ["uuid"]  # kept events name their uuid
             columns = ["topic", "partition", "offset", "person", "event", "timestamp", *kept, *sorted(wanted & HOT)]
-            table = self.archive.event_rows(project_id, names, columns)
-            if wanted - HOT or any(table.column(k).null_count for k in wanted & HOT):  # some need the JSON
-                table = self.archive.event_rows(project_id, names, [*columns, "properties"])
+            hot = wanted & HOT
+            table = self.archive.event_rows(project_id, names, [*columns, *(["hot_in_json_only"] if hot else [])])
+            if wanted - HOT or (any(table.column(k).null_count for k in hot) and hot_in_json_only(table, hot)):
+                table = self.archive.event_rows(project_id, names, [*columns, "properties"])  # some need the JSON
             self._read = ((project_id, h), fences, contiguous(table))
         return self._read[1], self._read[2]
 

@@ -44,6 +44,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
@@ -72,6 +73,9 @@ SCHEMA = pa.schema([
     ("day", pa.date32()),            # the project-zone day it was bucketed in when archived
     ("properties", pa.string()),     # the event's properties as JSON
     *[(name, pa.string()) for name in HOT_PROPERTIES],
+    # Bit i set: HOT_PROPERTIES[i] is present with a value that is not a string, so only the JSON
+    # holds it. Null: not known (a segment written before this column), read the JSON to be sure.
+    ("hot_in_json_only", pa.int16()),
 ])
 _SEGMENT_NAME = re.compile(r"^w(\d+)-")
 
@@ -158,10 +162,24 @@ def read_segment(path: Path, columns: list[str] | None = None, filters: Any = No
     """One segment's rows (those `filters` keep, in pyarrow's filter form), whichever its format."""
     if path.suffix != ".arrow":
         return pq.read_table(path, columns=columns, filters=filters, schema=SCHEMA)
-    table = feather.read_table(path, memory_map=False)
+    read = None
+    if columns:  # only the columns asked for and those filtered on: Arrow IPC reads each on its own
+        wanted = {*columns, *(f[0] for f in filters or ())}
+        with pa.OSFile(str(path)) as source:
+            read = [c for c in pa.ipc.open_file(source).schema.names if c in wanted]
+    table = _conformed(feather.read_table(path, columns=read, memory_map=False))
     if filters is not None:
         table = table.filter(pq.filters_to_expression(filters))
     return table.select(columns) if columns else table
+
+
+def _conformed(table: pa.Table) -> pa.Table:
+    """A landing segment with every column of SCHEMA: one written before a column existed gets it as
+    nulls (Parquet segments get the same from their reader, given SCHEMA)."""
+    for index, column in enumerate(SCHEMA):
+        if column.name not in table.column_names:
+            table = table.add_column(index, column, pa.nulls(table.num_rows, column.type))
+    return table
 
 
 def table_of(events: list[ArchivedEvent]) -> pa.Table:
@@ -182,7 +200,22 @@ def table_of(events: list[ArchivedEvent]) -> pa.Table:
     }
     for name in HOT_PROPERTIES:
         columns[name] = [v if isinstance(v := p.get(name), str) else None for p in props]
+    columns["hot_in_json_only"] = [sum(1 << i for i, name in enumerate(HOT_PROPERTIES)
+                                       if name in p and not isinstance(p[name], str)) for p in props]
     return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def hot_in_json_only(table: pa.Table, names: set[str]) -> bool:
+    """Whether some row may hold one of these hot properties only in its JSON (a value that is not a
+    string), so that a reader of the hot columns alone would miss it. Needs the `hot_in_json_only`
+    column; rows of segments written before it count as may."""
+    bits = sum(1 << i for i, name in enumerate(HOT_PROPERTIES) if name in names)
+    if not bits or table.num_rows == 0:
+        return False
+    marks = table.column("hot_in_json_only")
+    if marks.null_count:
+        return True
+    return bool(pc.any(pc.not_equal(pc.bit_wise_and(marks, pa.scalar(bits, pa.int16())), 0)).as_py())
 
 
 class _Project:
@@ -362,8 +395,13 @@ class Archive:
         fields = [SCHEMA.field(c) for c in columns] if columns else list(SCHEMA)
         for _ in range(20):
             paths = [project.dir / s.path for m in self._manifests(project_id) for s in m.segments]
+            compacted = [str(p) for p in paths if p.suffix == ".parquet"]
             try:
-                tables = [read_segment(p, columns, filters) for p in paths]
+                tables = [read_segment(p, columns, filters) for p in paths if p.suffix != ".parquet"]
+                if compacted:  # one scan over every day segment: their files are read in parallel
+                    scan = ds.dataset(compacted, schema=SCHEMA, format="parquet")
+                    tables.append(scan.to_table(columns=columns or SCHEMA.names, filter=(
+                        pq.filters_to_expression(filters) if filters is not None else None)))
             except FileNotFoundError:
                 continue
             if not tables:

@@ -66,7 +66,9 @@ def _distinct_inputs(table: pa.Table, keys: list[str], hot: set[str]) -> tuple[n
     slow = np.flatnonzero(~fast)
     if len(slow):
         names = table.column("event").take(slow).to_pylist()
-        props = table.column("properties").take(slow).to_pylist()
+        # Without the JSON column, the reader made sure a null hot value means absent (archive.hot_in_json_only).
+        props = (table.column("properties").take(slow).to_pylist() if "properties" in table.column_names
+                 else [None] * len(slow))
         hot_values = {k: table.column(k).take(slow).to_pylist() for k in keys if k in hot}
         for i, (name, raw) in enumerate(zip(names, props, strict=True)):
             parts: list[Any] = [name]
@@ -75,6 +77,9 @@ def _distinct_inputs(table: pa.Table, keys: list[str], hot: set[str]) -> tuple[n
                 text = hot_values[k][i] if k in hot_values else None
                 if text is not None:
                     parts.append(("h", text))
+                    continue
+                if raw is None:
+                    parts.append(None)
                     continue
                 if parsed is None:
                     parsed = orjson.loads(raw)
@@ -91,10 +96,13 @@ def _distinct_inputs(table: pa.Table, keys: list[str], hot: set[str]) -> tuple[n
 def _known(table: pa.Table, key: str) -> pa.ChunkedArray:
     """A hot column with the rows where the event has no such property at all marked `_ABSENT`, so
     only rows whose value is not text (null, a number, an object) need their JSON parsed. The
-    properties JSON is orjson's, which spells a key one way: without `"key":` in it, the key is absent."""
+    properties JSON is orjson's, which spells a key one way: without `"key":` in it, the key is absent.
+    A table read without the JSON was read so because its nulls all mean absent."""
     column = table.column(key)
-    if not column.null_count or "properties" not in table.column_names:
+    if not column.null_count:
         return column
+    if "properties" not in table.column_names:
+        return pc.fill_null(column, _ABSENT)
     mentioned = pc.match_substring(table.column("properties"), orjson.dumps(key).decode() + ":")
     return pc.if_else(pc.and_(pc.is_null(column), pc.invert(mentioned)), _ABSENT, column)
 

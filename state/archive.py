@@ -200,8 +200,12 @@ def table_of(events: list[ArchivedEvent]) -> pa.Table:
     }
     for name in HOT_PROPERTIES:
         columns[name] = [v if isinstance(v := p.get(name), str) else None for p in props]
-    columns["hot_in_json_only"] = [sum(1 << i for i, name in enumerate(HOT_PROPERTIES)
-                                       if name in p and not isinstance(p[name], str)) for p in props]
+    marks = [0] * len(props)
+    for i, name in enumerate(HOT_PROPERTIES):  # only a row the column has no text for can hold one
+        for row in [r for r, v in enumerate(columns[name]) if v is None]:
+            if name in props[row]:
+                marks[row] |= 1 << i
+    columns["hot_in_json_only"] = marks
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 

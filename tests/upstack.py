@@ -162,6 +162,7 @@ class Sender:
         self.url, self.token, self.event, self.batch, self.retry = url, token, event, batch, retry
         self.acknowledged: set[str] = set()
         self.refused: set[str] = set()  # answered 503 and never resent (retry=False)
+        self.unanswered: set[str] = set()  # last sent in a request that got no answer: may be applied
         self.statuses: Counter[str] = Counter()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -191,6 +192,8 @@ class Sender:
                 if not self.retry or self._stop.is_set():
                     with self._lock:
                         self.refused.update(e["uuid"] for e in events)
+                        if not status[0].isdigit():
+                            self.unanswered.update(e["uuid"] for e in events)
                     break
                 time.sleep(0.1)
         client.close()

@@ -134,7 +134,11 @@ def test_an_api_restarted_while_draining_is_told_again_to_refuse_events(tmp_path
     again = Up.start(data_dir)
     try:
         again.wait_applied()
-        assert day_total(again.redis, 34, "burst") == len(sender.acknowledged)
+        # Every acknowledged event is there; a request the kill cut off got no answer, and its events
+        # may have reached the broker first (an SDK resends them with the same uuids: counted once).
+        total = day_total(again.redis, 34, "burst")
+        assert len(sender.acknowledged) <= total <= len(sender.acknowledged) + len(sender.unanswered), (
+            total, len(sender.acknowledged), len(sender.unanswered))
     finally:
         again.kill()
 

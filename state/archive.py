@@ -58,6 +58,7 @@ VERSION = "v1"
 # most): readers filter and group on them without parsing the JSON.
 HOT_PROPERTIES = ("$browser", "$os", "$device_type", "$current_url", "$pathname", "$screen_name",
                   "$referring_domain")
+HOT_BITS = {name: 1 << i for i, name in enumerate(HOT_PROPERTIES)}  # a hot property's bit in `hot_in_json_only`
 COMPACT_AFTER = 32  # landing segments of one worker and project before they are compacted into days
 DAY_SEGMENT_ROWS = 1_000_000  # a day's compacted segment takes more rows until it has this many
 
@@ -73,8 +74,8 @@ SCHEMA = pa.schema([
     ("day", pa.date32()),            # the project-zone day it was bucketed in when archived
     ("properties", pa.string()),     # the event's properties as JSON
     *[(name, pa.string()) for name in HOT_PROPERTIES],
-    # Bit i set: HOT_PROPERTIES[i] is present with a value that is not a string, so only the JSON
-    # holds it. Null: not known (a segment written before this column), read the JSON to be sure.
+    # HOT_BITS[name] set: that property is present with a value that is not a string, so only the
+    # JSON holds it. Null: not known (a segment written before this column), read the JSON to be sure.
     ("hot_in_json_only", pa.int16()),
 ])
 _SEGMENT_NAME = re.compile(r"^w(\d+)-")
@@ -201,10 +202,10 @@ def table_of(events: list[ArchivedEvent]) -> pa.Table:
     for name in HOT_PROPERTIES:
         columns[name] = [v if isinstance(v := p.get(name), str) else None for p in props]
     marks = [0] * len(props)
-    for i, name in enumerate(HOT_PROPERTIES):  # only a row the column has no text for can hold one
+    for name, bit in HOT_BITS.items():  # only a row the column has no text for can hold one
         for row in [r for r, v in enumerate(columns[name]) if v is None]:
             if name in props[row]:
-                marks[row] |= 1 << i
+                marks[row] |= bit
     columns["hot_in_json_only"] = marks
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
@@ -213,7 +214,7 @@ def hot_in_json_only(table: pa.Table, names: set[str]) -> bool:
     """Whether some row may hold one of these hot properties only in its JSON (a value that is not a
     string), so that a reader of the hot columns alone would miss it. Needs the `hot_in_json_only`
     column; rows of segments written before it count as may."""
-    bits = sum(1 << i for i, name in enumerate(HOT_PROPERTIES) if name in names)
+    bits = sum(bit for name, bit in HOT_BITS.items() if name in names)
     if not bits or table.num_rows == 0:
         return False
     marks = table.column("hot_in_json_only")

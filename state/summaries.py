@@ -148,19 +148,18 @@ class SummaryStore(ShardedStore):
         were written."""
         prefix = keys.definition_prefix(project_id, h)
         persons, entry_persons = summarised.persons, summarised.entry_persons
-        index = np.arange(len(persons))
-        chosen_persons = (index >= start) & (index < (len(persons) if stop is None else stop))
+        stop = len(persons) if stop is None else stop
         calls = []
         for shard in range(self.shards):
             shard_prefix = keys.in_shard(prefix, shard)
-            mine = np.flatnonzero(chosen_persons & (persons % self.shards == shard))
-            for start in range(0, len(mine), chunk):
-                who = persons[mine[start:start + chunk]]
+            mine = start + np.flatnonzero(persons[start:stop] % self.shards == shard)
+            for at in range(0, len(mine), chunk):
+                who = persons[mine[at:at + chunk]]
                 first = int(np.searchsorted(entry_persons, who[0], side="left"))
                 end = int(np.searchsorted(entry_persons, who[-1], side="right"))
                 chosen = first + np.flatnonzero(entry_persons[first:end] % self.shards == shard)
                 header: list[Any] = []
-                for person, irregular in zip(who.tolist(), summarised.irregular[mine[start:start + chunk]].tolist(),
+                for person, irregular in zip(who.tolist(), summarised.irregular[mine[at:at + chunk]].tolist(),
                                              strict=True):
                     header += [person, sizes[person], int(irregular)]
                 days: dict[str, list[int]] = {}

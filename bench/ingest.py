@@ -8,7 +8,10 @@ as a live topic is, `random` is a replay of shuffled history):
 - the dataflow with every always-on state and `--definitions` registered first (three ordered
   funnels, a filtered trend, a filtered retention, paths), with 1 and with 2 processes: events/s,
   the ratio to the bare pipeline, Redis CPU per applied event (from INFO) and dataflow CPU per event
-  (from /proc), and whether the 2-process state equals the 1-process state (counts, person sets).
+  (from /proc), and whether the 2-process state equals the 1-process state (counts, person sets);
+- then the same until every funnel and paths summary is written as well, and a funnel's query time
+  at both moments (queries are exact either way: a person not summarised yet is summarised by the
+  query, in memory).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from bench.run import END, PROJECT, applied, backlog_arguments, bench_project, p
 from serving import stack
 from state import keys
 from state.connection import connect
+from state.registry import DefinitionRegistry
+from state.summaries import SummaryStore
 from state.topics import ensure_topics
 
 DEFINITIONS = [
@@ -90,19 +95,24 @@ def bare(workdir: Path, bootstrap: str, topic: str, total: int, partitions: int)
         redis_proc.stop()
 
 
-def _register(workdir: Path, env: dict[str, str], key: str, definitions: int) -> None:
-    """Register the definitions through the API (as a dashboard's first request does), with the
-    dataflow running on an empty topic so their builds finish at once."""
-    port = stack.free_port()
-    api = stack.start_api(port, workdir / "logs", env)
-    try:
-        headers = {"Authorization": f"Bearer {key}", "X-Insightflow-Now": END.isoformat()}
-        for path, body in DEFINITIONS[:definitions]:
-            reply = httpx.post(f"http://127.0.0.1:{port}/api/environments/{PROJECT}/insights/{path}",
-                               json={**body, "date_from": "-30d", "refresh": "blocking"}, headers=headers, timeout=120)
-            assert reply.status_code == 200, reply.text
-    finally:
-        api.stop()
+def _ask(port: int, key: str, path: str, body: dict[str, Any]) -> float:
+    """Ask the API for one insight as a dashboard does; returns the seconds it took."""
+    headers = {"Authorization": f"Bearer {key}", "X-Insightflow-Now": END.isoformat()}
+    started = time.perf_counter()
+    reply = httpx.post(f"http://127.0.0.1:{port}/api/environments/{PROJECT}/insights/{path}",
+                       json={**body, "date_from": "-30d", "refresh": "blocking"}, headers=headers, timeout=600)
+    assert reply.status_code == 200, reply.text
+    return time.perf_counter() - started
+
+
+def _summaries_pending(client: redis.Redis) -> int:
+    """Dirty persons of every definition that keeps summaries, and definitions not ready yet (each
+    counted as one): 0 once every funnel and paths summary is written."""
+    registry, store = DefinitionRegistry(client), SummaryStore(client)
+    pending = 0
+    for project_id, h in registry.summarised():
+        pending += store.pending(project_id, h) + (registry.status(project_id, h)[0] != "ready")
+    return pending
 
 
 def _canonical(client: redis.Redis) -> dict[str, Any]:
@@ -120,20 +130,27 @@ def _canonical(client: redis.Redis) -> dict[str, Any]:
 
 def dataflow(workdir: Path, events_path: Path, total: int, partitions: int, processes: int,
              definitions: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A fresh Redis and broker; definitions registered on an empty topic; then the backlog produced
-    and applied by `processes` dataflow processes."""
+    """A fresh Redis and broker; definitions registered through the API on an empty topic (as a
+    dashboard's first request does, so their builds finish at once); then the backlog produced and
+    applied by `processes` dataflow processes. Measured twice: until every event is applied, and
+    until every funnel and paths summary is written too (queries are exact either way; summaries
+    make them fast), with the first funnel's query time at both moments."""
     run = workdir / f"dataflow-{processes}"
     logs = run / "logs"
     redis_proc, url = stack.start_redis(run / "redis", logs)
     broker, bootstrap = stack.start_tansu(logs)
     procs: list[stack.Managed] = []
+    api: stack.Managed | None = None
     try:
         client = connect(url)
         _, key = bench_project(client, bootstrap, partitions)
         env = {"INSIGHTFLOW_REDIS_URL": url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap, "INSIGHTFLOW_TOPIC": "events",
                "INSIGHTFLOW_TEST_CLOCK": "1"}
         procs = stack.start_dataflow_cluster(run / "recovery", logs, env, processes)
-        _register(run, env, key, definitions)
+        port = stack.free_port()
+        api = stack.start_api(port, logs, env)
+        for path, body in DEFINITIONS[:definitions]:
+            _ask(port, key, path, body)
         events = orjson.loads(events_path.read_bytes())
         produce(bootstrap, "events", events)
         del events
@@ -142,16 +159,34 @@ def dataflow(workdir: Path, events_path: Path, total: int, partitions: int, proc
         cpu0, redis0 = sum(_cpu_s(p.proc.pid) for p in procs), _redis_cpu_s(client)
         _wait(lambda: applied(client, "events") >= total, "the dataflow", procs)
         elapsed = time.perf_counter() - start
+        cpu1, redis1 = sum(_cpu_s(p.proc.pid) for p in procs), _redis_cpu_s(client)
         n = total - first
         stats = client.info("commandstats")
         busiest = sorted(stats, key=lambda k: -stats[k]["usec"])[:6]
-        report = {"events_per_s": round(n / elapsed),
-                  "redis_busiest_commands_us_per_event": {
-                      k.removeprefix("cmdstat_"): round(stats[k]["usec"] / n, 2) for k in busiest},
-                  "redis_cpu_us_per_event": round((_redis_cpu_s(client) - redis0) / n * 1e6, 2),
-                  "dataflow_cpu_us_per_event": round((sum(_cpu_s(p.proc.pid) for p in procs) - cpu0) / n * 1e6, 1)}
+        report: dict[str, Any] = {
+            "events_per_s": round(n / elapsed),
+            "redis_busiest_commands_us_per_event": {
+                k.removeprefix("cmdstat_"): round(stats[k]["usec"] / n, 2) for k in busiest},
+            "redis_cpu_us_per_event": round((redis1 - redis0) / n * 1e6, 2),
+            "dataflow_cpu_us_per_event": round((cpu1 - cpu0) / n * 1e6, 1)}
+        funnel = [d for d in DEFINITIONS[:definitions] if d[0] == "funnel/"][:1]
+        if definitions:
+            report["summaries_pending_when_applied"] = _summaries_pending(client)
+            if funnel:
+                report["funnel_query_ms_when_applied"] = round(_ask(port, key, *funnel[0]) * 1000, 1)
+            _wait(lambda: _summaries_pending(client) == 0, "the summaries", procs)
+            whole = time.perf_counter() - start
+            report["summarised"] = {
+                "seconds_after_applied": round(whole - elapsed, 1),
+                "events_per_s": round(n / whole),
+                "redis_cpu_us_per_event": round((_redis_cpu_s(client) - redis0) / n * 1e6, 2),
+                "dataflow_cpu_us_per_event": round((sum(_cpu_s(p.proc.pid) for p in procs) - cpu0) / n * 1e6, 1)}
+            if funnel:
+                report["summarised"]["funnel_query_ms"] = round(_ask(port, key, *funnel[0]) * 1000, 1)
         return report, _canonical(client)
     finally:
+        if api is not None:
+            api.stop()
         for p in procs:
             p.stop()
         broker.stop()

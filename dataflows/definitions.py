@@ -53,6 +53,10 @@ SUMMED_CHUNK = 250_000  # archived events summed per call (what one Lua call of 
 KEPT_CHUNK = 50_000  # archived events a funnel or paths keep per call (each written out, not summed)
 PERSONS_CHUNK = 250_000  # archived events (whole persons) per call of a definition written person by person
 SUMMARY_SLICE = 25_000  # backfilled persons whose summaries one sink call writes (about half a second)
+# Live events not applied yet above which ready definitions' summaries wait (a backlog: a replay, a
+# burst). Each batch touching a person would have it summarised again from all its kept events, so
+# a backlog cost the square of a person's events; summarised once caught up, it costs them once.
+SUMMARIES_WAIT_LAG = 20_000
 
 
 def _by_columns(definition: Any) -> bool:
@@ -259,6 +263,8 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         self.summaries = SummaryStore(self.client)
         self._awake: datetime | None = None
         self._summaries_due = 0.0  # when an idle source next looks for summaries to hand out (monotonic)
+        self.stream = Stream(self.client, settings.topic)
+        self._waiting_lag: int | None = None  # the live lag ready summaries wait for (None: not waiting)
 
     def _sleep(self, seconds: float) -> list[BackfillItem]:
         self._awake = datetime.now(UTC) + timedelta(seconds=seconds)
@@ -405,11 +411,13 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         ones whose persons moved since). Every worker does, each for its own share of the persons
         (person % workers, `Summariser`), so no two summarise one person; a worker hands out work only
         while a sample of the dirty persons holds some of its share, so one whose share is done does
-        not spin on the others'."""
+        not spin on the others'. While the live input is a backlog behind (`SUMMARIES_WAIT_LAG`),
+        ready definitions wait: their queries summarise dirty persons themselves, exactly, meanwhile."""
         work = []
+        backlog = self._backlog()
         for project_id, h in self.registry.summarised():
             status, _ = self.registry.status(project_id, h)
-            if status not in ("summarising", "ready"):
+            if status not in ("summarising", "ready") or (status == "ready" and backlog):
                 continue
             if not self.summaries.pending(project_id, h):
                 if status == "summarising":  # every person summarised: the sink marks it ready
@@ -418,6 +426,20 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                                           for p in self.summaries.dirty(project_id, h, 500)):
                 work.append(SummaryWork(project_id, h))
         return work
+
+    def _backlog(self) -> bool:
+        """Whether the live input is more than `SUMMARIES_WAIT_LAG` events behind (said in the log
+        when summaries start and stop waiting for it)."""
+        lag = self.stream.progress().lag()
+        if lag > SUMMARIES_WAIT_LAG:
+            if self._waiting_lag is None:
+                log.info("summaries of ready definitions wait while the live input is %d events behind", lag)
+            self._waiting_lag = lag
+            return True
+        if self._waiting_lag is not None:
+            log.info("the live input caught up (%d events behind): summarising resumes", lag)
+            self._waiting_lag = None
+        return False
 
     def next_batch(self) -> list[BackfillItem | SummaryWork]:
         try:

@@ -11,10 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dataflows.operators.history_summaries import KeptColumns, Summarised, summaries_by_columns
-from dataflows.operators.summaries import summarise_group
+from dataflows.operators.history_summaries import (
+    KeptColumns,
+    Summarised,
+    by_columns,
+    kept_summaries,
+    summaries_by_columns,
+)
+from dataflows.operators.summaries import PersonSummary, summarise_group, unusable_value_reason
 from dataflows.services import Letter
 from state.summaries import SummaryStore
+
+COLUMNS_FROM = 50  # persons from which summarising over columns (history_summaries.py) pays
 
 
 class Summariser:
@@ -34,10 +42,20 @@ class Summariser:
 
     def summarise(self, definition: Any, persons: Iterable[str]) -> int:
         """Summarise the groups of these persons: each survivor of merges with everyone merged into it
-        (state/summaries.py)."""
+        (state/summaries.py). Many persons in no merge are summarised at once over columns
+        (`kept_summaries`: what a backlog leaves dirty), the rest group by group."""
         pid, h = definition.project_id, definition.hash
         groups = self.store.group_kept(pid, h, persons, self.store.overrides(pid))
         planned = []
+        alone = {s: raws[s] for s, raws in groups.items() if len(raws) == 1 and s in raws}  # in no merge
+        if by_columns(definition) and len(alone) >= COLUMNS_FROM:
+            found = kept_summaries(definition, {int(p): raw for p, raw in alone.items()},
+                                   lambda value: unusable_value_reason(definition.summary_kind, value) is None)
+            for person, raw in alone.items():
+                summary = found.get(int(person))
+                if summary is not None:
+                    planned.append((person, raw, PersonSummary(*summary)))
+                    del groups[person]
         for survivor, raws in groups.items():
             for member, plan in summarise_group(definition, survivor, raws).items():
                 planned.append((member, raws[member], plan))

@@ -10,6 +10,9 @@ same events: attempt rows (`fa`) of ordered funnels, sessions (`ps`) of paths.
 Only the simple cases are taken, and the rest stay dirty for the summariser: funnels broken down
 (first/last touches), persons with two step events at one instant (irregular: they keep no rows,
 which the summariser writes), persons of a merge (their summaries are made from a group).
+
+The summariser takes the same way for many dirty persons at once (`kept_summaries`: after a backlog,
+every person it touched), from their kept strings.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataflows.operators.funnel_attempts import MISSING, RANK_BITS
 from dataflows.operators.path_sessions import SESSION_GAP_MS
 from schemas.events import in_event_range
 from schemas.funnels import read_kept
-from state.records import encode_sessions
+from state.records import encode_sessions, read_person_events
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value), as summaries.py makes them
 
@@ -279,3 +282,43 @@ def summaries_by_columns(definition: Any, kept: KeptColumns, skip: set[int]) -> 
     if definition.summary_kind == "fa":
         return attempt_summaries(kept, len(definition.steps), skip)
     return session_summaries(kept, skip)
+
+
+def kept_summaries(definition: Any, raws: dict[int, bytes], usable: Any) -> dict[int, tuple[bool, list[Entry]]]:
+    """{person: (irregular, entries)} of persons summarised from their kept strings over columns
+    (`by_columns` definitions), byte for byte what `summaries.py` makes. Left out, for the summariser's
+    own way (which dead-letters what it cannot use): persons with an unreadable record, a value
+    `usable(value)` refuses, or a time outside the events' range. Nothing when the columns cannot be
+    summarised at all."""
+    persons: list[int] = []
+    stamps: list[int] = []
+    uuids: list[str] = []
+    days: list[str] = []
+    values: list[bytes] = []
+    bad: set[int] = set()
+    for person, raw in raws.items():
+        events, rest = read_person_events(raw)
+        if rest:
+            bad.add(person)
+            continue
+        for e in events:
+            persons.append(person)
+            stamps.append(e.ts_ms)
+            uuids.append(e.uuid)
+            days.append(e.day)
+            values.append(e.value)
+    refused = {v for v in set(values) if not usable(v)}
+    if refused:
+        bad |= {p for p, v in zip(persons, values, strict=True) if v in refused}
+    keep = [i for i, p in enumerate(persons) if p not in bad] if bad else range(len(persons))
+    if not len(keep):
+        return {}
+    try:
+        kept = KeptColumns(np.array([persons[i] for i in keep], dtype=np.int64),
+                           np.array([stamps[i] for i in keep], dtype=np.int64),
+                           pa.array([uuids[i] for i in keep], pa.string()),
+                           pa.array([days[i] for i in keep], pa.string()),
+                           pa.array([values[i] for i in keep], pa.binary()).cast(pa.string()))
+        return summaries_by_columns(definition, kept, set()).per_person()
+    except (ValueError, TypeError, pa.ArrowException):  # e.g. times too far apart to sort as one number
+        return {}

@@ -78,13 +78,18 @@ def unusable(kind: str, event: StoredEvent) -> str | None:
     """Why a kept event cannot be summarised (kept by an older version, or corrupted), or None."""
     if not in_event_range(event.ts_ms):
         return "its time is outside the range events can have (1900-01-01 .. 2199-12-31 UTC)"
+    return unusable_value_reason(kind, event.value)
+
+
+def unusable_value_reason(kind: str, value: bytes) -> str | None:
+    """Why a kept value cannot be summarised, or None."""
     try:
         if kind == "fa":
-            kept = read_kept(event.value)
+            kept = read_kept(value)
             if not isinstance(kept.steps, int) or not 0 <= kept.steps < 1 << (MAX_FUNNEL_STEPS + 1):
                 return f"its step mask {kept.steps!r} is not one of a funnel of at most {MAX_FUNNEL_STEPS} steps"
         else:
-            orjson.loads(event.value)[0]
+            orjson.loads(value)[0]
     except Exception as exc:
         return f"its kept value cannot be read: {type(exc).__name__}: {exc}"
     return None

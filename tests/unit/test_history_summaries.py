@@ -13,8 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.operators.history_summaries import KeptColumns, attempt_summaries, by_columns, session_summaries
-from dataflows.operators.summaries import summarise_person
+from dataflows.operators.history_summaries import (
+    KeptColumns,
+    attempt_summaries,
+    by_columns,
+    kept_summaries,
+    session_summaries,
+)
+from dataflows.operators.summaries import summarise_person, unusable_value_reason
 from schemas.definitions import Breakdown
 from schemas.filters import NO_FILTERS
 from schemas.funnels import FunnelDefinition, FunnelStep
@@ -97,3 +103,29 @@ def test_only_definitions_keeping_summaries_are_summarised_by_columns() -> None:
     assert by_columns(PathDefinition(1, ("$pageview",), ()))
     assert not by_columns(FunnelDefinition(1, steps))  # strict, unordered, correlation: rows per day only
     assert not by_columns(FunnelDefinition(1, steps, summaries=True, breakdown=Breakdown((("event", "$browser"),))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 100_000), steps=st.integers(0, 3))
+def test_summaries_of_kept_strings_equal_the_summariser_and_leave_out_what_it_must_dead_letter(
+        seed: int, steps: int) -> None:
+    """The summariser's way for many dirty persons: their kept strings over columns. A person with an
+    unreadable record, an unusable value or a time out of range is left to the per-person way."""
+    rng = random.Random(seed)
+    paths = steps == 0
+    _, by_person = _kept(rng, rng.randrange(1, 300), max(steps, 1), paths=paths)
+    definition = (PathDefinition(1, ("$pageview",), ()) if paths else
+                  FunnelDefinition(1, tuple(FunnelStep(f"s{k}", (), NO_FILTERS) for k in range(steps)), summaries=True))
+    raws = {p: encode_person_events(events) for p, events in by_person.items()}
+    spoiled = sorted(raws)[:3]
+    if len(spoiled) == 3:
+        raws[spoiled[0]] += b"12,garbage"  # unreadable tail
+        raws[spoiled[1]] += encode_person_events([StoredEvent(BASE, "20240601", "x", b"not json")])
+        raws[spoiled[2]] += encode_person_events([StoredEvent(-10**14, "17000101", "y", b'[2,0,""]')])
+    found = kept_summaries(definition, raws, lambda v: unusable_value_reason(definition.summary_kind, v) is None)
+    expected = {}
+    for person, raw in raws.items():
+        summary = summarise_person(definition, str(person), raw)
+        if not summary.dropped:
+            expected[person] = (summary.irregular, sorted(summary.entries))
+    assert {p: (irregular, sorted(entries)) for p, (irregular, entries) in found.items()} == expected

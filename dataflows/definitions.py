@@ -53,10 +53,6 @@ SUMMED_CHUNK = 250_000  # archived events summed per call (what one Lua call of 
 KEPT_CHUNK = 50_000  # archived events a funnel or paths keep per call (each written out, not summed)
 PERSONS_CHUNK = 250_000  # archived events (whole persons) per call of a definition written person by person
 SUMMARY_SLICE = 25_000  # backfilled persons whose summaries one sink call writes (about half a second)
-# Live events not applied yet above which ready definitions' summaries wait (a backlog: a replay, a
-# burst). Each batch touching a person would have it summarised again from all its kept events, so
-# a backlog cost the square of a person's events; summarised once caught up, it costs them once.
-SUMMARIES_WAIT_LAG = 20_000
 
 
 def _by_columns(definition: Any) -> bool:
@@ -411,7 +407,7 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         ones whose persons moved since). Every worker does, each for its own share of the persons
         (person % workers, `Summariser`), so no two summarise one person; a worker hands out work only
         while a sample of the dirty persons holds some of its share, so one whose share is done does
-        not spin on the others'. While the live input is a backlog behind (`SUMMARIES_WAIT_LAG`),
+        not spin on the others'. While the live input is a backlog behind (`summaries_wait_lag`),
         ready definitions wait: their queries summarise dirty persons themselves, exactly, meanwhile."""
         work = []
         backlog = self._backlog()
@@ -428,10 +424,10 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         return work
 
     def _backlog(self) -> bool:
-        """Whether the live input is more than `SUMMARIES_WAIT_LAG` events behind (said in the log
+        """Whether the live input is more than `summaries_wait_lag` events behind (said in the log
         when summaries start and stop waiting for it)."""
         lag = self.stream.progress().lag()
-        if lag > SUMMARIES_WAIT_LAG:
+        if lag > self.settings.summaries_wait_lag:
             if self._waiting_lag is None:
                 log.info("summaries of ready definitions wait while the live input is %d events behind", lag)
             self._waiting_lag = lag

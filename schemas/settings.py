@@ -20,6 +20,7 @@ ENV_VARS = {
     "INSIGHTFLOW_QUERY_TIMEOUT": "query_timeout_s",
     "INSIGHTFLOW_STATE_SHARDS": "state_shards",
     "INSIGHTFLOW_ARCHIVE_DIR": "archive_dir",
+    "INSIGHTFLOW_SUMMARIES_WAIT_LAG": "summaries_wait_lag",
 }
 
 
@@ -40,6 +41,10 @@ class Settings:
     state_shards: int = 1  # Redis hash tags one project's event state is spread over (state/keys.py)
     archive_dir: str = ".insightflow/archive"  # the event archive (state/archive.py); `up` puts it in its data
     # dir; '' turns it off (to measure what it costs: definitions then need the topic's whole history)
+    # Live events not applied yet above which ready definitions' funnel and paths summaries wait (a
+    # backlog: a replay, a burst). Each batch touching a person would summarise it again from all its
+    # kept events, so a backlog cost the square of a person's events; summarised once caught up, once.
+    summaries_wait_lag: int = 20_000
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -59,4 +64,5 @@ class Settings:
             query_timeout_s=float(env.get("INSIGHTFLOW_QUERY_TIMEOUT", cls.query_timeout_s)),
             state_shards=int(env.get("INSIGHTFLOW_STATE_SHARDS", cls.state_shards)),
             archive_dir=env.get("INSIGHTFLOW_ARCHIVE_DIR", cls.archive_dir),
+            summaries_wait_lag=int(env.get("INSIGHTFLOW_SUMMARIES_WAIT_LAG", cls.summaries_wait_lag)),
         )

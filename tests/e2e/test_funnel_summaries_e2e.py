@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from dataflows.operators.funnels import StepEvent, funnel, ordered_attempts
+from serving import stack
 from state import keys
 from tests.conftest import Stack, make_project
 
@@ -180,3 +181,54 @@ def test_broken_down_funnel_from_touches(running: Stack) -> None:
             ranked = [v for v in (step[0]["breakdown_value"][0] for step in reply.json()["result"]) if v]
             # PostHog's order: the last step's count, then the entrants', then the value (issue 12)
             assert ranked == sorted(ranked, key=lambda v: (-got[v][-1], -got[v][0], v))
+
+
+def test_a_backlog_is_applied_before_its_persons_are_summarised(running: Stack) -> None:
+    """While the live input is more than `INSIGHTFLOW_SUMMARIES_WAIT_LAG` events behind, a ready
+    funnel's summaries wait (a person touched by many batches of a backlog is summarised once after
+    it, not once per batch); the answers are exact throughout, and once the backlog is applied every
+    person is summarised (many at once, over columns)."""
+    rng = random.Random(11)
+    project = make_project(running)
+    events = [{**e, "distinct_id": f"b{rng.randrange(600)}"} for e in _events(rng, 16_000)]
+    headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
+    url = f"{running.api_url}/api/environments/{project.id}/insights/funnel/"
+    base = {"events": [{"id": s, "order": i} for i, s in enumerate(STEPS)], "date_from": "2024-03-01",
+            "date_to": "2024-03-10", "funnel_window_interval": 3, "funnel_window_interval_unit": "day"}
+    assert project.capture(events[:1000]).status_code == 200
+    assert httpx.post(url, json={**base, "refresh": "blocking"}, headers=headers, timeout=60).status_code == 200
+    running.wait_applied()
+    client = running.redis
+    (h,) = [d.decode() for d in client.hgetall(keys.definitions(project.id))]
+    dirty = keys.summary_dirty(keys.definition_prefix(project.id, h))
+
+    def summarised(timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while client.scard(dirty) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.scard(dirty) == 0
+
+    summarised(30)
+    full = (BASE, BASE + timedelta(days=10, microseconds=-1))
+    running.dataflow.stop()  # the rest piles up in the topic: a backlog of 15,000 events
+    log = running.dataflow.log_path
+    assert log is not None
+    seen = log.stat().st_size
+    try:
+        for start in range(1000, len(events), 1000):
+            assert project.capture(events[start:start + 1000]).status_code == 200
+        running.dataflow = stack.start_dataflow(running.recovery_dir, running.logs,
+                                                {**running.env, "INSIGHTFLOW_SUMMARIES_WAIT_LAG": "2000"})
+        running.wait_applied(timeout=120)
+        asked = httpx.post(url, json=base, headers=headers, timeout=60).json()["result"]
+        assert [s["count"] for s in asked] == _direct_steps(events, *full, 3 * 86400.0)[0]
+        summarised(60)
+        told = log.read_bytes()[seen:].decode(errors="replace")
+        assert "summaries of ready definitions wait while the live input is" in told, told[-3000:]
+        assert "the live input caught up" in told, told[-3000:]
+        assert client.hlen(keys.summary_rows(keys.definition_prefix(project.id, h), "fa", "20240305")) > 0
+        again = httpx.post(url, json=base, headers=headers, timeout=60).json()["result"]
+        assert [s["count"] for s in again] == [s["count"] for s in asked]
+    finally:
+        running.dataflow.stop()
+        running.dataflow = stack.start_dataflow(running.recovery_dir, running.logs, running.env)

@@ -143,7 +143,7 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
     are to be failed, while the event still counts everywhere else."""
     if not definitions:
         return {}, {}
-    definitions = dict(definitions)
+    active = list(definitions.items())
     failed: dict[str, str] = {}
     uses_person = any(d.uses_person for d in definitions.values())
     snapshot: dict[str, dict[str, Any]] = {}
@@ -157,14 +157,15 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
             person = snapshot.setdefault(event.distinct_id, {})
             _apply_person_update(person, event)
         found = []
-        for h, definition in list(definitions.items()):
+        for h, definition in active:
+            if failed and h in failed:
+                continue
             try:
                 hit = definition.contribution(event.event, event.properties, person, now)
                 if hit is not None:
                     orjson.dumps(hit)  # what the apply script will be given must encode
             except Exception as exc:
                 failed[h] = f"event {event.uuid} could not be applied to it: {type(exc).__name__}: {exc}"
-                del definitions[h]
                 continue
             if hit is not None:
                 found.append((h, hit[0], hit[1]))
@@ -173,7 +174,7 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
         for item in items:
             if item.contributions:
                 item.contributions = [c for c in item.contributions if c[0] not in failed] or None
-    return {h: d.flags for h, d in definitions.items()}, failed
+    return {h: d.flags for h, d in active if h not in failed}, failed
 
 
 # --- backfill --------------------------------------------------------------------------------------

@@ -196,6 +196,9 @@ class FunnelDefinition:
                      now: datetime) -> tuple[str, str] | None:
         """("", JSON of a `KeptEvent`) for an event this funnel keeps: steps mask, exclusion mask,
         breakdown value, and event name and properties only where correlation needs them."""
+        names = self.kept_names
+        if names is not None and event_name not in names:  # most events: no step is theirs
+            return None
         if not self.filters.matches(event_props, person_props, now):
             return None
         steps = 0
@@ -213,6 +216,12 @@ class FunnelDefinition:
         if self.keep_names:
             payload += [event_name, event_props if event_name in self.property_events else None]
         return "", orjson.dumps(payload).decode()
+
+    @cached_property
+    def kept_names(self) -> frozenset[str] | None:
+        """`event_names`, looked up once per event by `contribution`."""
+        names = self.event_names()
+        return None if names is None else frozenset(names)
 
     def _bv(self, event_props: dict[str, Any], person_props: dict[str, Any]) -> str:
         return self.breakdown.value(event_props, person_props) if self.breakdown else ""

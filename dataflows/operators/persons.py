@@ -25,6 +25,10 @@ class PersonUpdate:
     unset: list[str]
 
 
+NO_UPDATE = PersonUpdate(None, None, {}, {}, [])  # shared: nothing reads an update to change it
+LINKING = ("$identify", "$create_alias", "$merge_dangerously")
+
+
 def _other_id(value: Any, own: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, str | int):
         return None
@@ -39,6 +43,8 @@ def person_update(event: TopicEvent) -> PersonUpdate:
     (PostHog refuses); `$merge_dangerously` always merges.
     """
     props = event.properties
+    if event.event not in LINKING and "$set" not in props and "$set_once" not in props and "$unset" not in props:
+        return NO_UPDATE  # most events
     link_kind: LinkKind | None = None
     other: str | None = None
     if event.event == "$identify":

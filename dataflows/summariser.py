@@ -11,18 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dataflows.operators.history_summaries import (
-    KeptColumns,
-    Summarised,
-    by_columns,
-    kept_summaries,
-    summaries_by_columns,
-)
-from dataflows.operators.summaries import PersonSummary, summarise_group, unusable_value_reason
+from dataflows.operators.history_summaries import KeptColumns, Summarised, summaries_by_columns
+from dataflows.operators.summaries import summarise_groups
 from dataflows.services import Letter
 from state.summaries import SummaryStore
-
-COLUMNS_FROM = 50  # persons from which summarising over columns (history_summaries.py) pays
 
 
 class Summariser:
@@ -42,23 +34,12 @@ class Summariser:
 
     def summarise(self, definition: Any, persons: Iterable[str]) -> int:
         """Summarise the groups of these persons: each survivor of merges with everyone merged into it
-        (state/summaries.py). Many persons in no merge are summarised at once over columns
-        (`kept_summaries`: what a backlog leaves dirty), the rest group by group."""
+        (state/summaries.py); many at once over columns (`summarise_groups`)."""
         pid, h = definition.project_id, definition.hash
         groups = self.store.group_kept(pid, h, persons, self.store.overrides(pid))
-        planned = []
-        alone = {s: raws[s] for s, raws in groups.items() if len(raws) == 1 and s in raws}  # in no merge
-        if by_columns(definition) and len(alone) >= COLUMNS_FROM:
-            found = kept_summaries(definition, {int(p): raw for p, raw in alone.items()},
-                                   lambda value: unusable_value_reason(definition.summary_kind, value) is None)
-            for person, raw in alone.items():
-                summary = found.get(int(person))
-                if summary is not None:
-                    planned.append((person, raw, PersonSummary(*summary)))
-                    del groups[person]
-        for survivor, raws in groups.items():
-            for member, plan in summarise_group(definition, survivor, raws).items():
-                planned.append((member, raws[member], plan))
+        summaries = summarise_groups(definition, groups)
+        planned = [(member, groups[survivor][member], plan) for survivor, plans in summaries.items()
+                   for member, plan in plans.items()]
         letters = [Letter(value, f"kept event of definition {h}: {reason}", rid, {"source": "summariser"})
                    for _, _, plan in planned for value, reason, rid in plan.dropped]
         self.dead_letters(letters)  # before the events leave the person: never lost unrecorded

@@ -26,7 +26,7 @@ from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entranc
 from dataflows.operators.funnel_correlation import CorrelationEvents, event_correlation
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts, step_bits
 from dataflows.operators.history_summaries import flat
-from dataflows.operators.summaries import PersonSummary, summarise_group, unusable
+from dataflows.operators.summaries import PersonSummary, summarise_groups, unusable
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
 from schemas.fields import decode_json_field
 from schemas.filters import as_text
@@ -191,7 +191,7 @@ class FunnelQuery(Computation):
             groups = store.group_kept(self.project.id, definition.hash, dirty, self.state.overrides)
             self._kept = {s: b"".join(raws.values()) for s, raws in groups.items()}
             self._stale = {m for raws in groups.values() for m in raws}
-            self._fresh_summaries = {s: summarise_group(definition, s, raws)[s] for s, raws in groups.items()}
+            self._fresh_summaries = {s: plans[s] for s, plans in summarise_groups(definition, groups).items()}
         return self._fresh_summaries
 
     def _fresh_values(self, kind: str) -> list[bytes]:

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from dataflows.operators.path_sessions import sessions
-from dataflows.operators.summaries import summarise_group
+from dataflows.operators.summaries import summarise_groups
 from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
 from schemas.projects import Project
@@ -51,7 +51,7 @@ class PathsQuery(Computation):
         store = SummaryStore(self.redis)
         dirty = store.dirty(self.project.id, definition.hash)
         groups = store.group_kept(self.project.id, definition.hash, dirty, self.state.overrides)
-        fresh = [summarise_group(definition, s, raws)[s] for s, raws in groups.items()]
+        fresh = [plans[s] for s, plans in summarise_groups(definition, groups).items()]
         stale = {e.uuid for raws in groups.values() for raw in raws.values() for e in read_person_events(raw)[0]}
         wanted = set(days)
         recomputed = read_sessions([v for plan in fresh for kind, day, v in plan.entries if day in wanted and v])

@@ -12,7 +12,8 @@ Only the simple cases are taken, and the rest stay dirty for the summariser: fun
 which the summariser writes), persons of a merge (their summaries are made from a group).
 
 The summariser takes the same way for many dirty persons at once (`kept_summaries`: after a backlog,
-every person it touched), from their kept strings.
+every person it touched), from their kept strings, and for groups of merged persons
+(`group_summaries`: the survivor's from the whole group's events, the others' emptied).
 """
 
 from __future__ import annotations
@@ -322,3 +323,40 @@ def kept_summaries(definition: Any, raws: dict[int, bytes], usable: Any) -> dict
         return summaries_by_columns(definition, kept, set()).per_person()
     except (ValueError, TypeError, pa.ArrowException):  # e.g. times too far apart to sort as one number
         return {}
+
+
+def group_summaries(definition: Any, groups: dict[int, dict[int, bytes]], usable: Any
+                    ) -> dict[int, tuple[bool, list[Entry]]]:
+    """{person: (irregular, entries)} of every member of the groups summarised over columns (each
+    group: survivor -> {member: kept string}, the survivor among them), as `summarise_group` makes
+    them: the survivor's from the events of its whole group, each other member's emptied on every day
+    it kept events of. A group with anything `kept_summaries` leaves out is left out whole, and so is
+    one with a member whose string does not read to its end (joined, it could swallow the next)."""
+    joined: dict[int, bytes] = {}
+    emptied: dict[int, list[tuple[int, list[Entry]]]] = {}
+    kinds = ("fa", "fb") if definition.summary_kind == "fa" and definition.breakdown is not None else (
+        definition.summary_kind,)
+    for survivor, raws in groups.items():
+        if survivor not in raws:
+            continue
+        if len(raws) > 1:
+            members = []
+            for member, raw in raws.items():
+                events, rest = read_person_events(raw)
+                if rest:
+                    break
+                if member != survivor:
+                    days = dict.fromkeys(e.day for e in events)
+                    members.append((member, [(kind, day, b"") for day in days for kind in kinds]))
+            else:
+                emptied[survivor] = members
+                joined[survivor] = b"".join(raws.values())
+            continue
+        joined[survivor] = raws[survivor]
+    found = kept_summaries(definition, joined, usable)
+    out: dict[int, tuple[bool, list[Entry]]] = {}
+    for survivor, summary in found.items():
+        out[survivor] = summary
+        for member, entries in emptied.get(survivor, ()):
+            out[member] = (False, entries)
+    return out

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from dataflows.operators.funnel_attempts import RANK_BITS, PersonEvent, attempt_chains, regular
+from dataflows.operators.history_summaries import by_columns, group_summaries
 from dataflows.operators.path_sessions import kept_sessions
 from schemas.definitions import Breakdown
 from schemas.events import in_event_range
@@ -35,6 +36,7 @@ from state.records import (
 )
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value)
+COLUMNS_FROM = 50  # groups from which summarising over columns (history_summaries.py) pays
 
 
 def funnel_summary(person: str, events: list[StoredEvent], steps: int,
@@ -158,6 +160,27 @@ def summarise_group(definition: Any, survivor: str, raws: dict[str, bytes]) -> d
         mine = list(dict.fromkeys(mine + [(k, e.day, b"") for e in events for k in kinds if (k, e.day) not in present]))
         out[member] = PersonSummary(irregular and member == survivor, mine,
                                     encode_person_events(usable) if dropped else None, dropped)
+    return out
+
+
+def summarise_groups(definition: Any, groups: dict[str, dict[str, bytes]]) -> dict[str, dict[str, PersonSummary]]:
+    """`summarise_group` of each group (survivor -> {member: kept events}). Many at once (a backlog
+    left them dirty) are summarised over columns (`group_summaries`), byte for byte the same; a group
+    holding a record that cannot be used goes group by group, which says what to dead-letter."""
+    out: dict[str, dict[str, PersonSummary]] = {}
+    rest = groups
+    if by_columns(definition) and len(groups) >= COLUMNS_FROM:
+        found = group_summaries(definition, {int(s): {int(m): raw for m, raw in raws.items()}
+                                             for s, raws in groups.items()},
+                                lambda value: unusable_value_reason(definition.summary_kind, value) is None)
+        rest = {}
+        for survivor, raws in groups.items():
+            if int(survivor) in found:
+                out[survivor] = {m: PersonSummary(*found[int(m)]) for m in raws}
+            else:
+                rest[survivor] = raws
+    for survivor, raws in rest.items():
+        out[survivor] = summarise_group(definition, survivor, raws)
     return out
 
 

@@ -187,10 +187,22 @@ def test_a_backlog_is_applied_before_its_persons_are_summarised(running: Stack) 
     """While the live input is more than `INSIGHTFLOW_SUMMARIES_WAIT_LAG` events behind, a ready
     funnel's summaries wait (a person touched by many batches of a backlog is summarised once after
     it, not once per batch); the answers are exact throughout, and once the backlog is applied every
-    person is summarised (many at once, over columns)."""
+    person is summarised (many at once, over columns, merged persons with their group)."""
     rng = random.Random(11)
     project = make_project(running)
     events = [{**e, "distinct_id": f"b{rng.randrange(600)}"} for e in _events(rng, 16_000)]
+    # Persons seen anonymously and signed in before the backlog, aliased in it: merged persons, whose
+    # summaries are made from their group's events (and the anonymous person's emptied).
+    aliased = []
+    for k in range(0, 600, 3):
+        mine = [e for e in events[:1000] if e["distinct_id"] == f"b{k}"]
+        if len(mine) >= 2:
+            mine[0]["distinct_id"] = f"anon-b{k}"
+            aliased.append(k)
+            events.append({"event": "$create_alias", "distinct_id": f"b{k}", "uuid": str(uuid.uuid4()),
+                           "timestamp": (BASE + timedelta(days=5)).isoformat(), "properties": {"alias": f"anon-b{k}"}})
+    assert len(aliased) > 30
+    as_persons = [{**e, "distinct_id": e["distinct_id"].removeprefix("anon-")} for e in events]
     headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
     url = f"{running.api_url}/api/environments/{project.id}/insights/funnel/"
     base = {"events": [{"id": s, "order": i} for i, s in enumerate(STEPS)], "date_from": "2024-03-01",
@@ -221,12 +233,17 @@ def test_a_backlog_is_applied_before_its_persons_are_summarised(running: Stack) 
                                                 {**running.env, "INSIGHTFLOW_SUMMARIES_WAIT_LAG": "2000"})
         running.wait_applied(timeout=120)
         asked = httpx.post(url, json=base, headers=headers, timeout=60).json()["result"]
-        assert [s["count"] for s in asked] == _direct_steps(events, *full, 3 * 86400.0)[0]
+        assert [s["count"] for s in asked] == _direct_steps(as_persons, *full, 3 * 86400.0)[0]
         summarised(60)
         told = log.read_bytes()[seen:].decode(errors="replace")
         assert "summaries of ready definitions wait while the live input is" in told, told[-3000:]
         assert "the live input caught up" in told, told[-3000:]
-        assert client.hlen(keys.summary_rows(keys.definition_prefix(project.id, h), "fa", "20240305")) > 0
+        prefix = keys.definition_prefix(project.id, h)
+        assert client.hlen(keys.summary_rows(prefix, "fa", "20240305")) > 0
+        merged = client.hkeys(keys.merged(project.id))  # the anonymous persons, merged into the users'
+        assert len(merged) == len(aliased)
+        row_days = list(client.scan_iter(keys.summary_rows(prefix, "fa", "*")))
+        assert row_days and not any(client.hexists(day, person) for day in row_days for person in merged)
         again = httpx.post(url, json=base, headers=headers, timeout=60).json()["result"]
         assert [s["count"] for s in again] == [s["count"] for s in asked]
     finally:

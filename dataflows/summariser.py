@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dataflows.operators.history_summaries import KeptColumns, Summarised, by_columns, summaries_by_columns
+from dataflows.operators.history_summaries import KeptColumns, Summarised, summaries_by_columns
 from dataflows.operators.summaries import summarise_groups
 from dataflows.services import Letter
 from state.summaries import SummaryStore
@@ -34,8 +34,7 @@ class Summariser:
 
     def summarise(self, definition: Any, persons: Iterable[str]) -> int:
         """Summarise the groups of these persons: each survivor of merges with everyone merged into it
-        (state/summaries.py); many at once over columns (`summarise_groups`), written by day when
-        nothing of theirs is dropped (`SummaryStore.write_by_day`)."""
+        (state/summaries.py); many at once over columns (`summarise_groups`)."""
         pid, h = definition.project_id, definition.hash
         groups = self.store.group_kept(pid, h, persons, self.store.overrides(pid))
         summaries = summarise_groups(definition, groups)
@@ -44,19 +43,13 @@ class Summariser:
         letters = [Letter(value, f"kept event of definition {h}: {reason}", rid, {"source": "summariser"})
                    for _, _, plan in planned for value, reason, rid in plan.dropped]
         self.dead_letters(letters)  # before the events leave the person: never lost unrecorded
-        whole = {} if not by_columns(definition) else {  # one kind of summary, nothing to drop: by day
-            int(member): (raw, plan) for member, raw, plan in planned if plan.replacement is None}
-        written = len(self.store.write(pid, h, [(member, len(raw), plan.irregular, plan.replacement, plan.entries)
-                                                for member, raw, plan in planned if int(member) not in whole]))
-        if whole:
-            by_day = Summarised.of(definition.summary_kind, {p: (plan.irregular, plan.entries)
-                                                             for p, (_, plan) in whole.items()})
-            written += self.store.write_by_day(pid, h, by_day, {p: len(raw) for p, (raw, _) in whole.items()})
-        return written
+        written = self.store.write(pid, h, [(member, len(raw), plan.irregular, plan.replacement, plan.entries)
+                                            for member, raw, plan in planned])
+        return len(written)
 
     def backfilled_summaries(self, definition: Any, kept: KeptColumns) -> Summarised:
         """The summaries of a backfill's persons from its kept events as columns, to write with
-        `SummaryStore.write_by_day` (which writes a person only if those are all its kept events,
+        `SummaryStore.write_backfilled` (which writes a person only if those are all its kept events,
         so a person live or the topic's tail added to stays dirty). Persons of a merge are left out:
         their summaries are made from their group's events, by the summariser."""
         overrides = self.store.overrides(definition.project_id)
@@ -65,6 +58,6 @@ class Summariser:
 
     def write_backfilled(self, definition: Any, summarised: Summarised, sizes: dict[int, int], start: int,
                          stop: int) -> int:
-        """Write the summaries of `summarised.persons[start:stop]` (`SummaryStore.write_by_day`);
+        """Write the summaries of `summarised.persons[start:stop]` (`SummaryStore.write_backfilled`);
         returns how many persons were written."""
-        return self.store.write_by_day(definition.project_id, definition.hash, summarised, sizes, start, stop)
+        return self.store.write_backfilled(definition.project_id, definition.hash, summarised, sizes, start, stop)

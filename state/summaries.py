@@ -139,13 +139,12 @@ class SummaryStore(ShardedStore):
                 calls.append(([keys.summary_dirty(shard_prefix)], args))
         return {p.decode() for result in run_scripts(self.redis, self._write, calls) for p in result}
 
-    def write_by_day(self, project_id: int, h: str, summarised: Any, sizes: dict[int, int], start: int = 0,
-                     stop: int | None = None, chunk: int = 5000) -> int:
-        """Write summaries of many persons (`Summarised`, history_summaries.py: a backfill's, or the
-        summariser's after a backlog) of persons `start` to `stop` (indexes in `summarised.persons`),
-        grouped by day (`backfill_summaries.lua`: one HSET per day, where `write` reads and writes
-        each person's day); `sizes`: the bytes of kept events each person was summarised from, so a
-        person whose kept events are not exactly those is left dirty. Returns how many persons
+    def write_backfilled(self, project_id: int, h: str, summarised: Any, sizes: dict[int, int], start: int = 0,
+                         stop: int | None = None, chunk: int = 5000) -> int:
+        """Write summaries a backfill computed over columns (`Summarised`, history_summaries.py) of
+        its persons `start` to `stop` (indexes in `summarised.persons`), grouped by day
+        (`backfill_summaries.lua`); `sizes`: the bytes of kept events the backfill gave each person,
+        so a person whose kept events are not exactly those is left dirty. Returns how many persons
         were written."""
         prefix = keys.definition_prefix(project_id, h)
         persons, entry_persons = summarised.persons, summarised.entry_persons

@@ -77,24 +77,6 @@ class Summarised:
         nothing = np.zeros(0, dtype=np.int64)
         return Summarised(kind, nothing, nothing.astype(bool), nothing, [], [])
 
-    @staticmethod
-    def of(kind: str, summaries: dict[int, tuple[bool, list[Entry]]]) -> Summarised:
-        """Per-person summaries of one kind (`per_person`'s form) as columns, persons ascending."""
-        persons = sorted(summaries)
-        entry_persons: list[int] = []
-        days: list[str] = []
-        values: list[bytes] = []
-        for person in persons:
-            for entry_kind, day, value in summaries[person][1]:
-                if entry_kind != kind:
-                    raise ValueError(f"a summary of kind {entry_kind} among {kind}")
-                entry_persons.append(person)
-                days.append(day)
-                values.append(value)
-        return Summarised(kind, np.array(persons, dtype=np.int64),
-                          np.array([summaries[p][0] for p in persons], dtype=bool),
-                          np.array(entry_persons, dtype=np.int64), days, values)
-
     def per_person(self) -> dict[int, tuple[bool, list[Entry]]]:
         """{person: (irregular, entries)}, as the summariser makes them (summaries.py)."""
         out: dict[int, tuple[bool, list[Entry]]] = {

@@ -1,5 +1,5 @@
 -- Writes the summaries a backfill computed over columns for persons it kept every event of
--- (state/summaries.py, SummaryStore.write_by_day); answers the persons written.
+-- (state/summaries.py, SummaryStore.write_backfilled); answers the persons written.
 -- Arguments: A, then A.persons persons S, then A.days days SD, each followed by SD.count pairs (a
 -- person, its value; SD.plain: no value is empty). A person is written only if its kept
 -- events still have the length the backfill gave them (S.version): otherwise it stays dirty for the

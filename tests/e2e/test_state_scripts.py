@@ -397,7 +397,7 @@ def test_every_script_compiles(client: redis.Redis, script: scripts.Script) -> N
 
 def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_are_the_backfills(
         client: redis.Redis) -> None:
-    """backfill_summaries.lua through SummaryStore.write_by_day: a person whose kept events grew
+    """backfill_summaries.lua through SummaryStore.write_backfilled: a person whose kept events grew
     past what the backfill gave it stays dirty and unwritten; the rest are written, one hash per day."""
     project = next(_projects)
     prefix = keys.definition_prefix(project, "5b")
@@ -407,7 +407,7 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
     client.hset(keys.summary_rows(prefix, "fa", "20240102"), "9", b"old")
     summarised = Summarised("fa", np.array([7, 8, 9]), np.array([False, False, True]), np.array([7, 7, 8, 9]),
                             ["20240101", "20240102", "20240101", "20240102"], [b"r\x00w", b"row2", b"x", b""])
-    written = SummaryStore(client, 1).write_by_day(project, "5b", summarised, {7: 5, 8: 5, 9: 2})
+    written = SummaryStore(client, 1).write_backfilled(project, "5b", summarised, {7: 5, 8: 5, 9: 2})
     assert written == 2
     assert client.smembers(keys.summary_dirty(prefix)) == {b"8"}
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240101")) == {b"7": b"r\x00w"}
@@ -417,7 +417,7 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
     # Every person written and no value empty: a day's pairs go to HSET as they are.
     summarised = Summarised("fa", np.array([7, 9]), np.array([False, False]), np.array([7, 9, 9]),
                             ["20240102", "20240102", "20240103"], [b"r7", b"r9", b"s9"])
-    assert SummaryStore(client, 1).write_by_day(project, "5b", summarised, {7: 5, 9: 2}) == 2
+    assert SummaryStore(client, 1).write_backfilled(project, "5b", summarised, {7: 5, 9: 2}) == 2
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240102")) == {b"7": b"r7", b"9": b"r9"}
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240103")) == {b"9": b"s9"}
     assert client.hgetall(keys.summary_versions(prefix, "fa")) == {b"20240101": b"1", b"20240102": b"2",
@@ -428,9 +428,9 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
                             ["20240104"] * 3, [b"a", b"b", b"c"])
     client.set(keys.person_events(prefix, "8"), b"12345")
     store = SummaryStore(client, 1)
-    assert store.write_by_day(project, "5b", summarised, {7: 5, 8: 5, 9: 2}, 0, 2) == 2
+    assert store.write_backfilled(project, "5b", summarised, {7: 5, 8: 5, 9: 2}, 0, 2) == 2
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240104")) == {b"7": b"a", b"8": b"b"}
-    assert store.write_by_day(project, "5b", summarised, {7: 5, 8: 5, 9: 2}, 2, 3) == 1
+    assert store.write_backfilled(project, "5b", summarised, {7: 5, 8: 5, 9: 2}, 2, 3) == 1
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240104")) == {b"7": b"a", b"8": b"b", b"9": b"c"}
 
 

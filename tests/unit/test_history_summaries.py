@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from dataflows.operators.history_summaries import (
     KeptColumns,
-    Summarised,
     attempt_summaries,
     by_columns,
     group_summaries,
@@ -161,15 +160,3 @@ def test_groups_of_merged_persons_summarised_over_columns_equal_the_summariser(s
         for member, summary in summarise_group(definition, str(survivor), {str(m): r for m, r in raws.items()}).items():
             expected[int(member)] = (summary.irregular, sorted(summary.entries))
     assert {p: (irregular, sorted(entries)) for p, (irregular, entries) in found.items()} == expected
-
-
-def test_per_person_summaries_become_columns_for_writing_by_day() -> None:
-    """`Summarised.of`: what the summariser writes by day, persons ascending, back to `per_person`."""
-    summaries = {9: (False, [("fa", "20240602", b"x"), ("fa", "20240601", b"")]), 3: (True, []),
-                 5: (False, [("fa", "20240601", b"y")])}
-    columns = Summarised.of("fa", summaries)
-    assert columns.persons.tolist() == [3, 5, 9] and columns.irregular.tolist() == [True, False, False]
-    assert columns.entry_persons.tolist() == [5, 9, 9]
-    assert columns.per_person() == summaries
-    with pytest.raises(ValueError):
-        Summarised.of("ps", summaries)

@@ -19,18 +19,6 @@ from bytewax.recovery import RecoveryConfig
 
 EPOCH_SECONDS = 0.2
 BACKUP_SECONDS = 10  # how long Bytewax keeps superseded snapshots (a cluster's processes resume together)
-GC_THRESHOLDS = (100_000, 20, 100)  # CPython's default is (700, 10, 10); see `tune_gc`
-
-
-def tune_gc() -> None:
-    """Collect cycles rarely. A worker allocates a few dozen objects per event and keeps large maps
-    (distinct id -> person, first times seen); with CPython's default thresholds its cyclic collector
-    ran about 370 times a second and took a quarter of the process's time (bench/ingest.py, 500,000
-    events, six definitions: 12.5 s of about 55 s). Young objects are now looked at every 100,000
-    allocations: about 5 % of the time, and 27 % less CPU per event. Reference counting still frees
-    at once every object that is not in a cycle; what exists once the flow is built (modules,
-    settings, clients) is frozen out of collections altogether."""
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,10 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-a", "--addresses", default=None, help="host:port of every process, ';'-separated")
     args = parser.parse_args(argv)
     from dataflows.flow import flow_from_env
+    from schemas.settings import tune_gc
 
     tune_gc()
     flow = flow_from_env()
-    gc.freeze()
+    gc.freeze()  # what exists once the flow is built (modules, settings, clients) is never scanned again
     cli_main(flow, process_id=args.process_id,
              addresses=args.addresses.split(";") if args.addresses else None,
              epoch_interval=timedelta(seconds=args.epoch),

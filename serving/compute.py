@@ -29,6 +29,7 @@ from prometheus_client import Counter
 
 from schemas.dates import DateParseError
 from schemas.errors import RequestError
+from schemas.settings import tune_gc
 from serving.errors import ApiError, unavailable, validation
 from state.connection import connect
 from state.reads import StateReader
@@ -100,6 +101,7 @@ def _worker(conn: Connection, redis_url: str, cache_mb: int) -> None:
     # that computes for seconds must not take their time slices from capture and health checks.
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
+    tune_gc()
     _worker_client = connect(redis_url)
     SUMMARIES.configure(cache_mb)
     conn.send_bytes(b"ready")

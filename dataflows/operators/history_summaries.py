@@ -11,9 +11,9 @@ Only the simple cases are taken, and the rest stay dirty for the summariser: fun
 (first/last touches), persons with two step events at one instant (irregular: they keep no rows,
 which the summariser writes), persons of a merge (their summaries are made from a group).
 
-The summariser takes the same way for many dirty persons at once (`kept_summaries`: after a backlog,
-every person it touched), from their kept strings, and for groups of merged persons
-(`group_summaries`: the survivor's from the whole group's events, the others' emptied).
+The summariser and queries take the same way for many dirty persons at once (`group_summaries`:
+after a backlog, every person it touched), from their kept strings, merged persons by group (the
+survivor's from the whole group's events, the others' emptied).
 """
 
 from __future__ import annotations
@@ -289,40 +289,8 @@ def kept_summaries(definition: Any, raws: dict[int, bytes], usable: Any) -> dict
     """{person: (irregular, entries)} of persons summarised from their kept strings over columns
     (`by_columns` definitions), byte for byte what `summaries.py` makes. Left out, for the summariser's
     own way (which dead-letters what it cannot use): persons with an unreadable record, a value
-    `usable(value)` refuses, or a time outside the events' range. Nothing when the columns cannot be
-    summarised at all."""
-    persons: list[int] = []
-    stamps: list[int] = []
-    uuids: list[str] = []
-    days: list[str] = []
-    values: list[bytes] = []
-    bad: set[int] = set()
-    for person, raw in raws.items():
-        events, rest = read_person_events(raw)
-        if rest:
-            bad.add(person)
-            continue
-        for e in events:
-            persons.append(person)
-            stamps.append(e.ts_ms)
-            uuids.append(e.uuid)
-            days.append(e.day)
-            values.append(e.value)
-    refused = {v for v in set(values) if not usable(v)}
-    if refused:
-        bad |= {p for p, v in zip(persons, values, strict=True) if v in refused}
-    keep = [i for i, p in enumerate(persons) if p not in bad] if bad else range(len(persons))
-    if not len(keep):
-        return {}
-    try:
-        kept = KeptColumns(np.array([persons[i] for i in keep], dtype=np.int64),
-                           np.array([stamps[i] for i in keep], dtype=np.int64),
-                           pa.array([uuids[i] for i in keep], pa.string()),
-                           pa.array([days[i] for i in keep], pa.string()),
-                           pa.array([values[i] for i in keep], pa.binary()).cast(pa.string()))
-        return summaries_by_columns(definition, kept, set()).per_person()
-    except (ValueError, TypeError, pa.ArrowException):  # e.g. times too far apart to sort as one number
-        return {}
+    `usable(value)` refuses, or a time outside the events' range."""
+    return group_summaries(definition, {person: {person: raw} for person, raw in raws.items()}, usable)
 
 
 def group_summaries(definition: Any, groups: dict[int, dict[int, bytes]], usable: Any
@@ -330,33 +298,50 @@ def group_summaries(definition: Any, groups: dict[int, dict[int, bytes]], usable
     """{person: (irregular, entries)} of every member of the groups summarised over columns (each
     group: survivor -> {member: kept string}, the survivor among them), as `summarise_group` makes
     them: the survivor's from the events of its whole group, each other member's emptied on every day
-    it kept events of. A group with anything `kept_summaries` leaves out is left out whole, and so is
-    one with a member whose string does not read to its end (joined, it could swallow the next)."""
-    joined: dict[int, bytes] = {}
-    emptied: dict[int, list[tuple[int, list[Entry]]]] = {}
+    it kept events of. A group with a member whose string does not read to its end, or with anything
+    else `kept_summaries` leaves out, is left out whole. Nothing when the columns cannot be summarised
+    at all (times too far apart to sort as one number)."""
     kinds = ("fa", "fb") if definition.summary_kind == "fa" and definition.breakdown is not None else (
         definition.summary_kind,)
+    persons: list[int] = []  # the columns: each event under its group's survivor
+    stamps: list[int] = []
+    uuids: list[str] = []
+    days: list[str] = []
+    values: list[bytes] = []
+    emptied: dict[int, list[tuple[int, list[Entry]]]] = {}
     for survivor, raws in groups.items():
         if survivor not in raws:
             continue
-        if len(raws) > 1:
-            members = []
-            for member, raw in raws.items():
-                events, rest = read_person_events(raw)
-                if rest:
-                    break
-                if member != survivor:
-                    days = dict.fromkeys(e.day for e in events)
-                    members.append((member, [(kind, day, b"") for day in days for kind in kinds]))
-            else:
-                emptied[survivor] = members
-                joined[survivor] = b"".join(raws.values())
+        read = [(member, *read_person_events(raw)) for member, raw in raws.items()]
+        if any(rest for _, _, rest in read):
             continue
-        joined[survivor] = raws[survivor]
-    found = kept_summaries(definition, joined, usable)
+        emptied[survivor] = [(member, [(kind, day, b"") for day in dict.fromkeys(e.day for e in found)
+                                       for kind in kinds]) for member, found, _ in read if member != survivor]
+        for _, found, _ in read:
+            for e in found:
+                persons.append(survivor)
+                stamps.append(e.ts_ms)
+                uuids.append(e.uuid)
+                days.append(e.day)
+                values.append(e.value)
+    refused = {v for v in set(values) if not usable(v)}
+    if refused:  # a group with a value it cannot use goes the summariser's own way, whole
+        bad = {p for p, v in zip(persons, values, strict=True) if v in refused}
+        keep = [i for i, p in enumerate(persons) if p not in bad]
+        persons, stamps, uuids, days, values = ([column[i] for i in keep]
+                                                for column in (persons, stamps, uuids, days, values))
+    if not persons:
+        return {}
+    try:
+        kept = KeptColumns(np.array(persons, dtype=np.int64), np.array(stamps, dtype=np.int64),
+                           pa.array(uuids, pa.string()), pa.array(days, pa.string()),
+                           pa.array(values, pa.binary()).cast(pa.string()))
+        found = summaries_by_columns(definition, kept, set()).per_person()
+    except (ValueError, TypeError, pa.ArrowException):
+        return {}
     out: dict[int, tuple[bool, list[Entry]]] = {}
     for survivor, summary in found.items():
         out[survivor] = summary
-        for member, entries in emptied.get(survivor, ()):
+        for member, entries in emptied[survivor]:
             out[member] = (False, entries)
     return out

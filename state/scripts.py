@@ -111,7 +111,7 @@ DEFINITION_SECTIONS = (
     Layout("DL", ("definition", "kind", "breakdown", "bucket", "values")),
     Layout("DA", ("definition", "kind", "breakdown", "bucket", "persons")),
     Layout("KD", ("definition", "day", "rows")),
-    Layout("KP", ("definition", "person", "kept")),
+    Layout("KP", ("definition", "person", "length")),  # the kept records: `length` bytes of A.kept, in turn
 )
 SHARD_SECTIONS = (
     Layout("R", ("fence", "first", "next_offset")),
@@ -123,7 +123,7 @@ SHARD_SECTIONS = (
     *DEFINITION_SECTIONS,
 )
 APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "batch")), *HOME_SECTIONS))
-APPLY_SHARD = Script("apply_shard.lua", (Layout("A", ("prefix", "generation", "batch")), *SHARD_SECTIONS))
+APPLY_SHARD = Script("apply_shard.lua", (Layout("A", ("prefix", "generation", "batch", "kept")), *SHARD_SECTIONS))
 FIX_BOUND = Script("fix_bound.lua", (Layout("A", ("prefix", "definition", "fence", "generation")),))
 
 # Events whose persons the worker cannot tell alone: unknown distinct ids and identity links.
@@ -138,7 +138,7 @@ BACKFILL_EVENTS = Script("backfill_events.lua", _header_then(
 # A definition's backfill from the archive in one state shard, summed by the worker.
 # A.batch's sections, and DB: person sets sent whole (a bitmap in the ARGV at `argument`), ORed in.
 BACKFILL_SUMS = Script("backfill_sums.lua", (
-    Layout("A", ("prefix", "definition", "fence", "expected", "through", "written_up_to", "batch")),
+    Layout("A", ("prefix", "definition", "fence", "expected", "through", "written_up_to", "batch", "kept")),
     *DEFINITION_SECTIONS, Layout("DB", ("definition", "kind", "breakdown", "bucket", "argument"))))
 
 # A summarised definition's archived kept events, person by person (backfill_persons.lua).

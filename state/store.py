@@ -96,11 +96,11 @@ def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffec
               for ev, persons in effects.firsts.items() if persons],
         "H": [[h, keys.partition_fence(tag, partition), offset]
               for (h, partition), offset in effects.handovers.items()],
-        **kept_sections(((h, day, rows) for (h, day), rows in effects.kept_days.items()),
-                        ((h, person, kept) for (h, person), kept in effects.kept_persons.items())),
         **definition_sections(effects.sums),
     }
-    return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(batch)]
+    kept_rows, kept = kept_sections(((h, day, rows) for (h, day), rows in effects.kept_days.items()),
+                                    ((h, person, kept) for (h, person), kept in effects.kept_persons.items()))
+    return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(batch | kept_rows), kept]
 
 
 def definition_sections(by_definition: dict[str, DefinitionSums]) -> dict[str, list[Any]]:
@@ -123,11 +123,18 @@ DENSE_BYTES_PER_PERSON = 32  # a backfill sends a person set whole once it has a
 
 
 def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[tuple[str, int, list[str]]]
-                  ) -> dict[str, list[Any]]:
+                  ) -> tuple[dict[str, list[Any]], bytes]:
     """Events definitions keep, as the KD and KP sections `definition_sums.lua` applies: per
-    (definition, day) the funnel rows, per (definition, person) the records to append."""
-    return {"KD": [[h, day, rows] for h, day, rows in days],
-            "KP": [[h, person, "".join(kept)] for h, person, kept in persons]}
+    (definition, day) the funnel rows; per (definition, person) the length of the records to append,
+    the records themselves back to back in the second value (the script's `kept` argument). Raw
+    bytes, not JSON strings: decoding half a megabyte of escaped JSON per batch was a quarter of
+    Redis's time in `apply_shard.lua`."""
+    rows, records = [], []
+    for h, person, kept in persons:
+        data = "".join(kept).encode()
+        rows.append([h, person, len(data)])
+        records.append(data)
+    return {"KD": [[h, day, rows] for h, day, rows in days], "KP": rows}, b"".join(records)
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,11 +422,10 @@ class StateStore(ShardedStore):
         def arguments(part: Any) -> list[Any]:
             """The batch, then the bitmaps of its dense person sets (section DB names them)."""
             if not counting:
-                batch = {**definition_sections({}),
-                         **kept_sections(((h, day, rows) for day, rows in part.days.items()),
-                                         ((h, p, [kept]) for p, kept in part.persons.items()))}
-                return [orjson.dumps(batch)]
-            batch = {**definition_sections({h: part}), **kept_sections((), ()), "DB": []}
+                kept_rows, kept = kept_sections(((h, day, rows) for day, rows in part.days.items()),
+                                                ((h, p, [kept]) for p, kept in part.persons.items()))
+                return [orjson.dumps(definition_sections({}) | kept_rows), kept]
+            batch = {**definition_sections({h: part}), **kept_sections((), ())[0], "DB": []}
             bitmaps = []
             for row in batch["DC"]:
                 persons = row[-1]
@@ -427,7 +433,7 @@ class StateStore(ShardedStore):
                     batch["DB"].append([*row[:4], first_bitmap + len(bitmaps)])
                     bitmaps.append(person_bitmap(persons))
                     row[-1] = []
-            return [orjson.dumps(batch), *bitmaps]
+            return [orjson.dumps(batch), b"", *bitmaps]
 
         calls = [([keys.shard_applied(pid, s)],
                   [keys.shard_prefix(pid, s), h, name, fences[s], through, written_up_to, *arguments(sums[s])])

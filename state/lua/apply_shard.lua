@@ -14,7 +14,8 @@
 --   F  first times:     event, candidates (a list of FP rows: person, ts, hour, day)
 --   H  handovers:       definition, fence (`topic tag:partition`), first offset applied live here (backfill_events.lua)
 --   KD kept per day:    definition, day, rows (funnel events, `person|ts|uuid|value`)
---   KP kept per person: definition, person, kept (`ts,day,uuid,len:value` appended)
+--   KP kept per person: definition, person, length (of its records `ts,day,uuid,len:value` to append,
+--                       the next bytes of A.kept, which holds every row's records back to back)
 --   DC definition sums:  definition, kind ('h'/'d'), breakdown, bucket, events, persons (a list)
 --   DV breakdowns seen:  definition, breakdowns (a list)
 --   DS property values:  definition, breakdown, field (h<hour>/d<day>), sums (partial sums: each fits a
@@ -99,7 +100,7 @@ end
 for _, o in ipairs(batch.H) do
   redis.call('HSETNX', P .. K.definition .. o[H.definition] .. ':' .. DK.handover, o[H.fence], o[H.offset])
 end
-apply_kept(batch)
+apply_kept(batch, ARGV[A.kept])
 apply_sums(batch)
 flush()
 for _, r in ipairs(batch.R) do redis.call('HSET', P .. K.shard_applied, r[R.fence], r[R.next_offset]) end

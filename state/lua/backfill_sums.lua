@@ -6,7 +6,8 @@
 -- call. The worker read the fence (A.expected) and summed only the events above it; a fence that
 -- moved since answers {-4} and writes nothing (the worker reads it again), one behind what this
 -- process wrote (A.written_up_to) answers {-2}: Redis lost writes. Arguments: the header A; A.batch
--- is a JSON object of those sections, and of DB rows naming the later arguments that hold bitmaps.
+-- is a JSON object of those sections, and of DB rows naming the later arguments that hold bitmaps;
+-- A.kept the KP rows' records.
 local P = ARGV[A.prefix]
 -- include: definition_state.lua
 -- include: definition_sums.lua
@@ -18,7 +19,7 @@ if fence < tonumber(ARGV[A.written_up_to]) then return {-2} end
 if fence ~= tonumber(ARGV[A.expected]) then return {-4} end
 local batch = cjson.decode(ARGV[A.batch])
 apply_sums(batch)
-apply_kept(batch)
+apply_kept(batch, ARGV[A.kept])
 flush()
 -- Dense person sets come whole, as bitmaps: one OR each instead of a BITFIELD operation per person.
 local scratch = P .. K.scratch

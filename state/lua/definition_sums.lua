@@ -38,17 +38,21 @@ local function apply_sums(batch)
 end
 
 -- Events kept by funnels (per day) and by summarised definitions (per person, the person marked for
--- the summariser), as the worker wrote them out (dataflows/operators/batch.py and history.py).
-local function apply_kept(batch)
+-- the summariser), as the worker wrote them out (dataflows/operators/batch.py and history.py): each
+-- KP row's records are the next `length` bytes of `kept`.
+local function apply_kept(batch, kept)
   for _, k in ipairs(batch.KD) do
     local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]
     each_slice(k[KD.rows], function(...) write(key, 'RPUSH', key, ...) end)
   end
   local dirty = {}
+  local at = 1
   for _, k in ipairs(batch.KP) do
-    local h, p = k[KP.definition], k[KP.person]
+    local h, p, n = k[KP.definition], k[KP.person], k[KP.length]
     local key = P .. K.definition .. h .. ':' .. DK.person_events .. p
-    if write(key, 'APPEND', key, k[KP.kept]) then
+    local records = string.sub(kept, at, at + n - 1)
+    at = at + n
+    if write(key, 'APPEND', key, records) then
       local d = dirty[h]
       if not d then d = {}; dirty[h] = d end
       d[#d + 1] = p

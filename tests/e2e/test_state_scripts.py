@@ -289,6 +289,21 @@ def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None
     assert client.get(keys.person_events(b, person)) == b'2000,20240101,k2,7:{"s":1}'
     assert client.smembers(keys.summary_dirty(b)) == {person.encode()}
 
+    # Records of several persons and definitions in one batch, values of multi-byte characters: each
+    # person's own records land on its key, whole.
+    values = {"a": '["é"]', "b": '["€🙂"]', "c": '"x"'}
+    batch = [_event(f"m{i}", did, 3000 + i, offset=10 + i,
+                    contributions=[("bb", "", values[did]), ("cc", "", values[did])])
+             for i, did in enumerate(("a", "b", "c", "b"))]
+    project.apply(batch, flags={"bb": "s", "cc": "s"})
+    for h in ("bb", "cc"):
+        d = keys.definition_prefix(project.id, h)
+        for did in ("a", "b", "c"):
+            records = "".join(f"{o.ts},20240101,{o.uuid},{len(values[did].encode())}:{values[did]}"
+                              for o in batch if o.distinct_id == did)
+            before = '2000,20240101,k2,7:{"s":1}' if (h, did) == ("bb", "a") else ""
+            assert client.get(keys.person_events(d, project.person(did).decode())) == (before + records).encode()
+
 
 def test_backfill_applies_the_counted_copy_below_each_shards_bound_once(client: redis.Redis) -> None:
     """Bounds are what each shard applied when first asked (and raise its generation); the backfill

@@ -60,9 +60,9 @@ def test_batch_rows_follow_the_layouts() -> None:
         {"person": 7, "ts": 1000, "set": '{"plan":"\\"pro\\""}', "set_once": "", "unset": ""}]
     assert rows(scripts.HOME_SECTIONS, home, "O") == [{"partition": 3, "next_offset": 2001}]
 
-    parts = {}
+    parts, kept = {}, {}
     for shard in (0, 1):
-        prefix, generation, body = shard_args(5, shard, 2, effects.shards[shard], "t1")
+        prefix, generation, body, kept[shard] = shard_args(5, shard, 2, effects.shards[shard], "t1")
         assert (prefix, generation) == (keys.shard_prefix(5, shard), 2)
         parts[shard] = orjson.loads(body)
     odd, even = parts[1], parts[0]  # person 7, person 8
@@ -89,7 +89,9 @@ def test_batch_rows_follow_the_layouts() -> None:
     assert sorted((v["kind"], v["values"]) for v in shard_rows(odd, "DL")) == [("d", [2.5]), ("h", [2.5])]
     assert shard_rows(odd, "DA") == [] and shard_rows(even, "DC") == [] and shard_rows(odd, "KD") == []
     assert shard_rows(even, "KD") == [{"definition": "h2", "day": "20240101", "rows": ['8|2000|u2|{"s":1}']}]
-    assert shard_rows(even, "KP") == [{"definition": "h2", "person": 8, "kept": '2000,20240101,u2,7:{"s":1}'}]
+    record = b'2000,20240101,u2,7:{"s":1}'
+    assert shard_rows(even, "KP") == [{"definition": "h2", "person": 8, "length": len(record)}]
+    assert (kept[0], kept[1]) == (record, b"")
     assert shard_rows(odd, "H") == [{"definition": "h1", "fence": "t1:3", "offset": 1000}]
     assert shard_rows(even, "H") == [{"definition": "h2", "fence": "t1:3", "offset": 2000}]
 

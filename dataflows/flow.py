@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import replace
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 
@@ -27,13 +28,14 @@ from dataflows.operators.trends import trend_buckets
 from dataflows.operators.validate import Parsed, parse_record
 from dataflows.services import REDIS_DOWN, DeadLetters, Letter, wait_for_redis
 from schemas.dates import zone
+from schemas.definitions import Definition
 from schemas.events import Record
 from schemas.settings import Settings
 from state import keys
 from state.archive import ArchivedEvent, ArchiveWriter
 from state.connection import claim_state_shards, connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
-from state.store import Applied, ProjectBatch, RedisLostWrites, StateStore
+from state.store import Applied, BatchOutcome, ProjectBatch, RedisLostWrites, StateStore
 from state.stream import Stream
 from state.topics import end_offsets, ensure_topics, topic_id
 
@@ -44,6 +46,24 @@ APPLY_CHUNK = 2000  # events of one project per apply call (a few ms of Redis ti
 
 def _record_id(topic_id: str, record: Record) -> str:
     return f"{topic_id}:{record.partition}:{record.offset}"
+
+
+@dataclass
+class _Chunk:
+    """One chunk of a batch on its way into Redis: the events per project still to apply, what
+    earlier attempts learned (uuids applied already from another copy, shard fences of a replay,
+    parts applied), the parts planned last, and where the counted copies go."""
+
+    pending: dict[int, list[Occurrence]]
+    counted: dict[int, list[tuple[str, int, int, int]]]
+    batches: list[ProjectBatch] = field(default_factory=list)
+    skip: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    fences: dict[int, dict[int, dict[int, int]]] = field(default_factory=lambda: defaultdict(dict))
+    home_done: set[int] = field(default_factory=set)
+    shards_done: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))
+
+    def __post_init__(self) -> None:
+        self.pending = dict(self.pending)
 
 
 class _StatePartition(StatelessSinkPartition[Parsed]):
@@ -76,6 +96,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         self.persons: dict[int, KnownPersons] = defaultdict(KnownPersons)  # per project
         self.firsts: dict[int, KnownFirsts] = defaultdict(KnownFirsts)
         self.archive = ArchiveWriter(settings.archive_dir, worker) if settings.archive_dir else None  # '': off
+        self.applier = ThreadPoolExecutor(1, thread_name_prefix="apply")  # one at a time, in order
 
     def write_batch(self, items: list[Parsed]) -> None:
         while True:
@@ -136,11 +157,33 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         result = Applied()
         counted: dict[int, list[tuple[str, int, int, int]]] = defaultdict(list)
         longest = max((len(o) for o in by_project.values()), default=0)
-        for start in range(0, longest, APPLY_CHUNK):  # bounded script calls: Redis serves queries between
-            part = {pid: o[start:start + APPLY_CHUNK] for pid, o in by_project.items() if len(o) > start}
-            applied_part = self._apply(part, counted)
-            result.events += applied_part.events
-            result.failed.update(applied_part.failed)
+        # Bounded script calls (Redis serves queries between), applied in order by one thread while
+        # this one plans the next chunk, so Python and Redis work at the same time. Planning reads
+        # nothing from Redis then (a read would wait behind the script running there): persons are
+        # resolved and definitions read for the whole batch first. Definitions reading person
+        # properties see those the previous chunk set, so with them a chunk is planned after the
+        # previous one is in.
+        self._resolve(by_project)
+        current = self.definitions.current(list(by_project))
+        overlap = not any(d.uses_person for _, definitions in current.values() for d in definitions.values())
+        inflight: tuple[_Chunk, Future[BatchOutcome]] | None = None
+        try:
+            for start in range(0, longest, APPLY_CHUNK):
+                part = {pid: o[start:start + APPLY_CHUNK] for pid, o in by_project.items() if len(o) > start}
+                chunk = _Chunk(part, counted)
+                if inflight is not None and not overlap:
+                    self._finish(*inflight, result)
+                    inflight = None
+                chunk.batches = self._plan(chunk, current)
+                if inflight is not None:
+                    self._finish(*inflight, result)
+                inflight = (chunk, self.applier.submit(self.store.apply, chunk.batches))
+            if inflight is not None:
+                self._finish(*inflight, result)
+                inflight = None
+        finally:
+            if inflight is not None:  # this thread failed: the chunk's apply ends before anything retries
+                wait([inflight[1]])
         for (project_id, h), reason in result.failed.items():
             self._fail(project_id, h, f"Redis refused its state: {reason}")
         self._archive(by_project, counted)
@@ -191,59 +234,65 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 reached[name] = max(reached.get(name, 0), o.offset + 1)
             self.archive.append(pid, events, reached)
 
-    def _apply(self, by_project: dict[int, list[Occurrence]],
-               counted: dict[int, list[tuple[str, int, int, int]]]) -> Applied:
-        """Resolve persons, then plan each project's batch against its current definitions and apply
-        it: the home part, then the state shards' parts. A part refused (events applied already from
-        another copy, definitions that moved meanwhile, events a shard holds already after a replay)
-        wrote nothing and is planned again; parts applied stay applied. The copies whose guards the
-        home part took (the events counted) are added to `counted` per project."""
-        self._resolve(by_project)
-        total = Applied()
-        pending = dict(by_project)
-        skip: dict[int, set[str]] = defaultdict(set)
-        fences: dict[int, dict[int, dict[int, int]]] = defaultdict(dict)
-        home_done: set[int] = set()
-        shards_done: dict[int, set[int]] = defaultdict(set)
-        shards = self.store.shards
+    def _plan(self, chunk: _Chunk, current: dict[int, tuple[int, dict[str, Definition]]] | None = None
+              ) -> list[ProjectBatch]:
+        """Plan each pending project's part of the chunk against its definitions: `current` as read
+        for the batch, or read now. Outdated ones are refused by the shards and planned again."""
+        now = datetime.now(UTC)
+        batches = []
+        if current is None:
+            current = self.definitions.current(list(chunk.pending))
+        for pid, (generation, definitions) in current.items():
+            if pid not in chunk.pending:
+                continue
+            flags, failed = contributions(self.client, pid, definitions, chunk.pending[pid], now)
+            for h, reason in failed.items():
+                self._fail(pid, h, reason)
+            effects = batch_effects(chunk.pending[pid], self.firsts[pid], chunk.skip.get(pid), flags,
+                                    self.store.shards, chunk.fences.get(pid))
+            batches.append(ProjectBatch(pid, effects, generation, self.tag, pid in chunk.home_done,
+                                        chunk.shards_done[pid]))
+        return batches
+
+    def _finish(self, chunk: _Chunk, applying: Future[BatchOutcome], total: Applied) -> None:
+        """Take the outcome of a chunk's apply, then plan again and apply what was refused until every
+        part is in. A part refused (events applied already from another copy, definitions that moved
+        meanwhile, events a shard holds already after a replay) wrote nothing; parts applied stay
+        applied. The copies whose guards the home part took (the events counted) go to
+        `chunk.counted` per project."""
+        outcome = applying.result()
         for attempt in range(50):
-            now = datetime.now(UTC)
-            batches = []
-            for pid, (generation, definitions) in self.definitions.current(list(pending)).items():
-                flags, failed = contributions(self.client, pid, definitions, pending[pid], now)
-                for h, reason in failed.items():
-                    self._fail(pid, h, reason)
-                effects = batch_effects(pending[pid], self.firsts[pid], skip.get(pid), flags, shards, fences.get(pid))
-                batches.append(ProjectBatch(pid, effects, generation, self.tag, pid in home_done, shards_done[pid]))
-            outcome = self.store.apply(batches)
             total.events += outcome.applied.events
             total.failed.update(outcome.applied.failed)
-            for batch in batches:
+            for batch in chunk.batches:
                 pid = batch.project_id
                 if pid in outcome.repeated:
-                    skip[pid] |= outcome.repeated[pid]
+                    chunk.skip[pid] |= outcome.repeated[pid]
                     continue
-                if pid not in home_done:
-                    counted[pid].extend(batch.effects.guards)
-                home_done.add(pid)
-                shards_done[pid] |= outcome.shards.get(pid, set())
+                if pid not in chunk.home_done:
+                    chunk.counted[pid].extend(batch.effects.guards)
+                chunk.home_done.add(pid)
+                chunk.shards_done[pid] |= outcome.shards.get(pid, set())
                 if outcome.finished(batch):
                     self.firsts[pid].learn(batch.effects.firsts)
-                    del pending[pid]
+                    del chunk.pending[pid]
                     continue
                 if pid in outcome.stale:
                     log.info("definitions of project %s changed while planning a batch (attempt %d)", pid, attempt + 1)
                 for shard, held in outcome.held.get(pid, {}).items():
                     log.info("state shard %s of project %s holds part of a replayed batch: %s", shard, pid, held)
-                    fences[pid][shard] = held
-            if not pending:
-                return total
+                    chunk.fences[pid][shard] = held
+            if not chunk.pending:
+                return
+            chunk.batches = self._plan(chunk)
+            outcome = self.store.apply(chunk.batches)
         raise RuntimeError("a batch could not be applied: its definitions kept changing")
 
     def _fail(self, project_id: int, h: str, reason: str) -> None:
         fail_definition(self.registry, project_id, h, reason)
 
     def close(self) -> None:
+        self.applier.shutdown()
         self.dead.close()
 
 

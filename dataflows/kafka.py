@@ -77,7 +77,7 @@ class EventsSource(FixedPartitionedSource[Record, dict]):
     last writes (Redis killed between AOF syncs) is caught up again, and applying twice is harmless.
     """
 
-    def __init__(self, bootstrap: str, topic: str, batch_size: int = 5000,
+    def __init__(self, bootstrap: str, topic: str, batch_size: int = 20000,
                  applied: Callable[[str], dict[int, int] | None] | None = None) -> None:
         self.bootstrap, self.topic, self.batch_size = bootstrap, topic, batch_size
         self.applied = applied

@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, TopicPartition
 from dataflows.operators.batch import Occurrence
 from dataflows.operators.history import KeptHistory, history_kept, history_sums
 from dataflows.operators.history_summaries import KeptColumns, Summarised, by_columns
-from dataflows.operators.persons import person_update
+from dataflows.operators.persons import PersonProperties
 from dataflows.operators.trends import trend_buckets
 from dataflows.services import REDIS_DOWN, DeadLetters, wait_for_redis
 from dataflows.summariser import Summariser
@@ -40,6 +40,7 @@ from schemas.settings import Settings
 from state import keys
 from state.archive import HOT_PROPERTIES, Archive, contiguous, hot_in_json_only, iter_events, partition_rows
 from state.connection import claim_state_shards, connect
+from state.records import read_property_stamp
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.store import BackfillRow, FenceMoved, StateStore
 from state.stream import Stream
@@ -125,37 +126,54 @@ def person_snapshot(client: redis.Redis, project_id: int, distinct_ids: Iterable
     return out
 
 
-def _apply_person_update(props: dict[str, Any], event: TopicEvent) -> None:
-    """The event's own $set/$set_once/$unset, so it is matched with the person as it leaves it
-    (in batch order; the store orders by event time, see state/store.py)."""
-    update = person_update(event)
-    props.update(update.set)
-    for k, v in update.set_once.items():
-        props.setdefault(k, v)
-    for k in update.unset:
-        props.pop(k, None)
+def person_states(client: redis.Redis, project_id: int, persons: Iterable[int]) -> dict[int, PersonProperties]:
+    """Persons' properties with the time each last changed, as Redis holds them now."""
+    ids = list(dict.fromkeys(persons))
+    pipe = client.pipeline(transaction=False)
+    for person in ids:
+        pipe.hgetall(keys.person_properties(project_id, str(person)))
+        pipe.hgetall(keys.person_property_times(project_id, str(person)))
+    got = pipe.execute() if ids else []
+    return {person: PersonProperties({k.decode(): orjson.loads(v) for k, v in values.items()},
+                                     {k.decode(): read_property_stamp(v) for k, v in stamps.items()})
+            for person, values, stamps in zip(ids, got[::2], got[1::2], strict=True)}
 
 
 def contributions(client: redis.Redis, project_id: int, definitions: dict[str, Definition],
-                  items: list[Occurrence], now: datetime) -> tuple[dict[str, str], dict[str, str]]:
-    """Fill each item's contributions; returns the flags of the definitions involved, and the
-    definitions that raised on an event (hash -> reason): those contribute nothing to this batch and
-    are to be failed, while the event still counts everywhere else."""
+                  items: list[Occurrence], now: datetime, skip: set[str] | None = None,
+                  before: dict[int, PersonProperties] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Fill each item's contributions (`skip`: uuids applied already, as `batch_effects` takes it);
+    returns the flags of the definitions involved, and the definitions that raised on an event
+    (hash -> reason): those contribute nothing to this batch and are to be failed, while the event
+    still counts everywhere else. `before` keeps the persons as they were before the batch, read
+    from Redis on the first call: planned again after its home part was applied (a shard refused
+    part of it), the batch must not see its own updates as if made before it."""
     if not definitions:
         return {}, {}
     active = list(definitions.items())
     failed: dict[str, str] = {}
     uses_person = any(d.uses_person for d in definitions.values())
-    snapshot: dict[str, dict[str, Any]] = {}
+    states: dict[int, PersonProperties] = {}
     if uses_person:
-        snapshot = person_snapshot(client, project_id, (i.distinct_id for i in items))
+        before = {} if before is None else before
+        missing = {i.person for i in items if i.person is not None and i.person not in before}
+        before.update(person_states(client, project_id, missing))
+        states = {p: PersonProperties(dict(s.values), dict(s.stamps)) for p, s in before.items()}
     nobody: dict[str, Any] = {}
+    taken: set[str] = set()
     for item in items:
         event = item.source
         person = nobody
-        if uses_person:  # only then does any definition read the person as the event leaves it
-            person = snapshot.setdefault(event.distinct_id, {})
-            _apply_person_update(person, event)
+        # Only then does any definition read the person, as the event leaves it: by the person the
+        # batch's links leave (so a $set through one of its distinct ids reaches the others), with
+        # updates applied in event-time order as Redis applies them (persons.lua). An event applied
+        # already (no person, in `skip`, or a second copy in the batch) counts for nothing and
+        # changes no one: Redis ignores its update too.
+        if uses_person and item.person is not None and item.uuid not in taken and not (skip and item.uuid in skip):
+            taken.add(item.uuid)
+            state = states[item.person]
+            state.apply(item.update, item.ts)
+            person = state.values
         found = []
         for h, definition in active:
             if failed and h in failed:

@@ -23,7 +23,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from dataflows.definitions import BackfillSink, BackfillSource, DefinitionCache, contributions, fail_definition
 from dataflows.kafka import EventsSource
 from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
-from dataflows.operators.persons import KnownPersons
+from dataflows.operators.persons import KnownPersons, PersonProperties
 from dataflows.operators.trends import trend_buckets
 from dataflows.operators.validate import Parsed, parse_record
 from dataflows.services import REDIS_DOWN, DeadLetters, Letter, wait_for_redis
@@ -52,7 +52,8 @@ def _record_id(topic_id: str, record: Record) -> str:
 class _Chunk:
     """One chunk of a batch on its way into Redis: the events per project still to apply, what
     earlier attempts learned (uuids applied already from another copy, shard fences of a replay,
-    parts applied), the parts planned last, and where the counted copies go."""
+    parts applied), the persons' properties before it, the parts planned last, and where the
+    counted copies go."""
 
     pending: dict[int, list[Occurrence]]
     counted: dict[int, list[tuple[str, int, int, int]]]
@@ -61,6 +62,7 @@ class _Chunk:
     fences: dict[int, dict[int, dict[int, int]]] = field(default_factory=lambda: defaultdict(dict))
     home_done: set[int] = field(default_factory=set)
     shards_done: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))
+    persons: dict[int, dict[int, PersonProperties]] = field(default_factory=lambda: defaultdict(dict))
 
     def __post_init__(self) -> None:
         self.pending = dict(self.pending)
@@ -245,7 +247,8 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         for pid, (generation, definitions) in current.items():
             if pid not in chunk.pending:
                 continue
-            flags, failed = contributions(self.client, pid, definitions, chunk.pending[pid], now)
+            flags, failed = contributions(self.client, pid, definitions, chunk.pending[pid], now, chunk.skip.get(pid),
+                                          chunk.persons[pid])
             for h, reason in failed.items():
                 self._fail(pid, h, reason)
             effects = batch_effects(chunk.pending[pid], self.firsts[pid], chunk.skip.get(pid), flags,

@@ -294,6 +294,11 @@ def person_properties(pid: int, person: int | str) -> str:
     return _k(pid, "person_properties", person)
 
 
+def person_property_times(pid: int, person: int | str) -> str:
+    """Hash: property -> when it last changed (codec: state/records.py)."""
+    return _k(pid, "person_property_times", person)
+
+
 def person_distinct_ids(pid: int, person: int | str) -> str:
     """Set of a person's distinct ids."""
     return _k(pid, "person_distinct_ids", person)

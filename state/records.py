@@ -8,7 +8,9 @@
 - first and last touches (`fb:<day>` hash values): JSON `[person, first ms, first value, last ms,
   last value]`;
 - path sessions (`ps:<day>` hash values): JSON list of sessions, each `[[ms...], [uuid...], [item...]]`;
-- first time per person and event (`fs:<event>` hash values): `ts_ms:hour:day`.
+- first time per person and event (`fs:<event>` hash values): `ts_ms:hour:day`;
+- person property times (`pt:<person>` hash values, written by persons.lua): `<ts>` set by `$set`,
+  `o<ts>` by `$set_once`, `u<ts>` unset.
 """
 
 from __future__ import annotations
@@ -146,3 +148,11 @@ def read_first_time(raw: bytes) -> tuple[int, int, str]:
     """A person's first event of a name: (ms, project-zone hour start, project-zone day YYYYMMDD)."""
     ts, hour, day = raw.decode().split(":")
     return int(ts), int(hour), day
+
+
+def read_property_stamp(raw: bytes) -> tuple[str, int]:
+    """(kind, ts_ms) of a person property time: kind `s` ($set), `o` ($set_once) or `u` (unset)."""
+    kind = raw[:1]
+    if kind in (b"o", b"u"):
+        return kind.decode(), int(raw[1:])
+    return "s", int(raw)

@@ -25,6 +25,35 @@ class PersonUpdate:
     unset: list[str]
 
 
+@dataclass(slots=True)
+class PersonProperties:
+    """A person's properties and when each last changed (`stamps`: key -> (kind, ts_ms), kind `s`
+    $set, `o` $set_once, `u` unset), so updates leave what applying them in event-time order
+    does, whatever order they come in and however often: the rule `apply_props` keeps in Redis
+    (state/lua/persons.lua). A resent or replayed old `$set` then changes nothing here either."""
+
+    values: dict[str, Any]
+    stamps: dict[str, tuple[str, int]]
+
+    def apply(self, update: PersonUpdate, ts: int) -> None:
+        values, stamps = self.values, self.stamps
+        for k, v in update.set.items():
+            kind, t = stamps.get(k, ("", 0))
+            if not kind or kind == "o" or t <= ts:
+                values[k] = v
+                stamps[k] = ("s", ts)
+        for k, v in update.set_once.items():
+            kind, t = stamps.get(k, ("", 0))
+            if not kind or (kind == "o" and ts < t) or (kind == "u" and ts > t):
+                values[k] = v
+                stamps[k] = ("o", ts)
+        for k in update.unset:
+            kind, t = stamps.get(k, ("", 0))
+            if not kind or kind == "o" or t <= ts:
+                values.pop(k, None)
+                stamps[k] = ("u", ts)
+
+
 NO_UPDATE = PersonUpdate(None, None, {}, {}, [])  # shared: nothing reads an update to change it
 LINKING = ("$identify", "$create_alias", "$merge_dangerously")
 

@@ -7,6 +7,7 @@ backfill's)."""
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from typing import Any
 
@@ -15,8 +16,10 @@ import orjson
 import pytest
 import redis
 
+from dataflows.definitions import person_states
 from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
 from dataflows.operators.history_summaries import Summarised
+from dataflows.operators.persons import PersonProperties, person_update
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import connect
@@ -194,6 +197,32 @@ def test_person_properties_follow_event_time_not_arrival(client: redis.Redis) ->
     assert client.hgetall(keys.person_properties(project.id, person)) == {b"plan": b'"pro"', b"first": b'"early"'}
     project.apply([_event("p3", "a", 6000, properties={"$unset": ["plan"]})])
     assert client.hgetall(keys.person_properties(project.id, person)) == {b"first": b'"early"'}
+
+
+def test_the_workers_person_property_rule_leaves_what_redis_does(client: redis.Redis) -> None:
+    """Definitions reading person properties see the person as `PersonProperties` leaves it after
+    each event of a batch; that is what Redis holds after the same updates in any order (ties in
+    event time: the later to arrive wins). Resent copies change neither."""
+    rng = random.Random(3)
+    for trial in range(20):
+        project = Project(client)
+        updates = []
+        for i in range(rng.randrange(1, 12)):
+            props: dict[str, Any] = {}
+            for op in rng.sample(["$set", "$set_once", "$unset"], rng.randrange(1, 3)):
+                chosen = rng.sample(["plan", "seats", "ref"], rng.randrange(1, 3))
+                props[op] = chosen if op == "$unset" else {k: f"{k}{i}" for k in chosen}
+            updates.append((f"t{trial}-{i}", rng.randrange(1, 6) * 1000, props))
+        updates += rng.sample(updates, min(3, len(updates)))  # resent copies, later in the stream
+        worker = PersonProperties({}, {})
+        sent: set[str] = set()
+        for uuid, ts, props in updates:
+            if uuid not in sent:  # a resend: Redis refuses it, `contributions` skips it
+                sent.add(uuid)
+                worker.apply(person_update(TopicEvent(uuid, "view", "a", ts, props)), ts)
+                project.apply([_event(uuid, "a", ts, properties=props)])
+        person = int(project.person("a"))
+        assert person_states(client, project.id, [person])[person] == worker, updates
 
 
 def test_a_merge_combines_person_properties_by_event_time_whoever_survives(client: redis.Redis) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from dataflows.operators.persons import person_update
+from dataflows.operators.persons import PersonProperties, PersonUpdate, person_update
 from dataflows.operators.trends import trend_buckets
 from dataflows.operators.validate import parse_record
 from schemas.dates import zone
@@ -29,6 +29,22 @@ def test_identify_alias_merge_links() -> None:
     assert self_link.link_kind is None
     plain = person_update(_event({"event": "$pageview", "properties": {"$set_once": {"a": 1}, "$unset": ["b"]}}))
     assert plain.link_kind is None and plain.set_once == {"a": 1} and plain.unset == ["b"]
+
+
+def test_person_properties_apply_updates_in_event_time_order() -> None:
+    """Whatever the arrival order: the later `$set`/`$unset` wins, the earlier `$set_once` wins, a
+    `$set` beats a `$set_once`, and an old update arriving late changes nothing newer."""
+    person = PersonProperties({}, {})
+    person.apply(PersonUpdate(None, None, {"plan": "pro"}, {"source": "seo"}, []), 5000)
+    person.apply(PersonUpdate(None, None, {"plan": "free"}, {"source": "ads"}, []), 1000)  # late, older
+    assert person.values == {"plan": "pro", "source": "ads"}
+    person.apply(PersonUpdate(None, None, {}, {}, ["plan"]), 4000)  # older than the $set: ignored
+    assert person.values == {"plan": "pro", "source": "ads"}
+    person.apply(PersonUpdate(None, None, {"source": "direct"}, {}, ["plan"]), 6000)
+    assert person.values == {"source": "direct"}
+    person.apply(PersonUpdate(None, None, {}, {"plan": "trial", "source": "x"}, []), 7000)  # after the unset
+    assert person.values == {"source": "direct", "plan": "trial"}
+    assert person.stamps == {"plan": ("o", 7000), "source": ("s", 6000)}
 
 
 def test_trend_buckets_follow_project_zone() -> None:

@@ -38,7 +38,7 @@ from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
 from schemas.registered import load_definition
 from schemas.settings import Settings
 from state import keys
-from state.archive import HOT_PROPERTIES, Archive, contiguous, hot_in_json_only, iter_events, partition_rows
+from state.archive import HOT_PROPERTIES, Archive, contiguous, iter_events, partition_rows
 from state.connection import claim_state_shards, connect
 from state.records import read_property_stamp
 from state.registry import DefinitionRegistry, ProjectCache, Registry
@@ -368,15 +368,11 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
         The fences are read first, so every event below them is in the table."""
         if self._read is None or self._read[0] != (project_id, h):
             assert self.archive is not None
-            names = definition.event_names()
             fences = self.archive.fences(project_id)
-            wanted = definition.event_keys()
             kept = [] if isinstance(definition, Definition) else ["uuid"]  # kept events name their uuid
-            columns = ["topic", "partition", "offset", "person", "event", "timestamp", *kept, *sorted(wanted & HOT)]
-            hot = wanted & HOT
-            table = self.archive.event_rows(project_id, names, [*columns, *(["hot_in_json_only"] if hot else [])])
-            if wanted - HOT or (any(table.column(k).null_count for k in hot) and hot_in_json_only(table, hot)):
-                table = self.archive.event_rows(project_id, names, [*columns, "properties"])  # some need the JSON
+            table = self.archive.definition_rows(project_id, definition.event_names(), definition.event_keys(),
+                                                 ["topic", "partition", "offset", "person", "event", "timestamp",
+                                                  *kept])
             self._read = ((project_id, h), fences, contiguous(table))
         return self._read[1], self._read[2]
 

@@ -26,6 +26,7 @@ from serving.errors import (
     http_error_handler,
     request_validation_handler,
 )
+from state.archive import Archive
 from state.connection import connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
 from state.stream import Stream
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = connect(settings.redis_url)
         app.state.settings = settings
+        app.state.archive = Archive(settings.archive_dir) if settings.archive_dir else None  # read only
         app.state.computations = Computations(settings.redis_url, settings.query_workers, settings.query_timeout_s,
                                               settings.summary_cache_mb)
         app.state.redis = client

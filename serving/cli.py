@@ -381,7 +381,7 @@ class Supervisor:
             self._record(managed)
         topic = os.environ.get("INSIGHTFLOW_TOPIC", "events")
         self.env = {"INSIGHTFLOW_REDIS_URL": redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": bootstrap,
-                    "INSIGHTFLOW_TOPIC": topic}
+                    "INSIGHTFLOW_TOPIC": topic, "INSIGHTFLOW_ARCHIVE_DIR": str(stack.archive_dir(self.data_dir))}
         self.topics = [topic, os.environ.get("INSIGHTFLOW_DLQ_TOPIC", f"{topic}_dlq")]
         self._create_topics()
         self._say_if_topic_new(redis_url)

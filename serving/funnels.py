@@ -12,9 +12,10 @@ step-matching operator per actor with the requested window, order type and break
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,9 @@ import pyarrow.compute as pc
 import redis
 
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
-from dataflows.operators.funnel_correlation import CorrelationEvents, event_correlation
+from dataflows.operators.funnel_correlation import CorrelationEvents, correlation_columns, event_correlation
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts, step_bits
+from dataflows.operators.history import kept_values
 from dataflows.operators.history_summaries import flat
 from dataflows.operators.summaries import PersonSummary, summarise_groups, unusable
 from schemas.dates import QueryDateRange, bucket_label, day_keys, day_string, start_of_interval, zone
@@ -37,6 +39,7 @@ from serving.compute import Computation, no_collection
 from serving.people import person_details
 from serving.trends import quantile
 from state import keys
+from state.archive import HOT_PROPERTIES, Archive
 from state.records import read_attempt_rows, read_day_event, read_day_rows, read_person_events, read_touches
 from state.summaries import SUMMARIES, SummaryStore
 
@@ -583,20 +586,9 @@ def _event_columns(raws: list[bytes], merged: dict[int, int], low: float, high: 
     """A funnel's kept day rows (`person|ts|uuid|value`, state/records.py) as columns, merged
     persons as the person they became, only those in [low, high] ms; None if one hit an exclusion."""
     persons, stamps, uuids, payloads = read_day_rows(raws)
-    if merged:
-        found, back = np.unique(persons, return_inverse=True)
-        persons = np.array([merged.get(p, p) for p in found.tolist()], dtype=np.int64)[back]
-    keep = np.flatnonzero((stamps >= low) & (stamps <= high))
-    values = flat(pc.dictionary_encode(payloads.take(pa.array(keep))))
-    kept = [read_kept(v) for v in values.dictionary.to_pylist()]
-    if any(k.excluded for k in kept):
-        return None
-    names = sorted({k.name for k in kept})
-    name_index = {name: i for i, name in enumerate(names)}
-    codes = values.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    return CorrelationEvents(persons[keep], stamps[keep], uuids.take(pa.array(keep)),
-                             np.array([k.steps for k in kept], dtype=np.int64)[codes],
-                             np.array([name_index[k.name] for k in kept], dtype=np.int64)[codes], names)
+    values = flat(pc.dictionary_encode(payloads))
+    return correlation_columns(persons, stamps, uuids, values.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+                               values.dictionary.to_pylist(), merged, low, high)
 
 
 def _counted_by_person(query: FunnelQuery, request: CorrelationRequest, person_properties: Any, step_names: set[Any]
@@ -639,13 +631,16 @@ def _counted_by_person(query: FunnelQuery, request: CorrelationRequest, person_p
     return len(success), len(failure), counts
 
 
-def correlation(query: FunnelQuery, request: CorrelationRequest, person_properties: Any) -> dict[str, Any]:
-    """Which events or properties go with converting (§8.3): +1-smoothed odds ratios, top 10 each side."""
+def correlation(query: FunnelQuery, request: CorrelationRequest, person_properties: Any,
+                columns: CorrelationEvents | None = None) -> dict[str, Any]:
+    """Which events or properties go with converting (§8.3): +1-smoothed odds ratios, top 10 each side.
+    `columns`: the funnel's kept events read already (from the archive)."""
     funnel_request = query.request
     step_names = {e.id for e in funnel_request.entities if e.id is not None}
     window = funnel_request.window_s
     date_to = query.range.date_to.timestamp()
-    columns = query.correlation_events() if request.kind == "events" else None
+    if columns is None and request.kind == "events":
+        columns = query.correlation_events()
     if columns is not None:
         ignored = {n for n in step_names if isinstance(n, str)} | set(request.exclude_event_names)
         _, lo_ms, hi_ms = query._bounds_ms
@@ -673,13 +668,56 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
 
 
 class CorrelationQuery(Computation):
-    """Funnel correlation as a query like the others: the funnel's definitions, then `correlation`."""
+    """Funnel correlation as a query like the others: the funnel's definitions, then `correlation`.
 
-    def __init__(self, funnel_query: FunnelQuery, wanted: CorrelationRequest) -> None:
+    Event correlation of an ordered funnel that reads only the event (no exclusions, first-time
+    steps or person properties) is answered from the event archive's columns when the archive holds
+    every event state counted: nothing is registered, so there is no definition keeping every event
+    of the project in Redis to build first, and no million rows read back from Redis per query. The
+    funnel's kept values come from its own `contribution` over the archived columns, as a backfill
+    computes them (dataflows/operators/history.py), and the archive holds the copy state counted,
+    with the person it counted it for, so the numbers are those of the registered path."""
+
+    def __init__(self, funnel_query: FunnelQuery, wanted: CorrelationRequest, archive: Archive | None = None) -> None:
         self.funnel, self.wanted, self.request = funnel_query, wanted, funnel_query.request
+        self.redis, self.project = funnel_query.redis, funnel_query.project
+        complete = archive is not None and self._by_columns() and self._archive_complete(archive)
+        self.archive = archive if complete else None
+
+    def _by_columns(self) -> bool:
+        request, definition = self.request, self.request.definition
+        return (self.wanted.kind == "events" and request.order == "ordered" and not definition.exclusions
+                and not request.first_time_steps and definition.columnar)
+
+    def _archive_complete(self, archive: Archive) -> bool:
+        """Whether the archive holds every event the project's state counted. State counts a batch
+        before the archive takes it, so a batch in between is waited for briefly; a project whose
+        history predates its archive never passes (the registered path answers it)."""
+        counted = self.state.events_counted(self.project.id)
+        for attempt in range(5):
+            if archive.rows(self.project.id) >= counted:
+                return True
+            time.sleep(0.02 * (attempt + 1))
+        return False
 
     def definitions(self) -> list[Any]:
-        return self.funnel.definitions()
+        return [] if self.archive is not None else self.funnel.definitions()
+
+    def _archived_events(self, archive: Archive) -> CorrelationEvents:
+        funnel = self.funnel
+        definition = self.request.definition
+        days = funnel._days()
+        first, last = (date.fromisoformat(f"{d[:4]}-{d[4:6]}-{d[6:]}") for d in (days[0], days[-1]))
+        table = archive.definition_rows(self.project.id, definition.event_names(), definition.event_keys(),
+                                        ["person", "event", "timestamp", "uuid"],
+                                        (first - timedelta(days=1), last + timedelta(days=1)))  # a zone moved since
+        table, codes, values = kept_values(definition, table, datetime.now(UTC), set(HOT_PROPERTIES))
+        _, low, high = funnel._bounds_ms
+        found = correlation_columns(table.column("person").to_numpy(), table.column("timestamp").to_numpy(),
+                                    flat(table.column("uuid")), codes, values, funnel.state.overrides.final, low, high)
+        if found is None:  # no exclusions: no kept event can hit one
+            raise RuntimeError("an archived event hit an exclusion of a funnel without exclusions")
+        return found
 
     def run(self) -> dict[str, Any]:
         funnel = self.funnel
@@ -687,4 +725,5 @@ class CorrelationQuery(Computation):
         def person_properties(persons: list[str]) -> dict[str, dict[str, Any]]:
             return {str(p["id"]): p["properties"] for p in person_details(funnel.redis, funnel.project.id, persons)}
 
-        return correlation(funnel, self.wanted, person_properties)
+        columns = self._archived_events(self.archive) if self.archive is not None else None
+        return correlation(funnel, self.wanted, person_properties, columns)

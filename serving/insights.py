@@ -186,7 +186,7 @@ def build_query(state: Any, project: Project, kind: str, data: dict[str, Any], n
         parsed = parse_funnel_request(funnel, project.id, project.timezone, project.test_account_filters, body,
                                       correlation_events=wanted.event_names if wanted else None)
         query = FunnelQuery(redis, project, parsed, now)
-        return CorrelationQuery(query, wanted) if wanted else query
+        return CorrelationQuery(query, wanted, state.archive) if wanted else query
     if kind == "RETENTION":
         return RetentionQuery(redis, project, parse_retention_request(data, project.test_account_filters), now)
     if kind == "PATHS":

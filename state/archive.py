@@ -426,6 +426,25 @@ class Archive:
         particular order: read once for a backfill over every topic partition (`partition_rows`)."""
         return self._read(project_id, columns, [("event", "in", events)] if events else None)
 
+    def definition_rows(self, project_id: int, names: list[str] | None, wanted: set[str], columns: list[str],
+                        days: tuple[date, date] | None = None) -> pa.Table:
+        """The archived rows a definition reads: its event names (None: all), `columns`, the hot
+        properties among `wanted` (the properties it reads) as their own columns, and the JSON too
+        when a wanted property may be held there alone (not hot, or in some row not text:
+        `hot_in_json_only`); only the project-zone days in `days` (first, last) if given."""
+        hot = wanted & set(HOT_PROPERTIES)
+        read = [*columns, *sorted(hot)]
+        filters = ([("event", "in", names)] if names else []) + (
+            [("day", ">=", days[0]), ("day", "<=", days[1])] if days else [])
+        table = self._read(project_id, [*read, *(["hot_in_json_only"] if hot else [])], filters or None)
+        if wanted - hot or (any(table.column(k).null_count for k in hot) and hot_in_json_only(table, hot)):
+            table = self._read(project_id, [*read, "properties"], filters or None)  # some need the JSON
+        return table
+
+    def rows(self, project_id: int) -> int:
+        """How many events of the project the archive holds (from its manifests)."""
+        return sum(s.rows for m in self._manifests(project_id) for s in m.segments)
+
     def events(self, project_id: int) -> pa.Table:
         """Every archived event of the project, in time order."""
         return self._read(project_id).sort_by([("timestamp", "ascending"), ("uuid", "ascending")])

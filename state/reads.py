@@ -125,6 +125,14 @@ class StateReader:
     def event_names(self, pid: int) -> list[str]:
         return sorted(m.decode() for m in self.redis.smembers(keys.event_names(pid)))
 
+    def events_counted(self, pid: int) -> int:
+        """How many events the project's always-on state counted (its day counts, every name and shard)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in self.event_names(pid):
+            for key in self._each(keys.day_counts(pid, name)):
+                pipe.hvals(key)
+        return sum(int(v) for values in pipe.execute() for v in values)
+
     def earliest_ms(self, pid: int) -> int | None:
         """The earliest event time applied to the project (for `date_from=all`)."""
         raw = self.redis.hget(keys.project_meta(pid), "earliest_ms")

@@ -130,7 +130,8 @@ def running(services: Services) -> Iterator[Stack]:
     from state.topics import ensure_topics
 
     env = {"INSIGHTFLOW_REDIS_URL": services.redis_url, "INSIGHTFLOW_KAFKA_BOOTSTRAP": services.bootstrap,
-           "INSIGHTFLOW_TOPIC": "events", "INSIGHTFLOW_TEST_CLOCK": "1", "INSIGHTFLOW_PARTITIONS": "4"}
+           "INSIGHTFLOW_TOPIC": "events", "INSIGHTFLOW_TEST_CLOCK": "1", "INSIGHTFLOW_PARTITIONS": "4",
+           "INSIGHTFLOW_ARCHIVE_DIR": str(stack.archive_dir(services.workdir))}  # the dataflow writes, the API reads
     ensure_topics(services.bootstrap, ["events", "events_dlq"], 4)
     logs = services.workdir / "logs"
     recovery = services.workdir / "recovery"

@@ -20,6 +20,7 @@ import pyarrow as pa
 from dataflows.operators.funnel_attempts import best_attempts
 from dataflows.operators.funnels import StepEvent, funnel, step_bits
 from dataflows.operators.history_summaries import chains_by_columns, person_order
+from schemas.funnels import read_kept
 
 
 @dataclass
@@ -33,6 +34,31 @@ class CorrelationEvents:
     masks: np.ndarray
     name_of: np.ndarray
     names: list[str]
+
+
+def correlation_columns(persons: np.ndarray, stamps: np.ndarray, uuids: pa.Array, codes: np.ndarray,
+                        values: list[str | None], merged: dict[int, int], low: float, high: float
+                        ) -> CorrelationEvents | None:
+    """A correlation funnel's kept events as `CorrelationEvents`: row i kept `values[codes[i]]`
+    (None: nothing), merged persons read as the person they became, only rows in [low, high] ms.
+    None if a kept value hit an exclusion (the per-person path handles those)."""
+    if merged:
+        found, back = np.unique(persons, return_inverse=True)
+        persons = np.array([merged.get(p, p) for p in found.tolist()], dtype=np.int64)[back]
+    in_range = np.flatnonzero((stamps >= low) & (stamps <= high))
+    used = np.zeros(len(values) + 1, dtype=bool)
+    used[np.unique(codes[in_range])] = True
+    kept = [read_kept(v) if v is not None and used[i] else None for i, v in enumerate(values)]
+    if any(k is not None and k.excluded for k in kept):
+        return None
+    has = np.array([k is not None for k in kept] + [False], dtype=bool)
+    rows = in_range[has[codes[in_range]]]
+    names = sorted({k.name for k in kept if k is not None})
+    name_index = {name: i for i, name in enumerate(names)}
+    masks = np.array([k.steps if k is not None else 0 for k in kept] + [0], dtype=np.int64)
+    name_of = np.array([name_index[k.name] if k is not None else -1 for k in kept] + [-1], dtype=np.int64)
+    code = codes[rows]
+    return CorrelationEvents(persons[rows], stamps[rows], uuids.take(pa.array(rows)), masks[code], name_of[code], names)
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,14 @@ def _evaluated(definition: Any, table: pa.Table, now: datetime, hot: set[str]
     return table, codes, [definition.contribution(inputs[0], _properties(keys, inputs), {}, now) for inputs in found]
 
 
+def kept_values(definition: Any, table: pa.Table, now: datetime, hot: set[str]
+                ) -> tuple[pa.Table, np.ndarray, list[str | None]]:
+    """The rows of a funnel's event names, each row's distinct input, and what the funnel keeps of
+    each distinct input (its kept value as the live batch writes it; None: it keeps nothing)."""
+    table, codes, hits = _evaluated(definition, table, now, hot)
+    return table, codes, [hit[1] if hit is not None else None for hit in hits]
+
+
 @dataclass
 class KeptHistory:
     """What archived events add to a definition that keeps events, in one state shard: per day the

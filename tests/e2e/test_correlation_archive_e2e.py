@@ -1,0 +1,107 @@
+"""Event correlation answered from the event archive's columns (serving/funnels.py CorrelationQuery):
+nothing is registered, and the answer equals the registered path's, which an API without the archive,
+or with an archive that lacks the project's history, takes instead."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serving import stack
+from state.registry import DefinitionRegistry
+from tests.conftest import ProjectHandle, Stack, make_project
+
+BASE = datetime(2024, 6, 3, tzinfo=UTC)
+NOW = "2024-06-20T00:00:00Z"
+QUERY = {"events": [{"id": "$pageview", "order": 0}, {"id": "signed up", "order": 1}, {"id": "purchase", "order": 2}],
+         "date_from": "2024-06-04", "date_to": "2024-06-12", "funnel_window_interval": 3,
+         "funnel_window_interval_unit": "day", "funnel_correlation_type": "events"}
+
+
+def _history(rng: random.Random) -> list[dict[str, Any]]:
+    """Persons browsing, some signing up and buying; which side events they do leans on whether they
+    convert. Some start anonymous and are identified later (their persons merge), and some events lie
+    outside the range or the window."""
+    events: list[dict[str, Any]] = []
+
+    def add(name: str, who: str, at: datetime, **props: Any) -> None:
+        events.append({"event": name, "distinct_id": who, "uuid": str(uuid.uuid4()), "timestamp": at.isoformat(),
+                       "properties": {"$browser": rng.choice(["Chrome", "Safari"]), **props}})
+
+    for i in range(160):
+        who = f"anon-{i}" if i % 5 == 0 else f"u{i}"
+        start = BASE + timedelta(days=rng.randrange(12), minutes=rng.randrange(600))
+        add("$pageview", who, start, **{"$current_url": f"/p{i % 7}"})
+        buyer = rng.random() < 0.5
+        for k in range(rng.randrange(4)):
+            add(rng.choice(["read docs", "watched demo"] if buyer else ["saw pricing", "opened chat"]), who,
+                start + timedelta(minutes=5 + k))
+        if rng.random() < 0.8:
+            add("signed up", who, start + timedelta(minutes=30))
+        if i % 5 == 0:  # identified after the fact: the anonymous person merges into the user's
+            add("$identify", f"u{i}", start + timedelta(minutes=40), **{"$anon_distinct_id": who})
+            who = f"u{i}"
+        if buyer:
+            add("purchase", who, start + timedelta(hours=rng.choice([2, 30, 100])))  # 100 h: past the window
+        add("settings", who, start + timedelta(minutes=50))
+    rng.shuffle(events)
+    return sorted(events, key=lambda e: e["event"] == "$identify")  # identified last: two persons merge
+
+
+def _correlation(api_url: str, project: ProjectHandle, timeout: float = 60) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
+    return httpx.post(f"{api_url}/api/environments/{project.id}/insights/funnel/correlation/",
+                      json={**QUERY, "refresh": "blocking"}, headers=headers, timeout=timeout)
+
+
+@pytest.fixture
+def other_api(running: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A second API on the same state, whose archive is off ('') or an empty directory."""
+    port = stack.free_port()
+    archive = request.param if request.param == "" else str(tmp_path / "empty-archive")
+    api = stack.start_api(port, tmp_path, {**running.env, "INSIGHTFLOW_ARCHIVE_DIR": archive})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        api.stop()
+
+
+@pytest.mark.parametrize("other_api", ["", "empty"], indirect=True, ids=["archive off", "archive without history"])
+def test_event_correlation_from_the_archive_registers_nothing_and_equals_the_registered_path(
+        running: Stack, other_api: str) -> None:
+    project = make_project(running)
+    history = _history(random.Random(11))
+    identifies = [e for e in history if e["event"] == "$identify"]
+    assert project.capture(history[:-len(identifies)]).status_code == 200
+    running.wait_applied()
+    assert project.capture(identifies).status_code == 200
+    running.wait_applied()
+
+    archived = _correlation(running.api_url, project)
+    assert archived.status_code == 200, archived.text
+    assert DefinitionRegistry(running.redis).for_project(project.id) == {}  # nothing to build, nothing kept
+    rows = archived.json()["result"]["events"]
+    assert {r["event"]["event"] for r in rows} >= {"read docs", "saw pricing"}
+
+    registered = _correlation(other_api, project, timeout=120)
+    assert registered.status_code == 200, registered.text
+    assert len(DefinitionRegistry(running.redis).for_project(project.id)) == 1  # this one built its definition
+    assert registered.json()["result"] == archived.json()["result"]
+
+    # Later events reach both at once: the archive is written before a batch is recorded applied.
+    late = [{"event": "opened chat", "distinct_id": f"late{i}", "uuid": str(uuid.uuid4()),
+             "timestamp": (BASE + timedelta(days=5, minutes=i)).isoformat(), "properties": {}} for i in range(40)]
+    late += [{"event": "$pageview", "distinct_id": f"late{i}", "uuid": str(uuid.uuid4()),
+              "timestamp": (BASE + timedelta(days=5, minutes=i - 1)).isoformat(), "properties": {}} for i in range(40)]
+    assert project.capture(late).status_code == 200
+    running.wait_applied()
+    again = _correlation(running.api_url, project).json()["result"]
+    assert again != archived.json()["result"]
+    assert again == _correlation(other_api, project, timeout=120).json()["result"]

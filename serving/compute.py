@@ -79,6 +79,10 @@ class Computation:
             reader = self.__dict__["_state"] = StateReader(self.redis, self.project.id)
         return reader
 
+    def prepare(self) -> None:
+        """Blocking reads a query makes before `definitions()` can say what it reads; the API runs
+        it off the event loop (nothing to do for most queries)."""
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("redis", None)

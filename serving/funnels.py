@@ -667,6 +667,9 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
 
 
 
+ARCHIVE_CATCH_UP_S = 3.0  # how long a correlation waits for the archive to take what state counted
+
+
 class CorrelationQuery(Computation):
     """Funnel correlation as a query like the others: the funnel's definitions, then `correlation`.
 
@@ -681,24 +684,30 @@ class CorrelationQuery(Computation):
     def __init__(self, funnel_query: FunnelQuery, wanted: CorrelationRequest, archive: Archive | None = None) -> None:
         self.funnel, self.wanted, self.request = funnel_query, wanted, funnel_query.request
         self.redis, self.project = funnel_query.redis, funnel_query.project
-        complete = archive is not None and self._by_columns() and self._archive_complete(archive)
-        self.archive = archive if complete else None
+        self._candidate = archive if archive is not None and self._by_columns() else None
+        self.archive: Archive | None = None  # the archive answers: `prepare` found it complete
 
     def _by_columns(self) -> bool:
         request, definition = self.request, self.request.definition
         return (self.wanted.kind == "events" and request.order == "ordered" and not definition.exclusions
                 and not request.first_time_steps and definition.columnar)
 
-    def _archive_complete(self, archive: Archive) -> bool:
+    def prepare(self) -> None:
         """Whether the archive holds every event the project's state counted. State counts a batch
-        before the archive takes it, so a batch in between is waited for briefly; a project whose
-        history predates its archive never passes (the registered path answers it)."""
+        before the archive takes it, so the archive is given up to `ARCHIVE_CATCH_UP_S` to take the
+        batches counted when this began (a backlog's batch takes a second or two); a project whose
+        history predates its archive never passes, and its funnel is registered."""
+        if self._candidate is None or self.archive is not None:
+            return
         counted = self.state.events_counted(self.project.id)
-        for attempt in range(5):
-            if archive.rows(self.project.id) >= counted:
-                return True
-            time.sleep(0.02 * (attempt + 1))
-        return False
+        deadline = time.monotonic() + ARCHIVE_CATCH_UP_S
+        while True:
+            if self._candidate.rows(self.project.id) >= counted:
+                self.archive = self._candidate
+                return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def definitions(self) -> list[Any]:
         return [] if self.archive is not None else self.funnel.definitions()

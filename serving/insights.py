@@ -207,6 +207,7 @@ async def calculation(request: Request, project_id: str, kind: str, blocking: bo
         raise validation(exc.detail, exc.attr, exc.code) from exc
     except DateParseError as exc:
         raise validation(str(exc), exc.attr or "date_from") from exc
+    await asyncio.to_thread(query.prepare)
     waiting = await still_building(request, query, "blocking" if blocking else query.request.refresh)
     return query, data, project, waiting
 

@@ -9,6 +9,7 @@ and views are recorded per key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import UTC, datetime
 from typing import Any
@@ -85,6 +86,7 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
     if compute and filters and not insight.get("query"):
         try:
             query = _saved_query(state, project, filters, request)
+            await asyncio.to_thread(query.prepare)
             pending = await materialized(state.definitions, query.definitions(), refresh,
                                          state.settings.blocking_timeout_s)
             if pending is None:
@@ -135,6 +137,7 @@ async def _register(request: Request, project: Project, insight: dict[str, Any])
         return
     state = request.app.state
     query = _saved_query(state, project, filters, request)  # checked before the write
+    await asyncio.to_thread(query.prepare)
     try:
         await materialized(state.definitions, query.definitions(), "", 0)
     except ApiError as exc:

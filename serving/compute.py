@@ -83,6 +83,10 @@ class Computation:
         """Blocking reads a query makes before `definitions()` can say what it reads; the API runs
         it off the event loop (nothing to do for most queries)."""
 
+    def answers_while_building(self) -> bool:
+        """Whether it answers now though its definitions are still being built (from the archive)."""
+        return False
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("redis", None)

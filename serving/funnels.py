@@ -24,7 +24,12 @@ import pyarrow.compute as pc
 import redis
 
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, entrances, outcomes
-from dataflows.operators.funnel_correlation import CorrelationEvents, correlation_columns, event_correlation
+from dataflows.operators.funnel_correlation import (
+    CorrelationEvents,
+    column_outcomes,
+    correlation_columns,
+    event_correlation,
+)
 from dataflows.operators.funnels import FunnelResult, StepEvent, funnel, ordered_attempts, step_bits
 from dataflows.operators.history import kept_values
 from dataflows.operators.history_summaries import flat
@@ -40,7 +45,9 @@ from serving.people import person_details
 from serving.trends import quantile
 from state import keys
 from state.archive import HOT_PROPERTIES, Archive
+from state.reads import StateReader
 from state.records import read_attempt_rows, read_day_event, read_day_rows, read_person_events, read_touches
+from state.registry import DefinitionRegistry
 from state.summaries import SUMMARIES, SummaryStore
 
 OTHER = "Other"
@@ -96,9 +103,37 @@ def rank_breakdown_groups(reached: dict[tuple[str, ...], Any], steps: int) -> li
     return sorted(reached, key=key)
 
 
+ARCHIVE_CATCH_UP_S = 3.0  # how long a query waits for the archive to take what state counted
+
+
+def archive_complete(archive: Archive, state: StateReader, project_id: int) -> bool:
+    """Whether the archive holds every event the project's state counted (the archive then answers
+    exactly what state would). State counts a batch before the archive takes it, so the archive is
+    given up to `ARCHIVE_CATCH_UP_S` to take the batches counted when this began (a backlog's batch
+    takes a second or two); a project whose history predates its archive never passes."""
+    counted = state.events_counted(project_id)
+    deadline = time.monotonic() + ARCHIVE_CATCH_UP_S
+    while archive.rows(project_id) < counted:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 class FunnelQuery(Computation):
-    def __init__(self, client: redis.Redis, project: Project, request: FunnelRequest, now: datetime) -> None:
+    """A funnel. An ordered funnel not broken down that reads only the event is answered from the
+    event archive's columns while its definition is still being built (the first ask of a new
+    funnel): the same attempt rule over the same events, so the same numbers, without waiting for
+    the definition's backfill and summaries; once it is ready, its summaries answer."""
+
+    def __init__(self, client: redis.Redis, project: Project, request: FunnelRequest, now: datetime,
+                 archive: Archive | None = None) -> None:
         self.redis, self.project, self.request = client, project, request
+        definition = request.definition
+        by_columns = (definition.summaries and definition.breakdown is None and definition.columnar
+                      and request.viz in ("steps", "time_to_convert"))
+        self._candidate = archive if by_columns else None
+        self.archive: Archive | None = None  # answers from the archive: `prepare` found it complete
         self.tz = zone(project.timezone)
         interval = request.interval if request.viz == "trends" else "day"
         if interval not in ("hour", "day", "week", "month"):
@@ -120,6 +155,33 @@ class FunnelQuery(Computation):
 
     def definitions(self) -> list[Any]:
         return [self.request.definition]
+
+    def prepare(self) -> None:
+        if self._candidate is None or self.archive is not None:
+            return
+        status, _ = DefinitionRegistry(self.redis).status(self.project.id, self.request.definition.hash)
+        if status != "ready" and archive_complete(self._candidate, self.state, self.project.id):
+            self.archive = self._candidate
+
+    def answers_while_building(self) -> bool:
+        return self.archive is not None
+
+    def archived_events(self, archive: Archive) -> CorrelationEvents:
+        """The funnel's kept events in the range, from the archive's columns: its own `contribution`
+        evaluated once per distinct input as a backfill does, merged persons as the person they became."""
+        definition = self.request.definition
+        days = self._days()
+        first, last = (date.fromisoformat(f"{d[:4]}-{d[4:6]}-{d[6:]}") for d in (days[0], days[-1]))
+        table = archive.definition_rows(self.project.id, definition.event_names(), definition.event_keys(),
+                                        ["person", "event", "timestamp", "uuid"],
+                                        (first - timedelta(days=1), last + timedelta(days=1)))  # a zone moved since
+        table, codes, values = kept_values(definition, table, datetime.now(UTC), set(HOT_PROPERTIES))
+        _, low, high = self._bounds_ms
+        found = correlation_columns(table.column("person").to_numpy(), table.column("timestamp").to_numpy(),
+                                    flat(table.column("uuid")), codes, values, self.state.overrides.final, low, high)
+        if found is None:  # no exclusions: no kept event can hit one
+            raise RuntimeError("an archived event hit an exclusion of a funnel without exclusions")
+        return found
 
     # --- state -----------------------------------------------------------------------------------
     def actors(self) -> dict[str, list[StepEvent]]:
@@ -303,6 +365,10 @@ class FunnelQuery(Computation):
 
     def outcome_groups(self) -> list[tuple[tuple[str, ...], Outcomes]]:
         """Per breakdown group, each actor's steps reached and attempt times."""
+        if self.archive is not None:
+            _, low, high = self._bounds_ms
+            events = self.archived_events(self.archive)
+            return [((), column_outcomes(events, self.steps, self.request.window_s, low, high))]
         if self.summarised:
             return self._summarised_outcomes()
         return [(value, _outcomes(actors, self.steps)) for value, actors in self.groups()]
@@ -667,9 +733,6 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
 
 
 
-ARCHIVE_CATCH_UP_S = 3.0  # how long a correlation waits for the archive to take what state counted
-
-
 class CorrelationQuery(Computation):
     """Funnel correlation as a query like the others: the funnel's definitions, then `correlation`.
 
@@ -693,40 +756,12 @@ class CorrelationQuery(Computation):
                 and not request.first_time_steps and definition.columnar)
 
     def prepare(self) -> None:
-        """Whether the archive holds every event the project's state counted. State counts a batch
-        before the archive takes it, so the archive is given up to `ARCHIVE_CATCH_UP_S` to take the
-        batches counted when this began (a backlog's batch takes a second or two); a project whose
-        history predates its archive never passes, and its funnel is registered."""
-        if self._candidate is None or self.archive is not None:
-            return
-        counted = self.state.events_counted(self.project.id)
-        deadline = time.monotonic() + ARCHIVE_CATCH_UP_S
-        while True:
-            if self._candidate.rows(self.project.id) >= counted:
-                self.archive = self._candidate
-                return
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(0.05)
+        if self._candidate is not None and self.archive is None and archive_complete(
+                self._candidate, self.state, self.project.id):
+            self.archive = self._candidate
 
     def definitions(self) -> list[Any]:
         return [] if self.archive is not None else self.funnel.definitions()
-
-    def _archived_events(self, archive: Archive) -> CorrelationEvents:
-        funnel = self.funnel
-        definition = self.request.definition
-        days = funnel._days()
-        first, last = (date.fromisoformat(f"{d[:4]}-{d[4:6]}-{d[6:]}") for d in (days[0], days[-1]))
-        table = archive.definition_rows(self.project.id, definition.event_names(), definition.event_keys(),
-                                        ["person", "event", "timestamp", "uuid"],
-                                        (first - timedelta(days=1), last + timedelta(days=1)))  # a zone moved since
-        table, codes, values = kept_values(definition, table, datetime.now(UTC), set(HOT_PROPERTIES))
-        _, low, high = funnel._bounds_ms
-        found = correlation_columns(table.column("person").to_numpy(), table.column("timestamp").to_numpy(),
-                                    flat(table.column("uuid")), codes, values, funnel.state.overrides.final, low, high)
-        if found is None:  # no exclusions: no kept event can hit one
-            raise RuntimeError("an archived event hit an exclusion of a funnel without exclusions")
-        return found
 
     def run(self) -> dict[str, Any]:
         funnel = self.funnel
@@ -734,5 +769,5 @@ class CorrelationQuery(Computation):
         def person_properties(persons: list[str]) -> dict[str, dict[str, Any]]:
             return {str(p["id"]): p["properties"] for p in person_details(funnel.redis, funnel.project.id, persons)}
 
-        columns = self._archived_events(self.archive) if self.archive is not None else None
+        columns = funnel.archived_events(self.archive) if self.archive is not None else None
         return correlation(funnel, self.wanted, person_properties, columns)

@@ -100,8 +100,10 @@ async def insight_request(request: Request, project_id: str) -> tuple[dict[str, 
 async def still_building(request: Request, query: Any, refresh: str) -> Response | None:
     """None once every definition the query reads is built; else the 202 progress answer."""
     state = request.app.state
-    pending = await materialized(state.definitions, query.definitions(), refresh, state.settings.blocking_timeout_s)
-    if pending is None:
+    meanwhile = query.answers_while_building()  # registered all the same, built in the background
+    pending = await materialized(state.definitions, query.definitions(), "" if meanwhile else refresh,
+                                 state.settings.blocking_timeout_s)
+    if pending is None or meanwhile:
         return None
     return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
 
@@ -185,7 +187,7 @@ def build_query(state: Any, project: Project, kind: str, data: dict[str, Any], n
         funnel = {**data, "insight": "FUNNELS", **({"funnel_viz_type": "steps"} if wanted else {})}
         parsed = parse_funnel_request(funnel, project.id, project.timezone, project.test_account_filters, body,
                                       correlation_events=wanted.event_names if wanted else None)
-        query = FunnelQuery(redis, project, parsed, now)
+        query = FunnelQuery(redis, project, parsed, now, state.archive)
         return CorrelationQuery(query, wanted, state.archive) if wanted else query
     if kind == "RETENTION":
         return RetentionQuery(redis, project, parse_retention_request(data, project.test_account_filters), now)

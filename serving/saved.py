@@ -87,9 +87,10 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
         try:
             query = _saved_query(state, project, filters, request)
             await asyncio.to_thread(query.prepare)
-            pending = await materialized(state.definitions, query.definitions(), refresh,
+            meanwhile = query.answers_while_building()
+            pending = await materialized(state.definitions, query.definitions(), "" if meanwhile else refresh,
                                          state.settings.blocking_timeout_s)
-            if pending is None:
+            if pending is None or meanwhile:
                 shape = orjson.dumps(filters, option=orjson.OPT_SORT_KEYS).decode()
                 key = "\x00".join(("saved", str(project.id), shape, request.headers.get("x-insightflow-now", "")))
                 result = await state.computations.run(query, "run", key=key)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from dataflows.operators.funnel_attempts import best_attempts
+from dataflows.operators.funnel_attempts import Outcomes, best_attempts, outcomes
 from dataflows.operators.funnels import StepEvent, funnel, step_bits
 from dataflows.operators.history_summaries import chains_by_columns, person_order
 from schemas.funnels import read_kept
@@ -71,37 +71,46 @@ class Counted:
     by_name: dict[str, tuple[int, int]]
 
 
+def column_outcomes(events: CorrelationEvents, steps: int, window_s: float, lo_ms: int, hi_ms: int) -> Outcomes:
+    """Each person's counted attempt (steps reached, step times in seconds) from a funnel's kept
+    events already in [lo_ms, hi_ms]: the attempt chains of all persons at once, and the UDF itself
+    for persons with two step events at one instant. Persons who reach no step are left out."""
+    if not len(events.persons):
+        return Outcomes(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, steps)))
+    order, position = person_order(events.persons, events.stamps, events.uuids)
+    p, t, masks = events.persons[order], events.stamps[order], events.masks[order]
+    starts, chains, irregular = chains_by_columns(p, t, position, masks, steps, set())
+    who, reached, rows = best_attempts(p[starts], chains, int(window_s * 1000), lo_ms, hi_ms)
+    fast = outcomes(who, reached, rows.reshape(-1, steps))
+    if not irregular:
+        return fast
+    mine = np.flatnonzero(np.isin(p, np.array(sorted(irregular), dtype=np.int64)))
+    uuids = events.uuids.take(pa.array(order[mine])).to_pylist()
+    by_person: dict[int, list[StepEvent]] = {}
+    for person, ts, uuid, mask in zip(p[mine].tolist(), t[mine].tolist(), uuids, masks[mine].tolist(), strict=True):
+        by_person.setdefault(person, []).append(StepEvent(ts / 1000, uuid, step_bits(mask)))
+    extra = [(person, result) for person, found in by_person.items()
+             if (result := funnel(found, steps, window_s, "ordered")) is not None and result.steps_reached]
+    if not extra:
+        return fast
+    times = np.full((len(extra), steps), np.nan)
+    for i, (_, result) in enumerate(extra):
+        times[i, :len(result.timestamps)] = result.timestamps
+    return Outcomes(np.concatenate([fast.persons, np.array([person for person, _ in extra], dtype=np.int64)]),
+                    np.concatenate([fast.reached, np.array([r.steps_reached for _, r in extra], dtype=np.int64)]),
+                    np.concatenate([fast.times, times]))
+
+
 def event_correlation(events: CorrelationEvents, steps: int, window_s: float, lo_ms: int, hi_ms: int,
                       date_to_s: float, ignored: set[str]) -> Counted:
     """The counts `correlation` ranks, for `events` already in [lo_ms, hi_ms]; `ignored`: names not
     counted (the steps' and the request's excluded ones)."""
     if not len(events.persons):
         return Counted(0, 0, {})
-    order, position = person_order(events.persons, events.stamps, events.uuids)
-    p, t, masks = events.persons[order], events.stamps[order], events.masks[order]
-    starts, chains, irregular = chains_by_columns(p, t, position, masks, steps, set())
-    who, reached, times = best_attempts(p[starts], chains, int(window_s * 1000), lo_ms, hi_ms)
-    times = times.reshape(-1, steps)
-    first, converted = times[:, 0] / 1000, reached == steps
-    last = np.where(converted, times[:, -1] / 1000, np.minimum(first + window_s, date_to_s))
-    if irregular:  # the UDF itself over each such person's events
-        mine = np.flatnonzero(np.isin(p, np.array(sorted(irregular), dtype=np.int64)))
-        uuids = events.uuids.take(pa.array(order[mine])).to_pylist()
-        by_person: dict[int, list[StepEvent]] = {}
-        for person, ts, uuid, mask in zip(p[mine].tolist(), t[mine].tolist(), uuids, masks[mine].tolist(),
-                                          strict=True):
-            by_person.setdefault(person, []).append(StepEvent(ts / 1000, uuid, step_bits(mask)))
-        extra = [(person, result) for person, found in by_person.items()
-                 if (result := funnel(found, steps, window_s, "ordered")) is not None and result.steps_reached]
-        if extra:
-            stamps = [r.timestamps for _, r in extra]
-            done = np.array([r.steps_reached == steps for _, r in extra])
-            starts_s = np.array([s[0] for s in stamps])
-            ends_s = np.array([s[-1] if d else min(s[0] + window_s, date_to_s)
-                               for s, d in zip(stamps, done, strict=True)])
-            who = np.concatenate([who, np.array([person for person, _ in extra], dtype=np.int64)])
-            converted = np.concatenate([converted, done])
-            first, last = np.concatenate([first, starts_s]), np.concatenate([last, ends_s])
+    counted_attempts = column_outcomes(events, steps, window_s, lo_ms, hi_ms)
+    who, converted = counted_attempts.persons, counted_attempts.reached == steps
+    first = counted_attempts.times[:, 0]
+    last = np.where(converted, counted_attempts.times[:, steps - 1], np.minimum(first + window_s, date_to_s))
     success = int(converted.sum())
     by_name: dict[str, tuple[int, int]] = {}
     if not len(who):

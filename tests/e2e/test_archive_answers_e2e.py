@@ -1,6 +1,7 @@
-"""Event correlation answered from the event archive's columns (serving/funnels.py CorrelationQuery):
-nothing is registered, and the answer equals the registered path's, which an API without the archive,
-or with an archive that lacks the project's history, takes instead."""
+"""Questions answered from the event archive's columns (serving/funnels.py): event correlation, with
+nothing registered, and a new ordered funnel while its definition builds. The answers equal the
+registered path's, which an API without the archive, or with an archive that lacks the project's
+history, takes instead; merged persons included."""
 
 from __future__ import annotations
 
@@ -105,3 +106,49 @@ def test_event_correlation_from_the_archive_registers_nothing_and_equals_the_reg
     again = _correlation(running.api_url, project).json()["result"]
     assert again != archived.json()["result"]
     assert again == _correlation(other_api, project, timeout=120).json()["result"]
+
+
+FUNNEL = {"events": QUERY["events"], "date_from": "2024-06-04", "date_to": "2024-06-12",
+          "funnel_window_interval": 3, "funnel_window_interval_unit": "day"}
+
+
+def _funnel(api_url: str, project: ProjectHandle, query: dict[str, Any], refresh: str = "") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
+    return httpx.post(f"{api_url}/api/environments/{project.id}/insights/funnel/",
+                      json={**query, **({"refresh": refresh} if refresh else {})}, headers=headers, timeout=120)
+
+
+def _counts(reply: httpx.Response) -> list[tuple[int, Any, Any]]:
+    return [(s["count"], s["average_conversion_time"], s["median_conversion_time"]) for s in reply.json()["result"]]
+
+
+@pytest.mark.parametrize("other_api", [""], indirect=True, ids=["archive off"])
+def test_a_new_funnel_is_answered_from_the_archive_while_it_builds(running: Stack, other_api: str) -> None:
+    """The first, non-blocking ask of a new ordered funnel answers 200 from the archive (an API
+    without it answers 202 until the definition is built) and registers the funnel all the same;
+    the archive's answer is the one its summaries give once built, and the other API's."""
+    project = make_project(running)
+    history = _history(random.Random(12))
+    identifies = [e for e in history if e["event"] == "$identify"]
+    assert project.capture(history[:-len(identifies)]).status_code == 200
+    running.wait_applied()
+    assert project.capture(identifies).status_code == 200
+    running.wait_applied()
+    registry = DefinitionRegistry(running.redis)
+
+    without = {**FUNNEL, "events": FUNNEL["events"][:2]}  # another funnel, first asked where there is no archive
+    assert _funnel(other_api, project, without).status_code == 202
+    assert _funnel(other_api, project, without, "blocking").status_code == 200
+
+    first = _funnel(running.api_url, project, FUNNEL)
+    assert first.status_code == 200, first.text
+    assert len(registry.for_project(project.id)) == 2  # registered, built in the background
+    deadline = datetime.now(UTC) + timedelta(seconds=60)
+    while not all(registry.status(project.id, h)[0] == "ready" for h in registry.for_project(project.id)):
+        assert datetime.now(UTC) < deadline
+    summarised = _funnel(running.api_url, project, FUNNEL)
+    assert _counts(summarised) == _counts(first) and _counts(first)[1][0] > 0
+    assert _counts(_funnel(other_api, project, FUNNEL)) == _counts(first)
+    timing = {**FUNNEL, "funnel_viz_type": "time_to_convert"}
+    assert _funnel(other_api, project, timing).json()["result"] == _funnel(running.api_url, project,
+                                                                           timing).json()["result"]

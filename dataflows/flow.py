@@ -97,7 +97,8 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         self.recorded: dict[int, int] = {}  # partition -> next offset this process recorded as applied
         self.persons: dict[int, KnownPersons] = defaultdict(KnownPersons)  # per project
         self.firsts: dict[int, KnownFirsts] = defaultdict(KnownFirsts)
-        self.archive = ArchiveWriter(settings.archive_dir, worker) if settings.archive_dir else None  # '': off
+        self.archive = (ArchiveWriter(settings.archive_dir, worker, background=True)  # '': off
+                        if settings.archive_dir else None)
         self.applier = ThreadPoolExecutor(1, thread_name_prefix="apply")  # one at a time, in order
 
     def write_batch(self, items: list[Parsed]) -> None:
@@ -296,6 +297,8 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
 
     def close(self) -> None:
         self.applier.shutdown()
+        if self.archive is not None:
+            self.archive.close()
         self.dead.close()
 
 

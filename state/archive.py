@@ -32,9 +32,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -239,10 +241,17 @@ class _Project:
 class ArchiveWriter:
     """Appends one dataflow worker's batches to the archive, and compacts its small segments."""
 
-    def __init__(self, root: Path | str, worker: int = 0, compact_after: int = COMPACT_AFTER) -> None:
+    def __init__(self, root: Path | str, worker: int = 0, compact_after: int = COMPACT_AFTER,
+                 background: bool = False) -> None:
         self.root, self.worker, self.compact_after = Path(root), worker, compact_after
         self._manifests: dict[int, Manifest] = {}
         self._others: dict[int, dict[str, int]] = {}  # fences other workers' manifests hold
+        # `background`: compactions run on a thread of their own (the dataflow's: a compaction of
+        # 2.5 M rows takes about 10 s the live input would otherwise wait); the lock keeps each
+        # manifest write whole against them.
+        self._lock = threading.Lock()
+        self._compactor = ThreadPoolExecutor(1, thread_name_prefix="archive") if background else None
+        self._compacting: set[int] = set()
 
     def _manifest(self, project_id: int) -> Manifest:
         found = self._manifests.get(project_id)
@@ -280,23 +289,51 @@ class ArchiveWriter:
     def append(self, project_id: int, events: list[ArchivedEvent], reached: dict[str, int]) -> None:
         """Archive a batch's events of the project and raise its fences to `reached` (fence name ->
         next offset the batch covered), in one manifest write."""
-        manifest = self._manifest(project_id)
-        project = _Project(self.root, project_id)
-        fresh = Manifest(list(manifest.segments), dict(manifest.fences), manifest.seq)
-        if events:
-            fresh.seq += 1
-            rel = f"landing/w{self.worker}-{fresh.seq}.arrow"
-            table = table_of(events)
-            size = _write_atomic(project.dir / rel, table=table)
-            days = sorted(date.fromisoformat(d).isoformat() for d in {e.day for e in events})  # each day once
-            fresh.segments.append(Segment(rel, len(events), size, days[0], days[-1]))
-        raise_fences(fresh.fences, reached)
-        if fresh.fences == manifest.fences and not events:
+        table = table_of(events) if events else None
+        with self._lock:
+            manifest = self._manifest(project_id)
+            project = _Project(self.root, project_id)
+            fresh = Manifest(list(manifest.segments), dict(manifest.fences), manifest.seq)
+            if table is not None:
+                fresh.seq += 1
+                rel = f"landing/w{self.worker}-{fresh.seq}.arrow"
+                size = _write_atomic(project.dir / rel, table=table)
+                days = sorted(date.fromisoformat(d).isoformat() for d in {e.day for e in events})  # each day once
+                fresh.segments.append(Segment(rel, len(events), size, days[0], days[-1]))
+            raise_fences(fresh.fences, reached)
+            if fresh.fences == manifest.fences and table is None:
+                return
+            _write_atomic(project.manifest_path(self.worker), fresh.to_json())
+            self._manifests[project_id] = fresh
+            due = sum(1 for s in fresh.segments if s.path.startswith("landing/")) >= self.compact_after
+            if due and self._compactor is not None:
+                if project_id in self._compacting:
+                    return
+                self._compacting.add(project_id)
+        if not due:
             return
-        _write_atomic(project.manifest_path(self.worker), fresh.to_json())
-        self._manifests[project_id] = fresh
-        if sum(1 for s in fresh.segments if s.path.startswith("landing/")) >= self.compact_after:
+        if self._compactor is None:
             self.compact(project_id)
+        else:
+            self._compactor.submit(self._compact_in_background, project_id)
+
+    def _compact_in_background(self, project_id: int) -> None:
+        try:
+            self.compact(project_id)
+        except Exception:  # its landing segments stay named and are compacted the next time
+            log.exception("archive of project %d: compaction failed", project_id)
+        finally:
+            with self._lock:
+                self._compacting.discard(project_id)
+
+    def wait(self) -> None:
+        """Until the compactions running or asked for are done (the thread stays)."""
+        if self._compactor is not None:
+            self._compactor.submit(lambda: None).result()
+
+    def close(self) -> None:
+        if self._compactor is not None:
+            self._compactor.shutdown(wait=True)
 
     def compact(self, project_id: int) -> None:
         """Rewrite this worker's landing segments of the project as one segment per day, in one
@@ -304,21 +341,26 @@ class ArchiveWriter:
         day's smallest compacted segment of this worker only when that is at most twice as big, so
         segments grow geometrically and a row is rewritten a logarithmic number of times, not at
         every compaction of a busy day."""
-        manifest = self._manifest(project_id)
-        project = _Project(self.root, project_id)
-        landing = [s for s in manifest.segments if s.path.startswith("landing/")]
+        with self._lock:  # what to compact: the landing segments named now (appends go on meanwhile)
+            manifest = self._manifest(project_id)
+            project = _Project(self.root, project_id)
+            landing = [s for s in manifest.segments if s.path.startswith("landing/")]
+            compacted = [s for s in manifest.segments if not s.path.startswith("landing/")]
         if not landing:
             return
         began = time.perf_counter()
         table = pa.concat_tables([read_segment(project.dir / s.path) for s in landing])
         days = sorted({d.isoformat() for d in table.column("day").to_pylist()})
         smallest: dict[str, Segment] = {}
-        for seg in manifest.segments:
-            if not seg.path.startswith("landing/") and seg.first_day in days and seg.rows < DAY_SEGMENT_ROWS:
+        for seg in compacted:
+            if seg.first_day in days and seg.rows < DAY_SEGMENT_ROWS:
                 if seg.first_day not in smallest or seg.rows < smallest[seg.first_day].rows:
                     smallest[seg.first_day] = seg
+        with self._lock:  # names for the new segments, taken from the sequence appends number theirs by
+            seq = self._manifests[project_id].seq
+            self._manifests[project_id].seq += len(days)
         merged: list[Segment] = []
-        fresh = Manifest([], dict(manifest.fences), manifest.seq)
+        written: list[Segment] = []
         for day in days:
             part = table.filter(pc.equal(table.column("day"), pa.scalar(date.fromisoformat(day), pa.date32())))
             earlier = smallest.get(day)
@@ -326,13 +368,16 @@ class ArchiveWriter:
                 merged.append(earlier)
                 part = pa.concat_tables([read_segment(project.dir / earlier.path), part])
             part = part.sort_by([("timestamp", "ascending"), ("uuid", "ascending")])
-            fresh.seq += 1
-            rel = f"day={day}/w{self.worker}-{fresh.seq}.parquet"
+            seq += 1
+            rel = f"day={day}/w{self.worker}-{seq}.parquet"
             size = _write_atomic(project.dir / rel, table=part)
-            fresh.segments.append(Segment(rel, part.num_rows, size, day, day))
-        fresh.segments[:0] = [s for s in manifest.segments if s not in landing and s not in merged]
-        _write_atomic(project.manifest_path(self.worker), fresh.to_json())
-        self._manifests[project_id] = fresh
+            written.append(Segment(rel, part.num_rows, size, day, day))
+        with self._lock:  # one manifest write: the segments named now, less those replaced, plus the new
+            current = self._manifests[project_id]
+            fresh = Manifest([s for s in current.segments if s not in landing and s not in merged] + written,
+                             dict(current.fences), current.seq)
+            _write_atomic(project.manifest_path(self.worker), fresh.to_json())
+            self._manifests[project_id] = fresh
         for s in [*landing, *merged]:
             (project.dir / s.path).unlink(missing_ok=True)
         log.info("archive of project %d: %d landing segments (%d rows) compacted into %d day segments in %.2f s",

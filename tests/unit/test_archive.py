@@ -87,6 +87,26 @@ def test_landing_segments_are_compacted_into_one_segment_per_day(tmp_path: Path)
     assert Archive(tmp_path).coverage(7).events == 90
 
 
+def test_background_compactions_keep_every_event_once_while_batches_go_on(tmp_path: Path) -> None:
+    """The dataflow's writer compacts on a thread of its own while batches keep landing: every event
+    stays readable exactly once at every moment, and every file is named by the manifest at the end."""
+    writer = ArchiveWriter(tmp_path, compact_after=3, background=True)
+    reader = Archive(tmp_path)
+    expected: list[str] = []
+    for batch in range(40):
+        events = [_archived(batch * 25 + i, day=i % 3, offset=batch * 25 + i) for i in range(25)]
+        expected += [e.event.uuid for e in events]
+        writer.append(7, events, {"t1:0": batch * 25 + 25})
+        assert sorted(reader.events(7).column("uuid").to_pylist()) == sorted(expected)
+    writer.close()
+    project = tmp_path / "v1" / "p7"
+    named = {s.path for s in Manifest.load(project / "manifest-w0.json").segments}
+    assert {str(p.relative_to(project)) for p in project.rglob("w*.*")} == named
+    assert any(name.startswith("day=") for name in named)
+    assert sorted(reader.events(7).column("uuid").to_pylist()) == sorted(expected)
+    assert reader.fences(7) == {"t1:0": 1000}
+
+
 def test_a_write_a_crash_interrupted_is_removed_and_never_read(tmp_path: Path) -> None:
     """kill -9 between a segment's rename and its manifest: the segment is not in the archive (the
     batch's fence did not move, so the replay appends it again), and the next writer removes it."""

@@ -365,7 +365,8 @@ class FunnelQuery(Computation):
 
     def outcome_groups(self) -> list[tuple[tuple[str, ...], Outcomes]]:
         """Per breakdown group, each actor's steps reached and attempt times."""
-        if self.archive is not None:
+        if self.archive is not None and DefinitionRegistry(self.redis).status(
+                self.project.id, self.request.definition.hash)[0] != "ready":  # built meanwhile: its summaries
             _, low, high = self._bounds_ms
             events = self.archived_events(self.archive)
             return [((), column_outcomes(events, self.steps, self.request.window_s, low, high))]

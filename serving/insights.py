@@ -100,7 +100,9 @@ async def insight_request(request: Request, project_id: str) -> tuple[dict[str, 
 async def still_building(request: Request, query: Any, refresh: str) -> Response | None:
     """None once every definition the query reads is built; else the 202 progress answer."""
     state = request.app.state
-    meanwhile = query.answers_while_building()  # registered all the same, built in the background
+    # Answered now, registered all the same and built in the background; `refresh=blocking` still
+    # waits for the build, as before.
+    meanwhile = query.answers_while_building() and refresh not in BLOCKING
     pending = await materialized(state.definitions, query.definitions(), "" if meanwhile else refresh,
                                  state.settings.blocking_timeout_s)
     if pending is None or meanwhile:

@@ -87,7 +87,7 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
         try:
             query = _saved_query(state, project, filters, request)
             await asyncio.to_thread(query.prepare)
-            meanwhile = query.answers_while_building()
+            meanwhile = query.answers_while_building() and refresh not in BLOCKING
             pending = await materialized(state.definitions, query.definitions(), "" if meanwhile else refresh,
                                          state.settings.blocking_timeout_s)
             if pending is None or meanwhile:

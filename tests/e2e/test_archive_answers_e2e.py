@@ -143,6 +143,11 @@ def test_a_new_funnel_is_answered_from_the_archive_while_it_builds(running: Stac
     first = _funnel(running.api_url, project, FUNNEL)
     assert first.status_code == 200, first.text
     assert len(registry.for_project(project.id)) == 2  # registered, built in the background
+    waited = {**FUNNEL, "events": FUNNEL["events"][1:]}  # `refresh=blocking` still waits for the build
+    known = set(registry.for_project(project.id))
+    assert _funnel(running.api_url, project, waited, "blocking").status_code == 200
+    (built,) = set(registry.for_project(project.id)) - known
+    assert registry.status(project.id, built)[0] == "ready"
     deadline = datetime.now(UTC) + timedelta(seconds=60)
     while not all(registry.status(project.id, h)[0] == "ready" for h in registry.for_project(project.id)):
         assert datetime.now(UTC) < deadline

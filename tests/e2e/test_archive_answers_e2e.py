@@ -56,6 +56,18 @@ def _history(rng: random.Random) -> list[dict[str, Any]]:
     return sorted(events, key=lambda e: e["event"] == "$identify")  # identified last: two persons merge
 
 
+def _project_with_history(running: Stack, seed: int) -> ProjectHandle:
+    """A project with `_history`, its identifications sent after the rest is applied."""
+    project = make_project(running)
+    history = _history(random.Random(seed))
+    identifies = [e for e in history if e["event"] == "$identify"]
+    assert project.capture(history[:-len(identifies)]).status_code == 200
+    running.wait_applied()
+    assert project.capture(identifies).status_code == 200
+    running.wait_applied()
+    return project
+
+
 def _correlation(api_url: str, project: ProjectHandle, timeout: float = 60) -> httpx.Response:
     headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
     return httpx.post(f"{api_url}/api/environments/{project.id}/insights/funnel/correlation/",
@@ -77,13 +89,7 @@ def other_api(running: Stack, tmp_path: Path, request: pytest.FixtureRequest) ->
 @pytest.mark.parametrize("other_api", ["", "empty"], indirect=True, ids=["archive off", "archive without history"])
 def test_event_correlation_from_the_archive_registers_nothing_and_equals_the_registered_path(
         running: Stack, other_api: str) -> None:
-    project = make_project(running)
-    history = _history(random.Random(11))
-    identifies = [e for e in history if e["event"] == "$identify"]
-    assert project.capture(history[:-len(identifies)]).status_code == 200
-    running.wait_applied()
-    assert project.capture(identifies).status_code == 200
-    running.wait_applied()
+    project = _project_with_history(running, 11)
 
     archived = _correlation(running.api_url, project)
     assert archived.status_code == 200, archived.text
@@ -127,13 +133,7 @@ def test_a_new_funnel_is_answered_from_the_archive_while_it_builds(running: Stac
     """The first, non-blocking ask of a new ordered funnel answers 200 from the archive (an API
     without it answers 202 until the definition is built) and registers the funnel all the same;
     the archive's answer is the one its summaries give once built, and the other API's."""
-    project = make_project(running)
-    history = _history(random.Random(12))
-    identifies = [e for e in history if e["event"] == "$identify"]
-    assert project.capture(history[:-len(identifies)]).status_code == 200
-    running.wait_applied()
-    assert project.capture(identifies).status_code == 200
-    running.wait_applied()
+    project = _project_with_history(running, 12)
     registry = DefinitionRegistry(running.redis)
 
     without = {**FUNNEL, "events": FUNNEL["events"][:2]}  # another funnel, first asked where there is no archive

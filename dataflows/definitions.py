@@ -115,15 +115,10 @@ def person_snapshot(client: redis.Redis, project_id: int, distinct_ids: Iterable
     ids = list(dict.fromkeys(distinct_ids))
     if not ids:
         return {}
-    persons = client.hmget(keys.distinct_ids(project_id), ids)
-    pipe = client.pipeline(transaction=False)
-    found = [(d, p) for d, p in zip(ids, persons, strict=True) if p is not None]
-    for _, person in found:
-        pipe.hgetall(keys.person_properties(project_id, person.decode()))
-    out: dict[str, dict[str, Any]] = {d: {} for d in ids}
-    for (distinct_id, _), props in zip(found, pipe.execute(), strict=True):
-        out[distinct_id] = {k.decode(): orjson.loads(v) for k, v in props.items()}
-    return out
+    found = {d: int(p) for d, p in zip(ids, client.hmget(keys.distinct_ids(project_id), ids), strict=True)
+             if p is not None}
+    states = person_states(client, project_id, found.values())
+    return {d: states[found[d]].values if d in found else {} for d in ids}
 
 
 def person_states(client: redis.Redis, project_id: int, persons: Iterable[int]) -> dict[int, PersonProperties]:

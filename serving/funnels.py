@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -170,11 +170,10 @@ class FunnelQuery(Computation):
         """The funnel's kept events in the range, from the archive's columns: its own `contribution`
         evaluated once per distinct input as a backfill does, merged persons as the person they became."""
         definition = self.request.definition
-        days = self._days()
-        first, last = (date.fromisoformat(f"{d[:4]}-{d[4:6]}-{d[6:]}") for d in (days[0], days[-1]))
+        day = timedelta(days=1)  # a day more each side: the project's zone may have moved since
         table = archive.definition_rows(self.project.id, definition.event_names(), definition.event_keys(),
                                         ["person", "event", "timestamp", "uuid"],
-                                        (first - timedelta(days=1), last + timedelta(days=1)))  # a zone moved since
+                                        (self.lower.date() - day, self.range.date_to.date() + day))
         table, codes, values = kept_values(definition, table, datetime.now(UTC), set(HOT_PROPERTIES))
         _, low, high = self._bounds_ms
         found = correlation_columns(table.column("person").to_numpy(), table.column("timestamp").to_numpy(),

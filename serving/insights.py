@@ -97,15 +97,22 @@ async def insight_request(request: Request, project_id: str) -> tuple[dict[str, 
     return data, body, project
 
 
-async def still_building(request: Request, query: Any, refresh: str) -> Response | None:
-    """None once every definition the query reads is built; else the 202 progress answer."""
-    state = request.app.state
-    # Answered now, registered all the same and built in the background; `refresh=blocking` still
-    # waits for the build, as before.
+async def query_materialized(state: Any, query: Any, refresh: str) -> float | None:
+    """What `materialized` says for a query, once the query has made its blocking reads (its archive
+    check, off the event loop): None when it can answer. A query the event archive answers while
+    its definitions build answers now, registered all the same and built in the background;
+    `refresh=blocking` still waits for the build, as before."""
+    await asyncio.to_thread(query.prepare)
     meanwhile = query.answers_while_building() and refresh not in BLOCKING
     pending = await materialized(state.definitions, query.definitions(), "" if meanwhile else refresh,
                                  state.settings.blocking_timeout_s)
-    if pending is None or meanwhile:
+    return None if meanwhile else pending
+
+
+async def still_building(request: Request, query: Any, refresh: str) -> Response | None:
+    """None once every definition the query reads is built; else the 202 progress answer."""
+    pending = await query_materialized(request.app.state, query, refresh)
+    if pending is None:
         return None
     return JSON({"status": "materializing", "progress": round(pending, 4)}, status_code=202)
 
@@ -211,7 +218,6 @@ async def calculation(request: Request, project_id: str, kind: str, blocking: bo
         raise validation(exc.detail, exc.attr, exc.code) from exc
     except DateParseError as exc:
         raise validation(str(exc), exc.attr or "date_from") from exc
-    await asyncio.to_thread(query.prepare)
     waiting = await still_building(request, query, "blocking" if blocking else query.request.refresh)
     return query, data, project, waiting
 

@@ -9,7 +9,6 @@ and views are recorded per key.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +25,7 @@ from schemas.saved import DEFAULT_LEVEL, LEVELS, InsightError, owner_of, validat
 from schemas.trends import RequestError
 from serving.auth import authenticate, authorize
 from serving.errors import JSON, ApiError, not_found, validation
-from serving.insights import BLOCKING, _now, build_query, materialized, request_data
+from serving.insights import BLOCKING, _now, build_query, query_materialized, request_data
 from serving.openapi import SAVED
 from state.saved import AccessControls, InsightStore
 
@@ -86,11 +85,8 @@ async def _serialize(request: Request, project: Project, insight: dict[str, Any]
     if compute and filters and not insight.get("query"):
         try:
             query = _saved_query(state, project, filters, request)
-            await asyncio.to_thread(query.prepare)
-            meanwhile = query.answers_while_building() and refresh not in BLOCKING
-            pending = await materialized(state.definitions, query.definitions(), "" if meanwhile else refresh,
-                                         state.settings.blocking_timeout_s)
-            if pending is None or meanwhile:
+            pending = await query_materialized(state, query, refresh)
+            if pending is None:
                 shape = orjson.dumps(filters, option=orjson.OPT_SORT_KEYS).decode()
                 key = "\x00".join(("saved", str(project.id), shape, request.headers.get("x-insightflow-now", "")))
                 result = await state.computations.run(query, "run", key=key)
@@ -138,9 +134,8 @@ async def _register(request: Request, project: Project, insight: dict[str, Any])
         return
     state = request.app.state
     query = _saved_query(state, project, filters, request)  # checked before the write
-    await asyncio.to_thread(query.prepare)
     try:
-        await materialized(state.definitions, query.definitions(), "", 0)
+        await query_materialized(state, query, "")
     except ApiError as exc:
         if exc.code != "definition_failed":  # saved all the same: its result says why it is missing
             raise

@@ -10,7 +10,8 @@ Run with recovery on and 0.2 s epochs (the snapshot interval), as `insightflow u
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -35,13 +36,14 @@ from state import keys
 from state.archive import ArchivedEvent, ArchiveWriter
 from state.connection import claim_state_shards, connect
 from state.registry import DefinitionRegistry, ProjectCache, Registry
-from state.store import Applied, BatchOutcome, ProjectBatch, RedisLostWrites, StateStore
+from state.store import BatchOutcome, ProjectBatch, RedisLostWrites, StateStore
 from state.stream import Stream
 from state.topics import end_offsets, ensure_topics, topic_id
 
 log = logging.getLogger("insightflow.dataflow")
 
 APPLY_CHUNK = 2000  # events of one project per apply call (a few ms of Redis time)
+QUEUED_CHUNKS = 16  # chunks planned ahead of the one Redis is applying
 
 
 def _record_id(topic_id: str, record: Record) -> str:
@@ -66,6 +68,50 @@ class _Chunk:
 
     def __post_init__(self) -> None:
         self.pending = dict(self.pending)
+
+
+class _Applier:
+    """Applies planned chunks on one thread, in the order they were planned, while the worker parses
+    and plans what comes behind them: Redis and the worker's Python then work at the same time,
+    across batches, not one chunk at a time. `apply` takes a chunk all the way in (refused parts
+    planned again, Redis being away waited out) before the thread takes the next one: a later chunk
+    must never reach a state shard before an earlier one, whose events the shard's fence would then
+    pass over as held. After a chunk fails otherwise, every chunk behind it fails too."""
+
+    def __init__(self, apply: Callable[[_Chunk], None]) -> None:
+        self.apply = apply
+        self.queue: deque[Future[None]] = deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="apply")
+        self._failed: BaseException | None = None
+
+    def submit(self, chunk: _Chunk) -> Future[None]:
+        self.queue.append(future := self._pool.submit(self._run, chunk))
+        return future
+
+    def _run(self, chunk: _Chunk) -> None:
+        if self._failed is not None:
+            raise RuntimeError("an earlier chunk could not be applied") from self._failed
+        try:
+            self.apply(chunk)
+        except BaseException as exc:
+            self._failed = exc
+            log.exception("a chunk could not be applied")
+            raise
+
+    def wait_below(self, queued: int) -> None:
+        """Wait until fewer than `queued` chunks are waiting or applying (0: until all are in),
+        raising the failure of any that failed."""
+        while self.queue and (len(self.queue) >= queued or self.queue[0].done()):
+            self.queue.popleft().result()
+
+    def settle(self) -> None:
+        """Wait until the thread is idle, whatever the outcome (before a batch is written again)."""
+        wait(self.queue)
+        self.queue.clear()
+
+    def close(self) -> None:
+        self.wait_below(0)
+        self._pool.shutdown()
 
 
 class _StatePartition(StatelessSinkPartition[Parsed]):
@@ -99,7 +145,9 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         self.firsts: dict[int, KnownFirsts] = defaultdict(KnownFirsts)
         self.archive = (ArchiveWriter(settings.archive_dir, worker, background=True)  # '': off
                         if settings.archive_dir else None)
-        self.applier = ThreadPoolExecutor(1, thread_name_prefix="apply")  # one at a time, in order
+        self.applier = _Applier(self._apply)
+        self.recorder = ThreadPoolExecutor(1, thread_name_prefix="record")
+        self._recording: Future[None] | None = None
 
     def write_batch(self, items: list[Parsed]) -> None:
         while True:
@@ -109,6 +157,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 return
             except REDIS_DOWN as exc:
                 log.warning("Redis went away while applying a batch (%s)", exc)
+                self.applier.settle()
                 wait_for_redis(self.client, "state sink")
 
     def _check_writes_kept(self) -> None:
@@ -157,43 +206,65 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                                                             rec.offset))
             except Exception as exc:
                 dead(rec, f"cannot be applied: {type(exc).__name__}: {exc}")
-        result = Applied()
         counted: dict[int, list[tuple[str, int, int, int]]] = defaultdict(list)
         longest = max((len(o) for o in by_project.values()), default=0)
         # Bounded script calls (Redis serves queries between), applied in order by one thread while
-        # this one plans the next chunk, so Python and Redis work at the same time. Planning reads
-        # nothing from Redis then (a read would wait behind the script running there): persons are
-        # resolved and definitions read for the whole batch first. Definitions reading person
+        # this one plans the chunks behind and goes on to the next batch, so Python and Redis work at
+        # the same time. Planning reads nothing from Redis then (a read would wait behind the scripts
+        # running there): persons are resolved and definitions read for the whole batch first. A
+        # batch with identity links waits for the chunks before it, so no merge is recorded while
+        # events of the merged persons are still on their way in. Definitions reading person
         # properties see those the previous chunk set, so with them a chunk is planned after the
         # previous one is in.
+        if any(o.update.link_kind for occurrences in by_project.values() for o in occurrences):
+            self.applier.wait_below(0)
         self._resolve(by_project)
         current = self.definitions.current(list(by_project))
         overlap = not any(d.uses_person for _, definitions in current.values() for d in definitions.values())
-        inflight: tuple[_Chunk, Future[BatchOutcome]] | None = None
+        chunks = []
         try:
             for start in range(0, longest, APPLY_CHUNK):
                 part = {pid: o[start:start + APPLY_CHUNK] for pid, o in by_project.items() if len(o) > start}
                 chunk = _Chunk(part, counted)
-                if inflight is not None and not overlap:
-                    self._finish(*inflight, result)
-                    inflight = None
+                self.applier.wait_below(QUEUED_CHUNKS if overlap else 0)
                 chunk.batches = self._plan(chunk, current)
-                if inflight is not None:
-                    self._finish(*inflight, result)
-                inflight = (chunk, self.applier.submit(self.store.apply, chunk.batches))
-            if inflight is not None:
-                self._finish(*inflight, result)
-                inflight = None
-        finally:
-            if inflight is not None:  # this thread failed: the chunk's apply ends before anything retries
-                wait([inflight[1]])
-        for (project_id, h), reason in result.failed.items():
-            self._fail(project_id, h, f"Redis refused its state: {reason}")
-        self._archive(by_project, counted)
-        self.dead.send(list(letters.values()))
-        self.stream.record(applied, ends)  # last: what is recorded applied is archived too
+                chunks.append(self.applier.submit(chunk))
+        except BaseException:
+            self.applier.settle()  # the batch is written again once the thread is idle
+            raise
+        # Once its chunks are in, the batch's archive rows, dead letters and applied offsets go in on
+        # a thread of their own; one batch at a time, in order, so the offsets recorded never pass
+        # events not applied or not archived.
+        self._await_record()
+        self._recording = self.recorder.submit(self._record, chunks, by_project, counted, list(letters.values()),
+                                               applied, ends)
+
+    def _record(self, chunks: list[Future[None]], by_project: dict[int, list[Occurrence]],
+                counted: dict[int, list[tuple[str, int, int, int]]], letters: list[Letter], applied: dict[int, int],
+                ends: dict[int, int]) -> None:
+        """Once a batch's chunks are applied: its events into the archive, its dead letters out, then
+        its offsets recorded applied (last: what is recorded applied is archived too). Each step is
+        harmless to repeat, so Redis being away is waited out and the batch's steps taken again."""
+        for chunk in chunks:
+            chunk.result()
+        while True:
+            try:
+                self._archive(by_project, counted)
+                self.dead.send(letters)
+                self.stream.record(applied, ends)
+                break
+            except REDIS_DOWN as exc:
+                log.warning("Redis went away while recording a batch (%s)", exc)
+                wait_for_redis(self.client, "state sink")
         for partition, offset in applied.items():
             self.recorded[partition] = max(self.recorded.get(partition, 0), offset)
+
+    def _await_record(self) -> None:
+        """Wait for the previous batch's record; a failure other than Redis being away stops the
+        dataflow here (it resumes from the offsets recorded)."""
+        if self._recording is not None:
+            recording, self._recording = self._recording, None
+            recording.result()
 
     def _resolve(self, by_project: dict[int, list[Occurrence]]) -> None:
         """Give every event its person: from the worker's map, or from Redis for new distinct ids and
@@ -255,19 +326,29 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
             effects = batch_effects(chunk.pending[pid], self.firsts[pid], chunk.skip.get(pid), flags,
                                     self.store.shards, chunk.fences.get(pid))
             batches.append(ProjectBatch(pid, effects, generation, self.tag, pid in chunk.home_done,
-                                        chunk.shards_done[pid]))
+                                        chunk.shards_done[pid]).encode())
         return batches
 
-    def _finish(self, chunk: _Chunk, applying: Future[BatchOutcome], total: Applied) -> None:
+    def _apply(self, chunk: _Chunk) -> None:
+        """Apply a chunk (on the apply thread), waiting Redis out: parts applied before it went away
+        are held by their guards and fences, so the chunk is simply applied again."""
+        while True:
+            try:
+                self._finish(chunk, self.store.apply(chunk.batches))
+                return
+            except REDIS_DOWN as exc:
+                log.warning("Redis went away while applying a chunk (%s)", exc)
+                wait_for_redis(self.client, "state sink")
+
+    def _finish(self, chunk: _Chunk, outcome: BatchOutcome) -> None:
         """Take the outcome of a chunk's apply, then plan again and apply what was refused until every
         part is in. A part refused (events applied already from another copy, definitions that moved
         meanwhile, events a shard holds already after a replay) wrote nothing; parts applied stay
         applied. The copies whose guards the home part took (the events counted) go to
-        `chunk.counted` per project."""
-        outcome = applying.result()
+        `chunk.counted` per project; definitions whose state Redis refused are failed."""
         for attempt in range(50):
-            total.events += outcome.applied.events
-            total.failed.update(outcome.applied.failed)
+            for (project_id, h), reason in outcome.applied.failed.items():
+                self._fail(project_id, h, f"Redis refused its state: {reason}")
             for batch in chunk.batches:
                 pid = batch.project_id
                 if pid in outcome.repeated:
@@ -296,7 +377,9 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         fail_definition(self.registry, project_id, h, reason)
 
     def close(self) -> None:
-        self.applier.shutdown()
+        self.applier.close()
+        self._await_record()
+        self.recorder.shutdown()
         if self.archive is not None:
             self.archive.close()
         self.dead.close()

@@ -161,6 +161,25 @@ class ProjectBatch:
     tag: str = ""
     home_done: bool = False
     shards_done: set[int] = field(default_factory=set)
+    _encoded: dict[int | None, list[Any]] = field(default_factory=dict, repr=False, compare=False)
+
+    def home_args(self) -> list[Any]:
+        if None not in self._encoded:
+            self._encoded[None] = home_args(self.project_id, self.effects, self.tag)
+        return self._encoded[None]
+
+    def shard_args(self, shard: int) -> list[Any]:
+        if shard not in self._encoded:
+            self._encoded[shard] = shard_args(self.project_id, shard, self.generation, self.effects.shards[shard],
+                                              self.tag)
+        return self._encoded[shard]
+
+    def encode(self) -> ProjectBatch:
+        """Encode every part's arguments now (the planner does, so the thread that applies only sends)."""
+        self.home_args()
+        for shard in self.effects.shards:
+            self.shard_args(shard)
+        return self
 
 
 @dataclass
@@ -256,7 +275,7 @@ class StateStore(ShardedStore):
         outcome = BatchOutcome()
         batches = list(batches)
         homes = [b for b in batches if not b.home_done]
-        calls = [([keys.distinct_ids(b.project_id)], home_args(b.project_id, b.effects, b.tag)) for b in homes]
+        calls = [([keys.distinct_ids(b.project_id)], b.home_args()) for b in homes]
         for batch, answer in zip(homes, run_scripts(self.redis, self._apply, calls), strict=True):
             code = int(answer[0])
             if code == -2:
@@ -266,9 +285,7 @@ class StateStore(ShardedStore):
                 outcome.applied.events += code
         parts = [(b, shard, effects) for b in batches if b.home_done or b.project_id in outcome.home
                  for shard, effects in b.effects.shards.items() if shard not in b.shards_done]
-        calls = [([keys.shard_applied(b.project_id, shard)],
-                  shard_args(b.project_id, shard, b.generation, effects, b.tag))
-                 for b, shard, effects in parts]
+        calls = [([keys.shard_applied(b.project_id, shard)], b.shard_args(shard)) for b, shard, _ in parts]
         for (batch, shard, _), answer in zip(parts, run_scripts(self.redis, self._apply_shard, calls), strict=True):
             pid, code = batch.project_id, int(answer[0])
             if code == -1:

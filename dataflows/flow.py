@@ -131,13 +131,15 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         self.topic_id = topic_id(settings.kafka_bootstrap, settings.topic)
         self.tag = keys.topic_tag(self.topic_id)
         self.stream = Stream(client, settings.topic)
-        if self.stream.reset(self.topic_id):
+        # A recreated topic: its end offsets replace the old topic's in the reset's own write (read
+        # before it, so lag never reads 0 meanwhile), and are read again after it: what capture
+        # acknowledged between the two was recorded under the old offsets, which the reset forgot.
+        recreated = self.stream.progress().topic_id not in (None, self.topic_id)
+        if self.stream.reset(self.topic_id, end_offsets(settings.kafka_bootstrap, settings.topic) if recreated else {}):
             log.warning("the events topic %s is new (id %s): it replaced one whose events are gone (a broker that "
                         "lost its topics, or a topic recreated by hand); ingestion reads it from its start, and new "
                         "definitions read earlier history from the archive in %s", settings.topic, self.topic_id,
                         settings.archive_dir)
-            # What capture acknowledged on the new topic before now was counted under the old one's
-            # offsets, which the reset forgot: the broker's ends stand for it, so lag stays honest.
             self.stream.record({}, end_offsets(settings.kafka_bootstrap, settings.topic))
         self.dead = DeadLetters(settings.kafka_bootstrap, settings.dlq_topic, self.stream)
         self.recorded: dict[int, int] = {}  # partition -> next offset this process recorded as applied

@@ -51,11 +51,14 @@ def readyz(request: Request) -> JSON:
         body["kafka_error"] = f"the broker is unreachable: {exc}"
     if body["kafka"] and progress is not None and progress.topic_id is not None:
         current = state.topic.current()
-        if current is not None and current != progress.topic_id:
-            # The topic was recreated and the dataflow has not taken it up yet: nothing in it is applied
-            # (the offsets Redis holds are the old topic's, and would hide the new one's events).
+        # The topic was recreated and the dataflow has not taken it up yet, or has applied nothing of
+        # it yet: nothing in it is applied, and the offsets Redis holds (the old topic's, or ends
+        # recorded while the dataflow noticed the new one) could hide some of its events.
+        untaken = current is not None and current != progress.topic_id
+        if untaken or (progress.recreated_at_ms is not None and not progress.applied):
             try:
-                body["lag_events"] = _broker_ends(state)
+                broker = _broker_ends(state)
+                body["lag_events"] = broker if untaken else max(int(body["lag_events"] or 0), broker)
             except Exception:  # the broker went away meanwhile: unknown, and not 0
                 body["lag_events"] = None
     if state.draining:

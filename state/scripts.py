@@ -148,7 +148,7 @@ BACKFILL_PERSONS = Script("backfill_persons.lua", _header_then(
 
 RAISE_FIELDS = Script("raise_fields.lua", (Layout("E", ("field", "value"), first=1),))
 COUNT_DEAD_LETTERS = Script("count_dead_letters.lua", (Layout("E", ("record",), first=1),))
-RESET_STREAM = Script("reset_stream.lua", (Layout("A", ("topic_id", "now_ms")),))
+RESET_STREAM = Script("reset_stream.lua", (Layout("A", ("topic_id", "now_ms", "ends")),))
 
 # A person's summaries: header S, then `entries` entries SE.
 SUMMARY_PERSON_FIELDS = ("person", "version", "irregular", "replaced", "replacement", "entries")

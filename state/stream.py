@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import orjson
 import redis
 
 from state import keys, scripts
@@ -76,12 +77,14 @@ class Stream:
             return 0
         return int(self._count_dlq(keys=[keys.dlq_seen(self.topic), keys.stream(self.topic)], args=list(record_ids)))
 
-    def reset(self, topic_id: str) -> bool:
-        """The topic was recreated (Tansu restart, or by hand): its offsets mean something new. The
+    def reset(self, topic_id: str, ends: dict[int, int] | None = None) -> bool:
+        """The topic was recreated (Tansu restart, or by hand): its offsets mean something new, and
+        `ends` (the new topic's end offsets, read before) replace the old ones in the same write. The
         dead-letter count is a count of what happened, not of this topic's offsets: it stays. True
         when this call noticed a topic that replaced another."""
         return bool(self._reset(keys=[keys.stream(self.topic), keys.dlq_seen(self.topic)],
-                                args=[topic_id, int(time.time() * 1000)]))
+                                args=[topic_id, int(time.time() * 1000),
+                                      orjson.dumps({str(p): e for p, e in (ends or {}).items()})]))
 
     def progress(self) -> StreamProgress:
         return read_progress(self.redis.hgetall(keys.stream(self.topic)))

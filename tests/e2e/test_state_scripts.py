@@ -393,10 +393,12 @@ def test_stream_bookkeeping_scripts(client: redis.Redis) -> None:
     assert stream.applied_offsets("id-1") == {0: 5}
     assert not stream.reset("id-1")  # same topic: nothing forgotten
     assert stream.applied_offsets("id-1") == {0: 5}
-    assert stream.reset("id-2")  # recreated: offsets forgotten, the dead-letter count kept
+    # Recreated: offsets forgotten, the dead-letter count kept, the new topic's ends taken in the same write.
+    assert stream.reset("id-2", {0: 0, 1: 6})
     assert stream.applied_offsets("id-1") is None
     recreated = stream.progress()
-    assert recreated == type(progress)("id-2", {}, {}, 3, "id-1", recreated.recreated_at_ms)
+    assert recreated == type(progress)("id-2", {}, {1: 6}, 3, "id-1", recreated.recreated_at_ms)
+    assert recreated.lag() == 6
     assert abs((recreated.recreated_at_ms or 0) / 1000 - time.time()) < 60
     assert stream.count_dead_letters(["r1"]) == 1  # its records are new records
 

@@ -167,10 +167,11 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         file that missed them: a machine crash between syncs, or an older copy), restart, so the source
         resumes from the offsets Redis has and nothing is missing. Redis clients reconnect by
         themselves, so a restart is not always seen as an error: the offsets are what tells."""
-        if not self.recorded:
+        recorded = dict(self.recorded)  # before reading Redis: the record thread raises both meanwhile
+        if not recorded:
             return
         held = self.stream.applied_offsets(self.topic_id) or {}
-        behind = {p: (held.get(p, 0), mine) for p, mine in self.recorded.items() if held.get(p, 0) < mine}
+        behind = {p: (held.get(p, 0), mine) for p, mine in recorded.items() if held.get(p, 0) < mine}
         if behind:
             raise RedisLostWrites(f"Redis came back without applied offsets this process wrote "
                                   f"(partition: (Redis, ours) {behind}); restarting to re-apply from Redis's")

@@ -21,8 +21,8 @@ from bytewax.recovery import RecoveryConfig
 EPOCH_SECONDS = 0.2
 # How long a thread holds the GIL while another wants it (CPython's default: 5 ms). The apply thread
 # mostly waits for Redis; each time a reply arrives it needs the GIL back from the planning thread,
-# and with 5 ms turns Redis sat idle for much of that wait (bench/README.md: 0.5 ms applied about
-# 12 % more events per second).
+# and with 5 ms turns Redis sat idle for much of that wait (bench/README.md: 0.5 ms applied 9-12 %
+# more events per second in two pairs of alternated runs).
 SWITCH_INTERVAL_S = 0.0005
 BACKUP_SECONDS = 10  # how long Bytewax keeps superseded snapshots (a cluster's processes resume together)
 

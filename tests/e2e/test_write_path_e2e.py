@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from serving import stack
-from tests.conftest import Stack, make_project
+from tests.conftest import ProjectHandle, Stack, make_project
 
 BASE = datetime(2024, 5, 1, tzinfo=UTC)
 NOW = "2024-06-01T00:00:00Z"
@@ -58,6 +58,22 @@ def _pro_purchases(events: list[dict[str, Any]]) -> int:
     return count
 
 
+def _backlog_behind_an_older_snapshot(running: Stack, project: ProjectHandle, older: Path, rest: list[dict[str, Any]]
+                                      ) -> tuple[Path, int]:
+    """Stop the dataflow, put the `older` recovery snapshot back (what a kill -9 can leave), capture
+    `rest` while it is down (a backlog: batches of several chunks each) and start it again. Returns
+    its log and where this run's lines begin."""
+    running.dataflow.stop()
+    shutil.rmtree(running.recovery_dir)
+    shutil.copytree(older, running.recovery_dir)
+    for start in range(0, len(rest), 1000):
+        assert project.capture(rest[start:start + 1000]).status_code == 200
+    log_path = running.dataflow.log_path
+    logged = log_path.stat().st_size if log_path.exists() else 0
+    running.dataflow = stack.start_dataflow(running.recovery_dir, running.logs, running.env)
+    return log_path, logged
+
+
 def test_person_properties_set_earlier_in_a_backlog_reach_later_chunks(running: Stack, tmp_path: Path) -> None:
     """After a restart from a recovery snapshot older than Redis (what a kill -9 leaves), the backlog
     begins with events applied already: their batch passes the home part (the same copies) and
@@ -82,14 +98,7 @@ def test_person_properties_set_earlier_in_a_backlog_reach_later_chunks(running: 
         running.wait_applied()
         assert httpx.post(url, json=query, headers=headers, timeout=60).json()["result"][0]["count"] == (
             _pro_purchases(events[:500]))
-        running.dataflow.stop()  # the rest piles up in the topic: batches of several chunks each
-        shutil.rmtree(running.recovery_dir)
-        shutil.copytree(tmp_path / "older", running.recovery_dir)
-        for start in range(500, len(events), 1000):
-            assert project.capture(events[start:start + 1000]).status_code == 200
-        log_path = running.dataflow.log_path
-        logged = log_path.stat().st_size if log_path.exists() else 0
-        running.dataflow = stack.start_dataflow(running.recovery_dir, running.logs, running.env)
+        log_path, logged = _backlog_behind_an_older_snapshot(running, project, tmp_path / "older", events[500:])
         running.wait_applied(timeout=120)
         answer = httpx.post(url, json=query, headers=headers, timeout=60)
         assert answer.status_code == 200
@@ -140,14 +149,7 @@ def test_chunks_applied_ahead_of_planning_count_each_event_once(running: Stack, 
         running.dataflow = stack.start_dataflow(running.recovery_dir, running.logs, running.env)
         assert project.capture(events[:3000]).status_code == 200
         running.wait_applied()
-        running.dataflow.stop()
-        shutil.rmtree(running.recovery_dir)
-        shutil.copytree(tmp_path / "older", running.recovery_dir)
-        for start in range(3000, len(events), 1000):
-            assert project.capture(events[start:start + 1000]).status_code == 200
-        log_path = running.dataflow.log_path
-        logged = log_path.stat().st_size if log_path.exists() else 0
-        running.dataflow = stack.start_dataflow(running.recovery_dir, running.logs, running.env)
+        log_path, logged = _backlog_behind_an_older_snapshot(running, project, tmp_path / "older", events[3000:])
         filtered = {**window, "events": [{"id": "view", "math": "dau"}],
                     "properties": [{"key": "amount", "value": 50, "operator": "gte", "type": "event"}]}
         built = httpx.post(url, json={**filtered, "refresh": "blocking"}, headers=headers, timeout=120)

@@ -159,7 +159,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 return
             except REDIS_DOWN as exc:
                 log.warning("Redis went away while applying a batch (%s)", exc)
-                self.applier.settle()
+                self.applier.settle()  # the batch is written again once the apply thread is idle
                 wait_for_redis(self.client, "state sink")
 
     def _check_writes_kept(self) -> None:
@@ -225,16 +225,12 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         current = self.definitions.current(list(by_project))
         overlap = not any(d.uses_person for _, definitions in current.values() for d in definitions.values())
         chunks = []
-        try:
-            for start in range(0, longest, APPLY_CHUNK):
-                part = {pid: o[start:start + APPLY_CHUNK] for pid, o in by_project.items() if len(o) > start}
-                chunk = _Chunk(part, counted)
-                self.applier.wait_below(QUEUED_CHUNKS if overlap else 0)
-                chunk.batches = self._plan(chunk, current)
-                chunks.append(self.applier.submit(chunk))
-        except BaseException:
-            self.applier.settle()  # the batch is written again once the thread is idle
-            raise
+        for start in range(0, longest, APPLY_CHUNK):
+            part = {pid: o[start:start + APPLY_CHUNK] for pid, o in by_project.items() if len(o) > start}
+            chunk = _Chunk(part, counted)
+            self.applier.wait_below(QUEUED_CHUNKS if overlap else 0)
+            chunk.batches = self._plan(chunk, current)
+            chunks.append(self.applier.submit(chunk))
         # Once its chunks are in, the batch's archive rows, dead letters and applied offsets go in on
         # a thread of their own; one batch at a time, in order, so the offsets recorded never pass
         # events not applied or not archived.

@@ -161,18 +161,19 @@ class ProjectBatch:
     tag: str = ""
     home_done: bool = False
     shards_done: set[int] = field(default_factory=set)
-    _encoded: dict[int | None, list[Any]] = field(default_factory=dict, repr=False, compare=False)
+    _home_args: list[Any] | None = field(default=None, repr=False, compare=False)
+    _shard_args: dict[int, list[Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def home_args(self) -> list[Any]:
-        if None not in self._encoded:
-            self._encoded[None] = home_args(self.project_id, self.effects, self.tag)
-        return self._encoded[None]
+        if self._home_args is None:
+            self._home_args = home_args(self.project_id, self.effects, self.tag)
+        return self._home_args
 
     def shard_args(self, shard: int) -> list[Any]:
-        if shard not in self._encoded:
-            self._encoded[shard] = shard_args(self.project_id, shard, self.generation, self.effects.shards[shard],
-                                              self.tag)
-        return self._encoded[shard]
+        if shard not in self._shard_args:
+            self._shard_args[shard] = shard_args(self.project_id, shard, self.generation, self.effects.shards[shard],
+                                                 self.tag)
+        return self._shard_args[shard]
 
     def encode(self) -> ProjectBatch:
         """Encode every part's arguments now (the planner does, so the thread that applies only sends)."""
@@ -283,10 +284,10 @@ class StateStore(ShardedStore):
             else:
                 outcome.home.add(batch.project_id)
                 outcome.applied.events += code
-        parts = [(b, shard, effects) for b in batches if b.home_done or b.project_id in outcome.home
-                 for shard, effects in b.effects.shards.items() if shard not in b.shards_done]
-        calls = [([keys.shard_applied(b.project_id, shard)], b.shard_args(shard)) for b, shard, _ in parts]
-        for (batch, shard, _), answer in zip(parts, run_scripts(self.redis, self._apply_shard, calls), strict=True):
+        parts = [(b, shard) for b in batches if b.home_done or b.project_id in outcome.home
+                 for shard in b.effects.shards if shard not in b.shards_done]
+        calls = [([keys.shard_applied(b.project_id, shard)], b.shard_args(shard)) for b, shard in parts]
+        for (batch, shard), answer in zip(parts, run_scripts(self.redis, self._apply_shard, calls), strict=True):
             pid, code = batch.project_id, int(answer[0])
             if code == -1:
                 outcome.stale.add(pid)

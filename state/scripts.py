@@ -100,7 +100,7 @@ def _header_then(header: tuple[str, ...], item: tuple[str, ...], trailer: tuple[
 # the batch as one JSON object whose sections (keyed by letter) are lists of rows named by a layout;
 # the home part (apply_batch.lua) and each state shard's part (apply_shard.lua).
 HOME_SECTIONS = (
-    Layout("G", ("bucket", "uuid", "copy", "person")),
+    Layout("G", ("bucket", "uuid", "holder")),  # holder: `copy:person`, the copy counted
     Layout("U", ("person", "ts", "set", "set_once", "unset")),
     Layout("O", ("partition", "next_offset")),
 )

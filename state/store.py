@@ -58,6 +58,11 @@ def _text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def texts(persons: Iterable[int]) -> list[str]:
+    """Person ids as the text a script puts into keys and commands (see `home_args`)."""
+    return list(map(str, persons))
+
+
 def _json_values(values: dict[str, object]) -> str:
     """Encode each value once, here, so Lua stores PostHog's JSON text untouched."""
     if not values:
@@ -68,9 +73,11 @@ def _json_values(values: dict[str, object]) -> str:
 def home_args(project_id: int, effects: BatchEffects, tag: str) -> list[Any]:
     """The arguments of `apply_batch.lua`: its header, and the home part of the batch as one JSON
     object of sections whose rows follow `scripts.HOME_SECTIONS`. `tag`: the topic's
-    (`keys.topic_tag`); a copy is `tag:partition:offset`."""
+    (`keys.topic_tag`); a guard holds `tag:partition:offset:person`, the copy counted and its person.
+    Whatever a script puts into a key or a command goes as text: Lua turns a number into text with
+    `%.17g`, about 0.6 µs each, a few times per event (`docs/measured.md`)."""
     batch = {
-        "G": [[keys.seen_bucket(uuid), uuid, f"{tag}:{partition}:{offset}", person]
+        "G": [[keys.seen_bucket(uuid), uuid, f"{tag}:{partition}:{offset}:{person}"]
               for uuid, partition, offset, person in effects.guards],
         "N": sorted(effects.names),
         "U": [[o.person, o.ts, _json_values(o.update.set), _json_values(o.update.set_once),
@@ -84,15 +91,15 @@ def home_args(project_id: int, effects: BatchEffects, tag: str) -> list[Any]:
 def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffects, tag: str) -> list[Any]:
     """The arguments of `apply_shard.lua` for one state shard (rows follow `scripts.SHARD_SECTIONS`;
     fences are named `tag:partition`)."""
-    bits = [["h", ev, hour, list(persons)] for (ev, hour), persons in effects.hour_persons.items()]
-    bits += [["d", ev, day, list(persons)] for (ev, day), persons in effects.day_persons.items()]
-    counts = [["h", ev, hour, n] for (ev, hour), n in effects.hour_counts.items()]
-    counts += [["d", ev, day, n] for (ev, day), n in effects.day_counts.items()]
+    bits = [["h", ev, str(hour), texts(persons)] for (ev, hour), persons in effects.hour_persons.items()]
+    bits += [["d", ev, day, texts(persons)] for (ev, day), persons in effects.day_persons.items()]
+    counts = [["h", ev, str(hour), str(n)] for (ev, hour), n in effects.hour_counts.items()]
+    counts += [["d", ev, day, str(n)] for (ev, day), n in effects.day_counts.items()]
     batch = {
         "R": [[keys.partition_fence(tag, partition), first, nxt] for partition, (first, nxt) in effects.ranges.items()],
         "C": counts,
         "B": bits,
-        "F": [[ev, [[p, ts, hour, day] for p, (ts, hour, day) in persons.items()]]
+        "F": [[ev, [[str(p), ts, str(hour), day] for p, (ts, hour, day) in persons.items()]]
               for ev, persons in effects.firsts.items() if persons],
         "H": [[h, keys.partition_fence(tag, partition), offset]
               for (h, partition), offset in effects.handovers.items()],
@@ -108,13 +115,13 @@ def definition_sections(by_definition: dict[str, DefinitionSums]) -> dict[str, l
     `scripts.DEFINITION_SECTIONS`)."""
     items = by_definition.items()
     return {
-        "DC": [[h, kind, bv, bucket, n, list(sums.persons[(kind, bv, bucket)])]
+        "DC": [[h, kind, bv, str(bucket), n, texts(sums.persons[(kind, bv, bucket)])]
                for h, sums in items for (kind, bv, bucket), n in sums.counts.items()],
         "DV": [[h, sorted(sums.breakdowns)] for h, sums in items if sums.breakdowns],
         "DS": [[h, bv, f, *stat] for h, sums in items for (bv, f), stat in sums.stats.items()],
-        "DL": [[h, kind, bv, bucket, values] for h, sums in items
+        "DL": [[h, kind, bv, str(bucket), values] for h, sums in items
                for (kind, bv, bucket), values in sums.values.items()],
-        "DA": [[h, kind, bv, bucket, [x for pc in actors.items() for x in pc]] for h, sums in items
+        "DA": [[h, kind, bv, str(bucket), [x for p, n in actors.items() for x in (str(p), n)]] for h, sums in items
                for (kind, bv, bucket), actors in sums.actors.items()],
     }
 
@@ -132,7 +139,7 @@ def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[
     rows, records = [], []
     for h, person, kept in persons:
         data = "".join(kept).encode()
-        rows.append([h, person, len(data)])
+        rows.append([h, str(person), len(data)])
         records.append(data)
     return {"KD": [[h, day, rows] for h, day, rows in days], "KP": rows}, b"".join(records)
 
@@ -445,11 +452,11 @@ class StateStore(ShardedStore):
                 return [orjson.dumps(definition_sections({}) | kept_rows), kept]
             batch = {**definition_sections({h: part}), **kept_sections((), ())[0], "DB": []}
             bitmaps = []
-            for row in batch["DC"]:
-                persons = row[-1]
+            for row, key in zip(batch["DC"], part.counts, strict=True):  # the rows follow the sums' keys
+                persons = part.persons[key]
                 if len(persons) > 1 and len(persons) * DENSE_BYTES_PER_PERSON > max(persons) // 8:
                     batch["DB"].append([*row[:4], first_bitmap + len(bitmaps)])
-                    bitmaps.append(person_bitmap(persons))
+                    bitmaps.append(person_bitmap(list(persons)))
                     row[-1] = []
             return [orjson.dumps(batch), b"", *bitmaps]
 

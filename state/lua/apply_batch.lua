@@ -7,7 +7,7 @@
 -- again without them. A guard holding this very copy is a replay of a batch whose home part was
 -- applied: it passes, and the shards' fences tell what they hold. Arguments: the header A; A.batch
 -- is a JSON object of sections, each a list of rows named by the layout of the same letter:
---   G  guards:          bucket, uuid, copy (topic tag:partition:offset), person
+--   G  guards:          bucket, uuid, holder (the copy, `topic tag:partition:offset`, then `:person`)
 --   N  event names (a list of names)
 --   U  person-property updates: person, ts, set, set_once, unset (JSON or '')
 --   O  offsets:         partition, next offset
@@ -19,11 +19,12 @@ local batch = cjson.decode(ARGV[A.batch])
 
 local taken, repeated = {}, {}
 for _, g in ipairs(batch.G) do
-  local key, uuid, copy = P .. K.seen .. g[G.bucket], g[G.uuid], g[G.copy]
-  if redis.call('HSETNX', key, uuid, copy .. ':' .. g[G.person]) == 1 then
+  local key, uuid, holder = P .. K.seen .. g[G.bucket], g[G.uuid], g[G.holder]
+  if redis.call('HSETNX', key, uuid, holder) == 1 then
     taken[#taken + 1] = key; taken[#taken + 1] = uuid
   else
     local held = redis.call('HGET', key, uuid)
+    local copy = string.match(holder, '^(.*):')
     if held ~= copy and string.sub(held, 1, #copy + 1) ~= copy .. ':' then repeated[#repeated + 1] = uuid end
   end
 end

@@ -7,7 +7,8 @@
 --   {-3, partition, next offset, ...}  when this shard holds some of the events already (a replay
 --         after a crash): the worker plans again without the events below those offsets.
 -- Otherwise it applies everything and raises its per-partition fence in the same call. Arguments:
--- the header A; A.batch is a JSON object of sections, each a list of rows named by its layout:
+-- the header A; A.batch is a JSON object of sections, each a list of rows named by its layout (person
+-- ids, buckets and counts that go into keys or commands arrive as text: state/store.py, home_args):
 --   R  ranges:          fence (`topic tag:partition`), first offset, next offset (of this shard's events)
 --   C  counts:          kind ('h' hour, 'd' day), event, bucket, events
 --   B  person sets:     kind, event, bucket, persons (a list of person ids)
@@ -79,13 +80,13 @@ for _, f in ipairs(batch.F) do
       if cur then
         move(P .. K.first_time_hour_counts .. ev, old_hour, -1)
         move(P .. K.first_time_day_counts .. ev, old_day, -1)
-        redis.call('SETBIT', P .. K.first_time_hour_persons .. ev .. ':' .. old_hour, p, 0)
-        redis.call('SETBIT', P .. K.first_time_day_persons .. ev .. ':' .. old_day, p, 0)
+        redis.call('SETBIT', P .. K.first_time_hour_persons .. ev .. ':' .. old_hour, p, '0')
+        redis.call('SETBIT', P .. K.first_time_day_persons .. ev .. ':' .. old_day, p, '0')
       end
       move(P .. K.first_time_hour_counts .. ev, hour, 1)
       move(P .. K.first_time_day_counts .. ev, day, 1)
-      redis.call('SETBIT', P .. K.first_time_hour_persons .. ev .. ':' .. hour, p, 1)
-      redis.call('SETBIT', P .. K.first_time_day_persons .. ev .. ':' .. day, p, 1)
+      redis.call('SETBIT', P .. K.first_time_hour_persons .. ev .. ':' .. hour, p, '1')
+      redis.call('SETBIT', P .. K.first_time_day_persons .. ev .. ':' .. day, p, '1')
       updates[#updates + 1] = p; updates[#updates + 1] = ts .. ':' .. hour .. ':' .. day
     end
   end

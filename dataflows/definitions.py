@@ -134,6 +134,15 @@ def person_states(client: redis.Redis, project_id: int, persons: Iterable[int]) 
             for person, values, stamps in zip(ids, got[::2], got[1::2], strict=True)}
 
 
+def _values(properties: dict[str, Any], keys: tuple[str, ...]) -> bytes | None:
+    """The values of `keys` as one hashable text (JSON tells 1, 1.0 and true apart; a missing property
+    reads as null, as the filters read it); None when they cannot be encoded (evaluated each time)."""
+    try:
+        return orjson.dumps([properties.get(k) for k in keys])
+    except orjson.JSONEncodeError:
+        return None
+
+
 def contributions(client: redis.Redis, project_id: int, definitions: dict[str, Definition],
                   items: list[Occurrence], now: datetime, skip: set[str] | None = None,
                   before: dict[int, PersonProperties] | None = None) -> tuple[dict[str, str], dict[str, str]]:
@@ -156,8 +165,14 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
         states = {p: PersonProperties(dict(s.values), dict(s.stamps)) for p, s in before.items()}
     nobody: dict[str, Any] = {}
     taken: set[str] = set()
+    # A definition whose contribution reads only the event's name and a few properties (`columnar`)
+    # is evaluated once per distinct (name, values) of the call, as a backfill does (history.py).
+    reads = {h: tuple(sorted(d.event_keys())) for h, d in active if d.columnar}
+    names = {h: None if (n := d.event_names()) is None else frozenset(n) for h, d in active}
+    evaluated: dict[tuple[str, str, bytes], tuple[str, Any] | None] = {}
     for item in items:
         event = item.source
+        inputs: dict[tuple[str, ...], bytes | None] = {}
         person = nobody
         # Only then does any definition read the person, as the event leaves it: by the person the
         # batch's links leave (so a $set through one of its distinct ids reaches the others), with
@@ -171,8 +186,21 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
             person = state.values
         found = []
         for h, definition in active:
-            if failed and h in failed:
+            if (failed and h in failed) or ((wanted := names[h]) is not None and event.event not in wanted):
                 continue
+            seen = None
+            keys = reads.get(h)
+            if keys is not None:
+                values = inputs.get(keys, b"")
+                if values == b"":
+                    values = inputs[keys] = _values(event.properties, keys)
+                if values is not None:
+                    seen = (h, event.event, values)
+                    if seen in evaluated:
+                        hit = evaluated[seen]
+                        if hit is not None:
+                            found.append((h, hit[0], hit[1]))
+                        continue
             try:
                 hit = definition.contribution(event.event, event.properties, person, now)
                 if hit is not None:
@@ -180,6 +208,8 @@ def contributions(client: redis.Redis, project_id: int, definitions: dict[str, D
             except Exception as exc:
                 failed[h] = f"event {event.uuid} could not be applied to it: {type(exc).__name__}: {exc}"
                 continue
+            if seen is not None:
+                evaluated[seen] = hit
             if hit is not None:
                 found.append((h, hit[0], hit[1]))
         item.contributions = found or None

@@ -123,6 +123,12 @@ class Definition:
                 or any(s.filters.uses_person() for s in self.steps))
 
     @property
+    def columnar(self) -> bool:
+        """Its contribution depends on the event's name and `event_keys` properties alone (as for
+        funnels and paths): a live batch evaluates it once per distinct (name, values)."""
+        return not self.uses_person
+
+    @property
     def counts_only(self) -> bool:
         """Its contribution depends on the event's name and properties alone and carries no value: a
         backfill may evaluate it once per distinct (name, `event_keys` values) and count (history.py)."""

@@ -168,6 +168,7 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
     order; those to counting definitions are summed per key (`DefinitionSums`)."""
     out = BatchEffects()
     keeps = {h: ("f" in f, "s" in f) for h, f in (flags or {}).items() if "f" in f or "s" in f}
+    sized: dict[str, str] = {}  # kept value -> its sized form (a batch has few distinct ones)
     taken: set[str] = set()
     for o in occurrences:
         nxt = o.offset + 1
@@ -220,5 +221,8 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
                 if per_day:
                     sh.kept_days[(h, o.day)].append(day_row(p, o.ts, o.uuid, v))
                 if per_person:
-                    sh.kept_persons[(h, p)].append(person_record(o.ts, o.day, o.uuid, sized_value(v)))
+                    tail = sized.get(v)
+                    if tail is None:
+                        tail = sized[v] = sized_value(v)
+                    sh.kept_persons[(h, p)].append(person_record(o.ts, o.day, o.uuid, tail))
     return out

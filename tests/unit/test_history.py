@@ -190,3 +190,39 @@ def test_day_rows_read_as_columns_equal_each_row_read_alone() -> None:
     persons, stamps, uuids, values = read_day_rows(rows)
     assert list(zip(map(str, persons.tolist()), stamps.tolist(), uuids.to_pylist(), values.to_pylist(),
                     strict=True)) == [read_day_event(r) for r in rows]
+
+
+VALUED = [
+    Definition(1, "buy", parse_filters([{"key": "plan", "value": ["pro", "7"], "operator": "exact", "type": "event"}]),
+               value_property=("event", "amount"), keep_values=True),
+    Definition(1, None, parse_filters([{"key": "$browser", "operator": "is_set", "type": "event"}]),
+               Breakdown((("event", "plan"),)), per_actor=True),
+]
+CORRELATION = FunnelDefinition(1, (_step("view"), _step("buy")), every_event=True, keep_names=True,
+                               property_events=("buy",))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_a_live_batch_evaluates_each_distinct_input_once_with_the_per_event_result(seed: int) -> None:
+    """`contributions` evaluates a definition reading only the event's name and a few properties once
+    per distinct (name, values) of the batch: every event still gets exactly what its own evaluation
+    gives, whatever the values' types (1, 1.0, true, "7", null, a list, missing)."""
+    from dataflows.definitions import contributions
+
+    rng = random.Random(seed)
+    events = _events(rng, 400)
+    definitions = {f"h{i}": d for i, d in enumerate([*DEFINITIONS, *KEEPING, *VALUED, CORRELATION])}
+    assert all(d.columnar for d in definitions.values() if d is not CORRELATION) and not CORRELATION.columnar
+    items = []
+    for e in events:
+        o = Occurrence.of(e.event, 0, "20240601", 0, e.offset)
+        o.person = e.person
+        items.append(o)
+    flags, failed = contributions(None, 1, definitions, items, NOW)  # type: ignore[arg-type]
+    assert failed == {} and set(flags) == set(definitions)
+    for o in items:
+        expected = [(h, *hit) for h, d in definitions.items()
+                    if (hit := d.contribution(o.event, o.source.properties, {}, NOW)) is not None]
+        assert (o.contributions or []) == expected
+    assert sum(len(o.contributions or ()) for o in items) > len(items) // 2

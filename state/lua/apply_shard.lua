@@ -55,11 +55,28 @@ end
 
 -- First time per person and event, stored as 'ts:hour:day' so a later batch holding an earlier
 -- event can move the person's first-time count from the old buckets to the new ones.
-local moved = {}
+local moved, cleared, marked = {}, {}, {}
 local function move(key, field, by)
   local t = moved[key]
   if not t then t = {}; moved[key] = t end
   t[field] = (t[field] or 0) + by
+end
+-- A first-time person set's bits to clear or set, gathered per key: one BITFIELD per key, the
+-- clears before the sets (a person moved to an earlier time in the same bucket keeps its bit).
+local function gather(into, key, p)
+  local t = into[key]
+  if not t then t = {}; into[key] = t end
+  t[#t + 1] = p
+end
+local function bits_to(into, value)
+  for key, persons in pairs(into) do
+    local ops = {}
+    for _, p in ipairs(persons) do
+      ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = value
+      if #ops >= 4000 then redis.call('BITFIELD', key, unpack(ops)); ops = {} end
+    end
+    if #ops > 0 then redis.call('BITFIELD', key, unpack(ops)) end
+  end
 end
 for _, f in ipairs(batch.F) do
   local ev, candidates = f[F.event], f[F.candidates]
@@ -80,18 +97,20 @@ for _, f in ipairs(batch.F) do
       if cur then
         move(P .. K.first_time_hour_counts .. ev, old_hour, -1)
         move(P .. K.first_time_day_counts .. ev, old_day, -1)
-        redis.call('SETBIT', P .. K.first_time_hour_persons .. ev .. ':' .. old_hour, p, '0')
-        redis.call('SETBIT', P .. K.first_time_day_persons .. ev .. ':' .. old_day, p, '0')
+        gather(cleared, P .. K.first_time_hour_persons .. ev .. ':' .. old_hour, p)
+        gather(cleared, P .. K.first_time_day_persons .. ev .. ':' .. old_day, p)
       end
       move(P .. K.first_time_hour_counts .. ev, hour, 1)
       move(P .. K.first_time_day_counts .. ev, day, 1)
-      redis.call('SETBIT', P .. K.first_time_hour_persons .. ev .. ':' .. hour, p, '1')
-      redis.call('SETBIT', P .. K.first_time_day_persons .. ev .. ':' .. day, p, '1')
+      gather(marked, P .. K.first_time_hour_persons .. ev .. ':' .. hour, p)
+      gather(marked, P .. K.first_time_day_persons .. ev .. ':' .. day, p)
       updates[#updates + 1] = p; updates[#updates + 1] = ts .. ':' .. hour .. ':' .. day
     end
   end
   if #updates > 0 then sliced('HSET', fkey, updates) end
 end
+bits_to(cleared, '0')
+bits_to(marked, '1')
 for key, fields in pairs(moved) do
   for field, by in pairs(fields) do
     if by ~= 0 then redis.call('HINCRBY', key, field, by) end

@@ -45,11 +45,13 @@ local function apply_kept(batch, kept)
     local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]
     each_slice(k[KD.rows], function(...) write(key, 'RPUSH', key, ...) end)
   end
-  local dirty = {}
+  local dirty, prefixes = {}, {}
   local at = 1
   for _, k in ipairs(batch.KP) do
     local h, p, n = k[KP.definition], k[KP.person], k[KP.length]
-    local key = P .. K.definition .. h .. ':' .. DK.person_events .. p
+    local prefix = prefixes[h]
+    if not prefix then prefix = P .. K.definition .. h .. ':' .. DK.person_events; prefixes[h] = prefix end
+    local key = prefix .. p
     local records = string.sub(kept, at, at + n - 1)
     at = at + n
     if write(key, 'APPEND', key, records) then

@@ -253,6 +253,14 @@ def test_a_late_earlier_event_moves_first_time(client: redis.Redis) -> None:
     assert client.bitcount(keys.first_time_day_persons(project.id, "view", "20240102")) == 1
     project.apply([_event("f4", "a", 3 * DAY_MS, offset=3)])  # later: nothing moves
     assert client.hget(keys.first_time_day_counts(project.id, "view"), "20240102") == b"1"
+    # Moved to an earlier time in the same hour and day: the person's bit is cleared, then set again.
+    project.apply([_event("f5", "b", DAY_MS + 100, offset=4)])
+    project.apply([_event("f6", "b", DAY_MS + 50, offset=5)])
+    assert client.hget(keys.first_time_day_counts(project.id, "view"), "20240102") == b"2"
+    assert client.bitcount(keys.first_time_day_persons(project.id, "view", "20240102")) == 2
+    hour = str((DAY_MS // 3_600_000) * 3600)
+    assert client.hget(keys.first_time_hour_counts(project.id, "view"), hour) == b"2"
+    assert client.bitcount(keys.first_time_hour_persons(project.id, "view", hour)) == 2
 
 
 def test_a_shard_refuses_a_batch_planned_before_its_generation(client: redis.Redis) -> None:

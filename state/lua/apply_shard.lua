@@ -68,16 +68,6 @@ local function gather(into, key, p)
   if not t then t = {}; into[key] = t end
   t[#t + 1] = p
 end
-local function bits_to(into, value)
-  for key, persons in pairs(into) do
-    local ops = {}
-    for _, p in ipairs(persons) do
-      ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = value
-      if #ops >= 4000 then redis.call('BITFIELD', key, unpack(ops)); ops = {} end
-    end
-    if #ops > 0 then redis.call('BITFIELD', key, unpack(ops)) end
-  end
-end
 for _, f in ipairs(batch.F) do
   local ev, candidates = f[F.event], f[F.candidates]
   local fkey = P .. K.first_seen .. ev
@@ -109,8 +99,8 @@ for _, f in ipairs(batch.F) do
   end
   if #updates > 0 then sliced('HSET', fkey, updates) end
 end
-bits_to(cleared, '0')
-bits_to(marked, '1')
+for key, persons in pairs(cleared) do set_bits(key, persons, '0') end
+for key, persons in pairs(marked) do set_bits(key, persons, '1') end
 for key, fields in pairs(moved) do
   for field, by in pairs(fields) do
     if by ~= 0 then redis.call('HINCRBY', key, field, by) end

@@ -103,13 +103,14 @@ local function write(key, ...)
   return r
 end
 
--- Marks persons in a person-set bitmap: one BITFIELD per 1,000 persons (what Lua's unpack takes),
--- or a SETBIT for a single person (cheaper to parse).
-local function set_bits(key, persons)
-  if #persons == 1 then write(key, 'SETBIT', key, persons[1], '1'); return end
+-- Marks persons in a person-set bitmap (or clears them: value '0'): one BITFIELD per 1,000 persons
+-- (what Lua's unpack takes), or a SETBIT for a single person (cheaper to parse).
+local function set_bits(key, persons, value)
+  value = value or '1'
+  if #persons == 1 then write(key, 'SETBIT', key, persons[1], value); return end
   local ops = {}
   for _, p in ipairs(persons) do
-    ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = '1'
+    ops[#ops + 1] = 'SET'; ops[#ops + 1] = 'u1'; ops[#ops + 1] = p; ops[#ops + 1] = value
     if #ops >= 4000 then write(key, 'BITFIELD', key, unpack(ops)); ops = {} end
   end
   if #ops > 0 then write(key, 'BITFIELD', key, unpack(ops)) end

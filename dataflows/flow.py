@@ -297,15 +297,14 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
             return
         for pid, occurrences in by_project.items():
             at = {(o.partition, o.offset): o for o in occurrences}
-            fences = {p: self.archive.fence(pid, self.tag, p) for p in {o.partition for o in occurrences}}
-            events = [ArchivedEvent(self.tag, partition, offset, person, at[(partition, offset)].day,
-                                    at[(partition, offset)].source)
+            last: dict[int, int] = {}  # partition -> the batch's last offset of the project there
+            for partition, offset in at:
+                if last.get(partition, -1) < offset:
+                    last[partition] = offset
+            fences = {p: self.archive.fence(pid, self.tag, p) for p in last}
+            events = [ArchivedEvent(self.tag, partition, offset, person, (o := at[(partition, offset)]).day, o.source)
                       for _, partition, offset, person in counted.get(pid, ()) if offset >= fences[partition]]
-            reached: dict[str, int] = {}
-            for o in occurrences:
-                name = keys.partition_fence(self.tag, o.partition)
-                reached[name] = max(reached.get(name, 0), o.offset + 1)
-            self.archive.append(pid, events, reached)
+            self.archive.append(pid, events, {keys.partition_fence(self.tag, p): top + 1 for p, top in last.items()})
 
     def _plan(self, chunk: _Chunk, current: dict[int, tuple[int, dict[str, Definition]]] | None = None
               ) -> list[ProjectBatch]:

@@ -367,7 +367,8 @@ class ArchiveWriter:
             if earlier is not None and earlier.rows <= 2 * part.num_rows:
                 merged.append(earlier)
                 part = pa.concat_tables([read_segment(project.dir / earlier.path), part])
-            part = part.sort_by([("timestamp", "ascending"), ("uuid", "ascending")])
+            # Not sorted: every reader orders what it reads (segments are concatenated anyway), and
+            # sorting a day by (timestamp, uuid) cost more than writing it (bench/README.md).
             seq += 1
             rel = f"day={day}/w{self.worker}-{seq}.parquet"
             size = _write_atomic(project.dir / rel, table=part)

@@ -54,20 +54,11 @@ for _, b in ipairs(batch.B) do
 end
 
 -- First time per person and event, stored as 'ts:hour:day' so a later batch holding an earlier
--- event can move the person's first-time count from the old buckets to the new ones.
-local moved, cleared, marked = {}, {}, {}
-local function move(key, field, by)
-  local t = moved[key]
-  if not t then t = {}; moved[key] = t end
-  t[field] = (t[field] or 0) + by
-end
--- A first-time person set's bits to clear or set, gathered per key: one BITFIELD per key, the
--- clears before the sets (a person moved to an earlier time in the same bucket keeps its bit).
-local function gather(into, key, p)
-  local t = into[key]
-  if not t then t = {}; into[key] = t end
-  t[#t + 1] = p
-end
+-- event can move the person's first-time count from the old buckets to the new ones. Counts and
+-- new bits are gathered per key and written by flush() (definition_state.lua); the bits a move
+-- clears go first, one BITFIELD per key, so a person moved to an earlier time in the same bucket
+-- keeps its bit.
+local cleared = {}
 for _, f in ipairs(batch.F) do
   local ev, candidates = f[F.event], f[F.candidates]
   local fkey = P .. K.first_seen .. ev
@@ -85,27 +76,25 @@ for _, f in ipairs(batch.F) do
     end
     if not cur or ts < old_ts then
       if cur then
-        move(P .. K.first_time_hour_counts .. ev, old_hour, -1)
-        move(P .. K.first_time_day_counts .. ev, old_day, -1)
-        gather(cleared, P .. K.first_time_hour_persons .. ev .. ':' .. old_hour, p)
-        gather(cleared, P .. K.first_time_day_persons .. ev .. ':' .. old_day, p)
+        count(P .. K.first_time_hour_counts .. ev, old_hour, -1)
+        count(P .. K.first_time_day_counts .. ev, old_day, -1)
+        for _, key in ipairs({P .. K.first_time_hour_persons .. ev .. ':' .. old_hour,
+                              P .. K.first_time_day_persons .. ev .. ':' .. old_day}) do
+          local t = cleared[key]
+          if not t then t = {}; cleared[key] = t end
+          t[#t + 1] = p
+        end
       end
-      move(P .. K.first_time_hour_counts .. ev, hour, 1)
-      move(P .. K.first_time_day_counts .. ev, day, 1)
-      gather(marked, P .. K.first_time_hour_persons .. ev .. ':' .. hour, p)
-      gather(marked, P .. K.first_time_day_persons .. ev .. ':' .. day, p)
+      count(P .. K.first_time_hour_counts .. ev, hour, 1)
+      count(P .. K.first_time_day_counts .. ev, day, 1)
+      mark(P .. K.first_time_hour_persons .. ev .. ':' .. hour, p)
+      mark(P .. K.first_time_day_persons .. ev .. ':' .. day, p)
       updates[#updates + 1] = p; updates[#updates + 1] = ts .. ':' .. hour .. ':' .. day
     end
   end
   if #updates > 0 then sliced('HSET', fkey, updates) end
 end
 for key, persons in pairs(cleared) do set_bits(key, persons, '0') end
-for key, persons in pairs(marked) do set_bits(key, persons, '1') end
-for key, fields in pairs(moved) do
-  for field, by in pairs(fields) do
-    if by ~= 0 then redis.call('HINCRBY', key, field, by) end
-  end
-end
 
 for _, o in ipairs(batch.H) do
   redis.call('HSETNX', P .. K.definition .. o[H.definition] .. ':' .. DK.handover, o[H.fence], o[H.offset])

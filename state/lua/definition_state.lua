@@ -118,7 +118,9 @@ end
 
 local function flush()
   for key, fields in pairs(counts) do
-    for field, c in pairs(fields) do write(key, 'HINCRBY', key, field, c) end
+    for field, c in pairs(fields) do
+      if c ~= 0 then write(key, 'HINCRBY', key, field, c) end  -- 0: a first time moved within its bucket
+    end
   end
   for key, set in pairs(members) do
     local list = {}

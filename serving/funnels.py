@@ -268,15 +268,20 @@ class FunnelQuery(Computation):
         the persons evaluated by the UDF: the stored summaries, with those of persons not summarised
         yet computed here instead."""
         definition, project_id = self.request.definition, self.project.id
-        rows = SUMMARIES.read_combined(
-            self.redis, definition, self._days(), lambda values: read_attempt_rows(values, self.steps),
-            lambda days: np.concatenate(days) if days else np.zeros((0, self.steps + 1), dtype=np.int64))
+        # The dirty persons first: one summarised meanwhile is then in both, and its stored rows are
+        # replaced by those computed here; read after, it would be in neither.
         fresh = self._fresh()
+        store = SummaryStore(self.redis)
+        rows, stored_irregular = SUMMARIES.read_consistent(
+            self.redis, definition, self._days(),
+            lambda: (SUMMARIES.read_combined(
+                self.redis, definition, self._days(), lambda values: read_attempt_rows(values, self.steps),
+                lambda days: np.concatenate(days) if days else np.zeros((0, self.steps + 1), dtype=np.int64)),
+                store.irregular(project_id, definition.hash)))
         if fresh:
             stale = np.isin(rows[:, 0], np.array([int(p) for p in self._stale], dtype=np.int64))
             rows = np.concatenate([rows[~stale], read_attempt_rows(self._fresh_values("fa"), self.steps)])
-        store = SummaryStore(self.redis)
-        irregular = [p for p in store.irregular(project_id, definition.hash) if p not in self._stale]
+        irregular = [p for p in stored_irregular if p not in self._stale]
         irregular += [p for p, plan in fresh.items() if plan.irregular]
         _, low, high = self._bounds_ms
         events: dict[str, list[StepEvent]] = {}

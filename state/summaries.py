@@ -227,6 +227,22 @@ class DaySummaries:
         per_shard = pipe.execute() if days else [[] for _ in range(shards)]
         return list(zip(*per_shard, strict=True)) if days else []
 
+    def read_consistent(self, client: redis.Redis, definition: Any, days: list[str], read: Callable[[], Any],
+                        kind: str | None = None) -> Any:
+        """`read()` (of the days' summaries and whatever a summary write changes with them, such as
+        the irregular persons) again while a write moved one of the days' versions meanwhile, so its
+        parts come from one state."""
+        prefix = keys.definition_prefix(definition.project_id, definition.hash)
+        kind = kind or definition.summary_kind
+        versions = self._versions(client, prefix, kind, days)
+        for _ in range(5):
+            found = read()
+            again = self._versions(client, prefix, kind, days)
+            if again == versions:
+                return found
+            versions = again
+        return found
+
     def read_combined(self, client: redis.Redis, definition: Any, days: list[str],
                       decode: Callable[[list[bytes]], Any], combine: Callable[[list[Any]], Any],
                       kind: str | None = None) -> Any:

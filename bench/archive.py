@@ -1,18 +1,20 @@
 """Archive benchmark (issue 15): `make bench-archive ARGS="--events 5000000 --persons 200000"`.
 
 In one run, over the same synthetic history (bench/run.py's events, time order), each on a fresh
-Redis and broker: the dataflow's ingest rate over the backlog with the event archive off and on; the
-archive's bytes per event; then, with the archive on, the embedded broker restarted empty (its topic
-and every event in it gone, as after a restart of `up`) and the time until each new definition is
-queryable (first 200 of a blocking request), built from the archive alone: an ordered 3-step
-funnel, a filtered trend broken down by a property, 5-step paths and the funnel's event
-correlation. chdb answers the same questions from scratch over the same events, side by side, and
+Redis and broker: the dataflow's ingest rate over the backlog with the event archive off and on
+(`--pairs N`: off and on alternated N times, each pair's ratio and their median, since the machine's
+speed drifts within minutes); the archive's bytes per event; then, with the archive on, the embedded
+broker restarted empty (its topic and every event in it gone, as after a restart of `up`) and the
+time until each new definition is queryable (first 200 of a blocking request), built from the
+archive alone: an ordered 3-step funnel, a filtered trend broken down by a property, 5-step paths
+and the funnel's event correlation. chdb answers the same questions from scratch over the same events, side by side, and
 the run checks the numbers are equal where it computes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import tempfile
 import time
@@ -25,11 +27,14 @@ import orjson
 
 from bench.run import (
     END,
+    FUNNEL_STEPS,
     PROJECT,
     backlog_arguments,
     bench_funnel,
     bench_paths,
+    chdb_correlation_sql,
     chdb_session,
+    correlation_rows,
     ingest_backlog,
     median_ms,
     synthetic,
@@ -82,23 +87,39 @@ def main() -> None:
     parser.add_argument("--ingest-only", action="store_true", help="only the ingest rates with the archive off and on")
     parser.add_argument("--builds-only", action="store_true",
                         help="skip the ingest with the archive off (no ratio): only the builds and their queries")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="ingest with the archive off then on this many times, alternating (the machine's "
+                             "speed drifts): each pair's ratio and their median")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="insightflow-archive-"))
     report: dict[str, Any] = {"events": args.events, "persons": args.persons}
     events = synthetic(args.events, args.persons)
     procs: list[stack.Managed] = []
     try:
-        if not args.builds_only:
-            off = ingest_backlog(workdir / "off", events, args.partitions, {"INSIGHTFLOW_ARCHIVE_DIR": ""})
-            report["archive_off"] = {"dataflow_events_per_s": off.events_per_s}
+        pairs = [] if args.builds_only else list(range(max(1, args.pairs)))
+        ratios = []
+        for pair in pairs:
+            off = ingest_backlog(workdir / f"off{pair}", events, args.partitions, {"INSIGHTFLOW_ARCHIVE_DIR": ""})
             for managed in off.procs:
                 managed.stop()
-        archive = workdir / "on" / "archive"
-        on = ingest_backlog(workdir / "on", events, args.partitions, {"INSIGHTFLOW_ARCHIVE_DIR": str(archive)})
+            archive = workdir / f"on{pair}" / "archive"
+            on = ingest_backlog(workdir / f"on{pair}", events, args.partitions,
+                                {"INSIGHTFLOW_ARCHIVE_DIR": str(archive)})
+            ratios.append(round(on.events_per_s / off.events_per_s, 3))
+            report.setdefault("pairs", []).append({"archive_off": off.events_per_s, "archive_on": on.events_per_s,
+                                                   "on_over_off": ratios[-1]})
+            if pair < len(pairs) - 1:
+                for managed in on.procs:
+                    managed.stop()
+        if not pairs:
+            archive = workdir / "on" / "archive"
+            on = ingest_backlog(workdir / "on", events, args.partitions, {"INSIGHTFLOW_ARCHIVE_DIR": str(archive)})
         procs, env, client, key = on.procs, on.env, on.client, on.key
+        workdir_on = archive.parent
         report["archive_on"] = {"dataflow_events_per_s": on.events_per_s}
-        if not args.builds_only:
-            report["archive_on_over_off"] = round(on.events_per_s / off.events_per_s, 3)
+        if ratios:
+            report["archive_off"] = {"dataflow_events_per_s": off.events_per_s}
+            report["archive_on_over_off"] = ratios[-1] if len(ratios) == 1 else statistics.median(ratios)
         coverage = Archive(archive).coverage(PROJECT)
         report["archive"] = {"events": coverage.events, "bytes": coverage.bytes, "segments": coverage.segments,
                              "bytes_per_event": round(coverage.bytes / max(1, coverage.events), 1)}
@@ -108,12 +129,12 @@ def main() -> None:
         broker = procs[1]
         broker.stop()
         port = int(env["INSIGHTFLOW_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1])
-        procs[1], _ = stack.start_tansu(workdir / "on" / "logs", port)
+        procs[1], _ = stack.start_tansu(workdir_on / "logs", port)
         ensure_topics(env["INSIGHTFLOW_KAFKA_BOOTSTRAP"], ["events", "events_dlq"], args.partitions)
         procs[0].stop()
-        procs[0] = stack.start_dataflow(workdir / "on" / "recovery", workdir / "on" / "logs", env)
+        procs[0] = stack.start_dataflow(workdir_on / "recovery", workdir_on / "logs", env)
         api_port = stack.free_port()
-        procs.append(stack.start_api(api_port, workdir / "on" / "logs", env))
+        procs.append(stack.start_api(api_port, workdir_on / "logs", env))
         url = f"http://127.0.0.1:{api_port}/api/environments/{PROJECT}/insights/trend/"
         headers = {"Authorization": f"Bearer {key}", "X-Insightflow-Now": END.isoformat()}
         date_from = (END - timedelta(days=30)).date().isoformat()
@@ -125,16 +146,25 @@ def main() -> None:
             report["funnel_3_steps_30d"] = bench_funnel(http, funnel_url, headers, client, chdb, date_from, date_to)
             report["trend_filtered_by_url_30d"] = _filtered_breakdown(http, url, headers, chdb, date_from, date_to)
             report.update(bench_paths(http, url, headers, chdb))
-            correlation = {"events": [{"id": e, "order": i} for i, e in enumerate(("$pageview", "signed up",
-                                                                                    "purchase"))],
+            correlation = {"events": [{"id": e, "order": i} for i, e in enumerate(FUNNEL_STEPS)],
                            "date_from": date_from, "date_to": date_to, "funnel_window_interval": 14,
                            "funnel_window_interval_unit": "day", "funnel_correlation_type": "events"}
             correlation_url = url.replace("/trend/", "/funnel/correlation/")
             before = len(DefinitionRegistry(client).for_project(PROJECT))
             build_s, body = _until_ready(http, correlation_url, correlation, headers)
+            query_ms = median_ms(lambda: http.post(correlation_url, json=correlation, headers=headers), 3)
+            sql = chdb_correlation_sql(list(FUNNEL_STEPS), date_from, date_to, 14 * 86400)
+            counted = [line.rsplit(",", 2) for line in str(chdb.query(sql, "CSV")).strip().splitlines()]
+            totals = next((int(s), int(f)) for name, s, f in counted if name == '""')
+            theirs = correlation_rows(*totals, {name.strip('"'): (int(s), int(f)) for name, s, f in counted
+                                                if name != '""'})
+            ours = [(r["event"]["event"], r["success_count"], r["failure_count"]) for r in body["result"]["events"]]
+            chdb_ms = median_ms(lambda: chdb.query(sql, "CSV"), 3)
             report["funnel_correlation_events"] = {
-                "build_s": build_s, "events": len(body["result"]["events"]),
-                "query_ms": round(median_ms(lambda: http.post(correlation_url, json=correlation, headers=headers), 3)),
+                "build_s": build_s, "events": len(body["result"]["events"]), "query_ms": round(query_ms),
+                "chdb_ms": round(chdb_ms), "chdb_over_insightflow_http": round(chdb_ms / query_ms, 3),
+                "chdb_over_first_answer": round(chdb_ms / 1000 / build_s, 3), "same_numbers": ours == theirs,
+                "rows": ours, "chdb_rows": theirs,
                 # 0: answered from the archive's columns; 1: its definition was registered and built
                 "definitions_registered": len(DefinitionRegistry(client).for_project(PROJECT)) - before}
         report["topic_recreated"] = Stream(client, "events").progress().previous_topic_id is not None

@@ -354,6 +354,68 @@ def bench_funnel_breakdown(http: httpx.Client, url: str, headers: dict[str, str]
             "same_numbers": ours == theirs}
 
 
+def chdb_correlation_sql(steps: list[str], date_from: str, date_to: str, window_s: int) -> str:
+    """PostHog's event correlation of an ordered funnel (spec 8.3) as one ClickHouse query over the
+    events table: the funnel's attempt rule (spec 7.4: a step-1 event starts a new attempt, a step-k
+    event extends the newest attempt that reached step k-1 within the window, and the first time the
+    furthest step is reached is the one reported) folded over each person's step events in time
+    order, then, per other event name, the converted and the other actors who did it strictly
+    between their attempt's first step and its last step (not converted: the window's end or
+    `date_to`). Rows: ('', converted actors, others), then (event, converted, others)."""
+    n = len(steps)
+    names = ", ".join(f"'{e}'" for e in steps)
+    step_of = "multiIf(" + ", ".join(f"event = '{e}', {i + 1}" for i, e in enumerate(steps[:-1])) + f", {n})"
+    lo = f"toDateTime64('{date_from} 00:00:00', 6, 'UTC')"
+    hi = f"(toDateTime64('{date_to} 00:00:00', 6, 'UTC') + INTERVAL 1 DAY - INTERVAL 1 MICROSECOND)"
+    w = window_s * 1_000_000
+    # The fold's state: (start, time) of the attempt that reached each step, then the best (step,
+    # start, time); -1: none. Tuple fields count from 1.
+    def start(k: int) -> str:
+        return f"acc.{2 * k - 1}"
+
+    best_k, best_start, best_at = f"acc.{2 * n + 1}", f"acc.{2 * n + 2}", f"acc.{2 * n + 3}"
+
+    def moved(k: int, begun: str) -> str:
+        fields = [f if j // 2 + 1 != k else (begun if j % 2 == 0 else "x.1") for j, f in
+                  enumerate(f"acc.{i}" for i in range(1, 2 * n + 1))]
+        return (f"({', '.join(fields)}, greatest({best_k}, toInt64({k})), if({best_k} < {k}, {begun}, {best_start}), "
+                f"if({best_k} < {k}, x.1, {best_at}))")
+
+    branches = []
+    for k in range(n, 1, -1):
+        branches.append(f"x.2 = {k}, if({start(k - 1)} >= 0 AND x.1 - {start(k - 1)} <= {w} AND "
+                        f"{start(k)} != {start(k - 1)}, {moved(k, start(k - 1))}, acc)")
+    fold = (f"arrayFold((acc, x) -> multiIf({', '.join(branches)}, {moved(1, 'x.1')}), "
+            f"arraySort(groupArray((toUnixTimestamp64Micro(timestamp), toInt64({step_of})))), "
+            f"({', '.join(['toInt64(-1)'] * (2 * n))}, toInt64(0), toInt64(-1), toInt64(-1)))")
+    return f"""
+WITH actors AS (
+  SELECT person_id, s.{2 * n + 1} = {n} AS success, s.{2 * n + 2} AS first,
+         if(s.{2 * n + 1} = {n}, s.{2 * n + 3}, least(s.{2 * n + 2} + {w}, toUnixTimestamp64Micro({hi}))) AS last
+  FROM (SELECT person_id, {fold} AS s FROM events
+        WHERE event IN ({names}) AND timestamp >= {lo} AND timestamp <= {hi} GROUP BY person_id)
+  WHERE s.{2 * n + 1} >= 1)
+SELECT '', countIf(success), countIf(NOT success) FROM actors
+UNION ALL
+SELECT e.event, uniqExactIf(e.person_id, a.success), uniqExactIf(e.person_id, NOT a.success)
+FROM events AS e INNER JOIN actors AS a ON e.person_id = a.person_id
+WHERE e.event NOT IN ({names}) AND e.timestamp >= {lo} AND e.timestamp <= {hi}
+  AND toUnixTimestamp64Micro(e.timestamp) > a.first AND toUnixTimestamp64Micro(e.timestamp) < a.last
+GROUP BY e.event"""
+
+
+def correlation_rows(total_s: int, total_f: int, counts: dict[str, tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """Spec 8.3 steps 6-9 over counted candidates: (event, converted, others) of the rows PostHog
+    returns, successes then failures."""
+    rows = []
+    for key, (s, f) in counts.items():
+        if total_s and total_f and s + f >= min(25, 0.02 * (total_s + total_f)):
+            rows.append((key, s, f, ((s + 1) / (total_s - s + 1)) / ((f + 1) / (total_f - f + 1))))
+    positive = sorted((r for r in rows if r[3] > 1), key=lambda r: (-r[3], r[0]))[:10]
+    negative = sorted((r for r in rows if r[3] <= 1), key=lambda r: (r[3], r[0]))[:10]
+    return [(key, s, f) for key, s, f, _ in positive + negative]
+
+
 def funnel_freshness(http: httpx.Client, capture_url: str, url: str, headers: dict[str, str], date_from: str,
                      date_to: str, probes: int) -> dict[str, Any]:
     """A new person converts (three step events, inside the range): how long until the funnel the

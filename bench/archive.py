@@ -145,7 +145,7 @@ def main() -> None:
             funnel_url = url.replace("/trend/", "/funnel/")
             report["funnel_3_steps_30d"] = bench_funnel(http, funnel_url, headers, client, chdb, date_from, date_to)
             report["trend_filtered_by_url_30d"] = _filtered_breakdown(http, url, headers, chdb, date_from, date_to)
-            report.update(bench_paths(http, url, headers, chdb))
+            report.update(bench_paths(http, url, headers, chdb, client))
             correlation = {"events": [{"id": e, "order": i} for i, e in enumerate(FUNNEL_STEPS)],
                            "date_from": date_from, "date_to": date_to, "funnel_window_interval": 14,
                            "funnel_window_interval_unit": "day", "funnel_correlation_type": "events"}

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from schemas.dates import DateParseError
 from schemas.errors import RequestError
 from schemas.settings import tune_gc
 from serving.errors import ApiError, unavailable, validation
+from state.archive import Archive
 from state.connection import connect
 from state.reads import StateReader
 
@@ -62,6 +64,23 @@ def worker_redis() -> redis.Redis:
     if _worker_client is None:
         raise RuntimeError("not in a compute worker")
     return _worker_client
+
+
+ARCHIVE_CATCH_UP_S = 3.0  # how long a query waits for the archive to take what state counted
+
+
+def archive_complete(archive: Archive, state: StateReader, project_id: int) -> bool:
+    """Whether the archive holds every event the project's state counted (the archive then answers
+    exactly what state would). State counts a batch before the archive takes it, so the archive is
+    given up to `ARCHIVE_CATCH_UP_S` to take the batches counted when this began (a backlog's batch
+    takes a second or two); a project whose history predates its archive never passes."""
+    counted = state.events_counted(project_id)
+    deadline = time.monotonic() + ARCHIVE_CATCH_UP_S
+    while archive.rows(project_id) < counted:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class Computation:

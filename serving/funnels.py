@@ -12,7 +12,6 @@ step-matching operator per actor with the requested window, order type and break
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -40,12 +39,11 @@ from schemas.filters import as_text
 from schemas.funnels import FunnelRequest, read_kept
 from schemas.projects import Project
 from schemas.trends import RequestError
-from serving.compute import Computation, no_collection
+from serving.compute import Computation, archive_complete, no_collection
 from serving.people import person_details
 from serving.trends import quantile
 from state import keys
 from state.archive import HOT_PROPERTIES, Archive
-from state.reads import StateReader
 from state.records import read_attempt_rows, read_day_event, read_day_rows, read_person_events, read_touches
 from state.registry import DefinitionRegistry
 from state.summaries import SUMMARIES, SummaryStore
@@ -101,23 +99,6 @@ def rank_breakdown_groups(reached: dict[tuple[str, ...], Any], steps: int) -> li
         return -int(at_least[steps]), -int(at_least[1]), value
 
     return sorted(reached, key=key)
-
-
-ARCHIVE_CATCH_UP_S = 3.0  # how long a query waits for the archive to take what state counted
-
-
-def archive_complete(archive: Archive, state: StateReader, project_id: int) -> bool:
-    """Whether the archive holds every event the project's state counted (the archive then answers
-    exactly what state would). State counts a batch before the archive takes it, so the archive is
-    given up to `ARCHIVE_CATCH_UP_S` to take the batches counted when this began (a backlog's batch
-    takes a second or two); a project whose history predates its archive never passes."""
-    counted = state.events_counted(project_id)
-    deadline = time.monotonic() + ARCHIVE_CATCH_UP_S
-    while archive.rows(project_id) < counted:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 class FunnelQuery(Computation):

@@ -203,7 +203,7 @@ def build_query(state: Any, project: Project, kind: str, data: dict[str, Any], n
     if kind == "PATHS":
         parsed = parse_paths_request(data, project.id, project.timezone, project.test_account_filters,
                                      project.path_cleaning_filters)
-        return PathsQuery(redis, project, parsed, now)
+        return PathsQuery(redis, project, parsed, now, state.archive)
     raise RequestError(f"Insights of type {kind} cannot be calculated here.", "insight", "unsupported")
 
 

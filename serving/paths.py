@@ -3,32 +3,45 @@
 A query reads the sessions touching the days of its range (state/summaries.py, cached per day
 version), trims each to the range, and re-applies cleaning, grouping and exclusions inside it
 (which can only cut a session further), then collapses repeats, shapes and counts edges.
+
+The first ask of new paths that read only the event is answered from the event archive's columns
+while the definition builds (as a new ordered funnel is, serving/funnels.py): the same sessions cut
+from the same events, so the same edges.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import redis
 
-from dataflows.operators.path_sessions import sessions
+from dataflows.operators.history import kept_values
+from dataflows.operators.history_summaries import flat
+from dataflows.operators.path_sessions import PathEvent, column_sessions, sessions
+from dataflows.operators.persons import as_survivors
 from dataflows.operators.summaries import summarise_groups
 from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
 from schemas.projects import Project
 from schemas.trends import RequestError
-from serving.compute import Computation
+from serving.compute import Computation, archive_complete
+from state.archive import HOT_PROPERTIES, Archive
 from state.records import read_person_events, read_sessions
+from state.registry import DefinitionRegistry
 from state.summaries import SUMMARIES, SummaryStore
 
 ELLIPSIS = "..."
 
 
 class PathsQuery(Computation):
-    def __init__(self, client: redis.Redis, project: Project, request: PathsRequest, now: datetime) -> None:
+    def __init__(self, client: redis.Redis, project: Project, request: PathsRequest, now: datetime,
+                 archive: Archive | None = None) -> None:
         self.redis, self.project, self.request = client, project, request
+        self._candidate = archive if request.definition.columnar else None
+        self.archive: Archive | None = None  # answers from the archive: `prepare` found it complete
         self.tz = zone(project.timezone)
         try:
             self.range = QueryDateRange.resolve(date_from=request.date_from, date_to=request.date_to, interval="day",
@@ -40,11 +53,42 @@ class PathsQuery(Computation):
     def definitions(self) -> list[PathDefinition]:
         return [self.request.definition]
 
+    def _status(self) -> str | None:
+        return DefinitionRegistry(self.redis).status(self.project.id, self.request.definition.hash)[0]
+
+    def prepare(self) -> None:
+        if self._candidate is None or self.archive is not None:
+            return
+        if self._status() != "ready" and archive_complete(self._candidate, self.state, self.project.id):
+            self.archive = self._candidate
+
+    def answers_while_building(self) -> bool:
+        return self.archive is not None
+
+    def _archived_sessions(self, archive: Archive) -> list[list[PathEvent]]:
+        """The sessions inside the range from the archive's columns: the definition's own
+        `contribution` evaluated once per distinct input, merged persons as the person they became."""
+        definition = self.request.definition
+        day = timedelta(days=1)  # a day more each side: the project's zone may have moved since
+        table = archive.definition_rows(self.project.id, definition.event_names(), definition.event_keys(),
+                                        ["person", "event", "timestamp", "uuid"],
+                                        (self.range.date_from.date() - day, self.range.date_to.date() + day))
+        table, codes, values = kept_values(definition, table, datetime.now(UTC), set(HOT_PROPERTIES))
+        if not table.num_rows:
+            return []
+        items = [None if v is None else orjson.loads(v)[0] for v in values]
+        persons = as_survivors(table.column("person").to_numpy(), self.state.overrides.final)
+        low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000
+        return column_sessions(persons, table.column("timestamp").to_numpy(), flat(table.column("uuid")), codes,
+                               items, low, high)
+
     def _raw_sessions(self) -> list[list[tuple[int, str, str]]]:
         """The kept sessions touching the range, each trimmed to it: (ms, uuid, raw item). Persons
         whose kept events changed since they were summarised (or merged since, not marked yet) have
         their sessions computed here from their whole group's events (a query writes nothing),
         replacing what is stored for them."""
+        if self.archive is not None and self._status() != "ready":  # built meanwhile: its summaries
+            return self._archived_sessions(self.archive)
         definition = self.request.definition
         days = day_keys(self.range.date_from, self.range.date_to)
         low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000

@@ -20,6 +20,7 @@ import pyarrow as pa
 from dataflows.operators.funnel_attempts import Outcomes, best_attempts, outcomes
 from dataflows.operators.funnels import StepEvent, funnel, step_bits
 from dataflows.operators.history_summaries import chains_by_columns, person_order
+from dataflows.operators.persons import as_survivors
 from schemas.funnels import read_kept
 
 
@@ -42,9 +43,7 @@ def correlation_columns(persons: np.ndarray, stamps: np.ndarray, uuids: pa.Array
     """A correlation funnel's kept events as `CorrelationEvents`: row i kept `values[codes[i]]`
     (None: nothing), merged persons read as the person they became, only rows in [low, high] ms.
     None if a kept value hit an exclusion (the per-person path handles those)."""
-    if merged:
-        found, back = np.unique(persons, return_inverse=True)
-        persons = np.array([merged.get(p, p) for p in found.tolist()], dtype=np.int64)[back]
+    persons = as_survivors(persons, merged)
     in_range = np.flatnonzero((stamps >= low) & (stamps <= high))
     used = np.zeros(len(values) + 1, dtype=bool)
     used[np.unique(codes[in_range])] = True

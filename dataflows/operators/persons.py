@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from schemas.events import TopicEvent
 
 LinkKind = Literal["identify", "alias", "merge"]
@@ -124,3 +126,12 @@ class KnownPersons:
                 self._ids.get(old, set()).discard(did)
             self._person[did] = person
             self._ids.setdefault(person, set()).add(did)
+
+
+def as_survivors(persons: np.ndarray, merged: dict[int, int]) -> np.ndarray:
+    """A column of person ids read as the persons they became (`merged`: merged person -> its
+    survivor), each distinct id looked up once."""
+    if not merged:
+        return persons
+    found, back = np.unique(persons, return_inverse=True)
+    return np.array([merged.get(p, p) for p in found.tolist()], dtype=np.int64)[back]

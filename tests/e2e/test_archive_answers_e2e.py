@@ -1,5 +1,6 @@
-"""Questions answered from the event archive's columns (serving/funnels.py): event correlation, with
-nothing registered, and a new ordered funnel while its definition builds. The answers equal the
+"""Questions answered from the event archive's columns (serving/funnels.py, serving/paths.py): event
+correlation, with nothing registered, and a new ordered funnel and new paths while their definitions
+build. The answers equal the
 registered path's, which an API without the archive, or with an archive that lacks the project's
 history, takes instead; merged persons included."""
 
@@ -157,3 +158,40 @@ def test_a_new_funnel_is_answered_from_the_archive_while_it_builds(running: Stac
     timing = {**FUNNEL, "funnel_viz_type": "time_to_convert"}
     assert _funnel(other_api, project, timing).json()["result"] == _funnel(running.api_url, project,
                                                                            timing).json()["result"]
+
+
+PATHS = {"include_event_types": ["$pageview", "custom_event"], "date_from": "2024-06-04", "date_to": "2024-06-12",
+         "edge_limit": 1000}
+
+
+def _paths(api_url: str, project: ProjectHandle, query: dict[str, Any], refresh: str = "") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {project.key}", "X-Insightflow-Now": NOW}
+    return httpx.post(f"{api_url}/api/environments/{project.id}/insights/path/",
+                      json={**query, **({"refresh": refresh} if refresh else {})}, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize("other_api", [""], indirect=True, ids=["archive off"])
+def test_new_paths_are_answered_from_the_archive_while_they_build(running: Stack, other_api: str) -> None:
+    """The first, non-blocking ask of new paths answers 200 from the archive (an API without it
+    answers 202 until the definition is built) and registers them all the same; the edges equal
+    those their summaries give once built, and the other API's. Sessions span merged persons (an
+    anonymous person's events before the merge and the user's after) and are cut by the range."""
+    project = _project_with_history(running, 13)
+    registry = DefinitionRegistry(running.redis)
+    pageviews = {**PATHS, "include_event_types": ["$pageview"]}  # other paths, first asked where there is no archive
+    assert _paths(other_api, project, pageviews).status_code == 202
+
+    first = _paths(running.api_url, project, PATHS)
+    assert first.status_code == 200, first.text
+    edges = first.json()["result"]
+    assert len(edges) > 10 and any(e["target"].endswith("_settings") for e in edges)
+    assert len(registry.for_project(project.id)) == 2  # registered, built in the background
+    steps = {**PATHS, "step_limit": 3, "date_from": "2024-06-06"}  # the same definition, another question
+    short = _paths(running.api_url, project, steps)
+    assert short.status_code == 200 and short.json()["result"] != edges
+    deadline = datetime.now(UTC) + timedelta(seconds=60)
+    while not all(registry.status(project.id, h)[0] == "ready" for h in registry.for_project(project.id)):
+        assert datetime.now(UTC) < deadline
+    assert _paths(running.api_url, project, PATHS).json()["result"] == edges
+    assert _paths(other_api, project, PATHS, "blocking").json()["result"] == edges
+    assert _paths(other_api, project, steps, "blocking").json()["result"] == short.json()["result"]

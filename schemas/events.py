@@ -26,7 +26,10 @@ class InvalidEvent(ValueError):
     """An event that cannot be used; the message is the reason given back or sent to the DLQ."""
 
 
-@dataclass(frozen=True, slots=True)
+# Records and events are made once per event on the dataflow's hot path, so not frozen: a frozen
+# dataclass's __init__ sets each field through object.__setattr__ (0.83 us each, 0.22-0.25 us
+# without). Nothing mutates or hashes them.
+@dataclass(slots=True)
 class Record:
     """A record as read from the topic: where it sits, the partition's high watermark when fetched,
     and its bytes (parsed into a `TopicEvent` by the dataflow)."""
@@ -38,7 +41,7 @@ class Record:
     timestamp_ms: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see Record
 class TopicEvent:
     """A validated event, as it travels on the `events` topic."""
 

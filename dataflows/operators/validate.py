@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from schemas.events import InvalidEvent, Record, TopicEvent, parse_topic_event
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per event (schemas/events.py Record)
 class Parsed:
     record: Record
     event: TopicEvent | None

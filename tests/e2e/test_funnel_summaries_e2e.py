@@ -264,15 +264,12 @@ def _unsummarise(client: Any, project_id: int, definition: Any, persons: list[st
     prefix = keys.definition_prefix(project_id, definition.hash)
     for shard in range(shards):
         mine = [p for p in persons if keys.shard_of(p, shards) == shard]
-        rows = [k for kind in ("fa", "fb")
-                for k in client.scan_iter(keys.in_shard(keys.summary_rows(prefix, kind, "*"), shard))]
         pipe = client.pipeline(transaction=True)
-        for kind in ("fa", "fb"):
+        for kind in ("fa", "fb"):  # the days a version names are the days with rows (no SCAN of a shared Redis)
             versions = keys.in_shard(keys.summary_versions(prefix, kind), shard)
             for day in client.hkeys(versions):
                 pipe.hincrby(versions, day, 1)
-        if rows:
-            pipe.delete(*rows)
+                pipe.delete(keys.in_shard(keys.summary_rows(prefix, kind, day.decode()), shard))
         pipe.delete(keys.in_shard(keys.irregular_persons(prefix), shard))
         if mine:
             pipe.sadd(keys.in_shard(keys.summary_dirty(prefix), shard), *mine)
@@ -308,9 +305,15 @@ def test_answers_stay_exact_while_the_summariser_writes(running: Stack) -> None:
     assert len(definitions) == 2
     store = SummaryStore(client)
     summariser = Summariser(store, lambda letters: None)
-    kept = [keys.in_shard(keys.person_events(keys.definition_prefix(project.id, d.hash), "*"), shard)
-            for d in definitions for shard in range(store.shards)]
-    persons = sorted({key.rsplit(b":", 1)[1].decode() for pattern in kept for key in client.scan_iter(pattern)})
+    deadline = time.monotonic() + 30
+    while any(store.pending(project.id, d.hash) for d in definitions):  # the dataflow summarised them all
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    persons = sorted({p.decode() for d in definitions for shard in range(store.shards) for kind in ("fa", "fb")
+                      for day in client.hkeys(keys.in_shard(keys.summary_versions(
+                          keys.definition_prefix(project.id, d.hash), kind), shard))
+                      for p in client.hkeys(keys.in_shard(keys.summary_rows(
+                          keys.definition_prefix(project.id, d.hash), kind, day.decode()), shard))})
     assert len(persons) > 40
     written = [0]
 

@@ -255,7 +255,7 @@ class FunnelQuery(Computation):
         store = SummaryStore(self.redis)
         rows, stored_irregular = SUMMARIES.read_consistent(
             self.redis, definition, self._days(),
-            lambda: (SUMMARIES.read_combined(
+            lambda _: (SUMMARIES.read_combined(
                 self.redis, definition, self._days(), lambda values: read_attempt_rows(values, self.steps),
                 lambda days: np.concatenate(days) if days else np.zeros((0, self.steps + 1), dtype=np.int64)),
                 store.irregular(project_id, definition.hash)))

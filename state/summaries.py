@@ -227,16 +227,18 @@ class DaySummaries:
         per_shard = pipe.execute() if days else [[] for _ in range(shards)]
         return list(zip(*per_shard, strict=True)) if days else []
 
-    def read_consistent(self, client: redis.Redis, definition: Any, days: list[str], read: Callable[[], Any],
-                        kind: str | None = None) -> Any:
-        """`read()` (of the days' summaries and whatever a summary write changes with them, such as
-        the irregular persons) again while a write moved one of the days' versions meanwhile, so its
-        parts come from one state."""
+    def read_consistent(self, client: redis.Redis, definition: Any, days: list[str], read: Callable[[Any], Any],
+                        kind: str | None = None, versions: list[tuple[bytes | None, ...]] | None = None) -> Any:
+        """`read(versions)` (of the days' summaries, and whatever a summary write changes with them,
+        such as the irregular persons) again while a write moved one of the days' versions
+        meanwhile, so its parts come from one state (up to five tries). `versions`: the days'
+        versions when the caller has just read them."""
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
         kind = kind or definition.summary_kind
-        versions = self._versions(client, prefix, kind, days)
+        if versions is None:
+            versions = self._versions(client, prefix, kind, days)
         for _ in range(5):
-            found = read()
+            found = read(versions)
             again = self._versions(client, prefix, kind, days)
             if again == versions:
                 return found
@@ -260,18 +262,13 @@ class DaySummaries:
     def read(self, client: redis.Redis, definition: Any, days: list[str], decode: Callable[[list[bytes]], Any],
              kind: str | None = None, versions: list[tuple[bytes | None, ...]] | None = None) -> list[Any]:
         """The decoded summaries of the given days that have any (decode gets a day's hash values, of
-        every state shard); `versions`: the days' versions when the caller has just read them."""
+        every state shard), from one consistent snapshot; `versions`: the days' versions when the
+        caller has just read them."""
         prefix = keys.definition_prefix(definition.project_id, definition.hash)
         kind = kind or definition.summary_kind
-        if versions is None:
-            versions = self._versions(client, prefix, kind, days)
-        for _ in range(5):
-            found = self._read(client, definition, prefix, kind, days, versions, decode)
-            again = self._versions(client, prefix, kind, days)
-            if again == versions:  # no day changed while reading: one consistent snapshot
-                return found
-            versions = again
-        return found
+        return self.read_consistent(
+            client, definition, days, lambda now: self._read(client, definition, prefix, kind, days, now, decode),
+            kind, versions)
 
     def _read(self, client: redis.Redis, definition: Any, prefix: str, kind: str, days: list[str],
               versions: list[tuple[bytes | None, ...]], decode: Callable[[list[bytes]], Any]) -> list[Any]:

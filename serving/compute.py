@@ -35,6 +35,7 @@ from serving.errors import ApiError, unavailable, validation
 from state.archive import Archive
 from state.connection import connect
 from state.reads import StateReader
+from state.registry import DefinitionRegistry
 
 log = logging.getLogger("insightflow.compute")
 COMPUTED = Counter("insightflow_computations", "Insight computations run in a worker process")
@@ -81,6 +82,37 @@ def archive_complete(archive: Archive, state: StateReader, project_id: int) -> b
             return False
         time.sleep(0.05)
     return True
+
+
+class AnsweredWhileBuilding:
+    """A query over one definition that the event archive answers exactly (the same rule over the
+    same archived columns) until the definition is built: registered as always, and while it is
+    not `ready` answered from the archive if the archive holds every event state counted. Used with
+    `Computation`; the query sets `_candidate` (its archive, or None when it cannot be answered so)."""
+
+    redis: redis.Redis
+    project: Any
+    request: Any
+    state: StateReader
+    _candidate: Archive | None = None
+    archive: Archive | None = None  # set by `prepare`: the archive answers
+
+    def _building(self) -> bool:
+        return DefinitionRegistry(self.redis).status(self.project.id, self.request.definition.hash)[0] != "ready"
+
+    def prepare(self) -> None:
+        if self._candidate is None or self.archive is not None:
+            return
+        if self._building() and archive_complete(self._candidate, self.state, self.project.id):
+            self.archive = self._candidate
+
+    def answers_while_building(self) -> bool:
+        return self.archive is not None
+
+    def answering_archive(self) -> Archive | None:
+        """The archive, while it answers: `prepare` picked it and the definition is still building
+        (once built meanwhile, its own state answers)."""
+        return self.archive if self.archive is not None and self._building() else None
 
 
 class Computation:

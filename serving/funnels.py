@@ -39,13 +39,12 @@ from schemas.filters import as_text
 from schemas.funnels import FunnelRequest, read_kept
 from schemas.projects import Project
 from schemas.trends import RequestError
-from serving.compute import Computation, archive_complete, no_collection
+from serving.compute import AnsweredWhileBuilding, Computation, archive_complete, no_collection
 from serving.people import person_details
 from serving.trends import quantile
 from state import keys
 from state.archive import HOT_PROPERTIES, Archive
 from state.records import read_attempt_rows, read_day_event, read_day_rows, read_person_events, read_touches
-from state.registry import DefinitionRegistry
 from state.summaries import SUMMARIES, SummaryStore
 
 OTHER = "Other"
@@ -101,7 +100,7 @@ def rank_breakdown_groups(reached: dict[tuple[str, ...], Any], steps: int) -> li
     return sorted(reached, key=key)
 
 
-class FunnelQuery(Computation):
+class FunnelQuery(AnsweredWhileBuilding, Computation):
     """A funnel. An ordered funnel not broken down that reads only the event is answered from the
     event archive's columns while its definition is still being built (the first ask of a new
     funnel): the same attempt rule over the same events, so the same numbers, without waiting for
@@ -114,7 +113,6 @@ class FunnelQuery(Computation):
         by_columns = (definition.summaries and definition.breakdown is None and definition.columnar
                       and request.viz in ("steps", "time_to_convert"))
         self._candidate = archive if by_columns else None
-        self.archive: Archive | None = None  # answers from the archive: `prepare` found it complete
         self.tz = zone(project.timezone)
         interval = request.interval if request.viz == "trends" else "day"
         if interval not in ("hour", "day", "week", "month"):
@@ -136,16 +134,6 @@ class FunnelQuery(Computation):
 
     def definitions(self) -> list[Any]:
         return [self.request.definition]
-
-    def prepare(self) -> None:
-        if self._candidate is None or self.archive is not None:
-            return
-        status, _ = DefinitionRegistry(self.redis).status(self.project.id, self.request.definition.hash)
-        if status != "ready" and archive_complete(self._candidate, self.state, self.project.id):
-            self.archive = self._candidate
-
-    def answers_while_building(self) -> bool:
-        return self.archive is not None
 
     def archived_events(self, archive: Archive) -> CorrelationEvents:
         """The funnel's kept events in the range, from the archive's columns: its own `contribution`
@@ -350,10 +338,10 @@ class FunnelQuery(Computation):
 
     def outcome_groups(self) -> list[tuple[tuple[str, ...], Outcomes]]:
         """Per breakdown group, each actor's steps reached and attempt times."""
-        if self.archive is not None and DefinitionRegistry(self.redis).status(
-                self.project.id, self.request.definition.hash)[0] != "ready":  # built meanwhile: its summaries
+        archive = self.answering_archive()
+        if archive is not None:
             _, low, high = self._bounds_ms
-            events = self.archived_events(self.archive)
+            events = self.archived_events(archive)
             return [((), column_outcomes(events, self.steps, self.request.window_s, low, high))]
         if self.summarised:
             return self._summarised_outcomes()

@@ -27,21 +27,19 @@ from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
 from schemas.projects import Project
 from schemas.trends import RequestError
-from serving.compute import Computation, archive_complete
+from serving.compute import AnsweredWhileBuilding, Computation
 from state.archive import HOT_PROPERTIES, Archive
 from state.records import read_person_events, read_sessions
-from state.registry import DefinitionRegistry
 from state.summaries import SUMMARIES, SummaryStore
 
 ELLIPSIS = "..."
 
 
-class PathsQuery(Computation):
+class PathsQuery(AnsweredWhileBuilding, Computation):
     def __init__(self, client: redis.Redis, project: Project, request: PathsRequest, now: datetime,
                  archive: Archive | None = None) -> None:
         self.redis, self.project, self.request = client, project, request
         self._candidate = archive if request.definition.columnar else None
-        self.archive: Archive | None = None  # answers from the archive: `prepare` found it complete
         self.tz = zone(project.timezone)
         try:
             self.range = QueryDateRange.resolve(date_from=request.date_from, date_to=request.date_to, interval="day",
@@ -52,18 +50,6 @@ class PathsQuery(Computation):
 
     def definitions(self) -> list[PathDefinition]:
         return [self.request.definition]
-
-    def _status(self) -> str | None:
-        return DefinitionRegistry(self.redis).status(self.project.id, self.request.definition.hash)[0]
-
-    def prepare(self) -> None:
-        if self._candidate is None or self.archive is not None:
-            return
-        if self._status() != "ready" and archive_complete(self._candidate, self.state, self.project.id):
-            self.archive = self._candidate
-
-    def answers_while_building(self) -> bool:
-        return self.archive is not None
 
     def _archived_sessions(self, archive: Archive) -> list[list[PathEvent]]:
         """The sessions inside the range from the archive's columns: the definition's own
@@ -87,8 +73,9 @@ class PathsQuery(Computation):
         whose kept events changed since they were summarised (or merged since, not marked yet) have
         their sessions computed here from their whole group's events (a query writes nothing),
         replacing what is stored for them."""
-        if self.archive is not None and self._status() != "ready":  # built meanwhile: its summaries
-            return self._archived_sessions(self.archive)
+        archive = self.answering_archive()
+        if archive is not None:
+            return self._archived_sessions(archive)
         definition = self.request.definition
         days = day_keys(self.range.date_from, self.range.date_to)
         low, high = self.range.date_from.timestamp() * 1000, self.range.date_to.timestamp() * 1000

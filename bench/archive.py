@@ -34,12 +34,12 @@ from bench.run import (
     bench_paths,
     chdb_correlation_sql,
     chdb_session,
-    correlation_rows,
     ingest_backlog,
     median_ms,
     synthetic,
 )
 from serving import stack
+from serving.funnels import correlation_rows
 from state.archive import Archive
 from state.registry import DefinitionRegistry
 from state.stream import Stream
@@ -156,8 +156,9 @@ def main() -> None:
             sql = chdb_correlation_sql(list(FUNNEL_STEPS), date_from, date_to, 14 * 86400)
             counted = [line.rsplit(",", 2) for line in str(chdb.query(sql, "CSV")).strip().splitlines()]
             totals = next((int(s), int(f)) for name, s, f in counted if name == '""')
-            theirs = correlation_rows(*totals, {name.strip('"'): (int(s), int(f)) for name, s, f in counted
-                                                if name != '""'})
+            # PostHog's selection of the rows (§8.3 steps 6-9) over chdb's counts: the product's own
+            theirs = [row[:3] for row in correlation_rows(*totals, {name.strip('"'): (int(s), int(f))
+                                                                    for name, s, f in counted if name != '""'})]
             ours = [(r["event"]["event"], r["success_count"], r["failure_count"]) for r in body["result"]["events"]]
             chdb_ms = median_ms(lambda: chdb.query(sql, "CSV"), 3)
             report["funnel_correlation_events"] = {

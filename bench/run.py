@@ -420,18 +420,6 @@ WHERE e.event NOT IN ({names}) AND e.timestamp >= {lo} AND e.timestamp <= {hi}
 GROUP BY e.event"""
 
 
-def correlation_rows(total_s: int, total_f: int, counts: dict[str, tuple[int, int]]) -> list[tuple[str, int, int]]:
-    """Spec 8.3 steps 6-9 over counted candidates: (event, converted, others) of the rows PostHog
-    returns, successes then failures."""
-    rows = []
-    for key, (s, f) in counts.items():
-        if total_s and total_f and s + f >= min(25, 0.02 * (total_s + total_f)):
-            rows.append((key, s, f, ((s + 1) / (total_s - s + 1)) / ((f + 1) / (total_f - f + 1))))
-    positive = sorted((r for r in rows if r[3] > 1), key=lambda r: (-r[3], r[0]))[:10]
-    negative = sorted((r for r in rows if r[3] <= 1), key=lambda r: (r[3], r[0]))[:10]
-    return [(key, s, f) for key, s, f, _ in positive + negative]
-
-
 def funnel_freshness(http: httpx.Client, capture_url: str, url: str, headers: dict[str, str], date_from: str,
                      date_to: str, probes: int) -> dict[str, Any]:
     """A new person converts (three step events, inside the range): how long until the funnel the

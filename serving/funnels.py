@@ -690,20 +690,27 @@ def correlation(query: FunnelQuery, request: CorrelationRequest, person_properti
         big_s, big_f, counts = _counted_by_person(query, request, person_properties, step_names)
     if not big_s or not big_f:
         return {"events": [], "skewed": True}
+    events = [{"event": {"event": key, "properties": {}, "elements": []}, "success_count": s, "failure_count": f,
+               "odds_ratio": odds, "correlation_type": "success" if odds > 1 else "failure"}
+              for key, s, f, odds in correlation_rows(big_s, big_f, counts, request.kind)]
+    return {"events": events, "skewed": big_s / big_f > 10 or big_f / big_s > 10}
+
+
+def correlation_rows(big_s: int, big_f: int, counts: dict[str, tuple[int, int]], kind: str = "events"
+                     ) -> list[tuple[str, int, int, float]]:
+    """§8.3 steps 6-9 over counted candidates (`big_s`, `big_f`: converted and other actors, both
+    non-zero): (candidate, converted, others, odds ratio) of the rows returned, successes first."""
     rows = []
     for key, (s, f) in counts.items():
         if s + f < min(25, 0.02 * (big_s + big_f)):
             continue
-        if request.kind == "event_with_properties" and s + f <= 2:
+        if kind == "event_with_properties" and s + f <= 2:
             continue
         odds = ((s + 1) / (big_s - s + 1)) / ((f + 1) / (big_f - f + 1))
         rows.append((key, s, f, odds))
     positive = sorted((r for r in rows if r[3] > 1), key=lambda r: (-r[3], r[0]))[:10]
     negative = sorted((r for r in rows if r[3] <= 1), key=lambda r: (r[3], r[0]))[:10]
-    events = [{"event": {"event": key, "properties": {}, "elements": []}, "success_count": s, "failure_count": f,
-               "odds_ratio": odds, "correlation_type": "success" if odds > 1 else "failure"}
-              for key, s, f, odds in positive + negative]
-    return {"events": events, "skewed": big_s / big_f > 10 or big_f / big_s > 10}
+    return positive + negative
 
 
 

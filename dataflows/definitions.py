@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -25,7 +26,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, TopicPartition
 
-from dataflows.operators.batch import Occurrence
+from dataflows.operators.batch import DefinitionSums, Occurrence
 from dataflows.operators.history import KeptHistory, history_kept, history_sums
 from dataflows.operators.history_summaries import KeptColumns, Summarised, by_columns
 from dataflows.operators.persons import PersonProperties
@@ -42,7 +43,7 @@ from state.archive import HOT_PROPERTIES, Archive, contiguous, iter_events, part
 from state.connection import claim_state_shards, connect
 from state.records import read_property_stamp
 from state.registry import DefinitionRegistry, ProjectCache, Registry
-from state.store import BackfillRow, FenceMoved, StateStore
+from state.store import Applied, BackfillRow, FenceMoved, StateStore
 from state.stream import Stream
 from state.summaries import SummaryStore
 from state.topics import partition_count, topic_id
@@ -50,9 +51,10 @@ from state.topics import partition_count, topic_id
 log = logging.getLogger("insightflow.definitions")
 HOT = set(HOT_PROPERTIES)
 ARCHIVE_CHUNK = 2000  # archived events per backfill item batch
-SUMMED_CHUNK = 250_000  # archived events summed per call (what one Lua call of a few hundred ms writes)
-KEPT_CHUNK = 50_000  # archived events a funnel or paths keep per call (each written out, not summed)
-PERSONS_CHUNK = 250_000  # archived events (whole persons) per call of a definition written person by person
+# Archived events evaluated over columns per call (`Settings.backfill_chunk`): summed, or whole persons
+# for a definition written person by person, a few hundred ms of Lua each; a fifth of it for a funnel or
+# paths that keep their events per day (each event written out, not summed).
+KEPT_SHARE = 5
 SUMMARY_SLICE = 25_000  # backfilled persons whose summaries one sink call writes (about half a second)
 
 
@@ -251,6 +253,24 @@ class ArchivedSums:
 
 
 @dataclass
+class _ArchivedChunk:
+    """A chunk of archived events evaluated for a definition: per state shard the fence and limit its
+    write expects, what it adds, and (written on the sink's writer thread) that write."""
+
+    item: ArchivedSums
+    definition: Any
+    limits: dict[int, tuple[int, int]]
+    sums: dict[int, DefinitionSums] | dict[int, KeptHistory]
+    started: float
+    evaluated: float
+    write: Future[Applied] | None = None
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return self.item.project_id, self.item.h, self.item.name
+
+
+@dataclass
 class SummaryWork:
     """Summarise a batch of a definition's dirty persons (attempt summaries, state/summaries.py)."""
 
@@ -366,10 +386,11 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                 found = len(rows) if rows is not None else archived.num_rows if archived is not None else 0
                 log.info("backfill of %s for project %s: %s from %s to %s (%d archived events, then the topic from %s)",
                          h, project_id, name, start, bound, found, topic_start)
-                chunk = 0 if evaluated is None else SUMMED_CHUNK if isinstance(evaluated, Definition) else KEPT_CHUNK
+                size = self.settings.backfill_chunk
+                chunk = 0 if evaluated is None else size if isinstance(evaluated, Definition) else size // KEPT_SHARE
                 row_persons = None
                 if evaluated is not None and _by_persons(evaluated) and rows is not None and archived is not None:
-                    chunk = PERSONS_CHUNK  # each chunk whole persons: by person, then offset
+                    chunk = size  # each chunk whole persons: by person, then offset
                     persons = archived.column("person").to_numpy()[rows]
                     order = np.lexsort((archived.column("offset").to_numpy()[rows], persons))
                     rows, row_persons = rows[order], persons[order]
@@ -579,6 +600,11 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         self._kept: dict[tuple[int, str], tuple[list[KeptColumns], dict[int, int]]] = {}
         self._summarising: dict[tuple[int, str], _Summarising] = {}  # their summaries, being written
         self.tag = keys.topic_tag(topic_id(settings.kafka_bootstrap, settings.topic))
+        # A chunk of archived events being written while the next is evaluated (`_sum_archived`), and
+        # one whose write did not land, applied again before anything else.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-writer")
+        self._pending: _ArchivedChunk | None = None
+        self._redo: ArchivedSums | None = None
 
     def _definition(self, project_id: int, h: str) -> Definition | None:
         """The definition, while it is kept (None once it failed or if it is unknown)."""
@@ -641,8 +667,11 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
                 wait_for_redis(self.client, "backfill sink")
 
     def _write(self, items: list[BackfillItem | SummaryWork]) -> None:
+        self._redo_archived()
         groups: dict[tuple[int, str, str], list[BackfillItem]] = {}
         for item in items:
+            if not isinstance(item, ArchivedSums):
+                self._settle()
             if isinstance(item, SummaryWork):
                 self._summarise(item)
                 continue
@@ -669,52 +698,123 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
     def _sum_archived(self, item: ArchivedSums) -> None:
         """Apply a chunk of archived events to a definition, evaluated over its columns, above
         each shard's fence and below its limit (bound and live handover): in one call per shard, or
-        for a definition written person by person (`_by_persons`) in calls of a few thousand persons."""
+        for a definition written person by person (`_by_persons`) in calls of a few thousand persons.
+        A chunk followed by more of its task is written on the writer thread while the sink evaluates
+        the next one (Redis runs the first chunk's scripts while Python sums the next); the next
+        chunk's write waits for it and expects the fence it moved."""
         definition = self._definition(item.project_id, item.h)
         if definition is None:
+            self._settle()
             self._kept.pop((item.project_id, item.h), None)  # failed or gone: nothing to summarise
             return
-        evaluate = history_sums if isinstance(definition, Definition) else history_kept
-        per_person = _by_persons(definition)
         key = (item.project_id, item.h, item.name)
-        written = self._written.get(key, -1)
+        pending = self._pending
+        if _by_persons(definition) or (pending is not None and pending.key != key):
+            self._settle()
+            self._apply_archived(definition, item)
+            return
+        chunk = self._evaluate_archived(definition, item)  # while the pending chunk's write runs
+        if chunk is None:
+            self._settle()
+            return
+        if not self._settle():
+            self._apply_archived(definition, item)  # the fence is not the one evaluated against
+            return
+        if pending is not None:  # its write moved every shard's fence to its last offset
+            chunk.limits = {s: (max(fence, pending.item.through), limit) for s, (fence, limit) in chunk.limits.items()}
+        write = self.store.backfill_sums_write(definition, item.name, chunk.sums, chunk.limits, item.through,
+                                               self._written.get(key, -1))  # encoded here, sent on the thread
+        if not item.final:
+            chunk.write = self._writer.submit(write)
+            self._pending = chunk
+            return
+        try:  # the last chunk is written before the source looks at the fence to finish the task
+            result = write()
+        except FenceMoved as exc:
+            log.info("%s: evaluating again", exc)
+            self._apply_archived(definition, item)
+            return
+        self._applied_archived(chunk, result)
+
+    def _evaluate_archived(self, definition: Any, item: ArchivedSums) -> _ArchivedChunk | None:
+        """What a chunk adds to a definition above the fences read now (None: the definition failed)."""
         started = time.perf_counter()
+        limits = self.store.backfill_limits(item.project_id, item.h, item.name)
+
+        def takes(offsets: np.ndarray, shard: int, limits: dict[int, tuple[int, int]] = limits) -> np.ndarray:
+            return (offsets > limits[shard][0]) & (offsets < limits[shard][1])
+
+        evaluate = history_sums if isinstance(definition, Definition) else history_kept
+        try:
+            sums = evaluate(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes)
+        except Exception as exc:
+            self._fail(item.project_id, item.h, f"an event could not be applied to it: {type(exc).__name__}: {exc}")
+            return None
+        return _ArchivedChunk(item, definition, limits, sums, started, time.perf_counter())
+
+    def _apply_archived(self, definition: Any, item: ArchivedSums) -> None:
+        """Evaluate and write a chunk now, evaluating again while a fence moved under it."""
+        key = (item.project_id, item.h, item.name)
+        per_person = _by_persons(definition)
         while True:
-            limits = self.store.backfill_limits(item.project_id, item.h, item.name)
-            progress = self.store.backfill_progress(item.project_id, item.h, item.name) if per_person else {}
-
-            def takes(offsets: np.ndarray, shard: int, limits: dict[int, tuple[int, int]] = limits) -> np.ndarray:
-                return (offsets > limits[shard][0]) & (offsets < limits[shard][1])
-
-            try:
-                sums = evaluate(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes)
-            except Exception as exc:
-                self._fail(item.project_id, item.h,
-                           f"an event could not be applied to it: {type(exc).__name__}: {exc}")
+            chunk = self._evaluate_archived(definition, item)
+            if chunk is None:
                 return
-            evaluated = time.perf_counter()
+            written = self._written.get(key, -1)
             try:
                 if per_person:
+                    progress = self.store.backfill_progress(item.project_id, item.h, item.name)
                     result = self.store.backfill_persons(
-                        definition, item.name, {s: part.persons for s, part in sums.items()},  # type: ignore[union-attr]
-                        limits, progress, item.through, written, last=item.final)
-                    result.events = sum(part.events for part in sums.values())  # type: ignore[union-attr]
+                        definition, item.name, {s: part.persons for s, part in chunk.sums.items()},  # type: ignore[union-attr]
+                        chunk.limits, progress, item.through, written, last=item.final)
+                    result.events = sum(part.events for part in chunk.sums.values())  # type: ignore[union-attr]
                 else:
-                    result = self.store.backfill_sums(definition, item.name, sums,
-                                                      {s: fence for s, (fence, _) in limits.items()}, item.through,
+                    result = self.store.backfill_sums(definition, item.name, chunk.sums, chunk.limits, item.through,
                                                       written)
             except FenceMoved as exc:
                 log.info("%s: evaluating again", exc)
                 continue
-            break
+            self._applied_archived(chunk, result)
+            return
+
+    def _settle(self) -> bool:
+        """Wait for the chunk being written on the writer thread, if any, and record its outcome;
+        one whose write did not land (a fence moved, Redis went away) is evaluated and written
+        again now. False if it had to be."""
+        chunk, self._pending = self._pending, None
+        if chunk is None:
+            return True
+        assert chunk.write is not None
+        try:
+            result = chunk.write.result()
+        except (FenceMoved, *REDIS_DOWN) as exc:
+            log.info("%s: evaluating the chunk again", exc)
+            self._redo = chunk.item
+            self._redo_archived()
+            return False
+        self._applied_archived(chunk, result)
+        return True
+
+    def _redo_archived(self) -> None:
+        """Apply a chunk whose write did not land (kept until it did, so a Redis outage meanwhile
+        retries it with the batch)."""
+        if self._redo is not None:
+            definition = self._definition(self._redo.project_id, self._redo.h)
+            if definition is not None:
+                self._apply_archived(definition, self._redo)
+            self._redo = None
+
+    def _applied_archived(self, chunk: _ArchivedChunk, result: Applied) -> None:
+        item = chunk.item
         for (pid, failed_h), reason in result.failed.items():
             self._fail(pid, failed_h, f"Redis refused its state: {reason}")
-        if by_columns(definition) and not result.failed:
-            self._keep_columns(item.project_id, item.h, sums.values())  # type: ignore[arg-type]
-        self._written[key] = max(written, item.through)
+        if by_columns(chunk.definition) and not result.failed:
+            self._keep_columns(item.project_id, item.h, chunk.sums.values())  # type: ignore[arg-type]
+        key = (item.project_id, item.h, item.name)
+        self._written[key] = max(self._written.get(key, -1), item.through)
         log.info("backfill of %s for project %s: %d archived events of %s evaluated by columns, %d applied (%.2f s "
-                 "evaluating, %.2f s writing)", item.h, item.project_id, item.table.num_rows, item.name, result.events,
-                 evaluated - started, time.perf_counter() - evaluated)
+                 "evaluating, %.2f s until written)", item.h, item.project_id, item.table.num_rows, item.name,
+                 result.events, chunk.evaluated - chunk.started, time.perf_counter() - chunk.evaluated)
 
     def _keep_columns(self, project_id: int, h: str, parts: Iterable[KeptHistory]) -> None:
         columns, sizes = self._kept.setdefault((project_id, h), ([], {}))
@@ -761,7 +861,11 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         return project is not None and project.id == project_id
 
     def close(self) -> None:
-        self.dead.close()
+        try:
+            self._settle()
+        finally:
+            self._writer.shutdown()
+            self.dead.close()
 
 
 class BackfillSink(DynamicSink[BackfillItem | SummaryWork]):

@@ -22,6 +22,7 @@ ENV_VARS = {
     "INSIGHTFLOW_STATE_SHARDS": "state_shards",
     "INSIGHTFLOW_ARCHIVE_DIR": "archive_dir",
     "INSIGHTFLOW_SUMMARIES_WAIT_LAG": "summaries_wait_lag",
+    "INSIGHTFLOW_BACKFILL_CHUNK": "backfill_chunk",
 }
 
 
@@ -46,6 +47,10 @@ class Settings:
     # backlog: a replay, a burst). Each batch touching a person would summarise it again from all its
     # kept events, so a backlog cost the square of a person's events; summarised once caught up, once.
     summaries_wait_lag: int = 20_000
+    # Archived events a backfill evaluates over columns per step (a funnel or paths that keep their
+    # events: a fifth of it). Live batches run between steps: smaller is fresher during a build, larger
+    # builds faster (each step is a few hundred ms at the default).
+    backfill_chunk: int = 250_000
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -66,6 +71,7 @@ class Settings:
             state_shards=int(env.get("INSIGHTFLOW_STATE_SHARDS", cls.state_shards)),
             archive_dir=env.get("INSIGHTFLOW_ARCHIVE_DIR", cls.archive_dir),
             summaries_wait_lag=int(env.get("INSIGHTFLOW_SUMMARIES_WAIT_LAG", cls.summaries_wait_lag)),
+            backfill_chunk=max(5, int(env.get("INSIGHTFLOW_BACKFILL_CHUNK", cls.backfill_chunk))),
         )
 
 

@@ -62,6 +62,7 @@ HOT_PROPERTIES = ("$browser", "$os", "$device_type", "$current_url", "$pathname"
                   "$referring_domain")
 HOT_BITS = {name: 1 << i for i, name in enumerate(HOT_PROPERTIES)}  # a hot property's bit in `hot_in_json_only`
 _HOT = frozenset(HOT_PROPERTIES)
+_READERS = 4  # threads reading landing segments at once (a definition's history: 31 segments 0.6 -> 0.2 s)
 COMPACT_AFTER = 32  # landing segments of one worker and project before they are compacted into days
 DAY_SEGMENT_ROWS = 1_000_000  # a day's compacted segment takes more rows until it has this many
 
@@ -171,7 +172,9 @@ def read_segment(path: Path, columns: list[str] | None = None, filters: Any = No
         wanted = {*columns, *(f[0] for f in filters or ())}
         with pa.OSFile(str(path)) as source:
             read = [c for c in pa.ipc.open_file(source).schema.names if c in wanted]
-    table = _conformed(feather.read_table(path, columns=read, memory_map=False))
+    # Mapped, not read: filtering copies only the rows kept (a segment named by a manifest is complete,
+    # and one a compaction removes meanwhile stays readable while mapped).
+    table = _conformed(feather.read_table(path, columns=read, memory_map=True))
     if filters is not None:
         table = table.filter(pq.filters_to_expression(filters))
     return table.select(columns) if columns else table
@@ -455,11 +458,15 @@ class Archive:
             paths = [project.dir / s.path for m in self._manifests(project_id) for s in m.segments]
             compacted = [str(p) for p in paths if p.suffix == ".parquet"]
             try:
-                tables = [read_segment(p, columns, filters) for p in paths if p.suffix != ".parquet"]
-                if compacted:  # one scan over every day segment: their files are read in parallel
-                    scan = ds.dataset(compacted, schema=SCHEMA, format="parquet")
-                    tables.append(scan.to_table(columns=columns or SCHEMA.names, filter=(
-                        pq.filters_to_expression(filters) if filters is not None else None)))
+                with ThreadPoolExecutor(_READERS) as readers:  # Arrow reads without the GIL
+                    landing = readers.map(lambda p: read_segment(p, columns, filters),
+                                          [p for p in paths if p.suffix != ".parquet"])
+                    tables = []
+                    if compacted:  # one scan over every day segment: their files are read in parallel
+                        scan = ds.dataset(compacted, schema=SCHEMA, format="parquet")
+                        tables.append(scan.to_table(columns=columns or SCHEMA.names, filter=(
+                            pq.filters_to_expression(filters) if filters is not None else None)))
+                    tables = [*landing, *tables]
             except FileNotFoundError:
                 continue
             if not tables:

@@ -6,7 +6,7 @@ where it is kept and how it is encoded. Nothing here writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,12 @@ def read_bitmap(raw: bytes | None) -> int:
     return int.from_bytes((raw or b"").translate(_REVERSED), "little")
 
 
-def person_bitmap(persons: list[int]) -> bytes:
+def person_bitmap(persons: Collection[int] | np.ndarray) -> bytes:
     """Persons as the stored bitmap `read_bitmap` reads (person p is bit 7 - p % 8 of byte p // 8): a
     backfill ORs a dense set in whole, where setting each person's bit costs about 1 µs of BITFIELD."""
-    bits = np.zeros(max(persons) + 1, dtype=bool)
-    bits[np.asarray(persons, dtype=np.int64)] = True
+    ids = np.fromiter(persons, dtype=np.int64) if isinstance(persons, set) else np.asarray(persons, dtype=np.int64)
+    bits = np.zeros(int(ids.max()) + 1, dtype=bool)
+    bits[ids] = True
     return np.packbits(bits).tobytes()
 
 

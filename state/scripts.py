@@ -138,7 +138,7 @@ BACKFILL_EVENTS = Script("backfill_events.lua", _header_then(
 # A definition's backfill from the archive in one state shard, summed by the worker.
 # A.batch's sections, and DB: person sets sent whole (a bitmap in the ARGV at `argument`), ORed in.
 BACKFILL_SUMS = Script("backfill_sums.lua", (
-    Layout("A", ("prefix", "definition", "fence", "expected", "through", "written_up_to", "batch", "kept")),
+    Layout("A", ("prefix", "definition", "fence", "expected", "limit", "through", "written_up_to", "batch", "kept")),
     *DEFINITION_SECTIONS, Layout("DB", ("definition", "kind", "breakdown", "bucket", "argument"))))
 
 # A summarised definition's archived kept events, person by person (backfill_persons.lua).

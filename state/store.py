@@ -12,10 +12,11 @@ time rather than arrival.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 import redis
 
@@ -58,9 +59,9 @@ def _text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def texts(persons: Iterable[int]) -> list[str]:
+def texts(persons: Iterable[int] | np.ndarray) -> list[str]:
     """Person ids as the text a script puts into keys and commands (see `home_args`)."""
-    return list(map(str, persons))
+    return list(map(str, persons.tolist() if isinstance(persons, np.ndarray) else persons))
 
 
 def _json_values(values: dict[str, object]) -> str:
@@ -110,13 +111,15 @@ def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffec
     return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(batch | kept_rows), kept]
 
 
-def definition_sections(by_definition: dict[str, DefinitionSums]) -> dict[str, list[Any]]:
+def definition_sections(by_definition: dict[str, DefinitionSums], whole: Collection[tuple[str, str, Any]] = ()
+                        ) -> dict[str, list[Any]]:
     """What counting definitions add, as the sections `definition_sums.lua` applies (rows follow
-    `scripts.DEFINITION_SECTIONS`)."""
+    `scripts.DEFINITION_SECTIONS`); the person sets of keys in `whole` are left out (a backfill sends
+    them as bitmaps)."""
     items = by_definition.items()
     return {
-        "DC": [[h, kind, bv, str(bucket), n, texts(sums.persons[(kind, bv, bucket)])]
-               for h, sums in items for (kind, bv, bucket), n in sums.counts.items()],
+        "DC": [[h, kind, bv, str(bucket), n, [] if key in whole else texts(sums.persons[key])]
+               for h, sums in items for key, n in sums.counts.items() for kind, bv, bucket in (key,)],
         "DV": [[h, sorted(sums.breakdowns)] for h, sums in items if sums.breakdowns],
         "DS": [[h, bv, f, *stat] for h, sums in items for (bv, f), stat in sums.stats.items()],
         "DL": [[h, kind, bv, str(bucket), values] for h, sums in items
@@ -127,6 +130,14 @@ def definition_sections(by_definition: dict[str, DefinitionSums]) -> dict[str, l
 
 
 DENSE_BYTES_PER_PERSON = 32  # a backfill sends a person set whole once it has a person per 32 bytes of bitmap
+
+
+def _dense(persons: set[int] | np.ndarray) -> bool:
+    """Whether a backfill sends a person set as a bitmap."""
+    if len(persons) < 2:
+        return False
+    largest = int(persons[-1]) if isinstance(persons, np.ndarray) else max(persons)  # an array is sorted
+    return len(persons) * DENSE_BYTES_PER_PERSON > largest // 8
 
 
 def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[tuple[str, int, list[str]]]
@@ -433,12 +444,21 @@ class StateStore(ShardedStore):
         return result
 
     def backfill_sums(self, definition: Any, name: str, sums: dict[int, DefinitionSums] | dict[int, KeptHistory],
-                      fences: dict[int, int], through: int, written_up_to: int = -1) -> Applied:
+                      limits: dict[int, tuple[int, int]], through: int, written_up_to: int = -1) -> Applied:
         """Apply what archived events of topic partition `name` add to a definition, per state shard
-        above the fences read (`backfill_limits`): summed for a counting definition, the events it
-        keeps for a funnel or paths (`KeptHistory`). Every shard's fence moves to `through`, each
-        shard in one call (`backfill_sums.lua`). `FenceMoved` if a fence moved since it was read
-        (nothing of that shard written); `RedisLostWrites` if one is behind what this process wrote."""
+        between the fence and limit read (`backfill_limits`): summed for a counting definition, the
+        events it keeps for a funnel or paths (`KeptHistory`). Every shard's fence moves to `through`,
+        each shard in one call (`backfill_sums.lua`). `FenceMoved` if a fence or limit moved since it
+        was read (nothing of that shard written); `RedisLostWrites` if a fence is behind what this
+        process wrote."""
+        return self.backfill_sums_write(definition, name, sums, limits, through, written_up_to)()
+
+    def backfill_sums_write(self, definition: Any, name: str,
+                            sums: dict[int, DefinitionSums] | dict[int, KeptHistory],
+                            limits: dict[int, tuple[int, int]], through: int,
+                            written_up_to: int = -1) -> Callable[[], Applied]:
+        """`backfill_sums` in two parts: its arguments encoded now, and the call that sends them and
+        reads the answers, to run later (on another thread: it mostly waits for Redis)."""
         pid, h = definition.project_id, definition.hash
 
         counting = isinstance(definition, Definition)
@@ -450,32 +470,31 @@ class StateStore(ShardedStore):
                 kept_rows, kept = kept_sections(((h, day, rows) for day, rows in part.days.items()),
                                                 ((h, p, [kept]) for p, kept in part.persons.items()))
                 return [orjson.dumps(definition_sections({}) | kept_rows), kept]
-            batch = {**definition_sections({h: part}), **kept_sections((), ())[0], "DB": []}
-            bitmaps = []
-            for row, key in zip(batch["DC"], part.counts, strict=True):  # the rows follow the sums' keys
-                persons = part.persons[key]
-                if len(persons) > 1 and len(persons) * DENSE_BYTES_PER_PERSON > max(persons) // 8:
-                    batch["DB"].append([*row[:4], first_bitmap + len(bitmaps)])
-                    bitmaps.append(person_bitmap(list(persons)))
-                    row[-1] = []
-            return [orjson.dumps(batch), b"", *bitmaps]
+            dense = [key for key in part.counts if _dense(part.persons[key])]
+            batch = {**definition_sections({h: part}, set(dense)), **kept_sections((), ())[0],
+                     "DB": [[h, kind, bv, str(bucket), first_bitmap + i] for i, (kind, bv, bucket) in enumerate(dense)]}
+            return [orjson.dumps(batch), b"", *(person_bitmap(part.persons[key]) for key in dense)]
 
         calls = [([keys.shard_applied(pid, s)],
-                  [keys.shard_prefix(pid, s), h, name, fences[s], through, written_up_to, *arguments(sums[s])])
+                  [keys.shard_prefix(pid, s), h, name, *limits[s], through, written_up_to, *arguments(sums[s])])
                  for s in range(self.shards)]
-        result = Applied()
-        moved = []
-        for s, answer in zip(range(self.shards), run_scripts(self.redis, self._backfill_sums, calls), strict=True):
-            code = int(answer[0])
-            if code == -2:
-                raise RedisLostWrites(f"the backfill fence of {h} on {name} is behind offset {written_up_to}, "
-                                      "which this process wrote")
-            if code == -4:
-                moved.append(s)
-                continue
-            part = sums[s]
-            result.events += sum(part.counts[k] for k in part.counts if k[0] == "d") if counting else part.events
-            result.failed.update(_failures(pid, answer))
-        if moved:
-            raise FenceMoved(f"the backfill fences of {h} on {name} moved in shards {moved}")
-        return result
+
+        def write() -> Applied:
+            result = Applied()
+            moved = []
+            for s, answer in zip(range(self.shards), run_scripts(self.redis, self._backfill_sums, calls), strict=True):
+                code = int(answer[0])
+                if code == -2:
+                    raise RedisLostWrites(f"the backfill fence of {h} on {name} is behind offset {written_up_to}, "
+                                          "which this process wrote")
+                if code == -4:
+                    moved.append(s)
+                    continue
+                part = sums[s]
+                result.events += sum(part.counts[k] for k in part.counts if k[0] == "d") if counting else part.events
+                result.failed.update(_failures(pid, answer))
+            if moved:
+                raise FenceMoved(f"the backfill fences or limits of {h} on {name} moved in shards {moved}")
+            return result
+
+        return write

@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from dataflows.operators.persons import PersonUpdate, person_update
 from schemas.events import TopicEvent
 from state.records import day_row, person_record, sized_value
@@ -60,7 +62,8 @@ class DefinitionSums:
     keep_values: bool = False
     per_actor: bool = False
     counts: dict[tuple[str, str, int | str], int] = field(default_factory=lambda: defaultdict(int))  # kind, bv, bucket
-    persons: dict[tuple[str, str, int | str], set[int]] = field(default_factory=lambda: defaultdict(set))
+    # A batch's person sets; a backfill's are arrays, sorted and distinct (history.py).
+    persons: dict[tuple[str, str, int | str], set[int] | np.ndarray] = field(default_factory=lambda: defaultdict(set))
     breakdowns: set[str] = field(default_factory=set)
     stats: dict[tuple[str, str], list[Any]] = field(default_factory=dict)  # (bv, h<hour>|d<day>) -> [sums, n, min, max]
     values: dict[tuple[str, str, int | str], list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -70,7 +73,7 @@ class DefinitionSums:
     def add(self, o: Occurrence, bv: str, v: Any, person: int) -> None:
         for kind, bucket in (("h", o.hour), ("d", o.day)):
             self.counts[(kind, bv, bucket)] += 1
-            self.persons[(kind, bv, bucket)].add(person)
+            self.persons[(kind, bv, bucket)].add(person)  # type: ignore[union-attr]
             if self.per_actor:
                 self.actors[(kind, bv, bucket)][person] += 1
         self.breakdowns.add(bv)

@@ -3,8 +3,9 @@
 -- of topic partition A.fence between the shard's backfill fence and its bound (and live handover) add,
 -- as the DC/DV/DS/DL/DA sections of apply_shard.lua for a counting definition, its KD/KP sections for
 -- one that keeps events, with the fence moved to A.through in the same
--- call. The worker read the fence (A.expected) and summed only the events above it; a fence that
--- moved since answers {-4} and writes nothing (the worker reads it again), one behind what this
+-- call. The worker read the fence and limit (A.expected, A.limit) and summed only the events between
+-- them; a fence or limit that moved since answers {-4} and writes nothing (the worker reads them
+-- again), a fence behind what this
 -- process wrote (A.written_up_to) answers {-2}: Redis lost writes. Arguments: the header A; A.batch
 -- is a JSON object of those sections, and of DB rows naming the later arguments that hold bitmaps;
 -- A.kept the KP rows' records.
@@ -17,6 +18,7 @@ local part = ARGV[A.fence]
 local fence = tonumber(redis.call('HGET', D .. DK.backfill_fence, part) or '-1')
 if fence < tonumber(ARGV[A.written_up_to]) then return {-2} end
 if fence ~= tonumber(ARGV[A.expected]) then return {-4} end
+if backfill_limit(D, part) ~= tonumber(ARGV[A.limit]) then return {-4} end
 local batch = cjson.decode(ARGV[A.batch])
 apply_sums(batch)
 apply_kept(batch, ARGV[A.kept])

@@ -117,7 +117,8 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
     """Capture, stop, start again on the same data dir (the embedded broker comes back empty), then ask
     for a filtered trend, an ordered funnel and paths never asked before, over the days before the
     restart. Then capture more while the dataflow is killed (-9) in the middle of its archive
-    writes, restart the whole stack again, and ask new definitions over all of it."""
+    writes, restart the whole stack again, and ask new definitions over all of it, built in steps of
+    a few events."""
     rng = random.Random(15)
     first = stream(rng, personas=30)
     second = _renamed(stream(rng, personas=30), "z")
@@ -159,7 +160,10 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
 
     everything = first + second
     assert _archived_uuids(data_dir, 41) == sorted(e["uuid"] for e in everything)  # each event once
-    up = Up.start(data_dir, env=CLOCK)
+    # Steps of five archived events: each build takes many, each written while the next is evaluated.
+    log = data_dir / "logs" / "dataflow.log"
+    logged = log.stat().st_size
+    up = Up.start(data_dir, env={**CLOCK, "INSIGHTFLOW_BACKFILL_CHUNK": "5"})
     try:
         _, api = _project(up, 41)
         person = final_persons(everything)
@@ -174,6 +178,8 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
         assert _ask_filtered(api, "Chrome") == _filtered_trend(everything, person, "Chrome")
         assert _ask_funnel(api, ORDERED) == expected["funnel"]
         assert _ask_paths(api, PATHS) == expected["paths"]
+        steps = log.read_bytes()[logged:].count(b"evaluated by columns")
+        assert steps > 4 * 8, steps  # 4 definitions by columns (strict funnels go event by event), 8 partitions
     finally:
         up.kill()
 

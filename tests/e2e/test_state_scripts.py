@@ -554,6 +554,7 @@ def test_a_backfill_ors_dense_person_sets_in_whole_and_sets_sparse_ones_bit_by_b
     from schemas.definitions import Definition
     from schemas.filters import parse_filters
     from state.reads import person_bitmap
+    from state.store import FenceMoved
 
     project = next(_projects)
     definition = Definition(project_id=project, event="view", filters=parse_filters(None))
@@ -565,7 +566,10 @@ def test_a_backfill_ors_dense_person_sets_in_whole_and_sets_sparse_ones_bit_by_b
     dense_key = keys.definition_key(prefix, "ud", "v", "20240101")
     client.setbit(dense_key, 1000, 1)  # a person live counted that day
     store = StateStore(client, 1)
-    store.backfill_sums(definition, "t1:0", {0: sums}, {0: -1}, 9)
+    client.hset(keys.in_shard(keys.backfill_bound(prefix), 0), "t1:0", 10)
+    limits = store.backfill_limits(project, definition.hash, "t1:0")
+    assert limits == {0: (-1, 10)}
+    store.backfill_sums(definition, "t1:0", {0: sums}, limits, 9)
     reference = {1000, *dense}
     assert [p for p in range(1200) if client.getbit(dense_key, p)] == sorted(reference)
     sparse_key = keys.definition_key(prefix, "uh", "v", "3600")
@@ -573,3 +577,17 @@ def test_a_backfill_ors_dense_person_sets_in_whole_and_sets_sparse_ones_bit_by_b
     assert client.hget(keys.definition_key(prefix, "cd", "v"), "20240101") == b"200"
     assert not client.exists(keys.project_prefix(project) + keys.PROJECT_PARTS["scratch"])
     assert person_bitmap([0, 9]) == bytes([0b1000_0000, 0b0100_0000])  # Redis's bit order
+    # A fence or a limit that moved since they were read (a live handover below the bound) writes nothing.
+    later = DefinitionSums()
+    later.counts[("d", "v", "20240101")], later.persons[("d", "v", "20240101")] = 5, {8}
+    with pytest.raises(FenceMoved):
+        store.backfill_sums(definition, "t1:0", {0: later}, limits, 12)
+    client.hset(keys.in_shard(keys.backfill_bound(prefix), 0), "t1:1", 20)
+    limits = store.backfill_limits(project, definition.hash, "t1:1")
+    client.hset(keys.in_shard(keys.handover(prefix), 0), "t1:1", 15)
+    with pytest.raises(FenceMoved):
+        store.backfill_sums(definition, "t1:1", {0: later}, limits, 12)
+    assert client.hget(keys.definition_key(prefix, "cd", "v"), "20240101") == b"200"
+    assert not client.getbit(dense_key, 8)
+    store.backfill_sums(definition, "t1:1", {0: later}, store.backfill_limits(project, definition.hash, "t1:1"), 12)
+    assert client.hget(keys.definition_key(prefix, "cd", "v"), "20240101") == b"205"

@@ -6,9 +6,10 @@ Redis and broker: the dataflow's ingest rate over the backlog with the event arc
 speed drifts within minutes); the archive's bytes per event; then, with the archive on, the embedded
 broker restarted empty (its topic and every event in it gone, as after a restart of `up`) and the
 time until each new definition is queryable (first 200 of a blocking request), built from the
-archive alone: an ordered 3-step funnel, a filtered trend broken down by a property, 5-step paths
-and the funnel's event correlation. chdb answers the same questions from scratch over the same events, side by side, and
-the run checks the numbers are equal where it computes them.
+archive alone: an ordered 3-step funnel, a filtered trend broken down by a property, the sum and
+average of a property, 5-step paths and the funnel's event correlation. chdb answers the same
+questions from scratch over the same events, side by side, and the run checks the numbers are equal
+where it computes them.
 """
 
 from __future__ import annotations
@@ -80,6 +81,30 @@ def _filtered_breakdown(http: httpx.Client, url: str, headers: dict[str, str], c
             "chdb_over_insightflow_http": round(chdb_ms / http_ms, 2), "same_numbers": ours == theirs}
 
 
+def _property_sum(http: httpx.Client, url: str, headers: dict[str, str], chdb: Any, date_from: str,
+                  date_to: str) -> dict[str, Any]:
+    """Sum and average of `amount` (in the JSON, no column of its own) over purchases per day, against chdb."""
+    query = {"events": [{"id": "purchase", "math": "sum", "math_property": "amount"},
+                        {"id": "purchase", "math": "avg", "math_property": "amount"}],
+             "date_from": date_from, "date_to": date_to}
+    build_s, body = _until_ready(http, url, query, headers)
+    ours = [{d: v for d, v in zip(r["days"], r["data"], strict=True) if v} for r in body["result"]]
+    sql = (f"SELECT toDate(timestamp) AS d, sum(JSONExtractFloat(properties, 'amount')), "
+           f"avg(JSONExtractFloat(properties, 'amount')) FROM events WHERE event = 'purchase' AND timestamp >= "
+           f"'{date_from} 00:00:00' AND timestamp < toDateTime64('{date_to} 00:00:00', 6) + INTERVAL 1 DAY "
+           f"GROUP BY d")
+    theirs: list[dict[str, float]] = [{}, {}]
+    for line in str(chdb.query(sql, "CSV")).strip().splitlines():
+        d, total, mean = line.replace('"', "").split(",")
+        theirs[0][d], theirs[1][d] = float(total), float(mean)
+    same = all(ours[i].keys() == theirs[i].keys() and all(abs(ours[i][d] - theirs[i][d]) <= 1e-9 * abs(theirs[i][d])
+                                                        for d in theirs[i]) for i in range(2))
+    http_ms = median_ms(lambda: http.post(url, json=query, headers=headers).raise_for_status(), 5)
+    chdb_ms = median_ms(lambda: chdb.query(sql, "CSV"), 5)
+    return {"build_s": build_s, "insightflow_http_ms": round(http_ms, 1), "chdb_ms": round(chdb_ms, 1),
+            "chdb_over_insightflow_http": round(chdb_ms / http_ms, 2), "same_numbers": same}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     backlog_arguments(parser, 1_000_000, 50_000)
@@ -145,6 +170,7 @@ def main() -> None:
             funnel_url = url.replace("/trend/", "/funnel/")
             report["funnel_3_steps_30d"] = bench_funnel(http, funnel_url, headers, client, chdb, date_from, date_to)
             report["trend_filtered_by_url_30d"] = _filtered_breakdown(http, url, headers, chdb, date_from, date_to)
+            report["trend_sum_of_amount_30d"] = _property_sum(http, url, headers, chdb, date_from, date_to)
             report.update(bench_paths(http, url, headers, chdb, client))
             correlation = {"events": [{"id": e, "order": i} for i, e in enumerate(FUNNEL_STEPS)],
                            "date_from": date_from, "date_to": date_to, "funnel_window_interval": 14,

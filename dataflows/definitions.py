@@ -63,7 +63,7 @@ def _by_columns(definition: Any) -> bool:
     definitions, and funnels and paths whose contribution reads only the event's name and a few of
     its properties; the others go event by event."""
     if isinstance(definition, Definition):
-        return definition.counts_only
+        return definition.summed_by_columns
     return bool(getattr(definition, "columnar", False))
 
 

@@ -129,10 +129,11 @@ class Definition:
         return not self.uses_person
 
     @property
-    def counts_only(self) -> bool:
-        """Its contribution depends on the event's name and properties alone and carries no value: a
-        backfill may evaluate it once per distinct (name, `event_keys` values) and count (history.py)."""
-        return not (self.uses_person or self.value_property or self.keep_values or self.per_actor)
+    def summed_by_columns(self) -> bool:
+        """Its contribution depends on the event's name and properties alone, and it keeps counts,
+        persons and a property's sums, count, min and max (not every value, nor events per person):
+        a backfill evaluates it once per distinct (name, `event_keys` values) and sums (history.py)."""
+        return not (self.uses_person or self.keep_values or self.per_actor)
 
     def event_names(self) -> list[str] | None:
         """The event names that can count (None: any)."""

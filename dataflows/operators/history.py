@@ -2,7 +2,7 @@
 
 A backfill from the archive (state/archive.py) does not run each event through the per-event path:
 a definition whose contribution depends only on the event's name and a few of its properties
-(`Definition.counts_only`, and funnels and paths that are `columnar`) is evaluated once per distinct
+(`Definition.summed_by_columns`, and funnels and paths that are `columnar`) is evaluated once per distinct
 (name, values of those properties); a counting definition's events are then counted per breakdown
 value and bucket with array operations, and the events a funnel or paths keep are written out per
 day and person as the live batch writes them. The rule applied
@@ -13,6 +13,7 @@ event is parsed only when one it needs is not (or is not text there).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -253,7 +254,7 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
 
 def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: set[str], shards: int,
                  takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, DefinitionSums]:
-    """What the archived rows of `table` add to a `counts_only` definition, per state shard of their
+    """What the archived rows of `table` add to a `summed_by_columns` definition, per state shard of their
     persons; `takes(offsets, shard)` says which rows each shard takes (above its backfill fence,
     below its bound and live handover). Raises what `contribution` raises."""
     out = {s: DefinitionSums() for s in range(shards)}
@@ -271,6 +272,8 @@ def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: se
                 breakdowns.append(bv)
             outcome[i] = index[bv]
     bv_of = outcome[codes]
+    value_of = np.array([hit[1] if hit is not None and hit[1] is not None else np.nan for hit in hits],
+                        dtype=np.float64)[codes] if definition.value_property else None
     persons = table.column("person").to_numpy()
     offsets = table.column("offset").to_numpy()
     hours, day_of, days = slot_buckets(table.column("timestamp").to_numpy(), ZoneInfo(definition.timezone))
@@ -291,5 +294,38 @@ def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: se
                 b, bucket = breakdowns[key // width], names_of[key % width]
                 sums.counts[(kind, b, bucket)] += n
                 sums.persons[(kind, b, bucket)] = who  # each key once: its distinct persons, ascending
+            if value_of is not None:
+                for key, stat in _value_stats(keys_of, value_of[rows], len(breakdowns) * width).items():
+                    sums.stats[(breakdowns[key // width], f"{kind}{names_of[key % width]}")] = stat
         sums.breakdowns.update(breakdowns[i] for i in np.unique(bv).tolist())
+    return out
+
+
+def _value_stats(keys: np.ndarray, values: np.ndarray, size: int) -> dict[int, list[Any]]:
+    """Per key in range(size), [partial sums, count, min, max] of its rows' values (NaN: the event
+    has no number there), as `DefinitionSums.add` keeps them: each key's values added in row order
+    (`np.bincount` adds its weights in order), a new partial sum where a double would overflow."""
+    numeric = ~np.isnan(values)
+    keys, values = keys[numeric], values[numeric]
+    if not len(keys):
+        return {}
+    counts = np.bincount(keys, minlength=size)
+    totals = np.bincount(keys, weights=values, minlength=size)
+    lows, highs = np.full(size, np.inf), np.full(size, -np.inf)
+    np.minimum.at(lows, keys, values)
+    np.maximum.at(highs, keys, values)
+    out: dict[int, list[Any]] = {}
+    for key in np.flatnonzero(counts).tolist():
+        total = float(totals[key])
+        if math.isfinite(total):
+            parts = [total]
+        else:  # past a double: partial sums, as the live batch keeps them (Redis adds them in long double)
+            parts = [0.0]
+            for v in values[keys == key].tolist():
+                t = parts[-1] + v
+                if math.isinf(t) or math.isnan(t):
+                    parts.append(v)
+                else:
+                    parts[-1] = t
+        out[key] = [parts, int(counts[key]), float(lows[key]), float(highs[key])]
     return out

@@ -89,6 +89,31 @@ def _two_step_funnel(events: list[dict[str, Any]], person: dict[str, str], order
     return [sum(1 for r in reached if r >= k) for k in (1, 2)]
 
 
+def _priced(events: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """Purchases with an `amount`: a number, a number as text, text that is none, or nothing."""
+    for e in events:
+        if e["event"] == "purchase":
+            choice = rng.choice([rng.randrange(1, 100), rng.randrange(1, 10) / 4, "12.5", "n/a", None])
+            if choice is not None:
+                e["properties"]["amount"] = choice
+    return events
+
+
+def _amounts(events: list[dict[str, Any]]) -> list[list[float]]:
+    """Per day: the sum and the average of the purchases' numeric amounts (0 without any)."""
+    by_day: list[list[float]] = [[] for _ in range(DAYS)]
+    for e in events:
+        amount = e["properties"].get("amount")
+        if e["event"] == "purchase" and amount is not None and amount != "n/a":
+            by_day[_day(e)].append(float(amount))
+    return [[sum(v) for v in by_day], [sum(v) / len(v) if v else 0 for v in by_day]]
+
+
+def _ask_amounts(api: Api) -> list[list[float]]:
+    series = [{"id": "purchase", "math": math, "math_property": "amount"} for math in ("sum", "avg")]
+    return [s["data"] for s in api.post("trend/", {**RANGE, "events": series})["result"]]
+
+
 def _ask_filtered(api: Api, browser: str) -> list[list[int]]:
     series = [{"id": "$pageview", "math": math,
                "properties": [{"key": "$browser", "value": [browser], "operator": "exact", "type": "event"}]}
@@ -120,8 +145,8 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
     writes, restart the whole stack again, and ask new definitions over all of it, built in steps of
     a few events."""
     rng = random.Random(15)
-    first = stream(rng, personas=30)
-    second = _renamed(stream(rng, personas=30), "z")
+    first = _priced(stream(rng, personas=30), rng)
+    second = _priced(_renamed(stream(rng, personas=30), "z"), rng)
     data_dir = tmp_path / "data"
     up = Up.start(data_dir, env=CLOCK)
     try:
@@ -169,6 +194,8 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
         person = final_persons(everything)
         expected = oracle(everything, person)
         assert _ask_filtered(api, "Safari") == _filtered_trend(everything, person, "Safari")
+        for got, expected_amounts in zip(_ask_amounts(api), _amounts(everything), strict=True):  # property maths
+            assert got == pytest.approx(expected_amounts)
         assert _ask_funnel(api, TWO_STEPS) == _two_step_funnel(everything, person)
         for order in ("unordered", "strict"):  # funnels that keep their events per day, not per person
             assert _ask_funnel(api, {**TWO_STEPS, "funnel_order_type": order}) == _two_step_funnel(

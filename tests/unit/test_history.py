@@ -35,7 +35,7 @@ def _events(rng: random.Random, n: int, text_hot: bool = False) -> list[Archived
         for key, choices in (("$browser", ["Chrome", "Safari", "", 3, None, "a\x1fb"]),
                             ("$current_url", ["/", "/docs/", "/docs", "https://x.y/?"]),
                             ("plan", ["free", "pro", 7, 7.0, True, None, ["pro"]]),
-                            ("amount", [1, 50, 51, "60", None, "x"]),
+                            ("amount", [1, 50, 51, "60", None, "x", 1.5e308, -0.25]),
                             ("$screen_name", ["Home", 4, "Cart"])):
             values = [v for v in choices if isinstance(v, str)] if text_hot and key in HOT else choices
             if rng.random() < 0.8:
@@ -57,6 +57,10 @@ DEFINITIONS = [
         {"key": "$browser", "operator": "is_not_set", "type": "event"},
         {"key": "plan", "value": "pro", "operator": "icontains", "type": "event"}]}),
         Breakdown((("event", "$browser"), ("event", "plan")), as_list=True), timezone="Asia/Kathmandu"),
+    # Property maths: the value's sums (partial ones past a double), count, min and max per bucket.
+    Definition(1, "buy", parse_filters(None), value_property=("event", "amount")),
+    Definition(1, None, parse_filters([{"key": "$browser", "value": ["Chrome"], "operator": "exact", "type": "event"}]),
+               Breakdown((("event", "$current_url"),)), value_property=("event", "amount"), timezone="Asia/Kathmandu"),
 ]
 
 
@@ -88,6 +92,7 @@ def test_history_sums_equal_the_per_event_rule(seed: int, which: int, shards: in
         assert dict(got[s].counts) == dict(expected[s].counts)
         assert {k: set(v) for k, v in got[s].persons.items()} == {k: set(v) for k, v in expected[s].persons.items()}
         assert got[s].breakdowns == expected[s].breakdowns
+        assert got[s].stats == expected[s].stats
 
 
 @settings(max_examples=30, deadline=None)
@@ -226,3 +231,17 @@ def test_a_live_batch_evaluates_each_distinct_input_once_with_the_per_event_resu
                     if (hit := d.contribution(o.event, o.source.properties, {}, NOW)) is not None]
         assert (o.contributions or []) == expected
     assert sum(len(o.contributions or ()) for o in items) > len(items) // 2
+
+
+def test_property_sums_past_a_double_keep_partial_sums_as_the_live_batch_does() -> None:
+    """Two values near the largest double in one bucket: their sum is no double, so the partial sums
+    go to Redis apart (it adds them in long double), exactly as `DefinitionSums.add` keeps them."""
+    ts = int(datetime(2024, 6, 1, 10, tzinfo=UTC).timestamp() * 1000)
+    amounts = [1.5e308, 2.0, 1.5e308, "x", -3.0]
+    events = [ArchivedEvent("t", 0, i, 7, "2024-06-01", TopicEvent(f"u{i}", "buy", "d", ts + i, {"amount": a}, 1))
+              for i, a in enumerate(amounts)]
+    definition = DEFINITIONS[4]
+    got = history_sums(definition, table_of(events), NOW, HOT, 1, lambda offsets, s: offsets >= 0)[0]
+    assert got.stats == _per_event(definition, events, 1, {0: -1})[0].stats
+    hour = next(k for k in got.stats if k[1].startswith("h"))
+    assert got.stats[hour] == [[1.5e308 + 2.0, 1.5e308 - 3.0], 4, -3.0, 1.5e308]

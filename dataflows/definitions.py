@@ -62,8 +62,6 @@ def _by_columns(definition: Any) -> bool:
     """Whether a backfill evaluates the definition over the archive's columns (history.py): counting
     definitions, and funnels and paths whose contribution reads only the event's name and a few of
     its properties; the others go event by event."""
-    if isinstance(definition, Definition):
-        return definition.summed_by_columns
     return bool(getattr(definition, "columnar", False))
 
 

@@ -125,15 +125,9 @@ class Definition:
     @property
     def columnar(self) -> bool:
         """Its contribution depends on the event's name and `event_keys` properties alone (as for
-        funnels and paths): a live batch evaluates it once per distinct (name, values)."""
+        funnels and paths): a live batch evaluates it once per distinct (name, values), and a backfill
+        from the archive too, summing what it keeps per bucket over columns (history.py)."""
         return not self.uses_person
-
-    @property
-    def summed_by_columns(self) -> bool:
-        """Its contribution depends on the event's name and properties alone, and it keeps counts,
-        persons and a property's sums, count, min and max (not every value, nor events per person):
-        a backfill evaluates it once per distinct (name, `event_keys` values) and sums (history.py)."""
-        return not (self.uses_person or self.keep_values or self.per_actor)
 
     def event_names(self) -> list[str] | None:
         """The event names that can count (None: any)."""

@@ -2,7 +2,7 @@
 
 A backfill from the archive (state/archive.py) does not run each event through the per-event path:
 a definition whose contribution depends only on the event's name and a few of its properties
-(`Definition.summed_by_columns`, and funnels and paths that are `columnar`) is evaluated once per distinct
+(counting definitions, funnels and paths that are `columnar`) is evaluated once per distinct
 (name, values of those properties); a counting definition's events are then counted per breakdown
 value and bucket with array operations, and the events a funnel or paths keep are written out per
 day and person as the live batch writes them. The rule applied
@@ -254,10 +254,10 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
 
 def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: set[str], shards: int,
                  takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, DefinitionSums]:
-    """What the archived rows of `table` add to a `summed_by_columns` definition, per state shard of their
+    """What the archived rows of `table` add to a `columnar` counting definition, per state shard of their
     persons; `takes(offsets, shard)` says which rows each shard takes (above its backfill fence,
     below its bound and live handover). Raises what `contribution` raises."""
-    out = {s: DefinitionSums() for s in range(shards)}
+    out = {s: DefinitionSums(definition.keep_values, definition.per_actor) for s in range(shards)}
     table, codes, hits = _evaluated(definition, table, now, hot)
     if table.num_rows == 0:
         return out
@@ -297,7 +297,39 @@ def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: se
             if value_of is not None:
                 for key, stat in _value_stats(keys_of, value_of[rows], len(breakdowns) * width).items():
                     sums.stats[(breakdowns[key // width], f"{kind}{names_of[key % width]}")] = stat
+                if definition.keep_values:
+                    for key, values in _listed_values(keys_of, value_of[rows]).items():
+                        sums.values[(kind, breakdowns[key // width], names_of[key % width])] = values
+            if definition.per_actor:
+                for key, actors in _actor_counts(keys_of, p).items():
+                    sums.actors[(kind, breakdowns[key // width], names_of[key % width])] = actors
         sums.breakdowns.update(breakdowns[i] for i in np.unique(bv).tolist())
+    return out
+
+
+def _listed_values(keys: np.ndarray, values: np.ndarray) -> dict[int, list[float]]:
+    """Per key, its rows' numeric values in row order (quantile maths keep every value)."""
+    numeric = ~np.isnan(values)
+    keys, values = keys[numeric], values[numeric]
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(run_starts(ordered)).tolist()
+    listed = values[order].tolist()
+    return {int(ordered[a]): listed[a:b] for a, b in pairwise([*starts, len(order)])}
+
+
+def _actor_counts(keys: np.ndarray, persons: np.ndarray) -> dict[int, dict[int, int]]:
+    """Per key, each person's events among its rows (count-per-actor maths)."""
+    if not len(keys):
+        return {}
+    stride = int(persons.max()) + 1
+    pairs = np.sort(keys.astype(np.int64) * stride + persons)
+    starts = np.flatnonzero(run_starts(pairs))
+    counts = np.diff(np.append(starts, len(pairs))).tolist()
+    distinct = pairs[starts]
+    out: dict[int, dict[int, int]] = {}
+    for key, person, n in zip((distinct // stride).tolist(), (distinct % stride).tolist(), counts, strict=True):
+        out.setdefault(key, {})[person] = n
     return out
 
 

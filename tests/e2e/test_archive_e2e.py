@@ -11,9 +11,10 @@ import json
 import os
 import random
 import signal
+import statistics
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,26 @@ def _ask_amounts(api: Api) -> list[list[float]]:
     return [s["data"] for s in api.post("trend/", {**RANGE, "events": series})["result"]]
 
 
+def _busiest(events: list[dict[str, Any]], person: dict[str, str]) -> list[list[float]]:
+    """Per day: the median purchase amount (0 without any) and the most $pageviews of one person."""
+    amounts: list[list[float]] = [[] for _ in range(DAYS)]
+    views: list[Counter[str]] = [Counter() for _ in range(DAYS)]
+    for e in events:
+        amount = e["properties"].get("amount")
+        if e["event"] == "purchase" and amount is not None and amount != "n/a":
+            amounts[_day(e)].append(float(amount))
+        if e["event"] == "$pageview":
+            views[_day(e)][person[e["distinct_id"]]] += 1
+    return [[float(statistics.median(a)) if a else 0 for a in amounts],
+            [max(v.values(), default=0) for v in views]]
+
+
+def _ask_busiest(api: Api) -> list[list[float]]:
+    series = [{"id": "purchase", "math": "median", "math_property": "amount"},
+              {"id": "$pageview", "math": "max_count_per_actor"}]
+    return [s["data"] for s in api.post("trend/", {**RANGE, "events": series})["result"]]
+
+
 def _ask_filtered(api: Api, browser: str) -> list[list[int]]:
     series = [{"id": "$pageview", "math": math,
                "properties": [{"key": "$browser", "value": [browser], "operator": "exact", "type": "event"}]}
@@ -196,6 +217,8 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
         assert _ask_filtered(api, "Safari") == _filtered_trend(everything, person, "Safari")
         for got, expected_amounts in zip(_ask_amounts(api), _amounts(everything), strict=True):  # property maths
             assert got == pytest.approx(expected_amounts)
+        for got, expected_values in zip(_ask_busiest(api), _busiest(everything, person), strict=True):  # quantiles,
+            assert got == pytest.approx(expected_values)  # and counts per actor
         assert _ask_funnel(api, TWO_STEPS) == _two_step_funnel(everything, person)
         for order in ("unordered", "strict"):  # funnels that keep their events per day, not per person
             assert _ask_funnel(api, {**TWO_STEPS, "funnel_order_type": order}) == _two_step_funnel(

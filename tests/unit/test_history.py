@@ -61,12 +61,17 @@ DEFINITIONS = [
     Definition(1, "buy", parse_filters(None), value_property=("event", "amount")),
     Definition(1, None, parse_filters([{"key": "$browser", "value": ["Chrome"], "operator": "exact", "type": "event"}]),
                Breakdown((("event", "$current_url"),)), value_property=("event", "amount"), timezone="Asia/Kathmandu"),
+    # Quantiles keep every value; count-per-actor maths each person's events.
+    Definition(1, "buy", parse_filters(None), Breakdown((("event", "plan"),)), value_property=("event", "amount"),
+               keep_values=True),
+    Definition(1, "view", parse_filters(None), Breakdown((("event", "$browser"),)), per_actor=True,
+               timezone="America/Sao_Paulo"),
 ]
 
 
 def _per_event(definition: Definition, events: list[ArchivedEvent], shards: int, fence: dict[int, int]
                ) -> dict[int, DefinitionSums]:
-    out = {s: DefinitionSums() for s in range(shards)}
+    out = {s: DefinitionSums(definition.keep_values, definition.per_actor) for s in range(shards)}
     for e in events:
         s = e.person % shards
         if e.offset <= fence[s]:
@@ -93,6 +98,8 @@ def test_history_sums_equal_the_per_event_rule(seed: int, which: int, shards: in
         assert {k: set(v) for k, v in got[s].persons.items()} == {k: set(v) for k, v in expected[s].persons.items()}
         assert got[s].breakdowns == expected[s].breakdowns
         assert got[s].stats == expected[s].stats
+        assert dict(got[s].values) == dict(expected[s].values)
+        assert {k: dict(v) for k, v in got[s].actors.items()} == {k: dict(v) for k, v in expected[s].actors.items()}
 
 
 @settings(max_examples=30, deadline=None)
@@ -245,3 +252,23 @@ def test_property_sums_past_a_double_keep_partial_sums_as_the_live_batch_does() 
     assert got.stats == _per_event(definition, events, 1, {0: -1})[0].stats
     hour = next(k for k in got.stats if k[1].startswith("h"))
     assert got.stats[hour] == [[1.5e308 + 2.0, 1.5e308 - 3.0], 4, -3.0, 1.5e308]
+
+
+def test_count_per_actor_and_quantile_sums_equal_the_per_event_rule_over_a_busy_day() -> None:
+    """Few persons, many events in one day: each person's events per bucket and every value, in order."""
+    rng = random.Random(3)
+    day = int(datetime(2024, 6, 1, tzinfo=UTC).timestamp() * 1000)
+    events = [ArchivedEvent("t", 0, i, rng.randrange(1, 4), "2024-06-01",
+                            TopicEvent(f"u{i}", rng.choice(["view", "buy"]), "d", day + rng.randrange(3 * 3_600_000),
+                                       {"$browser": rng.choice(["Chrome", "Safari"]), "plan": "pro",
+                                        "amount": rng.choice([1, 2.5, "3", None])}, 1))
+              for i in range(200)]
+    for definition in DEFINITIONS[-2:]:
+        got = history_sums(definition, table_of(events), NOW, HOT, 2, lambda offsets, s: offsets >= 0)
+        expected = _per_event(definition, events, 2, {0: -1, 1: -1})
+        for s in range(2):
+            assert dict(got[s].values) == dict(expected[s].values)
+            assert {k: dict(v) for k, v in got[s].actors.items()} == {k: dict(v) for k, v in expected[s].actors.items()}
+            assert got[s].stats == expected[s].stats
+        assert any(n > 1 for s in range(2) for actors in got[s].actors.values() for n in actors.values()) or \
+            definition.keep_values

@@ -60,9 +60,10 @@ SUMMARY_SLICE = 25_000  # backfilled persons whose summaries one sink call write
 
 def _by_columns(definition: Any) -> bool:
     """Whether a backfill evaluates the definition over the archive's columns (history.py): counting
-    definitions, and funnels and paths whose contribution reads only the event's name and a few of
-    its properties; the others go event by event."""
-    return bool(getattr(definition, "columnar", False))
+    definitions (those reading person properties with a snapshot of them), and funnels and paths
+    whose contribution reads only the event's name and a few of its properties; the others go event
+    by event."""
+    return isinstance(definition, Definition) or bool(getattr(definition, "columnar", False))
 
 
 def _by_persons(definition: Any) -> bool:
@@ -414,6 +415,8 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
             assert self.archive is not None
             fences = self.archive.fences(project_id)
             kept = [] if isinstance(definition, Definition) else ["uuid"]  # kept events name their uuid
+            if isinstance(definition, Definition) and definition.uses_person:
+                kept = ["distinct_id"]  # whose person properties it reads
             table = self.archive.definition_rows(project_id, definition.event_names(), definition.event_keys(),
                                                  ["topic", "partition", "offset", "person", "event", "timestamp",
                                                   *kept])
@@ -742,9 +745,14 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         def takes(offsets: np.ndarray, shard: int, limits: dict[int, tuple[int, int]] = limits) -> np.ndarray:
             return (offsets > limits[shard][0]) & (offsets < limits[shard][1])
 
-        evaluate = history_sums if isinstance(definition, Definition) else history_kept
+        people = None  # person properties as of now, as the event-by-event backfill reads them (Redis down: retried)
+        if isinstance(definition, Definition) and definition.uses_person:
+            people = person_snapshot(self.client, item.project_id, item.table.column("distinct_id").to_pylist())
         try:
-            sums = evaluate(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes)
+            if isinstance(definition, Definition):
+                sums = history_sums(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes, people)
+            else:
+                sums = history_kept(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes)
         except Exception as exc:
             self._fail(item.project_id, item.h, f"an event could not be applied to it: {type(exc).__name__}: {exc}")
             return None

@@ -146,6 +146,15 @@ class Definition:
             keys.add(self.value_property[1])
         return keys
 
+    def person_keys(self) -> set[str]:
+        """The person properties `contribution` reads."""
+        keys = self.filters.person_keys().union(*(s.filters.person_keys() for s in self.steps))
+        if self.breakdown:
+            keys |= {key for kind, key in self.breakdown.properties if kind == "person"}
+        if self.value_property and self.value_property[0] == "person":
+            keys.add(self.value_property[1])
+        return keys
+
     def to_json(self) -> bytes:
         raw = {**self.raw, "filters": self.filters.to_raw(),
                "steps": [[s.event, s.filters.to_raw()] for s in self.steps]}

@@ -81,6 +81,9 @@ class PropertyFilter:
     def event_keys(self) -> set[str]:
         return {self.key} if self.type == "event" else set()
 
+    def person_keys(self) -> set[str]:
+        return {self.key} if self.type == "person" else set()
+
     def to_raw(self) -> dict[str, Any]:
         return {"key": self.key, "operator": self.operator, "value": self.value, "type": self.type}
 
@@ -160,6 +163,10 @@ class FilterGroup:
     def event_keys(self) -> set[str]:
         """The event properties the filters read (what `matches` depends on, with `now`)."""
         return set().union(*(item.event_keys() for item in self.items))
+
+    def person_keys(self) -> set[str]:
+        """The person properties the filters read."""
+        return set().union(*(item.person_keys() for item in self.items))
 
     def to_raw(self) -> dict[str, Any]:
         return {"type": self.kind, "values": [item.to_raw() for item in self.items]}

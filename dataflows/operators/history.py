@@ -139,10 +139,34 @@ def _group(values: np.ndarray, persons: np.ndarray, size: int) -> tuple[np.ndarr
     return present, counts[present], np.split(pairs % stride, starts[1:])
 
 
-def _evaluated(definition: Any, table: pa.Table, now: datetime, hot: set[str]
+People = dict[str, dict[str, Any]]  # person properties by distinct_id (`person_snapshot`)
+
+
+def _person_inputs(table: pa.Table, keys: list[str], people: People) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Per row, the index of its person's distinct values of `keys` (by the row's distinct_id), and
+    those values (a property the person lacks is left out, as the filters read a missing one)."""
+    ids = pc.dictionary_encode(table.column("distinct_id")).combine_chunks()
+    seen: dict[bytes, int] = {}
+    found: list[dict[str, Any]] = []
+    of_id = np.empty(len(ids.dictionary), dtype=np.int64)
+    for i, did in enumerate(ids.dictionary.to_pylist()):
+        props = people.get(did, {})
+        values = {k: props[k] for k in keys if k in props}
+        text = orjson.dumps(values, option=orjson.OPT_SORT_KEYS)
+        code = seen.get(text)
+        if code is None:
+            code = seen[text] = len(found)
+            found.append(values)
+        of_id[i] = code
+    return of_id[ids.indices.to_numpy(zero_copy_only=False)], found
+
+
+def _evaluated(definition: Any, table: pa.Table, now: datetime, hot: set[str], people: People | None = None
                ) -> tuple[pa.Table, np.ndarray, list[tuple[str, Any] | None]]:
     """The rows of the definition's event names, each row's distinct input, and the definition's
-    contribution for each distinct input. Raises what `contribution` raises."""
+    contribution for each distinct input. A definition that reads person properties takes them from
+    `people` (by distinct_id): its distinct inputs are (event input, person input) pairs. Raises what
+    `contribution` raises."""
     names = definition.event_names()
     if names is not None and table.num_rows:
         wanted = pc.is_in(table.column("event"), pa.array(names))
@@ -152,7 +176,14 @@ def _evaluated(definition: Any, table: pa.Table, now: datetime, hot: set[str]
         return table, np.empty(0, dtype=np.int64), []
     keys = sorted(definition.event_keys())
     codes, found = _distinct_inputs(table, keys, hot)
-    return table, codes, [definition.contribution(inputs[0], _properties(keys, inputs), {}, now) for inputs in found]
+    if people is None:
+        return table, codes, [definition.contribution(inputs[0], _properties(keys, inputs), {}, now)
+                              for inputs in found]
+    person_of, persons = _person_inputs(table, sorted(definition.person_keys()), people)
+    pairs, codes = np.unique(codes * len(persons) + person_of, return_inverse=True)
+    return table, codes.reshape(-1), [
+        definition.contribution(found[pair // len(persons)][0], _properties(keys, found[pair // len(persons)]),
+                                persons[pair % len(persons)], now) for pair in pairs.tolist()]
 
 
 def kept_values(definition: Any, table: pa.Table, now: datetime, hot: set[str]
@@ -253,12 +284,16 @@ def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str],
 
 
 def history_sums(definition: Definition, table: pa.Table, now: datetime, hot: set[str], shards: int,
-                 takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, DefinitionSums]:
+                 takes: Callable[[np.ndarray, int], np.ndarray], people: People | None = None
+                 ) -> dict[int, DefinitionSums]:
     """What the archived rows of `table` add to a `columnar` counting definition, per state shard of their
     persons; `takes(offsets, shard)` says which rows each shard takes (above its backfill fence,
-    below its bound and live handover). Raises what `contribution` raises."""
+    below its bound and live handover); `people`: the person properties of its rows' distinct_ids,
+    for a definition that reads them. Raises what `contribution` raises."""
     out = {s: DefinitionSums(definition.keep_values, definition.per_actor) for s in range(shards)}
-    table, codes, hits = _evaluated(definition, table, now, hot)
+    if definition.uses_person and people is None:
+        raise ValueError("a definition that reads person properties is evaluated with them")
+    table, codes, hits = _evaluated(definition, table, now, hot, people if definition.uses_person else None)
     if table.num_rows == 0:
         return out
     breakdowns: list[str] = []

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from dataflows.definitions import person_snapshot
 from dataflows.operators.funnels import StepEvent, funnel
 from state.archive import Archive
 from state.registry import Registry
@@ -135,6 +136,24 @@ def _ask_busiest(api: Api) -> list[list[float]]:
     return [s["data"] for s in api.post("trend/", {**RANGE, "events": series})["result"]]
 
 
+def _pro_trend(events: list[dict[str, Any]], person: dict[str, str], people: dict[str, dict[str, Any]]
+               ) -> list[list[int]]:
+    """$pageview events of persons whose `plan` is now "pro": total and distinct persons per day."""
+    totals, persons = [0] * DAYS, [set() for _ in range(DAYS)]
+    for e in events:
+        if e["event"] == "$pageview" and people.get(e["distinct_id"], {}).get("plan") == "pro":
+            totals[_day(e)] += 1
+            persons[_day(e)].add(person[e["distinct_id"]])
+    return [totals, [len(p) for p in persons]]
+
+
+def _ask_pro(api: Api) -> list[list[int]]:
+    series = [{"id": "$pageview", "math": math,
+               "properties": [{"key": "plan", "value": ["pro"], "operator": "exact", "type": "person"}]}
+              for math in ("total", "dau")]
+    return [s["data"] for s in api.post("trend/", {**RANGE, "events": series})["result"]]
+
+
 def _ask_filtered(api: Api, browser: str) -> list[list[int]]:
     series = [{"id": "$pageview", "math": math,
                "properties": [{"key": "$browser", "value": [browser], "operator": "exact", "type": "event"}]}
@@ -219,6 +238,10 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
             assert got == pytest.approx(expected_amounts)
         for got, expected_values in zip(_ask_busiest(api), _busiest(everything, person), strict=True):  # quantiles,
             assert got == pytest.approx(expected_values)  # and counts per actor
+        # Person properties as they are now (as the backfill reads them), by distinct_id.
+        people = person_snapshot(up.redis, 41, {e["distinct_id"] for e in everything})
+        assert sum(p.get("plan") == "pro" for p in people.values()) > 3
+        assert _ask_pro(api) == _pro_trend(everything, person, people)
         assert _ask_funnel(api, TWO_STEPS) == _two_step_funnel(everything, person)
         for order in ("unordered", "strict"):  # funnels that keep their events per day, not per person
             assert _ask_funnel(api, {**TWO_STEPS, "funnel_order_type": order}) == _two_step_funnel(

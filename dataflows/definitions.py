@@ -59,11 +59,10 @@ SUMMARY_SLICE = 25_000  # backfilled persons whose summaries one sink call write
 
 
 def _by_columns(definition: Any) -> bool:
-    """Whether a backfill evaluates the definition over the archive's columns (history.py): counting
-    definitions (those reading person properties with a snapshot of them), and funnels and paths
-    whose contribution reads only the event's name and a few of its properties; the others go event
-    by event."""
-    return isinstance(definition, Definition) or bool(getattr(definition, "columnar", False))
+    """Whether a backfill evaluates the definition over the archive's columns (history.py): every
+    definition (those reading person properties with a snapshot of them) but a funnel's correlation
+    over property events, whose contribution reads every property (it goes event by event)."""
+    return not getattr(definition, "property_events", False)
 
 
 def _by_persons(definition: Any) -> bool:
@@ -415,8 +414,8 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
             assert self.archive is not None
             fences = self.archive.fences(project_id)
             kept = [] if isinstance(definition, Definition) else ["uuid"]  # kept events name their uuid
-            if isinstance(definition, Definition) and definition.uses_person:
-                kept = ["distinct_id"]  # whose person properties it reads
+            if definition.uses_person:
+                kept.append("distinct_id")  # whose person properties it reads
             table = self.archive.definition_rows(project_id, definition.event_names(), definition.event_keys(),
                                                  ["topic", "partition", "offset", "person", "event", "timestamp",
                                                   *kept])
@@ -746,13 +745,13 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             return (offsets > limits[shard][0]) & (offsets < limits[shard][1])
 
         people = None  # person properties as of now, as the event-by-event backfill reads them (Redis down: retried)
-        if isinstance(definition, Definition) and definition.uses_person:
+        if definition.uses_person:
             people = person_snapshot(self.client, item.project_id, item.table.column("distinct_id").to_pylist())
         try:
             if isinstance(definition, Definition):
                 sums = history_sums(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes, people)
             else:
-                sums = history_kept(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes)
+                sums = history_kept(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes, people)
         except Exception as exc:
             self._fail(item.project_id, item.h, f"an event could not be applied to it: {type(exc).__name__}: {exc}")
             return None

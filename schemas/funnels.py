@@ -173,6 +173,15 @@ class FunnelDefinition:
             found |= {key for kind, key in self.breakdown.properties if kind == "event"}
         return found
 
+    def person_keys(self) -> set[str]:
+        """The person properties `contribution` reads."""
+        groups = [self.filters, *(s.filters for s in self._matchers()),
+                  *(a.filters for s in self._matchers() for a in s.actions)]
+        found = set().union(*(g.person_keys() for g in groups))
+        if self.breakdown:
+            found |= {key for kind, key in self.breakdown.properties if kind == "person"}
+        return found
+
     def to_json(self) -> bytes:
         raw = {"steps": [s.to_raw() for s in self.steps],
                "exclusions": [[x.step.to_raw(), x.from_step, x.to_step] for x in self.exclusions],

@@ -86,6 +86,10 @@ class PathDefinition:
         """The event properties `contribution` reads: its filters', and what a path item is named by."""
         return self.filters.event_keys() | {"$current_url", "$screen_name"}
 
+    def person_keys(self) -> set[str]:
+        """The person properties `contribution` reads."""
+        return self.filters.person_keys()
+
     def to_json(self) -> bytes:
         return orjson.dumps({"project_id": self.project_id, "raw": {"filters": self.filters.to_raw()},
                              **self.canonical()})

@@ -1,11 +1,11 @@
 """What archived events add to a counting definition, computed over columns (no I/O).
 
 A backfill from the archive (state/archive.py) does not run each event through the per-event path:
-a definition whose contribution depends only on the event's name and a few of its properties
-(counting definitions, funnels and paths that are `columnar`) is evaluated once per distinct
-(name, values of those properties); a counting definition's events are then counted per breakdown
-value and bucket with array operations, and the events a funnel or paths keep are written out per
-day and person as the live batch writes them. The rule applied
+a definition's contribution is evaluated once per distinct (name, values of the event properties
+it reads), and for one that reads person properties, per distinct pair of that and the values of
+its person properties (a snapshot by distinct_id, passed in); a counting definition's events are
+then counted per breakdown value and bucket with array operations, and the events a funnel or paths
+keep are written out per day and person as the live batch writes them. The rule applied
 is the definition's own `contribution`, so the numbers are the live path's: only how often it runs
 changes. Properties the archive keeps as their own columns are read from there; the JSON of an
 event is parsed only when one it needs is not (or is not text there).
@@ -239,12 +239,15 @@ def _joined_by_group(texts: pa.Array, groups: np.ndarray) -> tuple[np.ndarray, l
 
 
 def history_kept(definition: Any, table: pa.Table, now: datetime, hot: set[str], shards: int,
-                 takes: Callable[[np.ndarray, int], np.ndarray]) -> dict[int, KeptHistory]:
+                 takes: Callable[[np.ndarray, int], np.ndarray], people: People | None = None
+                 ) -> dict[int, KeptHistory]:
     """What the archived rows of `table` (in offset order) add to a `columnar` funnel or paths
     definition, per state shard of their persons; `takes` as for `history_sums`. The records are
     built over columns: one text per row, grouped by person (or day) with one sort."""
     out = {s: KeptHistory() for s in range(shards)}
-    table, codes, hits = _evaluated(definition, table, now, hot)
+    if definition.uses_person and people is None:
+        raise ValueError("a definition that reads person properties is evaluated with them")
+    table, codes, hits = _evaluated(definition, table, now, hot, people if definition.uses_person else None)
     if table.num_rows == 0:
         return out
     per_day, per_person = "f" in definition.flags, "s" in definition.flags

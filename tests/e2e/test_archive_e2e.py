@@ -15,6 +15,7 @@ import statistics
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,17 @@ def _filtered_trend(events: list[dict[str, Any]], person: dict[str, str], browse
     return [totals, [len(p) for p in persons]]
 
 
-def _two_step_funnel(events: list[dict[str, Any]], person: dict[str, str], order: str = "ordered") -> list[int]:
-    """$pageview -> purchase, 7-day window (a strict funnel sees the person's other events too)."""
+def _two_step_funnel(events: list[dict[str, Any]], person: dict[str, str], order: str = "ordered",
+                     first: Callable[[dict[str, Any]], bool] = lambda e: True) -> list[int]:
+    """$pageview (those `first` keeps) -> purchase, 7-day window (a strict funnel sees the person's
+    other events too)."""
     steps: dict[str, list[StepEvent]] = defaultdict(list)
     for e in events:
         ts = datetime.fromisoformat(e["timestamp"]).timestamp()
-        if e["event"] in ("$pageview", "purchase"):
+        if e["event"] == "$pageview" and not first(e):
+            if order == "strict":
+                steps[person[e["distinct_id"]]].append(StepEvent(ts, e["uuid"], ()))
+        elif e["event"] in ("$pageview", "purchase"):
             steps[person[e["distinct_id"]]].append(StepEvent(ts, e["uuid"], (1 if e["event"] == "$pageview" else 2,)))
         elif order == "strict":
             steps[person[e["distinct_id"]]].append(StepEvent(ts, e["uuid"], ()))
@@ -242,6 +248,12 @@ def test_new_definitions_after_restarts_are_built_from_the_archive(tmp_path: Pat
         people = person_snapshot(up.redis, 41, {e["distinct_id"] for e in everything})
         assert sum(p.get("plan") == "pro" for p in people.values()) > 3
         assert _ask_pro(api) == _pro_trend(everything, person, people)
+        pro_first = {**TWO_STEPS, "events": [
+            {"id": "$pageview", "order": 0,
+             "properties": [{"key": "plan", "value": ["pro"], "operator": "exact", "type": "person"}]},
+            {"id": "purchase", "order": 1}]}
+        assert _ask_funnel(api, pro_first) == _two_step_funnel(
+            everything, person, first=lambda e: people.get(e["distinct_id"], {}).get("plan") == "pro")
         assert _ask_funnel(api, TWO_STEPS) == _two_step_funnel(everything, person)
         for order in ("unordered", "strict"):  # funnels that keep their events per day, not per person
             assert _ask_funnel(api, {**TWO_STEPS, "funnel_order_type": order}) == _two_step_funnel(

@@ -159,15 +159,16 @@ KEEPING = [
 ]
 
 
-def _kept_per_event(definition: object, events: list[ArchivedEvent], shards: int, fence: dict[int, int]
-                    ) -> dict[int, tuple[dict, dict]]:
+def _kept_per_event(definition: object, events: list[ArchivedEvent], shards: int, fence: dict[int, int],
+                    people: dict[str, dict[str, object]] | None = None) -> dict[int, tuple[dict, dict]]:
     """The live batch's rule (batch.py `batch_effects`) over the same events, in offset order."""
     occurrences = []
     for e in events:
         b = trend_buckets(e.event, ZoneInfo(definition.timezone))  # type: ignore[attr-defined]
         o = Occurrence.of(e.event, b.hour, b.day, 0, e.offset)
         o.person = e.person
-        hit = definition.contribution(e.event.event, e.event.properties, {}, NOW)  # type: ignore[attr-defined]
+        person_props = (people or {}).get(e.event.distinct_id, {})
+        hit = definition.contribution(e.event.event, e.event.properties, person_props, NOW)  # type: ignore[attr-defined]
         o.contributions = [("h", hit[0], hit[1])] if hit is not None else None
         occurrences.append(o)
     effects = batch_effects(occurrences, KnownFirsts(), flags={"h": definition.flags},  # type: ignore[attr-defined]
@@ -314,4 +315,35 @@ def test_history_sums_of_definitions_reading_person_properties_equal_the_per_eve
         assert dict(got[s].values) == dict(expected[s].values)
     with pytest.raises(ValueError):  # never silently without them
         history_sums(definition, table_of(events), NOW, HOT, shards, lambda offsets, s: offsets > fence[s])
+
+
+PERSON_KEEPING = [
+    FunnelDefinition(1, (_step("view", [{"key": "plan", "value": ["pro"], "operator": "exact", "type": "person"}]),
+                         _step("buy")), summaries=True),
+    FunnelDefinition(1, (_step("view"), _step("buy")), breakdown=Breakdown((("person", "plan"),)),
+                     exclusions=(Exclusion(_step("other", [{"key": "seats", "value": 3, "operator": "gt",
+                                                             "type": "person"}]), 0, 1),), timezone="Asia/Kathmandu"),
+    PathDefinition(1, ("$pageview", "custom_event"), (), parse_filters([
+        {"key": "plan", "operator": "is_set", "type": "person"}])),
+]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), which=st.integers(0, len(PERSON_KEEPING) - 1), shards=st.integers(1, 3))
+def test_history_kept_of_funnels_and_paths_reading_person_properties_equals_the_live_batch_rule(
+        seed: int, which: int, shards: int) -> None:
+    rng = random.Random(seed)
+    events = _events(rng, rng.randrange(0, 300))
+    people = {f"d{d}": {"plan": rng.choice(["free", "pro"]), "seats": rng.choice([1, 5])}
+              for d in range(17) if rng.random() < 0.8}
+    definition = PERSON_KEEPING[which]
+    assert definition.uses_person
+    fence = {s: rng.randrange(-1, 200) for s in range(shards)}
+    got = history_kept(definition, table_of(events), NOW, HOT, shards, lambda offsets, s: offsets > fence[s], people)
+    expected = _kept_per_event(definition, events, shards, fence, people)
+    for s in range(shards):
+        days, persons = expected[s]
+        assert (got[s].days, got[s].persons) == (days, {p: "".join(kept) for p, kept in persons.items()})
+    with pytest.raises(ValueError):
+        history_kept(definition, table_of(events), NOW, HOT, shards, lambda offsets, s: offsets > fence[s])
 

@@ -137,23 +137,20 @@ class Definition:
             return sorted({s.event for s in self.steps if s.event is not None})
         return None
 
-    def event_keys(self) -> set[str]:
-        """The event properties `contribution` reads."""
-        keys = self.filters.event_keys().union(*(s.filters.event_keys() for s in self.steps))
+    def keys_of(self, kind: str) -> set[str]:
+        """The properties of `kind` ("event" or "person") `contribution` reads."""
+        keys = self.filters.keys_of(kind).union(*(s.filters.keys_of(kind) for s in self.steps))
         if self.breakdown:
-            keys |= {key for kind, key in self.breakdown.properties if kind == "event"}
-        if self.value_property and self.value_property[0] == "event":
+            keys |= {key for k, key in self.breakdown.properties if k == kind}
+        if self.value_property and self.value_property[0] == kind:
             keys.add(self.value_property[1])
         return keys
 
+    def event_keys(self) -> set[str]:
+        return self.keys_of("event")
+
     def person_keys(self) -> set[str]:
-        """The person properties `contribution` reads."""
-        keys = self.filters.person_keys().union(*(s.filters.person_keys() for s in self.steps))
-        if self.breakdown:
-            keys |= {key for kind, key in self.breakdown.properties if kind == "person"}
-        if self.value_property and self.value_property[0] == "person":
-            keys.add(self.value_property[1])
-        return keys
+        return self.keys_of("person")
 
     def to_json(self) -> bytes:
         raw = {**self.raw, "filters": self.filters.to_raw(),

@@ -78,11 +78,12 @@ class PropertyFilter:
     def uses_person(self) -> bool:
         return self.type == "person"
 
-    def event_keys(self) -> set[str]:
-        return {self.key} if self.type == "event" else set()
+    def keys_of(self, kind: str) -> set[str]:
+        """The properties of `kind` ("event" or "person") the filter reads."""
+        return {self.key} if self.type == kind else set()
 
-    def person_keys(self) -> set[str]:
-        return {self.key} if self.type == "person" else set()
+    def event_keys(self) -> set[str]:
+        return self.keys_of("event")
 
     def to_raw(self) -> dict[str, Any]:
         return {"key": self.key, "operator": self.operator, "value": self.value, "type": self.type}
@@ -160,13 +161,13 @@ class FilterGroup:
     def uses_person(self) -> bool:
         return any(item.uses_person() for item in self.items)
 
-    def event_keys(self) -> set[str]:
-        """The event properties the filters read (what `matches` depends on, with `now`)."""
-        return set().union(*(item.event_keys() for item in self.items))
+    def keys_of(self, kind: str) -> set[str]:
+        """The properties of `kind` ("event" or "person") the filters read (what `matches` depends on,
+        with `now`)."""
+        return set().union(*(item.keys_of(kind) for item in self.items))
 
-    def person_keys(self) -> set[str]:
-        """The person properties the filters read."""
-        return set().union(*(item.person_keys() for item in self.items))
+    def event_keys(self) -> set[str]:
+        return self.keys_of("event")
 
     def to_raw(self) -> dict[str, Any]:
         return {"type": self.kind, "values": [item.to_raw() for item in self.items]}

@@ -164,23 +164,21 @@ class FunnelDefinition:
             names.update(name for name in wanted if name is not None)
         return sorted(names)
 
-    def event_keys(self) -> set[str]:
-        """The event properties `contribution` reads (all of them for correlation's property events)."""
+    def keys_of(self, kind: str) -> set[str]:
+        """The properties of `kind` ("event" or "person") `contribution` reads (correlation's property
+        events keep all of theirs besides)."""
         groups = [self.filters, *(s.filters for s in self._matchers()),
                   *(a.filters for s in self._matchers() for a in s.actions)]
-        found = set().union(*(g.event_keys() for g in groups))
+        found = set().union(*(g.keys_of(kind) for g in groups))
         if self.breakdown:
-            found |= {key for kind, key in self.breakdown.properties if kind == "event"}
+            found |= {key for k, key in self.breakdown.properties if k == kind}
         return found
 
+    def event_keys(self) -> set[str]:
+        return self.keys_of("event")
+
     def person_keys(self) -> set[str]:
-        """The person properties `contribution` reads."""
-        groups = [self.filters, *(s.filters for s in self._matchers()),
-                  *(a.filters for s in self._matchers() for a in s.actions)]
-        found = set().union(*(g.person_keys() for g in groups))
-        if self.breakdown:
-            found |= {key for kind, key in self.breakdown.properties if kind == "person"}
-        return found
+        return self.keys_of("person")
 
     def to_json(self) -> bytes:
         raw = {"steps": [s.to_raw() for s in self.steps],

@@ -88,7 +88,7 @@ class PathDefinition:
 
     def person_keys(self) -> set[str]:
         """The person properties `contribution` reads."""
-        return self.filters.person_keys()
+        return self.filters.keys_of("person")
 
     def to_json(self) -> bytes:
         return orjson.dumps({"project_id": self.project_id, "raw": {"filters": self.filters.to_raw()},

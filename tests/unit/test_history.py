@@ -85,6 +85,17 @@ def _per_event(definition: Definition, events: list[ArchivedEvent], shards: int,
     return out
 
 
+def _assert_same_sums(got: DefinitionSums, expected: DefinitionSums) -> None:
+    """Everything a counting definition keeps: counts, persons, breakdown values, value stats, every
+    value and events per person."""
+    assert dict(got.counts) == dict(expected.counts)
+    assert {k: set(v) for k, v in got.persons.items()} == {k: set(v) for k, v in expected.persons.items()}
+    assert got.breakdowns == expected.breakdowns
+    assert got.stats == expected.stats
+    assert dict(got.values) == dict(expected.values)
+    assert {k: dict(v) for k, v in got.actors.items()} == {k: dict(v) for k, v in expected.actors.items()}
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), which=st.integers(0, len(DEFINITIONS) - 1), shards=st.integers(1, 3))
 def test_history_sums_equal_the_per_event_rule(seed: int, which: int, shards: int) -> None:
@@ -95,12 +106,7 @@ def test_history_sums_equal_the_per_event_rule(seed: int, which: int, shards: in
     got = history_sums(definition, table_of(events), NOW, HOT, shards, lambda offsets, s: offsets > fence[s])
     expected = _per_event(definition, events, shards, fence)
     for s in range(shards):
-        assert dict(got[s].counts) == dict(expected[s].counts)
-        assert {k: set(v) for k, v in got[s].persons.items()} == {k: set(v) for k, v in expected[s].persons.items()}
-        assert got[s].breakdowns == expected[s].breakdowns
-        assert got[s].stats == expected[s].stats
-        assert dict(got[s].values) == dict(expected[s].values)
-        assert {k: dict(v) for k, v in got[s].actors.items()} == {k: dict(v) for k, v in expected[s].actors.items()}
+        _assert_same_sums(got[s], expected[s])
 
 
 @settings(max_examples=30, deadline=None)
@@ -269,9 +275,7 @@ def test_count_per_actor_and_quantile_sums_equal_the_per_event_rule_over_a_busy_
         got = history_sums(definition, table_of(events), NOW, HOT, 2, lambda offsets, s: offsets >= 0)
         expected = _per_event(definition, events, 2, {0: -1, 1: -1})
         for s in range(2):
-            assert dict(got[s].values) == dict(expected[s].values)
-            assert {k: dict(v) for k, v in got[s].actors.items()} == {k: dict(v) for k, v in expected[s].actors.items()}
-            assert got[s].stats == expected[s].stats
+            _assert_same_sums(got[s], expected[s])
         assert any(n > 1 for s in range(2) for actors in got[s].actors.values() for n in actors.values()) or \
             definition.keep_values
 
@@ -308,11 +312,7 @@ def test_history_sums_of_definitions_reading_person_properties_equal_the_per_eve
     got = history_sums(definition, table_of(events), NOW, HOT, shards, lambda offsets, s: offsets > fence[s], people)
     expected = _per_event(definition, events, shards, fence, people)
     for s in range(shards):
-        assert dict(got[s].counts) == dict(expected[s].counts)
-        assert {k: set(v) for k, v in got[s].persons.items()} == {k: set(v) for k, v in expected[s].persons.items()}
-        assert got[s].breakdowns == expected[s].breakdowns
-        assert got[s].stats == expected[s].stats
-        assert dict(got[s].values) == dict(expected[s].values)
+        _assert_same_sums(got[s], expected[s])
     with pytest.raises(ValueError):  # never silently without them
         history_sums(definition, table_of(events), NOW, HOT, shards, lambda offsets, s: offsets > fence[s])
 

@@ -7,7 +7,8 @@ speed drifts within minutes); the archive's bytes per event; then, with the arch
 broker restarted empty (its topic and every event in it gone, as after a restart of `up`) and the
 time until each new definition is queryable (first 200 of a blocking request), built from the
 archive alone: an ordered 3-step funnel, a filtered trend broken down by a property, the sum and
-average of a property, 5-step paths and the funnel's event correlation. chdb answers the same
+average of a property, a trend filtered on a person property, 5-step paths and the funnel's event
+correlation. chdb answers the same
 questions from scratch over the same events, side by side, and the run checks the numbers are equal
 where it computes them.
 """
@@ -105,6 +106,23 @@ def _property_sum(http: httpx.Client, url: str, headers: dict[str, str], chdb: A
             "chdb_over_insightflow_http": round(chdb_ms / http_ms, 2), "same_numbers": same}
 
 
+def _person_filtered(http: httpx.Client, url: str, headers: dict[str, str], chdb: Any, date_from: str,
+                     date_to: str) -> dict[str, Any]:
+    """$pageview of persons without a `plan` (every person here: none has properties), per day: a
+    definition reading person properties, so its backfill reads every person's properties."""
+    query = {"events": [{"id": "$pageview", "properties": [
+        {"key": "plan", "operator": "is_not_set", "type": "person"}]}], "date_from": date_from, "date_to": date_to}
+    build_s, body = _until_ready(http, url, query, headers)
+    ours = {d: v for d, v in zip(body["result"][0]["days"], body["result"][0]["data"], strict=True) if v}
+    sql = (f"SELECT toDate(timestamp) AS d, count() FROM events WHERE event = '$pageview' AND timestamp >= "
+           f"'{date_from} 00:00:00' AND timestamp < toDateTime64('{date_to} 00:00:00', 6) + INTERVAL 1 DAY "
+           f"GROUP BY d")
+    theirs = {d: int(n) for d, n in (line.replace('"', "").split(",")
+                                     for line in str(chdb.query(sql, "CSV")).strip().splitlines())}
+    http_ms = median_ms(lambda: http.post(url, json=query, headers=headers).raise_for_status(), 5)
+    return {"build_s": build_s, "insightflow_http_ms": round(http_ms, 1), "same_numbers": ours == theirs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     backlog_arguments(parser, 1_000_000, 50_000)
@@ -171,6 +189,7 @@ def main() -> None:
             report["funnel_3_steps_30d"] = bench_funnel(http, funnel_url, headers, client, chdb, date_from, date_to)
             report["trend_filtered_by_url_30d"] = _filtered_breakdown(http, url, headers, chdb, date_from, date_to)
             report["trend_sum_of_amount_30d"] = _property_sum(http, url, headers, chdb, date_from, date_to)
+            report["trend_person_filtered_30d"] = _person_filtered(http, url, headers, chdb, date_from, date_to)
             report.update(bench_paths(http, url, headers, chdb, client))
             correlation = {"events": [{"id": e, "order": i} for i, e in enumerate(FUNNEL_STEPS)],
                            "date_from": date_from, "date_to": date_to, "funnel_window_interval": 14,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -56,6 +57,7 @@ ARCHIVE_CHUNK = 2000  # archived events per backfill item batch
 # paths that keep their events per day (each event written out, not summed).
 KEPT_SHARE = 5
 SUMMARY_SLICE = 25_000  # backfilled persons whose summaries one sink call writes (about half a second)
+PEOPLE_TTL_S = 60.0  # how long a backfill reuses the person properties it read (see `_people_of`)
 
 
 def _by_columns(definition: Any) -> bool:
@@ -117,8 +119,13 @@ def person_snapshot(client: redis.Redis, project_id: int, distinct_ids: Iterable
         return {}
     found = {d: int(p) for d, p in zip(ids, client.hmget(keys.distinct_ids(project_id), ids), strict=True)
              if p is not None}
-    states = person_states(client, project_id, found.values())
-    return {d: states[found[d]].values if d in found else {} for d in ids}
+    persons = list(dict.fromkeys(found.values()))
+    pipe = client.pipeline(transaction=False)
+    for person in persons:  # the values only: when each changed is not needed here
+        pipe.hgetall(keys.person_properties(project_id, str(person)))
+    got = pipe.execute() if persons else []
+    values = {p: {k.decode(): orjson.loads(v) for k, v in props.items()} for p, props in zip(persons, got, strict=True)}
+    return {d: values[found[d]] if d in found else {} for d in ids}
 
 
 def person_states(client: redis.Redis, project_id: int, persons: Iterable[int]) -> dict[int, PersonProperties]:
@@ -605,6 +612,8 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backfill-writer")
         self._pending: _ArchivedChunk | None = None
         self._redo: ArchivedSums | None = None
+        # The person properties a backfill reading them got: (project, definition), when, by distinct_id.
+        self._people: tuple[tuple[int, str], float, dict[str, dict[str, Any]]] | None = None
 
     def _definition(self, project_id: int, h: str) -> Definition | None:
         """The definition, while it is kept (None once it failed or if it is unknown)."""
@@ -744,9 +753,9 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
         def takes(offsets: np.ndarray, shard: int, limits: dict[int, tuple[int, int]] = limits) -> np.ndarray:
             return (offsets > limits[shard][0]) & (offsets < limits[shard][1])
 
-        people = None  # person properties as of now, as the event-by-event backfill reads them (Redis down: retried)
+        people = None  # read before evaluating: Redis down is waited out, not a failed definition
         if definition.uses_person:
-            people = person_snapshot(self.client, item.project_id, item.table.column("distinct_id").to_pylist())
+            people = self._people_of(item.project_id, item.h, item.table.column("distinct_id"))
         try:
             if isinstance(definition, Definition):
                 sums = history_sums(definition, item.table, datetime.now(UTC), HOT, self.store.shards, takes, people)
@@ -756,6 +765,18 @@ class _BackfillSinkPartition(StatelessSinkPartition[BackfillItem | SummaryWork])
             self._fail(item.project_id, item.h, f"an event could not be applied to it: {type(exc).__name__}: {exc}")
             return None
         return _ArchivedChunk(item, definition, limits, sums, started, time.perf_counter())
+
+    def _people_of(self, project_id: int, h: str, distinct_ids: pa.ChunkedArray) -> dict[str, dict[str, Any]]:
+        """Current person properties of these distinct_ids, as the event-by-event backfill reads them:
+        read once per definition's backfill (within `PEOPLE_TTL_S`), then only for distinct_ids not
+        seen yet, since every chunk holds most of a project's persons again (200,000 of them: 2.5 s)."""
+        now = time.monotonic()
+        if self._people is None or self._people[0] != (project_id, h) or now - self._people[1] > PEOPLE_TTL_S:
+            self._people = ((project_id, h), now, {})
+        known = self._people[2]
+        missing = [d for d in pc.unique(distinct_ids).to_pylist() if d not in known]
+        known.update(person_snapshot(self.client, project_id, missing))
+        return known
 
     def _apply_archived(self, definition: Any, item: ArchivedSums) -> None:
         """Evaluate and write a chunk now, evaluating again while a fence moved under it."""

@@ -119,26 +119,25 @@ def person_snapshot(client: redis.Redis, project_id: int, distinct_ids: Iterable
         return {}
     found = {d: int(p) for d, p in zip(ids, client.hmget(keys.distinct_ids(project_id), ids), strict=True)
              if p is not None}
-    persons = list(dict.fromkeys(found.values()))
-    pipe = client.pipeline(transaction=False)
-    for person in persons:  # the values only: when each changed is not needed here
-        pipe.hgetall(keys.person_properties(project_id, str(person)))
-    got = pipe.execute() if persons else []
-    values = {p: {k.decode(): orjson.loads(v) for k, v in props.items()} for p, props in zip(persons, got, strict=True)}
-    return {d: values[found[d]] if d in found else {} for d in ids}
+    states = person_states(client, project_id, found.values(), times=False)  # when each changed: not needed
+    return {d: states[found[d]].values if d in found else {} for d in ids}
 
 
-def person_states(client: redis.Redis, project_id: int, persons: Iterable[int]) -> dict[int, PersonProperties]:
-    """Persons' properties with the time each last changed, as Redis holds them now."""
+def person_states(client: redis.Redis, project_id: int, persons: Iterable[int], times: bool = True
+                  ) -> dict[int, PersonProperties]:
+    """Persons' properties with the time each last changed (`times`), as Redis holds them now."""
     ids = list(dict.fromkeys(persons))
     pipe = client.pipeline(transaction=False)
     for person in ids:
         pipe.hgetall(keys.person_properties(project_id, str(person)))
-        pipe.hgetall(keys.person_property_times(project_id, str(person)))
+        if times:
+            pipe.hgetall(keys.person_property_times(project_id, str(person)))
     got = pipe.execute() if ids else []
+    step = 2 if times else 1
     return {person: PersonProperties({k.decode(): orjson.loads(v) for k, v in values.items()},
                                      {k.decode(): read_property_stamp(v) for k, v in stamps.items()})
-            for person, values, stamps in zip(ids, got[::2], got[1::2], strict=True)}
+            for person, values, stamps in zip(ids, got[::step], got[1::2] if times else [{}] * len(ids),
+                                              strict=True)}
 
 
 def _values(properties: dict[str, Any], keys: tuple[str, ...]) -> bytes | None:

@@ -51,6 +51,16 @@ class Occurrence:
         return bool(u.set or u.set_once or u.unset)
 
 
+def add_to_partial_sums(sums: list[float], v: float) -> None:
+    """Add `v` to the last of a property's partial sums, or start a new one where the sum would be
+    no double: Redis adds the parts in long double."""
+    total = sums[-1] + v
+    if math.isinf(total) or math.isnan(total):
+        sums.append(v)
+    else:
+        sums[-1] = total
+
+
 @dataclass
 class DefinitionSums:
     """What a batch adds to a counting definition (trends, property maths, retention) in one shard,
@@ -85,12 +95,7 @@ class DefinitionSums:
             if found is None:
                 self.stats[key] = [[v], 1, v, v]
             else:
-                sums = found[0]
-                total = sums[-1] + v
-                if math.isinf(total) or math.isnan(total):
-                    sums.append(v)  # past a double: Redis adds the parts in long double
-                else:
-                    sums[-1] = total
+                add_to_partial_sums(found[0], v)
                 found[1] += 1
                 found[2], found[3] = min(found[2], v), max(found[3], v)
             if self.keep_values:

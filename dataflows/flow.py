@@ -209,6 +209,10 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                                                             rec.offset))
             except Exception as exc:
                 dead(rec, f"cannot be applied: {type(exc).__name__}: {exc}")
+        # What the batch shows is behind it is known now, not only once it is applied: a backlog's
+        # batch takes seconds, and the lag read meanwhile (`/readyz`, and summaries, which wait a
+        # backlog out) would otherwise miss it.
+        self.stream.record({}, ends)
         counted: dict[int, list[tuple[str, int, int, int]]] = defaultdict(list)
         longest = max((len(o) for o in by_project.values()), default=0)
         # Bounded script calls (Redis serves queries between), applied in order by one thread while

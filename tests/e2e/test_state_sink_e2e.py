@@ -1,0 +1,56 @@
+"""The live state sink (dataflows/flow.py, `_StatePartition`) against a real Redis and broker."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+from dataflows import flow
+from dataflows.operators.validate import parse_record
+from schemas.events import Record
+from schemas.settings import Settings
+from state.connection import connect
+from state.registry import Registry
+from state.stream import Stream
+from state.topics import ensure_topics
+from tests.conftest import Services
+
+pytestmark = pytest.mark.e2e
+_projects = itertools.count(920_000)
+
+
+def test_what_a_batch_shows_behind_it_counts_as_lag_before_the_batch_is_applied(services: Services,
+                                                                                   tmp_path: Path) -> None:
+    """A backlog's batch takes seconds to apply; meanwhile `/readyz` and the summariser (which waits
+    a backlog out) read the lag. The partition's high watermark the batch was fetched with is
+    recorded when the batch arrives, so the lag counts everything behind it at once."""
+    client = connect(services.redis_url)
+    project = Registry(client).save_project(next(_projects), token=f"phc_{uuid.uuid4().hex[:8]}")
+    topic = f"sink_{uuid.uuid4().hex[:8]}"
+    ensure_topics(services.bootstrap, [topic, f"{topic}_dlq"], 1)
+    settings = Settings(redis_url=services.redis_url, kafka_bootstrap=services.bootstrap, topic=topic,
+                        dlq_topic=f"{topic}_dlq", archive_dir="")
+    partition = flow._StatePartition(settings)
+    release = threading.Event()
+    apply = partition.applier.apply
+    partition.applier.apply = lambda chunk: (release.wait(30), apply(chunk))  # Redis busy with earlier chunks
+    try:
+        items = [parse_record(Record(0, offset, 5_000, orjson.dumps({
+            "uuid": str(uuid.uuid4()), "event": "view", "distinct_id": f"d{offset % 3}",
+            "timestamp": "2024-06-01T10:00:00Z", "properties": {}, "project_id": project.id}), None))
+            for offset in range(10)]
+        partition.write_batch(items)
+        stream = Stream(client, topic)
+        assert stream.progress().applied == {}  # nothing applied yet
+        assert stream.progress().lag() == 5_000  # yet the 4,990 events behind the batch count too
+        release.set()
+        partition.close()
+        assert stream.progress().applied == {0: 10}
+        assert stream.progress().lag() == 4_990
+    finally:
+        release.set()

@@ -45,11 +45,6 @@ class Occurrence:
         return cls(event, event.uuid, event.event, event.distinct_id, hour, day, event.ts_ms, person_update(event),
                    partition, offset)
 
-    @property
-    def updates_person(self) -> bool:
-        u = self.update
-        return bool(u.set or u.set_once or u.unset)
-
 
 def add_to_partial_sums(sums: list[float], v: float) -> None:
     """Add `v` to the last of a property's partial sums, or start a new one where the sum would be
@@ -144,25 +139,22 @@ class KnownFirsts:
     """Per event name and person, a time at or after the person's first such event in state: an
     event no earlier needs no first-time candidate. Only ever lowered, and a bound on what Redis holds
     (another worker may hold earlier), so a stale entry costs a candidate, never a wrong count.
-    Bounded: cleared when it grows past `limit` entries."""
+    Bounded: cleared when it grows past `limit` entries. `batch_effects` reads `times` directly: an
+    event needs a candidate when its person has no time there for it, or a later one."""
 
     def __init__(self, limit: int = 2_000_000) -> None:
         self.limit = limit
-        self._known: dict[tuple[str, int], int] = {}
-
-    def needed(self, event: str, person: int, ts: int) -> bool:
-        known = self._known.get((event, person))
-        return known is None or ts < known
+        self.times: dict[tuple[str, int], int] = {}
 
     def learn(self, firsts: dict[str, dict[int, tuple[int, int, str]]]) -> None:
-        if len(self._known) > self.limit:  # forgetting only costs candidates
-            self._known.clear()
+        if len(self.times) > self.limit:  # forgetting only costs candidates
+            self.times.clear()
         for event, persons in firsts.items():
             for person, (ts, _, _) in persons.items():
                 key = (event, person)
-                known = self._known.get(key)
+                known = self.times.get(key)
                 if known is None or ts < known:
-                    self._known[key] = ts
+                    self.times[key] = ts
 
 
 def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[str] | None = None,
@@ -178,45 +170,56 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
     keeps = {h: ("f" in f, "s" in f) for h, f in (flags or {}).items() if "f" in f or "s" in f}
     sized: dict[str, str] = {}  # kept value -> its sized form (a batch has few distinct ones)
     taken: set[str] = set()
+    # Hot loop (a fifth of the worker's thread in a backlog): containers bound to locals once.
+    reached, guards, names, updates, by_shard = out.reached, out.guards, out.names, out.updates, out.shards
+    earliest = None
+    first_known = known.times.get
     for o in occurrences:
-        nxt = o.offset + 1
-        if out.reached.get(o.partition, -1) < nxt:
-            out.reached[o.partition] = nxt
-        if o.person is None or o.uuid in taken or (skip and o.uuid in skip):
+        partition, offset, uuid, p = o.partition, o.offset, o.uuid, o.person
+        nxt = offset + 1
+        if reached.get(partition, -1) < nxt:
+            reached[partition] = nxt
+        if p is None or uuid in taken or (skip and uuid in skip):
             continue
-        taken.add(o.uuid)
-        p, ev = o.person, o.event
-        out.guards.append((o.uuid, o.partition, o.offset, p))
-        out.names.add(ev)
-        if out.earliest is None or o.ts < out.earliest:
-            out.earliest = o.ts
-        if o.updates_person:
-            out.updates.append(o)
+        taken.add(uuid)
+        ev, ts = o.event, o.ts
+        guards.append((uuid, partition, offset, p))
+        names.add(ev)
+        if earliest is None or ts < earliest:
+            earliest = ts
+        u = o.update
+        if u.set or u.set_once or u.unset:
+            updates.append(o)
         s = p % shards
-        if fences and o.offset < fences.get(s, {}).get(o.partition, 0):
+        if fences and offset < fences.get(s, {}).get(partition, 0):
             continue
-        sh = out.shards.get(s)
+        sh = by_shard.get(s)
         if sh is None:
-            sh = out.shards[s] = ShardEffects()
-        span = sh.ranges.get(o.partition)
+            sh = by_shard[s] = ShardEffects()
+        span = sh.ranges.get(partition)
         if span is None:
-            sh.ranges[o.partition] = [o.offset, nxt]
+            sh.ranges[partition] = [offset, nxt]
         else:
-            span[0], span[1] = min(span[0], o.offset), max(span[1], nxt)
-        sh.hour_counts[(ev, o.hour)] += 1
-        sh.day_counts[(ev, o.day)] += 1
-        sh.hour_persons[(ev, o.hour)].add(p)
-        sh.day_persons[(ev, o.day)].add(p)
-        if known.needed(ev, p, o.ts):
+            if offset < span[0]:
+                span[0] = offset
+            if nxt > span[1]:
+                span[1] = nxt
+        hour_key, day_key = (ev, o.hour), (ev, o.day)
+        sh.hour_counts[hour_key] += 1
+        sh.day_counts[day_key] += 1
+        sh.hour_persons[hour_key].add(p)
+        sh.day_persons[day_key].add(p)
+        first = first_known((ev, p))
+        if first is None or ts < first:  # a first-time candidate (KnownFirsts)
             firsts = sh.firsts[ev]
             current = firsts.get(p)
-            if current is None or o.ts < current[0]:
-                firsts[p] = (o.ts, o.hour, o.day)
+            if current is None or ts < current[0]:
+                firsts[p] = (ts, o.hour, o.day)
         if o.contributions:
             for c in o.contributions:
                 h, _, v = c
-                if (h, o.partition) not in sh.handovers:
-                    sh.handovers[(h, o.partition)] = o.offset
+                if (h, partition) not in sh.handovers:
+                    sh.handovers[(h, partition)] = offset
                 kept = keeps.get(h)
                 if kept is None or not isinstance(v, str):
                     sums = sh.sums.get(h)
@@ -227,10 +230,11 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
                     continue
                 per_day, per_person = kept
                 if per_day:
-                    sh.kept_days[(h, o.day)].append(day_row(p, o.ts, o.uuid, v))
+                    sh.kept_days[(h, o.day)].append(day_row(p, ts, uuid, v))
                 if per_person:
                     tail = sized.get(v)
                     if tail is None:
                         tail = sized[v] = sized_value(v)
-                    sh.kept_persons[(h, p)].append(person_record(o.ts, o.day, o.uuid, tail))
+                    sh.kept_persons[(h, p)].append(person_record(ts, o.day, uuid, tail))
+    out.earliest = earliest
     return out

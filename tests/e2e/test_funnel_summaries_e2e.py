@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from dataflows import summariser as summariser_module
 from dataflows.operators.funnels import StepEvent, funnel, ordered_attempts
 from dataflows.summariser import Summariser
 from schemas.registered import load_definition
@@ -276,7 +277,7 @@ def _unsummarise(client: Any, project_id: int, definition: Any, persons: list[st
         pipe.execute()
 
 
-def test_answers_stay_exact_while_the_summariser_writes(running: Stack) -> None:
+def test_answers_stay_exact_while_the_summariser_writes(running: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """A query reads the dirty persons, then the stored summaries: a person the summariser writes in
     between is in both, and the stored part is replaced by what the query computed. (Read the other
     way round, it was in neither: a project whose persons were all summarised meanwhile answered no
@@ -335,3 +336,14 @@ def test_answers_stay_exact_while_the_summariser_writes(running: Stack) -> None:
         finally:
             writer.join()
     assert written[0] > 0  # the answers above were asked while summaries were being written
+
+    # Many persons at once: written in slices, each while the next is summarised.
+    monkeypatch.setattr(summariser_module, "SLICE", 7)
+    for definition in definitions:
+        _unsummarise(client, project.id, definition, persons, store.shards)
+        assert summariser.summarise(definition, persons) == len(persons)
+        assert store.pending(project.id, definition.hash) == 0
+    asked = httpx.post(url, json=base, headers=headers, timeout=60).json()["result"]
+    assert [s["count"] for s in asked] == steps
+    grouped = httpx.post(url, json=by_browser, headers=headers, timeout=60).json()["result"]
+    assert {g[0]["breakdown_value"][0]: [s["count"] for s in g] for g in grouped} == browsers

@@ -34,23 +34,38 @@ class StoredEvent:
     value: bytes    # what the event contributes (JSON), as the definition wrote it
 
 
-def read_person_events(raw: bytes) -> tuple[list[StoredEvent], bytes]:
-    """The readable records, and what follows the first unreadable one (b"" when all are read)."""
-    out, i, end = [], 0, len(raw)
+def person_event_columns(raw: bytes) -> tuple[list[int], list[str], list[str], list[bytes], bytes]:
+    """The readable records as columns (times, days, uuids, values), and what follows the first
+    unreadable one (b"" when all are read)."""
+    stamps: list[int] = []
+    days: list[str] = []
+    uuids: list[str] = []
+    values: list[bytes] = []
+    i, end, find = 0, len(raw), raw.index
     while i < end:
         try:
-            a = raw.index(b",", i)
-            b = raw.index(b",", a + 1)
-            c = raw.index(b",", b + 1)
-            d = raw.index(b":", c + 1)
+            a = find(b",", i)
+            b = find(b",", a + 1)
+            c = find(b",", b + 1)
+            d = find(b":", c + 1)
             stop = d + 1 + int(raw[c + 1:d])
             if stop > end:
                 raise ValueError("record runs past the end")
-            out.append(StoredEvent(int(raw[i:a]), raw[a + 1:b].decode(), raw[b + 1:c].decode(), raw[d + 1:stop]))
+            stamp, day, uuid = int(raw[i:a]), raw[a + 1:b].decode(), raw[b + 1:c].decode()
         except (ValueError, UnicodeDecodeError):
-            return out, raw[i:]
+            return stamps, days, uuids, values, raw[i:]
+        stamps.append(stamp)
+        days.append(day)
+        uuids.append(uuid)
+        values.append(raw[d + 1:stop])
         i = stop
-    return out, b""
+    return stamps, days, uuids, values, b""
+
+
+def read_person_events(raw: bytes) -> tuple[list[StoredEvent], bytes]:
+    """The readable records, and what follows the first unreadable one (b"" when all are read)."""
+    stamps, days, uuids, values, rest = person_event_columns(raw)
+    return list(map(StoredEvent, stamps, days, uuids, values)), rest
 
 
 def parse_person_events(raw: bytes) -> list[StoredEvent]:

@@ -31,7 +31,7 @@ from dataflows.operators.funnel_attempts import MISSING, RANK_BITS
 from dataflows.operators.path_sessions import SESSION_GAP_MS
 from schemas.events import in_event_range
 from schemas.funnels import read_kept
-from state.records import encode_sessions, read_person_events
+from state.records import encode_sessions, person_event_columns
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value), as summaries.py makes them
 
@@ -312,18 +312,17 @@ def group_summaries(definition: Any, groups: dict[int, dict[int, bytes]], usable
     for survivor, raws in groups.items():
         if survivor not in raws:
             continue
-        read = [(member, *read_person_events(raw)) for member, raw in raws.items()]
-        if any(rest for _, _, rest in read):
+        read = [(member, *person_event_columns(raw)) for member, raw in raws.items()]
+        if any(columns[5] for columns in read):
             continue
-        emptied[survivor] = [(member, [(kind, day, b"") for day in dict.fromkeys(e.day for e in found)
-                                       for kind in kinds]) for member, found, _ in read if member != survivor]
-        for _, found, _ in read:
-            for e in found:
-                persons.append(survivor)
-                stamps.append(e.ts_ms)
-                uuids.append(e.uuid)
-                days.append(e.day)
-                values.append(e.value)
+        emptied[survivor] = [(member, [(kind, day, b"") for day in dict.fromkeys(member_days) for kind in kinds])
+                             for member, _, member_days, _, _, _ in read if member != survivor]
+        for _, member_stamps, member_days, member_uuids, member_values, _ in read:
+            persons.extend([survivor] * len(member_stamps))
+            stamps.extend(member_stamps)
+            uuids.extend(member_uuids)
+            days.extend(member_days)
+            values.extend(member_values)
     refused = {v for v in set(values) if not usable(v)}
     if refused:  # a group with a value it cannot use goes the summariser's own way, whole
         bad = {p for p, v in zip(persons, values, strict=True) if v in refused}

@@ -240,11 +240,11 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         # events not applied or not archived.
         self._await_record()
         self._recording = self.recorder.submit(self._record, chunks, by_project, counted, list(letters.values()),
-                                               applied, ends)
+                                               applied)
 
     def _record(self, chunks: list[Future[None]], by_project: dict[int, list[Occurrence]],
-                counted: dict[int, list[tuple[str, int, int, int]]], letters: list[Letter], applied: dict[int, int],
-                ends: dict[int, int]) -> None:
+                counted: dict[int, list[tuple[str, int, int, int]]], letters: list[Letter],
+                applied: dict[int, int]) -> None:
         """Once a batch's chunks are applied: its events into the archive, its dead letters out, then
         its offsets recorded applied (last: what is recorded applied is archived too). Each step is
         harmless to repeat, so Redis being away is waited out and the batch's steps taken again."""
@@ -254,7 +254,7 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
             try:
                 self._archive(by_project, counted)
                 self.dead.send(letters)
-                self.stream.record(applied, ends)
+                self.stream.record(applied, {})  # the batch's ends: recorded when it arrived (`_write`)
                 break
             except REDIS_DOWN as exc:
                 log.warning("Redis went away while recording a batch (%s)", exc)

@@ -316,10 +316,10 @@ def bench_funnel(http: httpx.Client, url: str, headers: dict[str, str], client: 
     levels = {int(a): int(b) for a, b in (line.split(",") for line in str(chdb.query(sql, "CSV")).strip().splitlines())}
     theirs = [sum(c for lvl, c in levels.items() if lvl >= k) for k in range(1, len(FUNNEL_STEPS) + 1)]
     state = {}
-    for name, pattern in (("events_per_day", "fe:*"), ("events_per_person", "pe:*"), ("attempt_rows", "fa:*")):
+    for name, pattern in (("events_per_day", "d:*:fe:*"), ("events_per_person", "pk:*"), ("attempt_rows", "d:*:fa:*")):
         total, cursor = 0, 0
         while True:
-            cursor, found = client.scan(cursor, match="{p1}:v1:d:*:" + pattern, count=5000)
+            cursor, found = client.scan(cursor, match="{p1}:v1:" + pattern, count=5000)
             pipe = client.pipeline(transaction=False)
             for key in found:
                 pipe.memory_usage(key)

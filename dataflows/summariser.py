@@ -15,6 +15,7 @@ from typing import Any
 from dataflows.operators.history_summaries import KeptColumns, Summarised, summaries_by_columns
 from dataflows.operators.summaries import summarise_groups
 from dataflows.services import Letter
+from state.records import rewritten_log
 from state.summaries import SummaryStore
 
 SLICE = 1000  # persons summarised per write: the next slice is read and summarised while one is written
@@ -61,14 +62,17 @@ class Summariser:
         """Read and summarise these persons' groups, dead-letter what cannot be used (before the events
         leave the person: never lost unrecorded), and return the write, to run later."""
         pid, h = definition.project_id, definition.hash
-        groups = self.store.group_kept(pid, h, persons, self.store.overrides(pid))
-        summaries = summarise_groups(definition, groups)
-        planned = [(member, groups[survivor][member], plan) for survivor, plans in summaries.items()
+        found = self.store.kept_groups(pid, h, persons, self.store.overrides(pid))
+        summaries = summarise_groups(definition, {s: {m: kept.records for m, kept in group.items()}
+                                                  for s, group in found.items()})
+        planned = [(member, found[survivor][member], plan) for survivor, plans in summaries.items()
                    for member, plan in plans.items()]
         letters = [Letter(value, f"kept event of definition {h}: {reason}", rid, {"source": "summariser"})
                    for _, _, plan in planned for value, reason, rid in plan.dropped]
         self.dead_letters(letters)
-        writes = [(member, len(raw), plan.irregular, plan.replacement, plan.entries) for member, raw, plan in planned]
+        writes = [(member, kept.version, plan.irregular,
+                   None if plan.replacement is None else rewritten_log(kept.log, h, plan.replacement, kept.version),
+                   plan.entries) for member, kept, plan in planned]
         return lambda: len(self.store.write(pid, h, writes))
 
     def backfilled_summaries(self, definition: Any, kept: KeptColumns) -> Summarised:

@@ -66,6 +66,7 @@ PROJECT_PARTS: dict[str, str] = {
     "insight_views": "views:",             # sorted set per owner: insight id -> last viewed
     "insight_access": "acl:",              # hash per insight of access entries
     "scratch": "scratch",                  # per shard: a person set a backfill call ORs in (gone when it returns)
+    "kept_log": "pk:",                     # per person: every summarised definition's kept events, by definition
 }
 
 # Summaries kept per person and day (dataflows/operators/summaries.py): kind -> what it holds.
@@ -94,7 +95,7 @@ DEFINITION_PARTS: dict[str, str] = {
     "day_person_events": "pa:",            # per breakdown value and day: person -> events
     "hour_person_events": "pah:",
     "day_events": "fe:",                   # funnel events kept per day
-    "person_events": "pe:",                # a person's kept events (summaries)
+    "person_events": "pe:",                # a person's kept events before the kept log (read beside it)
     "dirty": "dirty",                      # persons to summarise
     "irregular": "irr",                    # funnel persons with two step events at one instant
     "merges_marked": "mcur",               # how much of the project's merge log was marked dirty here
@@ -106,7 +107,7 @@ DEFINITION_PARTS: dict[str, str] = {
 # Parts kept per state shard (the person's); the rest of a project's keys live in its home.
 SHARDED_PARTS = ("hour_counts", "day_counts", "day_persons", "hour_persons", "first_seen", "first_time_hour_counts",
                  "first_time_day_counts", "first_time_hour_persons", "first_time_day_persons", "shard_applied",
-                 "shard_generation", "scratch")
+                 "shard_generation", "scratch", "kept_log")
 SHARDED_DEFINITION_PARTS = tuple(n for n in DEFINITION_PARTS if n not in ("meta", "backfill_done", "merges_marked"))
 
 
@@ -385,8 +386,16 @@ def definition_key(prefix: str, kind: str, bv: str = "", bucket: str | int | Non
 
 
 def person_events(prefix: str, person: str | int) -> str:
-    """String of one person's kept events, appended `<ts>,<day>,<uuid>,<len>:<json>` by the apply script."""
+    """String of one person's kept events for one definition, as the apply script appended them before
+    the kept log (`kept_log`): read beside it until the summariser rewrites the person."""
     return definition_part(prefix, "person_events", person)
+
+
+def kept_log(project_id: int, shard: int, person: str | int) -> str:
+    """String of one person's kept events, every summarised definition's, appended in blocks tagged by
+    definition (state/records.py, `kept_block`): one append per person and chunk, however many
+    definitions keep the events."""
+    return shard_prefix(project_id, shard) + PROJECT_PARTS["kept_log"] + str(person)
 
 
 def summary_dirty(prefix: str) -> str:

@@ -1,7 +1,9 @@
 """Stored record formats: one codec each, used by whoever writes and whoever reads the record.
 
-- kept events (`pe:<person>`, appended by the apply script): `<ts>,<day>,<uuid>,<length>:<value>`
-  back to back;
+- kept events: `<ts>,<day>,<uuid>,<length>:<value>` back to back, one definition's. The kept log
+  (`pk:<person>`, appended by the apply script) holds every definition's in blocks
+  `<definition>,<length>;<records>` (a block tagged `~` is padding); a person's strings of one
+  definition (`pe:<person>`) written before the kept log hold its records bare;
 - a day's funnel events (`fe:<day>` list entries, pushed by the apply script): `person|ts|uuid|value`;
 - attempt rows (`fa:<day>` hash values): little-endian int64s, `steps + 1` per row
   (person, start, g_2..g_n);
@@ -74,6 +76,52 @@ def parse_person_events(raw: bytes) -> list[StoredEvent]:
     if rest:
         raise ValueError(f"unreadable kept events from byte {len(raw) - len(rest)} on")
     return events
+
+
+PADDING = b"~"  # the tag of a block that only keeps a rewritten kept log from getting shorter
+
+
+def kept_block(h: str, records: bytes) -> bytes:
+    """A definition's records as one block of a kept log."""
+    return b"%s,%d;%s" % (h.encode(), len(records), records)
+
+
+def _blocks(raw: bytes) -> Iterable[tuple[bytes, int, int, int]]:
+    """(tag, where the block begins, where its records begin, where they stop) of each block of a kept
+    log; a damaged tail is one block tagged b"" (appends are whole: only a bug or a hand-made write
+    leaves one)."""
+    i, end, find = 0, len(raw), raw.find
+    while i < end:
+        comma = find(b",", i, i + 40)
+        semi = find(b";", comma + 1, comma + 12) if comma > 0 else -1
+        try:
+            stop = semi + 1 + int(raw[comma + 1:semi]) if semi > 0 else -1
+        except ValueError:
+            stop = -1
+        if stop <= semi or stop > end:
+            yield b"", i, i, end
+            return
+        yield raw[i:comma], i, semi + 1, stop
+        i = stop
+
+
+def definition_records(raw: bytes, h: str) -> bytes:
+    """One definition's records in a kept log, back to back; a damaged tail is included, for the
+    summariser to dead-letter and drop."""
+    tag = h.encode()
+    return b"".join(raw[start:stop] for t, _, start, stop in _blocks(raw) if t == tag or t == b"")
+
+
+def rewritten_log(raw: bytes, h: str, records: bytes, longer_than: int) -> bytes:
+    """A kept log with definition h's records replaced by `records` (the other definitions' blocks as
+    they are; padding and a damaged tail dropped), padded to more than `longer_than` bytes: a
+    person's kept events never get shorter, so their length versions them (a summary write checks
+    it unchanged) and cannot come back to a length a reader saw."""
+    tag = h.encode()
+    out = b"".join([raw[begin:stop] for t, begin, _, stop in _blocks(raw) if t not in (tag, b"", PADDING)]
+                   + ([kept_block(h, records)] if records else []))
+    short = longer_than + 1 - len(out)
+    return out + b"%s,%d;%s" % (PADDING, short, b" " * short) if short > 0 else out
 
 
 def day_row(person: int, ts_ms: int, uuid: str, value: str) -> str:

@@ -111,7 +111,7 @@ DEFINITION_SECTIONS = (
     Layout("DL", ("definition", "kind", "breakdown", "bucket", "values")),
     Layout("DA", ("definition", "kind", "breakdown", "bucket", "persons")),
     Layout("KD", ("definition", "day", "rows")),
-    Layout("KP", ("definition", "person", "length")),  # the kept records: `length` bytes of A.kept, in turn
+    Layout("KP", ("person", "length", "definitions")),  # the kept blocks: `length` bytes of A.kept, in turn
 )
 SHARD_SECTIONS = (
     Layout("R", ("fence", "first", "next_offset")),
@@ -154,13 +154,14 @@ RESET_STREAM = Script("reset_stream.lua", (Layout("A", ("topic_id", "now_ms", "e
 SUMMARY_PERSON_FIELDS = ("person", "version", "irregular", "replaced", "replacement", "entries")
 SUMMARY_ENTRY_FIELDS = ("kind", "day", "value")
 WRITE_SUMMARIES = Script("write_summaries.lua", (
-    Layout("A", ("prefix", "count")), Layout("S", SUMMARY_PERSON_FIELDS, first=3),
+    Layout("A", ("prefix", "log", "count")), Layout("S", SUMMARY_PERSON_FIELDS, first=4),
     Layout("SE", SUMMARY_ENTRY_FIELDS, first=0)))
 
 # Summaries a backfill computed over columns: header A, `persons` persons S, then `days` days SD (a
 # day's persons and their values' lengths, comma-separated, and the values back to back).
 BACKFILL_SUMMARIES = Script("backfill_summaries.lua", (
-    Layout("A", ("prefix", "persons", "days")), Layout("S", ("person", "version", "irregular"), first=4),
+    Layout("A", ("prefix", "log", "definition", "persons", "days")),
+    Layout("S", ("person", "version", "irregular"), first=6),
     Layout("SD", ("kind", "day", "count", "plain"), first=0)))
 
 ALL = (APPLY_BATCH, APPLY_SHARD, FIX_BOUND, RESOLVE_PERSONS,

@@ -26,6 +26,7 @@ from state import keys, scripts
 from state.connection import ShardedStore, run_scripts
 from state.overrides import final_person
 from state.reads import person_bitmap
+from state.records import kept_block
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, DefinitionSums, ShardEffects
@@ -143,16 +144,20 @@ def _dense(persons: set[int] | np.ndarray) -> bool:
 def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[tuple[str, int, list[str]]]
                   ) -> tuple[dict[str, list[Any]], bytes]:
     """Events definitions keep, as the KD and KP sections `definition_sums.lua` applies: per
-    (definition, day) the funnel rows; per (definition, person) the length of the records to append,
-    the records themselves back to back in the second value (the script's `kept` argument). Raw
-    bytes, not JSON strings: decoding half a megabyte of escaped JSON per batch was a quarter of
-    Redis's time in `apply_shard.lua`."""
-    rows, records = [], []
+    (definition, day) the funnel rows; per person, the definitions and the length of its blocks
+    (`kept_block`, one per definition) to append to its kept log, the blocks themselves back to back
+    in the second value (the script's `kept` argument). One append per person, not per definition:
+    appends were half of Redis's time per event. Raw bytes, not JSON strings: decoding half a
+    megabyte of escaped JSON per batch was a quarter of Redis's time in `apply_shard.lua`."""
+    by_person: dict[int, list[tuple[str, list[str]]]] = {}
     for h, person, kept in persons:
-        data = "".join(kept).encode()
-        rows.append([h, str(person), len(data)])
-        records.append(data)
-    return {"KD": [[h, day, rows] for h, day, rows in days], "KP": rows}, b"".join(records)
+        by_person.setdefault(person, []).append((h, kept))
+    rows, blocks = [], []
+    for person, kept_by in by_person.items():
+        data = b"".join(kept_block(h, "".join(kept).encode()) for h, kept in kept_by)
+        rows.append([str(person), len(data), [h for h, _ in kept_by]])
+        blocks.append(data)
+    return {"KD": [[h, day, rows] for h, day, rows in days], "KP": rows}, b"".join(blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +432,7 @@ class StateStore(ShardedStore):
                 args: list[Any] = [keys.shard_prefix(pid, s), h, name, fence, limit, last_written,
                                    int(last and i == len(batches) - 1), through, written_up_to, len(batch)]
                 for person in batch:
-                    args += [person, kept[s][person]]
+                    args += [person, kept_block(h, kept[s][person].encode())]
                 calls.append(([keys.shard_applied(pid, s)], args))
                 if batch:
                     last_written = batch[-1]

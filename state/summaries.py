@@ -4,8 +4,10 @@ dashboard that polls re-reads only the days that changed).
 
 Both read caches are bounded by size (least recently used first out): `summary_cache_mb` of the
 settings (`INSIGHTFLOW_SUMMARY_CACHE_MB`, default 1024) for the days, as much for combined ranges.
-A summary write is refused when the person's kept events grew since they were read (their length is
-the version), and the person stays dirty for the next pass.
+A person's kept events are its definition's blocks of its kept log (state/keys.py, `kept_log`), after
+what an older layout kept in a string per definition. A summary write is refused when either grew
+since they were read (their lengths add up to the version; a kept log never gets shorter), and the
+person stays dirty for the next pass.
 
 Merged persons (state/overrides.py): a survivor's summaries are made from the kept events of its
 whole group (itself and everyone merged into it), and each member's own summaries are emptied. Each
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import redis
@@ -27,8 +29,18 @@ from state import keys, scripts
 from state.connection import ShardedStore, run_scripts, state_shards
 from state.overrides import Overrides
 from state.overrides import load as load_overrides
+from state.records import definition_records
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value)
+
+
+class Kept(NamedTuple):
+    """A person's kept events of one definition as read: the records, the kept log they came from (to
+    rewrite it), and the version a summary write checks."""
+
+    records: bytes
+    log: bytes
+    version: int
 
 
 class SummaryStore(ShardedStore):
@@ -93,22 +105,34 @@ class SummaryStore(ShardedStore):
                    ) -> dict[str, dict[str, bytes]]:
         """The groups of these persons, by survivor: the survivor, then everyone merged into it, each
         with its kept events."""
+        return {s: {m: kept.records for m, kept in group.items()}
+                for s, group in self.kept_groups(project_id, h, persons, overrides).items()}
+
+    def kept_groups(self, project_id: int, h: str, persons: Iterable[str], overrides: Overrides
+                    ) -> dict[str, dict[str, Kept]]:
+        """`group_kept` with each member's kept log and version, for the summariser."""
         survivors = dict.fromkeys(str(overrides.person(int(p))) for p in persons)
         groups = {s: [str(m) for m in overrides.group(int(s))] for s in survivors}
         members = list(dict.fromkeys(m for group in groups.values() for m in group))
-        raws = dict(zip(members, self.kept_events(project_id, h, members), strict=True))
-        return {s: {m: raws[m] for m in group} for s, group in groups.items()}
+        found = dict(zip(members, self.kept(project_id, h, members), strict=True))
+        return {s: {m: found[m] for m in group} for s, group in groups.items()}
 
     def kept_events(self, project_id: int, h: str, persons: list[str]) -> list[bytes]:
+        return [kept.records for kept in self.kept(project_id, h, persons)]
+
+    def kept(self, project_id: int, h: str, persons: list[str]) -> list[Kept]:
         prefix = keys.definition_prefix(project_id, h)
         by_shard: dict[int, list[int]] = {}
         for i, person in enumerate(persons):
             by_shard.setdefault(keys.shard_of(person, self.shards), []).append(i)
-        out: list[bytes] = [b""] * len(persons)
+        out: list[Kept] = [Kept(b"", b"", 0)] * len(persons)
         for shard, indexes in by_shard.items():
-            names = [keys.in_shard(keys.person_events(prefix, persons[i]), shard) for i in indexes]
-            for i, raw in zip(indexes, self.redis.mget(names), strict=True):
-                out[i] = raw or b""
+            names = [keys.kept_log(project_id, shard, persons[i]) for i in indexes]
+            names += [keys.in_shard(keys.person_events(prefix, persons[i]), shard) for i in indexes]
+            raws, n = self.redis.mget(names), len(indexes)
+            for i, log, older in zip(indexes, raws[:n], raws[n:], strict=True):
+                log, older = log or b"", older or b""
+                out[i] = Kept(older + definition_records(log, h), log, len(log) + len(older))
         return out
 
     def irregular(self, project_id: int, h: str) -> list[str]:
@@ -118,8 +142,8 @@ class SummaryStore(ShardedStore):
 
     def write(self, project_id: int, h: str,
               planned: list[tuple[str, int, bool, bytes | None, list[Entry]]], chunk: int = 500) -> set[str]:
-        """Write (person, version read, irregular, replacement kept events or None, entries) each, in
-        the person's state shard; a person whose kept events moved since is left dirty. Returns the
+        """Write (person, version read, irregular, replacement kept log or None, entries) each, in the
+        person's state shard; a person whose kept events moved since is left dirty. Returns the
         persons written."""
         prefix = keys.definition_prefix(project_id, h)
         by_shard: dict[int, list[tuple[str, int, bool, bytes | None, list[Entry]]]] = {}
@@ -128,14 +152,15 @@ class SummaryStore(ShardedStore):
         calls = []
         for shard, plans in by_shard.items():
             shard_prefix = keys.in_shard(prefix, shard)
+            log = keys.kept_log(project_id, shard, "")
             for start in range(0, len(plans), chunk):
-                args: list[str | int | bytes] = [shard_prefix, 0]
+                args: list[str | int | bytes] = [shard_prefix, log, 0]
                 for person, version, irregular, replacement, entries in plans[start:start + chunk]:
                     args += [person, version, int(irregular), int(replacement is not None), replacement or b"",
                              len(entries)]
                     for entry in entries:
                         args += entry
-                    args[1] = int(args[1]) + 1
+                    args[2] = int(args[2]) + 1
                 calls.append(([keys.summary_dirty(shard_prefix)], args))
         return {p.decode() for result in run_scripts(self.redis, self._write, calls) for p in result}
 
@@ -144,7 +169,7 @@ class SummaryStore(ShardedStore):
         """Write summaries a backfill computed over columns (`Summarised`, history_summaries.py) of
         its persons `start` to `stop` (indexes in `summarised.persons`), grouped by day
         (`backfill_summaries.lua`); `sizes`: the bytes of kept events the backfill gave each person,
-        so a person whose kept events are not exactly those is left dirty. Returns how many persons
+        so a person whose kept events of the definition are not exactly those is left dirty. Returns how many persons
         were written."""
         prefix = keys.definition_prefix(project_id, h)
         persons, entry_persons = summarised.persons, summarised.entry_persons
@@ -165,7 +190,8 @@ class SummaryStore(ShardedStore):
                 days: dict[str, list[int]] = {}
                 for i in chosen.tolist():
                     days.setdefault(summarised.entry_days[i], []).append(i)
-                args: list[Any] = [shard_prefix, len(who), len(days), *header]
+                args: list[Any] = [shard_prefix, keys.kept_log(project_id, shard, ""), h, len(who), len(days),
+                                   *header]
                 for day, entries in days.items():
                     values = [summarised.values[i] for i in entries]
                     args += [summarised.kind, day, len(entries), int(all(values))]

@@ -1,7 +1,7 @@
 -- A summarised definition's backfill from the archive in one state shard, person by person
 -- (state/store.py, StateStore.backfill_persons): the kept events the archived history of topic
--- partition A.fence gives each person (above the shard's fence, below its limit), one APPEND per
--- person, the persons in ascending order over several calls. The fence moves to A.through only with
+-- partition A.fence gives each person (above the shard's fence, below its limit), one block appended
+-- to each person's kept log, the persons in ascending order over several calls. The fence moves to A.through only with
 -- the last call (A.last); until then the shard's progress holds the last person written, so a
 -- backfill that restarts evaluates the same history again and skips the persons written: each
 -- person gets its archived events exactly once. A fence, limit or progress other than the worker read
@@ -23,8 +23,7 @@ local dirty = {}
 for i = 0, n - 1 do
   local b = E_FIRST + i * E_WIDTH
   local p = ARGV[b + E.person]
-  local key = D .. DK.person_events .. p
-  if write(key, 'APPEND', key, ARGV[b + E.kept]) then dirty[#dirty + 1] = p end
+  if append_kept(P .. K.kept_log .. p, ARGV[b + E.kept], {h}) then dirty[#dirty + 1] = p end
 end
 if #dirty > 0 then
   local key = D .. DK.dirty

@@ -2,17 +2,35 @@
 -- (state/summaries.py, SummaryStore.write_backfilled); answers the persons written.
 -- Arguments: A, then A.persons persons S, then A.days days SD, each followed by SD.count pairs (a
 -- person, its value; SD.plain: no value is empty). A person is written only if its kept
--- events still have the length the backfill gave them (S.version): otherwise it stays dirty for the
--- summariser. Written by day, one HSET per day and slice; an empty value removes the person from
+-- events of definition A.definition are the bytes the backfill gave them (S.version: its blocks in
+-- the kept log A.log followed by the person, and its string written before the kept log): otherwise
+-- it stays dirty for the summariser. Written by day, one HSET per day and slice; an empty value removes the person from
 -- that day; a written day's version moves.
-local D = ARGV[A.prefix]
+local D, L, h = ARGV[A.prefix], ARGV[A.log], ARGV[A.definition]
 -- include: slices.lua
+
+-- The bytes of definition h's records in a kept log (state/records.py reads blocks the same way); -1 for a
+-- damaged log, which no backfill wrote alone.
+local function definition_bytes(raw)
+  local n, i, size = 0, 1, #raw
+  while i <= size do
+    local comma = string.find(raw, ',', i, true)
+    local semi = comma and string.find(raw, ';', comma + 1, true)
+    local length = semi and tonumber(string.sub(raw, comma + 1, semi - 1))
+    if not length or semi + length > size then return -1 end
+    if string.sub(raw, i, comma - 1) == h then n = n + length end
+    i = semi + 1 + length
+  end
+  return n
+end
+
 local written, done, irregular_now, regular_now = {}, {}, {}, {}
 local S_COUNT = tonumber(ARGV[A.persons])
 local i = S_FIRST
 for _ = 1, tonumber(ARGV[A.persons]) do
   local p = ARGV[i + S.person]
-  if redis.call('STRLEN', D .. DK.person_events .. p) == tonumber(ARGV[i + S.version]) then
+  local bytes = definition_bytes(redis.call('GET', L .. p) or '')
+  if bytes >= 0 and bytes + redis.call('STRLEN', D .. DK.person_events .. p) == tonumber(ARGV[i + S.version]) then
     written[p] = true
     done[#done + 1] = p
     if ARGV[i + S.irregular] == '1' then

@@ -103,6 +103,19 @@ local function write(key, ...)
   return r
 end
 
+-- Appends to a person's kept log (K.kept_log) the blocks of the definitions listed; a refusal (the
+-- string limit) fails each of them.
+local function append_kept(key, records, definitions)
+  local r = redis.pcall('APPEND', key, records)
+  if type(r) == 'table' and r.err then
+    for _, h in ipairs(definitions) do
+      if not failed[h] then failed[h] = r.err .. ' (writing ' .. string.sub(key, #P + 1) .. ')' end
+    end
+    return nil
+  end
+  return r
+end
+
 -- Marks persons in a person-set bitmap (or clears them: value '0'): one BITFIELD per 1,000 persons
 -- (what Lua's unpack takes), or a SETBIT for a single person (cheaper to parse).
 local function set_bits(key, persons, value)

@@ -39,25 +39,26 @@ end
 
 -- Events kept by funnels (per day) and by summarised definitions (per person, the person marked for
 -- the summariser), as the worker wrote them out (dataflows/operators/batch.py and history.py): each
--- KP row's records are the next `length` bytes of `kept`.
+-- KP row's blocks, one per definition listed (state/records.py, kept_block), are the next `length`
+-- bytes of `kept`, appended to the person's kept log at once.
 local function apply_kept(batch, kept)
   for _, k in ipairs(batch.KD) do
     local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]
     each_slice(k[KD.rows], function(...) write(key, 'RPUSH', key, ...) end)
   end
-  local dirty, prefixes = {}, {}
+  local dirty = {}
   local at = 1
+  local prefix = P .. K.kept_log
   for _, k in ipairs(batch.KP) do
-    local h, p, n = k[KP.definition], k[KP.person], k[KP.length]
-    local prefix = prefixes[h]
-    if not prefix then prefix = P .. K.definition .. h .. ':' .. DK.person_events; prefixes[h] = prefix end
-    local key = prefix .. p
+    local p, n, definitions = k[KP.person], k[KP.length], k[KP.definitions]
     local records = string.sub(kept, at, at + n - 1)
     at = at + n
-    if write(key, 'APPEND', key, records) then
-      local d = dirty[h]
-      if not d then d = {}; dirty[h] = d end
-      d[#d + 1] = p
+    if append_kept(prefix .. p, records, definitions) then
+      for _, h in ipairs(definitions) do
+        local d = dirty[h]
+        if not d then d = {}; dirty[h] = d end
+        d[#d + 1] = p
+      end
     end
   end
   for h, persons in pairs(dirty) do

@@ -1,10 +1,12 @@
 -- Writes persons' summaries of one definition (state/summaries.py, SummaryStore.write); answers the
 -- persons written.
 -- Arguments: A, then A.count persons, each S then S.entries entries named by SE. A person is written
--- only if its kept events still have the length it was summarised from (S.version); `replaced` 1:
--- its kept events become S.replacement (events the summariser could not use were dead-lettered). An
+-- only if its kept events still have the length it was summarised from (S.version: its kept log's, A.log
+-- followed by the person, and its string written before the kept log); `replaced` 1: its kept log
+-- becomes S.replacement, and the older string goes (events the summariser could not use were
+-- dead-lettered; state/records.py, rewritten_log). An
 -- empty value removes the person from that day; a day's version moves only when its value changes.
-local D = ARGV[A.prefix]
+local D, L = ARGV[A.prefix], ARGV[A.log]
 -- include: slices.lua
 local n = tonumber(ARGV[A.count])
 local i = S_FIRST
@@ -16,10 +18,11 @@ for _ = 1, n do
   local irregular, replaced, replacement = ARGV[i + S.irregular], ARGV[i + S.replaced], ARGV[i + S.replacement]
   local entries = tonumber(ARGV[i + S.entries])
   i = i + S_WIDTH
-  local kept = D .. DK.person_events .. p
-  if redis.call('STRLEN', kept) == version then
+  local kept, older = L .. p, D .. DK.person_events .. p
+  if redis.call('STRLEN', kept) + redis.call('STRLEN', older) == version then
     if replaced == '1' then
-      if replacement == '' then redis.call('DEL', kept) else redis.call('SET', kept, replacement) end
+      redis.call('SET', kept, replacement)
+      redis.call('DEL', older)
     end
     for _ = 1, entries do
       local kind, day, value = ARGV[i + SE.kind], ARGV[i + SE.day], ARGV[i + SE.value]

@@ -19,6 +19,7 @@ from confluent_kafka import Producer
 
 from schemas.funnels import parse_funnel_request
 from state import keys
+from state.records import kept_block
 from state.registry import DefinitionRegistry
 from tests import legacy
 from tests.conftest import ProjectHandle, Stack, make_project
@@ -116,13 +117,20 @@ def test_funnel_step_events_far_in_the_past_and_kept_ones_from_an_older_version(
     person = running.redis.hget(keys.distinct_ids(project.id), "p1").decode()
     marker = str(uuid.uuid4())
     value = orjson.dumps([0b10, 0, ""])
+    # One in the string an older layout kept per definition, one in the person's kept log.
+    older = str(uuid.uuid4())
     running.redis.append(keys.person_events(prefix, person),
-                         b"-11676096000000,16000101,%s,%d:%s" % (marker.encode(), len(value), value))
+                         b"-11676096000000,16000101,%s,%d:%s" % (older.encode(), len(value), value))
+    log = keys.kept_log(project.id, 0, person)
+    running.redis.append(log, kept_block(definition.hash, b"-11676096000000,16000101,%s,%d:%s" % (
+        marker.encode(), len(value), value)))
     running.redis.sadd(keys.summary_dirty(prefix), person)
 
-    letter = _letter(running, marker)
-    assert "outside the range events can have" in letter["reason"] and letter["source"] == "summariser"
-    assert marker.encode() not in (running.redis.get(keys.person_events(prefix, person)) or b"")
+    for dropped in (older, marker):
+        letter = _letter(running, dropped)
+        assert "outside the range events can have" in letter["reason"] and letter["source"] == "summariser"
+    assert running.redis.get(keys.person_events(prefix, person)) is None
+    assert marker.encode() not in (running.redis.get(log) or b"")
     _bystander_applied(running, "after-b")
     steps = _funnel(project, ["view", "buy"]).json()["result"]
     assert [s["count"] for s in steps] == [1, 1]

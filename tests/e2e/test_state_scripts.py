@@ -23,6 +23,7 @@ from dataflows.operators.persons import PersonProperties, person_update
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import connect
+from state.records import kept_block, rewritten_log
 from state.store import BatchOutcome, ProjectBatch, Resolved, StateStore
 from state.summaries import SummaryStore
 from tests.conftest import Services
@@ -323,23 +324,28 @@ def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None
     kept = client.lrange(keys.definition_events(keys.definition_prefix(project.id, "aa"), "20240101"), 0, -1)
     assert kept == [f'{person}|1000|k1|{{"s":1}}'.encode()]
     b = keys.definition_prefix(project.id, "bb")
-    assert client.get(keys.person_events(b, person)) == b'2000,20240101,k2,7:{"s":1}'
+    assert client.get(keys.kept_log(project.id, 0, person)) == b'bb,26;2000,20240101,k2,7:{"s":1}'
     assert client.smembers(keys.summary_dirty(b)) == {person.encode()}
 
     # Records of several persons and definitions in one batch, values of multi-byte characters: each
-    # person's own records land on its key, whole.
+    # person's own records land on its kept log, whole, one block per definition in one append.
     values = {"a": '["é"]', "b": '["€🙂"]', "c": '"x"'}
     batch = [_event(f"m{i}", did, 3000 + i, offset=10 + i,
                     contributions=[("bb", "", values[did]), ("cc", "", values[did])])
              for i, did in enumerate(("a", "b", "c", "b"))]
     project.apply(batch, flags={"bb": "s", "cc": "s"})
-    for h in ("bb", "cc"):
-        d = keys.definition_prefix(project.id, h)
-        for did in ("a", "b", "c"):
-            records = "".join(f"{o.ts},20240101,{o.uuid},{len(values[did].encode())}:{values[did]}"
-                              for o in batch if o.distinct_id == did)
-            before = '2000,20240101,k2,7:{"s":1}' if (h, did) == ("bb", "a") else ""
-            assert client.get(keys.person_events(d, project.person(did).decode())) == (before + records).encode()
+    summaries = SummaryStore(client, 1)
+    for did in ("a", "b", "c"):
+        records = "".join(f"{o.ts},20240101,{o.uuid},{len(values[did].encode())}:{values[did]}"
+                          for o in batch if o.distinct_id == did).encode()
+        before = b'bb,26;2000,20240101,k2,7:{"s":1}' if did == "a" else b""
+        person = project.person(did).decode()
+        assert client.get(keys.kept_log(project.id, 0, person)) == before + b"".join(
+            b"%s,%d;%s" % (h, len(records), records) for h in (b"bb", b"cc"))
+        for h in ("bb", "cc"):
+            old = b'2000,20240101,k2,7:{"s":1}' if (h, did) == ("bb", "a") else b""
+            assert summaries.kept_events(project.id, h, [person]) == [old + records]
+            assert client.sismember(keys.summary_dirty(keys.definition_prefix(project.id, h)), person)
 
 
 def test_backfill_applies_the_counted_copy_below_each_shards_bound_once(client: redis.Redis) -> None:
@@ -412,35 +418,48 @@ def test_stream_bookkeeping_scripts(client: redis.Redis) -> None:
 
 
 def test_summary_writes_are_fenced_by_kept_length(client: redis.Redis) -> None:
+    """write_summaries.lua: the version is the length of the person's kept log and of its string kept
+    before the kept log; a replacement rewrites the log (SummaryStore.kept reads it back) and drops the
+    older string."""
     script = client.register_script(scripts.WRITE_SUMMARIES.source)
-    prefix = keys.definition_prefix(next(_projects), "5a")
-    client.set(keys.person_events(prefix, "7"), b"12345")
+    project = next(_projects)
+    prefix = keys.definition_prefix(project, "5a")
+    log = keys.kept_log(project, 0, "7")
+    client.set(keys.person_events(prefix, "7"), b"12345")  # an older layout's string: read beside the log
+    client.set(log, b"99,3;abc")
     client.sadd(keys.summary_dirty(prefix), "7")
 
     def write(version: int, entries: list[tuple[str, str, bytes]], replacement: bytes | None = None) -> list[bytes]:
         layout = scripts.WRITE_SUMMARIES.layout
         person = {"person": "7", "version": version, "irregular": 1, "replaced": int(replacement is not None),
                   "replacement": replacement or b"", "entries": len(entries)}
-        args: list[Any] = [{"prefix": prefix, "count": 1}[f] for f in layout("A").fields]
+        args: list[Any] = [{"prefix": prefix, "log": keys.kept_log(project, 0, ""), "count": 1}[f]
+                           for f in layout("A").fields]
         args += [person[f] for f in layout("S").fields]
         for kind, day, value in entries:
             args += [{"kind": kind, "day": day, "value": value}[f] for f in layout("SE").fields]
         return script(keys=[keys.summary_dirty(prefix)], args=args)
 
-    assert write(4, [("fa", "20240101", b"row")]) == []  # the kept events grew since: left dirty
+    assert write(5, [("fa", "20240101", b"row")]) == []  # the kept events grew since: left dirty
     assert client.sismember(keys.summary_dirty(prefix), "7")
-    assert write(5, [("fa", "20240101", b"row")]) == [b"7"]  # the persons written
+    assert write(13, [("fa", "20240101", b"row")]) == [b"7"]  # the persons written
     assert client.hget(keys.summary_rows(prefix, "fa", "20240101"), "7") == b"row"
     assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"1"
     assert not client.sismember(keys.summary_dirty(prefix), "7")
     assert client.hget(keys.irregular_persons(prefix), "7") == b"1"
-    assert write(5, [("fa", "20240101", b"row")]) == [b"7"]  # unchanged value: the day's version stays
+    assert write(13, [("fa", "20240101", b"row")]) == [b"7"]  # unchanged value: the day's version stays
     assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"1"
-    assert write(5, [("fa", "20240101", b""), ("ps", "20240102", b"s")], replacement=b"123") == [b"7"]
+    rewritten = rewritten_log(client.get(log) or b"", "5a", b"123", 13)
+    assert len(rewritten) > 13  # padded: the length never comes back to one a reader saw
+    assert write(13, [("fa", "20240101", b""), ("ps", "20240102", b"s")], replacement=rewritten) == [b"7"]
     assert client.hexists(keys.summary_rows(prefix, "fa", "20240101"), "7") is False
     assert client.hget(keys.summary_versions(prefix, "fa"), "20240101") == b"2"
     assert client.hget(keys.summary_rows(prefix, "ps", "20240102"), "7") == b"s"
-    assert client.get(keys.person_events(prefix, "7")) == b"123"
+    assert client.get(keys.person_events(prefix, "7")) is None
+    store = SummaryStore(client, 1)
+    assert store.kept_events(project, "5a", ["7"]) == [b"123"]
+    assert store.kept_events(project, "99", ["7"]) == [b"abc"]  # another definition's records stay
+    assert store.kept(project, "5a", ["7"])[0].version == len(rewritten)
 
 
 @pytest.mark.parametrize("script", scripts.ALL, ids=lambda s: s.file)
@@ -455,9 +474,12 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
     past what the backfill gave it stays dirty and unwritten; the rest are written, one hash per day."""
     project = next(_projects)
     prefix = keys.definition_prefix(project, "5b")
-    for person, kept in (("7", b"12345"), ("8", b"1234567"), ("9", b"12")):
-        client.set(keys.person_events(prefix, person), kept)
+    # 7's events: the backfill's (another definition's block beside them); 8's: more than the backfill
+    # gave it; 9's: the backfill's, in the string an older layout kept.
+    for person, log in (("7", b"5b,3;123zz,4;abcd5b,2;45"), ("8", b"5b,7;1234567"), ("9", b"")):
+        client.set(keys.kept_log(project, 0, person), log)
         client.sadd(keys.summary_dirty(prefix), person)
+    client.set(keys.person_events(prefix, "9"), b"12")
     client.hset(keys.summary_rows(prefix, "fa", "20240102"), "9", b"old")
     summarised = Summarised("fa", np.array([7, 8, 9]), np.array([False, False, True]), np.array([7, 7, 8, 9]),
                             ["20240101", "20240102", "20240101", "20240102"], [b"r\x00w", b"row2", b"x", b""])
@@ -480,7 +502,7 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
     # Written a slice of persons at a time: each call writes only its persons.
     summarised = Summarised("fa", np.array([7, 8, 9]), np.array([False, False, False]), np.array([7, 8, 9]),
                             ["20240104"] * 3, [b"a", b"b", b"c"])
-    client.set(keys.person_events(prefix, "8"), b"12345")
+    client.set(keys.kept_log(project, 0, "8"), b"5b,5;12345")
     store = SummaryStore(client, 1)
     assert store.write_backfilled(project, "5b", summarised, {7: 5, 8: 5, 9: 2}, 0, 2) == 2
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240104")) == {b"7": b"a", b"8": b"b"}
@@ -503,7 +525,7 @@ def test_a_backfill_written_person_by_person_gives_each_person_its_events_once(c
     for s in range(2):
         client.hset(keys.in_shard(keys.backfill_bound(prefix), s), "t1:0", 10)
     # A run that died after its first call in shard 0: person 2 has its events, the progress says so.
-    client.append(keys.in_shard(keys.person_events(prefix, 2), 0), "a")
+    client.append(keys.kept_log(project, 0, 2), kept_block("5c", b"a"))
     client.hset(keys.in_shard(keys.backfill_progress(prefix), 0), "t1:0", 2)
     kept = {0: {6: "c", 2: "a", 4: "bb"}, 1: {3: "yy", 1: "x"}}
     limits, progress = store.backfill_limits(project, "5c", "t1:0"), store.backfill_progress(project, "5c", "t1:0")
@@ -511,7 +533,7 @@ def test_a_backfill_written_person_by_person_gives_each_person_its_events_once(c
     store.backfill_persons(definition, "t1:0", kept, limits, progress, 9, batch_bytes=1)  # a call per person
 
     def events(person: int) -> bytes | None:
-        return client.get(keys.in_shard(keys.person_events(prefix, person), person % 2))
+        return SummaryStore(client, 2).kept_events(project, "5c", [str(person)])[0] or None
 
     assert [events(p) for p in range(1, 7)] == [b"x", b"a", b"yy", b"bb", None, b"c"]
     assert [client.hget(keys.in_shard(keys.backfill_fence(prefix), s), "t1:0") for s in range(2)] == [b"9", b"9"]

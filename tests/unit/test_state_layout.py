@@ -91,9 +91,9 @@ def test_batch_rows_follow_the_layouts() -> None:
         ("d", "20240101", [2.5]), ("h", "0", [2.5])]
     assert shard_rows(odd, "DA") == [] and shard_rows(even, "DC") == [] and shard_rows(odd, "KD") == []
     assert shard_rows(even, "KD") == [{"definition": "h2", "day": "20240101", "rows": ['8|2000|u2|{"s":1}']}]
-    record = b'2000,20240101,u2,7:{"s":1}'
-    assert shard_rows(even, "KP") == [{"definition": "h2", "person": "8", "length": len(record)}]
-    assert (kept[0], kept[1]) == (record, b"")
+    block = b'h2,26;2000,20240101,u2,7:{"s":1}'  # one block per definition, its records' length first
+    assert shard_rows(even, "KP") == [{"person": "8", "length": len(block), "definitions": ["h2"]}]
+    assert (kept[0], kept[1]) == (block, b"")
     assert shard_rows(odd, "H") == [{"definition": "h1", "fence": "t1:3", "offset": 1000}]
     assert shard_rows(even, "H") == [{"definition": "h2", "fence": "t1:3", "offset": 2000}]
 
@@ -110,8 +110,9 @@ def test_key_functions_yield_declared_keys() -> None:
             keys.definitions_generation(7), keys.failed_definitions(7), keys.project_applied(7),
             keys.stream("events"), keys.dlq_seen("events"), keys.throttle("ab", 1), keys.PROJECTS, keys.BACKFILLS,
             keys.definition_events(d, "20240101"), keys.definition_key(d, "vs", "x"), keys.definition_key(d, "bv"),
-            keys.definition_key(d, "ud", "x", "20240101"), keys.person_events(d, 3), keys.summary_dirty(d),
-            keys.summary_rows(d, "ps", "20240101"), keys.summary_versions(d, "fb"), keys.irregular_persons(d),
+            keys.definition_key(d, "ud", "x", "20240101"), keys.person_events(d, 3), keys.kept_log(7, 0, 3),
+            keys.kept_log(7, 2, 3), keys.summary_dirty(d), keys.summary_rows(d, "ps", "20240101"),
+            keys.summary_versions(d, "fb"), keys.irregular_persons(d),
             keys.definition_meta(d), keys.handover(d), keys.backfill_fence(d), keys.backfill_bound(d),
             keys.backfill_done(d), keys.backfill_progress(d)]
     made += [keys.shard_applied(7, 0), keys.shard_generation(7, 2), keys.LAYOUT_KEY]
@@ -124,7 +125,8 @@ def test_key_functions_yield_declared_keys() -> None:
 def test_event_state_spreads_over_shards_and_the_rest_stays_home() -> None:
     d = keys.definition_prefix(7, "0abc")
     for key in (keys.day_persons(7, "e", "20240101"), keys.first_seen(7, "e"), keys.person_events(d, 3),
-                keys.summary_rows(d, "fa", "20240101"), keys.definition_key(d, "vs", "x"), keys.backfill_bound(d)):
+                keys.kept_log(7, 0, 3), keys.summary_rows(d, "fa", "20240101"), keys.definition_key(d, "vs", "x"),
+                keys.backfill_bound(d)):
         spread = keys.in_shards(key, 3)
         assert spread[0] == key and len(set(spread)) == 3 and all(keys.declared(k) for k in spread), key
         assert [keys.in_shard(k, 0) for k in spread] == [key] * 3

@@ -95,7 +95,7 @@ DEFINITION_PARTS: dict[str, str] = {
     "day_person_events": "pa:",            # per breakdown value and day: person -> events
     "hour_person_events": "pah:",
     "day_events": "fe:",                   # funnel events kept per day
-    "person_events": "pe:",                # a person's kept events before the kept log (read beside it)
+    "person_events": "pe:",                # a person's kept events, as kept before the kept log (read beside it)
     "dirty": "dirty",                      # persons to summarise
     "irregular": "irr",                    # funnel persons with two step events at one instant
     "merges_marked": "mcur",               # how much of the project's merge log was marked dirty here
@@ -392,9 +392,8 @@ def person_events(prefix: str, person: str | int) -> str:
 
 
 def kept_log(project_id: int, shard: int, person: str | int) -> str:
-    """String of one person's kept events, every summarised definition's, appended in blocks tagged by
-    definition (state/records.py, `kept_block`): one append per person and chunk, however many
-    definitions keep the events."""
+    """String of one person's kept events, every summarised definition's (state/records.py,
+    `kept_append`): one append per person and chunk, however many definitions keep the events."""
     return shard_prefix(project_id, shard) + PROJECT_PARTS["kept_log"] + str(person)
 
 

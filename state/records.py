@@ -1,9 +1,10 @@
 """Stored record formats: one codec each, used by whoever writes and whoever reads the record.
 
 - kept events: `<ts>,<day>,<uuid>,<length>:<value>` back to back, one definition's. The kept log
-  (`pk:<person>`, appended by the apply script) holds every definition's in blocks
-  `<definition>,<length>;<records>` (a block tagged `~` is padding); a person's strings of one
-  definition (`pe:<person>`) written before the kept log hold its records bare;
+  (`pk:<person>`, appended by the apply script) holds every definition's, each append
+  `<definition>,<length>,<definition>,<length>...;<records>...` (records tagged `~` are padding);
+  a person's strings of one definition (`pe:<person>`) written before the kept log hold its
+  records bare;
 - a day's funnel events (`fe:<day>` list entries, pushed by the apply script): `person|ts|uuid|value`;
 - attempt rows (`fa:<day>` hash values): little-endian int64s, `steps + 1` per row
   (person, start, g_2..g_n);
@@ -18,7 +19,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,50 +79,89 @@ def parse_person_events(raw: bytes) -> list[StoredEvent]:
     return events
 
 
-PADDING = b"~"  # the tag of a block that only keeps a rewritten kept log from getting shorter
+PADDING = b"~"  # the tag of records that only keep a rewritten kept log from getting shorter
+
+
+def kept_append(blocks: Iterable[tuple[str | bytes, bytes]]) -> bytes:
+    """One append to a kept log: the definitions and the lengths of their records, then the records:
+    `<definition>,<length>,<definition>,<length>...;<records><records>...`. One header per append,
+    not per definition: walking a log costs per header (state/records.py is read in Python)."""
+    blocks = [(h.encode() if isinstance(h, str) else h, records) for h, records in blocks]
+    return b",".join(b"%s,%d" % (h, len(r)) for h, r in blocks) + b";" + b"".join(r for _, r in blocks)
 
 
 def kept_block(h: str, records: bytes) -> bytes:
-    """A definition's records as one block of a kept log."""
-    return b"%s,%d;%s" % (h.encode(), len(records), records)
+    """An append of one definition's records."""
+    return kept_append([(h, records)])
 
 
-def _blocks(raw: bytes) -> Iterable[tuple[bytes, int, int, int]]:
-    """(tag, where the block begins, where its records begin, where they stop) of each block of a kept
-    log; a damaged tail is one block tagged b"" (appends are whole: only a bug or a hand-made write
+def _appends(raw: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(definition, start, stop) of each definition's records in each append of a kept log, in order;
+    a damaged tail is one piece tagged b"" (appends are whole: only a bug or a hand-made write
     leaves one)."""
     i, end, find = 0, len(raw), raw.find
     while i < end:
-        comma = find(b",", i, i + 40)
-        semi = find(b";", comma + 1, comma + 12) if comma > 0 else -1
+        pieces = []
         try:
-            stop = semi + 1 + int(raw[comma + 1:semi]) if semi > 0 else -1
+            semi = find(b";", i)
+            head = raw[i:semi].split(b",") if semi > i else []
+            at = semi + 1
+            for j in range(0, len(head) - 1, 2):
+                n = int(head[j + 1])
+                pieces.append((head[j], at, at + n))
+                at += n
+            if not head or len(head) % 2 or at > end:
+                raise ValueError("damaged")
         except ValueError:
-            stop = -1
-        if stop <= semi or stop > end:
-            yield b"", i, i, end
+            yield b"", i, end
             return
-        yield raw[i:comma], i, semi + 1, stop
-        i = stop
+        yield from pieces
+        i = at
 
 
 def definition_records(raw: bytes, h: str) -> bytes:
     """One definition's records in a kept log, back to back; a damaged tail is included, for the
-    summariser to dead-letter and drop."""
+    summariser to dead-letter and drop. (`_appends`, unrolled: this runs for every person a
+    summary or a query reads.)"""
     tag = h.encode()
-    return b"".join(raw[start:stop] for t, _, start, stop in _blocks(raw) if t == tag or t == b"")
+    out = []
+    i, end, find = 0, len(raw), raw.find
+    while i < end:
+        try:
+            semi = find(b";", i)
+            head = raw[i:semi].split(b",") if semi > i else ()
+            at, mine = semi + 1, None
+            for j in range(0, len(head) - 1, 2):
+                n = int(head[j + 1])
+                if head[j] == tag:
+                    mine = raw[at:at + n] if mine is None else mine + raw[at:at + n]
+                at += n
+            if not head or len(head) % 2 or at > end:
+                raise ValueError("damaged")
+        except ValueError:
+            out.append(raw[i:])
+            break
+        if mine is not None:
+            out.append(mine)
+        i = at
+    return b"".join(out)
 
 
 def rewritten_log(raw: bytes, h: str, records: bytes, longer_than: int) -> bytes:
-    """A kept log with definition h's records replaced by `records` (the other definitions' blocks as
-    they are; padding and a damaged tail dropped), padded to more than `longer_than` bytes: a
-    person's kept events never get shorter, so their length versions them (a summary write checks
-    it unchanged) and cannot come back to a length a reader saw."""
+    """A kept log with definition h's records replaced by `records`, the other definitions' records
+    as they were (one append: the log is compacted; padding and a damaged tail dropped), padded to
+    more than `longer_than` bytes: a person's kept events never get shorter, so their length
+    versions them (a summary write checks it unchanged) and cannot come back to a length a reader
+    saw."""
     tag = h.encode()
-    out = b"".join([raw[begin:stop] for t, begin, _, stop in _blocks(raw) if t not in (tag, b"", PADDING)]
-                   + ([kept_block(h, records)] if records else []))
+    others: dict[bytes, list[bytes]] = {}
+    for t, start, stop in _appends(raw):
+        if t not in (tag, b"", PADDING):
+            others.setdefault(t, []).append(raw[start:stop])
+    blocks = [(t, b"".join(parts)) for t, parts in others.items()] + ([(tag, records)] if records else [])
+    out = kept_append(blocks) if blocks else b""
     short = longer_than + 1 - len(out)
-    return out + b"%s,%d;%s" % (PADDING, short, b" " * short) if short > 0 else out
+    return out + kept_append([(PADDING, b" " * short)]) if short > 0 else out
 
 
 def day_row(person: int, ts_ms: int, uuid: str, value: str) -> str:

@@ -26,7 +26,7 @@ from state import keys, scripts
 from state.connection import ShardedStore, run_scripts
 from state.overrides import final_person
 from state.reads import person_bitmap
-from state.records import kept_block
+from state.records import kept_append, kept_block
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, DefinitionSums, ShardEffects
@@ -144,9 +144,9 @@ def _dense(persons: set[int] | np.ndarray) -> bool:
 def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[tuple[str, int, list[str]]]
                   ) -> tuple[dict[str, list[Any]], bytes]:
     """Events definitions keep, as the KD and KP sections `definition_sums.lua` applies: per
-    (definition, day) the funnel rows; per person, the definitions and the length of its blocks
-    (`kept_block`, one per definition) to append to its kept log, the blocks themselves back to back
-    in the second value (the script's `kept` argument). One append per person, not per definition:
+    (definition, day) the funnel rows; per person, the definitions and the length of its append to
+    its kept log (`kept_append`), the appends themselves back to back in the second value (the
+    script's `kept` argument). One append per person, not per definition:
     appends were half of Redis's time per event. Raw bytes, not JSON strings: decoding half a
     megabyte of escaped JSON per batch was a quarter of Redis's time in `apply_shard.lua`."""
     by_person: dict[int, list[tuple[str, list[str]]]] = {}
@@ -154,7 +154,7 @@ def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[
         by_person.setdefault(person, []).append((h, kept))
     rows, blocks = [], []
     for person, kept_by in by_person.items():
-        data = b"".join(kept_block(h, "".join(kept).encode()) for h, kept in kept_by)
+        data = kept_append((h, "".join(kept).encode()) for h, kept in kept_by)
         rows.append([str(person), len(data), [h for h, _ in kept_by]])
         blocks.append(data)
     return {"KD": [[h, day, rows] for h, day, rows in days], "KP": rows}, b"".join(blocks)

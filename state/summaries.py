@@ -4,7 +4,7 @@ dashboard that polls re-reads only the days that changed).
 
 Both read caches are bounded by size (least recently used first out): `summary_cache_mb` of the
 settings (`INSIGHTFLOW_SUMMARY_CACHE_MB`, default 1024) for the days, as much for combined ranges.
-A person's kept events are its definition's blocks of its kept log (state/keys.py, `kept_log`), after
+A person's kept events are its definition's records in its kept log (state/keys.py, `kept_log`), after
 what an older layout kept in a string per definition. A summary write is refused when either grew
 since they were read (their lengths add up to the version; a kept log never gets shorter), and the
 person stays dirty for the next pass.

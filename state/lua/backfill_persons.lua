@@ -1,8 +1,8 @@
 -- A summarised definition's backfill from the archive in one state shard, person by person
 -- (state/store.py, StateStore.backfill_persons): the kept events the archived history of topic
--- partition A.fence gives each person (above the shard's fence, below its limit), one block appended
--- to each person's kept log, the persons in ascending order over several calls. The fence moves to A.through only with
--- the last call (A.last); until then the shard's progress holds the last person written, so a
+-- partition A.fence gives each person (above the shard's fence, below its limit), one append to
+-- each person's kept log, the persons in ascending order over several calls. The fence moves to
+-- A.through only with the last call (A.last); until then the shard's progress holds the last person written, so a
 -- backfill that restarts evaluates the same history again and skips the persons written: each
 -- person gets its archived events exactly once. A fence, limit or progress other than the worker read
 -- (A.expected, A.limit, A.progress) answers {-4} and writes nothing; a fence behind what this process

@@ -1,25 +1,34 @@
 -- Writes the summaries a backfill computed over columns for persons it kept every event of
 -- (state/summaries.py, SummaryStore.write_backfilled); answers the persons written.
 -- Arguments: A, then A.persons persons S, then A.days days SD, each followed by SD.count pairs (a
--- person, its value; SD.plain: no value is empty). A person is written only if its kept
--- events of definition A.definition are the bytes the backfill gave them (S.version: its blocks in
--- the kept log A.log followed by the person, and its string written before the kept log): otherwise
--- it stays dirty for the summariser. Written by day, one HSET per day and slice; an empty value removes the person from
--- that day; a written day's version moves.
+-- person, its value; SD.plain: no value is empty). A person is written only if its kept events of
+-- definition A.definition are the bytes the backfill gave them (S.version: its records in the kept
+-- log A.log followed by the person, and its string written before the kept log): otherwise it stays
+-- dirty for the summariser. Written by day, one HSET per day and slice; an empty value removes the
+-- person from that day; a written day's version moves.
 local D, L, h = ARGV[A.prefix], ARGV[A.log], ARGV[A.definition]
 -- include: slices.lua
 
--- The bytes of definition h's records in a kept log (state/records.py reads blocks the same way); -1 for a
--- damaged log, which no backfill wrote alone.
+-- The bytes of definition h's records in a kept log (read as state/records.py reads it: appends of
+-- `<definition>,<length>,...;<records>...`); -1 for a damaged log, which no backfill wrote alone.
 local function definition_bytes(raw)
   local n, i, size = 0, 1, #raw
   while i <= size do
-    local comma = string.find(raw, ',', i, true)
-    local semi = comma and string.find(raw, ';', comma + 1, true)
-    local length = semi and tonumber(string.sub(raw, comma + 1, semi - 1))
-    if not length or semi + length > size then return -1 end
-    if string.sub(raw, i, comma - 1) == h then n = n + length end
-    i = semi + 1 + length
+    local semi = string.find(raw, ';', i, true)
+    if not semi or semi == i then return -1 end
+    local head = string.sub(raw, i, semi - 1)
+    local _, commas = string.gsub(head, ',', '')
+    if commas % 2 == 0 then return -1 end  -- an odd number of fields
+    local at, fields = semi + 1, 0
+    for tag, length in string.gmatch(head .. ',', '([^,]*),([^,]*),') do
+      length = tonumber(length)
+      if not length then return -1 end
+      if tag == h then n = n + length end
+      at = at + length
+      fields = fields + 2
+    end
+    if fields == 0 or at > size + 1 then return -1 end
+    i = at
   end
   return n
 end

@@ -39,8 +39,8 @@ end
 
 -- Events kept by funnels (per day) and by summarised definitions (per person, the person marked for
 -- the summariser), as the worker wrote them out (dataflows/operators/batch.py and history.py): each
--- KP row's blocks, one per definition listed (state/records.py, kept_block), are the next `length`
--- bytes of `kept`, appended to the person's kept log at once.
+-- KP row's append to the person's kept log, holding the records of the definitions listed
+-- (state/records.py, kept_append), is the next `length` bytes of `kept`.
 local function apply_kept(batch, kept)
   for _, k in ipairs(batch.KD) do
     local key = P .. K.definition .. k[KD.definition] .. ':' .. DK.day_events .. k[KD.day]

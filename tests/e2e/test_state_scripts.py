@@ -23,7 +23,7 @@ from dataflows.operators.persons import PersonProperties, person_update
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import connect
-from state.records import kept_block, rewritten_log
+from state.records import kept_append, kept_block, rewritten_log
 from state.store import BatchOutcome, ProjectBatch, Resolved, StateStore
 from state.summaries import SummaryStore
 from tests.conftest import Services
@@ -328,7 +328,7 @@ def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None
     assert client.smembers(keys.summary_dirty(b)) == {person.encode()}
 
     # Records of several persons and definitions in one batch, values of multi-byte characters: each
-    # person's own records land on its kept log, whole, one block per definition in one append.
+    # person's own records land on its kept log, whole, every definition's in one append.
     values = {"a": '["é"]', "b": '["€🙂"]', "c": '"x"'}
     batch = [_event(f"m{i}", did, 3000 + i, offset=10 + i,
                     contributions=[("bb", "", values[did]), ("cc", "", values[did])])
@@ -340,8 +340,9 @@ def test_funnel_and_summary_definitions_keep_events(client: redis.Redis) -> None
                           for o in batch if o.distinct_id == did).encode()
         before = b'bb,26;2000,20240101,k2,7:{"s":1}' if did == "a" else b""
         person = project.person(did).decode()
-        assert client.get(keys.kept_log(project.id, 0, person)) == before + b"".join(
-            b"%s,%d;%s" % (h, len(records), records) for h in (b"bb", b"cc"))
+        n = len(records)
+        assert client.get(keys.kept_log(project.id, 0, person)) == before + b"bb,%d,cc,%d;%s%s" % (
+            n, n, records, records)
         for h in ("bb", "cc"):
             old = b'2000,20240101,k2,7:{"s":1}' if (h, did) == ("bb", "a") else b""
             assert summaries.kept_events(project.id, h, [person]) == [old + records]
@@ -474,9 +475,10 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
     past what the backfill gave it stays dirty and unwritten; the rest are written, one hash per day."""
     project = next(_projects)
     prefix = keys.definition_prefix(project, "5b")
-    # 7's events: the backfill's (another definition's block beside them); 8's: more than the backfill
-    # gave it; 9's: the backfill's, in the string an older layout kept.
-    for person, log in (("7", b"5b,3;123zz,4;abcd5b,2;45"), ("8", b"5b,7;1234567"), ("9", b"")):
+    # 7's events: the backfill's (another definition's records beside them); 8's: more than the backfill
+    # gave it; 9's: the backfill's, in the string an older layout kept; 10's log is damaged.
+    for person, log in (("7", kept_append([("5b", b"123"), ("zz", b"abcd")]) + kept_block("5b", b"45")),
+                        ("8", b"5b,7;1234567"), ("9", b""), ("10", b"5b,2;12zz,9;")):
         client.set(keys.kept_log(project, 0, person), log)
         client.sadd(keys.summary_dirty(prefix), person)
     client.set(keys.person_events(prefix, "9"), b"12")
@@ -485,7 +487,9 @@ def test_backfilled_summaries_are_written_by_day_for_persons_whose_kept_events_a
                             ["20240101", "20240102", "20240101", "20240102"], [b"r\x00w", b"row2", b"x", b""])
     written = SummaryStore(client, 1).write_backfilled(project, "5b", summarised, {7: 5, 8: 5, 9: 2})
     assert written == 2
-    assert client.smembers(keys.summary_dirty(prefix)) == {b"8"}
+    damaged = Summarised("fa", np.array([10]), np.array([False]), np.array([10]), ["20240101"], [b"d"])
+    assert SummaryStore(client, 1).write_backfilled(project, "5b", damaged, {10: 2}) == 0
+    assert client.smembers(keys.summary_dirty(prefix)) == {b"8", b"10"}
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240101")) == {b"7": b"r\x00w"}
     assert client.hgetall(keys.summary_rows(prefix, "fa", "20240102")) == {b"7": b"row2"}  # 9's emptied
     assert client.hgetall(keys.summary_versions(prefix, "fa")) == {b"20240101": b"1", b"20240102": b"1"}

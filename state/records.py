@@ -147,6 +147,16 @@ def definition_records(raw: bytes, h: str) -> bytes:
     return b"".join(out)
 
 
+def split_log(raw: bytes) -> dict[bytes, bytes]:
+    """Every definition's records in a kept log at once (definition -> `definition_records`, but for a
+    damaged tail, kept under b"" for whoever reads it to add): one walk for a person read for
+    several definitions."""
+    parts: dict[bytes, list[bytes]] = {}
+    for tag, start, stop in _appends(raw):
+        parts.setdefault(tag, []).append(raw[start:stop])
+    return {tag: b"".join(records) for tag, records in parts.items()}
+
+
 def rewritten_log(raw: bytes, h: str, records: bytes, longer_than: int) -> bytes:
     """A kept log with definition h's records replaced by `records`, the other definitions' records
     as they were (one append: the log is compacted; padding and a damaged tail dropped), padded to

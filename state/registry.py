@@ -173,8 +173,11 @@ class DefinitionRegistry(ShardedStore):
             return False
         pipe = pipeline(self.redis)
         summaries = int(definition.summaries)
+        # kept: "log": its kept events go to the persons' kept logs only (state/summaries.py reads no
+        # string kept per definition beside them, as it must for definitions older than the logs).
         pipe.hset(keys.definition_meta(self._d(definition.project_id, h)), mapping={
-            "status": "backfilling", "registered_at": int(time.time() * 1000), "summaries": summaries})
+            "status": "backfilling", "registered_at": int(time.time() * 1000), "summaries": summaries,
+            "kept": "log"})
         pipe.incr(keys.definitions_generation(definition.project_id))
         pipe.sadd(self.PENDING, f"{definition.project_id}:{h}")
         if summaries:

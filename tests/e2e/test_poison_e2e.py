@@ -117,7 +117,9 @@ def test_funnel_step_events_far_in_the_past_and_kept_ones_from_an_older_version(
     person = running.redis.hget(keys.distinct_ids(project.id), "p1").decode()
     marker = str(uuid.uuid4())
     value = orjson.dumps([0b10, 0, ""])
-    # One in the string an older layout kept per definition, one in the person's kept log.
+    # One in the string an older version kept per definition (as for a definition registered before
+    # the kept logs), one in the person's kept log.
+    running.redis.hdel(keys.definition_meta(prefix), "kept")
     older = str(uuid.uuid4())
     running.redis.append(keys.person_events(prefix, person),
                          b"-11676096000000,16000101,%s,%d:%s" % (older.encode(), len(value), value))

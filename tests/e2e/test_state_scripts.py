@@ -617,3 +617,59 @@ def test_a_backfill_ors_dense_person_sets_in_whole_and_sets_sparse_ones_bit_by_b
     assert not client.getbit(dense_key, 8)
     store.backfill_sums(definition, "t1:1", {0: later}, store.backfill_limits(project, definition.hash, "t1:1"), 12)
     assert client.hget(keys.definition_key(prefix, "cd", "v"), "20240101") == b"205"
+
+
+def test_definitions_drained_in_turn_split_each_persons_log_once(client: redis.Redis,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Summariser.drain: a definition drained after another takes first the dirty persons whose kept
+    logs were just read for the other, so each log is walked once for both (KeptLogs); what each
+    writes equals a summariser that reads every log afresh."""
+    import state.summaries as summaries_module
+    from dataflows.summariser import Summariser
+    from schemas.funnels import parse_funnel_request
+    from state.records import StoredEvent, encode_person_events
+
+    project = next(_projects)
+    first, second = (parse_funnel_request({"events": [{"id": "view", "order": 0}, {"id": last, "order": 1}]},
+                                          project, "UTC", []).definition for last in ("buy", "pay"))
+    assert first.summaries and second.summaries
+    persons = [str(p) for p in range(1, 41)]
+    for p in persons:
+        records = encode_person_events([StoredEvent(1709251200000 + int(p) * 1000, "20240301", f"v{p}",
+                                                    orjson.dumps([0b01, 0, ""])),
+                                        StoredEvent(1709251260000 + int(p) * 1000, "20240301", f"b{p}",
+                                                    orjson.dumps([0b10, 0, ""]))])
+        client.append(keys.kept_log(project, 0, p), kept_append([(first.hash, records), (second.hash, records)]))
+    for d in (first, second):
+        client.sadd(keys.summary_dirty(keys.definition_prefix(project, d.hash)), *persons)
+        client.hset(keys.definition_meta(keys.definition_prefix(project, d.hash)), "kept", "log")
+    splits = [0]
+    split = summaries_module.split_log
+
+    def counted(raw: bytes) -> dict[bytes, bytes]:
+        splits[0] += 1
+        return split(raw)
+
+    monkeypatch.setattr(summaries_module, "split_log", counted)
+    store = SummaryStore(client, 1)
+    summariser = Summariser(store, lambda letters: None)
+    assert summariser.drain(first, budget=10) == 10
+    taken = set(persons) - set(store.dirty(project, first.hash))
+    assert len(taken) == 10 and splits[0] == 10
+    assert summariser.drain(second, budget=10) == 10
+    assert set(persons) - set(store.dirty(project, second.hash)) == taken and splits[0] == 10  # no walk again
+    while store.pending(project, first.hash) or store.pending(project, second.hash):
+        summariser.drain(first, budget=7)
+        summariser.drain(second, budget=7)
+    assert splits[0] == len(persons)
+    # The rows equal those of a summariser reading every log afresh.
+    rows = {(d.hash, k): client.hgetall(k) for d in (first, second)
+            for k in client.keys(keys.definition_prefix(project, d.hash) + "fa:*")}
+    assert rows and all(len(v) > 0 for v in rows.values())
+    for d in (first, second):
+        client.sadd(keys.summary_dirty(keys.definition_prefix(project, d.hash)), *persons)
+        for key in client.keys(keys.definition_prefix(project, d.hash) + "fa:*"):
+            client.delete(key)
+        assert Summariser(store, lambda letters: None).summarise(d, persons) == len(persons)
+    assert {(d.hash, k): client.hgetall(k) for d in (first, second)
+            for k in client.keys(keys.definition_prefix(project, d.hash) + "fa:*")} == rows

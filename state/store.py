@@ -26,7 +26,7 @@ from state import keys, scripts
 from state.connection import ShardedStore, run_scripts
 from state.overrides import final_person
 from state.reads import person_bitmap
-from state.records import kept_append, kept_block
+from state.records import kept_block
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, DefinitionSums, ShardEffects
@@ -108,7 +108,7 @@ def shard_args(project_id: int, shard: int, generation: int, effects: ShardEffec
         **definition_sections(effects.sums),
     }
     kept_rows, kept = kept_sections(((h, day, rows) for (h, day), rows in effects.kept_days.items()),
-                                    ((h, person, kept) for (h, person), kept in effects.kept_persons.items()))
+                                    effects.kept_persons.items())
     return [keys.shard_prefix(project_id, shard), generation, orjson.dumps(batch | kept_rows), kept]
 
 
@@ -141,23 +141,27 @@ def _dense(persons: set[int] | np.ndarray) -> bool:
     return len(persons) * DENSE_BYTES_PER_PERSON > largest // 8
 
 
-def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[tuple[str, int, list[str]]]
+def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[tuple[int, dict[str, list[str]]]]
                   ) -> tuple[dict[str, list[Any]], bytes]:
     """Events definitions keep, as the KD and KP sections `definition_sums.lua` applies: per
-    (definition, day) the funnel rows; per person, the definitions and the length of its append to
-    its kept log (`kept_append`), the appends themselves back to back in the second value (the
-    script's `kept` argument). One append per person, not per definition:
-    appends were half of Redis's time per event. Raw bytes, not JSON strings: decoding half a
-    megabyte of escaped JSON per batch was a quarter of Redis's time in `apply_shard.lua`."""
-    by_person: dict[int, list[tuple[str, list[str]]]] = {}
-    for h, person, kept in persons:
-        by_person.setdefault(person, []).append((h, kept))
-    rows, blocks = [], []
-    for person, kept_by in by_person.items():
-        data = kept_append((h, "".join(kept).encode()) for h, kept in kept_by)
-        rows.append([str(person), len(data), [h for h, _ in kept_by]])
-        blocks.append(data)
-    return {"KD": [[h, day, rows] for h, day, rows in days], "KP": rows}, b"".join(blocks)
+    (definition, day) the funnel rows; per person (its records by definition), the definitions and
+    the length of its append to its kept log (`kept_append`'s form), the appends themselves back to
+    back in the second value (the script's `kept` argument). One append per person, not per
+    definition: appends were half of Redis's time per event. Raw bytes, not JSON strings: decoding
+    half a megabyte of escaped JSON per batch was a quarter of Redis's time in `apply_shard.lua`."""
+    rows, appends = [], []
+    for person, by_definition in persons:
+        joined = {h: "".join(kept) for h, kept in by_definition.items()}
+        body = "".join(joined.values())
+        if body.isascii():  # a text's length is its bytes' (encoded once, whole)
+            data = (",".join([f"{h},{len(r)}" for h, r in joined.items()]) + ";" + body).encode()
+        else:
+            records = {h: r.encode() for h, r in joined.items()}
+            data = (",".join([f"{h},{len(r)}" for h, r in records.items()]) + ";").encode() + b"".join(
+                records.values())
+        rows.append([str(person), len(data), list(by_definition)])
+        appends.append(data)
+    return {"KD": [[h, day, rows] for h, day, rows in days], "KP": rows}, b"".join(appends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,7 +477,7 @@ class StateStore(ShardedStore):
             """The batch, then the bitmaps of its dense person sets (section DB names them)."""
             if not counting:
                 kept_rows, kept = kept_sections(((h, day, rows) for day, rows in part.days.items()),
-                                                ((h, p, [kept]) for p, kept in part.persons.items()))
+                                                ((p, {h: [kept]}) for p, kept in part.persons.items()))
                 return [orjson.dumps(definition_sections({}) | kept_rows), kept]
             dense = [key for key in part.counts if _dense(part.persons[key])]
             batch = {**definition_sections({h: part}, set(dense)), **kept_sections((), ())[0],

@@ -107,7 +107,7 @@ class ShardEffects:
     day_persons: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
     firsts: dict[str, dict[int, tuple[int, int, str]]] = field(default_factory=lambda: defaultdict(dict))
     kept_days: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
-    kept_persons: dict[tuple[str, int], list[str]] = field(default_factory=lambda: defaultdict(list))
+    kept_persons: dict[int, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(dict))  # by definition
     ranges: dict[int, list[int]] = field(default_factory=dict)  # partition -> [first offset, next offset]
     handovers: dict[tuple[str, int], int] = field(default_factory=dict)  # (definition, partition) -> first offset
     sums: dict[str, DefinitionSums] = field(default_factory=dict)  # counting definitions
@@ -235,6 +235,10 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
                     tail = sized.get(v)
                     if tail is None:
                         tail = sized[v] = sized_value(v)
-                    sh.kept_persons[(h, p)].append(person_record(ts, o.day, uuid, tail))
+                    records = sh.kept_persons[p].get(h)
+                    if records is None:
+                        sh.kept_persons[p][h] = [person_record(ts, o.day, uuid, tail)]
+                    else:
+                        records.append(person_record(ts, o.day, uuid, tail))
     out.earliest = earliest
     return out

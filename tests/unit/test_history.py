@@ -182,7 +182,7 @@ def _kept_per_event(definition: object, events: list[ArchivedEvent], shards: int
     out: dict[int, tuple[dict, dict]] = {s: ({}, {}) for s in range(shards)}
     for s, sh in effects.shards.items():
         out[s] = ({day: rows for (_, day), rows in sh.kept_days.items()},
-                  {p: kept for (_, p), kept in sh.kept_persons.items()})
+                  {p: by_definition["h"] for p, by_definition in sh.kept_persons.items()})
     return out
 
 

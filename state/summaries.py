@@ -53,8 +53,9 @@ class KeptLogs:
         self.budget, self.used = budget, 0
         self._logs: OrderedDict[tuple[int, str], tuple[bytes, dict[bytes, bytes]]] = OrderedDict()
 
-    def records(self, project_id: int, person: str, log: bytes, h: str) -> bytes:
-        """Definition h's records in `log`, the kept log of this person Redis answered."""
+    def records(self, project_id: int, person: str, log: bytes, tag: bytes) -> bytes:
+        """Definition `tag`'s (its hash, encoded) records in `log`, this person's kept log as Redis
+        answered it."""
         key = (project_id, person)
         found = self._logs.get(key)
         if found is not None and found[0] == log:
@@ -68,7 +69,8 @@ class KeptLogs:
             while self.used > self.budget and len(self._logs) > 1:
                 self.used -= 2 * len(self._logs.popitem(last=False)[1][0])
         parts = found[1]
-        return parts.get(h.encode(), b"") + parts.get(b"", b"")
+        mine = parts.get(tag, b"")
+        return mine + parts[b""] if b"" in parts else mine
 
     def persons(self, project_id: int) -> list[str]:
         """The persons of this project whose logs are kept here, most recently read last."""
@@ -166,7 +168,7 @@ class SummaryStore(ShardedStore):
 
     def kept(self, project_id: int, h: str, persons: list[str], logs: KeptLogs | None = None) -> list[Kept]:
         """Each person's kept events of definition h (`logs`: split logs kept for the next definition)."""
-        prefix = keys.definition_prefix(project_id, h)
+        prefix, tag = keys.definition_prefix(project_id, h), h.encode()
         reads_older = self._reads_older(project_id, h)
         by_shard: dict[int, list[int]] = {}
         for i, person in enumerate(persons):
@@ -182,7 +184,7 @@ class SummaryStore(ShardedStore):
             olders = raws[n:] if reads_older else [None] * n
             for i, log, older in zip(indexes, raws[:n], olders, strict=True):
                 log, older = log or b"", older or b""
-                records = definition_records(log, h) if logs is None else logs.records(project_id, persons[i], log, h)
+                records = definition_records(log, h) if logs is None else logs.records(project_id, persons[i], log, tag)
                 out[i] = Kept(older + records, log, len(log) + len(older))
         return out
 

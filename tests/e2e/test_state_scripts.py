@@ -628,6 +628,7 @@ def test_definitions_drained_in_turn_split_each_persons_log_once(client: redis.R
     from dataflows.summariser import Summariser
     from schemas.funnels import parse_funnel_request
     from state.records import StoredEvent, encode_person_events
+    from state.summaries import KeptLogs
 
     project = next(_projects)
     first, second = (parse_funnel_request({"events": [{"id": "view", "order": 0}, {"id": last, "order": 1}]},
@@ -651,6 +652,7 @@ def test_definitions_drained_in_turn_split_each_persons_log_once(client: redis.R
         return split(raw)
 
     monkeypatch.setattr(summaries_module, "split_log", counted)
+    monkeypatch.setattr(summaries_module, "READ_SLICE", 3)  # the logs read in several MGETs
     store = SummaryStore(client, 1)
     summariser = Summariser(store, lambda letters: None)
     assert summariser.drain(first, budget=10) == 10
@@ -673,3 +675,6 @@ def test_definitions_drained_in_turn_split_each_persons_log_once(client: redis.R
         assert Summariser(store, lambda letters: None).summarise(d, persons) == len(persons)
     assert {(d.hash, k): client.hgetall(k) for d in (first, second)
             for k in client.keys(keys.definition_prefix(project, d.hash) + "fa:*")} == rows
+    # A query's read (no logs kept, no cache) gives each person the same records.
+    assert store.kept_events(project, first.hash, persons) == [
+        kept.records for kept in store.kept(project, first.hash, persons, KeptLogs())]

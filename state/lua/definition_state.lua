@@ -36,22 +36,23 @@ local function push(key, v)
   if not t then t = {}; lists[key] = t end
   t[#t + 1] = v
 end
-local function append(key, v)
+-- Records of definition h to append to a person's kept log (key), each an append of its own.
+local function append(key, h, records)
   local t = appends[key]
-  if not t then t = {}; appends[key] = t end
-  t[#t + 1] = v
+  if not t then t = {definitions = {h}}; appends[key] = t end
+  t[#t + 1] = h .. ',' .. #records .. ';' .. records
 end
 
 -- One event's contribution to a definition's state (breakdown value bv, optional numeric v). A
 -- funnel ('f') keeps the event itself per day: person, time, uuid and what it matches (v, JSON).
--- One that keeps summaries ('s': ordered funnels, paths) keeps each person's events as
--- `<ts>,<day>,<uuid>,<length of v>:<v>` and marks the person for the summariser.
+-- One that keeps summaries ('s': ordered funnels, paths) keeps each person's events in its kept log
+-- as `<ts>,<day>,<uuid>,<length of v>:<v>` (state/records.py) and marks the person for the summariser.
 local function apply_definition(h, flags, bv, v, p, hour, day, ts, uuid)
   local D = P .. K.definition .. h .. ':'
   local per_day, per_person = string.find(flags, 'f', 1, true), string.find(flags, 's', 1, true)
   if per_day then push(D .. DK.day_events .. day, p .. '|' .. ts .. '|' .. uuid .. '|' .. v) end
   if per_person then
-    append(D .. DK.person_events .. p, ts .. ',' .. day .. ',' .. uuid .. ',' .. #v .. ':' .. v)
+    append(P .. K.kept_log .. p, h, ts .. ',' .. day .. ',' .. uuid .. ',' .. #v .. ':' .. v)
     member(D .. DK.dirty, p)
   end
   if per_day or per_person then return end
@@ -156,7 +157,7 @@ local function flush()
     end
   end
   for key, list in pairs(lists) do each_slice(list, function(...) write(key, 'RPUSH', key, ...) end) end
-  for key, list in pairs(appends) do write(key, 'APPEND', key, table.concat(list)) end
+  for key, list in pairs(appends) do append_kept(key, table.concat(list), list.definitions) end
 end
 
 -- The script's answer: how many events were applied, then (hash, reason) of each definition failed.

@@ -678,3 +678,33 @@ def test_definitions_drained_in_turn_split_each_persons_log_once(client: redis.R
     # A query's read (no logs kept, no cache) gives each person the same records.
     assert store.kept_events(project, first.hash, persons) == [
         kept.records for kept in store.kept(project, first.hash, persons, KeptLogs())]
+
+
+def test_a_backfill_from_the_topic_keeps_a_summarised_definitions_events_in_the_kept_log(client: redis.Redis) -> None:
+    """backfill_events.lua for an ordered funnel (flags 's'): each person's events go to its kept log,
+    as live's do, and the person is marked dirty; nothing goes to a per-definition string (readers of
+    a definition registered since the kept logs do not look there)."""
+    from schemas.funnels import parse_funnel_request
+    from state.registry import DefinitionRegistry
+    from state.store import BackfillRow
+
+    project = Project(client)
+    definition = parse_funnel_request({"events": [{"id": "view", "order": 0}, {"id": "buy", "order": 1}]},
+                                      project.id, "UTC", []).definition
+    h = definition.hash
+    assert "s" in definition.flags
+    events = [_event("f1", "a", 1000, offset=0), _event("f2", "a", 2000, offset=1), _event("f3", "b", 3000, offset=2)]
+    project.apply(events)
+    assert DefinitionRegistry(client, 1).bounds(project.id, h, "t1:0") == [3]
+    value = '[1,0,""]'
+    rows = [BackfillRow(o.offset, o.source, o.hour, o.day, ("", value)) for o in events]
+    store = StateStore(client, 1)
+    assert store.backfill(definition, "t1:0", store.counted_copies(project.id, "t1", 0, rows)).events == 3
+    prefix = keys.definition_prefix(project.id, h)
+    summaries = SummaryStore(client, 1)
+    for did, mine in (("a", events[:2]), ("b", events[2:])):
+        person = project.person(did).decode()
+        assert summaries.kept_events(project.id, h, [person]) == [
+            "".join(f"{o.ts},20240101,{o.uuid},{len(value)}:{value}" for o in mine).encode()]
+        assert client.sismember(keys.summary_dirty(prefix), person)
+        assert client.get(keys.person_events(prefix, person)) is None

@@ -16,7 +16,7 @@ from dataflows.operators.history_summaries import KeptColumns, Summarised, summa
 from dataflows.operators.summaries import summarise_groups
 from dataflows.services import Letter
 from state.records import rewritten_log
-from state.summaries import KeptLogs, SummaryStore
+from state.summaries import SummaryStore
 
 SLICE = 1000  # persons summarised per write: the next slice is read and summarised while one is written
 
@@ -27,21 +27,15 @@ class Summariser:
         self.store, self.dead_letters = store, dead_letters
         self.worker, self.workers = worker, workers
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="summaries")
-        self._logs = KeptLogs()
 
     def pending(self, project_id: int, h: str) -> int:
         return self.store.pending(project_id, h)
 
     def drain(self, definition: Any, budget: int = 5000) -> int:
-        """Summarise up to `budget` of this worker's dirty persons; returns how many were written.
-        Persons whose kept logs were just read for another definition go first, so each log is split
-        once for all the definitions draining one after the other (the sink drains them in turn)."""
-        pid, h = definition.project_id, definition.hash
-        self.store.mark_merges(pid, h)
-        read = self.store.dirty_among(pid, h, self._logs.persons(pid)[-budget:])
-        found = self.store.dirty(pid, h, budget * self.workers)
-        mine = [p for p in dict.fromkeys(read + found) if int(p) % self.workers == self.worker]
-        return self.summarise(definition, mine[:budget])
+        """Summarise up to `budget` of this worker's dirty persons; returns how many were written."""
+        self.store.mark_merges(definition.project_id, definition.hash)
+        found = self.store.dirty(definition.project_id, definition.hash, budget * self.workers)
+        return self.summarise(definition, [p for p in found if int(p) % self.workers == self.worker][:budget])
 
     def summarise(self, definition: Any, persons: Iterable[str]) -> int:
         """Summarise the groups of these persons: each survivor of merges with everyone merged into it
@@ -68,7 +62,7 @@ class Summariser:
         """Read and summarise these persons' groups, dead-letter what cannot be used (before the events
         leave the person: never lost unrecorded), and return the write, to run later."""
         pid, h = definition.project_id, definition.hash
-        found = self.store.kept_groups(pid, h, persons, self.store.overrides(pid), self._logs)
+        found = self.store.kept_groups(pid, h, persons, self.store.overrides(pid))
         summaries = summarise_groups(definition, {s: {m: kept.records for m, kept in group.items()}
                                                   for s, group in found.items()})
         planned = [(member, found[survivor][member], plan) for survivor, plans in summaries.items()

@@ -147,36 +147,6 @@ def definition_records(raw: bytes, h: str) -> bytes:
     return b"".join(out)
 
 
-def split_log(raw: bytes) -> dict[bytes, bytes]:
-    """Every definition's records in a kept log at once (definition -> `definition_records`, but for a
-    damaged tail, kept under b"" for whoever reads it to add): one walk for a person read for
-    several definitions. (`_appends`, unrolled, as `definition_records`.)"""
-    parts: dict[bytes, list[bytes]] = {}
-    i, end, find = 0, len(raw), raw.find
-    while i < end:
-        try:
-            semi = find(b";", i)
-            head = raw[i:semi].split(b",") if semi > i else ()
-            at, pieces = semi + 1, []
-            for j in range(0, len(head) - 1, 2):
-                n = int(head[j + 1])
-                pieces.append((head[j], raw[at:at + n]))
-                at += n
-            if not head or len(head) % 2 or at > end:
-                raise ValueError("damaged")
-        except ValueError:
-            parts.setdefault(b"", []).append(raw[i:])
-            break
-        for tag, records in pieces:
-            found = parts.get(tag)
-            if found is None:
-                parts[tag] = [records]
-            else:
-                found.append(records)
-        i = at
-    return {tag: b"".join(records) for tag, records in parts.items()}
-
-
 def rewritten_log(raw: bytes, h: str, records: bytes, longer_than: int) -> bytes:
     """A kept log with definition h's records replaced by `records`, the other definitions' records
     as they were (one append: the log is compacted; padding and a damaged tail dropped), padded to

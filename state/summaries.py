@@ -29,7 +29,7 @@ from state import keys, scripts
 from state.connection import ShardedStore, run_scripts, state_shards
 from state.overrides import Overrides
 from state.overrides import load as load_overrides
-from state.records import definition_records, split_log
+from state.records import definition_records
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value)
 READ_SLICE = 1000  # persons whose kept logs one MGET reads
@@ -42,40 +42,6 @@ class Kept(NamedTuple):
     records: bytes
     log: bytes
     version: int
-
-
-class KeptLogs:
-    """Kept logs read lately, split by definition once (`split_log`), for a summariser that reads a
-    person for several definitions in turn: a walk over a log's appends costs about 1.5 µs each. A
-    log is used again only while Redis holds the same bytes. Bounded: the persons read last, up to `budget`
-    bytes (each log counts twice: itself and its parts)."""
-
-    def __init__(self, budget: int = 128 << 20) -> None:
-        self.budget, self.used = budget, 0
-        self._logs: OrderedDict[tuple[int, str], tuple[bytes, dict[bytes, bytes]]] = OrderedDict()
-
-    def records(self, project_id: int, person: str, log: bytes, tag: bytes) -> bytes:
-        """Definition `tag`'s (its hash, encoded) records in `log`, this person's kept log as Redis
-        answered it."""
-        key = (project_id, person)
-        found = self._logs.get(key)
-        if found is not None and found[0] == log:
-            self._logs.move_to_end(key)
-        else:
-            if found is not None:
-                self.used -= 2 * len(found[0])
-            found = self._logs[key] = (log, split_log(log))
-            self._logs.move_to_end(key)
-            self.used += 2 * len(log)
-            while self.used > self.budget and len(self._logs) > 1:
-                self.used -= 2 * len(self._logs.popitem(last=False)[1][0])
-        parts = found[1]
-        mine = parts.get(tag, b"")
-        return mine + parts[b""] if b"" in parts else mine
-
-    def persons(self, project_id: int) -> list[str]:
-        """The persons of this project whose logs are kept here, most recently read last."""
-        return [person for pid, person in self._logs if pid == project_id]
 
 
 class SummaryStore(ShardedStore):
@@ -124,18 +90,6 @@ class SummaryStore(ShardedStore):
             found += self.redis.smembers(key) if share is None else self.redis.srandmember(key, share)
         return list(dict.fromkeys([p.decode() for p in found] + self._unmarked(project_id, h)[1]))
 
-    def dirty_among(self, project_id: int, h: str, persons: list[str]) -> list[str]:
-        """Those of these persons that are dirty for the definition."""
-        prefix = keys.definition_prefix(project_id, h)
-        by_shard: dict[int, list[str]] = {}
-        for person in persons:
-            by_shard.setdefault(keys.shard_of(person, self.shards), []).append(person)
-        found = []
-        for shard, mine in by_shard.items():
-            key = keys.in_shard(keys.summary_dirty(prefix), shard)
-            found += [p for p, dirty in zip(mine, self.redis.smismember(key, mine), strict=True) if dirty]
-        return found
-
     def mark_merges(self, project_id: int, h: str) -> None:
         """Mark the persons merged since the definition's cursor dirty, then move the cursor (marking
         twice is harmless, so two workers may both do it)."""
@@ -156,24 +110,23 @@ class SummaryStore(ShardedStore):
                 for s, group in self.kept_groups(project_id, h, persons, overrides, with_logs=False).items()}
 
     def kept_groups(self, project_id: int, h: str, persons: Iterable[str], overrides: Overrides,
-                    logs: KeptLogs | None = None, with_logs: bool = True) -> dict[str, dict[str, Kept]]:
+                    with_logs: bool = True) -> dict[str, dict[str, Kept]]:
         """`group_kept` with each member's kept log and version, for the summariser."""
         survivors = dict.fromkeys(str(overrides.person(int(p))) for p in persons)
         groups = {s: [str(m) for m in overrides.group(int(s))] for s in survivors}
         members = list(dict.fromkeys(m for group in groups.values() for m in group))
-        found = dict(zip(members, self.kept(project_id, h, members, logs, with_logs), strict=True))
+        found = dict(zip(members, self.kept(project_id, h, members, with_logs), strict=True))
         return {s: {m: found[m] for m in group} for s, group in groups.items()}
 
     def kept_events(self, project_id: int, h: str, persons: list[str]) -> list[bytes]:
         return [kept.records for kept in self.kept(project_id, h, persons)]
 
-    def kept(self, project_id: int, h: str, persons: list[str], logs: KeptLogs | None = None,
-             with_logs: bool = True) -> list[Kept]:
-        """Each person's kept events of definition h (`logs`: split logs kept for the next definition;
-        without `with_logs`, `Kept.log` stays empty: a query needs only the records). Read `READ_SLICE`
+    def kept(self, project_id: int, h: str, persons: list[str], with_logs: bool = True) -> list[Kept]:
+        """Each person's kept events of definition h (without `with_logs`, `Kept.log` stays empty: a
+        query needs only the records). Read `READ_SLICE`
         persons per `MGET`: a query meeting a backlog's dirty persons reads them all, and one reply of
         every log at once (1.2 GB at 5 M events) outlasted the client's socket timeout."""
-        prefix, tag = keys.definition_prefix(project_id, h), h.encode()
+        prefix = keys.definition_prefix(project_id, h)
         reads_older = self._reads_older(project_id, h)
         by_shard: dict[int, list[int]] = {}
         for i, person in enumerate(persons):
@@ -191,9 +144,7 @@ class SummaryStore(ShardedStore):
                 olders = raws[n:] if reads_older else [None] * n
                 for i, log, older in zip(indexes, raws[:n], olders, strict=True):
                     log, older = log or b"", older or b""
-                    records = (definition_records(log, h) if logs is None
-                               else logs.records(project_id, persons[i], log, tag))
-                    out[i] = Kept(older + records, log if with_logs else b"", len(log) + len(older))
+                    out[i] = Kept(older + definition_records(log, h), log if with_logs else b"", len(log) + len(older))
         return out
 
     def _reads_older(self, project_id: int, h: str) -> bool:

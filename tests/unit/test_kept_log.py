@@ -10,9 +10,7 @@ from state.records import (
     kept_append,
     kept_block,
     rewritten_log,
-    split_log,
 )
-from state.summaries import KeptLogs
 
 A = encode_person_events([StoredEvent(1000, "20240101", "u1", b'{"s":1}'), StoredEvent(2000, "20240101", "u2", b"")])
 B = encode_person_events([StoredEvent(1500, "20240101", "u3", '["€"]'.encode())])
@@ -48,19 +46,3 @@ def test_a_rewritten_log_keeps_the_others_blocks_and_never_gets_shorter() -> Non
     assert definition_records(again, "bb") == b"" and definition_records(again, "aa") == A
     assert len(again) > len(emptied) + 60
 
-
-def test_logs_split_once_give_each_definition_what_a_walk_gives_it() -> None:
-    logs = KeptLogs(budget=1 << 20)
-    log = kept_append([("aa", A[:27]), ("bb", B)]) + kept_block("aa", A[27:])
-    for h in ("aa", "bb", "cc"):
-        assert logs.records(1, "7", log, h.encode()) == definition_records(log, h)
-    assert split_log(log) == {b"aa": A, b"bb": B}
-    damaged = log + b"bb,99;short"
-    for h in ("aa", "bb"):  # the same person's log, grown since: split again
-        assert logs.records(1, "7", damaged, h.encode()) == definition_records(damaged, h)
-    assert logs.persons(1) == ["7"] and logs.persons(2) == []
-    # Bounded by bytes: the persons read last stay.
-    small = KeptLogs(budget=4 * len(log))
-    for person in ("1", "2", "3"):
-        small.records(1, person, log, b"aa")
-    assert small.persons(1) == ["2", "3"] and small.used == 4 * len(log)

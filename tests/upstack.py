@@ -95,7 +95,15 @@ class Up:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else f"no {path}"
 
     def pids(self) -> dict[str, int]:
-        return {p.stem: int(p.read_text()) for p in (self.data_dir / "pids").glob("*.pid")}
+        """The processes `up` runs now; a pid file the supervisor replaces meanwhile (restarting that
+        process) is left out rather than read half-gone."""
+        found = {}
+        for path in (self.data_dir / "pids").glob("*.pid"):
+            try:
+                found[path.stem] = int(path.read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+        return found
 
     @property
     def redis(self) -> redis.Redis:

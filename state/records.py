@@ -85,9 +85,18 @@ PADDING = b"~"  # the tag of records that only keep a rewritten kept log from ge
 def kept_append(blocks: Iterable[tuple[str | bytes, bytes]]) -> bytes:
     """One append to a kept log: the definitions and the lengths of their records, then the records:
     `<definition>,<length>,<definition>,<length>...;<records><records>...`. One header per append,
-    not per definition: walking a log costs per header (state/records.py is read in Python)."""
+    not per definition: a reader walks a log header by header, in Python."""
     blocks = [(h.encode() if isinstance(h, str) else h, records) for h, records in blocks]
     return b",".join(b"%s,%d" % (h, len(r)) for h, r in blocks) + b";" + b"".join(r for _, r in blocks)
+
+
+def kept_append_of_texts(by_definition: dict[str, str]) -> bytes:
+    """`kept_append` of records given as text per definition, as the worker gathers them per batch:
+    an ASCII append is encoded once, whole (its texts' lengths are their bytes')."""
+    body = "".join(by_definition.values())
+    if body.isascii():
+        return (",".join([f"{h},{len(r)}" for h, r in by_definition.items()]) + ";" + body).encode()
+    return kept_append((h, r.encode()) for h, r in by_definition.items())
 
 
 def kept_block(h: str, records: bytes) -> bytes:

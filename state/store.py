@@ -26,7 +26,7 @@ from state import keys, scripts
 from state.connection import ShardedStore, run_scripts
 from state.overrides import final_person
 from state.reads import person_bitmap
-from state.records import kept_block
+from state.records import kept_append_of_texts, kept_block
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, DefinitionSums, ShardEffects
@@ -151,14 +151,7 @@ def kept_sections(days: Iterable[tuple[str, str, list[str]]], persons: Iterable[
     half a megabyte of escaped JSON per batch was a quarter of Redis's time in `apply_shard.lua`."""
     rows, appends = [], []
     for person, by_definition in persons:
-        joined = {h: "".join(kept) for h, kept in by_definition.items()}
-        body = "".join(joined.values())
-        if body.isascii():  # a text's length is its bytes' (encoded once, whole)
-            data = (",".join([f"{h},{len(r)}" for h, r in joined.items()]) + ";" + body).encode()
-        else:
-            records = {h: r.encode() for h, r in joined.items()}
-            data = (",".join([f"{h},{len(r)}" for h, r in records.items()]) + ";").encode() + b"".join(
-                records.values())
+        data = kept_append_of_texts({h: "".join(kept) for h, kept in by_definition.items()})
         rows.append([str(person), len(data), list(by_definition)])
         appends.append(data)
     return {"KD": [[h, day, rows] for h, day, rows in days], "KP": rows}, b"".join(appends)

@@ -2,9 +2,9 @@
 -- (state/store.py, StateStore.backfill_persons): the kept events the archived history of topic
 -- partition A.fence gives each person (above the shard's fence, below its limit), one append to
 -- each person's kept log, the persons in ascending order over several calls. The fence moves to
--- A.through only with the last call (A.last); until then the shard's progress holds the last person written, so a
--- backfill that restarts evaluates the same history again and skips the persons written: each
--- person gets its archived events exactly once. A fence, limit or progress other than the worker read
+-- A.through only with the last call (A.last); until then the shard's progress holds the last person
+-- written, so a backfill that restarts evaluates the same history again and skips the persons
+-- written: each person gets its archived events exactly once. A fence, limit or progress other than the worker read
 -- (A.expected, A.limit, A.progress) answers {-4} and writes nothing; a fence behind what this process
 -- wrote (A.written_up_to) answers {-2}: Redis lost writes. Arguments: A, then A.count persons E.
 local P = ARGV[A.prefix]

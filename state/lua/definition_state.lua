@@ -104,8 +104,8 @@ local function write(key, ...)
   return r
 end
 
--- Appends to a person's kept log (K.kept_log) the blocks of the definitions listed; a refusal (the
--- string limit) fails each of them.
+-- Appends to a person's kept log (K.kept_log) an append holding the records of the definitions
+-- listed; a refusal (the string limit) fails each of them.
 local function append_kept(key, records, definitions)
   local r = redis.pcall('APPEND', key, records)
   if type(r) == 'table' and r.err then

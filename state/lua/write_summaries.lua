@@ -1,11 +1,11 @@
 -- Writes persons' summaries of one definition (state/summaries.py, SummaryStore.write); answers the
 -- persons written.
 -- Arguments: A, then A.count persons, each S then S.entries entries named by SE. A person is written
--- only if its kept events still have the length it was summarised from (S.version: its kept log's, A.log
--- followed by the person, and its string written before the kept log); `replaced` 1: its kept log
--- becomes S.replacement, and the older string goes (events the summariser could not use were
--- dead-lettered; state/records.py, rewritten_log). An
--- empty value removes the person from that day; a day's version moves only when its value changes.
+-- only if its kept events still have the length it was summarised from (S.version: its kept log's,
+-- A.log followed by the person, and its string written before the kept log); `replaced` 1: its kept
+-- log becomes S.replacement, and the older string goes (events the summariser could not use were
+-- dead-lettered; state/records.py, rewritten_log). An empty value removes the person from that day;
+-- a day's version moves only when its value changes.
 local D, L = ARGV[A.prefix], ARGV[A.log]
 -- include: slices.lua
 local n = tonumber(ARGV[A.count])

@@ -353,6 +353,13 @@ class _BackfillPartition(StatelessSourcePartition[BackfillItem | SummaryWork | A
                 fences, history = self._history(project_id, h, evaluated)
             else:
                 fences = self.archive.fences(project_id)
+            if done and not names - done:
+                # Every partition finished, but the step that marks the definition built did not land
+                # (a crash between marking its last partition and that): take it now.
+                if self.registry.partition_done(project_id, h, min(done), len(names)):
+                    log.info("definition %s of project %s: every partition was backfilled before a restart; "
+                             "marked built", h, project_id)
+                continue
             for name in sorted(names - done):
                 tag, _, part = name.rpartition(":")
                 partition = int(part)

@@ -83,3 +83,32 @@ def test_definition_backfill_while_capturing(project: ProjectHandle, running: St
         _check(project, running, sent)
     progress = project.trend(QUERY, now="2024-04-20T00:00:00Z")
     assert progress.status_code == 200
+
+
+def test_a_definition_all_of_whose_partitions_finished_before_a_crash_is_marked_built(
+        project: ProjectHandle, running: Stack) -> None:
+    """A crash between marking a definition's last partition finished and marking the definition
+    built left it pending with nothing left to do: 202 with progress 1.0 for ever. The dataflow now
+    takes that last step when it next looks at the pending definitions."""
+    import time
+
+    from state import keys
+    from state.registry import DefinitionRegistry
+
+    sent: list[dict] = []
+    _send(project, _events(random.Random(9), 500), sent)
+    running.wait_applied()
+    assert project.trend({**QUERY, "refresh": "blocking"}, now="2024-04-20T00:00:00Z").status_code == 200
+    registry = DefinitionRegistry(running.redis)
+    (h,) = registry.for_project(project.id)
+    assert registry.status(project.id, h)[0] == "ready" and registry.done(project.id, h)
+    # The state that crash left: every partition done, the definition still pending and building.
+    running.redis.hset(keys.definition_meta(keys.definition_prefix(project.id, h)), "status", "backfilling")
+    running.redis.sadd(keys.BACKFILLS, f"{project.id}:{h}")
+    assert project.trend(QUERY, now="2024-04-20T00:00:00Z").status_code in (200, 202)
+    deadline = time.monotonic() + 20
+    while registry.status(project.id, h)[0] != "ready":
+        assert time.monotonic() < deadline, registry.status(project.id, h)
+        time.sleep(0.1)
+    assert not running.redis.sismember(keys.BACKFILLS, f"{project.id}:{h}")
+    _check(project, running, sent)

@@ -391,10 +391,16 @@ def person_events(prefix: str, person: str | int) -> str:
     return definition_part(prefix, "person_events", person)
 
 
+def kept_logs(project_id: int, shard: int) -> str:
+    """The prefix of a state shard's kept logs (`kept_log` without the person): scripts and batched
+    reads add the persons."""
+    return shard_prefix(project_id, shard) + PROJECT_PARTS["kept_log"]
+
+
 def kept_log(project_id: int, shard: int, person: str | int) -> str:
     """String of one person's kept events, every summarised definition's (state/records.py,
     `kept_append`): one append per person and chunk, however many definitions keep the events."""
-    return shard_prefix(project_id, shard) + PROJECT_PARTS["kept_log"] + str(person)
+    return kept_logs(project_id, shard) + str(person)
 
 
 def summary_dirty(prefix: str) -> str:

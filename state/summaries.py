@@ -123,9 +123,9 @@ class SummaryStore(ShardedStore):
 
     def kept(self, project_id: int, h: str, persons: list[str], with_logs: bool = True) -> list[Kept]:
         """Each person's kept events of definition h (without `with_logs`, `Kept.log` stays empty: a
-        query needs only the records). Read `READ_SLICE`
-        persons per `MGET`: a query meeting a backlog's dirty persons reads them all, and one reply of
-        every log at once (1.2 GB at 5 M events) outlasted the client's socket timeout."""
+        query needs only the records). `READ_SLICE` persons per `MGET`: a query meeting a backlog's
+        dirty persons reads them all, and one reply of every log (1.2 GB at 5 M events) outlasted the
+        client's socket timeout."""
         prefix = keys.definition_prefix(project_id, h)
         reads_older = self._reads_older(project_id, h)
         by_shard: dict[int, list[int]] = {}
@@ -133,7 +133,7 @@ class SummaryStore(ShardedStore):
             by_shard.setdefault(keys.shard_of(person, self.shards), []).append(i)
         out: list[Kept] = [Kept(b"", b"", 0)] * len(persons)
         for shard, in_shard in by_shard.items():
-            log_of = keys.kept_log(project_id, shard, "")
+            log_of = keys.kept_logs(project_id, shard)
             older_of = keys.in_shard(keys.person_events(prefix, ""), shard)
             for at in range(0, len(in_shard), READ_SLICE):
                 indexes = in_shard[at:at + READ_SLICE]
@@ -169,7 +169,7 @@ class SummaryStore(ShardedStore):
         calls = []
         for shard, plans in by_shard.items():
             shard_prefix = keys.in_shard(prefix, shard)
-            log = keys.kept_log(project_id, shard, "")
+            log = keys.kept_logs(project_id, shard)
             for start in range(0, len(plans), chunk):
                 args: list[str | int | bytes] = [shard_prefix, log, 0]
                 for person, version, irregular, replacement, entries in plans[start:start + chunk]:
@@ -186,8 +186,8 @@ class SummaryStore(ShardedStore):
         """Write summaries a backfill computed over columns (`Summarised`, history_summaries.py) of
         its persons `start` to `stop` (indexes in `summarised.persons`), grouped by day
         (`backfill_summaries.lua`); `sizes`: the bytes of kept events the backfill gave each person,
-        so a person whose kept events of the definition are not exactly those is left dirty. Returns how many persons
-        were written."""
+        so a person whose kept events of the definition are not exactly those is left dirty. Returns
+        how many persons were written."""
         prefix = keys.definition_prefix(project_id, h)
         persons, entry_persons = summarised.persons, summarised.entry_persons
         stop = len(persons) if stop is None else stop
@@ -207,8 +207,7 @@ class SummaryStore(ShardedStore):
                 days: dict[str, list[int]] = {}
                 for i in chosen.tolist():
                     days.setdefault(summarised.entry_days[i], []).append(i)
-                args: list[Any] = [shard_prefix, keys.kept_log(project_id, shard, ""), h, len(who), len(days),
-                                   *header]
+                args: list[Any] = [shard_prefix, keys.kept_logs(project_id, shard), h, len(who), len(days), *header]
                 for day, entries in days.items():
                     values = [summarised.values[i] for i in entries]
                     args += [summarised.kind, day, len(entries), int(all(values))]

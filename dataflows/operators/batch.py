@@ -235,9 +235,10 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
                     tail = sized.get(v)
                     if tail is None:
                         tail = sized[v] = sized_value(v)
-                    records = sh.kept_persons[p].get(h)
+                    by_definition = sh.kept_persons[p]
+                    records = by_definition.get(h)
                     if records is None:
-                        sh.kept_persons[p][h] = [person_record(ts, o.day, uuid, tail)]
+                        by_definition[h] = [person_record(ts, o.day, uuid, tail)]
                     else:
                         records.append(person_record(ts, o.day, uuid, tail))
     out.earliest = earliest

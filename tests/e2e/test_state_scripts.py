@@ -434,7 +434,7 @@ def test_summary_writes_are_fenced_by_kept_length(client: redis.Redis) -> None:
         layout = scripts.WRITE_SUMMARIES.layout
         person = {"person": "7", "version": version, "irregular": 1, "replaced": int(replacement is not None),
                   "replacement": replacement or b"", "entries": len(entries)}
-        args: list[Any] = [{"prefix": prefix, "log": keys.kept_log(project, 0, ""), "count": 1}[f]
+        args: list[Any] = [{"prefix": prefix, "log": keys.kept_logs(project, 0), "count": 1}[f]
                            for f in layout("A").fields]
         args += [person[f] for f in layout("S").fields]
         for kind, day, value in entries:

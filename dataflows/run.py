@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-a", "--addresses", default=None, help="host:port of every process, ';'-separated")
     args = parser.parse_args(argv)
     from dataflows.flow import flow_from_env
-    from schemas.settings import tune_gc
+    from schemas.settings import DATAFLOW_YOUNG_OBJECTS, tune_gc
 
-    tune_gc()
+    tune_gc(DATAFLOW_YOUNG_OBJECTS)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     flow = flow_from_env()
     gc.freeze()  # what exists once the flow is built (modules, settings, clients) is never scanned again

@@ -75,16 +75,20 @@ class Settings:
         )
 
 
-GC_THRESHOLDS = (100_000, 20, 100)  # CPython's default is (700, 10, 10); see `tune_gc`
+QUERY_YOUNG_OBJECTS = 100_000  # a query worker's young generation (CPython's default: 700); see `tune_gc`
+DATAFLOW_YOUNG_OBJECTS = 2_000_000  # a dataflow process's: more than one batch builds
 
 
-def tune_gc() -> None:
+def tune_gc(young: int = QUERY_YOUNG_OBJECTS) -> None:
     """Collect cyclic garbage rarely, in the processes that build many objects per event or per
-    query (dataflow workers, query workers). A worker allocates a few dozen objects per event and
-    keeps large maps (distinct id -> person, first times seen); with CPython's default thresholds
-    its cyclic collector ran about 370 times a second and took a quarter of the process's time
-    (bench/ingest.py, 500,000 events, six definitions: 12.5 s of about 55 s). Young objects are now
-    looked at every 100,000 allocations: about 5 % of the time, and 27 % less CPU per event; a query
-    summarising 40,000 dirty persons took 1.18 s instead of 1.6 s. Reference counting still frees at
-    once every object that is not in a cycle."""
-    gc.set_threshold(*GC_THRESHOLDS)
+    query (dataflow workers, query workers). A young collection runs once `young` more objects that
+    the collector tracks are alive than at the last one; reference counting still frees at once every
+    object outside a cycle, so the figure bounds cyclic garbage, not memory in use.
+
+    - With CPython's default (700) a dataflow's collector ran about 370 times a second and took a
+      quarter of its time; a query summarising 40,000 dirty persons took 1.6 s, 1.18 s at 100,000.
+    - A dataflow batch (up to 80,000 events) keeps about a dozen tracked objects per event alive
+      until it is applied: at 100,000 a 500,000-event backlog ran about 55 young collections of 40 ms
+      each, and two older ones of up to 0.4 s, about 6 µs per event (`bench/README.md`). At 2,000,000 a
+      batch is freed before a collection is due, and that backlog ran none."""
+    gc.set_threshold(young, 20, 100)

@@ -277,21 +277,41 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         for pid, occurrences in by_project.items():
             known = self.persons[pid]
             known.trim()
-            ask = [(o.uuid, o.distinct_id, o.update.link_kind or "", o.update.other_distinct_id or "")
-                   for o in occurrences if o.update.link_kind or known.get(o.distinct_id) is None]
+            person_of = known.get
+            ask = []
+            for o in occurrences:
+                o.person = person_of(o.distinct_id)
+                if o.person is None or o.update.link_kind:
+                    ask.append((o.uuid, o.distinct_id, o.update.link_kind or "", o.update.other_distinct_id or ""))
             if ask:
                 asks[pid] = ask
+        # Looked up again after Redis answered: the events it was asked about, those of every distinct
+        # id it touched (a link moves ids from one person to another), and every event of a project
+        # where persons were merged. None: applied already, nothing to count.
+        touched: dict[int, set[str]] = {}
+        merged: set[int] = set()
         for pid, resolved in self.store.resolve_persons(asks).items():
             self.persons[pid].learn(resolved.persons, resolved.merges)
+            touched[pid] = set(resolved.persons)
+            if resolved.merges:
+                merged.add(pid)
         if not self.alone:  # persons another worker merged meanwhile: their ids belong to the survivor
             cached = {pid: {p for o in occurrences if (p := self.persons[pid].get(o.distinct_id)) is not None}
                       for pid, occurrences in by_project.items()}
             for pid, survivors in self.store.survivors(cached).items():
                 self.persons[pid].learn({}, list(survivors.items()))
+                if survivors:
+                    merged.add(pid)
         for pid, occurrences in by_project.items():
-            known = self.persons[pid]
-            for o in occurrences:
-                o.person = known.get(o.distinct_id)  # None: applied already, nothing to count
+            person_of = self.persons[pid].get
+            if pid in merged:
+                for o in occurrences:
+                    o.person = person_of(o.distinct_id)
+            elif pid in touched:
+                ids = touched[pid]
+                for o in occurrences:
+                    if o.person is None or o.update.link_kind or o.distinct_id in ids:
+                        o.person = person_of(o.distinct_id)
 
     def _archive(self, by_project: dict[int, list[Occurrence]],
                  counted: dict[int, list[tuple[str, int, int, int]]]) -> None:

@@ -144,17 +144,26 @@ class KnownFirsts:
 
     def __init__(self, limit: int = 2_000_000) -> None:
         self.limit = limit
-        self.times: dict[tuple[str, int], int] = {}
+        # Event name -> person -> time: the person's int is the key looked up per event, not an
+        # (event, person) tuple (a tuple built, hashed and compared per event, and one more tracked
+        # object per entry for the cyclic collector).
+        self.times: dict[str, dict[int, int]] = {}
+        self._entries = 0
 
     def learn(self, firsts: dict[str, dict[int, tuple[int, int, str]]]) -> None:
-        if len(self.times) > self.limit:  # forgetting only costs candidates
+        if self._entries > self.limit:  # forgetting only costs candidates
             self.times.clear()
+            self._entries = 0
         for event, persons in firsts.items():
+            known = self.times.get(event)
+            if known is None:
+                known = self.times[event] = {}
+            before = len(known)
             for person, (ts, _, _) in persons.items():
-                key = (event, person)
-                known = self.times.get(key)
-                if known is None or ts < known:
-                    self.times[key] = ts
+                held = known.get(person)
+                if held is None or ts < held:
+                    known[person] = ts
+            self._entries += len(known) - before
 
 
 def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[str] | None = None,
@@ -173,7 +182,8 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
     # Hot loop (a fifth of the worker's thread in a backlog): containers bound to locals once.
     reached, guards, names, updates, by_shard = out.reached, out.guards, out.names, out.updates, out.shards
     earliest = None
-    first_known = known.times.get
+    known_times = known.times
+    no_times: dict[int, int] = {}
     for o in occurrences:
         partition, offset, uuid, p = o.partition, o.offset, o.uuid, o.person
         nxt = offset + 1
@@ -209,7 +219,7 @@ def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[s
         sh.day_counts[day_key] += 1
         sh.hour_persons[hour_key].add(p)
         sh.day_persons[day_key].add(p)
-        first = first_known((ev, p))
+        first = known_times.get(ev, no_times).get(p)
         if first is None or ts < first:  # a first-time candidate (KnownFirsts)
             firsts = sh.firsts[ev]
             current = firsts.get(p)

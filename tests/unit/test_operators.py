@@ -87,3 +87,28 @@ def test_definition_sums_add_per_key_as_the_script_did_per_event() -> None:
     assert sums.actors[("d", "x", "20240101")] == {3: 2, 5: 1}
     plain = batch_effects(events, KnownFirsts(), flags={"h": ""}).shards[0].sums["h"]
     assert not plain.values and not plain.actors and plain.stats == sums.stats
+
+
+def test_known_first_times_leave_out_candidates_no_earlier_and_are_forgotten_past_their_limit() -> None:
+    """What the worker learnt of first times (per event name and person) rules out an event's
+    first-time candidate only when it is no earlier than the time held for that name and person;
+    past the limit the map is cleared, which costs candidates, never a count."""
+    from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
+    from schemas.events import TopicEvent
+
+    def occurrence(uuid: str, name: str, person: int, ts: int) -> Occurrence:
+        o = Occurrence.of(TopicEvent(uuid, name, f"d{person}", ts, {}), 0, "20240101", 0, ts)
+        o.person = person
+        return o
+
+    known = KnownFirsts(limit=3)
+    known.learn({"buy": {1: (5000, 0, "20240101"), 2: (5000, 0, "20240101")}, "view": {1: (7000, 0, "20240101")}})
+    known.learn({"buy": {1: (6000, 0, "20240101")}})  # later: the earlier time stays
+    batch = [occurrence("a", "buy", 1, 5000), occurrence("b", "buy", 2, 4000), occurrence("c", "view", 1, 6999),
+             occurrence("d", "view", 2, 9000), occurrence("e", "buy", 3, 1)]
+    firsts = batch_effects(batch, known).shards[0].firsts
+    assert {ev: sorted(persons) for ev, persons in firsts.items() if persons} == {"buy": [2, 3], "view": [1, 2]}
+    known.learn({"view": {2: (9000, 0, "20240101")}})  # a fourth entry: past the limit of 3
+    known.learn({})
+    assert known.times == {}
+    assert sorted(batch_effects(batch, known).shards[0].firsts["buy"]) == [1, 2, 3]

@@ -38,6 +38,7 @@ from schemas.fields import decode_json_field
 from schemas.filters import as_text
 from schemas.funnels import FunnelRequest, read_kept
 from schemas.projects import Project
+from schemas.settings import Settings
 from schemas.trends import RequestError
 from serving.compute import AnsweredWhileBuilding, Computation, archive_complete, no_collection
 from serving.people import person_details
@@ -107,12 +108,14 @@ class FunnelQuery(AnsweredWhileBuilding, Computation):
     the definition's backfill and summaries; once it is ready, its summaries answer."""
 
     def __init__(self, client: redis.Redis, project: Project, request: FunnelRequest, now: datetime,
-                 archive: Archive | None = None) -> None:
+                 archive: Archive | None = None,
+                 backlog_persons: int = Settings.archive_backlog_persons) -> None:
         self.redis, self.project, self.request = client, project, request
         definition = request.definition
         by_columns = (definition.summaries and definition.breakdown is None and definition.columnar
                       and request.viz in ("steps", "time_to_convert"))
         self._candidate = archive if by_columns else None
+        self._backlog_persons = backlog_persons
         self.tz = zone(project.timezone)
         interval = request.interval if request.viz == "trends" else "day"
         if interval not in ("hour", "day", "week", "month"):

@@ -196,14 +196,14 @@ def build_query(state: Any, project: Project, kind: str, data: dict[str, Any], n
         funnel = {**data, "insight": "FUNNELS", **({"funnel_viz_type": "steps"} if wanted else {})}
         parsed = parse_funnel_request(funnel, project.id, project.timezone, project.test_account_filters, body,
                                       correlation_events=wanted.event_names if wanted else None)
-        query = FunnelQuery(redis, project, parsed, now, state.archive)
+        query = FunnelQuery(redis, project, parsed, now, state.archive, state.settings.archive_backlog_persons)
         return CorrelationQuery(query, wanted, state.archive) if wanted else query
     if kind == "RETENTION":
         return RetentionQuery(redis, project, parse_retention_request(data, project.test_account_filters), now)
     if kind == "PATHS":
         parsed = parse_paths_request(data, project.id, project.timezone, project.test_account_filters,
                                      project.path_cleaning_filters)
-        return PathsQuery(redis, project, parsed, now, state.archive)
+        return PathsQuery(redis, project, parsed, now, state.archive, state.settings.archive_backlog_persons)
     raise RequestError(f"Insights of type {kind} cannot be calculated here.", "insight", "unsupported")
 
 

@@ -26,6 +26,7 @@ from dataflows.operators.summaries import summarise_groups
 from schemas.dates import QueryDateRange, day_keys, zone
 from schemas.paths import PathDefinition, PathsRequest
 from schemas.projects import Project
+from schemas.settings import Settings
 from schemas.trends import RequestError
 from serving.compute import AnsweredWhileBuilding, Computation
 from state.archive import HOT_PROPERTIES, Archive
@@ -37,9 +38,11 @@ ELLIPSIS = "..."
 
 class PathsQuery(AnsweredWhileBuilding, Computation):
     def __init__(self, client: redis.Redis, project: Project, request: PathsRequest, now: datetime,
-                 archive: Archive | None = None) -> None:
+                 archive: Archive | None = None,
+                 backlog_persons: int = Settings.archive_backlog_persons) -> None:
         self.redis, self.project, self.request = client, project, request
         self._candidate = archive if request.definition.columnar else None
+        self._backlog_persons = backlog_persons
         self.tz = zone(project.timezone)
         try:
             self.range = QueryDateRange.resolve(date_from=request.date_from, date_to=request.date_to, interval="day",

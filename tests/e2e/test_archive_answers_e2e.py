@@ -1,12 +1,13 @@
 """Questions answered from the event archive's columns (serving/funnels.py, serving/paths.py): event
-correlation, with nothing registered, and a new ordered funnel and new paths while their definitions
-build. The answers equal the
+correlation, with nothing registered, a new ordered funnel and new paths while their definitions
+build, and a built funnel while a backlog's persons wait to be summarised. The answers equal the
 registered path's, which an API without the archive, or with an archive that lacks the project's
 history, takes instead; merged persons included."""
 
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,9 @@ import httpx
 import pytest
 
 from serving import stack
+from state import keys
 from state.registry import DefinitionRegistry
+from state.summaries import SummaryStore
 from tests.conftest import ProjectHandle, Stack, make_project
 
 BASE = datetime(2024, 6, 3, tzinfo=UTC)
@@ -195,3 +198,43 @@ def test_new_paths_are_answered_from_the_archive_while_they_build(running: Stack
     assert _paths(running.api_url, project, PATHS).json()["result"] == edges
     assert _paths(other_api, project, PATHS, "blocking").json()["result"] == edges
     assert _paths(other_api, project, steps, "blocking").json()["result"] == short.json()["result"]
+
+
+def test_a_ready_funnel_with_a_backlog_pending_is_answered_from_the_archive(running: Stack, tmp_path: Path) -> None:
+    """A ready funnel with many persons pending (a backlog applied, its persons not summarised yet) is
+    answered from the archive's columns instead of the query summarising them all itself, once they
+    reach `INSIGHTFLOW_ARCHIVE_BACKLOG_PERSONS` and one per 40 archived rows (`archive_quicker`). Shown
+    with the summariser stopped and the persons' kept logs taken away: an API whose threshold the
+    project reaches still gives the funnel's answer, from the archive; one whose threshold it does
+    not reach (the default, 10,000) summarises the pending persons from their empty logs."""
+    project = _project_with_history(running, 14)
+    client = running.redis
+    before = _funnel(running.api_url, project, FUNNEL, "blocking")
+    assert before.status_code == 200, before.text
+    (h,) = DefinitionRegistry(client).for_project(project.id)
+    store = SummaryStore(client)
+    deadline = time.monotonic() + 60
+    while store.pending(project.id, h):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    port = stack.free_port()
+    api = stack.start_api(port, tmp_path, {**running.env, "INSIGHTFLOW_ARCHIVE_BACKLOG_PERSONS": "1"})
+    running.dataflow.stop()  # no summariser: pending persons stay pending
+    try:
+        dirty = keys.in_shards(keys.summary_dirty(keys.definition_prefix(project.id, h)), store.shards)
+        for shard in range(store.shards):
+            logs = keys.kept_logs(project.id, shard)
+            found = list(client.scan_iter(match=f"{logs}*"))
+            assert found
+            client.sadd(dirty[shard], *[k.decode().removeprefix(logs) for k in found])
+            client.delete(*found)
+        assert store.pending(project.id, h) > 100
+        archived = _funnel(f"http://127.0.0.1:{port}", project, FUNNEL)
+        assert archived.status_code == 200, archived.text
+        assert _counts(archived) == _counts(before) and _counts(before)[1][0] > 0
+        summarised_here = _funnel(running.api_url, project, FUNNEL)
+        assert summarised_here.status_code == 200, summarised_here.text
+        assert _counts(summarised_here)[0][0] < _counts(before)[0][0]
+    finally:
+        api.stop()
+        running.dataflow = stack.start_dataflow(running.recovery_dir, running.logs, running.env)

@@ -72,15 +72,14 @@ ARCHIVE_CATCH_UP_S = 3.0  # how long a query waits for the archive to take what 
 ROWS_PER_PENDING_PERSON = 40  # see `archive_quicker`
 
 
-def archive_quicker(pending: int, rows: int, least: int) -> bool:
+def archive_quicker(pending: int, rows: int) -> bool:
     """Whether the archive's columns answer a built definition sooner than its summaries would,
-    given its `pending` persons (dirty, or merged and not marked yet), the project's archived `rows`
-    and the `least` pending persons worth it (`Settings.archive_backlog_persons`). A query summarises
-    its pending persons itself, reading and walking each one's whole kept log: 75 µs a person after a
-    500,000-event backlog, 210 µs after 5 M (their logs are longer). The archive answers in about
-    1.2 µs per archived row (`bench/README.md`). So the archive, from a pending person per 40 rows:
-    after a backlog, not while live events trickle in."""
-    return pending >= least and rows > 0 and pending * ROWS_PER_PENDING_PERSON > rows
+    given its `pending` persons (dirty, or merged and not marked yet) and the project's archived
+    `rows`. A query summarises its pending persons itself, reading and walking each one's whole kept
+    log: 75 µs a person after a 500,000-event backlog, 210 µs after 5 M (their logs are longer). The
+    archive answers in about 1.2 µs per archived row (`bench/README.md`). So the archive, from a
+    pending person per 40 rows: after a backlog, not while live events trickle in."""
+    return rows > 0 and pending * ROWS_PER_PENDING_PERSON > rows
 
 
 def archive_complete(archive: Archive, state: StateReader, project_id: int) -> bool:
@@ -103,7 +102,7 @@ class AnsweredWhileBuilding:
     not `ready` answered from the archive if the archive holds every event state counted. Once
     built, the archive still answers while a backlog's summaries are pending (`archive_quicker`).
     Used with `Computation`; the query sets `_candidate` (its archive, or None when it cannot be
-    answered so)."""
+    answered so) and `_backlog_persons`."""
 
     redis: redis.Redis
     project: Any
@@ -118,8 +117,10 @@ class AnsweredWhileBuilding:
         return DefinitionRegistry(self.redis).status(self.project.id, self.request.definition.hash)[0] != "ready"
 
     def _pending_backlog(self, archive: Archive) -> bool:
+        """A backlog's persons pending: at least `_backlog_persons` (`Settings.archive_backlog_persons`),
+        and the archive the quicker answer (its rows are read only then)."""
         pending = SummaryStore(self.redis).pending(self.project.id, self.request.definition.hash)
-        return archive_quicker(pending, archive.rows(self.project.id), self._backlog_persons)
+        return pending >= self._backlog_persons and archive_quicker(pending, archive.rows(self.project.id))
 
     def prepare(self) -> None:
         if self._candidate is None or self.archive is not None:

@@ -96,11 +96,11 @@ def archive_complete(archive: Archive, state: StateReader, project_id: int) -> b
     return True
 
 
-class AnsweredWhileBuilding:
+class AnsweredFromArchive:
     """A query over one definition that the event archive answers exactly (the same rule over the
-    same archived columns) until the definition is built: registered as always, and while it is
-    not `ready` answered from the archive if the archive holds every event state counted. Once
-    built, the archive still answers while a backlog's summaries are pending (`archive_quicker`).
+    same archived columns) while the definition is not ready, or while a backlog's persons are
+    pending (`archive_quicker`): registered as always, and then answered from the archive if the
+    archive holds every event state counted.
     Used with `Computation`; the query sets `_candidate` (its archive, or None when it cannot be
     answered so) and `_backlog_persons`."""
 
@@ -130,7 +130,7 @@ class AnsweredWhileBuilding:
         if (building or backlog) and archive_complete(self._candidate, self.state, self.project.id):
             self.archive, self._backlog = self._candidate, backlog
 
-    def answers_while_building(self) -> bool:
+    def answers_from_archive(self) -> bool:
         return self.archive is not None
 
     def answering_archive(self) -> Archive | None:
@@ -158,8 +158,9 @@ class Computation:
         """Blocking reads a query makes before `definitions()` can say what it reads; the API runs
         it off the event loop (nothing to do for most queries)."""
 
-    def answers_while_building(self) -> bool:
-        """Whether it answers now though its definitions are still being built (from the archive)."""
+    def answers_from_archive(self) -> bool:
+        """Whether the event archive answers it: then it answers now, though its definitions may still
+        be building."""
         return False
 
     def __getstate__(self) -> dict[str, Any]:

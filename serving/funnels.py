@@ -40,7 +40,7 @@ from schemas.funnels import FunnelRequest, read_kept
 from schemas.projects import Project
 from schemas.settings import Settings
 from schemas.trends import RequestError
-from serving.compute import AnsweredWhileBuilding, Computation, archive_complete, no_collection
+from serving.compute import AnsweredFromArchive, Computation, archive_complete, no_collection
 from serving.people import person_details
 from serving.trends import quantile
 from state import keys
@@ -101,7 +101,7 @@ def rank_breakdown_groups(reached: dict[tuple[str, ...], Any], steps: int) -> li
     return sorted(reached, key=key)
 
 
-class FunnelQuery(AnsweredWhileBuilding, Computation):
+class FunnelQuery(AnsweredFromArchive, Computation):
     """A funnel. An ordered funnel not broken down that reads only the event is answered from the
     event archive's columns while its definition is still being built (the first ask of a new
     funnel): the same attempt rule over the same events, so the same numbers, without waiting for

@@ -103,7 +103,7 @@ async def query_materialized(state: Any, query: Any, refresh: str) -> float | No
     its definitions build answers now, registered all the same and built in the background;
     `refresh=blocking` still waits for the build, as before."""
     await asyncio.to_thread(query.prepare)
-    meanwhile = query.answers_while_building() and refresh not in BLOCKING
+    meanwhile = query.answers_from_archive() and refresh not in BLOCKING
     pending = await materialized(state.definitions, query.definitions(), "" if meanwhile else refresh,
                                  state.settings.blocking_timeout_s)
     return None if meanwhile else pending

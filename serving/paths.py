@@ -28,7 +28,7 @@ from schemas.paths import PathDefinition, PathsRequest
 from schemas.projects import Project
 from schemas.settings import Settings
 from schemas.trends import RequestError
-from serving.compute import AnsweredWhileBuilding, Computation
+from serving.compute import AnsweredFromArchive, Computation
 from state.archive import HOT_PROPERTIES, Archive
 from state.records import read_person_events, read_sessions
 from state.summaries import SUMMARIES, SummaryStore
@@ -36,7 +36,7 @@ from state.summaries import SUMMARIES, SummaryStore
 ELLIPSIS = "..."
 
 
-class PathsQuery(AnsweredWhileBuilding, Computation):
+class PathsQuery(AnsweredFromArchive, Computation):
     def __init__(self, client: redis.Redis, project: Project, request: PathsRequest, now: datetime,
                  archive: Archive | None = None,
                  backlog_persons: int = Settings.archive_backlog_persons) -> None:

@@ -148,22 +148,18 @@ class KnownFirsts:
         # (event, person) tuple (a tuple built, hashed and compared per event, and one more tracked
         # object per entry for the cyclic collector).
         self.times: dict[str, dict[int, int]] = {}
-        self._entries = 0
 
     def learn(self, firsts: dict[str, dict[int, tuple[int, int, str]]]) -> None:
-        if self._entries > self.limit:  # forgetting only costs candidates
+        if sum(map(len, self.times.values())) > self.limit:  # forgetting only costs candidates
             self.times.clear()
-            self._entries = 0
         for event, persons in firsts.items():
             known = self.times.get(event)
             if known is None:
                 known = self.times[event] = {}
-            before = len(known)
             for person, (ts, _, _) in persons.items():
                 held = known.get(person)
                 if held is None or ts < held:
                     known[person] = ts
-            self._entries += len(known) - before
 
 
 def batch_effects(occurrences: list[Occurrence], known: KnownFirsts, skip: set[str] | None = None,

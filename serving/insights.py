@@ -99,9 +99,10 @@ async def insight_request(request: Request, project_id: str) -> tuple[dict[str, 
 
 async def query_materialized(state: Any, query: Any, refresh: str) -> float | None:
     """What `materialized` says for a query, once the query has made its blocking reads (its archive
-    check, off the event loop): None when it can answer. A query the event archive answers while
-    its definitions build answers now, registered all the same and built in the background;
-    `refresh=blocking` still waits for the build, as before."""
+    check, off the event loop): None when it can answer. A query the event archive answers (its
+    definitions still building, or a backlog's persons pending: serving/compute.py) answers now,
+    registered all the same and built in the background; `refresh=blocking` still waits for a
+    build, as before."""
     await asyncio.to_thread(query.prepare)
     meanwhile = query.answers_from_archive() and refresh not in BLOCKING
     pending = await materialized(state.definitions, query.definitions(), "" if meanwhile else refresh,

@@ -22,6 +22,7 @@ import zlib
 
 LAYOUT = "v1"
 SEEN_BUCKETS = 1 << 16
+GUARD_SEGMENT_RECORDS = 1 << 21  # guard records per string of the guard log (80 MB; a string holds 512 MB)
 
 # Global keys (not project state).
 PROJECTS = "insightflow:projects"          # hash id -> project JSON
@@ -33,7 +34,8 @@ LAYOUT_KEY = "insightflow:layout"          # hash: shards -> state shards per pr
 
 # A project's keys after its prefix, by name; a part ending in ':' is followed by a suffix.
 PROJECT_PARTS: dict[str, str] = {
-    "seen": "seen:",                       # hash per uuid bucket: uuid -> partition:offset applied
+    "guard_log": "gl:",                    # string per segment: the uuid guards, in the order taken (records.py)
+    "seen": "seen:",                       # hash per uuid bucket: uuid guards taken before the guard log (read only)
     "person_seq": "pseq",                  # counter of person ids
     "distinct_ids": "pdi",                 # hash distinct_id -> person
     "person_distinct_ids": "pd:",          # set per person
@@ -54,7 +56,7 @@ PROJECT_PARTS: dict[str, str] = {
     "first_time_day_persons": "fud:",
     "shard_applied": "sapplied",           # per shard: hash partition -> next offset applied there
     "shard_generation": "sdefgen",         # per shard: definitions generation its batches must carry
-    "meta": "meta",                        # hash: earliest_ms
+    "meta": "meta",                        # hash: earliest_ms, legacy_guards
     "applied": "applied",                  # hash partition -> next offset applied (with the state)
     "definitions": "defs",                 # hash definition hash -> JSON
     "definitions_generation": "defgen",    # counter raised by every registration
@@ -212,8 +214,14 @@ def seen_bucket(uuid: str) -> str:
 
 
 def seen(pid: int, bucket: str) -> str:
-    """Hash: uuid -> the copy (partition:offset) applied, for uuids of that bucket."""
+    """Hash: uuid -> the copy applied (`tag:partition:offset:person`), for uuids of that bucket; only
+    guards taken before the guard log, which is written instead now."""
     return _k(pid, "seen", bucket)
+
+
+def guard_log(pid: int, segment: int) -> str:
+    """String: segment `segment` of the project's guard log, `GUARD_SEGMENT_RECORDS` records each."""
+    return _k(pid, "guard_log", segment)
 
 
 def event_names(pid: int) -> str:

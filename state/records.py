@@ -13,12 +13,18 @@
 - path sessions (`ps:<day>` hash values): JSON list of sessions, each `[[ms...], [uuid...], [item...]]`;
 - first time per person and event (`fs:<event>` hash values): `ts_ms:hour:day`;
 - person property times (`pt:<person>` hash values, written by persons.lua): `<ts>` set by `$set`,
-  `o<ts>` by `$set_once`, `u<ts>` unset.
+  `o<ts>` by `$set_once`, `u<ts>` unset;
+- uuid guards (`gl:<segment>`, appended by the apply script): 40-byte little-endian records, the
+  event's uuid (16 bytes, `guard_key`), then the copy counted: topic tag (`tag_code`), partition,
+  offset, and the person it counted for (`GUARD_RECORD`). The guards written before the guard log
+  (`seen:<bucket>` hash values): `tag:partition:offset:person`, or older `partition:offset[:person]`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -268,3 +274,47 @@ def read_property_stamp(raw: bytes) -> tuple[str, int]:
     if kind in (b"o", b"u"):
         return kind.decode(), int(raw[1:])
     return "s", int(raw)
+
+
+GUARD_RECORD = np.dtype([("uuid", "V16"), ("tag", "<u4"), ("partition", "<u4"), ("offset", "<i8"), ("person", "<i8")])
+Copy = tuple[int, int, int, int]  # the copy an event was counted from: tag code, partition, offset, then its person
+
+
+def guard_key(uuid: str) -> bytes:
+    """An event uuid as the 16 bytes its guard holds: a canonical uuid's own bytes (capture makes every
+    uuid canonical); any other text (tests, hand-made topics) its 128-bit BLAKE2 digest."""
+    if len(uuid) == 36:
+        try:
+            return bytes.fromhex(uuid.replace("-", ""))
+        except ValueError:
+            pass
+    return hashlib.blake2b(uuid.encode(), digest_size=16).digest()
+
+
+def tag_code(tag: str) -> int:
+    """A topic tag (`keys.topic_tag`) as the 32-bit number a guard record holds."""
+    return zlib.crc32(tag.encode())
+
+
+def pack_guards(guards: list[tuple[bytes, Copy]]) -> bytes:
+    """Guard records, in the order given."""
+    return np.array([(k, *copy) for k, copy in guards], dtype=GUARD_RECORD).tobytes()
+
+
+def read_guards(raw: bytes) -> np.ndarray:
+    """Guard records as a structured array (`GUARD_RECORD`); a torn tail is left out."""
+    whole = len(raw) - len(raw) % GUARD_RECORD.itemsize
+    return np.frombuffer(raw[:whole], dtype=GUARD_RECORD)
+
+
+def read_legacy_guard(raw: bytes) -> Copy:
+    """A guard written before the guard log (`seen:<bucket>`) as a copy. One whose holder names no
+    topic (`partition:offset[:person]`, an older format) gets tag code -1: never the copy being
+    applied now; its person is -1 where it names none."""
+    parts = raw.decode(errors="replace").split(":")
+    try:
+        if len(parts) == 4:
+            return (tag_code(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]))
+        return (-1, int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else -1)
+    except (ValueError, IndexError):
+        return (-1, -1, -1, -1)

@@ -10,11 +10,13 @@ of its first item) and `<NAME>_WIDTH` (the fields per item).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from state import keys
+from state.records import GUARD_RECORD
 
 LUA = Path(__file__).with_name("lua")
 _INCLUDE = re.compile(r"^-- include: (\S+)$", re.MULTILINE)
@@ -53,6 +55,7 @@ class Script:
 
     file: str
     layouts: tuple[Layout, ...] = ()
+    constants: tuple[tuple[str, Callable[[], dict[str, int]]], ...] = ()  # tables of numbers it reads, read when loaded
 
     def layout(self, name: str) -> Layout:
         return next(layout for layout in self.layouts if layout.name == name)
@@ -61,6 +64,8 @@ class Script:
     def head(self) -> str:
         """The generated tables: key parts and argument layouts."""
         return (_table("K", keys.PROJECT_PARTS) + _table("DK", keys.DEFINITION_PARTS)
+                + "".join(f"local {name} = {{{', '.join(f'{k} = {v}' for k, v in values().items())}}}\n"
+                          for name, values in self.constants)
                 + "".join(layout.lua() for layout in self.layouts))
 
     @property
@@ -100,7 +105,6 @@ def _header_then(header: tuple[str, ...], item: tuple[str, ...], trailer: tuple[
 # the batch as one JSON object whose sections (keyed by letter) are lists of rows named by a layout;
 # the home part (apply_batch.lua) and each state shard's part (apply_shard.lua).
 HOME_SECTIONS = (
-    Layout("G", ("bucket", "uuid", "holder")),  # holder: `copy:person`, the copy counted
     Layout("U", ("person", "ts", "set", "set_once", "unset")),
     Layout("O", ("partition", "next_offset")),
 )
@@ -122,12 +126,14 @@ SHARD_SECTIONS = (
     Layout("H", ("definition", "fence", "offset")),
     *DEFINITION_SECTIONS,
 )
-APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "batch")), *HOME_SECTIONS))
+APPLY_BATCH = Script("apply_batch.lua", (Layout("A", ("prefix", "batch", "checked", "guards")), *HOME_SECTIONS),
+                     (("GL", lambda: {"record": GUARD_RECORD.itemsize, "segment": keys.GUARD_SEGMENT_RECORDS}),))
 APPLY_SHARD = Script("apply_shard.lua", (Layout("A", ("prefix", "generation", "batch", "kept")), *SHARD_SECTIONS))
 FIX_BOUND = Script("fix_bound.lua", (Layout("A", ("prefix", "definition", "fence", "generation")),))
 
 # Events whose persons the worker cannot tell alone: unknown distinct ids and identity links.
-PERSON_FIELDS = ("bucket", "uuid", "distinct_id", "link_kind", "link_other")
+PERSON_FIELDS = ("applied", "distinct_id", "link_kind", "link_other")  # applied: '1' or ''
+
 RESOLVE_PERSONS = Script("resolve_persons.lua", _header_then(("prefix", "count"), PERSON_FIELDS))
 
 # One event of a partition's history to apply to a definition in one state shard.

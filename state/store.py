@@ -1,17 +1,19 @@
 """Applying planned events to Redis: the only place the dataflow writes project state.
 
-The worker sums a project's batch per key (dataflows/operators/batch.py). One Lua call takes the
-uuid guards of its events in the project's home (`apply_batch.lua`): a batch holding an event applied
+The worker sums a project's batch per key (dataflows/operators/batch.py). Its index of the project's
+guard log (state/guards.py) tells which events were counted already: a batch holding an event applied
 already from another copy (an SDK resend, an overlapping replay) writes nothing and is summed again
-without it. Then one call per state shard applies what the events add there (`apply_shard.lua`),
-with that shard's per-partition fence in the same call: a replay of events a shard holds already is
-refused and summed again without them. So every event counts once, after a crash at any point
-between the calls too, and counts may use HINCRBY (ARCHITECTURE rule 2). Every other write is
-order-insensitive: set membership, minimum first-seen time, and person properties ordered by event
-time rather than arrival.
+without it. One Lua call in the project's home (`apply_batch.lua`) appends the new events' guards,
+only if the log holds exactly what the index read. Then one call per state shard applies what the
+events add there (`apply_shard.lua`), with that shard's per-partition fence in the same call: a
+replay of events a shard holds already is refused and summed again without them. So every event
+counts once, after a crash at any point between the calls too, and counts may use HINCRBY
+(ARCHITECTURE rule 2). Every other write is order-insensitive: set membership, minimum first-seen
+time, and person properties ordered by event time rather than arrival.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -24,9 +26,20 @@ from schemas.definitions import Definition
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import ShardedStore, run_scripts
+from state.guards import GuardIndex
 from state.overrides import final_person
 from state.reads import person_bitmap
-from state.records import kept_append_of_texts, kept_block
+from state.records import (
+    GUARD_RECORD,
+    Copy,
+    guard_key,
+    kept_append_of_texts,
+    kept_block,
+    pack_guards,
+    read_guards,
+    read_legacy_guard,
+    tag_code,
+)
 
 if TYPE_CHECKING:  # the batch is summed by the dataflow's pure operator; only its shape is read here
     from dataflows.operators.batch import BatchEffects, DefinitionSums, ShardEffects
@@ -72,15 +85,13 @@ def _json_values(values: dict[str, object]) -> str:
     return orjson.dumps({str(k): orjson.dumps(v).decode() for k, v in values.items()}).decode()
 
 
-def home_args(project_id: int, effects: BatchEffects, tag: str) -> list[Any]:
-    """The arguments of `apply_batch.lua`: its header, and the home part of the batch as one JSON
-    object of sections whose rows follow `scripts.HOME_SECTIONS`. `tag`: the topic's
-    (`keys.topic_tag`); a guard holds `tag:partition:offset:person`, the copy counted and its person.
-    Whatever a script puts into a key or a command goes as text: Lua turns a number into text with
-    `%.17g`, about 0.6 µs each, a few times per event (`docs/measured.md`)."""
+def home_args(project_id: int, effects: BatchEffects) -> list[Any]:
+    """The first arguments of `apply_batch.lua`: its prefix, and the home part of the batch as one
+    JSON object of sections whose rows follow `scripts.HOME_SECTIONS` (the guards, decided when
+    applied, follow: `StateStore.apply`). Whatever a script puts into a key or a command goes as
+    text: Lua turns a number into text with `%.17g`, about 0.6 µs each, a few times per event
+    (`docs/measured.md`)."""
     batch = {
-        "G": [[keys.seen_bucket(uuid), uuid, f"{tag}:{partition}:{offset}:{person}"]
-              for uuid, partition, offset, person in effects.guards],
         "N": sorted(effects.names),
         "U": [[o.person, o.ts, _json_values(o.update.set), _json_values(o.update.set_once),
                orjson.dumps(o.update.unset).decode() if o.update.unset else ""] for o in effects.updates],
@@ -186,7 +197,7 @@ class ProjectBatch:
 
     def home_args(self) -> list[Any]:
         if self._home_args is None:
-            self._home_args = home_args(self.project_id, self.effects, self.tag)
+            self._home_args = home_args(self.project_id, self.effects)
         return self._home_args
 
     def shard_args(self, shard: int) -> list[Any]:
@@ -247,6 +258,48 @@ class StateStore(ShardedStore):
         self._backfill = client.register_script(scripts.BACKFILL_EVENTS.source)
         self._backfill_sums = client.register_script(scripts.BACKFILL_SUMS.source)
         self._backfill_persons = client.register_script(scripts.BACKFILL_PERSONS.source)
+        self._guards: dict[int, GuardIndex] = {}
+        self._guards_lock = threading.Lock()
+
+    def guard_index(self, project_id: int) -> GuardIndex:
+        """The project's guard log as far as read, read once in full; a project that counted events
+        before the log existed also keeps the guards it took then (`GuardIndex.legacy`)."""
+        with self._guards_lock:
+            index = self._guards.get(project_id)
+            if index is None:
+                index = GuardIndex()
+                self.read_guard_log(project_id, index)
+                meta = keys.project_meta(project_id)
+                index.legacy = self.redis.hget(meta, "legacy_guards") is not None
+                if not index.known and not index.legacy and self.redis.exists(keys.project_applied(project_id)):
+                    self.redis.hset(meta, "legacy_guards", 1)  # counted before the log: its guards are hashes
+                    index.legacy = True
+                self._guards[project_id] = index
+            return index
+
+    def read_guard_log(self, project_id: int, index: GuardIndex) -> None:
+        """Add to `index` the records of the project's guard log past those it holds."""
+        width, per_segment = GUARD_RECORD.itemsize, keys.GUARD_SEGMENT_RECORDS
+        while True:
+            segment, at = divmod(index.known, per_segment)
+            raw = self.redis.getrange(keys.guard_log(project_id, segment), at * width, -1)
+            index.add(read_guards(raw))
+            if at + len(raw) // width < per_segment:
+                return
+
+    def counted_from(self, project_id: int, uuids: list[str]) -> list[Copy | None]:
+        """The copy each uuid was counted from (tag code, partition, offset, person), None if never."""
+        index = self.guard_index(project_id)
+        found = index.find([guard_key(u) for u in uuids])
+        missing = [i for i, copy in enumerate(found) if copy is None] if index.legacy else []
+        if missing:
+            pipe = self.redis.pipeline(transaction=False)
+            for i in missing:
+                pipe.hget(keys.seen(project_id, keys.seen_bucket(uuids[i])), uuids[i])
+            for i, held in zip(missing, pipe.execute(), strict=True):
+                if held is not None:
+                    found[i] = read_legacy_guard(held)
+        return found
 
     def resolve_persons(self, asks: dict[int, list[tuple[str, str, str, str]]]) -> dict[int, Resolved]:
         """Per project, (uuid, distinct id, link kind or '', other distinct id or '') of events in batch
@@ -256,8 +309,9 @@ class StateStore(ShardedStore):
         owners = []
         for project_id, items in asks.items():
             args: list[str | int] = [keys.project_prefix(project_id), len(items)]
-            for uuid, did, kind, other in items:
-                args += [keys.seen_bucket(uuid), uuid, did, kind, other]
+            counted = self.counted_from(project_id, [uuid for uuid, _, _, _ in items])
+            for (_, did, kind, other), copy in zip(items, counted, strict=True):
+                args += ["" if copy is None else "1", did, kind, other]
             calls.append(([keys.distinct_ids(project_id)], args))
             owners.append(project_id)
         out: dict[int, Resolved] = {}
@@ -269,6 +323,21 @@ class StateStore(ShardedStore):
             merges = [(int(rest[i]), int(rest[i + 1])) for i in range(0, len(rest), 2)]
             out[project_id] = Resolved(persons, merges)
         return out
+
+    def _new_guards(self, project_id: int, batch: ProjectBatch) -> tuple[list[tuple[bytes, Copy]], set[str]]:
+        """The guards of the batch's events not counted yet, and the uuids counted from another copy
+        already (a resend, an overlapping replay). An event counted from this very copy is a replay of
+        a batch whose home part is in: it takes no guard, and the shards' fences tell what they hold."""
+        guards = batch.effects.guards
+        tag = tag_code(batch.tag)
+        new, repeated = [], set()
+        counted = self.counted_from(project_id, [uuid for uuid, _, _, _ in guards])
+        for (uuid, partition, offset, person), copy in zip(guards, counted, strict=True):
+            if copy is None:
+                new.append((guard_key(uuid), (tag, partition, offset, person)))
+            elif copy[:3] != (tag, partition, offset):
+                repeated.add(uuid)
+        return new, repeated
 
     def survivors(self, persons: dict[int, set[int]]) -> dict[int, dict[int, int]]:
         """Per project, which of these persons were merged, and the person each became (following
@@ -292,18 +361,39 @@ class StateStore(ShardedStore):
     def apply(self, batches: Iterable[ProjectBatch]) -> BatchOutcome:
         """Apply the home parts (one atomic call per project), then the shard parts of the projects
         whose home part is in (one atomic call per project and shard); each step one round trip per
-        Redis server."""
+        Redis server, and again for a home part whose guard log another worker appended to."""
         outcome = BatchOutcome()
         batches = list(batches)
         homes = [b for b in batches if not b.home_done]
-        calls = [([keys.distinct_ids(b.project_id)], b.home_args()) for b in homes]
-        for batch, answer in zip(homes, run_scripts(self.redis, self._apply, calls), strict=True):
-            code = int(answer[0])
-            if code == -2:
-                outcome.repeated[batch.project_id] = {_text(u) for u in answer[1:]}
-            else:
+        for _ in range(100):
+            calls, taking = [], []
+            for batch in homes:
+                pid = batch.project_id
+                new, repeated = self._new_guards(pid, batch)
+                if repeated:
+                    outcome.repeated[pid] = repeated
+                    continue
+                index = self.guard_index(pid)
+                calls.append(([keys.distinct_ids(pid)], [*batch.home_args(), index.known, pack_guards(new)]))
+                taking.append((batch, index, new))
+            homes = []
+            for (batch, index, new), answer in zip(taking, run_scripts(self.redis, self._apply, calls), strict=True):
+                if int(answer[0]) == -5:  # another worker appended: read what it did, decide again
+                    if int(answer[1]) < index.known % keys.GUARD_SEGMENT_RECORDS * GUARD_RECORD.itemsize:
+                        raise RedisLostWrites(f"the guard log of project {batch.project_id} is shorter than "
+                                              "this process read it")
+                    self.read_guard_log(batch.project_id, index)
+                    homes.append(batch)
+                    continue
+                index.add_copies(new)
+                if index.known != int(answer[1]):  # cannot happen: the script checked the log's length
+                    raise RuntimeError(f"the guard log of project {batch.project_id} is not where it was read")
                 outcome.home.add(batch.project_id)
-                outcome.applied.events += code
+                outcome.applied.events += int(answer[0])
+            if not homes:
+                break
+        else:
+            raise RuntimeError("guard logs kept moving while applying a batch")
         parts = [(b, shard) for b in batches if b.home_done or b.project_id in outcome.home
                  for shard in b.effects.shards if shard not in b.shards_done]
         calls = [([keys.shard_applied(b.project_id, shard)], b.shard_args(shard)) for b, shard in parts]
@@ -323,25 +413,21 @@ class StateStore(ShardedStore):
                        ) -> list[BackfillRow]:
         """The rows of a partition's history read from the topic whose uuid guard holds this copy (the
         copy live counted), each with the person live counted it for; the others are left out."""
-        pid = project_id
         candidates = [row for row in items if row.event is not None and row.contribution is not None]
-        guards = self.redis.pipeline(transaction=False)
-        for row in candidates:
-            assert row.event is not None
-            guards.hget(keys.seen(pid, keys.seen_bucket(row.event.uuid)), row.event.uuid)
-        counted: list[tuple[BackfillRow, str | None]] = []
-        for row, held in zip(candidates, guards.execute() if candidates else [], strict=True):
-            parts = _text(held).split(":") if held is not None else []
-            if parts[:3] == [tag, str(partition), str(row.offset)]:  # the guard: tag:partition:offset:person
-                counted.append((row, parts[3]))
-            elif len(parts) in (2, 3) and parts[:2] == [str(partition), str(row.offset)]:  # by an older version
-                counted.append((row, parts[2] if len(parts) == 3 else None))
-        unknown = [row.event.distinct_id for row, person in counted if person is None and row.event]
+        self.read_guard_log(project_id, self.guard_index(project_id))  # what live counted since
+        found = self.counted_from(project_id, [row.event.uuid for row in candidates if row.event is not None])
+        tag = tag_code(tag)
+        counted: list[tuple[BackfillRow, int]] = []
+        for row, copy in zip(candidates, found, strict=True):
+            if copy is None or copy[1:3] != (partition, row.offset) or copy[0] not in (tag, -1):
+                continue  # another copy was counted (or none); -1: an older guard, naming no topic
+            counted.append((row, copy[3]))
+        unknown = [row.event.distinct_id for row, person in counted if person < 0 and row.event]
         if unknown:  # guards written before they named the person: the distinct id's person now
-            found = dict(zip(unknown, self.redis.hmget(keys.distinct_ids(pid), unknown), strict=True))
-            counted = [(row, person or (_text(found[row.event.distinct_id]) if row.event and
-                                        found.get(row.event.distinct_id) else None)) for row, person in counted]
-        return [replace(row, person=int(person)) for row, person in counted if person is not None]
+            ids = dict(zip(unknown, self.redis.hmget(keys.distinct_ids(project_id), unknown), strict=True))
+            counted = [(row, person if person >= 0 else int(ids[row.event.distinct_id] or -1) if row.event else -1)
+                       for row, person in counted]
+        return [replace(row, person=person) for row, person in counted if person >= 0]
 
     def backfill(self, definition: Definition, name: str, items: list[BackfillRow], written_up_to: int = -1
                  ) -> Applied:

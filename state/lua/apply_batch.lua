@@ -2,12 +2,13 @@
 -- (dataflows/operators/batch.py), in one atomic call (state/store.py, StateStore.apply): the events'
 -- uuid guards, event names, person-property updates and offsets. What the events add to counts,
 -- person sets and definitions goes to their persons' state shards afterwards (apply_shard.lua).
--- Every guard is taken first; if any event was already applied from another copy (a resend, an
--- overlapping replay), nothing is written and the answer names those uuids, so the worker plans
--- again without them. A guard holding this very copy is a replay of a batch whose home part was
--- applied: it passes, and the shards' fences tell what they hold. Arguments: the header A; A.batch
--- is a JSON object of sections, each a list of rows named by the layout of the same letter:
---   G  guards:          bucket, uuid, holder (the copy, `topic tag:partition:offset`, then `:person`)
+-- The worker decided which events are new from its index of the project's guard log (state/guards.py):
+-- A.guards holds their guard records, appended to the log here. That decision holds only if the log
+-- has exactly the A.checked records the worker read: otherwise nothing is written and the answer is
+-- {-5, bytes in the segment the worker reads}: another worker appended meanwhile (the worker reads the
+-- rest and decides again), or Redis lost appends the worker saw (a crash between syncs).
+-- Answer: {guards appended, records in the log}. Arguments: the header A; A.batch is a JSON object
+-- of sections, each a list of rows named by the layout of the same letter:
 --   N  event names (a list of names)
 --   U  person-property updates: person, ts, set, set_once, unset (JSON or '')
 --   O  offsets:         partition, next offset
@@ -15,23 +16,18 @@ local P = ARGV[A.prefix]
 -- include: slices.lua
 -- include: persons.lua
 
+-- The guard log: segments of GL.segment records of GL.record bytes.
+local checked, guards = tonumber(ARGV[A.checked]), ARGV[A.guards]
+local segment = math.floor(checked / GL.segment)
+local held = redis.call('STRLEN', P .. K.guard_log .. segment)
+if held ~= (checked - segment * GL.segment) * GL.record then return {-5, held} end
 local batch = cjson.decode(ARGV[A.batch])
-
-local taken, repeated = {}, {}
-for _, g in ipairs(batch.G) do
-  local key, uuid, holder = P .. K.seen .. g[G.bucket], g[G.uuid], g[G.holder]
-  if redis.call('HSETNX', key, uuid, holder) == 1 then
-    taken[#taken + 1] = key; taken[#taken + 1] = uuid
-  else
-    local held = redis.call('HGET', key, uuid)
-    local copy = string.match(holder, '^(.*):')
-    if held ~= copy and string.sub(held, 1, #copy + 1) ~= copy .. ':' then repeated[#repeated + 1] = uuid end
-  end
-end
-if #repeated > 0 then
-  for i = 1, #taken, 2 do redis.call('HDEL', taken[i], taken[i + 1]) end
-  table.insert(repeated, 1, -2)
-  return repeated
+local at, from = checked, 1
+while from <= #guards do  -- appended to the segment they fall in (a batch may cross a segment's end)
+  local s = math.floor(at / GL.segment)
+  local part = string.sub(guards, from, from + ((s + 1) * GL.segment - at) * GL.record - 1)
+  redis.call('APPEND', P .. K.guard_log .. s, part)
+  from, at = from + #part, at + #part / GL.record
 end
 
 if #batch.N > 0 then sliced('SADD', P .. K.event_names, batch.N) end
@@ -56,4 +52,4 @@ if earliest_ts ~= cjson.null then
     redis.call('HSET', P .. K.meta, 'earliest_ms', earliest_ts)
   end
 end
-return {#taken / 2}
+return {at - checked, at}

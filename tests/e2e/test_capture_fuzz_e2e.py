@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from state import keys
+from state.store import StateStore
 from tests.conftest import ProjectHandle, Stack, make_project
 
 pytestmark = pytest.mark.e2e
@@ -166,10 +167,7 @@ def _uuid(raw: Any) -> str | None:
 
 
 def _seen(running: Stack, project_id: int, event_uuids: list[str]) -> list[bool]:
-    pipe = running.redis.pipeline(transaction=False)
-    for event_uuid in event_uuids:
-        pipe.hexists(keys.seen(project_id, keys.seen_bucket(event_uuid)), event_uuid)
-    return [bool(x) for x in pipe.execute()]
+    return [copy is not None for copy in StateStore(running.redis).counted_from(project_id, event_uuids)]
 
 
 def test_capture_fuzz(running: Stack) -> None:

@@ -23,7 +23,7 @@ from dataflows.operators.persons import PersonProperties, person_update
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import connect
-from state.records import StoredEvent, encode_person_events, kept_append, kept_block, rewritten_log
+from state.records import StoredEvent, encode_person_events, kept_append, kept_block, rewritten_log, tag_code
 from state.store import BatchOutcome, ProjectBatch, Resolved, StateStore
 from state.summaries import SummaryStore
 from tests.conftest import Services
@@ -100,11 +100,11 @@ def test_guards_apply_each_uuid_once_and_a_batch_with_a_repeat_writes_nothing(cl
     again = [_event("u-1", "a", 1000, offset=9, partition=3), _event("u-2", "a", 2000, offset=10, partition=3)]
     refused = project.apply(again)
     assert refused.repeated == {project.id: {"u-1"}} and refused.applied.events == 0
-    assert client.hget(keys.seen(project.id, keys.seen_bucket("u-2")), "u-2") is None  # its guard taken back
+    assert StateStore(client).counted_from(project.id, ["u-2"]) == [None]  # no guard taken
     assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"1"}
     # ... and planned again without it: the rest counts once, the first copy's guard is kept.
     assert project.apply(again, skip={"u-1"}).applied.events == 1
-    assert client.hget(keys.seen(project.id, keys.seen_bucket("u-1")), "u-1") == b"t1:2:5:" + project.person("a")
+    assert StateStore(client).counted_from(project.id, ["u-1"]) == [(tag_code("t1"), 2, 5, int(project.person("a")))]
     assert client.hgetall(keys.day_counts(project.id, "view")) == {b"20240101": b"2"}
     assert client.bitcount(keys.day_persons(project.id, "view", "20240101")) == 1
     # Applied offsets are the next offset per partition and only rise.
@@ -114,6 +114,59 @@ def test_guards_apply_each_uuid_once_and_a_batch_with_a_repeat_writes_nothing(cl
     assert client.hget(keys.project_meta(project.id), "earliest_ms") == b"1000"
     # A repeat inside one batch counts once.
     assert project.apply([_event("u-4", "b", 4000), _event("u-4", "b", 4000)]).applied.events == 1
+
+
+def test_two_workers_share_a_projects_guard_log(client: redis.Redis) -> None:
+    """Each worker decides from what it read of the guard log; the script appends only where the log
+    is what that worker read, so a uuid another worker counted meanwhile is found, not counted twice."""
+    first = Project(client)
+    second = Project(client)
+    second.id, second.store = first.id, StateStore(client, 1)
+    assert second.store.guard_index(first.id).known == 0  # read before the first worker counts
+    assert first.apply([_event("w-1", "a", 1000, offset=0, partition=0)]).applied.events == 1
+    # The second worker holds another copy of w-1 (another partition): refused once it has read the log.
+    refused = second.apply([_event("w-1", "a", 1000, offset=0, partition=1), _event("w-2", "a", 2000, offset=1,
+                                                                                   partition=1)])
+    assert refused.repeated == {first.id: {"w-1"}} and refused.applied.events == 0
+    assert second.apply([_event("w-2", "a", 2000, offset=1, partition=1)]).applied.events == 1
+    # Nothing in common, but the log moved under the first worker: it reads on and appends.
+    assert first.apply([_event("w-3", "a", 3000, offset=1, partition=0)]).applied.events == 1
+    assert client.hgetall(keys.day_counts(first.id, "view")) == {b"20240101": b"3"}
+    log = StateStore(client).guard_index(first.id)
+    assert log.known == 3 and not log.legacy
+    assert [c[1:3] for c in StateStore(client).counted_from(first.id, ["w-1", "w-2", "w-3"])] == [
+        (0, 0), (1, 1), (0, 1)]
+
+
+def test_the_guard_log_continues_in_the_next_segment(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log longer than a segment (`keys.GUARD_SEGMENT_RECORDS`) goes on in the next string, a batch
+    crossing a segment's end split between the two."""
+    monkeypatch.setattr(keys, "GUARD_SEGMENT_RECORDS", 3)
+    project = Project(client)
+    assert project.apply([_event(f"g-{i}", "a", 1000 + i, offset=i) for i in range(5)]).applied.events == 5
+    assert project.apply([_event(f"g-{i}", "a", 1000 + i, offset=i) for i in range(5, 8)]).applied.events == 3
+    assert [client.strlen(keys.guard_log(project.id, s)) // 40 for s in range(4)] == [3, 3, 2, 0]
+    fresh = StateStore(client)
+    assert fresh.guard_index(project.id).known == 8
+    assert [c[2] for c in fresh.counted_from(project.id, [f"g-{i}" for i in range(8)])] == list(range(8))
+    assert project.apply([_event("g-3", "a", 1003, offset=9)]).repeated == {project.id: {"g-3"}}
+
+
+def test_guards_taken_before_the_guard_log_still_hold(client: redis.Redis) -> None:
+    """A project that counted events before the guard log keeps its guards in the `seen:<bucket>`
+    hashes: a resend of one of them is still a repeat, and a replay of that very copy passes."""
+    project = Project(client)
+    client.hset(keys.project_applied(project.id), "0", 8)
+    for uuid, holder in (("old-1", "t1:0:5:3"), ("old-2", "0:6:3"), ("old-3", "0:7")):
+        client.hset(keys.seen(project.id, keys.seen_bucket(uuid)), uuid, holder)
+    assert project.store.counted_from(project.id, ["old-1", "old-2", "old-3", "new"]) == [
+        (tag_code("t1"), 0, 5, 3), (-1, 0, 6, 3), (-1, 0, 7, -1), None]
+    assert project.store.guard_index(project.id).legacy
+    assert project.apply([_event("first", "a", 500, offset=8)]).applied.events == 1  # "a" has a person
+    assert project.apply([_event("old-1", "a", 1000, offset=9)]).repeated == {project.id: {"old-1"}}
+    replayed = project.apply([_event("old-1", "a", 1000, offset=5), _event("new", "a", 2000, offset=10)])
+    assert replayed.applied.events == 1 and project.id in replayed.home  # old-1: this very copy, no new guard
+    assert StateStore(client).guard_index(project.id).legacy  # remembered once the log exists
 
 
 def test_counts_and_person_sets_are_summed_per_key(client: redis.Redis) -> None:

@@ -50,11 +50,10 @@ def test_batch_rows_follow_the_layouts() -> None:
         fields = {layout.name: layout.fields for layout in layouts}[name]
         return [dict(zip(fields, row, strict=True)) for row in raw[name]]
 
-    prefix, body = home_args(5, effects, "t1")
+    prefix, body = home_args(5, effects)
     assert prefix == keys.project_prefix(5)
     home = orjson.loads(body)
-    assert [(g["uuid"], g["holder"], g["bucket"]) for g in rows(scripts.HOME_SECTIONS, home, "G")] == [
-        (u, f"t1:3:{ts}:{p}", keys.seen_bucket(u)) for u, ts, p in (("u1", 1000, 7), ("u2", 2000, 8), ("u3", 500, 7))]
+    assert effects.guards == [("u1", 3, 1000, 7), ("u2", 3, 2000, 8), ("u3", 3, 500, 7)]  # the apply decides the new
     assert home["N"] == ["a", "b"] and home["earliest"] == 500
     assert rows(scripts.HOME_SECTIONS, home, "U") == [
         {"person": 7, "ts": 1000, "set": '{"plan":"\\"pro\\""}', "set_once": "", "unset": ""}]

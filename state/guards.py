@@ -13,69 +13,103 @@ import threading
 
 import numpy as np
 
-from state.records import GUARD_RECORD, Copy
+from state.records import GUARD_RECORD
 
-_COPY_FIELDS = ["tag", "partition", "offset", "person"]
+_RAW = np.dtype((np.void, GUARD_RECORD.itemsize))  # a record as its bytes: copied whole, not field by field
+_EMPTY = -1
+_SHIFT = np.uint64(8)  # the table keeps hash bits 8-39 of each uuid: not the top ones, which chose its slot
 
 
 class GuardIndex:
-    """The guards of one project's log, as far as `known` records: recent ones in a dict, the rest in
-    arrays sorted by uuid, merged in when the dict passes `recent_limit` (a merge copies the arrays
-    once, so not per batch). Safe to read while another thread adds."""
+    """The guards of one project's log, as far as `known` records: the records in log order, and a
+    hash table (open addressing, linear probing) from each uuid's hash to its record, at most half
+    full. A batch is looked up and added as arrays, each probe a vectorised
+    step over the uuids still probing: a few cache lines per uuid, whatever the log's length. A
+    uuid recorded twice (the log never does) is found at its first record. Safe to read while
+    another thread adds."""
 
-    def __init__(self, recent_limit: int = 200_000) -> None:
+    def __init__(self, capacity: int = 1 << 12) -> None:
         self.known = 0  # records of the log held here
         self.legacy = False  # the project also has guards from before the log (`seen:<bucket>` hashes)
-        self.recent_limit = recent_limit
-        self._uuids = np.empty(0, dtype="V16")
-        self._copies = np.empty(0, dtype=GUARD_RECORD[_COPY_FIELDS])
-        self._recent: dict[bytes, Copy] = {}
+        self._records = np.empty(1024, dtype=_RAW)
+        self._slots = np.full(capacity, _EMPTY, dtype=np.int32)  # record number, or _EMPTY
+        self._hashes = np.zeros(capacity, dtype=np.uint32)  # the low bits of that record's uuid's `_hash`
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._uuids) + len(self._recent)
+        return self.known
 
     def add(self, records: np.ndarray) -> None:
-        """Records read from the log, in its order, starting at record `known`."""
-        if len(records) > self.recent_limit:
-            with self._lock:
-                self._merge(records["uuid"], records[_COPY_FIELDS])
-                self.known += len(records)
-            return
-        self.add_copies([(r[0], (r[1], r[2], r[3], r[4])) for r in records.tolist()])
-
-    def add_copies(self, guards: list[tuple[bytes, Copy]]) -> None:
-        """Guards appended to the log at record `known`, in its order."""
+        """Records appended to the log at record `known`, in its order (`GUARD_RECORD`)."""
+        n = len(records)
         with self._lock:
-            recent = self._recent
-            for key, copy in guards:
-                recent.setdefault(key, copy)
-            self.known += len(guards)
-            if len(recent) > self.recent_limit:
-                merged = np.array([(k, *c) for k, c in recent.items()], dtype=GUARD_RECORD)
-                self._merge(merged["uuid"], merged[_COPY_FIELDS])
-                self._recent = {}
+            at = self.known
+            if at + n > len(self._records):
+                grown = np.empty(max(2 * len(self._records), at + n), dtype=_RAW)
+                grown[:at] = self._records[:at]
+                self._records = grown
+            self._records[at:at + n] = np.ascontiguousarray(records).view(_RAW)
+            if 2 * (at + n) > len(self._slots):
+                capacity = len(self._slots)
+                while 2 * (at + n) > capacity:
+                    capacity *= 2
+                self._slots = np.full(capacity, _EMPTY, dtype=np.int32)
+                self._hashes = np.zeros(capacity, dtype=np.uint32)
+                self._place(np.arange(at + n, dtype=np.int32))
+            else:
+                self._place(np.arange(at, at + n, dtype=np.int32))
+            self.known = at + n
 
-    def _merge(self, uuids: np.ndarray, copies: np.ndarray) -> None:
-        order = np.argsort(uuids, kind="stable")
-        uuids, copies = uuids[order], copies[order]
-        at = np.searchsorted(self._uuids, uuids, side="right")  # after an equal one: the first stays found
-        self._uuids = np.insert(self._uuids, at, uuids)
-        self._copies = np.insert(self._copies, at, copies)
+    def _place(self, numbers: np.ndarray) -> None:
+        """Put records (by number, in log order) in the table: each in the first free slot from its
+        home; of several wanting one slot, the earliest record takes it and the rest probe on."""
+        hashes = _hash(self._records[numbers].view(GUARD_RECORD)["uuid"])
+        slot, mask = _home(hashes, len(self._slots))
+        while len(numbers):
+            free = np.flatnonzero(self._slots[slot] == _EMPTY)
+            claims, claimants = slot[free], numbers[free]
+            self._slots[claims[::-1]] = claimants[::-1]  # the earliest written last: it stays
+            won = free[self._slots[claims] == claimants]
+            self._hashes[slot[won]] = hashes[won] >> _SHIFT
+            left = np.ones(len(numbers), dtype=bool)
+            left[won] = False
+            numbers, hashes, slot = numbers[left], hashes[left], (slot[left] + 1) & mask
 
-    def find(self, keys: list[bytes]) -> list[Copy | None]:
-        """The copy each uuid (`guard_key`) was counted from, None for a uuid never counted."""
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For uuids (`records.guard_keys`): whether each was counted, and its guard record (meaningful
+        where counted: the copy it was counted from, and the person)."""
+        hashes = _hash(keys)
+        low = (hashes >> _SHIFT).astype(np.uint32)
+        found = np.zeros(len(keys), dtype=bool)
+        copies = np.zeros(len(keys), dtype=_RAW)
         with self._lock:
-            found: list[Copy | None] = [None] * len(keys)
-            n = len(self._uuids)
-            if n and keys:  # the arrays hold older records than the dict
-                asked = np.frombuffer(b"".join(keys), dtype="V16")
-                at = np.searchsorted(self._uuids, asked).clip(max=n - 1)
-                for i in np.flatnonzero(self._uuids[at] == asked).tolist():
-                    found[i] = tuple(self._copies[at[i]].tolist())  # type: ignore[assignment]
-            recent = self._recent
-            if recent:
-                for i, key in enumerate(keys):
-                    if found[i] is None:
-                        found[i] = recent.get(key)
-            return found
+            slots, table_hashes, records = self._slots, self._hashes, self._records
+            slot, mask = _home(hashes, len(slots))
+            pending = np.arange(len(keys))
+            while len(pending):
+                at = slot[pending]
+                number = slots[at]
+                probing = number != _EMPTY  # an empty slot ends a uuid's probe: not counted
+                alike = probing & (table_hashes[at] == low[pending])
+                if alike.any():
+                    asked, held = pending[alike], records[number[alike]]
+                    same = held.view(GUARD_RECORD)["uuid"] == keys[asked]
+                    found[asked[same]] = True
+                    copies[asked[same]] = held[same]
+                    probing[np.flatnonzero(alike)[same]] = False
+                pending = pending[probing]
+                slot[pending] = (slot[pending] + 1) & mask
+        return found, copies.view(GUARD_RECORD)
+
+
+def _hash(keys: np.ndarray) -> np.ndarray:
+    """A uuid's 64-bit hash: its halves combined and multiplied by an odd constant (Fibonacci
+    hashing), so the top bits vary whichever of its bits do (a time-ordered uuid's first bytes, a
+    random one's last)."""
+    both = np.ascontiguousarray(keys).view("<u8")
+    return (both[0::2] ^ both[1::2]) * np.uint64(0x9E3779B97F4A7C15)
+
+
+def _home(hashes: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    """Each hash's first slot in a table of `capacity` (a power of two) slots: its top bits."""
+    return (hashes >> np.uint64(64 - capacity.bit_length() + 1)).astype(np.int64), capacity - 1

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,6 +278,7 @@ def read_property_stamp(raw: bytes) -> tuple[str, int]:
 
 GUARD_RECORD = np.dtype([("uuid", "V16"), ("tag", "<u4"), ("partition", "<u4"), ("offset", "<i8"), ("person", "<i8")])
 Copy = tuple[int, int, int, int]  # the copy an event was counted from: tag code, partition, offset, then its person
+NO_TOPIC = 0xFFFF_FFFF  # the tag code of a guard from before guards named their topic
 
 
 def guard_key(uuid: str) -> bytes:
@@ -291,14 +292,28 @@ def guard_key(uuid: str) -> bytes:
     return hashlib.blake2b(uuid.encode(), digest_size=16).digest()
 
 
+def guard_keys(uuids: Sequence[str]) -> np.ndarray:
+    """`guard_key` of each uuid, as an array of 16-byte values: canonical uuids in one conversion."""
+    if all(len(u) == 36 for u in uuids):
+        try:
+            return np.frombuffer(bytes.fromhex("".join(uuids).replace("-", "")), dtype="V16")
+        except ValueError:
+            pass
+    return np.frombuffer(b"".join(map(guard_key, uuids)), dtype="V16")
+
+
 def tag_code(tag: str) -> int:
     """A topic tag (`keys.topic_tag`) as the 32-bit number a guard record holds."""
     return zlib.crc32(tag.encode())
 
 
-def pack_guards(guards: list[tuple[bytes, Copy]]) -> bytes:
-    """Guard records, in the order given."""
-    return np.array([(k, *copy) for k, copy in guards], dtype=GUARD_RECORD).tobytes()
+def guard_records(keys: np.ndarray, tag: int, partitions: np.ndarray, offsets: np.ndarray, persons: np.ndarray
+                  ) -> np.ndarray:
+    """Guard records (`GUARD_RECORD`) of one topic's copies, column by column."""
+    records = np.empty(len(keys), dtype=GUARD_RECORD)
+    records["uuid"], records["tag"], records["partition"] = keys, tag, partitions
+    records["offset"], records["person"] = offsets, persons
+    return records
 
 
 def read_guards(raw: bytes) -> np.ndarray:
@@ -309,12 +324,12 @@ def read_guards(raw: bytes) -> np.ndarray:
 
 def read_legacy_guard(raw: bytes) -> Copy:
     """A guard written before the guard log (`seen:<bucket>`) as a copy. One whose holder names no
-    topic (`partition:offset[:person]`, an older format) gets tag code -1: never the copy being
-    applied now; its person is -1 where it names none."""
+    topic (`partition:offset[:person]`, an older format) gets tag code `NO_TOPIC`: never the copy
+    being applied now; its person is -1 where it names none."""
     parts = raw.decode(errors="replace").split(":")
     try:
         if len(parts) == 4:
             return (tag_code(parts[0]), int(parts[1]), int(parts[2]), int(parts[3]))
-        return (-1, int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else -1)
+        return (NO_TOPIC, int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else -1)
     except (ValueError, IndexError):
-        return (-1, -1, -1, -1)
+        return (NO_TOPIC, 0, -1, -1)

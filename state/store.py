@@ -31,11 +31,12 @@ from state.overrides import final_person
 from state.reads import person_bitmap
 from state.records import (
     GUARD_RECORD,
+    NO_TOPIC,
     Copy,
-    guard_key,
+    guard_keys,
+    guard_records,
     kept_append_of_texts,
     kept_block,
-    pack_guards,
     read_guards,
     read_legacy_guard,
     tag_code,
@@ -289,17 +290,25 @@ class StateStore(ShardedStore):
 
     def counted_from(self, project_id: int, uuids: list[str]) -> list[Copy | None]:
         """The copy each uuid was counted from (tag code, partition, offset, person), None if never."""
+        found, copies = self.counted_copies_of(project_id, uuids, guard_keys(uuids))
+        held = copies[["tag", "partition", "offset", "person"]].tolist()
+        return [copy if hit else None for hit, copy in zip(found.tolist(), held, strict=True)]
+
+    def counted_copies_of(self, project_id: int, uuids: list[str], guard_keys: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """`counted_from` as arrays (`GuardIndex.find`: guard records), for the uuids and their
+        `records.guard_keys`."""
         index = self.guard_index(project_id)
-        found = index.find([guard_key(u) for u in uuids])
-        missing = [i for i, copy in enumerate(found) if copy is None] if index.legacy else []
+        found, copies = index.find(guard_keys)
+        missing = np.flatnonzero(~found).tolist() if index.legacy else []
         if missing:
             pipe = self.redis.pipeline(transaction=False)
             for i in missing:
                 pipe.hget(keys.seen(project_id, keys.seen_bucket(uuids[i])), uuids[i])
             for i, held in zip(missing, pipe.execute(), strict=True):
                 if held is not None:
-                    found[i] = read_legacy_guard(held)
-        return found
+                    found[i], copies[i] = True, (guard_keys[i], *read_legacy_guard(held))
+        return found, copies
 
     def resolve_persons(self, asks: dict[int, list[tuple[str, str, str, str]]]) -> dict[int, Resolved]:
         """Per project, (uuid, distinct id, link kind or '', other distinct id or '') of events in batch
@@ -324,20 +333,22 @@ class StateStore(ShardedStore):
             out[project_id] = Resolved(persons, merges)
         return out
 
-    def _new_guards(self, project_id: int, batch: ProjectBatch) -> tuple[list[tuple[bytes, Copy]], set[str]]:
-        """The guards of the batch's events not counted yet, and the uuids counted from another copy
-        already (a resend, an overlapping replay). An event counted from this very copy is a replay of
-        a batch whose home part is in: it takes no guard, and the shards' fences tell what they hold."""
+    def _new_guards(self, project_id: int, batch: ProjectBatch) -> tuple[np.ndarray, set[str]]:
+        """The guard records of the batch's events not counted yet, and the uuids counted from another
+        copy already (a resend, an overlapping replay). An event counted from this very copy is a
+        replay of a batch whose home part is in: it takes no guard, and the shards' fences tell what
+        they hold."""
         guards = batch.effects.guards
-        tag = tag_code(batch.tag)
-        new, repeated = [], set()
-        counted = self.counted_from(project_id, [uuid for uuid, _, _, _ in guards])
-        for (uuid, partition, offset, person), copy in zip(guards, counted, strict=True):
-            if copy is None:
-                new.append((guard_key(uuid), (tag, partition, offset, person)))
-            elif copy[:3] != (tag, partition, offset):
-                repeated.add(uuid)
-        return new, repeated
+        if not guards:
+            return guard_records(np.empty(0, "V16"), 0, np.empty(0), np.empty(0), np.empty(0)), set()
+        uuids, partitions, offsets, persons = (list(column) for column in zip(*guards, strict=True))
+        ids = guard_keys(uuids)
+        found, copies = self.counted_copies_of(project_id, uuids, ids)
+        tag, partition, offset = tag_code(batch.tag), np.array(partitions, np.uint32), np.array(offsets, np.int64)
+        other = found & ((copies["tag"] != tag) | (copies["partition"] != partition) | (copies["offset"] != offset))
+        new = ~found
+        return (guard_records(ids[new], tag, partition[new], offset[new], np.array(persons, np.int64)[new]),
+                {uuids[i] for i in np.flatnonzero(other).tolist()})
 
     def survivors(self, persons: dict[int, set[int]]) -> dict[int, dict[int, int]]:
         """Per project, which of these persons were merged, and the person each became (following
@@ -374,7 +385,7 @@ class StateStore(ShardedStore):
                     outcome.repeated[pid] = repeated
                     continue
                 index = self.guard_index(pid)
-                calls.append(([keys.distinct_ids(pid)], [*batch.home_args(), index.known, pack_guards(new)]))
+                calls.append(([keys.distinct_ids(pid)], [*batch.home_args(), index.known, new.tobytes()]))
                 taking.append((batch, index, new))
             homes = []
             for (batch, index, new), answer in zip(taking, run_scripts(self.redis, self._apply, calls), strict=True):
@@ -385,7 +396,7 @@ class StateStore(ShardedStore):
                     self.read_guard_log(batch.project_id, index)
                     homes.append(batch)
                     continue
-                index.add_copies(new)
+                index.add(new)
                 if index.known != int(answer[1]):  # cannot happen: the script checked the log's length
                     raise RuntimeError(f"the guard log of project {batch.project_id} is not where it was read")
                 outcome.home.add(batch.project_id)
@@ -419,8 +430,8 @@ class StateStore(ShardedStore):
         tag = tag_code(tag)
         counted: list[tuple[BackfillRow, int]] = []
         for row, copy in zip(candidates, found, strict=True):
-            if copy is None or copy[1:3] != (partition, row.offset) or copy[0] not in (tag, -1):
-                continue  # another copy was counted (or none); -1: an older guard, naming no topic
+            if copy is None or copy[1:3] != (partition, row.offset) or copy[0] not in (tag, NO_TOPIC):
+                continue  # another copy was counted (or none); NO_TOPIC: an older guard, naming no topic
             counted.append((row, copy[3]))
         unknown = [row.event.distinct_id for row, person in counted if person < 0 and row.event]
         if unknown:  # guards written before they named the person: the distinct id's person now

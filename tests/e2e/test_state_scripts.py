@@ -23,7 +23,7 @@ from dataflows.operators.persons import PersonProperties, person_update
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import connect
-from state.records import StoredEvent, encode_person_events, kept_append, kept_block, rewritten_log, tag_code
+from state.records import NO_TOPIC, StoredEvent, encode_person_events, kept_append, kept_block, rewritten_log, tag_code
 from state.store import BatchOutcome, ProjectBatch, Resolved, StateStore
 from state.summaries import SummaryStore
 from tests.conftest import Services
@@ -160,7 +160,7 @@ def test_guards_taken_before_the_guard_log_still_hold(client: redis.Redis) -> No
     for uuid, holder in (("old-1", "t1:0:5:3"), ("old-2", "0:6:3"), ("old-3", "0:7")):
         client.hset(keys.seen(project.id, keys.seen_bucket(uuid)), uuid, holder)
     assert project.store.counted_from(project.id, ["old-1", "old-2", "old-3", "new"]) == [
-        (tag_code("t1"), 0, 5, 3), (-1, 0, 6, 3), (-1, 0, 7, -1), None]
+        (tag_code("t1"), 0, 5, 3), (NO_TOPIC, 0, 6, 3), (NO_TOPIC, 0, 7, -1), None]
     assert project.store.guard_index(project.id).legacy
     assert project.apply([_event("first", "a", 500, offset=8)]).applied.events == 1  # "a" has a person
     assert project.apply([_event("old-1", "a", 1000, offset=9)]).repeated == {project.id: {"old-1"}}

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 import bytewax.operators as op
+import numpy as np
 from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
@@ -54,8 +55,8 @@ def _record_id(topic_id: str, record: Record) -> str:
 class _Chunk:
     """One chunk of a batch on its way into Redis: the events per project still to apply, what
     earlier attempts learned (uuids applied already from another copy, shard fences of a replay,
-    parts applied), the persons' properties before it, the parts planned last, and where the
-    counted copies go."""
+    parts applied), the persons' properties before it, the parts planned last, the guards decided
+    for it, and where the counted copies go."""
 
     pending: dict[int, list[Occurrence]]
     counted: dict[int, list[tuple[str, int, int, int]]]
@@ -65,6 +66,7 @@ class _Chunk:
     home_done: set[int] = field(default_factory=set)
     shards_done: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))
     persons: dict[int, dict[int, PersonProperties]] = field(default_factory=lambda: defaultdict(dict))
+    guards: dict[int, np.ndarray] = field(default_factory=dict)  # per project, the guards decided (`take_guards`)
 
     def __post_init__(self) -> None:
         self.pending = dict(self.pending)
@@ -341,14 +343,23 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         for pid, (generation, definitions) in current.items():
             if pid not in chunk.pending:
                 continue
-            flags, failed = contributions(self.client, pid, definitions, chunk.pending[pid], now, chunk.skip.get(pid),
-                                          chunk.persons[pid])
-            for h, reason in failed.items():
-                self._fail(pid, h, reason)
-            effects = batch_effects(chunk.pending[pid], self.firsts[pid], chunk.skip.get(pid), flags,
-                                    self.store.shards, chunk.fences.get(pid))
-            batches.append(ProjectBatch(pid, effects, generation, self.tag, pid in chunk.home_done,
-                                        chunk.shards_done[pid]).encode())
+            while True:  # until no event is counted already from another copy (`take_guards`)
+                flags, failed = contributions(self.client, pid, definitions, chunk.pending[pid], now,
+                                              chunk.skip.get(pid), chunk.persons[pid])
+                for h, reason in failed.items():
+                    self._fail(pid, h, reason)
+                effects = batch_effects(chunk.pending[pid], self.firsts[pid], chunk.skip.get(pid), flags,
+                                        self.store.shards, chunk.fences.get(pid))
+                batch = ProjectBatch(pid, effects, generation, self.tag, pid in chunk.home_done,
+                                     chunk.shards_done[pid])
+                if batch.home_done:
+                    break
+                repeated = self.store.take_guards(batch, chunk.guards.get(pid))
+                if not repeated:
+                    chunk.guards[pid] = batch.guards
+                    break
+                chunk.skip[pid] |= repeated
+            batches.append(batch.encode())
         return batches
 
     def _apply(self, chunk: _Chunk) -> None:
@@ -375,6 +386,8 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
                 pid = batch.project_id
                 if pid in outcome.repeated:
                     chunk.skip[pid] |= outcome.repeated[pid]
+                    if batch.guards is not None:  # less what other workers counted
+                        chunk.guards[pid] = batch.guards
                     continue
                 if pid not in chunk.home_done:
                     chunk.counted[pid].extend(batch.effects.guards)

@@ -21,34 +21,39 @@ _SHIFT = np.uint64(8)  # the table keeps hash bits 8-39 of each uuid: not the to
 
 
 class GuardIndex:
-    """The guards of one project's log, as far as `known` records: the records in log order, and a
-    hash table (open addressing, linear probing) from each uuid's hash to its record, at most half
-    full. A batch is looked up and added as arrays, each probe a vectorised
-    step over the uuids still probing: a few cache lines per uuid, whatever the log's length. A
-    uuid recorded twice (the log never does) is found at its first record. Safe to read while
-    another thread adds."""
+    """The guards of one project's log (as far as `known` records) and those planned since: the
+    records in order, and a hash table (open addressing, linear probing) from each uuid's hash to
+    its record, at most half full. A batch is looked up and added as arrays, each probe a vectorised
+    step over the uuids still probing: a few cache lines per uuid, whatever the log's length. A uuid
+    held twice is found at its first record read from the log, or else its first planned one. Safe
+    to read while another thread adds."""
 
     def __init__(self, capacity: int = 1 << 12) -> None:
-        self.known = 0  # records of the log held here
+        self.known = 0  # records of the log read into it (`StateStore.read_guard_log`)
+        self._count = 0  # records held: read, and planned since
         self.legacy = False  # the project also has guards from before the log (`seen:<bucket>` hashes)
         self._records = np.empty(1024, dtype=_RAW)
+        self._logged = np.empty(1024, dtype=bool)  # per record: read from the log, not only planned
         self._slots = np.full(capacity, _EMPTY, dtype=np.int32)  # record number, or _EMPTY
         self._hashes = np.zeros(capacity, dtype=np.uint32)  # the low bits of that record's uuid's `_hash`
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return self.known
+        return self._count
 
-    def add(self, records: np.ndarray) -> None:
-        """Records appended to the log at record `known`, in its order (`GUARD_RECORD`)."""
+    def add(self, records: np.ndarray, logged: bool = True) -> None:
+        """Records (`GUARD_RECORD`) in the log's order: read from it (`logged`), or planned to be
+        appended to it."""
         n = len(records)
         with self._lock:
-            at = self.known
+            at = self._count
             if at + n > len(self._records):
-                grown = np.empty(max(2 * len(self._records), at + n), dtype=_RAW)
-                grown[:at] = self._records[:at]
-                self._records = grown
+                size = max(2 * len(self._records), at + n)
+                grown, flags = np.empty(size, dtype=_RAW), np.empty(size, dtype=bool)
+                grown[:at], flags[:at] = self._records[:at], self._logged[:at]
+                self._records, self._logged = grown, flags
             self._records[at:at + n] = np.ascontiguousarray(records).view(_RAW)
+            self._logged[at:at + n] = logged
             if 2 * (at + n) > len(self._slots):
                 capacity = len(self._slots)
                 while 2 * (at + n) > capacity:
@@ -58,7 +63,11 @@ class GuardIndex:
                 self._place(np.arange(at + n, dtype=np.int32))
             else:
                 self._place(np.arange(at, at + n, dtype=np.int32))
-            self.known = at + n
+            self._count = at + n
+
+    def records(self) -> np.ndarray:
+        """The records held, in the order added (`GUARD_RECORD`)."""
+        return self._records[:self._count].view(GUARD_RECORD)
 
     def _place(self, numbers: np.ndarray) -> None:
         """Put records (by number, in log order) in the table: each in the first free slot from its
@@ -75,12 +84,14 @@ class GuardIndex:
             left[won] = False
             numbers, hashes, slot = numbers[left], hashes[left], (slot[left] + 1) & mask
 
-    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For uuids (`records.guard_keys`): whether each was counted, and its guard record (meaningful
-        where counted: the copy it was counted from, and the person)."""
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For uuids (`records.guard_keys`): whether each is held, its first guard record (meaningful
+        where held: the copy counted, and the person), and whether that record was read from the
+        log (else only planned)."""
         hashes = _hash(keys)
         low = (hashes >> _SHIFT).astype(np.uint32)
         found = np.zeros(len(keys), dtype=bool)
+        logged = np.zeros(len(keys), dtype=bool)
         copies = np.zeros(len(keys), dtype=_RAW)
         with self._lock:
             slots, table_hashes, records = self._slots, self._hashes, self._records
@@ -92,14 +103,19 @@ class GuardIndex:
                 probing = number != _EMPTY  # an empty slot ends a uuid's probe: not counted
                 alike = probing & (table_hashes[at] == low[pending])
                 if alike.any():
-                    asked, held = pending[alike], records[number[alike]]
+                    asked, numbers = pending[alike], number[alike]
+                    held = records[numbers]
                     same = held.view(GUARD_RECORD)["uuid"] == keys[asked]
-                    found[asked[same]] = True
-                    copies[asked[same]] = held[same]
-                    probing[np.flatnonzero(alike)[same]] = False
+                    final = same & self._logged[numbers]  # a logged record ends the probe
+                    first = same & ~final & ~found[asked]  # a planned one holds until a logged one turns up
+                    for chosen in (final, first):
+                        found[asked[chosen]] = True
+                        copies[asked[chosen]] = held[chosen]
+                        logged[asked[chosen]] = chosen is final
+                    probing[np.flatnonzero(alike)[final]] = False
                 pending = pending[probing]
                 slot[pending] = (slot[pending] + 1) & mask
-        return found, copies.view(GUARD_RECORD)
+        return found, copies.view(GUARD_RECORD), logged
 
 
 def _hash(keys: np.ndarray) -> np.ndarray:

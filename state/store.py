@@ -14,6 +14,7 @@ time, and person properties ordered by event time rather than arrival.
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,8 @@ class ProjectBatch:
     tag: str = ""
     home_done: bool = False
     shards_done: set[int] = field(default_factory=set)
+    guards: np.ndarray | None = None  # the guard records its home part appends (`StateStore.take_guards`)
+    foreign_basis: int = 0  # other workers' guards the decision saw (`StateStore.take_guards`)
     _home_args: list[Any] | None = field(default=None, repr=False, compare=False)
     _shard_args: dict[int, list[Any]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -261,10 +264,16 @@ class StateStore(ShardedStore):
         self._backfill_persons = client.register_script(scripts.BACKFILL_PERSONS.source)
         self._guards: dict[int, GuardIndex] = {}
         self._guards_lock = threading.Lock()
+        self._log_length: dict[int, int] = {}  # records of each project's guard log, as far as this process knows
+        # Guards other workers appended that this one read since it loaded the log (how many, and the
+        # records with the count after each read, kept while a planned batch may not have seen them).
+        self._foreign_count: dict[int, int] = defaultdict(int)
+        self._foreign: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
 
     def guard_index(self, project_id: int) -> GuardIndex:
-        """The project's guard log as far as read, read once in full; a project that counted events
-        before the log existed also keeps the guards it took then (`GuardIndex.legacy`)."""
+        """The project's guard log as far as read, read once in full, and the guards planned since
+        (`take_guards`); a project that counted events before the log existed also keeps the guards
+        it took then (`GuardIndex.legacy`)."""
         with self._guards_lock:
             index = self._guards.get(project_id)
             if index is None:
@@ -275,6 +284,7 @@ class StateStore(ShardedStore):
                 if not index.known and not index.legacy and self.redis.exists(keys.project_applied(project_id)):
                     self.redis.hset(meta, "legacy_guards", 1)  # counted before the log: its guards are hashes
                     index.legacy = True
+                self._log_length[project_id] = index.known
                 self._guards[project_id] = index
             return index
 
@@ -284,22 +294,24 @@ class StateStore(ShardedStore):
         while True:
             segment, at = divmod(index.known, per_segment)
             raw = self.redis.getrange(keys.guard_log(project_id, segment), at * width, -1)
-            index.add(read_guards(raw))
+            records = read_guards(raw)
+            index.add(records)
+            index.known += len(records)
             if at + len(raw) // width < per_segment:
                 return
 
     def counted_from(self, project_id: int, uuids: list[str]) -> list[Copy | None]:
         """The copy each uuid was counted from (tag code, partition, offset, person), None if never."""
-        found, copies = self.counted_copies_of(project_id, uuids, guard_keys(uuids))
+        found, copies, _ = self.counted_copies_of(project_id, uuids, guard_keys(uuids))
         held = copies[["tag", "partition", "offset", "person"]].tolist()
         return [copy if hit else None for hit, copy in zip(found.tolist(), held, strict=True)]
 
     def counted_copies_of(self, project_id: int, uuids: list[str], guard_keys: np.ndarray
-                          ) -> tuple[np.ndarray, np.ndarray]:
-        """`counted_from` as arrays (`GuardIndex.find`: guard records), for the uuids and their
-        `records.guard_keys`."""
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`counted_from` as arrays (`GuardIndex.find`: guard records, and whether each is in the log
+        or only planned), for the uuids and their `records.guard_keys`."""
         index = self.guard_index(project_id)
-        found, copies = index.find(guard_keys)
+        found, copies, logged = index.find(guard_keys)
         missing = np.flatnonzero(~found).tolist() if index.legacy else []
         if missing:
             pipe = self.redis.pipeline(transaction=False)
@@ -307,8 +319,8 @@ class StateStore(ShardedStore):
                 pipe.hget(keys.seen(project_id, keys.seen_bucket(uuids[i])), uuids[i])
             for i, held in zip(missing, pipe.execute(), strict=True):
                 if held is not None:
-                    found[i], copies[i] = True, (guard_keys[i], *read_legacy_guard(held))
-        return found, copies
+                    found[i], copies[i], logged[i] = True, (guard_keys[i], *read_legacy_guard(held)), True
+        return found, copies, logged
 
     def resolve_persons(self, asks: dict[int, list[tuple[str, str, str, str]]]) -> dict[int, Resolved]:
         """Per project, (uuid, distinct id, link kind or '', other distinct id or '') of events in batch
@@ -333,20 +345,55 @@ class StateStore(ShardedStore):
             out[project_id] = Resolved(persons, merges)
         return out
 
+    def _read_appended(self, project_id: int, held: int) -> None:
+        """The guard log grew past what this process knew (`held`: bytes in the segment it reads):
+        read what other workers appended, and hold it (`_foreign`, and the index)."""
+        known = self._log_length[project_id]
+        if held < known % keys.GUARD_SEGMENT_RECORDS * GUARD_RECORD.itemsize:
+            raise RedisLostWrites(f"the guard log of project {project_id} is shorter than this process read it")
+        appended = GuardIndex()
+        appended.known = known
+        self.read_guard_log(project_id, appended)
+        records = appended.records()
+        self._log_length[project_id] = appended.known
+        self.guard_index(project_id).add(records)  # before the count: a plan reading the count sees them
+        self._foreign_count[project_id] += len(records)
+        self._foreign[project_id].append((self._foreign_count[project_id], records))
+
+    def _counted_elsewhere(self, batch: ProjectBatch, appended: np.ndarray) -> set[str]:
+        """Leave out of the batch's guards the uuids other workers' `appended` guards hold. Answers
+        those counted from another copy (plan the batch again without them); one counted from this
+        very copy (an append whose answer was lost) takes no second guard."""
+        assert batch.guards is not None
+        held = GuardIndex()
+        held.add(appended)
+        found, copies, _ = held.find(batch.guards["uuid"])
+        if not found.any():
+            return set()
+        copy = ["tag", "partition", "offset"]
+        other = found & (copies[copy] != batch.guards[copy])
+        counted = set(batch.guards["uuid"][other].tolist())
+        batch.guards = batch.guards[~found]
+        uuids = [g[0] for g in batch.effects.guards]
+        return {u for u, k in zip(uuids, guard_keys(uuids).tolist(), strict=True) if k in counted}
+
     def _new_guards(self, project_id: int, batch: ProjectBatch) -> tuple[np.ndarray, set[str]]:
-        """The guard records of the batch's events not counted yet, and the uuids counted from another
-        copy already (a resend, an overlapping replay). An event counted from this very copy is a
-        replay of a batch whose home part is in: it takes no guard, and the shards' fences tell what
-        they hold."""
+        """The guard records of the batch's events not counted yet, and the uuids counted (or planned)
+        from another copy already (a resend, an overlapping replay). An event whose guard in the log
+        holds this very copy is a replay of a batch whose home part is in: it takes no guard, and the
+        shards' fences tell what they hold. One only planned from this very copy (a batch written
+        again after Redis went away) takes its guard again: the append may not have happened, and
+        one that did is found when the log is longer than this process knew (`_counted_elsewhere`)."""
         guards = batch.effects.guards
         if not guards:
             return guard_records(np.empty(0, "V16"), 0, np.empty(0), np.empty(0), np.empty(0)), set()
         uuids, partitions, offsets, persons = (list(column) for column in zip(*guards, strict=True))
         ids = guard_keys(uuids)
-        found, copies = self.counted_copies_of(project_id, uuids, ids)
+        found, copies, logged = self.counted_copies_of(project_id, uuids, ids)
         tag, partition, offset = tag_code(batch.tag), np.array(partitions, np.uint32), np.array(offsets, np.int64)
-        other = found & ((copies["tag"] != tag) | (copies["partition"] != partition) | (copies["offset"] != offset))
-        new = ~found
+        this = (copies["tag"] == tag) & (copies["partition"] == partition) & (copies["offset"] == offset)
+        other = found & ~this
+        new = ~found | (this & ~logged)
         return (guard_records(ids[new], tag, partition[new], offset[new], np.array(persons, np.int64)[new]),
                 {uuids[i] for i in np.flatnonzero(other).tolist()})
 
@@ -369,38 +416,57 @@ class StateStore(ShardedStore):
             pending = {pid: sorted(set(ts)) for pid, ts in found.items()}
         return {pid: {p: final_person(m, p) for p in m} for pid, m in out.items()}
 
+    def take_guards(self, batch: ProjectBatch, earlier: np.ndarray | None = None) -> set[str]:
+        """Decide, while planning, which of the batch's events take a guard: those neither in the
+        project's guard log nor planned by an earlier batch. The answer names the events counted
+        from another copy already (plan again without them); otherwise their guards are kept in the
+        batch for its home part, and held as planned. A batch planned again after a refusal keeps
+        the guards decided for it (`earlier`), less the events it leaves out now."""
+        if earlier is not None:
+            batch.guards = earlier[np.isin(earlier["uuid"], guard_keys([g[0] for g in batch.effects.guards]))]
+            return set()
+        batch.foreign_basis = self._foreign_count[batch.project_id]  # read before the index is
+        new, repeated = self._new_guards(batch.project_id, batch)
+        if not repeated:
+            self.guard_index(batch.project_id).add(new, logged=False)
+            batch.guards = new
+        return repeated
+
     def apply(self, batches: Iterable[ProjectBatch]) -> BatchOutcome:
         """Apply the home parts (one atomic call per project), then the shard parts of the projects
         whose home part is in (one atomic call per project and shard); each step one round trip per
         Redis server, and again for a home part whose guard log another worker appended to."""
         outcome = BatchOutcome()
         batches = list(batches)
-        homes = [b for b in batches if not b.home_done]
+        homes = []
+        for batch in batches:
+            if batch.home_done:
+                continue
+            if batch.guards is None and (repeated := self.take_guards(batch)):
+                outcome.repeated[batch.project_id] = repeated
+                continue
+            homes.append(batch)
         for _ in range(100):
-            calls, taking = [], []
-            for batch in homes:
+            for batch in list(homes):  # guards other workers appended after it was planned
+                late = [records for end, records in self._foreign[batch.project_id] if end > batch.foreign_basis]
+                if late and (repeated := self._counted_elsewhere(batch, np.concatenate(late))):
+                    outcome.repeated[batch.project_id] = repeated
+                    homes.remove(batch)
+            calls = [([keys.distinct_ids(b.project_id)],
+                      [*b.home_args(), self._log_length[b.project_id], b.guards.tobytes()]) for b in homes]
+            moved = []
+            for batch, answer in zip(homes, run_scripts(self.redis, self._apply, calls), strict=True):
                 pid = batch.project_id
-                new, repeated = self._new_guards(pid, batch)
-                if repeated:
-                    outcome.repeated[pid] = repeated
+                if int(answer[0]) == -5:
+                    moved.append((batch, int(answer[1])))
                     continue
-                index = self.guard_index(pid)
-                calls.append(([keys.distinct_ids(pid)], [*batch.home_args(), index.known, new.tobytes()]))
-                taking.append((batch, index, new))
-            homes = []
-            for (batch, index, new), answer in zip(taking, run_scripts(self.redis, self._apply, calls), strict=True):
-                if int(answer[0]) == -5:  # another worker appended: read what it did, decide again
-                    if int(answer[1]) < index.known % keys.GUARD_SEGMENT_RECORDS * GUARD_RECORD.itemsize:
-                        raise RedisLostWrites(f"the guard log of project {batch.project_id} is shorter than "
-                                              "this process read it")
-                    self.read_guard_log(batch.project_id, index)
-                    homes.append(batch)
-                    continue
-                index.add(new)
-                if index.known != int(answer[1]):  # cannot happen: the script checked the log's length
-                    raise RuntimeError(f"the guard log of project {batch.project_id} is not where it was read")
-                outcome.home.add(batch.project_id)
+                self._log_length[pid] = int(answer[1])
+                self._foreign[pid] = [(end, r) for end, r in self._foreign[pid] if end > batch.foreign_basis]
+                outcome.home.add(pid)
                 outcome.applied.events += int(answer[0])
+            homes = [batch for batch, held in moved]
+            for batch, held in moved:  # another worker appended: read it (checked above on the next turn)
+                self._read_appended(batch.project_id, held)
             if not homes:
                 break
         else:

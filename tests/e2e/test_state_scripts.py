@@ -138,6 +138,40 @@ def test_two_workers_share_a_projects_guard_log(client: redis.Redis) -> None:
         (0, 0), (1, 1), (0, 1)]
 
 
+def test_a_batch_planned_before_another_worker_counted_its_uuid_is_refused(client: redis.Redis) -> None:
+    """A worker plans batches ahead of applying them. One planned before it read another worker's
+    guard of the same uuid is checked against that guard when applied, though the log's length
+    then matches what the worker knows."""
+    first, second = Project(client), Project(client)
+    second.id = first.id
+    events = {u: _event(u, "a", 1000, offset=i, partition=1) for i, u in enumerate(("s-a", "s-x"))}
+    second.resolve(list(events.values()))
+    planned = [ProjectBatch(first.id, batch_effects([events[u]], KnownFirsts()), 0, "t1") for u in events]
+    assert [second.store.take_guards(b) for b in planned] == [set(), set()]
+    assert first.apply([_event("s-x", "a", 1000, offset=7, partition=0)]).applied.events == 1  # another copy
+    assert second.store.apply([planned[0]]).applied.events == 1  # the log moved: read on, nothing in common
+    refused = second.store.apply([planned[1]])
+    assert refused.repeated == {first.id: {"s-x"}} and refused.applied.events == 0
+    assert client.hgetall(keys.day_counts(first.id, "view")) == {b"20240101": b"2"}
+    assert [c[1:3] for c in StateStore(client).counted_from(first.id, ["s-a", "s-x"])] == [(1, 0), (0, 7)]
+
+
+def test_a_batch_written_again_takes_its_guards_once(client: redis.Redis) -> None:
+    """A batch written again (Redis went away before its answer came back) is planned afresh: its
+    guards were planned, maybe appended; they are appended once either way."""
+    project = Project(client)
+    assert project.apply([_event("r-1", "a", 1000, offset=0)]).applied.events == 1
+    project.store._log_length[project.id] -= 1  # as if the append's answer was lost
+    again = project.apply([_event("r-1", "a", 1000, offset=0), _event("r-2", "a", 2000, offset=1)])
+    assert again.applied.events == 1 and again.repeated == {}
+    unsent = [_event("r-3", "a", 3000, offset=2)]  # planned, and Redis went away before it was sent
+    project.resolve(unsent)
+    assert project.store.take_guards(ProjectBatch(project.id, batch_effects(unsent, KnownFirsts()), 0, "t1")) == set()
+    assert project.apply([_event("r-3", "a", 3000, offset=2)]).applied.events == 1
+    fresh = StateStore(client)
+    assert fresh.guard_index(project.id).known == 3 and fresh.counted_from(project.id, ["r-1"])[0][2] == 0
+
+
 def test_the_guard_log_continues_in_the_next_segment(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A log longer than a segment (`keys.GUARD_SEGMENT_RECORDS`) goes on in the next string, a batch
     crossing a segment's end split between the two."""

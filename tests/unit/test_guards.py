@@ -50,15 +50,16 @@ def test_guards_from_before_the_log_name_their_copy_or_no_topic() -> None:
     assert read_legacy_guard(b"nonsense") == (NO_TOPIC, 0, -1, -1)
 
 
-def test_the_index_finds_every_copy_across_merges_and_keeps_the_first() -> None:
+def test_the_index_finds_every_copy_as_it_grows_and_keeps_the_first() -> None:
     rng = np.random.default_rng(7)
     keys = np.frombuffer(rng.bytes(16 * 400), dtype="V16")
     index = GuardIndex(capacity=16)
-    for start in range(0, 400, 30):  # batches as the apply appends them: the table grows past 3/4 full
+    for start in range(0, 400, 30):  # batches as planned: the table grows past half full
         index.add(_records(keys[start:start + 30], 1, 0, start))
-    assert index.known == 400 == len(index)
+    assert len(index) == 400 and index.known == 0  # none read from a log
+    assert index.records()["offset"].tolist() == list(range(400))
     asked = np.concatenate([keys, np.frombuffer(bytes(16), dtype="V16")])
-    found, copies = index.find(asked)
+    found, copies, logged = index.find(asked)
     assert found.tolist() == [True] * 400 + [False]
     assert copies["offset"][:400].tolist() == list(range(400)) and set(copies["tag"][:400].tolist()) == {1}
     index.add(_records(keys[5:6], 9, 9, 9))  # a later record of a uuid held: the first stays
@@ -66,10 +67,16 @@ def test_the_index_finds_every_copy_across_merges_and_keeps_the_first() -> None:
     alike = np.frombuffer(b"".join(bytes([i]) * 16 for i in range(6)), dtype="V16")  # halves alike: one hash
     shared = GuardIndex(capacity=8)
     shared.add(_records(alike[:5], 1, 0, 0))
-    found, copies = shared.find(alike)
+    found, copies, _ = shared.find(alike)
     assert found.tolist() == [True] * 5 + [False] and copies["offset"][:5].tolist() == [0, 1, 2, 3, 4]
     buffered = GuardIndex(capacity=64)  # the same, added one by one
     for i in range(5):
         buffered.add(_records(alike[i:i + 1], 1, 0, i))
-    found, copies = buffered.find(alike)
+    found, copies, _ = buffered.find(alike)
     assert found.tolist() == [True] * 5 + [False] and copies["offset"][:5].tolist() == [0, 1, 2, 3, 4]
+    planned = GuardIndex()  # a guard planned, then the log's record of the same uuid: the log's is found
+    planned.add(_records(keys[:2], 1, 0, 0), logged=False)
+    planned.add(_records(keys[1:3], 2, 5, 50))
+    found, copies, logged = planned.find(keys[:4])
+    assert found.tolist() == [True, True, True, False] and logged.tolist() == [False, True, True, False]
+    assert copies["offset"][:3].tolist() == [0, 50, 51]

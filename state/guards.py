@@ -2,9 +2,10 @@
 
 Every event counted leaves a guard in the project's guard log (`keys.guard_log`, records of
 `state/records.py`): its uuid and the copy counted (topic tag, partition, offset) with its person.
-The log only grows, and the apply script appends to it only when it holds exactly the records the
-worker has read (`StateStore.apply`), so the worker's index of it answers "was this uuid counted,
-and from which copy?" without a Redis command per event. Redis keeps one append per batch.
+The log only grows, and the apply script appends to it only when it has the length the worker
+knows (`StateStore.apply`), so the worker's index of it, with the guards it planned since
+(`StateStore.take_guards`), answers "was this uuid counted, and from which copy?" without a Redis
+command per event. Redis keeps one append per chunk.
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ def _json_values(values: dict[str, object]) -> str:
 
 def home_args(project_id: int, effects: BatchEffects) -> list[Any]:
     """The first arguments of `apply_batch.lua`: its prefix, and the home part of the batch as one
-    JSON object of sections whose rows follow `scripts.HOME_SECTIONS` (the guards, decided when
-    applied, follow: `StateStore.apply`). Whatever a script puts into a key or a command goes as
+    JSON object of sections whose rows follow `scripts.HOME_SECTIONS` (the guards, decided while
+    planning, follow: `StateStore.apply`). Whatever a script puts into a key or a command goes as
     text: Lua turns a number into text with `%.17g`, about 0.6 µs each, a few times per event
     (`docs/measured.md`)."""
     batch = {
@@ -421,7 +421,8 @@ class StateStore(ShardedStore):
         project's guard log nor planned by an earlier batch. The answer names the events counted
         from another copy already (plan again without them); otherwise their guards are kept in the
         batch for its home part, and held as planned. A batch planned again after a refusal keeps
-        the guards decided for it (`earlier`), less the events it leaves out now."""
+        the guards decided for it (`earlier`), less the events it leaves out now (and is checked
+        against every guard of other workers still kept, a few more than it needs)."""
         if earlier is not None:
             batch.guards = earlier[np.isin(earlier["uuid"], guard_keys([g[0] for g in batch.effects.guards]))]
             return set()
@@ -448,9 +449,10 @@ class StateStore(ShardedStore):
             homes.append(batch)
         for _ in range(100):
             for batch in list(homes):  # guards other workers appended after it was planned
-                late = [records for end, records in self._foreign[batch.project_id] if end > batch.foreign_basis]
+                pid = batch.project_id
+                late = [records for end, records in self._foreign[pid] if end > batch.foreign_basis]
                 if late and (repeated := self._counted_elsewhere(batch, np.concatenate(late))):
-                    outcome.repeated[batch.project_id] = repeated
+                    outcome.repeated[pid] = repeated
                     homes.remove(batch)
             calls = [([keys.distinct_ids(b.project_id)],
                       [*b.home_args(), self._log_length[b.project_id], b.guards.tobytes()]) for b in homes]
@@ -461,6 +463,7 @@ class StateStore(ShardedStore):
                     moved.append((batch, int(answer[1])))
                     continue
                 self._log_length[pid] = int(answer[1])
+                # Batches planned after this one saw at least what it saw: what it saw is needed no more.
                 self._foreign[pid] = [(end, r) for end, r in self._foreign[pid] if end > batch.foreign_basis]
                 outcome.home.add(pid)
                 outcome.applied.events += int(answer[0])

@@ -154,6 +154,14 @@ def test_a_batch_planned_before_another_worker_counted_its_uuid_is_refused(clien
     assert refused.repeated == {first.id: {"s-x"}} and refused.applied.events == 0
     assert client.hgetall(keys.day_counts(first.id, "view")) == {b"20240101": b"2"}
     assert [c[1:3] for c in StateStore(client).counted_from(first.id, ["s-a", "s-x"])] == [(1, 0), (0, 7)]
+    # Planned again without the repeat, a batch keeps the guards decided for the rest.
+    pair = [_event("s-y", "a", 1000, offset=5, partition=1), _event("s-z", "a", 1000, offset=6, partition=1)]
+    second.resolve(pair)
+    whole = ProjectBatch(first.id, batch_effects(pair, KnownFirsts()), 0, "t1")
+    assert second.store.take_guards(whole) == set() and len(whole.guards) == 2
+    rest = ProjectBatch(first.id, batch_effects(pair, KnownFirsts(), {"s-y"}), 0, "t1")
+    assert second.store.take_guards(rest, whole.guards) == set()
+    assert rest.guards["offset"].tolist() == [6] and second.store.apply([rest]).applied.events == 1
 
 
 def test_a_batch_written_again_takes_its_guards_once(client: redis.Redis) -> None:

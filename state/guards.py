@@ -30,7 +30,7 @@ class GuardIndex:
     to read while another thread adds."""
 
     def __init__(self, capacity: int = 1 << 12) -> None:
-        self.known = 0  # records of the log read into it (`StateStore.read_guard_log`)
+        self.known = 0  # records of the log this process read (`StateStore.read_guard_log`) or appended
         self._count = 0  # records held: read, and planned since
         self.legacy = False  # the project also has guards from before the log (`seen:<bucket>` hashes)
         self._records = np.empty(1024, dtype=_RAW)

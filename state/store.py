@@ -264,7 +264,6 @@ class StateStore(ShardedStore):
         self._backfill_persons = client.register_script(scripts.BACKFILL_PERSONS.source)
         self._guards: dict[int, GuardIndex] = {}
         self._guards_lock = threading.Lock()
-        self._log_length: dict[int, int] = {}  # records of each project's guard log, as far as this process knows
         # Guards other workers appended that this one read since it loaded the log (how many, and the
         # records with the count after each read, kept while a planned batch may not have seen them).
         self._foreign_count: dict[int, int] = defaultdict(int)
@@ -284,21 +283,22 @@ class StateStore(ShardedStore):
                 if not index.known and not index.legacy and self.redis.exists(keys.project_applied(project_id)):
                     self.redis.hset(meta, "legacy_guards", 1)  # counted before the log: its guards are hashes
                     index.legacy = True
-                self._log_length[project_id] = index.known
                 self._guards[project_id] = index
             return index
 
-    def read_guard_log(self, project_id: int, index: GuardIndex) -> None:
-        """Add to `index` the records of the project's guard log past those it holds."""
+    def read_guard_log(self, project_id: int, index: GuardIndex) -> np.ndarray:
+        """Add to `index` the records of the project's guard log past the `known` ones, and answer them."""
         width, per_segment = GUARD_RECORD.itemsize, keys.GUARD_SEGMENT_RECORDS
+        read = []
         while True:
             segment, at = divmod(index.known, per_segment)
             raw = self.redis.getrange(keys.guard_log(project_id, segment), at * width, -1)
             records = read_guards(raw)
             index.add(records)
             index.known += len(records)
+            read.append(records)
             if at + len(raw) // width < per_segment:
-                return
+                return np.concatenate(read)
 
     def counted_from(self, project_id: int, uuids: list[str]) -> list[Copy | None]:
         """The copy each uuid was counted from (tag code, partition, offset, person), None if never."""
@@ -347,17 +347,12 @@ class StateStore(ShardedStore):
 
     def _read_appended(self, project_id: int, held: int) -> None:
         """The guard log grew past what this process knew (`held`: bytes in the segment it reads):
-        read what other workers appended, and hold it (`_foreign`, and the index)."""
-        known = self._log_length[project_id]
-        if held < known % keys.GUARD_SEGMENT_RECORDS * GUARD_RECORD.itemsize:
+        read what other workers appended, and hold it (the index, then `_foreign`)."""
+        index = self.guard_index(project_id)
+        if held < index.known % keys.GUARD_SEGMENT_RECORDS * GUARD_RECORD.itemsize:
             raise RedisLostWrites(f"the guard log of project {project_id} is shorter than this process read it")
-        appended = GuardIndex()
-        appended.known = known
-        self.read_guard_log(project_id, appended)
-        records = appended.records()
-        self._log_length[project_id] = appended.known
-        self.guard_index(project_id).add(records)  # before the count: a plan reading the count sees them
-        self._foreign_count[project_id] += len(records)
+        records = self.read_guard_log(project_id, index)  # into the index before the count: a plan
+        self._foreign_count[project_id] += len(records)  # reading the count sees them
         self._foreign[project_id].append((self._foreign_count[project_id], records))
 
     def _counted_elsewhere(self, batch: ProjectBatch, appended: np.ndarray) -> set[str]:
@@ -455,14 +450,14 @@ class StateStore(ShardedStore):
                     outcome.repeated[pid] = repeated
                     homes.remove(batch)
             calls = [([keys.distinct_ids(b.project_id)],
-                      [*b.home_args(), self._log_length[b.project_id], b.guards.tobytes()]) for b in homes]
+                      [*b.home_args(), self.guard_index(b.project_id).known, b.guards.tobytes()]) for b in homes]
             moved = []
             for batch, answer in zip(homes, run_scripts(self.redis, self._apply, calls), strict=True):
                 pid = batch.project_id
                 if int(answer[0]) == -5:
                     moved.append((batch, int(answer[1])))
                     continue
-                self._log_length[pid] = int(answer[1])
+                self.guard_index(pid).known = int(answer[1])
                 # Batches planned after this one saw at least what it saw: what it saw is needed no more.
                 self._foreign[pid] = [(end, r) for end, r in self._foreign[pid] if end > batch.foreign_basis]
                 outcome.home.add(pid)

@@ -169,7 +169,7 @@ def test_a_batch_written_again_takes_its_guards_once(client: redis.Redis) -> Non
     guards were planned, maybe appended; they are appended once either way."""
     project = Project(client)
     assert project.apply([_event("r-1", "a", 1000, offset=0)]).applied.events == 1
-    project.store._log_length[project.id] -= 1  # as if the append's answer was lost
+    project.store.guard_index(project.id).known -= 1  # as if the append's answer was lost
     again = project.apply([_event("r-1", "a", 1000, offset=0), _event("r-2", "a", 2000, offset=1)])
     assert again.applied.events == 1 and again.repeated == {}
     unsent = [_event("r-3", "a", 3000, offset=2)]  # planned, and Redis went away before it was sent

@@ -40,6 +40,7 @@ def year(running: Stack) -> ProjectHandle:
 
 def test_capture_and_health_stay_responsive_during_a_heavy_query(running: Stack, year: ProjectHandle) -> None:
     latencies: list[float] = []
+    answered: list[float] = []  # when each capture was answered
     health: list[float] = []
     stop = threading.Event()
 
@@ -49,7 +50,9 @@ def test_capture_and_health_stay_responsive_during_a_heavy_query(running: Stack,
                 started = time.perf_counter()
                 reply = client.post(f"{running.api_url}/capture/", json={
                     "api_key": year.token, "event": "during", "distinct_id": "x", "uuid": str(uuid.uuid4())})
-                latencies.append((time.perf_counter() - started) * 1000)
+                ended = time.perf_counter()
+                latencies.append((ended - started) * 1000)
+                answered.append(ended)
                 assert reply.status_code == 200
                 time.sleep(0.02)
 
@@ -67,7 +70,8 @@ def test_capture_and_health_stay_responsive_during_a_heavy_query(running: Stack,
     time.sleep(0.5)
     started = time.perf_counter()
     heavy = year.trend(HEAVY, now=NOW)
-    took = time.perf_counter() - started
+    finished = time.perf_counter()
+    took = finished - started
     time.sleep(0.3)
     stop.set()
     for thread in threads:
@@ -77,11 +81,14 @@ def test_capture_and_health_stay_responsive_during_a_heavy_query(running: Stack,
     assert took > 0.3, "the query was too light to show anything"
     p99 = statistics.quantiles(latencies, n=100)[98]
     print(f"capture p99 {p99:.0f} ms, max {max(latencies):.0f} ms during a {took:.1f} s query")
-    # Alone, p99 is about 30 ms. In the full suite the shared stack's dataflow is still building other
-    # tests' definitions on the same 2 cores, and p99 has reached 100-110 ms there. A capture that
-    # waited on the query would take about the query's time (seconds): that is what must not happen.
-    assert p99 < 250 and max(latencies) < 1000, f"capture p99 {p99:.0f} ms, max {max(latencies):.0f} ms " \
-                                                f"during a {took:.1f} s query"
+    # A capture that waited on the query would take about the query's time (seconds), and none would be
+    # answered while it runs: that is what must not happen. The latency itself depends on the host: alone
+    # p99 is about 30 ms; in the full suite, with the shared stack's dataflow busy on the same 2 cores, it
+    # has reached 100-110 ms here and 280 ms on a loaded CI machine (max 357 ms).
+    during = sum(started < moment < finished for moment in answered)
+    assert during >= took / 0.5, f"only {during} captures answered during a {took:.1f} s query"
+    assert p99 < 600 and max(latencies) < min(1000, took * 1000 / 3), \
+        f"capture p99 {p99:.0f} ms, max {max(latencies):.0f} ms during a {took:.1f} s query"
     assert max(health) < 1000 and len(health) >= took / 0.2, (max(health), len(health))
 
 

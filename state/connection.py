@@ -59,10 +59,7 @@ def run_scripts(client: Client, script: Script, calls: Sequence[tuple[list[str],
     if not calls:
         return []
     if not is_cluster(client):
-        pipe = client.pipeline(transaction=False)
-        for names, args in calls:
-            script(keys=names, args=args, client=pipe)
-        return pipe.execute()
+        return _evalsha(client, script, calls)
     by_node: dict[str, list[int]] = defaultdict(list)
     nodes = {}
     for i, (names, _) in enumerate(calls):
@@ -71,13 +68,34 @@ def run_scripts(client: Client, script: Script, calls: Sequence[tuple[list[str],
         nodes[node.name] = node
     answers: list[Any] = [None] * len(calls)
     for name, indexes in by_node.items():
-        pipe = client.get_redis_connection(nodes[name]).pipeline(transaction=False)
-        for i in indexes:
-            names, args = calls[i]
-            script(keys=names, args=args, client=pipe)
-        for i, answer in zip(indexes, pipe.execute(), strict=True):
+        sent = [calls[i] for i in indexes]
+        for i, answer in zip(indexes, _evalsha(client.get_redis_connection(nodes[name]), script, sent), strict=True):
             answers[i] = answer
     return answers
+
+
+def _evalsha(server: redis.Redis, script: Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+    """`EVALSHA` of each call, pipelined; the script is loaded only when the server says it lacks it
+    (after a restart), and the calls it refused are sent again. A pipeline of redis-py's scripts asks
+    `SCRIPT EXISTS` first, a round trip before every pipeline that waits behind the scripts running in
+    Redis. Any other error is raised, as a pipeline raises it."""
+    answers = _pipelined(server, script, calls)
+    missing = [i for i, answer in enumerate(answers) if isinstance(answer, redis.exceptions.NoScriptError)]
+    if missing:
+        server.script_load(script.script)
+        for i, answer in zip(missing, _pipelined(server, script, [calls[i] for i in missing]), strict=True):
+            answers[i] = answer
+    for answer in answers:
+        if isinstance(answer, redis.exceptions.RedisError):
+            raise answer
+    return answers
+
+
+def _pipelined(server: redis.Redis, script: Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+    pipe = server.pipeline(transaction=False)
+    for names, args in calls:
+        pipe.execute_command("EVALSHA", script.sha, len(names), *names, *args)
+    return pipe.execute(raise_on_error=False)
 
 
 class LayoutMismatch(RuntimeError):

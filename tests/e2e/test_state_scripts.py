@@ -22,7 +22,7 @@ from dataflows.operators.history_summaries import Summarised
 from dataflows.operators.persons import PersonProperties, person_update
 from schemas.events import TopicEvent
 from state import keys, scripts
-from state.connection import connect
+from state.connection import connect, run_scripts
 from state.records import NO_TOPIC, StoredEvent, encode_person_events, kept_append, kept_block, rewritten_log, tag_code
 from state.store import BatchOutcome, ProjectBatch, Resolved, StateStore
 from state.summaries import SummaryStore
@@ -91,6 +91,21 @@ class Project:
     def person(self, distinct_id: str) -> bytes | None:
         return self.client.hget(keys.distinct_ids(self.id), distinct_id)
 
+
+
+def test_scripts_answer_in_order_and_are_loaded_again_when_redis_lost_them(client: redis.Redis) -> None:
+    """run_scripts sends `EVALSHA` without asking first whether Redis holds the script: after a restart
+    (here SCRIPT FLUSH) the refused calls are sent again once it is loaded, in their order, and a
+    script's own error is raised."""
+    tag = f"{{rs{next(_projects)}}}"
+    counter = client.register_script("return {redis.call('INCRBY', KEYS[1], ARGV[1]), ARGV[2]}")
+    calls = [([f"{tag}n"], [by, f"call {i}"]) for i, by in enumerate((1, 2, 3))]
+    assert run_scripts(client, counter, calls) == [[1, b"call 0"], [3, b"call 1"], [6, b"call 2"]]
+    client.script_flush()
+    assert run_scripts(client, counter, calls) == [[7, b"call 0"], [9, b"call 1"], [12, b"call 2"]]
+    with pytest.raises(redis.exceptions.ResponseError, match="not an integer"):
+        run_scripts(client, counter, [([f"{tag}n"], [1, "fine"]), ([f"{tag}n"], ["x", "refused"])])
+    assert int(client.get(f"{tag}n")) == 13  # the call before the refused one was applied
 
 
 def test_guards_apply_each_uuid_once_and_a_batch_with_a_repeat_writes_nothing(client: redis.Redis) -> None:

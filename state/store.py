@@ -264,10 +264,9 @@ class StateStore(ShardedStore):
         self._backfill_persons = client.register_script(scripts.BACKFILL_PERSONS.source)
         self._guards: dict[int, GuardIndex] = {}
         self._guards_lock = threading.Lock()
-        # Guards other workers appended that this one read since it loaded the log (how many, and the
-        # records with the count after each read, kept while a planned batch may not have seen them).
+        # Guards other workers appended that this one read since it loaded the log (into the index,
+        # as logged): a batch planned before some of them is looked up again (`_counted_elsewhere`).
         self._foreign_count: dict[int, int] = defaultdict(int)
-        self._foreign: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
 
     def guard_index(self, project_id: int) -> GuardIndex:
         """The project's guard log as far as read, read once in full, and the guards planned since
@@ -347,22 +346,23 @@ class StateStore(ShardedStore):
 
     def _read_appended(self, project_id: int, held: int) -> None:
         """The guard log grew past what this process knew (`held`: bytes in the segment it reads):
-        read what other workers appended, and hold it (the index, then `_foreign`)."""
+        read what other workers appended into the index."""
         index = self.guard_index(project_id)
         if held < index.known % keys.GUARD_SEGMENT_RECORDS * GUARD_RECORD.itemsize:
             raise RedisLostWrites(f"the guard log of project {project_id} is shorter than this process read it")
         records = self.read_guard_log(project_id, index)  # into the index before the count: a plan
         self._foreign_count[project_id] += len(records)  # reading the count sees them
-        self._foreign[project_id].append((self._foreign_count[project_id], records))
 
-    def _counted_elsewhere(self, batch: ProjectBatch, appended: np.ndarray) -> set[str]:
-        """Leave out of the batch's guards the uuids other workers' `appended` guards hold. Answers
-        those counted from another copy (plan the batch again without them); one counted from this
-        very copy (an append whose answer was lost) takes no second guard."""
+    def _counted_elsewhere(self, batch: ProjectBatch) -> set[str]:
+        """Leave out of the batch's guards the uuids the log holds now: it was planned before other
+        workers' guards were read, and a guard it decided was no guard in the log then (a uuid of
+        the log is not new), so one there now was appended since (by another worker, or by this
+        one's append whose answer was lost). Answers those counted from another copy (plan the batch
+        again without them); one counted from this very copy takes no second guard. One lookup in
+        the index per batch, whatever the others appended."""
         assert batch.guards is not None
-        held = GuardIndex()
-        held.add(appended)
-        found, copies, _ = held.find(batch.guards["uuid"])
+        found, copies, logged = self.guard_index(batch.project_id).find(batch.guards["uuid"])
+        found &= logged
         if not found.any():
             return set()
         copy = ["tag", "partition", "offset"]
@@ -416,8 +416,8 @@ class StateStore(ShardedStore):
         project's guard log nor planned by an earlier batch. The answer names the events counted
         from another copy already (plan again without them); otherwise their guards are kept in the
         batch for its home part, and held as planned. A batch planned again after a refusal keeps
-        the guards decided for it (`earlier`), less the events it leaves out now (and is checked
-        against every guard of other workers still kept, a few more than it needs)."""
+        the guards decided for it (`earlier`), less the events it leaves out now (it saw no other
+        workers' guards, so it is looked up again if this process ever read some)."""
         if earlier is not None:
             batch.guards = earlier[np.isin(earlier["uuid"], guard_keys([g[0] for g in batch.effects.guards]))]
             return set()
@@ -445,8 +445,8 @@ class StateStore(ShardedStore):
         for _ in range(100):
             for batch in list(homes):  # guards other workers appended after it was planned
                 pid = batch.project_id
-                late = [records for end, records in self._foreign[pid] if end > batch.foreign_basis]
-                if late and (repeated := self._counted_elsewhere(batch, np.concatenate(late))):
+                late = self._foreign_count[pid] > batch.foreign_basis
+                if late and (repeated := self._counted_elsewhere(batch)):
                     outcome.repeated[pid] = repeated
                     homes.remove(batch)
             calls = [([keys.distinct_ids(b.project_id)],
@@ -458,8 +458,6 @@ class StateStore(ShardedStore):
                     moved.append((batch, int(answer[1])))
                     continue
                 self.guard_index(pid).known = int(answer[1])
-                # Batches planned after this one saw at least what it saw: what it saw is needed no more.
-                self._foreign[pid] = [(end, r) for end, r in self._foreign[pid] if end > batch.foreign_basis]
                 outcome.home.add(pid)
                 outcome.applied.events += int(answer[0])
             homes = [batch for batch, held in moved]

@@ -275,6 +275,10 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
         """Give every event its person: from the worker's map, or from Redis for new distinct ids and
         identity links (in event order, before anything of the batch is counted, so every event of
         the batch counts under the person its links leave)."""
+        if not self.alone:  # where the merge log stands before this worker learns a project's persons
+            unread = {pid: None for pid in by_project if self.persons[pid].merges_read is None}
+            for pid, (length, _) in self.store.merges_after(unread).items():
+                self.persons[pid].merges_read = length
         asks = {}
         for pid, occurrences in by_project.items():
             known = self.persons[pid]
@@ -298,11 +302,11 @@ class _StatePartition(StatelessSinkPartition[Parsed]):
             if resolved.merges:
                 merged.add(pid)
         if not self.alone:  # persons another worker merged meanwhile: their ids belong to the survivor
-            cached = {pid: {p for o in occurrences if (p := self.persons[pid].get(o.distinct_id)) is not None}
-                      for pid, occurrences in by_project.items()}
-            for pid, survivors in self.store.survivors(cached).items():
-                self.persons[pid].learn({}, list(survivors.items()))
-                if survivors:
+            read = {pid: self.persons[pid].merges_read for pid in by_project}
+            for pid, (length, merges) in self.store.merges_after(read).items():
+                self.persons[pid].learn({}, merges)  # this worker's own again too: harmless, in order
+                self.persons[pid].merges_read = length
+                if merges:
                     merged.add(pid)
         for pid, occurrences in by_project.items():
             person_of = self.persons[pid].get

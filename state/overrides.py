@@ -19,6 +19,7 @@ import numpy as np
 
 from state import keys
 from state.connection import pipeline
+from state.records import read_merge
 
 
 def final_person(merged: dict[int, int], person: int) -> int:
@@ -151,8 +152,7 @@ def load(client: Any, project_id: int) -> Overrides:
             found = (int(logged), Overrides.from_merges({int(s): int(t) for s, t in everything.items()}))
     read, overrides = found
     for entry in client.lrange(log, read, -1):
-        source, _, target = entry.decode().partition(":")
-        overrides.merge(int(source), int(target))
+        overrides.merge(*read_merge(entry))
         read += 1
     known[project_id] = (read, overrides)
     return overrides

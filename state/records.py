@@ -268,6 +268,13 @@ def read_first_time(raw: bytes) -> tuple[int, int, str]:
     return int(ts), int(hour), day
 
 
+def read_merge(entry: bytes) -> tuple[int, int]:
+    """One entry of a project's merge log (`persons.lua` appends `<merged person>:<the person it
+    became>`): (merged person, the person it became)."""
+    source, _, target = entry.partition(b":")
+    return int(source), int(target)
+
+
 def read_property_stamp(raw: bytes) -> tuple[str, int]:
     """(kind, ts_ms) of a person property time: kind `s` ($set), `o` ($set_once) or `u` (unset)."""
     kind = raw[:1]

@@ -28,7 +28,6 @@ from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import ShardedStore, run_scripts
 from state.guards import GuardIndex
-from state.overrides import final_person
 from state.reads import person_bitmap
 from state.records import (
     GUARD_RECORD,
@@ -40,6 +39,7 @@ from state.records import (
     kept_block,
     read_guards,
     read_legacy_guard,
+    read_merge,
     tag_code,
 )
 
@@ -392,24 +392,19 @@ class StateStore(ShardedStore):
         return (guard_records(ids[new], tag, partition[new], offset[new], np.array(persons, np.int64)[new]),
                 {uuids[i] for i in np.flatnonzero(other).tolist()})
 
-    def survivors(self, persons: dict[int, set[int]]) -> dict[int, dict[int, int]]:
-        """Per project, which of these persons were merged, and the person each became (following
-        merges of merges)."""
-        out: dict[int, dict[int, int]] = {}
-        pending = {pid: sorted(ps) for pid, ps in persons.items() if ps}
-        while pending:
-            pipe = self.redis.pipeline(transaction=False)
-            for pid, ps in pending.items():
-                pipe.hmget(keys.merged(pid), ps)
-            found: dict[int, list[int]] = {}
-            for (pid, ps), targets in zip(pending.items(), pipe.execute(), strict=True):
-                for p, target in zip(ps, targets, strict=True):
-                    if target is not None:
-                        merged = out.setdefault(pid, {})
-                        merged[p] = int(target)
-                        found.setdefault(pid, []).append(int(target))
-            pending = {pid: sorted(set(ts)) for pid, ts in found.items()}
-        return {pid: {p: final_person(m, p) for p in m} for pid, m in out.items()}
+    def merges_after(self, read: dict[int, int | None]) -> dict[int, tuple[int, list[tuple[int, int]]]]:
+        """Per project, the length of its merge log and the merges (merged person, the person it became)
+        past the `read` entries, in the order they were made; for None, the length alone."""
+        pipe = self.redis.pipeline(transaction=False)
+        for pid, at in read.items():
+            if at is None:
+                pipe.llen(keys.merge_log(pid))
+            else:
+                pipe.lrange(keys.merge_log(pid), at, -1)
+        out: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        for (pid, at), answer in zip(read.items(), pipe.execute() if read else [], strict=True):
+            out[pid] = (int(answer), []) if at is None else (at + len(answer), [read_merge(e) for e in answer])
+        return out
 
     def take_guards(self, batch: ProjectBatch, earlier: np.ndarray | None = None) -> set[str]:
         """Decide, while planning, which of the batch's events take a guard: those neither in the

@@ -29,7 +29,7 @@ from state import keys, scripts
 from state.connection import ShardedStore, run_scripts, state_shards
 from state.overrides import Overrides
 from state.overrides import load as load_overrides
-from state.records import definition_records
+from state.records import definition_records, read_merge
 
 Entry = tuple[str, str, bytes]  # (summary kind, day, value)
 READ_SLICE = 1000  # persons whose kept logs one MGET reads
@@ -72,7 +72,7 @@ class SummaryStore(ShardedStore):
             length = int(self.redis.llen(log))  # first: a merge made meanwhile is then marked, maybe twice
             return length, [m.decode() for m in self.redis.hkeys(keys.merged(project_id))]
         entries = self.redis.lrange(log, int(cursor), -1)
-        return int(cursor) + len(entries), [e.decode().partition(":")[0] for e in entries]
+        return int(cursor) + len(entries), [str(read_merge(e)[0]) for e in entries]
 
     def pending(self, project_id: int, h: str) -> int:
         dirty = sum(int(self.redis.scard(key)) for key in self._dirty_keys(project_id, h))

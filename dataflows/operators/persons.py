@@ -97,14 +97,17 @@ class KnownPersons:
     with every distinct id it touched and every merge it made). A distinct id it does not hold, or an
     event that links two ids, goes to Redis; every other event is resolved here. Merges made
     elsewhere (another worker) reach it only when one of the ids is resolved again; until then its
-    events would count under the merged person, so before a batch is counted its persons are checked
-    against the merges Redis recorded (`StateStore.survivors`). Bounded: `trim` clears it past
-    `limit` ids."""
+    events would count under the merged person, so before a batch is counted the worker learns the
+    merges of the project's merge log past `merges_read` (`StateStore.merges_after`), in the order
+    they were made. Bounded: `trim` clears it past `limit` ids."""
 
     def __init__(self, limit: int = 2_000_000) -> None:
         self.limit = limit
         self._person: dict[str, int] = {}
         self._ids: dict[int, set[str]] = {}
+        # Entries of the merge log applied here; read before anything is learnt (None: not yet), so
+        # every person learnt after is current as of it and only later merges can make one stale.
+        self.merges_read: int | None = None
 
     def get(self, distinct_id: str) -> int | None:
         return self._person.get(distinct_id)

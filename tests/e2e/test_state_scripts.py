@@ -19,7 +19,7 @@ import redis
 from dataflows.definitions import person_states
 from dataflows.operators.batch import KnownFirsts, Occurrence, batch_effects
 from dataflows.operators.history_summaries import Summarised
-from dataflows.operators.persons import PersonProperties, person_update
+from dataflows.operators.persons import KnownPersons, PersonProperties, person_update
 from schemas.events import TopicEvent
 from state import keys, scripts
 from state.connection import connect, run_scripts
@@ -298,6 +298,28 @@ def test_identify_links_and_merges_only_unidentified_persons(client: redis.Redis
     late_alias = _event("e7", "late", 7000, event="$create_alias", properties={"alias": "new"})
     assert project.resolve([late_alias]).merges == []
     assert project.person("new") is None
+
+
+def test_a_worker_learns_the_merges_another_worker_made_from_the_merge_log(client: redis.Redis) -> None:
+    """A worker's cached persons (`KnownPersons`) follow merges another worker made: it reads the
+    merge log past where it stood before learning anyone, and applies the merges in their order, so a
+    chain (anon into user, then user into third) leaves every id at the last survivor."""
+    project = Project(client)  # the other worker
+    mine = StateStore(client, 1)
+    known = KnownPersons()
+    known.merges_read = mine.merges_after({project.id: None})[project.id][0]
+    project.apply([_event("m1", "anon", 1000), _event("m2", "user", 2000), _event("m3", "third", 2500)])
+    ids = ("anon", "user", "third")
+    known.learn({did: int(project.person(did) or 0) for did in ids}, [])
+    assert len({known.get(did) for did in ids}) == 3
+    project.resolve([_event("m4", "user", 3000, event="$identify", properties={"$anon_distinct_id": "anon"})])
+    project.resolve([_event("m5", "third", 4000, event="$merge_dangerously", properties={"alias": "user"})])
+    length, merges = mine.merges_after({project.id: known.merges_read})[project.id]
+    survivor = int(project.person("third") or 0)
+    assert length == known.merges_read + 2 and [target for _, target in merges][-1] == survivor
+    known.learn({}, merges)
+    assert [known.get(did) for did in ids] == [survivor] * 3 == [int(project.person(did) or 0) for did in ids]
+    assert mine.merges_after({project.id: length}) == {project.id: (length, [])}
 
 
 def test_person_properties_follow_event_time_not_arrival(client: redis.Redis) -> None:

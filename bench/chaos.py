@@ -166,10 +166,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=float, default=3000, help="events per second captured, in total")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="dataflow processes `up` runs (a kill of the dataflow kills the first of them)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        up = Up.start(Path(tmp) / "data")
+        up = Up.start(Path(tmp) / "data", env={"INSIGHTFLOW_DATAFLOW_PROCESSES": str(args.processes)})
         try:
             registry = Registry(up.redis)
             registry.save_project(PROJECT, token=TOKEN)
@@ -206,7 +208,8 @@ def main() -> None:
     persons_diff = {k: (persons_e.get(k), persons_g.get(k)) for k in set(persons_e) | set(persons_g)
                     if persons_e.get(k) != persons_g.get(k)}
     restarts = [line for line in up.seen if line.startswith("restarted")]
-    print(f"rounds: {args.rounds} in {elapsed:.0f} s; kills: {dict(kills)}; restarts printed by up: {len(restarts)}")
+    print(f"rounds: {args.rounds} in {elapsed:.0f} s; dataflow processes: {args.processes}; kills: {dict(kills)}; "
+          f"restarts printed by up: {len(restarts)}")
     print(f"events acknowledged: {len(senders.events)}; requests: {dict(senders.statuses)}; "
           f"batches resent: {senders.resends}")
     print(f"dataflow restarts because Redis lost its last writes: {rewinds}; partitions resumed from Redis's "

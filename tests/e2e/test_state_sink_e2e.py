@@ -6,6 +6,7 @@ import itertools
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from dataflows import flow
 from dataflows.operators.validate import parse_record
 from schemas.events import Record
+from schemas.projects import Project
 from schemas.settings import Settings
 from state import keys
 from state.connection import connect
@@ -25,17 +27,24 @@ pytestmark = pytest.mark.e2e
 _projects = itertools.count(920_000)
 
 
+def _sink(services: Services, partitions: int) -> tuple[Any, Project, Settings]:
+    """A new project, and the settings of a state sink on a new topic of `partitions` partitions
+    (no archive)."""
+    client = connect(services.redis_url)
+    project = Registry(client).save_project(next(_projects), token=f"phc_{uuid.uuid4().hex[:8]}")
+    topic = f"sink_{uuid.uuid4().hex[:8]}"
+    ensure_topics(services.bootstrap, [topic, f"{topic}_dlq"], partitions)
+    return client, project, Settings(redis_url=services.redis_url, kafka_bootstrap=services.bootstrap, topic=topic,
+                                     dlq_topic=f"{topic}_dlq", archive_dir="")
+
+
 def test_what_a_batch_shows_behind_it_counts_as_lag_before_the_batch_is_applied(services: Services,
                                                                                    tmp_path: Path) -> None:
     """A backlog's batch takes seconds to apply; meanwhile `/readyz` and the summariser (which waits
     a backlog out) read the lag. The partition's high watermark the batch was fetched with is
     recorded when the batch arrives, so the lag counts everything behind it at once."""
-    client = connect(services.redis_url)
-    project = Registry(client).save_project(next(_projects), token=f"phc_{uuid.uuid4().hex[:8]}")
-    topic = f"sink_{uuid.uuid4().hex[:8]}"
-    ensure_topics(services.bootstrap, [topic, f"{topic}_dlq"], 1)
-    settings = Settings(redis_url=services.redis_url, kafka_bootstrap=services.bootstrap, topic=topic,
-                        dlq_topic=f"{topic}_dlq", archive_dir="")
+    client, project, settings = _sink(services, 1)
+    topic = settings.topic
     partition = flow._StatePartition(settings)
     release = threading.Event()
     apply = partition.applier.apply
@@ -57,15 +66,10 @@ def test_what_a_batch_shows_behind_it_counts_as_lag_before_the_batch_is_applied(
         release.set()
 
 
-def test_a_worker_counts_ids_another_worker_merged_under_the_survivor(services: Services, tmp_path: Path) -> None:
+def test_a_worker_counts_ids_another_worker_merged_under_the_survivor(services: Services) -> None:
     """Two workers of one dataflow: one learns `anon` and `user` as two persons; the other merges them
     ($identify); the first's next event of `anon` counts under the survivor, read from the merge log."""
-    client = connect(services.redis_url)
-    project = Registry(client).save_project(next(_projects), token=f"phc_{uuid.uuid4().hex[:8]}")
-    topic = f"sink_{uuid.uuid4().hex[:8]}"
-    ensure_topics(services.bootstrap, [topic, f"{topic}_dlq"], 2)
-    settings = Settings(redis_url=services.redis_url, kafka_bootstrap=services.bootstrap, topic=topic,
-                        dlq_topic=f"{topic}_dlq", archive_dir="")
+    client, project, settings = _sink(services, 2)
     first, second = flow._StatePartition(settings, 0, 2), flow._StatePartition(settings, 1, 2)
     offsets = itertools.count()
 

@@ -285,19 +285,19 @@ class StateStore(ShardedStore):
                 self._guards[project_id] = index
             return index
 
-    def read_guard_log(self, project_id: int, index: GuardIndex) -> np.ndarray:
-        """Add to `index` the records of the project's guard log past the `known` ones, and answer them."""
+    def read_guard_log(self, project_id: int, index: GuardIndex) -> int:
+        """Add to `index` the records of the project's guard log past the `known` ones; answers how
+        many were read."""
         width, per_segment = GUARD_RECORD.itemsize, keys.GUARD_SEGMENT_RECORDS
-        read = []
+        start = index.known
         while True:
             segment, at = divmod(index.known, per_segment)
             raw = self.redis.getrange(keys.guard_log(project_id, segment), at * width, -1)
             records = read_guards(raw)
             index.add(records)
             index.known += len(records)
-            read.append(records)
             if at + len(raw) // width < per_segment:
-                return np.concatenate(read)
+                return index.known - start
 
     def counted_from(self, project_id: int, uuids: list[str]) -> list[Copy | None]:
         """The copy each uuid was counted from (tag code, partition, offset, person), None if never."""
@@ -350,8 +350,8 @@ class StateStore(ShardedStore):
         index = self.guard_index(project_id)
         if held < index.known % keys.GUARD_SEGMENT_RECORDS * GUARD_RECORD.itemsize:
             raise RedisLostWrites(f"the guard log of project {project_id} is shorter than this process read it")
-        records = self.read_guard_log(project_id, index)  # into the index before the count: a plan
-        self._foreign_count[project_id] += len(records)  # reading the count sees them
+        read = self.read_guard_log(project_id, index)  # into the index before the count: a plan
+        self._foreign_count[project_id] += read  # reading the count sees them
 
     def _counted_elsewhere(self, batch: ProjectBatch) -> set[str]:
         """Leave out of the batch's guards the uuids the log holds now: it was planned before other
